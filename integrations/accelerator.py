@@ -1,0 +1,101 @@
+"""The one place that decides which device and collective backend a run uses.
+
+Everything else in zeromega asks this module instead of calling ``torch.cuda``
+directly, so the same code runs on CUDA with NCCL and on CPU with gloo.
+The choice is made once per process: explicit argument > ``"auto"``
+(CUDA when ``torch.cuda.is_available()``, otherwise CPU).
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+_DEFAULT_BACKEND = {"cuda": "nccl", "cpu": "gloo"}
+_current: Optional["Accelerator"] = None
+
+
+@dataclass(frozen=True)
+class Accelerator:
+    """A device type and the collective backend that goes with it."""
+
+    device_type: str
+    """``"cuda"`` or ``"cpu"``."""
+    backend: str
+    """torch.distributed backend: ``"nccl"`` or ``"gloo"``."""
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device_type == "cuda"
+
+    def device(self, local_rank: int = 0) -> torch.device:
+        """The device this rank computes on."""
+        if self.is_cuda:
+            return torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
+        return torch.device("cpu")
+
+    def bind(self, local_rank: int) -> torch.device:
+        """Make ``local_rank``'s device current; returns it."""
+        dev = self.device(local_rank)
+        if self.is_cuda:
+            torch.cuda.set_device(dev)
+        return dev
+
+    def synchronize(self) -> None:
+        if self.is_cuda:
+            torch.cuda.synchronize()
+
+    def reset_peak_memory(self) -> None:
+        if self.is_cuda:
+            torch.cuda.reset_peak_memory_stats()
+
+    def peak_memory_bytes(self) -> int:
+        """Peak device memory: allocator peak on CUDA (since the last reset),
+        process peak resident set size on CPU (since the process started;
+        the kernel keeps no resettable peak)."""
+        if self.is_cuda:
+            return int(torch.cuda.max_memory_allocated())
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+    def deepspeed_accelerator(self):
+        """DeepSpeed's accelerator object for this device, installed as current."""
+        from deepspeed.accelerator import real_accelerator
+
+        if self.is_cuda:
+            from deepspeed.accelerator.cuda_accelerator import CUDA_Accelerator as impl
+        else:
+            from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator as impl
+        current = real_accelerator.ds_accelerator
+        if current is None or current._name != self.device_type:
+            real_accelerator.set_accelerator(impl())
+        return real_accelerator.get_accelerator()
+
+
+def select(device: str = "auto", backend: str = "auto") -> Accelerator:
+    """Pick the accelerator for this process and remember it.
+
+    ``device`` is ``"auto" | "cuda" | "cpu"``; ``backend`` is ``"auto"`` or any
+    torch.distributed backend name.
+    """
+    global _current
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in _DEFAULT_BACKEND:
+        raise ValueError(f"device={device!r} is not supported; use 'cuda', 'cpu' or 'auto'")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was asked for but torch sees no CUDA device; use device='cpu'")
+    if backend == "auto":
+        backend = _DEFAULT_BACKEND[device]
+    _current = Accelerator(device, backend)
+    # DeepSpeed reads this when it first resolves its accelerator.
+    os.environ["DS_ACCELERATOR"] = device
+    return _current
+
+
+def current() -> Accelerator:
+    """The accelerator chosen by :func:`select` (auto-selected on first use)."""
+    return _current if _current is not None else select()
