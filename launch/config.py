@@ -52,8 +52,9 @@ class BatchConfig(_Section):
 class OptimizerConfig(_Section):
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    eps: float = Field(1e-8, gt=0)
     clip_grad: float = Field(0.0, ge=0)
     """Global gradient-norm clip (0 disables)."""
 

@@ -29,6 +29,8 @@ MEGATRON_ARGS: dict[str, tuple[str, Any]] = {
     "--lr": ("optimizer.lr", float),
     "--weight-decay": ("optimizer.weight_decay", float),
     "--clip-grad": ("optimizer.clip_grad", float),
+    "--adam-beta1": ("optimizer.beta1", float),
+    "--adam-beta2": ("optimizer.beta2", float),
     "--adam-eps": ("optimizer.eps", float),
 }
 _PRECISION_SWITCHES = {"--bf16": "bf16", "--fp16": "fp16"}
@@ -94,6 +96,13 @@ def merge(partials: Iterable[tuple[str, dict]]) -> dict:
     return merged
 
 
+def _is_adamw(optimizer: dict) -> bool:
+    """DeepSpeed's "Adam"/"AdamW" types are decoupled-decay Adam unless adam_w_mode is false."""
+    kind = str(optimizer.get("type", "")).lower()
+    params = optimizer.get("params") or {}
+    return kind == "adamw" or (kind == "adam" and params.get("adam_w_mode", True) is not False)
+
+
 def from_deepspeed(ds: dict) -> dict:
     """Partial config from a DeepSpeed JSON dict (with an optional "zeromega" block)."""
     ds = dict(ds)
@@ -113,11 +122,17 @@ def from_deepspeed(ds: dict) -> dict:
         _set(partial, "precision", enabled[0])
         ds.pop(enabled[0])
     optimizer = ds.get("optimizer") or {}
-    for key, path in (("lr", "optimizer.lr"), ("weight_decay", "optimizer.weight_decay"),
-                      ("eps", "optimizer.eps"), ("betas", "optimizer.betas")):
-        value = (optimizer.get("params") or {}).get(key)
+    params = dict(optimizer.get("params") or {})
+    for key, path in (("lr", "optimizer.lr"), ("weight_decay", "optimizer.weight_decay"), ("eps", "optimizer.eps")):
+        value = params.pop(key, None)
         if value is not None and value != "auto":
-            _set(partial, path, tuple(value) if key == "betas" else value)
+            _set(partial, path, value)
+    betas = params.pop("betas", None)
+    if betas not in (None, "auto"):
+        _set(partial, "optimizer.beta1", betas[0])
+        _set(partial, "optimizer.beta2", betas[1])
+    if _is_adamw(optimizer) and not params:
+        ds.pop("optimizer")  # zeromega builds this AdamW itself (no JIT-built fused op)
     block = ds.pop("zeromega", {}) or {}
     for key, value in block.items():
         if key not in ZEROMEGA_BLOCK:

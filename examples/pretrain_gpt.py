@@ -1,0 +1,140 @@
+#!/usr/bin/env python
+"""Megatron-style GPT pretraining through zeromega: Megatron-Core model, DeepSpeed engine.
+
+Flags are Megatron-LM's (``--num-layers``, ``--tensor-model-parallel-size``,
+``--micro-batch-size``, ``--zero-stage`` ...). ZeRO and precision may also
+come from a DeepSpeed JSON (``--deepspeed_config`` / ``--config``, or the
+``ZEROMEGA_CONFIG`` that ``zeromega launch --config`` passes to every rank);
+a value given both ways must agree.
+
+    zeromega launch --nproc-per-node 2 --config examples/configs/zero1.json \\
+        examples/pretrain_gpt.py --train-iters 300 --metrics-out runs/metrics.jsonl
+
+Without ``--data-path`` the script trains on the project's own corpus (the
+Python standard library's sources, byte-tokenized), built on first use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from torch.distributed.elastic.multiprocessing.errors import record
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """This script's own flags; the run-config flags are read by zeromega's translator."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    model = p.add_argument_group("model")
+    model.add_argument("--num-layers", type=int, default=4)
+    model.add_argument("--hidden-size", type=int, default=256)
+    model.add_argument("--ffn-hidden-size", type=int, default=None)
+    model.add_argument("--num-attention-heads", type=int, default=8)
+    model.add_argument("--num-query-groups", type=int, default=None)
+    model.add_argument("--seq-length", type=int, default=128)
+    model.add_argument("--max-position-embeddings", type=int, default=None)
+    model.add_argument("--position-embedding-type", choices=["learned_absolute", "rope"], default="learned_absolute")
+    model.add_argument("--untie-embeddings-and-output-weights", action="store_true")
+    model.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    model.add_argument("--hidden-dropout", type=float, default=0.1)
+    model.add_argument("--attention-dropout", type=float, default=0.1)
+    model.add_argument("--init-method-std", type=float, default=0.02)
+    train = p.add_argument_group("training")
+    train.add_argument("--train-iters", type=int, default=300)
+    train.add_argument("--min-lr", type=float, default=0.0)
+    train.add_argument("--lr-warmup-iters", type=int, default=0)
+    train.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine"], default="cosine")
+    train.add_argument("--seed", type=int, default=1234)
+    data = p.add_argument_group("data")
+    data.add_argument("--data-path", default=None, help="prefix of a Megatron .bin/.idx dataset (byte tokens)")
+    data.add_argument("--split", default="98,1,1")
+    run = p.add_argument_group("run")
+    run.add_argument("--config", "--deepspeed_config", "--deepspeed-config", dest="config",
+                     default=os.environ.get("ZEROMEGA_CONFIG"), help="DeepSpeed JSON (optional 'zeromega' block)")
+    run.add_argument("--deepspeed", action="store_true", help="accepted for Megatron-DeepSpeed compatibility")
+    run.add_argument("--metrics-out", default=None, help="JSON lines, one object per step (rank 0)")
+    run.add_argument("--no-progress", action="store_true")
+    run.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p.parse_known_args(argv)
+
+
+def run_config(args, rest: list[str]):
+    """Config file + Megatron flags -> RunConfig; flags neither this script nor the translator know are errors."""
+    from zeromega.launch import translate
+
+    _, unknown = translate.from_megatron_args(rest)
+    if unknown:
+        raise SystemExit(f"pretrain_gpt.py: error: unrecognized arguments: {' '.join(unknown)}")
+    return translate.build(args.config, megatron_argv=rest)
+
+
+@record
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args, rest = parse_args(argv)
+    cfg = run_config(args, rest)
+
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    from zeromega.integrations import comm
+    from zeromega.integrations.deepspeed import build_engine
+    from zeromega.integrations.megatron import data, model, parallel
+    from zeromega.train import train
+
+    comm.install()
+    layout = parallel.initialize(cfg, seed=args.seed)
+    rank0 = dist.get_rank() == 0
+    say = print if rank0 else (lambda *a, **k: None)
+    say(f"zeromega: world {layout.world} = tp {layout.tp} x pp {layout.pp} x cp {layout.cp} x dp {layout.dp}; "
+        f"ZeRO-{cfg.zero.stage}, {cfg.precision}; global batch {layout.global_batch} = micro {layout.micro} "
+        f"x accumulation {layout.accumulation} x dp {layout.dp}")
+
+    prefix = args.data_path
+    if prefix is None:
+        prefix = data.default_corpus_prefix()
+        if rank0:
+            data.build_corpus(prefix)
+        dist.barrier()
+    samples = args.train_iters * layout.global_batch
+    train_ds, _, _ = data.build_gpt_datasets(prefix, args.seq_length, args.seed, (samples, 0, 0), split=args.split)
+
+    shape = model.GPTShape(
+        num_layers=args.num_layers, hidden_size=args.hidden_size, num_attention_heads=args.num_attention_heads,
+        seq_length=args.max_position_embeddings or args.seq_length, vocab_size=data.ByteTokenizer().vocab_size,
+        ffn_hidden_size=args.ffn_hidden_size, num_query_groups=args.num_query_groups,
+        hidden_dropout=args.hidden_dropout, attention_dropout=args.attention_dropout,
+        init_method_std=args.init_method_std, position_embedding_type=args.position_embedding_type,
+        untie_embeddings_and_output_weights=args.untie_embeddings_and_output_weights,
+        make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+    )
+    gpt = model.build_gpt(shape, cfg)
+    n_params = sum(p.numel() for p in gpt.parameters())
+    say(f"zeromega: GPT {args.num_layers}x{args.hidden_size}, {n_params / 1e6:.2f}M parameters per tp rank")
+    engine = build_engine(gpt, cfg, layout)
+    scheduler = OptimizerParamScheduler(
+        engine.optimizer, init_lr=0.0 if args.lr_warmup_iters else cfg.optimizer.lr, max_lr=cfg.optimizer.lr,
+        min_lr=args.min_lr, lr_warmup_steps=args.lr_warmup_iters, lr_decay_steps=args.train_iters,
+        lr_decay_style=args.lr_decay_style, start_wd=cfg.optimizer.weight_decay,
+        end_wd=cfg.optimizer.weight_decay, wd_incr_steps=args.train_iters, wd_incr_style="constant",
+    )
+
+    dp_rank = parallel_state.get_data_parallel_rank(with_context_parallel=True)
+    batches = data.sample_batches(train_ds, layout.micro, dp_rank=dp_rank, dp_size=layout.dp)
+    records = train(
+        engine, batches, iters=args.train_iters, accumulation=layout.accumulation,
+        tokens_per_step=layout.global_batch * args.seq_length,
+        dp_group=parallel_state.get_data_parallel_group(with_context_parallel=True),
+        metrics_out=args.metrics_out, scheduler=scheduler, progress=not args.no_progress,
+    )
+    if records:
+        first, last = records[0], records[-1]
+        say(f"zeromega: loss {first.loss:.4f} -> {last.loss:.4f} over {len(records)} steps; "
+            f"last step {last.tokens_per_s:,.0f} tokens/s, peak {last.peak_mem_bytes / 2**20:,.0f} MiB/rank")
+    parallel.shutdown()
+
+
+if __name__ == "__main__":
+    main()

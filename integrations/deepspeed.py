@@ -1,0 +1,93 @@
+"""The DeepSpeed engine around a Megatron-Core model, with Megatron's groups as its mpu.
+
+DeepSpeed partitions optimizer state (ZeRO) and reduces gradients only over
+the data-parallel group it gets from the mpu; Megatron-Core's own layers do
+the tensor-parallel communication. :class:`MegatronMPU` is the seam.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from zeromega.launch.config import Layout, RunConfig
+from zeromega.launch.translate import to_deepspeed
+
+from . import accelerator as accel
+
+
+class MegatronMPU:
+    """Megatron-Core's ``parallel_state`` in the shape DeepSpeed's ``mpu`` argument expects.
+
+    DeepSpeed's "model parallel" is Megatron's tensor parallel (the DeepSpeed
+    engine runs whole models, pp == 1); its "data parallel" is Megatron's
+    data-parallel group including context-parallel ranks, because gradients
+    are averaged over both.
+    """
+
+    @staticmethod
+    def _ps():
+        from megatron.core import parallel_state
+
+        return parallel_state
+
+    def get_model_parallel_group(self):
+        return self._ps().get_tensor_model_parallel_group()
+
+    def get_model_parallel_rank(self) -> int:
+        return self._ps().get_tensor_model_parallel_rank()
+
+    def get_model_parallel_world_size(self) -> int:
+        return self._ps().get_tensor_model_parallel_world_size()
+
+    get_tensor_model_parallel_group = get_model_parallel_group
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+
+    def get_tensor_model_parallel_src_rank(self) -> int:
+        return self._ps().get_tensor_model_parallel_src_rank()
+
+    def get_data_parallel_group(self):
+        return self._ps().get_data_parallel_group(with_context_parallel=True)
+
+    def get_data_parallel_rank(self) -> int:
+        return self._ps().get_data_parallel_rank(with_context_parallel=True)
+
+    def get_data_parallel_world_size(self) -> int:
+        return self._ps().get_data_parallel_world_size(with_context_parallel=True)
+
+    def get_data_parallel_group_ranks(self) -> list[int]:
+        return list(torch.distributed.get_process_group_ranks(self.get_data_parallel_group()))
+
+
+def adamw_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Megatron's rule: no weight decay on biases and norm weights (every 1-D parameter)."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 else decay).append(param)
+    # wd_mult 0 keeps Megatron's scheduler from putting decay back on the second group.
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0, "wd_mult": 0.0}]
+
+
+def build_engine(model: torch.nn.Module, cfg: RunConfig, layout: Layout):
+    """``deepspeed.initialize`` for ``model`` under ``cfg``; returns the engine.
+
+    Without an ``"optimizer"`` block in the DeepSpeed JSON the optimizer is
+    torch's AdamW with Megatron's decay groups (no JIT-built op needed); with
+    one, DeepSpeed builds its own (FusedAdam, CPU Adam under offload).
+    """
+    import deepspeed
+
+    device = accel.current()
+    device.deepspeed_accelerator()
+    ds_config = to_deepspeed(cfg, layout, device.device_type)
+    optimizer = None
+    if "optimizer" not in ds_config:
+        o = cfg.optimizer
+        optimizer = torch.optim.AdamW(adamw_param_groups(model, o.weight_decay), lr=o.lr,
+                                      betas=(o.beta1, o.beta2), eps=o.eps)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=ds_config, mpu=MegatronMPU(), dist_init_required=False
+    )
+    return engine

@@ -1,0 +1,85 @@
+"""Process groups and seeds, the way Megatron-Core expects them, on any device.
+
+``initialize(cfg)`` is the per-process entry: it starts torch.distributed with
+the accelerator's backend, makes Megatron-Core device-agnostic (CPU patches),
+builds ``parallel_state``'s tp / pp / cp / ep / dp groups from the run
+config's layout, and seeds every RNG the way Megatron-LM does.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import random
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from zeromega.integrations import accelerator as accel
+from zeromega.launch.config import Layout, RunConfig
+
+from . import cpu_patches
+
+
+def _init_distributed(backend: str, timeout_minutes: float) -> None:
+    """Join the job torchrun / the deepspeed launcher started (or a 1-process job)."""
+    if dist.is_initialized():
+        return
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    dist.init_process_group(
+        backend=backend,
+        rank=int(os.environ.get("RANK", 0)),
+        world_size=int(os.environ.get("WORLD_SIZE", 1)),
+        timeout=datetime.timedelta(minutes=timeout_minutes),
+    )
+
+
+def initialize(cfg: RunConfig, seed: int = 1234, timeout_minutes: float = 10.0) -> Layout:
+    """Set up this process for ``cfg``: device, groups, seeds. Returns the resolved layout."""
+    from megatron.core import parallel_state
+
+    device = accel.select(cfg.device)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    layout = cfg.layout(world)  # raises ConfigError before any group is built
+    if not device.is_cuda:
+        cpu_patches.apply(skip=tuple(filter(None, os.environ.get("ZEROMEGA_SKIP_PATCH", "").split(","))))
+    device.bind(int(os.environ.get("LOCAL_RANK", 0)))
+    _init_distributed(device.backend, timeout_minutes)
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        context_parallel_size=layout.cp,
+        expert_model_parallel_size=layout.ep,
+        distributed_timeout_minutes=int(max(1, timeout_minutes)),
+        create_gloo_process_groups=device.is_cuda,  # on CPU the main groups are gloo already
+    )
+    set_seed(seed)
+    return layout
+
+
+def set_seed(seed: int, data_parallel_random_init: bool = False) -> None:
+    """Megatron-LM's seeding: one seed per pipeline stage, tp/ep offsets in the tracker."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    if data_parallel_random_init:
+        seed += 10 * parallel_state.get_data_parallel_rank()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+
+
+def shutdown() -> None:
+    """Tear down Megatron's groups and the default process group."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,251 @@
+"""The ``zeromega`` command line (also ``python -m zeromega``).
+
+::
+
+    zeromega launch --nproc-per-node N [--launcher torchrun|deepspeed]
+        [--nnodes M --node-rank R --master-addr A --master-port P | --hostfile F [--include S | --exclude S]]
+        [--max-restarts K] [--config CFG] SCRIPT [ARGS...]
+
+Everything after SCRIPT goes to the script untouched. Flag names are
+torchrun's (underscore spellings accepted too) and the deepspeed launcher's.
+
+Before any process starts, ``launch`` checks the flags, that SCRIPT exists,
+the config file (``--config``, a DeepSpeed JSON), and that the parallel sizes
+(from the config and from Megatron-LM flags among ARGS, e.g.
+``--tensor-model-parallel-size 4``) divide the world size. Bad input is one
+line on stderr, ``zeromega launch: error: <problem>; fix: <fix>``, and exit
+code 2, so scripts and CI can tell it from a failed run.
+
+Every rank gets the config's absolute path in ``ZEROMEGA_CONFIG`` (read it
+with :func:`zeromega.launch.launcher.config_path_from_env`); see
+:mod:`zeromega.launch.launcher` for the rest of the rank environment.
+
+Exit codes: 0 when every rank succeeded; otherwise the failing rank's exit
+code (128 + the signal number when a signal killed it, 1 when unknown), after
+one line ``zeromega launch: rank R failed (...): <exception>``; 2 for bad input.
+
+Adding a subcommand: write ``_add_<name>(subparsers)`` that builds its parser
+and sets ``handler`` (Namespace -> exit code) with ``set_defaults``, then list
+it in ``SUBCOMMANDS``. A handler raises :class:`UsageError` for bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import sys
+from typing import Callable, Optional
+
+PROG = "zeromega"
+LAUNCHERS = ("torchrun", "deepspeed")
+
+
+class UsageError(Exception):
+    """Input the user can fix; printed as one line, exit code 2."""
+
+    def __init__(self, problem: str, fix: str, prog: Optional[str] = None):
+        super().__init__(f"{problem}; fix: {fix}")
+        self.problem, self.fix, self.prog = problem, fix, prog
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports bad input as a one-line UsageError instead of a usage block."""
+
+    def error(self, message: str):
+        raise UsageError(message, f"see '{self.prog} --help'", prog=self.prog)
+
+
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def _port(text: str) -> int:
+    value = _int_at_least(1)(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port (1-65535), got {value}")
+    return value
+
+
+# ------------------------------------------------------------------ launch
+
+
+def _add_launch(subparsers) -> None:
+    p = subparsers.add_parser(
+        "launch", allow_abbrev=False, help="start SCRIPT on every rank through torchrun or the deepspeed launcher",
+        description="Start SCRIPT on every rank through torchrun's elastic agent (default) or the "
+                    "deepspeed launcher, after checking the config and the parallel layout.",
+        epilog="Every rank gets the --config path in ZEROMEGA_CONFIG. Exit code: 0 on success, the "
+               "failing rank's exit code otherwise, 2 for bad input.")
+    p.add_argument("--nproc-per-node", "--nproc_per_node", type=_int_at_least(1), metavar="N",
+                   help="processes per node (required unless --include/--exclude choose them)")
+    p.add_argument("--launcher", choices=LAUNCHERS, default="torchrun",
+                   help="which launcher starts the ranks (default: torchrun)")
+    p.add_argument("--nnodes", type=_int_at_least(1), metavar="M", help="number of nodes (torchrun; default 1)")
+    p.add_argument("--node-rank", "--node_rank", type=_int_at_least(0), metavar="R",
+                   help="this node's rank (torchrun; default 0)")
+    p.add_argument("--master-addr", "--master_addr", metavar="A", help="address of node 0")
+    p.add_argument("--master-port", "--master_port", type=_port, metavar="P",
+                   help="port on node 0 (default: a free port on a single node)")
+    p.add_argument("--hostfile", metavar="F", help="deepspeed hostfile ('host slots=N' lines)")
+    p.add_argument("--include", default="", metavar="S", help="deepspeed: hosts/slots to use, e.g. worker-0:0,1")
+    p.add_argument("--exclude", default="", metavar="S", help="deepspeed: hosts/slots to leave out")
+    p.add_argument("--max-restarts", "--max_restarts", type=_int_at_least(0), default=0, metavar="K",
+                   help="torchrun: restart the ranks up to K times on failure (default 0)")
+    p.add_argument("--config", metavar="CFG", help="zeromega/DeepSpeed JSON config, passed to ranks as ZEROMEGA_CONFIG")
+    p.add_argument("script", nargs="?", metavar="SCRIPT", help="the Python script every rank runs")
+    p.add_argument("script_args", nargs=argparse.REMAINDER, metavar="ARGS",
+                   help="arguments for SCRIPT, passed untouched")
+    p.set_defaults(handler=_launch, prog=p.prog)
+
+
+def _check_flags(args: argparse.Namespace) -> None:
+    """Refuse flag combinations the chosen launcher cannot honour."""
+    deepspeed = args.launcher == "deepspeed"
+    chooses_slots = bool(args.include or args.exclude)
+    if (args.hostfile or chooses_slots) and not deepspeed:
+        raise UsageError("--hostfile/--include/--exclude are deepspeed launcher flags",
+                         "add --launcher deepspeed, or use --nnodes/--node-rank/--master-addr with torchrun")
+    if args.include and args.exclude:
+        raise UsageError("--include and --exclude are given together", "pass only one of them")
+    if chooses_slots and args.nproc_per_node is not None:
+        raise UsageError("--nproc-per-node is given together with --include/--exclude",
+                         "let --include/--exclude choose the slots, or drop them")
+    if not chooses_slots and args.nproc_per_node is None:
+        raise UsageError("--nproc-per-node is missing", "pass --nproc-per-node N (processes per node)")
+    if args.hostfile and (args.nnodes is not None or args.node_rank is not None):
+        raise UsageError("--hostfile is given together with --nnodes/--node-rank",
+                         "list the nodes in the hostfile only, or drop --hostfile")
+    nnodes, node_rank = args.nnodes or 1, args.node_rank or 0
+    if deepspeed:
+        if nnodes > 1 or node_rank:
+            raise UsageError("the deepspeed launcher takes its nodes from --hostfile, not --nnodes/--node-rank",
+                             "list the nodes in --hostfile, or use --launcher torchrun")
+        if args.max_restarts:
+            raise UsageError("the deepspeed launcher cannot restart ranks (--max-restarts)",
+                             "use --launcher torchrun, or drop --max-restarts")
+        return
+    if node_rank >= nnodes:
+        raise UsageError(f"--node-rank {node_rank} is not below --nnodes {nnodes}",
+                         f"number the nodes 0..{nnodes - 1}")
+    if nnodes > 1 and args.master_addr is None:
+        raise UsageError(f"--nnodes {nnodes} needs the address of node 0",
+                         "pass --master-addr (and the same --master-port) on every node")
+
+
+def _job(args: argparse.Namespace):
+    """The Job to start, once the flags are consistent and SCRIPT exists."""
+    from .launcher import Job
+
+    _check_flags(args)
+    if args.script is None:
+        raise UsageError("SCRIPT is missing", "name the Python script every rank runs, after the options")
+    if not os.path.isfile(args.script):
+        raise UsageError(f"script {args.script!r} not found", "pass the path of an existing Python script")
+    return Job(
+        script=args.script, script_args=list(args.script_args), nproc_per_node=args.nproc_per_node,
+        nnodes=args.nnodes or 1, node_rank=args.node_rank or 0, master_addr=args.master_addr,
+        master_port=args.master_port, max_restarts=args.max_restarts,
+        config=os.path.abspath(args.config) if args.config else None,
+        hostfile=args.hostfile, include=args.include, exclude=args.exclude,
+    )
+
+
+def _world_size(job, launcher: str) -> int:
+    if launcher == "torchrun":
+        return job.nproc_per_node * job.nnodes
+    from .launcher import deepspeed_world_size
+
+    if job.hostfile and not os.path.isfile(job.hostfile):
+        raise UsageError(f"hostfile {job.hostfile!r} not found", "pass the path of an existing hostfile")
+    try:
+        return deepspeed_world_size(job)
+    except ValueError as err:  # the deepspeed runner's own hostfile/filter checks
+        raise UsageError(f"deepspeed cannot use these hosts: {err}",
+                         "fix the hostfile or the --include/--exclude filter") from None
+
+
+def _check_layout(job, launcher: str) -> None:
+    """Build the run config (file + Megatron flags among ARGS) and resolve it for the world size."""
+    from .errors import ConfigError
+    from .translate import build
+
+    world = _world_size(job, launcher)
+    if world < 1:
+        raise UsageError(f"no ranks to start (world size {world})", "give the job at least one slot")
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr):  # a bad Megatron flag value makes argparse exit
+            config = build(job.config, megatron_argv=job.script_args)
+        config.layout(world)
+    except ConfigError as err:
+        raise UsageError(f"{err.field}={err.value!r}: {err.problem}", err.fix) from None
+    except SystemExit:
+        lines = stderr.getvalue().strip().splitlines() or ["invalid Megatron-LM flag"]
+        problem = lines[-1].split("error: ", 1)[-1]
+        raise UsageError(f"script arguments: {problem}", "fix the Megatron-LM flag among the script's ARGS") from None
+
+
+def _launch(args: argparse.Namespace) -> int:
+    from . import launcher
+
+    job = _job(args)
+    _check_layout(job, args.launcher)
+    try:
+        failure = launcher.launch(job, args.launcher)
+    except launcher.LaunchError as err:
+        print(f"{args.prog}: {err}", file=sys.stderr)
+        return err.exit_status
+    if failure is None:
+        return 0
+    print(f"{args.prog}: {failure.describe()}", file=sys.stderr)
+    return failure.exit_status
+
+
+# ------------------------------------------------------------------ main
+
+SUBCOMMANDS: list[Callable] = [_add_launch]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, allow_abbrev=False,
+                     description="DeepSpeed ZeRO + Megatron-Core: one config, one launcher.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in SUBCOMMANDS:
+        add(subparsers)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Run the command line; returns the exit code (the console script exits with it)."""
+    parser = build_parser()
+    args = None
+    try:
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:  # options before SCRIPT that the subcommand does not know
+            raise UsageError(f"unrecognized arguments: {' '.join(unknown)}",
+                             f"see '{args.prog} --help'; options for SCRIPT go after SCRIPT", prog=args.prog)
+        return args.handler(args)
+    except UsageError as err:
+        prog = err.prog or getattr(args, "prog", PROG)
+        print(f"{prog}: error: {err.problem}; fix: {err.fix}", file=sys.stderr)
+        return 2
+    except SystemExit as exit_:  # --help
+        return exit_.code if isinstance(exit_.code, int) else 0
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

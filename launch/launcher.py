@@ -1,0 +1,429 @@
+"""Start a job's ranks through a real launcher and turn a failure into one line.
+
+Two launchers, no process transport of our own:
+
+* ``torchrun`` (default): torch's elastic agent, driven in this process through
+  ``torch.distributed.run.parse_args``/``run``. In-process because the agent
+  then hands us its structured result (``ChildFailedError.failures``: rank,
+  exit code or signal, the rank's error file) instead of a text report to
+  parse, and its own signal handlers stop every rank on SIGINT/SIGTERM.
+* ``deepspeed``: the ``deepspeed`` runner as a subprocess
+  (``python -m deepspeed.launcher.runner --num_gpus N --master_port P ...``).
+  It reports only an exit code, never which rank failed, so each rank is
+  started through :func:`_rank_entry`, which gives the rank its own
+  ``TORCHELASTIC_ERROR_FILE`` and then ``exec``\\ s the script (same pid).
+
+Environment every rank sees:
+
+``ZEROMEGA_CONFIG``
+    Absolute path of the ``--config`` file, set only when one was given (an
+    inherited value is dropped, so a rank never reads a config the launcher
+    did not check). Ranks read it with :func:`config_path_from_env`.
+``OMP_NUM_THREADS``
+    ``1`` when unset and more than one rank runs per node (torchrun's rule,
+    applied to the deepspeed launcher too, so ranks do not oversubscribe).
+``DS_ACCELERATOR``
+    ``cpu`` when unset and torch sees no CUDA device (deepspeed launcher only).
+
+Ranks that want their exception named in the launcher's failure line decorate
+their entry point with ``torch.distributed.elastic.multiprocessing.errors.record``.
+
+This module imports torch and deepspeed lazily: it also runs as every
+deepspeed rank's entry (``python -m zeromega.launch.launcher``), which must
+stay cheap.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+CONFIG_ENV = "ZEROMEGA_CONFIG"
+# Seconds a stopped deepspeed job gets to exit after SIGTERM before SIGKILL
+# (its launcher waits up to 30 s per rank itself).
+STOP_GRACE_S = 35.0
+_MESSAGE_LIMIT = 500
+# The hostfile the deepspeed runner reads when given none (its DLTS_HOSTFILE).
+DEEPSPEED_DEFAULT_HOSTFILE = "/job/hostfile"
+
+
+def config_path_from_env() -> Optional[str]:
+    """The config path the launcher handed this rank, or None when it was given none."""
+    return os.environ.get(CONFIG_ENV) or None
+
+
+@dataclass(frozen=True)
+class Job:
+    """What to start; the CLI has already checked every field."""
+
+    script: str
+    script_args: list[str] = field(default_factory=list)
+    nproc_per_node: Optional[int] = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: Optional[str] = None
+    master_port: Optional[int] = None
+    max_restarts: int = 0
+    config: Optional[str] = None
+    """Absolute path, exported to every rank as ZEROMEGA_CONFIG."""
+    hostfile: Optional[str] = None
+    include: str = ""
+    exclude: str = ""
+
+
+@dataclass(frozen=True)
+class RankFailure:
+    """The failure a launcher reported, reduced to what a user needs first."""
+
+    rank: Optional[int]
+    """Global rank; None when the launcher does not say which rank failed."""
+    exitcode: int
+    """The rank's exit code; negative: killed by that signal."""
+    error: Optional[str] = None
+    """``Type: message`` of the exception the rank recorded, if it recorded one."""
+
+    def describe(self) -> str:
+        who = "a rank" if self.rank is None else f"rank {self.rank}"
+        how = f"killed by {_signal_name(-self.exitcode)}" if self.exitcode < 0 else f"exit code {self.exitcode}"
+        if self.error:
+            return f"{who} failed ({how}): {self.error}"
+        if self.exitcode > 0:
+            return (f"{who} failed ({how}); no exception recorded (decorate the script's entry point with "
+                    "torch.distributed.elastic.multiprocessing.errors.record to see it here)")
+        if self.rank is None:
+            return f"{who} failed ({how}); the deepspeed launcher does not say which (torchrun does)"
+        return f"{who} failed ({how})"
+
+    @property
+    def exit_status(self) -> int:
+        """The launcher's own exit code: the rank's, or 128 + signal like a shell."""
+        if self.exitcode < 0:
+            return 128 + (-self.exitcode)
+        return self.exitcode if 0 < self.exitcode < 256 else 1
+
+
+class LaunchError(Exception):
+    """The launcher itself could not run or was stopped; carries the exit code to use."""
+
+    def __init__(self, message: str, exit_status: int = 1):
+        super().__init__(message)
+        self.exit_status = exit_status
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def free_port() -> int:
+    """A TCP port free right now (the deepspeed launcher needs one named up front)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _recorded_error(path: Optional[str]) -> Optional[str]:
+    """``Type: message`` from an error file written by ``@record``, as one bounded line."""
+    if not path or not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as fp:
+            message = json.load(fp).get("message")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if isinstance(message, dict):
+        message = message.get("message")
+    if not message:
+        return None
+    text = " ".join(str(message).split())
+    return text if len(text) <= _MESSAGE_LIMIT else text[: _MESSAGE_LIMIT - 3] + "..."
+
+
+def _mtime_ns(path: Optional[str]) -> Optional[int]:
+    try:
+        return os.stat(path).st_mtime_ns if path else None
+    except OSError:
+        return None
+
+
+def rank_settings(job: Job, base: dict[str, str]) -> dict:
+    """What every rank's environment needs: ``set`` (always), ``default`` (only where
+    unset) and ``drop`` (removed), applied with :func:`apply_settings`."""
+    settings: dict = {"set": {}, "default": {}, "drop": []}
+    if job.config:
+        settings["set"][CONFIG_ENV] = job.config
+    elif CONFIG_ENV in base:
+        settings["drop"].append(CONFIG_ENV)
+    if (job.nproc_per_node or 1) > 1:
+        settings["default"]["OMP_NUM_THREADS"] = "1"
+    return settings
+
+
+def apply_settings(env, settings: dict) -> None:
+    """Apply :func:`rank_settings` to ``env`` (a dict or ``os.environ``)."""
+    for name in settings.get("drop", []):
+        env.pop(name, None)
+    env.update(settings.get("set", {}))
+    for name, value in settings.get("default", {}).items():
+        env.setdefault(name, value)
+
+
+# ----------------------------------------------------------------- torchrun
+
+
+def torchrun_argv(job: Job) -> list[str]:
+    """torchrun's own command line for this job (parsed by torchrun's parser, so its defaults hold)."""
+    argv = ["--nnodes", str(job.nnodes), "--nproc-per-node", str(job.nproc_per_node),
+            "--max-restarts", str(job.max_restarts)]
+    if job.nnodes == 1 and job.master_addr is None and job.master_port is None:
+        # Rendezvous on a port the agent's store picks itself: no port races.
+        argv.append("--standalone")
+    else:
+        argv += ["--node-rank", str(job.node_rank)]
+        if job.master_addr is not None:
+            argv += ["--master-addr", job.master_addr]
+        if job.master_port is not None:
+            argv += ["--master-port", str(job.master_port)]
+    return argv + [job.script, *job.script_args]
+
+
+def root_cause(failures: dict) -> tuple[int, object]:
+    """The (rank, ProcessFailure) that most likely started the failure.
+
+    torchrun's own pick (earliest timestamp, in whole seconds) often names a
+    rank that only died because a peer did. So: ranks the agent SIGTERMed
+    while shutting down come last; a rank that died without recording an
+    exception (a signal, an exit code) comes before ranks whose recorded
+    exception is typically the lost peer; recorded exceptions go in the order
+    their error files were written.
+    """
+    def key(item):
+        rank, failure = item
+        written = _mtime_ns(failure.error_file)
+        return (failure.exitcode == -signal.SIGTERM, written is not None, written or 0, rank)
+
+    return min(failures.items(), key=key)
+
+
+def run_torchrun(job: Job) -> Optional[RankFailure]:
+    """Run the job under torchrun's elastic agent; None when every rank succeeded."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    apply_settings(os.environ, rank_settings(job, dict(os.environ)))  # the agent passes it on
+    try:
+        run(parse_args(torchrun_argv(job)))
+    except ChildFailedError as err:
+        rank, failure = root_cause(err.failures)
+        return RankFailure(rank, failure.exitcode, _recorded_error(failure.error_file))
+    except SignalException as err:
+        raise LaunchError(f"stopped by {_signal_name(err.sigval)}; torchrun stopped every rank",
+                          128 + int(err.sigval)) from None
+    except Exception as err:  # rendezvous timeouts, ports in use, ...
+        raise LaunchError(f"torchrun could not run the job: {type(err).__name__}: {err}") from None
+    return None
+
+
+# ---------------------------------------------------------------- deepspeed
+
+
+def _deepspeed_resources(job: Job) -> dict:
+    """Host -> slots the deepspeed runner will use, computed with its own functions."""
+    from deepspeed.launcher.runner import (DLTS_HOSTFILE, apply_num_nodes_and_gpus, fetch_hostfile,
+                                           parse_inclusion_exclusion)
+
+    path = job.hostfile or DLTS_HOSTFILE
+    pool = fetch_hostfile(path) if os.path.isfile(path) else None
+    if not pool:
+        from deepspeed.accelerator import get_accelerator
+
+        pool = {"localhost": get_accelerator().device_count()}
+    active = parse_inclusion_exclusion(pool, job.include, job.exclude)
+    return apply_num_nodes_and_gpus(active, -1, job.nproc_per_node or -1)
+
+
+def deepspeed_world_size(job: Job) -> int:
+    """Ranks the deepspeed launcher will start (hostfile, include/exclude and --num_gpus applied).
+
+    Only a hostfile or a slot filter needs deepspeed's own parsing (and its slow import);
+    otherwise the runner starts ``--num_gpus`` ranks on this node.
+    """
+    if not (job.hostfile or job.include or job.exclude or os.path.isfile(DEEPSPEED_DEFAULT_HOSTFILE)):
+        return job.nproc_per_node or 0
+    _default_accelerator(os.environ)
+    return sum(len(slots) for slots in _deepspeed_resources(job).values())
+
+
+def _default_accelerator(env: dict) -> None:
+    """On a machine without CUDA, tell deepspeed to use its CPU accelerator (unless told otherwise)."""
+    if "DS_ACCELERATOR" not in env:
+        import torch
+
+        if not torch.cuda.is_available():
+            env["DS_ACCELERATOR"] = "cpu"
+
+
+def deepspeed_command(job: Job, port: int, rank_settings: dict) -> list[str]:
+    """The deepspeed runner's command line; each rank starts as ``-m zeromega.launch.launcher``."""
+    cmd = [sys.executable, "-u", "-m", "deepspeed.launcher.runner", "--master_port", str(port)]
+    if job.master_addr is not None:
+        cmd += ["--master_addr", job.master_addr]
+    if job.hostfile:
+        cmd += ["--hostfile", job.hostfile]
+    if job.include:
+        cmd += ["--include", job.include]
+    if job.exclude:
+        cmd += ["--exclude", job.exclude]
+    if job.nproc_per_node:
+        cmd += ["--num_gpus", str(job.nproc_per_node)]
+    blob = base64.urlsafe_b64encode(json.dumps(rank_settings).encode()).decode()
+    return cmd + ["--module", __name__, blob, job.script, *job.script_args]
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
+def _stop_group(pgid: int, sig: int = signal.SIGTERM, grace_s: float = STOP_GRACE_S) -> None:
+    """Signal the launcher's process group, then SIGKILL whatever is left after ``grace_s``."""
+    if not _group_alive(pgid):
+        return
+    _signal_group(pgid, sig)
+    deadline = time.monotonic() + grace_s
+    while _group_alive(pgid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if _group_alive(pgid):
+        _signal_group(pgid, signal.SIGKILL)
+
+
+def _run_group(cmd: list[str], env: dict) -> tuple[int, Optional[int]]:
+    """Run ``cmd`` in its own process group and wait; SIGINT/SIGTERM/SIGHUP stop the
+    whole group (the single-node deepspeed runner forwards none of them to its
+    ranks). Returns (exit code, the signal received or None)."""
+    received: list[int] = []
+    procs: list[subprocess.Popen] = []
+
+    def forward(signum, _frame):
+        received.append(signum)
+        if procs:
+            _signal_group(procs[0].pid, signal.SIGTERM)
+
+    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, forward) for sig in handled}
+    try:
+        procs.append(subprocess.Popen(cmd, env=env, start_new_session=True))
+        if received:  # a signal came before the group existed
+            _signal_group(procs[0].pid, signal.SIGTERM)
+        returncode = procs[0].wait()
+        # The runner is gone, but its launcher may still be stopping the ranks.
+        _stop_group(procs[0].pid, grace_s=STOP_GRACE_S if received else 5.0)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return returncode, (received[0] if received else None)
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _decode_deepspeed_status(returncode: int) -> int:
+    """The failed rank's exit code as the deepspeed launcher passed it on.
+
+    Its launch.py calls ``sys.exit(rank's returncode)``; a rank killed by a
+    signal has a negative returncode, which the shell sees as 256 - signal.
+    """
+    signum = 256 - returncode
+    if 128 < returncode < 256 and signum in {s.value for s in signal.Signals}:
+        return -signum
+    return returncode
+
+
+def _deepspeed_failure(returncode: int, error_dir: str) -> RankFailure:
+    """Name the rank from the error files the ranks wrote; the launcher itself does not say.
+
+    A signal death leaves no error file, and the files that do exist then come
+    from peers that lost the killed rank: naming one of those would mislead,
+    so a signal is reported without a rank.
+    """
+    exitcode = _decode_deepspeed_status(returncode)
+    written = []
+    for name in os.listdir(error_dir):
+        if name.startswith("rank") and name.endswith(".json") and name[4:-5].isdigit():
+            path = os.path.join(error_dir, name)
+            written.append((_mtime_ns(path) or 0, int(name[4:-5]), path))
+    if exitcode < 0 or not written:
+        return RankFailure(None, exitcode)
+    _, rank, path = min(written)
+    return RankFailure(rank, exitcode, _recorded_error(path))
+
+
+def run_deepspeed(job: Job) -> Optional[RankFailure]:
+    """Run the job under the deepspeed launcher; None when every rank succeeded."""
+    env = dict(os.environ)
+    settings = rank_settings(job, env)
+    apply_settings(env, settings)
+    _default_accelerator(env)
+    if "DS_ACCELERATOR" in env:
+        settings["default"]["DS_ACCELERATOR"] = env["DS_ACCELERATOR"]
+    port = job.master_port or free_port()
+    with tempfile.TemporaryDirectory(prefix="zeromega-errors-") as error_dir:
+        # Remote nodes (pdsh) do not inherit our environment: the settings ride in each rank's argv.
+        settings["error_dir"] = error_dir
+        returncode, stopped_by = _run_group(deepspeed_command(job, port, settings), env)
+        if stopped_by is not None:
+            raise LaunchError(f"stopped by {_signal_name(stopped_by)}; every rank was stopped",
+                              128 + stopped_by)
+        if returncode == 0:
+            return None
+        return _deepspeed_failure(returncode, error_dir)
+
+
+def launch(job: Job, launcher: str = "torchrun") -> Optional[RankFailure]:
+    """Run ``job`` with the named launcher; None on success, the root-cause failure otherwise."""
+    if launcher == "deepspeed":
+        return run_deepspeed(job)
+    return run_torchrun(job)
+
+
+# ------------------------------------------------------ deepspeed rank entry
+
+
+def _rank_entry(argv: list[str]) -> None:
+    """Become the user's script as the deepspeed launcher would have run it.
+
+    It runs ``python -u -m zeromega.launch.launcher --local_rank=N SETTINGS
+    SCRIPT ARGS...``; this sets the rank's environment (with its own error
+    file), then execs ``python -u SCRIPT --local_rank=N ARGS...`` in the same
+    process, so the launcher still sees the script's exit status and signals.
+    """
+    local_rank_flag, blob, script, *args = argv
+    settings = json.loads(base64.urlsafe_b64decode(blob.encode()))
+    apply_settings(os.environ, settings)
+    error_dir = settings.get("error_dir")
+    if error_dir and os.path.isdir(error_dir):
+        os.environ["TORCHELASTIC_ERROR_FILE"] = os.path.join(error_dir, f"rank{os.environ.get('RANK', '0')}.json")
+    os.execv(sys.executable, [sys.executable, "-u", script, local_rank_flag, *args])
+
+
+if __name__ == "__main__":
+    _rank_entry(sys.argv[1:])

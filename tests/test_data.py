@@ -1,0 +1,159 @@
+"""The stdlib corpus, the byte tokenizer, Megatron's GPT datasets over them, dp sharding."""
+
+import multiprocessing
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+
+from zeromega.integrations.megatron import data as D
+
+SMALL = 200_000
+SPLIT = "8,1,1"  # a 200 KB corpus has too few documents for 98,1,1
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return D.build_corpus(tmp_path_factory.mktemp("corpus") / "c", max_bytes=SMALL)
+
+
+@pytest.fixture(scope="module")
+def splits(corpus, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    return D.build_gpt_datasets(corpus, seq_length=64, seed=5, num_samples=(200, 10, 10),
+                                split=SPLIT, cache_dir=cache)
+
+
+def _read(prefix, suffix):
+    return open(f"{prefix}{suffix}", "rb").read()
+
+
+def test_corpus_is_deterministic_and_matches_sources(corpus, tmp_path):
+    again = D.build_corpus(tmp_path / "other", max_bytes=SMALL)
+    assert _read(corpus, ".bin") == _read(again, ".bin")
+    assert _read(corpus, ".idx") == _read(again, ".idx")
+    ids = np.frombuffer(_read(corpus, ".bin"), dtype=np.uint16)
+    assert ids.size == SMALL + (ids == D.EOD).sum()  # all the text, plus one EOD per document
+    docs = np.split(ids, np.flatnonzero(ids == D.EOD) + 1)[:-1]
+    assert len(docs) >= 10
+    first = D._stdlib_sources()[0].read_bytes()
+    assert docs[0][:-1].astype(np.uint8).tobytes() == first and docs[0][-1] == D.EOD
+    assert not any(p in ("test", "site-packages") for s in D._stdlib_sources() for p in s.parts)
+
+
+def test_corpus_skips_when_built_and_rebuilds_on_other_size(tmp_path):
+    prefix = D.build_corpus(tmp_path / "c", max_bytes=50_000)
+    stamp = os.stat(f"{prefix}.bin").st_mtime_ns
+    assert D.build_corpus(prefix, max_bytes=50_000) == prefix
+    assert os.stat(f"{prefix}.bin").st_mtime_ns == stamp
+    D.build_corpus(prefix, max_bytes=60_000)
+    assert np.fromfile(f"{prefix}.bin", dtype=np.uint16).size > 60_000
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.bin", "c.idx", "c.json"]
+
+
+def test_default_prefix_follows_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("ZEROMEGA_DATA", str(tmp_path))
+    assert D.default_corpus_prefix().parent == tmp_path
+    assert D.default_corpus_prefix().name.startswith("stdlib-py")
+
+
+def test_tokenizer_round_trip():
+    tok = D.ByteTokenizer()
+    text = "def f(x):\n    return 'héllo → wörld' 🐍\n"
+    ids = tok.tokenize(text)
+    assert ids == list(text.encode("utf-8")) and max(ids) < 256
+    assert tok.detokenize(ids) == text
+    assert tok.detokenize(ids + [tok.eod]) == text
+    assert tok.detokenize([0xFF, ord("a")]) == "\ufffda"
+    assert (tok.vocab_size, tok.eod, len(tok.vocab)) == (257, 256, 257)
+    assert tok.pad not in range(tok.vocab_size)
+
+
+def test_samples_are_shifted_windows(splits):
+    train, valid, test = splits
+    assert len(train) >= 200 and len(valid) >= 10 and len(test) >= 10
+    for i in range(0, 50, 7):
+        s = train[i]
+        assert s["tokens"].shape == (64,) and s["labels"].shape == (64,)
+        assert torch.equal(s["tokens"][1:], s["labels"][:-1])
+        assert torch.equal(s["position_ids"], torch.arange(64))
+        assert bool((s["loss_mask"] == 1).all())
+        assert int(s["tokens"].max()) <= D.EOD and int(s["tokens"].min()) >= 0
+    assert not torch.equal(train[0]["tokens"], train[1]["tokens"])
+
+
+def test_datasets_depend_on_seed_only(corpus, tmp_path):
+    kw = dict(seq_length=64, num_samples=(200, 10, 10), split=SPLIT, cache_dir=tmp_path)
+    a = D.build_gpt_datasets(corpus, seed=5, **kw)[0]
+    b = D.build_gpt_datasets(corpus, seed=5, **kw)[0]
+    c = D.build_gpt_datasets(corpus, seed=6, **kw)[0]
+    assert all(torch.equal(a[i]["tokens"], b[i]["tokens"]) for i in range(20))
+    assert not all(torch.equal(a[i]["tokens"], c[i]["tokens"]) for i in range(20))
+
+
+def test_empty_split_is_refused(corpus, tmp_path):
+    with pytest.raises(ValueError, match="no document"):
+        D.build_gpt_datasets(corpus, 64, 5, (10, 10, 10), split="998,1,1", cache_dir=tmp_path)
+
+
+@pytest.mark.parametrize("start", [0, 12])
+def test_dp_shards_concatenate_to_the_dp1_batch(splits, start):
+    train = splits[0]
+    whole = D.sample_batches(train, 4, start_sample=start)
+    for dp, m in ((2, 2), (4, 1)):
+        ranks = [D.sample_batches(train, m, start, r, dp) for r in range(dp)]
+        for _ in range(5):
+            ref = next(whole)
+            parts = [next(it) for it in ranks]
+            for key in ("tokens", "labels", "loss_mask", "position_ids"):
+                assert torch.equal(torch.cat([p[key] for p in parts]), ref[key])
+            assert parts[0]["tokens"].shape == (m, 64)
+        whole = D.sample_batches(train, 4, start_sample=start)
+    first = next(D.sample_batches(train, 2, start, 0, 1))["tokens"]
+    assert torch.equal(first[0], train[start]["tokens"])
+
+
+def test_dp_sharding_drops_the_partial_tail(splits):
+    valid = splits[1]
+    got = list(D.sample_batches(valid, 3, 0, 1, 2))
+    assert len(got) == len(valid) // 6
+    with pytest.raises(ValueError):
+        next(D.sample_batches(valid, 1, 0, 2, 2))
+
+
+def _dist_worker(rank, port, prefix, cache, queue):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=2)
+    train = D.build_gpt_datasets(prefix, 64, 9, (100, 5, 5), split=SPLIT, cache_dir=cache)[0]
+    # As a list: a tensor would travel as shared memory that dies with this process.
+    queue.put((rank, next(D.sample_batches(train, 2, 0, rank, 2))["tokens"].tolist()))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_gloo_job_builds_on_rank0_and_matches_single_process(corpus, tmp_path):
+    """Forked (megatron is already imported, so this is quick); a hang fails on the timeout."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_dist_worker, args=(r, port, corpus, tmp_path, queue))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        got = dict(queue.get(timeout=60) for _ in procs)
+    finally:
+        for p in procs:
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+    assert [p.exitcode for p in procs] == [0, 0]
+    # Not initialized here: this loads the index cache rank 0 wrote.
+    train = D.build_gpt_datasets(corpus, 64, 9, (100, 5, 5), split=SPLIT, cache_dir=tmp_path)[0]
+    assert got[0] + got[1] == next(D.sample_batches(train, 4))["tokens"].tolist()

@@ -1,0 +1,226 @@
+"""The ``zeromega launch`` command, run as users run it: a subprocess on 2 CPU ranks (gloo).
+
+Each job gets a token in its environment, so the tests can find any process
+of that job still alive after the launcher exited.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from types import SimpleNamespace
+
+import psutil
+import pytest
+
+from zeromega.launch import launcher
+from zeromega.launch.launcher import RankFailure
+
+WORKER = str(Path(__file__).parent / "scripts" / "worker.py")
+FAILURE_DEADLINE_S = 60
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def zeromega(*argv: str, env: dict | None = None, cwd: Path | None = None, timeout: float = 150):
+    """Run ``python -m zeromega ARGV``; returns (completed process, token, seconds, end time)."""
+    token = uuid.uuid4().hex
+    full_env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", launcher.CONFIG_ENV)}
+    full_env.update(env or {}, ZEROMEGA_TEST_TOKEN=token)
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "zeromega", *argv], env=full_env, cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)
+    return proc, token, time.monotonic() - start, time.time()
+
+
+def survivors(token: str) -> list[psutil.Process]:
+    """Processes still alive that carry the job's token in their environment."""
+    alive = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get("ZEROMEGA_TEST_TOKEN") == token and proc.status() != psutil.STATUS_ZOMBIE:
+                alive.append(proc)
+        except psutil.Error:
+            continue
+    return alive
+
+
+def rank_lines(stdout: str) -> dict[int, str]:
+    return {int(m.group(1)): m.group(0) for m in re.finditer(r"^rank=(\d+) world=.*$", stdout, re.M)}
+
+
+# ------------------------------------------------------------------ success
+
+
+def test_torchrun_allreduce_and_config(tmp_path):
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({"zeromega": {"tp": 2}}))
+    proc, _, _, _ = zeromega("launch", "--nproc-per-node", "2", "--config", "run.json", WORKER,
+                             "--tensor-model-parallel-size", "2", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lines = rank_lines(proc.stdout)
+    assert sorted(lines) == [0, 1], proc.stdout
+    for line in lines.values():
+        assert "world=2 sum=3 " in line  # (0 + 1) + (1 + 1): the all_reduce ran
+        assert f"config={config}" in line  # absolute, though given relative to cwd
+        assert "omp=1" in line  # set because it was unset
+        assert "local_rank_arg=None" in line  # torchrun passes LOCAL_RANK in the environment
+
+
+def test_deepspeed_launcher_runs_the_script(tmp_path):
+    proc, token, _, _ = zeromega(
+        "launch", "--launcher", "deepspeed", "--nproc-per-node", "2", "--master-port", str(free_port()), WORKER,
+        env={"OMP_NUM_THREADS": "2", launcher.CONFIG_ENV: "/stale/config.json"})
+    assert proc.returncode == 0, proc.stderr
+    lines = rank_lines(proc.stdout)
+    assert sorted(lines) == [0, 1], proc.stdout
+    for rank, line in lines.items():
+        assert f"local_rank_arg={rank}" in line  # the deepspeed launcher appended --local_rank
+        assert "world=2 sum=3 " in line
+        assert "omp=2" in line  # left as the user set it
+        assert "config=None" in line  # an inherited ZEROMEGA_CONFIG is not passed on
+    assert survivors(token) == []
+
+
+# ------------------------------------------------------------------ failures
+
+
+def test_rank_exception_is_named_and_every_rank_stops():
+    proc, token, seconds, ended = zeromega("launch", "--nproc-per-node", "2", WORKER, "--mode", "raise")
+    assert proc.returncode == 1
+    assert seconds < FAILURE_DEADLINE_S
+    failing_at = float(re.search(r"failing_at=([\d.]+)", proc.stdout).group(1))
+    print(f"rank failure -> launcher exit: {ended - failing_at:.2f} s (whole run {seconds:.1f} s)")
+    assert ended - failing_at < FAILURE_DEADLINE_S
+    assert proc.stderr.splitlines()[-1] == "zeromega launch: rank 1 failed (exit code 1): RuntimeError: boom"
+    assert survivors(token) == []
+
+
+def test_rank_killed_by_signal_is_named():
+    # Rank 0 sleeps outside any collective: only the launcher can end it.
+    proc, token, seconds, ended = zeromega("launch", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+                                           "--master-port", str(free_port()), WORKER,
+                                           "--mode", "sigkill", "--wait", "sleep")
+    failing_at = float(re.search(r"failing_at=([\d.]+)", proc.stdout).group(1))
+    print(f"rank SIGKILL -> launcher exit: {ended - failing_at:.2f} s (whole run {seconds:.1f} s)")
+    assert proc.returncode == 128 + signal.SIGKILL
+    assert ended - failing_at < FAILURE_DEADLINE_S
+    assert proc.stderr.splitlines()[-1] == "zeromega launch: rank 1 failed (killed by SIGKILL)"
+    assert survivors(token) == []
+
+
+# ------------------------------------------------------------------ bad input
+
+BAD_INPUTS = {
+    "missing script": (["--nproc-per-node", "2", "no_such_script.py"], "script 'no_such_script.py' not found"),
+    "missing config": (["--nproc-per-node", "2", "--config", "nope.json", WORKER], "no such file"),
+    "malformed config": (["--nproc-per-node", "2", "--config", "bad.json", WORKER], "not valid JSON"),
+    "world size": (["--nproc-per-node", "3", WORKER, "--tensor-model-parallel-size", "2"],
+                   "world_size=3: not divisible by tp x pp x cp"),
+    "config and flag disagree": (["--nproc-per-node", "2", "--config", "tp4.json", WORKER,
+                                  "--tensor-model-parallel-size", "2"], "parallel.tp=2"),
+    "bad Megatron value": (["--nproc-per-node", "2", WORKER, "--tensor-model-parallel-size", "x"],
+                           "invalid int value: 'x'"),
+    "unknown option": (["--nproc-per-node", "2", "--bogus", WORKER], "unrecognized arguments: --bogus"),
+    "bad number": (["--nproc-per-node", "0", WORKER], "must be >= 1"),
+    "hostfile with torchrun": (["--nproc-per-node", "2", "--hostfile", "hosts", WORKER],
+                               "deepspeed launcher flags"),
+    "hostfile with nnodes": (["--launcher", "deepspeed", "--hostfile", "hosts", "--nnodes", "2",
+                              "--nproc-per-node", "1", WORKER], "--hostfile is given together with --nnodes"),
+    "node rank": (["--nproc-per-node", "1", "--nnodes", "2", "--node-rank", "2", "--master-addr", "127.0.0.1",
+                   WORKER], "--node-rank 2 is not below --nnodes 2"),
+    "restarts with deepspeed": (["--launcher", "deepspeed", "--nproc-per-node", "2", "--max-restarts", "1", WORKER],
+                                "cannot restart"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_one_line_and_starts_nothing(tmp_path, case):
+    argv, problem = BAD_INPUTS[case]
+    (tmp_path / "bad.json").write_text('{"zero_optimization": ')
+    (tmp_path / "tp4.json").write_text('{"zeromega": {"tp": 4}}')
+    (tmp_path / "hosts").write_text("localhost slots=2\n")
+    marker = tmp_path / "a-rank-started"
+    proc, token, _, _ = zeromega("launch", *argv, cwd=tmp_path, env={"ZEROMEGA_TEST_MARKER": str(marker)})
+    assert proc.returncode == 2
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("zeromega launch: error: ") and "; fix: " in lines[0]
+    assert problem in lines[0]
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert not marker.exists()
+    assert survivors(token) == []
+
+
+def test_python_m_zeromega_help():
+    top = subprocess.run([sys.executable, "-m", "zeromega", "--help"], capture_output=True, text=True)
+    assert top.returncode == 0 and "launch" in top.stdout
+    sub = subprocess.run([sys.executable, "-m", "zeromega", "launch", "--help"], capture_output=True, text=True)
+    assert sub.returncode == 0
+    for flag in ("--nproc-per-node", "--nproc_per_node", "--max-restarts", "--hostfile", "--config", "SCRIPT"):
+        assert flag in sub.stdout
+
+
+# ------------------------------------------------------------------ units
+
+
+def _failure(exitcode: int, error_file: str = "<N/A>") -> SimpleNamespace:
+    return SimpleNamespace(exitcode=exitcode, error_file=error_file)
+
+
+def test_root_cause_prefers_the_rank_that_started_it(tmp_path):
+    first, second = tmp_path / "first.json", tmp_path / "second.json"
+    first.write_text("{}")
+    second.write_text("{}")
+    os.utime(first, ns=(1_000, 1_000))
+    os.utime(second, ns=(2_000, 2_000))
+    # The agent SIGTERMed rank 0 while stopping the job: rank 1 started it.
+    assert launcher.root_cause({0: _failure(-15, str(first)), 1: _failure(3)})[0] == 1
+    # Both recorded an exception: the one written first.
+    assert launcher.root_cause({0: _failure(1, str(second)), 1: _failure(1, str(first))})[0] == 1
+    # A signal death without a record beats the peer's "connection closed" record.
+    assert launcher.root_cause({0: _failure(1, str(first)), 1: _failure(-9)})[0] == 1
+
+
+def test_failure_line_and_exit_status():
+    assert RankFailure(1, 1, "RuntimeError: boom").describe() == "rank 1 failed (exit code 1): RuntimeError: boom"
+    assert RankFailure(1, -9).describe() == "rank 1 failed (killed by SIGKILL)"
+    assert RankFailure(1, -9).exit_status == 137
+    assert RankFailure(0, 3).exit_status == 3
+    assert RankFailure(0, 300).exit_status == 1
+    # The deepspeed launcher exits with sys.exit(-9) for a SIGKILLed rank: the shell sees 247.
+    assert launcher._decode_deepspeed_status(256 - 9) == -9
+    assert launcher._decode_deepspeed_status(1) == 1
+
+
+def test_torchrun_argv_uses_standalone_rendezvous_on_one_node():
+    job = launcher.Job(script="s.py", script_args=["--x"], nproc_per_node=2)
+    argv = launcher.torchrun_argv(job)
+    assert "--standalone" in argv and argv[-2:] == ["s.py", "--x"]
+    fixed = launcher.torchrun_argv(launcher.Job(script="s.py", nproc_per_node=2, master_port=1234))
+    assert "--standalone" not in fixed and fixed[fixed.index("--master-port") + 1] == "1234"
+
+
+def test_config_path_from_env(monkeypatch):
+    monkeypatch.delenv(launcher.CONFIG_ENV, raising=False)
+    assert launcher.config_path_from_env() is None
+    monkeypatch.setenv(launcher.CONFIG_ENV, "/abs/run.json")
+    assert launcher.config_path_from_env() == "/abs/run.json"
+
+
+def test_default_hostfile_matches_deepspeed():
+    from deepspeed.launcher.runner import DLTS_HOSTFILE
+
+    assert launcher.DEEPSPEED_DEFAULT_HOSTFILE == DLTS_HOSTFILE

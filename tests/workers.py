@@ -1,0 +1,41 @@
+"""What each rank runs in the multi-process tests (module level, so forked children find it)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def train_gpt(cfg: dict, shape: dict, data_prefix: str, iters: int, seed: int = 1234) -> dict[str, Any]:
+    """Train a small Megatron-Core GPT through the DeepSpeed engine; per-step loss and grad norm."""
+    from megatron.core import parallel_state
+
+    from zeromega.integrations import comm
+    from zeromega.integrations.deepspeed import build_engine
+    from zeromega.integrations.megatron import data, model, parallel
+    from zeromega.launch.config import RunConfig
+    from zeromega.train import gpt_loss
+
+    comm.install()
+    run = RunConfig.model_validate(cfg)
+    layout = parallel.initialize(run, seed=seed)
+    gpt_shape = model.GPTShape(**shape)
+    train_ds, _, _ = data.build_gpt_datasets(data_prefix, gpt_shape.seq_length, seed,
+                                             (iters * layout.global_batch, 0, 0), split="1,0,0")
+    engine = build_engine(model.build_gpt(gpt_shape, run), run, layout)
+    batches = data.sample_batches(train_ds, layout.micro, dp_rank=parallel_state.get_data_parallel_rank(),
+                                  dp_size=layout.dp)
+    from zeromega.train import _reduce_step_stats
+
+    losses, grad_norms = [], []
+    for _ in range(iters):
+        total = 0.0
+        for _ in range(layout.accumulation):
+            loss = gpt_loss(engine, next(batches))
+            engine.backward(loss)
+            engine.step()
+            total += loss.item()
+        losses.append(_reduce_step_stats(total / layout.accumulation, 0, parallel_state.get_data_parallel_group())[0])
+        norm = engine.get_global_grad_norm()
+        grad_norms.append(None if norm is None else float(norm))
+    parallel.shutdown()
+    return {"loss": losses, "grad_norm": grad_norms}

@@ -1,0 +1,123 @@
+"""The training step and its per-step metrics, shared by the examples and the benchmarks.
+
+One step = ``accumulation`` micro-batches through the DeepSpeed engine
+(forward, masked token-mean loss, ``engine.backward``, ``engine.step``).
+Rank 0 writes one JSON object per step: loss (averaged over data-parallel
+ranks), tokens/s, peak memory (max over ranks) and bytes per collective
+kind (summed over ranks).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+from zeromega.integrations import accelerator as accel
+from zeromega.integrations import comm
+
+
+def gpt_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token loss over the tokens the loss mask keeps."""
+    device = getattr(model, "device", None) or next(model.parameters()).device
+    tokens = batch["tokens"].to(device)
+    per_token = model(tokens, batch["position_ids"].to(device), None, labels=batch["labels"].to(device))
+    mask = batch["loss_mask"].to(per_token.device, torch.float32)
+    return (per_token.float() * mask).sum() / mask.sum()
+
+
+@dataclass
+class StepRecord:
+    step: int
+    loss: float
+    tokens_per_s: float
+    step_time_s: float
+    peak_mem_bytes: int
+    comm_bytes: dict[str, int] = field(default_factory=dict)
+    lr: Optional[float] = None
+
+
+def _reduce_step_stats(loss_sum: float, peak_mem: int, dp_group) -> tuple[float, int]:
+    """(loss averaged over dp ranks, peak memory max over all ranks) without being counted."""
+    loss = torch.tensor([loss_sum], dtype=torch.float64)
+    mem = torch.tensor([peak_mem], dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        with comm.paused():
+            dist.all_reduce(loss, group=dp_group)
+            dist.all_reduce(mem, op=dist.ReduceOp.MAX)
+        loss /= dist.get_world_size(dp_group)
+    return float(loss.item()), int(mem.item())
+
+
+def train_step(engine, batches: Iterator[dict], accumulation: int) -> float:
+    """One optimizer step; returns this rank's mean micro-batch loss."""
+    total = 0.0
+    for _ in range(accumulation):
+        loss = gpt_loss(engine, next(batches))
+        engine.backward(loss)
+        engine.step()
+        total += loss.item()
+    return total / accumulation
+
+
+class MetricsWriter:
+    """JSON lines on rank 0 (no file on other ranks, or when ``path`` is None)."""
+
+    def __init__(self, path: Optional[str]):
+        self._file = None
+        if path and (not dist.is_initialized() or dist.get_rank() == 0):
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(path, "w")
+
+    def write(self, record: StepRecord) -> None:
+        if self._file:
+            self._file.write(json.dumps(record.__dict__) + "\n")
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file:
+            self._file.close()
+
+
+def train(engine, batches: Iterator[dict], *, iters: int, accumulation: int, tokens_per_step: int,
+          dp_group=None, metrics_out: Optional[str] = None, scheduler=None,
+          progress: bool = True, log=print) -> list[StepRecord]:
+    """Run ``iters`` steps; returns the records (identical on every rank)."""
+    from tqdm import tqdm
+
+    device = accel.current()
+    comm.install()
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    writer = MetricsWriter(metrics_out)
+    records = []
+    bar = tqdm(total=iters, disable=not (progress and rank0), unit="step", dynamic_ncols=True)
+    comm.take()
+    try:
+        for step in range(1, iters + 1):
+            device.reset_peak_memory()
+            start = time.perf_counter()
+            loss = train_step(engine, batches, accumulation)
+            device.synchronize()
+            elapsed = time.perf_counter() - start
+            local_comm = comm.take()
+            loss, peak = _reduce_step_stats(loss, device.peak_memory_bytes(), dp_group)
+            record = StepRecord(
+                step=step, loss=loss, tokens_per_s=tokens_per_step / elapsed, step_time_s=elapsed,
+                peak_mem_bytes=peak, comm_bytes=comm.summed_over_ranks(local_comm),
+                lr=scheduler.get_lr(engine.optimizer.param_groups[0]) if scheduler else None,
+            )
+            if scheduler is not None:
+                scheduler.step(1)
+            records.append(record)
+            writer.write(record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record.tokens_per_s:,.0f}")
+    finally:
+        bar.close()
+        writer.close()
+    return records
