@@ -191,6 +191,10 @@ def _check_layout(job, launcher: str) -> None:
         config.layout(world)
     except ConfigError as err:
         raise UsageError(f"{err.field}={err.value!r}: {err.problem}", err.fix) from None
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError) as err:  # JSON of the wrong shape
+        source = f"--config={job.config!r}" if job.config else "script arguments"
+        raise UsageError(f"{source}: cannot read it ({type(err).__name__}: {err})",
+                         "give each key the type launch/config.py documents") from None
     except SystemExit:
         lines = stderr.getvalue().strip().splitlines() or ["invalid Megatron-LM flag"]
         problem = lines[-1].split("error: ", 1)[-1]

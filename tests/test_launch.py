@@ -6,6 +6,7 @@ of that job still alive after the launcher exited.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -121,12 +122,44 @@ def test_rank_killed_by_signal_is_named():
     assert survivors(token) == []
 
 
+def test_sigterm_stops_every_rank(tmp_path):
+    marker = tmp_path / "started"
+    token = uuid.uuid4().hex
+    env = dict(os.environ, ZEROMEGA_TEST_TOKEN=token, ZEROMEGA_TEST_MARKER=str(marker))
+    cli = subprocess.Popen([sys.executable, "-m", "zeromega", "launch", "--nproc-per-node", "2", WORKER,
+                            "--mode", "raise", "--fail-rank", "9", "--wait", "sleep"],
+                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert marker.exists(), "no rank started"
+        cli.send_signal(signal.SIGTERM)
+        _, stderr = cli.communicate(timeout=FAILURE_DEADLINE_S)
+    finally:
+        cli.kill()
+    assert cli.returncode == 128 + signal.SIGTERM
+    assert stderr.splitlines()[-1].startswith("zeromega launch: stopped by SIGTERM")
+    assert survivors(token) == []
+
+
+def test_survivors_finds_a_live_process():
+    token = uuid.uuid4().hex
+    sleeper = subprocess.Popen(["sleep", "30"], env=dict(os.environ, ZEROMEGA_TEST_TOKEN=token))
+    try:
+        assert [p.pid for p in survivors(token)] == [sleeper.pid]
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
 # ------------------------------------------------------------------ bad input
 
 BAD_INPUTS = {
     "missing script": (["--nproc-per-node", "2", "no_such_script.py"], "script 'no_such_script.py' not found"),
     "missing config": (["--nproc-per-node", "2", "--config", "nope.json", WORKER], "no such file"),
     "malformed config": (["--nproc-per-node", "2", "--config", "bad.json", WORKER], "not valid JSON"),
+    "config of the wrong shape": (["--nproc-per-node", "2", "--config", "betas.json", WORKER], "cannot read it"),
     "world size": (["--nproc-per-node", "3", WORKER, "--tensor-model-parallel-size", "2"],
                    "world_size=3: not divisible by tp x pp x cp"),
     "config and flag disagree": (["--nproc-per-node", "2", "--config", "tp4.json", WORKER,
@@ -150,6 +183,7 @@ BAD_INPUTS = {
 def test_bad_input_is_one_line_and_starts_nothing(tmp_path, case):
     argv, problem = BAD_INPUTS[case]
     (tmp_path / "bad.json").write_text('{"zero_optimization": ')
+    (tmp_path / "betas.json").write_text('{"optimizer": {"type": "AdamW", "params": {"betas": 0.9}}}')
     (tmp_path / "tp4.json").write_text('{"zeromega": {"tp": 4}}')
     (tmp_path / "hosts").write_text("localhost slots=2\n")
     marker = tmp_path / "a-rank-started"
@@ -218,6 +252,38 @@ def test_config_path_from_env(monkeypatch):
     assert launcher.config_path_from_env() is None
     monkeypatch.setenv(launcher.CONFIG_ENV, "/abs/run.json")
     assert launcher.config_path_from_env() == "/abs/run.json"
+
+
+def test_deepspeed_rank_entry_gives_each_rank_its_error_file(tmp_path):
+    # What the deepspeed launcher runs per rank: python -u -m zeromega.launch.launcher --local_rank=N SETTINGS SCRIPT ARGS
+    script = tmp_path / "show.py"
+    script.write_text("import json, os, sys\n"
+                      "print(json.dumps({'argv': sys.argv, 'pid': os.getpid(), 'env': {k: os.environ.get(k) for k in "
+                      "('TORCHELASTIC_ERROR_FILE', 'ZEROMEGA_CONFIG', 'OMP_NUM_THREADS')}}))\n")
+    settings = {"set": {launcher.CONFIG_ENV: "/abs/run.json"}, "default": {"OMP_NUM_THREADS": "1"},
+                "drop": [], "error_dir": str(tmp_path)}
+    blob = base64.urlsafe_b64encode(json.dumps(settings).encode()).decode()
+    env = dict(os.environ, RANK="3", OMP_NUM_THREADS="4")
+    entry = subprocess.Popen([sys.executable, "-u", "-m", "zeromega.launch.launcher", "--local_rank=1", blob,
+                              str(script), "--x", "y"], env=env, stdout=subprocess.PIPE, text=True)
+    shown = json.loads(entry.communicate(timeout=60)[0])
+    assert shown["pid"] == entry.pid  # exec'd in place: the launcher still sees the script's status
+    assert shown["argv"] == [str(script), "--local_rank=1", "--x", "y"]  # deepspeed's own order
+    assert shown["env"] == {"TORCHELASTIC_ERROR_FILE": str(tmp_path / "rank3.json"),
+                            "ZEROMEGA_CONFIG": "/abs/run.json", "OMP_NUM_THREADS": "4"}
+
+
+def test_deepspeed_failure_is_read_from_the_error_files(tmp_path):
+    def record(rank: int, message: str, mtime_ns: int) -> None:
+        path = tmp_path / f"rank{rank}.json"
+        path.write_text(json.dumps({"message": {"message": message, "extraInfo": {"timestamp": "0"}}}))
+        os.utime(path, ns=(mtime_ns, mtime_ns))
+
+    record(0, "RuntimeError: Connection closed by peer", 2_000)
+    record(1, "RuntimeError: boom", 1_000)
+    assert launcher._deepspeed_failure(1, str(tmp_path)) == RankFailure(1, 1, "RuntimeError: boom")
+    # A signal death writes no file: the files are the peers', so no rank is named.
+    assert launcher._deepspeed_failure(256 - 9, str(tmp_path)) == RankFailure(None, -9)
 
 
 def test_default_hostfile_matches_deepspeed():

@@ -39,3 +39,31 @@ def train_gpt(cfg: dict, shape: dict, data_prefix: str, iters: int, seed: int = 
         grad_norms.append(None if norm is None else float(norm))
     parallel.shutdown()
     return {"loss": losses, "grad_norm": grad_norms}
+
+
+def comm_bytes_one_step(cfg: dict, shape: dict, data_prefix: str) -> dict[str, Any]:
+    """Bytes this rank handed to each collective kind in one training step, and its parameter bytes."""
+    from megatron.core import parallel_state
+
+    from zeromega.integrations import comm
+    from zeromega.integrations.deepspeed import build_engine
+    from zeromega.integrations.megatron import data, model, parallel
+    from zeromega.launch.config import RunConfig
+    from zeromega.train import train_step
+
+    comm.install()
+    run = RunConfig.model_validate(cfg)
+    layout = parallel.initialize(run, seed=1)
+    gpt_shape = model.GPTShape(**shape)
+    train_ds, _, _ = data.build_gpt_datasets(data_prefix, gpt_shape.seq_length, 1, (4 * layout.global_batch, 0, 0),
+                                             split="1,0,0")
+    engine = build_engine(model.build_gpt(gpt_shape, run), run, layout)
+    batches = data.sample_batches(train_ds, layout.micro, dp_rank=parallel_state.get_data_parallel_rank(),
+                                  dp_size=layout.dp)
+    train_step(engine, batches, layout.accumulation)  # warm-up: first step may differ
+    comm.take()
+    train_step(engine, batches, layout.accumulation)
+    counted = comm.take()
+    param_bytes = sum(p.numel() * p.element_size() for p in engine.module.parameters())
+    parallel.shutdown()
+    return {"bytes": counted, "param_bytes": param_bytes}
