@@ -416,6 +416,9 @@ def _rank_entry(argv: list[str]) -> None:
     file), then execs ``python -u SCRIPT --local_rank=N ARGS...`` in the same
     process, so the launcher still sees the script's exit status and signals.
     """
+    if len(argv) < 3:
+        sys.exit("zeromega.launch.launcher is the per-rank entry of `zeromega launch --launcher deepspeed`; "
+                 "run that instead")
     local_rank_flag, blob, script, *args = argv
     settings = json.loads(base64.urlsafe_b64decode(blob.encode()))
     apply_settings(os.environ, settings)

@@ -240,9 +240,10 @@ def test_failure_line_and_exit_status():
 
 
 def test_torchrun_argv_uses_standalone_rendezvous_on_one_node():
-    job = launcher.Job(script="s.py", script_args=["--x"], nproc_per_node=2)
+    job = launcher.Job(script="s.py", script_args=["--x"], nproc_per_node=2, max_restarts=2)
     argv = launcher.torchrun_argv(job)
     assert "--standalone" in argv and argv[-2:] == ["s.py", "--x"]
+    assert argv[argv.index("--max-restarts") + 1] == "2"
     fixed = launcher.torchrun_argv(launcher.Job(script="s.py", nproc_per_node=2, master_port=1234))
     assert "--standalone" not in fixed and fixed[fixed.index("--master-port") + 1] == "1234"
 
@@ -255,7 +256,8 @@ def test_config_path_from_env(monkeypatch):
 
 
 def test_deepspeed_rank_entry_gives_each_rank_its_error_file(tmp_path):
-    # What the deepspeed launcher runs per rank: python -u -m zeromega.launch.launcher --local_rank=N SETTINGS SCRIPT ARGS
+    # What the deepspeed launcher runs per rank:
+    #   python -u -m zeromega.launch.launcher --local_rank=N SETTINGS SCRIPT ARGS
     script = tmp_path / "show.py"
     script.write_text("import json, os, sys\n"
                       "print(json.dumps({'argv': sys.argv, 'pid': os.getpid(), 'env': {k: os.environ.get(k) for k in "

@@ -31,6 +31,12 @@ def parse() -> argparse.Namespace:
     return args
 
 
+def say(line: str) -> None:
+    """One write per line: ranks share the launcher's stdout, and ``python -u`` makes
+    ``print`` write the text and its newline separately, so lines could interleave."""
+    os.write(1, (line + "\n").encode())
+
+
 @record
 def main() -> None:
     args = parse()
@@ -42,11 +48,11 @@ def main() -> None:
     if args.mode == "allreduce":
         total = torch.tensor([rank + 1.0])
         dist.all_reduce(total)
-        print(f"rank={rank} world={world} sum={total.item():g} config={config_path_from_env()} "
-              f"omp={os.environ.get('OMP_NUM_THREADS')} local_rank_arg={args.local_rank}", flush=True)
+        say(f"rank={rank} world={world} sum={total.item():g} config={config_path_from_env()} "
+            f"omp={os.environ.get('OMP_NUM_THREADS')} local_rank_arg={args.local_rank}")
     elif rank == args.fail_rank:
         time.sleep(0.5)  # let the other ranks reach the barrier first
-        print(f"rank={rank} failing_at={time.time()}", flush=True)
+        say(f"rank={rank} failing_at={time.time()}")
         if args.mode == "raise":
             raise RuntimeError("boom")
         if args.mode == "sigkill":
