@@ -7,6 +7,9 @@ the tensor-parallel communication. :class:`MegatronMPU` is the seam.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import torch
 
 from zeromega.launch.config import Layout, RunConfig
@@ -68,6 +71,52 @@ def adamw_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict
     # wd_mult 0 keeps Megatron's scheduler from putting decay back on the second group.
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0, "wd_mult": 0.0}]
+
+
+def _deepspeed_comm() -> None:
+    """Attach deepspeed.comm to the torch.distributed job zeromega started (it reads
+    ranks and world size through its own module, not torch's)."""
+    import deepspeed
+
+    device = accel.current()
+    device.deepspeed_accelerator()
+    deepspeed.init_distributed(dist_backend=device.backend, auto_mpi_discovery=False)
+
+
+def gathered_init(init_method):
+    """An init method that also works on a ZeRO-3-partitioned parameter.
+
+    Under ``zero.Init`` a child module's parameters are partitioned as soon as
+    the child is built, before Megatron-Core's parent module initialises them
+    (the position embedding, for one): the init would touch an empty shard and
+    the model would differ from the one built without ZeRO-3. Gathering the
+    full parameter around the init keeps the same values and RNG stream.
+    """
+
+    @functools.wraps(init_method)
+    def init(tensor):
+        if not hasattr(tensor, "ds_id"):
+            return init_method(tensor)
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(tensor, modifier_rank=0):
+            return init_method(tensor)
+
+    return init
+
+
+def model_init_context(cfg: RunConfig, layout: Layout):
+    """Where to build the model: under ZeRO-3, inside ``deepspeed.zero.Init`` so every
+    parameter is partitioned over the data-parallel group as soon as its module is
+    built and no rank ever holds the whole model; otherwise a no-op context."""
+    if cfg.zero.stage != 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    _deepspeed_comm()
+    return deepspeed.zero.Init(data_parallel_group=MegatronMPU().get_data_parallel_group(),
+                               config_dict_or_path=to_deepspeed(cfg, layout, accel.current().device_type),
+                               mpu=MegatronMPU())
 
 
 def build_engine(model: torch.nn.Module, cfg: RunConfig, layout: Layout):

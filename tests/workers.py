@@ -10,7 +10,7 @@ def train_gpt(cfg: dict, shape: dict, data_prefix: str, iters: int, seed: int = 
     from megatron.core import parallel_state
 
     from zeromega.integrations import comm
-    from zeromega.integrations.deepspeed import build_engine
+    from zeromega.integrations.deepspeed import build_engine, model_init_context
     from zeromega.integrations.megatron import data, model, parallel
     from zeromega.launch.config import RunConfig
     from zeromega.train import gpt_loss
@@ -21,7 +21,9 @@ def train_gpt(cfg: dict, shape: dict, data_prefix: str, iters: int, seed: int = 
     gpt_shape = model.GPTShape(**shape)
     train_ds, _, _ = data.build_gpt_datasets(data_prefix, gpt_shape.seq_length, seed,
                                              (iters * layout.global_batch, 0, 0), split="1,0,0")
-    engine = build_engine(model.build_gpt(gpt_shape, run), run, layout)
+    with model_init_context(run, layout):
+        gpt = model.build_gpt(gpt_shape, run)
+    engine = build_engine(gpt, run, layout)
     batches = data.sample_batches(train_ds, layout.micro, dp_rank=parallel_state.get_data_parallel_rank(),
                                   dp_size=layout.dp)
     from zeromega.train import _reduce_step_stats

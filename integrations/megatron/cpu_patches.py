@@ -15,19 +15,28 @@ reaches a new one fails loudly ("Torch not compiled with CUDA enabled"), and
 ``../shared/notes/megatron-core-on-cpu.md`` lists the sites other features
 reach (sequence parallel, pipeline p2p, MoE, the distributed optimizer).
 
-Two kinds of swap cover every site reached so far:
+Three kinds of swap cover every site reached so far:
 
 1. ``torch`` in a module's globals becomes :data:`TORCH_ON_CPU`, a view of
    torch whose ``torch.cuda`` answers for the CPU: ``current_device()`` is
    ``"cpu"``, the RNG calls act on the CPU generator, ``synchronize`` and
-   streams are no-ops. Everything else is the real torch.
+   streams are no-ops; its tensor factories read ``device="cuda"`` as the
+   CPU and ``pin_memory=True`` as False (the schedules', optimizer's and
+   grad-norm helpers' literals). Everything else is the real torch.
 2. A small helper function is replaced by one that takes the device from
-   its inputs (for ``device="cuda"`` literals).
+   its inputs (for ``device="cuda"`` literals inside helpers).
+3. A function or method that asks a *tensor* about CUDA (``t.type() ==
+   "torch.cuda.FloatTensor"``, ``t.cuda()``) runs inside
+   :func:`cuda_tensor_methods_on_cpu`, which answers those two methods for
+   CPU tensors only for the duration of that call. A patch target may name
+   a class attribute as ``"module:Class"``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import importlib
 import logging
 import types
@@ -35,6 +44,17 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
+
+
+class _NoStream:
+    """The one "stream" of a CPU rank: work is already ordered, so waiting, recording
+    events and synchronizing are no-ops (any method returns another no-op object)."""
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: _NO_STREAM
+
+
+_NO_STREAM = _NoStream()
 
 
 class _CudaOnCpu(types.ModuleType):
@@ -49,7 +69,9 @@ class _CudaOnCpu(types.ModuleType):
         self.set_rng_state = lambda state, device=None: torch.set_rng_state(state)
         self.manual_seed = lambda seed: torch.manual_seed(seed)
         self.manual_seed_all = lambda seed: torch.manual_seed(seed)
-        self.current_stream = lambda *a, **k: None
+        self.current_stream = lambda *a, **k: _NO_STREAM
+        self.default_stream = lambda *a, **k: _NO_STREAM
+        self.Stream = lambda *a, **k: _NO_STREAM
         self.stream = lambda *a, **k: contextlib.nullcontext()
         self.nvtx = types.SimpleNamespace(range_push=lambda *a, **k: None, range_pop=lambda *a, **k: None)
 
@@ -57,8 +79,28 @@ class _CudaOnCpu(types.ModuleType):
         return getattr(torch.cuda, name)
 
 
+def _cuda_literal_is_cpu(factory: Callable) -> Callable:
+    """``factory(..., device="cuda", pin_memory=True)`` as the CPU build can run it."""
+
+    @functools.wraps(factory)
+    def on_cpu(*args: Any, **kwargs: Any):
+        device = kwargs.get("device")
+        if device is not None and torch.device(device).type == "cuda":
+            kwargs["device"] = "cpu"
+        if kwargs.get("pin_memory"):
+            kwargs["pin_memory"] = False
+        return factory(*args, **kwargs)
+
+    return on_cpu
+
+
+_FACTORIES = frozenset({"tensor", "as_tensor", "zeros", "ones", "empty", "full", "arange",
+                        "rand", "randn", "randint", "zeros_like", "ones_like", "empty_like"})
+
+
 class _TorchOnCpu(types.ModuleType):
-    """The real ``torch`` with :class:`_CudaOnCpu` in place of ``torch.cuda``."""
+    """The real ``torch`` with :class:`_CudaOnCpu` in place of ``torch.cuda``
+    and tensor factories that place ``device="cuda"`` on the CPU."""
 
     def __init__(self):
         super().__init__("torch")
@@ -66,6 +108,8 @@ class _TorchOnCpu(types.ModuleType):
 
     def __getattr__(self, name: str) -> Any:
         value = getattr(torch, name)
+        if name in _FACTORIES:
+            value = _cuda_literal_is_cpu(value)
         setattr(self, name, value)  # cache: later lookups skip __getattr__
         return value
 
@@ -85,9 +129,84 @@ def _causal_mask_on_cpu(sq: int) -> torch.Tensor:
     return torch.triu(torch.ones(sq, sq), diagonal=1).bool()
 
 
+_CUDA_TYPE_NAMES = {torch.float32: "torch.cuda.FloatTensor", torch.float16: "torch.cuda.HalfTensor",
+                    torch.bfloat16: "torch.cuda.BFloat16Tensor"}
+
+
+@contextlib.contextmanager
+def cuda_tensor_methods_on_cpu():
+    """Inside: a CPU tensor's ``type()`` names its CUDA type and ``cuda()`` returns the tensor.
+
+    Megatron-Core checks ``param.type() == "torch.cuda.FloatTensor"`` to pick
+    the fp32 branch (distributed optimizer, grad clipping) and moves the tied
+    output weight with ``.cuda()``; a CPU tensor is the right answer to both
+    on a CPU rank. Scoped to one upstream call, never process-wide.
+    """
+    real_type, real_cuda = torch.Tensor.type, torch.Tensor.cuda
+
+    def type_name(self, dtype=None, non_blocking=False, **kwargs):
+        if dtype is None and not kwargs and self.device.type == "cpu" and self.dtype in _CUDA_TYPE_NAMES:
+            return _CUDA_TYPE_NAMES[self.dtype]
+        return real_type(self, dtype, non_blocking, **kwargs)
+
+    torch.Tensor.type = type_name
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    try:
+        yield
+    finally:
+        torch.Tensor.type, torch.Tensor.cuda = real_type, real_cuda
+
+
+def _with_cuda_tensor_methods(target: str, attribute: str) -> Callable:
+    """The original ``target.attribute``, called inside :func:`cuda_tensor_methods_on_cpu`."""
+
+    def call(*args: Any, **kwargs: Any):
+        with cuda_tensor_methods_on_cpu():
+            return _originals[(target, attribute)](*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = attribute
+    return call
+
+
+def _splits_to_host(tensor: Any, as_numpy: bool = False, record_stream: bool = False) -> Any:
+    """MoE's ``maybe_move_tensor_to_cpu`` for a CPU rank: upstream only converts a *CUDA*
+    tensor to numpy, so CPU split sizes stay tensors, which gloo's ``all_to_all_single`` rejects."""
+    if torch.is_tensor(tensor) and as_numpy:
+        return tensor.detach().numpy()
+    return tensor
+
+
+class _SequenceParallelTorchNorm:
+    """Megatron's torch-norm fallback, allowed under sequence parallelism.
+
+    ``WrappedTorchNorm`` asserts ``not config.sequence_parallel`` only because
+    upstream never marked its parameters: a LayerNorm over the hidden dim is
+    the same on a sequence shard. Built with the flag off, its weight and bias
+    are then marked ``sequence_parallel`` (as apex's FusedLayerNorm marks
+    them) so that their partial gradients get summed over the tp group
+    (Megatron DDP's ``finalize_model_grads``; ``plugins.megatron.sequence_parallel``
+    on the DeepSpeed path).
+    """
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **kwargs: Any):
+        from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+        sequence_parallel = bool(config.sequence_parallel)
+        if sequence_parallel:
+            config = copy.copy(config)
+            config.sequence_parallel = False
+        norm = WrappedTorchNorm(config, hidden_size, eps, **kwargs)
+        for param in norm.parameters():
+            setattr(param, "sequence_parallel", sequence_parallel)
+        return norm
+
+
 @dataclass(frozen=True)
 class Patch:
-    """Replace ``module.attribute`` by ``replacement`` on CPU ranks."""
+    """Replace ``module.attribute`` by ``replacement`` on CPU ranks.
+
+    ``module`` is a module path, or ``"module:Class"`` for a class attribute.
+    """
 
     module: str
     attribute: str
@@ -111,9 +230,65 @@ PATCHES: tuple[Patch, ...] = (
           "never runs: silently, the tracker's states are never installed nor the caller's restored"),
     Patch("megatron.core.fusions.fused_softmax", "get_default_causal_mask", _causal_mask_on_cpu,
           "the causal mask the unfused softmax builds is created with device='cuda'"),
+    # Sequence parallel (tp-sp): the norm fallback and the sequence gather/scatter buffers.
+    Patch("megatron.core.models.backends", "LNImpl", _SequenceParallelTorchNorm,
+          "the layers' norms: without apex, WrappedTorchNorm asserts not sequence_parallel"),
+    Patch("megatron.core.transformer.transformer_block", "LayerNormImpl", _SequenceParallelTorchNorm,
+          "the final norm of the block: same assert as the layers' norms"),
+    _torch_view("megatron.core.tensor_parallel.mappings",
+                "sequence-parallel all-gather / reduce-scatter outputs are allocated on torch.cuda.current_device()"),
+    _torch_view("megatron.core.tensor_parallel.layers",
+                "the linear layers' sequence-parallel input all-gather buffer is allocated on "
+                "torch.cuda.current_device()"),
+    # Megatron's DDP and (distributed) optimizer: the pipeline / MoE trainer (plugins.megatron.pipeline).
+    _torch_view("megatron.core.distributed.param_and_grad_buffer",
+                "DDP's contiguous param and grad buffers are allocated on torch.cuda.current_device()"),
+    _torch_view("megatron.core.optimizer.optimizer",
+                "the optimizer's found-inf / scale tensors are created with device='cuda'"),
+    _torch_view("megatron.core.optimizer.clip_grads",
+                "the grad-norm and clipping helpers create their norm and overflow tensors with device='cuda'"),
+    Patch("megatron.core.optimizer.optimizer", "clip_grad_by_total_norm_fp32",
+          _with_cuda_tensor_methods("megatron.core.optimizer.optimizer", "clip_grad_by_total_norm_fp32"),
+          "clipping asserts every grad's type() is 'torch.cuda.FloatTensor'"),
+    Patch("megatron.core.optimizer.distrib_optimizer:DistributedOptimizer", "__init__",
+          _with_cuda_tensor_methods("megatron.core.optimizer.distrib_optimizer:DistributedOptimizer", "__init__"),
+          "the distributed optimizer picks its fp32 / fp16 branch by param.type() == 'torch.cuda.*' and "
+          "raises TypeError for a CPU tensor"),
+    # Pipeline parallel: the schedules and their p2p.
+    _torch_view("megatron.core.pipeline_parallel.schedules",
+                "each schedule counts tokens in a device='cuda' tensor"),
+    _torch_view("megatron.core.pipeline_parallel.p2p_communication",
+                "received activations and gradients are allocated on torch.cuda.current_device(); "
+                "batched p2p ends with torch.cuda.synchronize()"),
+    Patch("megatron.core.models.common.language_module.language_module:LanguageModule",
+          "setup_embeddings_and_output_layer",
+          _with_cuda_tensor_methods("megatron.core.models.common.language_module.language_module:LanguageModule",
+                                    "setup_embeddings_and_output_layer"),
+          "with pp > 1 the last stage's copy of the tied word embedding is moved with .cuda() before the "
+          "first-last stage all-reduce"),
+    # Mixture of experts: the router and the all-to-all token dispatcher.
+    _torch_view("megatron.core.transformer.moe.router",
+                "the router moves its weight to torch.cuda.current_device() on every forward"),
+    _torch_view("megatron.core.transformer.moe.token_dispatcher",
+                "the all-to-all dispatcher makes a torch.cuda.Stream for its device-to-host copies of the splits"),
+    Patch("megatron.core.transformer.moe.token_dispatcher", "maybe_move_tensor_to_cpu", _splits_to_host,
+          "the all-to-all split sizes must reach all_to_all_single as numpy (gloo rejects a tensor of splits)"),
+    Patch("megatron.core.transformer.moe.moe_utils", "te_general_gemm", None,
+          "the router's gating GEMM tests `te_general_gemm is not None`, a name bound only when "
+          "TransformerEngine imports (NameError without it); None selects the torch matmul"),
 )
 
 _originals: dict[tuple[str, str], Any] = {}
+_MISSING = object()  # an attribute upstream forgot to define: revert() deletes it again
+
+
+def _owner(target: str) -> Any:
+    """The module (``"pkg.mod"``) or class (``"pkg.mod:Class"``) a patch sets its attribute on."""
+    module, _, qualname = target.partition(":")
+    owner: Any = importlib.import_module(module)
+    for part in filter(None, qualname.split(".")):
+        owner = getattr(owner, part)
+    return owner
 
 
 class _SameGeneratorNotice(logging.Filter):
@@ -135,14 +310,17 @@ def apply(skip: tuple[str, ...] = ()) -> None:
         key = (patch.module, patch.attribute)
         if f"{patch.module}.{patch.attribute}" in skip:
             continue
-        module = importlib.import_module(patch.module)
+        owner = _owner(patch.module)
         if key not in _originals:
-            _originals[key] = getattr(module, patch.attribute)
-        setattr(module, patch.attribute, patch.replacement)
+            _originals[key] = getattr(owner, patch.attribute, _MISSING)
+        setattr(owner, patch.attribute, patch.replacement)
 
 
 def revert() -> None:
     """Restore every patched name (used by the tests that prove each patch is needed)."""
-    for (module_name, attribute), original in _originals.items():
-        setattr(importlib.import_module(module_name), attribute, original)
+    for (target, attribute), original in _originals.items():
+        if original is _MISSING:
+            delattr(_owner(target), attribute)
+        else:
+            setattr(_owner(target), attribute, original)
     _originals.clear()

@@ -2,7 +2,10 @@
 
 Local layer spec (no TransformerEngine), CPU-side initialisation (so weights
 are the same for every tp size and the same seed), learned absolute or
-rotary position embeddings.
+rotary position embeddings, dense or mixture-of-experts MLPs (Megatron-Core
+MoE layers, sequential experts). :func:`build_gpt_chunks` builds this
+pipeline stage's model chunks (one per virtual stage); :func:`init_by_name`
+gives every layout the same initial weights, whatever its pp / vpp / ep.
 """
 
 from __future__ import annotations
@@ -33,6 +36,19 @@ class GPTShape:
     position_embedding_type: str = "learned_absolute"
     untie_embeddings_and_output_weights: bool = False
     make_vocab_size_divisible_by: int = 128
+    num_experts: Optional[int] = None
+    """Experts per MoE layer (None: dense MLP), Megatron's ``--num-experts``."""
+    moe_router_topk: int = 2
+    """Experts each token is routed to (``--moe-router-topk``)."""
+    moe_ffn_hidden_size: Optional[int] = None
+    """Hidden size of each expert's MLP (None: ffn_hidden_size)."""
+    moe_aux_loss_coeff: float = 0.0
+    """Weight of the load-balancing auxiliary loss (``--moe-aux-loss-coeff``)."""
+    moe_expert_capacity_factor: Optional[float] = None
+    """Tokens an expert takes, as a multiple of its even share; excess tokens are dropped
+    (``--moe-expert-capacity-factor``; None: dropless)."""
+    moe_token_dispatcher_type: str = "alltoall"
+    """How tokens reach experts on other ep ranks: ``alltoall`` or ``allgather``."""
 
 
 def padded_vocab_size(vocab: int, multiple: int, tp: int) -> int:
@@ -50,8 +66,46 @@ def padded_vocab_size(vocab: int, multiple: int, tp: int) -> int:
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def transformer_config(shape: GPTShape, cfg: RunConfig):
-    """Megatron-Core's TransformerConfig for ``shape`` under ``cfg``'s parallel sizes and precision."""
+def _moe_fields(shape: GPTShape) -> dict:
+    if not shape.num_experts:
+        return {}
+    return dict(
+        num_moe_experts=shape.num_experts,
+        moe_router_topk=shape.moe_router_topk,
+        moe_ffn_hidden_size=shape.moe_ffn_hidden_size or shape.ffn_hidden_size,
+        moe_aux_loss_coeff=shape.moe_aux_loss_coeff,
+        moe_router_load_balancing_type="aux_loss" if shape.moe_aux_loss_coeff else "none",
+        moe_expert_capacity_factor=shape.moe_expert_capacity_factor,
+        moe_token_dispatcher_type=shape.moe_token_dispatcher_type,
+        moe_grouped_gemm=False,  # grouped GEMM needs the grouped_gemm package (CUDA)
+        # Megatron's MoE models carry no linear biases (--disable-bias-linear): an expert's
+        # fc2 bias is added in place to the output of a tp reduction, which autograd rejects.
+        add_bias_linear=False,
+    )
+
+
+def _pipeline_fields(cfg: RunConfig, virtual_stages: Optional[int]) -> dict:
+    if cfg.parallel.pp == 1:
+        return {}
+    from zeromega.integrations import accelerator as accel
+
+    interleaved = bool(virtual_stages and virtual_stages > 1)
+    # One p2p op at a time unless on NCCL without interleaving: batched p2p with
+    # interleaving is silently wrong on gloo (../shared/notes/megatron-core-on-cpu.md,
+    # gotcha 4), gloo runs a batch as single ops anyway, and torch.distributed.P2POp
+    # rejects the counted isend that zeromega.integrations.comm installs.
+    fields = dict(pipeline_dtype=_DTYPES[cfg.precision],
+                  batch_p2p_comm=accel.current().is_cuda and not interleaved)
+    if interleaved:
+        fields.update(virtual_pipeline_model_parallel_size=virtual_stages)
+    return fields
+
+
+def transformer_config(shape: GPTShape, cfg: RunConfig, virtual_stages: Optional[int] = None):
+    """Megatron-Core's TransformerConfig for ``shape`` under ``cfg``'s parallel sizes and precision.
+
+    ``virtual_stages``: model chunks per pipeline stage (interleaved schedule), None or 1 for plain 1F1B.
+    """
     from megatron.core.transformer import TransformerConfig
 
     p = cfg.parallel
@@ -78,19 +132,36 @@ def transformer_config(shape: GPTShape, cfg: RunConfig):
         masked_softmax_fusion=False,
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
+        **_pipeline_fields(cfg, virtual_stages),
+        **_moe_fields(shape),
     )
+
+
+def _layer_spec(shape: GPTShape):
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    return get_gpt_layer_local_spec(num_experts=shape.num_experts, moe_grouped_gemm=False)
+
+
+def _zero3_ready(config, cfg: RunConfig):
+    """Under ZeRO-3 the init methods must see whole parameters (see ``gathered_init``)."""
+    if cfg.zero.stage == 3:
+        from zeromega.integrations.deepspeed import gathered_init
+
+        for name in ("init_method", "output_layer_init_method", "embedding_init_method"):
+            setattr(config, name, gathered_init(getattr(config, name)))
+    return config
 
 
 def build_gpt(shape: GPTShape, cfg: RunConfig):
     """A Megatron-Core ``GPTModel`` for this rank (whole model: pp == 1)."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    config = transformer_config(shape, cfg)
+    config = _zero3_ready(transformer_config(shape, cfg), cfg)
     return GPTModel(
         config=config,
-        transformer_layer_spec=get_gpt_layer_local_spec(),
+        transformer_layer_spec=_layer_spec(shape),
         vocab_size=padded_vocab_size(shape.vocab_size, shape.make_vocab_size_divisible_by, cfg.parallel.tp),
         max_sequence_length=shape.seq_length,
         pre_process=parallel_state.is_pipeline_first_stage(),
@@ -98,3 +169,105 @@ def build_gpt(shape: GPTShape, cfg: RunConfig):
         share_embeddings_and_output_weights=not shape.untie_embeddings_and_output_weights,
         position_embedding_type=shape.position_embedding_type,
     )
+
+
+def build_gpt_chunks(shape: GPTShape, cfg: RunConfig, virtual_stages: Optional[int] = None) -> list:
+    """This pipeline stage's model chunks: one ``GPTModel`` per virtual stage, sharing one config.
+
+    With ``virtual_stages = v`` the ``L`` layers are cut into ``pp x v`` chunks
+    of ``L / (pp v)`` layers and stage ``r`` holds chunks ``r, r + pp, ...``
+    (Megatron's interleaving); only the very first chunk embeds and only the
+    very last one computes the loss. Sets parallel_state's virtual size,
+    which the interleaved schedule reads.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.transformer.enums import ModelType
+
+    v = virtual_stages if virtual_stages and virtual_stages > 1 else None
+    parallel_state.set_virtual_pipeline_model_parallel_world_size(v)
+    parallel_state.set_virtual_pipeline_model_parallel_rank(0 if v else None)
+    config = transformer_config(shape, cfg, v)
+    spec = _layer_spec(shape)
+    chunks = []
+    for stage in range(v or 1):
+        vp_stage = stage if v else None
+        chunk = GPTModel(
+            config=config,
+            transformer_layer_spec=spec,
+            vocab_size=padded_vocab_size(shape.vocab_size, shape.make_vocab_size_divisible_by, cfg.parallel.tp),
+            max_sequence_length=shape.seq_length,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+            share_embeddings_and_output_weights=not shape.untie_embeddings_and_output_weights,
+            position_embedding_type=shape.position_embedding_type,
+            vp_stage=vp_stage,
+        )
+        chunk.model_type = ModelType.encoder_or_decoder
+        chunks.append(chunk)
+    return chunks
+
+
+def global_param_names(chunk) -> dict[str, str]:
+    """This chunk's parameter names -> the names the same tensors have in a 1-process model.
+
+    Layers are renumbered through ``layer_number`` (global, 1-based, counts
+    earlier stages and virtual chunks), local experts through the ep rank,
+    and the last stage's copy of a tied output weight is the word embedding.
+    """
+    import re
+
+    from megatron.core import parallel_state
+
+    layer_index = {i: layer.layer_number - 1 for i, layer in enumerate(getattr(chunk.decoder, "layers", []))}
+    ep_rank = parallel_state.get_expert_model_parallel_rank()
+    names = {}
+    for name, _ in chunk.named_parameters():
+        new = re.sub(r"^decoder\.layers\.(\d+)\.", lambda m: f"decoder.layers.{layer_index[int(m[1])]}.", name)
+        match = re.search(r"\.local_experts\.(\d+)\.", new)
+        if match:
+            experts = chunk.decoder.layers[int(name.split(".")[2])].mlp.experts
+            expert = ep_rank * experts.num_local_experts + int(match[1])
+            new = new[:match.start()] + f".local_experts.{expert}." + new[match.end():]
+        if new == "output_layer.weight" and chunk.share_embeddings_and_output_weights:
+            new = "embedding.word_embeddings.weight"
+        names[name] = new
+    return names
+
+
+def init_by_name(chunks: list, shape: GPTShape, seed: int) -> None:
+    """Re-draw every matrix from a generator seeded by its 1-process name, then keep this rank's shard.
+
+    Megatron's init consumes one RNG stream per stage and per ep rank, so pp
+    and ep layouts start from different weights than one process does. Here
+    each weight is drawn whole (normal, Megatron's std: ``init_method_std``,
+    scaled by ``1/sqrt(2 L)`` for the output projections) from its own
+    generator and cut to this rank's tp shard, so every layout, one process
+    included, starts from the same model. Vectors (biases 0, norm weights 1)
+    are already layout-independent and are left alone.
+    """
+    import zlib
+
+    from megatron.core import parallel_state as ps
+
+    scaled_std = shape.init_method_std / math.sqrt(2.0 * shape.num_layers)
+    for chunk in chunks:
+        names = global_param_names(chunk)
+        for name, param in chunk.named_parameters():
+            if param.dim() < 2:
+                continue
+            global_name = names[name]
+            std = scaled_std if global_name.endswith(("linear_proj.weight", "linear_fc2.weight")) else \
+                shape.init_method_std
+            expert = not getattr(param, "allreduce", True)
+            tp_size = ps.get_expert_tensor_parallel_world_size() if expert else ps.get_tensor_model_parallel_world_size()
+            tp_rank = ps.get_expert_tensor_parallel_rank() if expert else ps.get_tensor_model_parallel_rank()
+            full_shape = list(param.shape)
+            dim = getattr(param, "partition_dim", -1) if getattr(param, "tensor_model_parallel", False) else -1
+            if dim >= 0:
+                full_shape[dim] *= tp_size
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(global_name.encode()))
+            full = torch.empty(full_shape, dtype=torch.float32).normal_(0.0, std, generator=generator)
+            shard = full.chunk(tp_size, dim)[tp_rank] if dim >= 0 else full
+            with torch.no_grad():
+                param.copy_(shard.to(param.dtype))
