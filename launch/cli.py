@@ -6,6 +6,9 @@
         [--nnodes M --node-rank R --master-addr A --master-port P | --hostfile F [--include S | --exclude S]]
         [--max-restarts K] [--config CFG] SCRIPT [ARGS...]
 
+    zeromega translate IN --to deepspeed|megatron|megatron-core|zeromega [--world-size N] [--format json|yaml]
+    zeromega check IN [--world-size N] [--json]
+
 Everything after SCRIPT goes to the script untouched. Flag names are
 torchrun's (underscore spellings accepted too) and the deepspeed launcher's.
 
@@ -217,9 +220,153 @@ def _launch(args: argparse.Namespace) -> int:
     return failure.exit_status
 
 
+# ------------------------------------------------------------------ translate and check
+
+
+def _add_input(p) -> None:
+    """IN and the options every config-reading subcommand shares."""
+    from .translate import DIALECTS
+
+    p.add_argument("input", metavar="IN", help="a DeepSpeed JSON, a unified YAML/JSON config, or a Megatron-LM "
+                   "launch script / argument file (detected; see --from)")
+    p.add_argument("--from", dest="dialect", choices=DIALECTS, help="the dialect of IN, when detection guesses wrong")
+    p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                   help="a shell variable the launch script uses but does not set (repeatable)")
+    p.add_argument("--world-size", "--world_size", type=_int_at_least(1), metavar="N",
+                   help="ranks in the job: resolves dp and the batch arithmetic")
+
+
+def _read_input(args: argparse.Namespace):
+    """(RunConfig, unmapped Megatron arguments) for IN, or a UsageError."""
+    from .errors import ConfigError
+    from .translate import resolve, sources
+
+    env = {}
+    for item in args.env:
+        name, eq, value = item.partition("=")
+        if not eq or not name:
+            raise UsageError(f"--env {item!r} is not NAME=VALUE", "write e.g. --env TP=2")
+        env[name] = value
+    try:
+        found, unknown = sources(args.input, env, args.dialect)
+        return resolve(found), unknown
+    except ConfigError as err:
+        raise UsageError(f"{err.field}={err.value!r}: {err.problem}", err.fix) from None
+
+
+def _layout(cfg, world_size: Optional[int]):
+    from .errors import ConfigError
+
+    try:
+        return None if world_size is None else cfg.layout(world_size)
+    except ConfigError as err:
+        raise UsageError(f"{err.field}={err.value!r}: {err.problem}", err.fix) from None
+
+
+def _add_translate(subparsers) -> None:
+    p = subparsers.add_parser(
+        "translate", allow_abbrev=False, help="print a config in another dialect",
+        description="Read IN in any dialect, validate it, and print it as a DeepSpeed JSON (with a 'zeromega' "
+                    "block for what DeepSpeed has no key for), Megatron-LM arguments, Megatron-Core "
+                    "TransformerConfig fields, or the unified config.",
+        epilog="Notes on what the target cannot carry go to stderr. Exit code 2 for bad input.")
+    _add_input(p)
+    p.add_argument("--to", required=True, choices=("deepspeed", "megatron", "megatron-core", "zeromega"),
+                   help="the dialect to print")
+    p.add_argument("--format", choices=("json", "yaml"), default="json", help="zeromega output format")
+    p.set_defaults(handler=_translate, prog=p.prog)
+
+
+def _translate(args: argparse.Namespace) -> int:
+    import shlex
+
+    from . import megatron_args, translate
+
+    cfg, unknown = _read_input(args)
+    layout = _layout(cfg, args.world_size)
+    notes = []
+    if args.to == "deepspeed":
+        out = translate.dumps(translate.to_deepspeed_file(cfg, layout))
+    elif args.to == "zeromega":
+        out = translate.dumps(translate.to_unified(cfg, layout), args.format).rstrip("\n")
+    elif args.to == "megatron-core":
+        out = translate.dumps(megatron_args.megatron_core_fields(cfg))
+    else:
+        argv = translate.to_megatron_argv(cfg)
+        lost = translate.lost_fields(cfg, translate.resolve([("argv", megatron_args.parse(argv).partial)]))
+        if lost:
+            notes.append(f"not expressible as Megatron-LM flags: {', '.join(sorted(_paths(lost)))}")
+        lines, current = [], []
+        for word in argv + unknown:
+            if word.startswith("--") and current:
+                lines.append(shlex.join(current))
+                current = []
+            current.append(word)
+        out = " \\\n".join(lines + ([shlex.join(current)] if current else []))
+        unknown = []  # kept in the output
+    if unknown:
+        notes.append(f"Megatron arguments kept but not translated: {' '.join(unknown)}")
+    print(out)
+    for note in notes:
+        print(f"{args.prog}: note: {note}", file=sys.stderr)
+    return 0
+
+
+def _paths(tree: dict, prefix: str = "") -> list[str]:
+    from .partial import flatten
+
+    return list(flatten(tree, prefix))
+
+
+def _add_check(subparsers) -> None:
+    p = subparsers.add_parser(
+        "check", allow_abbrev=False, help="validate a config and print its layout and process groups",
+        description="Validate IN for a world size and print the parallel sizes, the batch arithmetic and "
+                    "which global ranks form each group, as Megatron-Core builds them.",
+        epilog="The world size defaults to the config's launch section (nproc_per_node x nnodes). "
+               "Exit code 2 for bad input.")
+    _add_input(p)
+    p.add_argument("--json", action="store_true", help="print the layout and groups as JSON")
+    p.set_defaults(handler=_check, prog=p.prog)
+
+
+def _check(args: argparse.Namespace) -> int:
+    import json
+
+    from .groups import DESCRIPTIONS, ORDER, rank_groups
+
+    cfg, unknown = _read_input(args)
+    world = args.world_size
+    if world is None and cfg.launch.nproc_per_node:
+        world = cfg.launch.nproc_per_node * cfg.launch.nnodes
+    if world is None:
+        raise UsageError("--world-size is missing (and the config has no launch.nproc_per_node)",
+                         "pass --world-size N")
+    layout = _layout(cfg, world)
+    groups = rank_groups(layout)
+    if args.json:
+        print(json.dumps({"layout": layout.model_dump(), "groups": groups, "order": ORDER}, indent=2))
+        return 0
+    s = cfg.sequence
+    print(f"world {layout.world} = tp {layout.tp} x pp {layout.pp} x cp {layout.cp} x dp {layout.dp}"
+          f"; ep {layout.ep}" + (f"; vpp {layout.vpp}" if layout.vpp else ""))
+    print(f"sequence: {s.mode}" + (f" (ulysses {s.ulysses} x ring {s.ring} = cp {layout.cp})" if layout.cp > 1 else "")
+          + ("; tp sequence parallel on" if cfg.parallel.sequence_parallel else ""))
+    print(f"batch: global {layout.global_batch} = micro {layout.micro} x accumulation {layout.accumulation} "
+          f"x dp {layout.dp}")
+    print(f"ZeRO-{cfg.zero.stage}, {cfg.precision}; offload optimizer: {cfg.zero.offload_optimizer.device}, "
+          f"params: {cfg.zero.offload_param.device}")
+    print(f"groups (Megatron-Core order {ORDER}):")
+    for kind, ranks in groups.items():
+        print(f"  {kind:<10} {' '.join(str(r).replace(' ', '') for r in ranks)}   # {DESCRIPTIONS[kind]}")
+    if unknown:
+        print(f"{args.prog}: note: Megatron arguments not translated: {' '.join(unknown)}", file=sys.stderr)
+    return 0
+
+
 # ------------------------------------------------------------------ main
 
-SUBCOMMANDS: list[Callable] = [_add_launch]
+SUBCOMMANDS: list[Callable] = [_add_launch, _add_translate, _add_check]
 
 
 def build_parser() -> argparse.ArgumentParser:

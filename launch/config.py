@@ -5,19 +5,33 @@ Sizes follow Megatron-Core's naming: ``tp`` tensor, ``pp`` pipeline, ``cp``
 context (sequence) and ``ep`` expert parallel; ``dp`` is whatever the world
 size leaves (``world = tp * pp * cp * dp``), so it is resolved against a
 world size with :meth:`RunConfig.layout`, never stored.
+
+Sequence parallelism has two independent parts, as in Megatron-Core:
+``parallel.sequence_parallel`` shards norms/dropout along the sequence over
+the *tp* group (``sequence.mode: megatron`` when it is the only one), and
+``sequence.mode`` ``ulysses | ring | usp`` splits attention over the *cp*
+group, of size ``sequence.ulysses x sequence.ring``.
+
+Every rule that needs no world size runs when the object is built
+(:mod:`.rules`); :meth:`RunConfig.layout` adds the ones that do.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+import functools
+import types
+import typing
+from typing import Annotated, Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from .errors import ConfigError
 
+PositiveInt = Annotated[int, Field(ge=1)]
+
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
 
 
 class ParallelConfig(_Section):
@@ -26,68 +40,261 @@ class ParallelConfig(_Section):
     pp: int = Field(1, ge=1)
     """Pipeline-model-parallel size."""
     cp: int = Field(1, ge=1)
-    """Context (sequence) parallel size."""
+    """Context-parallel size: ranks sharing one sequence; equals sequence.ulysses x sequence.ring."""
     ep: int = Field(1, ge=1)
     """Expert-model-parallel size (carved out of dp x cp)."""
+    vpp: Optional[PositiveInt] = None
+    """Virtual pipeline stages (model chunks) per pipeline rank, for the interleaved schedule."""
+    layers_per_virtual_stage: Optional[PositiveInt] = None
+    """Layers in each virtual stage (Megatron ``--num-layers-per-virtual-pipeline-stage``)."""
     sequence_parallel: bool = False
     """Megatron's tp sequence parallelism (norms/dropout sharded along the sequence)."""
 
 
+class SequenceConfig(_Section):
+    mode: Literal["none", "megatron", "ulysses", "ring", "usp"] = "none"
+    """How the sequence is split: megatron = tp-sp only; ulysses/ring/usp split attention over the cp group."""
+    ulysses: Optional[PositiveInt] = None
+    """Ulysses (all-to-all over heads) size; the inner axis of usp. None: derived from mode and cp."""
+    ring: Optional[PositiveInt] = None
+    """Ring-attention (zigzag, point-to-point) size; the outer axis of usp. None: derived from mode and cp."""
+
+
+class MoEConfig(_Section):
+    num_experts: Optional[PositiveInt] = None
+    """Experts per MoE layer (Megatron ``--num-experts``); None: a dense model."""
+    topk: PositiveInt = 2
+    """Experts each token is routed to (``--moe-router-topk``)."""
+
+
+class OffloadConfig(_Section):
+    device: Literal["none", "cpu", "nvme"] = "none"
+    """Where the state lives between uses (DeepSpeed ``offload_*.device``)."""
+    nvme_path: Optional[str] = None
+    """Directory on a fast local NVMe drive; required when device is nvme."""
+    pin_memory: bool = True
+    """Page-locked CPU buffers: faster transfers, but count against ``ulimit -l``."""
+
+
+class AioConfig(_Section):
+    """DeepSpeed's async-I/O settings for NVMe offload (its top-level ``aio`` block)."""
+
+    block_size: PositiveInt = 1048576
+    """Bytes per I/O request."""
+    queue_depth: PositiveInt = 8
+    """Requests in flight per thread."""
+    intra_op_parallelism: PositiveInt = 1
+    """I/O threads per swap operation."""
+    single_submit: bool = False
+    """Submit requests one by one instead of in batches."""
+    overlap_events: bool = True
+    """Overlap request submission with completion polling."""
+    use_gds: bool = False
+    """GPUDirect Storage (NVMe to GPU without a CPU bounce)."""
+
+
 class ZeroConfig(_Section):
     stage: Literal[0, 1, 2, 3] = 0
-    """DeepSpeed ZeRO stage."""
+    """DeepSpeed ZeRO stage: 1 shards optimizer state, 2 also gradients, 3 also parameters."""
+    offload_optimizer: OffloadConfig = OffloadConfig()
+    """Optimizer-state offload (ZeRO-Offload / ZeRO-Infinity); needs stage >= 1."""
+    offload_param: OffloadConfig = OffloadConfig()
+    """Parameter offload; needs stage 3."""
+    aio: AioConfig = AioConfig()
+    """Async I/O used by nvme offload."""
+
+
+class LossScalingConfig(_Section):
+    """fp16 loss scaling (DeepSpeed's ``fp16`` block); unused under bf16/fp32."""
+
+    loss_scale: float = Field(0.0, ge=0)
+    """Static loss scale; 0 selects dynamic scaling."""
+    initial_scale_power: int = Field(16, ge=0)
+    """Dynamic scaling starts at 2**initial_scale_power."""
+    window: PositiveInt = 1000
+    """Overflow-free steps before the scale is raised."""
+    hysteresis: PositiveInt = 2
+    """Overflows tolerated before the scale is lowered."""
+    min_scale: float = Field(1.0, gt=0)
+    """Floor of the dynamic scale."""
 
 
 class BatchConfig(_Section):
-    micro: int = Field(1, ge=1)
-    """Samples per micro-batch per data-parallel rank."""
-    global_: Optional[int] = Field(None, ge=1, alias="global")
+    micro: Optional[PositiveInt] = None
+    """Samples per micro-batch per data-parallel rank (None: global / (accumulation x dp), else 1)."""
+    global_: Optional[PositiveInt] = Field(None, alias="global")
     """Samples per optimizer step over all ranks (None: micro x accumulation x dp)."""
-    accumulation: Optional[int] = Field(None, ge=1)
+    accumulation: Optional[PositiveInt] = None
     """Micro-batches per step (None: derived from global, micro and dp)."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True,
+                              use_attribute_docstrings=True)
 
 
 class OptimizerConfig(_Section):
     lr: float = Field(1e-3, gt=0)
+    """Peak learning rate."""
     weight_decay: float = Field(0.0, ge=0)
+    """Decoupled (AdamW) weight decay."""
     beta1: float = Field(0.9, ge=0, lt=1)
+    """Adam first-moment decay."""
     beta2: float = Field(0.95, ge=0, lt=1)
+    """Adam second-moment decay."""
     eps: float = Field(1e-8, gt=0)
+    """Adam denominator epsilon."""
     clip_grad: float = Field(0.0, ge=0)
     """Global gradient-norm clip (0 disables)."""
+
+
+class SchedulerConfig(_Section):
+    decay_style: Literal["constant", "linear", "cosine", "inverse-square-root", "WSD"] = "constant"
+    """Learning-rate decay after warmup (Megatron ``--lr-decay-style``; Megatron-LM's own default is linear)."""
+    warmup_iters: int = Field(0, ge=0)
+    """Steps of warmup from warmup_init_lr to the peak lr."""
+    warmup_init_lr: float = Field(0.0, ge=0)
+    """Learning rate warmup starts from (Megatron ``--lr-warmup-init``, DeepSpeed ``warmup_min_lr``)."""
+    warmup_style: Literal["linear", "log"] = "linear"
+    """Shape of the warmup ramp; log is DeepSpeed's default, Megatron only has linear."""
+    min_lr: float = Field(0.0, ge=0)
+    """Floor the decay ends at."""
+    train_iters: Optional[PositiveInt] = None
+    """Optimizer steps in the run (Megatron ``--train-iters``, DeepSpeed ``total_num_steps``)."""
+    decay_iters: Optional[PositiveInt] = None
+    """Steps the decay spans (None: train_iters)."""
+
+
+class RecomputeConfig(_Section):
+    granularity: Optional[Literal["selective", "full"]] = None
+    """Activation recomputation: selective (attention core only) or full layers; None: off."""
+    method: Optional[Literal["uniform", "block"]] = None
+    """Full recompute: uniform (chunks of num_layers) or block (first num_layers per stage)."""
+    num_layers: Optional[PositiveInt] = None
+    """Layers per chunk (uniform) or per pipeline stage (block) recomputed under full."""
+
+
+class CheckpointConfig(_Section):
+    save: Optional[str] = None
+    """Directory checkpoints are written to (None: never saved)."""
+    load: Optional[str] = None
+    """Directory to resume from (None: start fresh)."""
+    interval: Optional[PositiveInt] = None
+    """Steps between saves; needs save."""
+
+
+class LoggingConfig(_Section):
+    interval: Optional[PositiveInt] = None
+    """Steps between the engines' log lines (None: engines stay quiet; zeromega's progress reports)."""
+    metrics_path: Optional[str] = None
+    """JSON-lines file with one record per step (rank 0)."""
+
+
+class LaunchConfig(_Section):
+    nproc_per_node: Optional[PositiveInt] = None
+    """Processes per node (None: given on the command line)."""
+    nnodes: PositiveInt = 1
+    """Nodes in the job."""
+    hostfile: Optional[str] = None
+    """DeepSpeed hostfile (``host slots=N`` lines) for multi-node jobs."""
+
+
+class ModelConfig(_Section):
+    """The model's shape, as far as known; rules that need a missing value are skipped."""
+
+    num_layers: Optional[PositiveInt] = None
+    """Transformer layers."""
+    hidden_size: Optional[PositiveInt] = None
+    """Model width."""
+    ffn_hidden_size: Optional[PositiveInt] = None
+    """MLP width (None: 4 x hidden_size)."""
+    num_attention_heads: Optional[PositiveInt] = None
+    """Query heads."""
+    num_query_groups: Optional[PositiveInt] = None
+    """Key/value heads under grouped-query attention (None: one per query head)."""
+    seq_length: Optional[PositiveInt] = None
+    """Tokens per sample."""
+    max_position_embeddings: Optional[PositiveInt] = None
+    """Positions the embedding covers (None: seq_length)."""
+    vocab_size: Optional[PositiveInt] = None
+    """Vocabulary size before padding."""
 
 
 class Layout(_Section):
     """Sizes resolved against a world size."""
 
     world: int
+    """Ranks in the job."""
     tp: int
+    """Tensor-parallel size."""
     pp: int
+    """Pipeline-parallel size."""
     cp: int
+    """Context-parallel size (ulysses x ring)."""
     ep: int
+    """Expert-parallel size."""
     dp: int
+    """Data-parallel size: world / (tp x pp x cp)."""
     micro: int
+    """Samples per micro-batch per dp rank."""
     accumulation: int
+    """Micro-batches per optimizer step."""
     global_batch: int
+    """micro x accumulation x dp."""
+    ulysses: int = 1
+    """Ulysses size inside cp."""
+    ring: int = 1
+    """Ring size inside cp."""
+    vpp: Optional[int] = None
+    """Virtual pipeline stages per pp rank."""
 
 
 class RunConfig(_Section):
     parallel: ParallelConfig = ParallelConfig()
+    """Parallel sizes."""
+    sequence: SequenceConfig = SequenceConfig()
+    """Sequence parallelism: mode and sizes."""
+    moe: MoEConfig = MoEConfig()
+    """Mixture of experts."""
     zero: ZeroConfig = ZeroConfig()
+    """ZeRO stage and offload."""
     batch: BatchConfig = BatchConfig()
+    """Batch arithmetic."""
     optimizer: OptimizerConfig = OptimizerConfig()
+    """AdamW hyper-parameters and gradient clipping."""
+    scheduler: SchedulerConfig = SchedulerConfig()
+    """Learning-rate schedule."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """Training precision; fp16 uses dynamic loss scaling."""
+    """Training precision; fp16 uses loss_scaling."""
+    loss_scaling: LossScalingConfig = LossScalingConfig()
+    """fp16 loss scaling."""
+    recompute: RecomputeConfig = RecomputeConfig()
+    """Activation recomputation."""
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    """Checkpoint directories and interval."""
+    logging: LoggingConfig = LoggingConfig()
+    """Log interval and metrics file."""
+    launch: LaunchConfig = LaunchConfig()
+    """Processes, nodes, hostfile."""
+    model: ModelConfig = ModelConfig()
+    """Model shape, for validation and for Megatron-Core's TransformerConfig."""
     device: Literal["auto", "cuda", "cpu"] = "auto"
     """Where ranks compute (auto: CUDA when present)."""
     deepspeed_extra: dict[str, Any] = Field(default_factory=dict)
     """DeepSpeed JSON keys zeromega does not model; passed through unchanged."""
 
+    @model_validator(mode="after")
+    def _resolve_and_check(self) -> "RunConfig":
+        from . import rules
+
+        rules.resolve_sequence(self)
+        rules.check(self)
+        return self
+
     def layout(self, world_size: int) -> Layout:
         """Resolve dp and the batch arithmetic for ``world_size`` ranks, or raise ConfigError."""
-        p, b = self.parallel, self.batch
+        from . import rules
+
+        rules.check(self)  # again: sections may have been assigned to since construction
+        p = self.parallel
         model_parallel = p.tp * p.pp * p.cp
         if world_size % model_parallel:
             raise ConfigError(
@@ -99,27 +306,132 @@ class RunConfig(_Section):
         if (dp * p.cp) % p.ep:
             raise ConfigError("parallel.ep", p.ep, f"does not divide dp x cp = {dp * p.cp}",
                               "choose an expert-parallel size that divides dp x cp")
-        if p.sequence_parallel and p.tp == 1:
-            raise ConfigError("parallel.sequence_parallel", True, "Megatron sequence parallel needs tp > 1",
-                              "set tp >= 2 or turn sequence_parallel off")
-        accumulation = b.accumulation
-        if b.global_ is None:
-            accumulation = accumulation or 1
-        else:
-            per_step = b.micro * dp
-            if b.global_ % per_step:
-                raise ConfigError(
-                    "batch.global", b.global_,
-                    f"not divisible by micro x dp = {b.micro} x {dp} = {per_step}",
-                    f"use a global batch that is a multiple of {per_step}",
-                )
-            derived = b.global_ // per_step
-            if accumulation is not None and accumulation != derived:
-                raise ConfigError(
-                    "batch.accumulation", accumulation,
-                    f"global {b.global_} != micro {b.micro} x accumulation {accumulation} x dp {dp}",
-                    f"set accumulation to {derived} or drop one of the three",
-                )
-            accumulation = derived
-        return Layout(world=world_size, tp=p.tp, pp=p.pp, cp=p.cp, ep=p.ep, dp=dp, micro=b.micro,
-                      accumulation=accumulation, global_batch=b.micro * accumulation * dp)
+        micro, accumulation = resolve_batch(self.batch, dp)
+        return Layout(world=world_size, tp=p.tp, pp=p.pp, cp=p.cp, ep=p.ep, dp=dp, micro=micro,
+                      accumulation=accumulation, global_batch=micro * accumulation * dp,
+                      ulysses=self.sequence.ulysses or 1, ring=self.sequence.ring or 1, vpp=p.vpp)
+
+
+def resolve_batch(b: BatchConfig, dp: int) -> tuple[int, int]:
+    """(micro, accumulation) from whichever of micro/global/accumulation are given, DeepSpeed's way."""
+    micro, glob, acc = b.micro, b.global_, b.accumulation
+    if glob is None:
+        return micro or 1, acc or 1
+    if micro is None:
+        acc = acc or 1
+        if glob % (acc * dp):
+            raise ConfigError("batch.global", glob, f"not divisible by accumulation x dp = {acc} x {dp}",
+                              f"use a global batch that is a multiple of {acc * dp}, or state batch.micro")
+        return glob // (acc * dp), acc
+    per_step = micro * dp
+    if glob % per_step:
+        raise ConfigError("batch.global", glob, f"not divisible by micro x dp = {micro} x {dp} = {per_step}",
+                          f"use a global batch that is a multiple of {per_step}")
+    derived = glob // per_step
+    if acc is not None and acc != derived:
+        raise ConfigError("batch.accumulation", acc,
+                          f"global {glob} != micro {micro} x accumulation {acc} x dp {dp}",
+                          f"set accumulation to {derived} or drop one of the three")
+    return micro, derived
+
+
+# ------------------------------------------------------------------ building and field types
+
+
+def validate(data: dict) -> RunConfig:
+    """``RunConfig`` from a nested dict; every failure is a ConfigError naming the field."""
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise config_error(err) from None
+
+
+def config_error(err: ValidationError, prefix: str = "") -> ConfigError:
+    """The first problem of a pydantic ValidationError as a ConfigError (ours pass through)."""
+    first = err.errors()[0]
+    cause = (first.get("ctx") or {}).get("error")
+    if isinstance(cause, ConfigError):
+        return cause
+    field = prefix + ".".join(str(p) for p in first["loc"])
+    if first["type"] == "extra_forbidden":
+        section = field.rsplit(".", 1)[0] if "." in field else ""
+        names = sorted(_field_names(section))
+        return ConfigError(field, first.get("input"), "unknown field", f"use one of {names}")
+    return ConfigError(field, first.get("input"), first["msg"].replace("\n", " "),
+                       f"give {field} {describe(field)}")
+
+
+def _model_at(path: str):
+    """The section model at a dotted path ('' for RunConfig itself)."""
+    model = RunConfig
+    for part in filter(None, path.split(".")):
+        model = model.model_fields[_attr(model, part)].annotation
+    return model
+
+
+def _attr(model, name: str) -> str:
+    for attr, info in model.model_fields.items():
+        if name in (attr, info.alias):
+            return attr
+    raise KeyError(name)
+
+
+def _field_names(section: str) -> list[str]:
+    try:
+        return [info.alias or attr for attr, info in _model_at(section).model_fields.items()]
+    except (KeyError, AttributeError):
+        return []
+
+
+@functools.lru_cache(maxsize=None)
+def _field(path: str):
+    section, _, leaf = path.rpartition(".")
+    model = _model_at(section)
+    return model.model_fields[_attr(model, leaf)]
+
+
+def describe(path: str) -> str:
+    """'a value of type T (doc)' for the field at ``path``, for fix messages."""
+    try:
+        info = _field(path)
+    except (KeyError, AttributeError):
+        return "a valid value"
+    doc = f" ({info.description.rstrip('.')})" if info.description else ""
+    return f"{_type_name(info.annotation)}{doc}"
+
+
+def _type_name(annotation) -> str:
+    """'an integer', 'one of ['a', 'b']', ... for an annotation (Optional and Annotated unwrapped)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Annotated:
+        return _type_name(args[0])
+    if origin is typing.Literal:
+        return f"one of {list(args)}"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args if a is not type(None))
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "an object"}
+    return names.get(annotation) or names.get(origin) or getattr(annotation, "__name__", str(annotation))
+
+
+@functools.lru_cache(maxsize=None)
+def _adapter(path: str) -> TypeAdapter:
+    info = _field(path)
+    return TypeAdapter(Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation)
+
+
+def coerce(path: str, value: Any, source: str) -> Any:
+    """``value`` checked (and converted, e.g. "2" -> 2) against the field at ``path``.
+
+    ``source`` is how the user spelled it (a DeepSpeed key, a Megatron flag),
+    so a wrong type is reported in the user's own dialect.
+    """
+    try:
+        adapter = _adapter(path)
+    except (KeyError, AttributeError):
+        return value
+    try:
+        return adapter.validate_python(value)
+    except ValidationError as err:
+        msg = err.errors()[0]["msg"]
+        raise ConfigError(source, value, f"cannot read it: {msg[0].lower()}{msg[1:]}",
+                          f"give {source} {describe(path)}") from None

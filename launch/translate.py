@@ -2,222 +2,217 @@
 
 Each reader turns one dialect into a *partial* nested dict holding only the
 values that dialect states explicitly; :func:`merge` joins partials and
-refuses a field that two dialects set to different values. Tables, not
-branches, hold the name mappings so every mapping can be tested both ways.
+refuses a field that two dialects set to different values. The dialects
+live in their own modules, table-driven so every mapping can be tested both
+ways: :mod:`.deepspeed_json`, :mod:`.megatron_args` (with
+:mod:`.shell_script` for bash launch scripts), and the unified file here.
+
+Which dialect a file is (:func:`detect`): ``.yaml``/``.yml`` and JSON whose
+top-level keys are all unified sections are the unified file; other JSON
+objects are DeepSpeed configs; anything else with ``--`` flags is a
+Megatron launch script or argument list.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from .config import Layout, RunConfig
+from . import deepspeed_json, megatron_args, shell_script
+from .config import Layout, RunConfig, coerce, validate
+from .deepspeed_json import CPU_ZERO_DEFAULTS, from_deepspeed, to_deepspeed  # noqa: F401 (public API)
 from .errors import ConfigError
+from .partial import flatten, merge, same, set_path
 
-# Megatron-LM flag -> (unified field path, type). Flags with type None are switches.
-MEGATRON_ARGS: dict[str, tuple[str, Any]] = {
-    "--tensor-model-parallel-size": ("parallel.tp", int),
-    "--pipeline-model-parallel-size": ("parallel.pp", int),
-    "--context-parallel-size": ("parallel.cp", int),
-    "--expert-model-parallel-size": ("parallel.ep", int),
-    "--sequence-parallel": ("parallel.sequence_parallel", None),
-    "--micro-batch-size": ("batch.micro", int),
-    "--global-batch-size": ("batch.global", int),
-    "--zero-stage": ("zero.stage", int),
-    "--lr": ("optimizer.lr", float),
-    "--weight-decay": ("optimizer.weight_decay", float),
-    "--clip-grad": ("optimizer.clip_grad", float),
-    "--adam-beta1": ("optimizer.beta1", float),
-    "--adam-beta2": ("optimizer.beta2", float),
-    "--adam-eps": ("optimizer.eps", float),
-}
-_PRECISION_SWITCHES = {"--bf16": "bf16", "--fp16": "fp16"}
+# Tables under their historical names (the mappings themselves live with their dialect).
+MEGATRON_ARGS = megatron_args.FLAGS
+ZEROMEGA_BLOCK = deepspeed_json.BLOCK_KEYS
+DEEPSPEED_KEYS = deepspeed_json.TOP_LEVEL
 
-# The "zeromega" block of a DeepSpeed JSON: key -> unified field path.
-ZEROMEGA_BLOCK: dict[str, str] = {
-    "tp": "parallel.tp",
-    "pp": "parallel.pp",
-    "cp": "parallel.cp",
-    "ep": "parallel.ep",
-    "sequence_parallel": "parallel.sequence_parallel",
-    "device": "device",
-}
-
-# Top-level DeepSpeed keys -> unified field path ("auto" leaves the field to be derived).
-DEEPSPEED_KEYS: dict[str, str] = {
-    "train_micro_batch_size_per_gpu": "batch.micro",
-    "train_batch_size": "batch.global",
-    "gradient_accumulation_steps": "batch.accumulation",
-    "gradient_clipping": "optimizer.clip_grad",
-}
-
-# Defaults where DeepSpeed's own are wrong for a CPU device: its 5e8-element
-# buckets allocate ~2 GB fp32 per bucket (../shared/notes/deepspeed-on-cpu.md).
-CPU_ZERO_DEFAULTS = {
-    "reduce_bucket_size": int(2e7),
-    "allgather_bucket_size": int(2e7),
-    "stage3_prefetch_bucket_size": int(2e7),
-    "sub_group_size": int(2e7),
-}
+DIALECTS = ("deepspeed", "zeromega", "megatron")
 
 
-def _set(tree: dict, path: str, value: Any) -> None:
-    *parents, leaf = path.split(".")
-    for key in parents:
-        tree = tree.setdefault(key, {})
-    tree[leaf] = value
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in tree.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, dict) and key != "deepspeed_extra":
-            flat.update(_flatten(value, path + "."))
-        else:
-            flat[path] = value
-    return flat
-
-
-def merge(partials: Iterable[tuple[str, dict]]) -> dict:
-    """Join (source name, partial) pairs; a field set differently by two sources is an error."""
-    merged: dict = {}
-    origin: dict[str, tuple[str, Any]] = {}
-    for source, partial in partials:
-        for path, value in _flatten(partial).items():
-            if path in origin and origin[path][1] != value and path != "deepspeed_extra":
-                first, old = origin[path]
-                raise ConfigError(path, value, f"{source} sets {value!r} but {first} sets {old!r}",
-                                  "state the value in one place only, or make them agree")
-            origin[path] = (source, value)
-            _set(merged, path, value)
-    return merged
-
-
-def _is_adamw(optimizer: dict) -> bool:
-    """DeepSpeed's "Adam"/"AdamW" types are decoupled-decay Adam unless adam_w_mode is false."""
-    kind = str(optimizer.get("type", "")).lower()
-    params = optimizer.get("params") or {}
-    return kind == "adamw" or (kind == "adam" and params.get("adam_w_mode", True) is not False)
-
-
-def from_deepspeed(ds: dict) -> dict:
-    """Partial config from a DeepSpeed JSON dict (with an optional "zeromega" block)."""
-    ds = dict(ds)
-    partial: dict = {}
-    for key, path in DEEPSPEED_KEYS.items():
-        value = ds.pop(key, None)
-        if value is not None and value != "auto":
-            _set(partial, path, value)
-    zero = dict(ds.pop("zero_optimization", {}) or {})
-    if "stage" in zero:
-        _set(partial, "zero.stage", zero.pop("stage"))
-    enabled = [name for name in ("bf16", "fp16") if (ds.get(name) or {}).get("enabled") in (True, "true")]
-    if len(enabled) == 2:
-        raise ConfigError("fp16.enabled", True, "fp16 and bf16 are both enabled",
-                          "enable one of them")
-    if enabled:
-        _set(partial, "precision", enabled[0])
-        ds.pop(enabled[0])
-    optimizer = ds.get("optimizer") or {}
-    params = dict(optimizer.get("params") or {})
-    for key, path in (("lr", "optimizer.lr"), ("weight_decay", "optimizer.weight_decay"), ("eps", "optimizer.eps")):
-        value = params.pop(key, None)
-        if value is not None and value != "auto":
-            _set(partial, path, value)
-    betas = params.pop("betas", None)
-    if betas not in (None, "auto"):
-        _set(partial, "optimizer.beta1", betas[0])
-        _set(partial, "optimizer.beta2", betas[1])
-    if _is_adamw(optimizer) and not params:
-        ds.pop("optimizer")  # zeromega builds this AdamW itself (no JIT-built fused op)
-    block = ds.pop("zeromega", {}) or {}
-    for key, value in block.items():
-        if key not in ZEROMEGA_BLOCK:
-            raise ConfigError(f"zeromega.{key}", value, "unknown key in the zeromega block",
-                              f"use one of {sorted(ZEROMEGA_BLOCK)}")
-        _set(partial, ZEROMEGA_BLOCK[key], value)
-    if zero:
-        ds["zero_optimization"] = zero
-    if ds:
-        partial["deepspeed_extra"] = ds
-    return partial
-
-
-def read_config_file(path: str | Path) -> dict:
-    """Partial config from a DeepSpeed JSON file; a missing or malformed file is a ConfigError."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError("--config", str(path), "no such file", "pass the path of an existing JSON config")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError("--config", str(path), f"not valid JSON ({err.msg} at line {err.lineno})",
-                          "fix the JSON syntax") from None
-    if not isinstance(data, dict):
-        raise ConfigError("--config", str(path), "top level is not a JSON object", "wrap the keys in {...}")
-    return from_deepspeed(data)
+# ------------------------------------------------------------------ reading
 
 
 def from_megatron_args(argv: list[str]) -> tuple[dict, list[str]]:
     """Partial config from Megatron-LM arguments; also returns the arguments it did not map."""
-    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    for flag, (_, kind) in MEGATRON_ARGS.items():
-        if kind is None:
-            parser.add_argument(flag, action="store_true", default=None)
-        else:
-            parser.add_argument(flag, type=kind, default=None)
-    for flag in _PRECISION_SWITCHES:
-        parser.add_argument(flag, action="store_true", default=None)
-    known, unknown = parser.parse_known_args(argv)
-    partial: dict = {}
-    for flag, (path, _) in MEGATRON_ARGS.items():
-        value = getattr(known, flag.lstrip("-").replace("-", "_"))
-        if value is not None:
-            _set(partial, path, value)
-    chosen = [name for flag, name in _PRECISION_SWITCHES.items() if getattr(known, flag.lstrip("-"))]
-    if len(chosen) == 2:
-        raise ConfigError("--fp16", True, "--fp16 and --bf16 are both given", "pass one of them")
-    if chosen:
-        _set(partial, "precision", chosen[0])
-    return partial, unknown
+    args = megatron_args.parse(argv)
+    return args.partial, args.unknown
 
 
-def build(config_path: Optional[str] = None, megatron_argv: Optional[list[str]] = None) -> RunConfig:
-    """The RunConfig from a config file and/or Megatron arguments (conflicts are errors)."""
-    partials = []
-    if config_path:
-        partials.append((f"config {config_path}", read_config_file(config_path)))
-    if megatron_argv:
-        partials.append(("command-line arguments", from_megatron_args(megatron_argv)[0]))
-    merged = merge(partials)
-    from pydantic import ValidationError
+def read_config_file(path: str | Path) -> dict:
+    """Partial config from a DeepSpeed JSON file; a missing or malformed file is a ConfigError."""
+    return from_deepspeed(deepspeed_json.load_file(path))
 
+
+def detect(path: str | Path) -> str:
+    """'deepspeed', 'zeromega' or 'megatron' for the file at ``path`` (see the module docstring)."""
+    path = Path(path)
+    if path.suffix in (".yaml", ".yml"):
+        return "zeromega"
+    if path.suffix in (".sh", ".bash", ".args"):
+        return "megatron"
+    text = deepspeed_json.read_text(path, "--config").lstrip()
+    if not text.startswith("{") and ("--" in text or text.startswith("#!")):
+        return "megatron"
+    if not text.startswith("{"):
+        return "deepspeed"  # hjson allows a braceless object; load_file reports what is wrong
     try:
-        return RunConfig.model_validate(merged)
-    except ValidationError as err:
-        first = err.errors()[0]
-        field = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(field, first.get("input"), first["msg"], "see the field's description in launch/config.py") from None
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        return "deepspeed"  # comments, trailing commas: only DeepSpeed's Hjson reads those
+    return "zeromega" if _is_unified(data) else "deepspeed"
 
 
-def to_deepspeed(cfg: RunConfig, layout: Layout, device_type: str = "cpu") -> dict:
-    """The dict ``deepspeed.initialize(config=...)`` takes for this config and layout."""
-    ds = json.loads(json.dumps(cfg.deepspeed_extra))
-    zero = ds.setdefault("zero_optimization", {})
-    zero["stage"] = cfg.zero.stage
-    if device_type == "cpu":
-        for key, value in CPU_ZERO_DEFAULTS.items():
-            zero.setdefault(key, value)
-    ds.update(
-        train_micro_batch_size_per_gpu=layout.micro,
-        gradient_accumulation_steps=layout.accumulation,
-        train_batch_size=layout.global_batch,
-        gradient_clipping=cfg.optimizer.clip_grad,
-    )
-    ds["bf16"] = {"enabled": cfg.precision == "bf16"}
-    ds["fp16"] = {"enabled": cfg.precision == "fp16", **({"loss_scale": 0} if cfg.precision == "fp16" else {})}
-    ds.setdefault("steps_per_print", 10**9)
+def _is_unified(data: Any) -> bool:
+    if not isinstance(data, dict) or not data or not set(data) <= set(RunConfig.model_fields):
+        return False
+    optimizer = data.get("optimizer")
+    return not (isinstance(optimizer, dict) and ({"type", "params"} & set(optimizer)))
+
+
+def read_unified(path: str | Path) -> dict:
+    """The unified file (YAML or JSON) as a nested dict; syntax errors name the line and column."""
+    path = Path(path)
+    text = deepspeed_json.read_text(path, "--config")
+    if path.suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise ConfigError("--config", str(path), "YAML needs PyYAML, which is not installed",
+                              "pip install pyyaml, or write the config as JSON") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
+            raise ConfigError("--config", str(path), f"not valid YAML ({getattr(err, 'problem', err)}{where})",
+                              "fix the YAML syntax at that place") from None
+    else:
+        try:
+            data = json.loads(text, object_pairs_hook=_unique)
+        except json.JSONDecodeError as err:
+            raise ConfigError("--config", str(path), f"not valid JSON ({err.msg} at line {err.lineno} "
+                              f"column {err.colno})", "fix the JSON syntax at that place") from None
+    if not isinstance(data, dict):
+        raise ConfigError("--config", str(path), "top level is not a mapping", "write the sections as keys")
+    return data
+
+
+def _unique(pairs):
+    keys = [key for key, _ in pairs]
+    for key in keys:
+        if keys.count(key) > 1:
+            raise ConfigError("--config", key, "duplicate key", "keep one of them")
+    return dict(pairs)
+
+
+def sources(path: str | Path, env: Optional[dict[str, str]] = None,
+            dialect: Optional[str] = None) -> tuple[list[tuple[str, dict]], list[str]]:
+    """(source name, partial) pairs a file states, and the Megatron arguments nothing mapped."""
+    dialect = dialect or detect(path)
+    if dialect == "deepspeed":
+        return [(f"DeepSpeed config {path}", read_config_file(path))], []
+    if dialect == "zeromega":
+        return [(f"config {path}", read_unified(path))], []
+    script = shell_script.read(deepspeed_json.read_text(Path(path), "--config"), env, name=str(path))
+    launcher: dict = {}
+    for field, value in script.launcher.items():
+        set_path(launcher, field, coerce(field, value, f"launcher flag for {field}"))
+    found = [(f"launcher flags in {path}", launcher)] if launcher else []
+    more, unknown = _megatron(script.argv, f"Megatron arguments in {path}", script.files, Path(path).parent)
+    return found + more, unknown
+
+
+def _megatron(argv: list[str], name: str, files: Optional[dict[str, str]] = None,
+              base: Optional[Path] = None, skip: Optional[str] = None) -> tuple[list[tuple[str, dict]], list[str]]:
+    args = megatron_args.parse(argv)
+    found = [(name, args.partial)]
+    ds_path = args.deepspeed_config
+    if ds_path and (files or {}).get(ds_path) is not None:
+        text = files[ds_path]
+        try:
+            import hjson
+
+            data = hjson.loads(text)
+        except Exception as err:  # hjson raises several kinds
+            raise ConfigError("--deepspeed_config", ds_path, f"the heredoc that writes it is not valid JSON ({err})",
+                              "fix the JSON the script writes") from None
+        found.append((f"DeepSpeed config {ds_path} (written by the script)", from_deepspeed(data)))
+    elif ds_path and (skip is None or Path(ds_path).resolve() != Path(skip).resolve()):
+        candidates = [Path(ds_path)] + ([base / ds_path] if base is not None else [])
+        existing = next((p for p in candidates if p.is_file()), None)
+        if existing is None:
+            raise ConfigError("--deepspeed_config", ds_path, "no such file", "pass the path of the DeepSpeed JSON")
+        found.append((f"DeepSpeed config {ds_path}", read_config_file(existing)))
+    return found, args.unknown
+
+
+def resolve(partials: Iterable[tuple[str, dict]]) -> RunConfig:
+    """The validated RunConfig from (source, partial) pairs: merged, "auto"s filled, rules checked."""
+    return validate(deepspeed_json.finish(merge(partials)))
+
+
+def build(config_path: Optional[str] = None, megatron_argv: Optional[list[str]] = None,
+          env: Optional[dict[str, str]] = None) -> RunConfig:
+    """The RunConfig from a config file (any dialect) and/or Megatron arguments (conflicts are errors)."""
+    partials: list[tuple[str, dict]] = []
+    if config_path:
+        partials += sources(config_path, env)[0]
+    if megatron_argv:
+        partials += _megatron(megatron_argv, "command-line arguments", skip=config_path)[0]
+    return resolve(partials)
+
+
+# ------------------------------------------------------------------ writing
+
+
+def to_unified(cfg: RunConfig, layout: Optional[Layout] = None) -> dict:
+    """The unified file's content: every field that differs from its default (batch resolved with a layout)."""
+    data = cfg.model_dump(by_alias=True, exclude_defaults=True, mode="json")
+    if layout is not None:
+        data["batch"] = {"micro": layout.micro, "global": layout.global_batch, "accumulation": layout.accumulation}
+    return data
+
+
+def to_deepspeed_file(cfg: RunConfig, layout: Optional[Layout] = None) -> dict:
+    """A standalone DeepSpeed JSON; what DeepSpeed has no key for goes in its "zeromega" block.
+
+    The block holds exactly the fields a DeepSpeed-only reading would lose,
+    so reading the file back gives the same RunConfig.
+    """
+    device_type = "cpu" if cfg.device == "cpu" else None
+    ds = to_deepspeed(cfg, layout, device_type, standalone=True)
+    block = lost_fields(cfg, resolve([("DeepSpeed", from_deepspeed(ds))]))
+    if block:
+        ds["zeromega"] = block
     return ds
+
+
+def to_megatron_argv(cfg: RunConfig) -> list[str]:
+    """Megatron-LM arguments for the config (see :func:`lost_fields` for what they cannot carry)."""
+    return megatron_args.to_argv(cfg)
+
+
+def lost_fields(cfg: RunConfig, back: RunConfig) -> dict:
+    """Nested dict of the fields of ``cfg`` that ``back`` (a round trip through a dialect) lost."""
+    want = flatten(cfg.model_dump(by_alias=True, mode="json"))
+    got = flatten(back.model_dump(by_alias=True, mode="json"))
+    lost: dict = {}
+    for path, value in want.items():
+        if value is not None and not path.startswith("deepspeed_extra") and not same(value, got.get(path)):
+            set_path(lost, path, value)
+    return lost
+
+
+def dumps(data: Any, fmt: str = "json") -> str:
+    """``data`` as JSON (indented) or YAML text."""
+    if fmt == "yaml":
+        try:
+            import yaml
+        except ImportError:
+            raise ConfigError("--format", "yaml", "PyYAML is not installed", "pip install pyyaml, or use json") from None
+        return yaml.safe_dump(data, sort_keys=False)
+    return json.dumps(data, indent=2)

@@ -1,0 +1,487 @@
+"""The DeepSpeed JSON dialect: reading it as real projects publish it, writing what DeepSpeed accepts.
+
+Reading mirrors DeepSpeed itself: files are parsed the way
+``DeepSpeedConfig`` parses them (Hjson, so ``//``, ``#`` and ``/* */``
+comments and trailing commas are fine; duplicate keys are an error), and
+legacy spellings DeepSpeed still accepts are understood (``cpu_offload``,
+``cpu_offload_param``, ``cpu_offload_use_pin_memory``, ``bfloat16``,
+``zero_optimization: true`` with ``allgather_size``, ``max_grad_norm``, and
+the ``stage3_*`` / plain aliases of the ZeRO-3 knobs).
+
+``"auto"`` means what it means to the HuggingFace Trainer integration:
+"fill this in from the rest of the configuration". Here the rest is the
+other sources (Megatron flags, the ``"zeromega"`` block) and the world
+size: batch sizes follow ``train_batch_size = micro x accumulation x dp``,
+``warmup_max_lr`` is the optimizer's lr, ``total_num_steps`` the run's
+steps, and the ZeRO-3 bucket sizes come from the model's hidden size
+(``h*h``, ``0.9*h*h``, ``10*h`` as in the Trainer); an ``"auto"`` nothing can
+fill is a ConfigError naming the key.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from pydantic import TypeAdapter, ValidationError
+
+from .config import AioConfig, Layout, OffloadConfig, RunConfig, coerce
+from .errors import ConfigError
+from .partial import merge, set_path
+
+AUTO = "auto"
+
+# Top-level DeepSpeed keys -> unified field path.
+TOP_LEVEL: dict[str, str] = {
+    "train_micro_batch_size_per_gpu": "batch.micro",
+    "train_batch_size": "batch.global",
+    "gradient_accumulation_steps": "batch.accumulation",
+    "gradient_clipping": "optimizer.clip_grad",
+    "steps_per_print": "logging.interval",
+}
+FP16_KEYS: dict[str, str] = {
+    "loss_scale": "loss_scaling.loss_scale",
+    "initial_scale_power": "loss_scaling.initial_scale_power",
+    "loss_scale_window": "loss_scaling.window",
+    "hysteresis": "loss_scaling.hysteresis",
+    "min_loss_scale": "loss_scaling.min_scale",
+}
+OFFLOAD_KEYS = ("device", "nvme_path", "pin_memory")
+AIO_KEYS = tuple(AioConfig.model_fields)
+OPTIMIZER_PARAMS: dict[str, str] = {
+    "lr": "optimizer.lr",
+    "weight_decay": "optimizer.weight_decay",
+    "eps": "optimizer.eps",
+    "max_grad_norm": "optimizer.clip_grad",  # legacy spelling of gradient_clipping
+}
+# Both spellings DeepSpeedZeroConfig accepts -> the one we write (its alias).
+ZERO_ALIASES: dict[str, str] = {
+    "prefetch_bucket_size": "stage3_prefetch_bucket_size",
+    "param_persistence_threshold": "stage3_param_persistence_threshold",
+    "model_persistence_threshold": "stage3_model_persistence_threshold",
+    "max_live_parameters": "stage3_max_live_parameters",
+    "max_reuse_distance": "stage3_max_reuse_distance",
+    "gather_16bit_weights_on_model_save": "stage3_gather_16bit_weights_on_model_save",
+    "stage3_gather_fp16_weights_on_model_save": "stage3_gather_16bit_weights_on_model_save",
+    "module_granularity_threshold": "stage3_module_granularity_threshold",
+    "use_all_reduce_for_fetch_params": "stage3_use_all_reduce_for_fetch_params",
+    "allgather_sequential": "stage3_allgather_sequential",
+}
+# ZeRO keys whose "auto" the HF Trainer fills from the model's hidden size h.
+ZERO_AUTO_FROM_HIDDEN: dict[str, Callable[[int], int]] = {
+    "reduce_bucket_size": lambda h: h * h,
+    "stage3_prefetch_bucket_size": lambda h: int(0.9 * h * h),
+    "stage3_param_persistence_threshold": lambda h: 10 * h,
+}
+# DeepSpeed scheduler type -> the decay style it implements.
+SCHEDULERS: dict[str, str] = {"WarmupLR": "constant", "WarmupDecayLR": "linear", "WarmupCosineLR": "cosine"}
+# Defaults where DeepSpeed's own are wrong for a CPU device: its 5e8-element
+# buckets allocate ~2 GB fp32 per bucket (../shared/notes/deepspeed-on-cpu.md).
+CPU_ZERO_DEFAULTS = {
+    "reduce_bucket_size": int(2e7),
+    "allgather_bucket_size": int(2e7),
+    "stage3_prefetch_bucket_size": int(2e7),
+    "sub_group_size": int(2e7),
+}
+RATIOS = "_deepspeed_ratios"
+"""Partial key for WarmupCosineLR's ratios, made absolute once the lr is known (:func:`finish`)."""
+
+
+# ------------------------------------------------------------------ reading
+
+
+def load_file(path: str | Path) -> dict:
+    """A DeepSpeed config file parsed exactly as ``DeepSpeedConfig`` parses it (Hjson, unique keys)."""
+    import hjson
+
+    path = Path(path)
+    text = read_text(path, "--config")
+    try:
+        data = hjson.loads(text, object_pairs_hook=_unique_keys)
+    except hjson.HjsonDecodeError as err:
+        raise ConfigError("--config", str(path), f"not valid JSON ({err.msg} at line {err.lineno} "
+                          f"column {err.colno})", "fix the JSON syntax at that place") from None
+    except _DuplicateKey as err:
+        raise ConfigError("--config", str(path), f"duplicate key {err.args[0]!r} (DeepSpeed rejects it)",
+                          "keep one of them") from None
+    if not isinstance(data, dict):
+        raise ConfigError("--config", str(path), "top level is not a JSON object", "wrap the keys in {...}")
+    return data
+
+
+def read_text(path: Path, field: str) -> str:
+    if not path.is_file():
+        raise ConfigError(field, str(path), "no such file", "pass the path of an existing config")
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(field, str(path), f"cannot read it ({err})", "check the file") from None
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs):
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _DuplicateKey(key)
+        seen[key] = value
+    return seen
+
+
+def _flag(value: Any, key: str) -> bool:
+    """A JSON boolean (or "true"/"false", as pydantic reads them) named ``key`` in errors."""
+    try:
+        return TypeAdapter(bool).validate_python(value)
+    except ValidationError:
+        raise ConfigError(key, value, "cannot read it: expected true or false", f"write {key}: true or false") from None
+
+
+def _object(value: Any, where: str) -> dict:
+    """``value`` as a dict copy ({} for None); anything else is a ConfigError naming ``where``."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(where, value, "cannot read it: expected a JSON object {...}",
+                          f"write {where} as an object of keys, as DeepSpeed documents it")
+    return dict(value)
+
+
+class _Reader:
+    """Collects (unified path, value) from one DeepSpeed dict, per source, checking each value's type."""
+
+    def __init__(self):
+        self.sources: dict[str, dict] = {"DeepSpeed config": {}}
+
+    def put(self, key: str, path: str, value: Any, source: str = "DeepSpeed config") -> None:
+        if value is None or value == AUTO:
+            return
+        set_path(self.sources.setdefault(source, {}), path, coerce(path, value, key))
+
+
+def from_deepspeed(ds: dict) -> dict:
+    """Partial config from a DeepSpeed JSON dict (with an optional "zeromega" block)."""
+    if not isinstance(ds, dict):
+        raise ConfigError("config", type(ds).__name__, "top level is not a JSON object", "wrap the keys in {...}")
+    ds, reader = copy.deepcopy(ds), _Reader()
+    for key, path in TOP_LEVEL.items():
+        reader.put(key, path, ds.pop(key, None))
+    _read_precision(ds, reader)
+    _read_zero(ds, reader)
+    aio = _object(ds.pop("aio", None), "aio")
+    for key in AIO_KEYS:
+        reader.put(f"aio.{key}", f"zero.aio.{key}", aio.pop(key, None))
+    if aio:
+        ds["aio"] = aio
+    _read_optimizer(ds, reader)
+    _read_scheduler(ds, reader)
+    sp = ds.pop("sequence_parallel_size", None)
+    if sp not in (None, AUTO) and coerce("sequence.ulysses", sp, "sequence_parallel_size") > 1:
+        reader.put("sequence_parallel_size", "sequence.ulysses", sp)
+        reader.put("sequence_parallel_size", "sequence.mode", "ulysses")
+    block = ds.pop("zeromega", None)
+    if block is not None:
+        reader.sources["zeromega block"] = read_block(block)
+    partial = merge((name, tree) for name, tree in reader.sources.items() if name != RATIOS)
+    ratios = reader.sources.get(RATIOS)
+    if ratios:
+        partial[RATIOS] = ratios
+    if ds:
+        partial["deepspeed_extra"] = ds
+    return partial
+
+
+def _read_precision(ds: dict, reader: _Reader) -> None:
+    fp16 = _object(ds.pop("fp16", None), "fp16")
+    if "bf16" in ds and "bfloat16" in ds:
+        raise ConfigError("bfloat16", ds["bfloat16"], "given together with bf16 (DeepSpeed reads only bf16)",
+                          "keep the bf16 block only")
+    bf16 = _object(ds.pop("bf16", ds.pop("bfloat16", None)), "bf16")
+    enabled = {name: block.pop("enabled", None) for name, block in (("fp16", fp16), ("bf16", bf16))}
+    on = [name for name, value in enabled.items()
+          if value not in (None, AUTO) and _flag(value, f"{name}.enabled")]
+    if len(on) == 2:
+        raise ConfigError("fp16.enabled", True, "fp16 and bf16 are both enabled", "enable one of them")
+    if on:
+        reader.put(f"{on[0]}.enabled", "precision", on[0])
+    for key, path in FP16_KEYS.items():
+        reader.put(f"fp16.{key}", path, fp16.pop(key, None))
+    for name, block in (("fp16", fp16), ("bf16", bf16)):
+        if block:
+            ds[name] = block
+
+
+def _read_zero(ds: dict, reader: _Reader) -> None:
+    zero = ds.pop("zero_optimization", None)
+    if isinstance(zero, bool):  # DeepSpeed's oldest format
+        zero = {"stage": int(zero)}
+        if "allgather_size" in ds:
+            zero["allgather_bucket_size"] = ds.pop("allgather_size")
+    zero = _object(zero, "zero_optimization")
+    for old, new in ZERO_ALIASES.items():
+        if old in zero:
+            value = zero.pop(old)
+            if new in zero and zero[new] != value:
+                raise ConfigError(f"zero_optimization.{old}", value, f"disagrees with {new}={zero[new]!r}, "
+                                  "another spelling of the same setting", f"keep only {new}")
+            zero[new] = value
+    reader.put("zero_optimization.stage", "zero.stage", zero.pop("stage", None))
+    pin = zero.pop("cpu_offload_use_pin_memory", None)
+    for legacy, name in (("cpu_offload", "offload_optimizer"), ("cpu_offload_param", "offload_param")):
+        if legacy not in zero:
+            continue
+        if name in zero:
+            raise ConfigError(f"zero_optimization.{legacy}", zero[legacy], f"given together with {name}",
+                              f"use {name} only ({legacy} is its deprecated spelling)")
+        if _flag(zero.pop(legacy), f"zero_optimization.{legacy}"):
+            zero[name] = {"device": "cpu", **({"pin_memory": pin} if pin is not None else {})}
+    for name in ("offload_optimizer", "offload_param"):
+        block = _object(zero.pop(name, None), f"zero_optimization.{name}")
+        for key in OFFLOAD_KEYS:
+            reader.put(f"zero_optimization.{name}.{key}", f"zero.{name}.{key}", block.pop(key, None))
+        if block:
+            zero[name] = block
+    if zero:
+        ds["zero_optimization"] = zero
+
+
+def _is_adamw(optimizer: dict) -> bool:
+    """DeepSpeed's "Adam"/"AdamW" types are decoupled-decay Adam unless adam_w_mode is false."""
+    kind = str(optimizer.get("type", "")).lower()
+    params = optimizer.get("params") or {}
+    return kind == "adamw" or (kind == "adam" and params.get("adam_w_mode", True) is not False)
+
+
+def _read_optimizer(ds: dict, reader: _Reader) -> None:
+    if "optimizer" not in ds:
+        return
+    optimizer = _object(ds["optimizer"], "optimizer")
+    params = _object(optimizer.get("params"), "optimizer.params")
+    for key, path in OPTIMIZER_PARAMS.items():
+        reader.put(f"optimizer.params.{key}", path, params.pop(key, None))
+    betas = params.pop("betas", None)
+    if betas not in (None, AUTO):
+        if not isinstance(betas, (list, tuple)) or len(betas) != 2:
+            raise ConfigError("optimizer.params.betas", betas, "cannot read it: expected a list [beta1, beta2] "
+                              "of two numbers", 'write "betas": [0.9, 0.999]')
+        reader.put("optimizer.params.betas[0]", "optimizer.beta1", betas[0])
+        reader.put("optimizer.params.betas[1]", "optimizer.beta2", betas[1])
+    if _is_adamw(optimizer) and not params and set(optimizer) <= {"type", "params"}:
+        del ds["optimizer"]  # zeromega builds this AdamW itself (no JIT-built fused op)
+    else:
+        ds["optimizer"] = {**optimizer, "params": params}
+
+
+def _read_scheduler(ds: dict, reader: _Reader) -> None:
+    """DeepSpeed's warmup schedulers as the unified schedule; others stay in deepspeed_extra."""
+    scheduler = _object(ds.get("scheduler"), "scheduler")
+    kind = scheduler.get("type")
+    if not isinstance(kind, str) or kind not in SCHEDULERS:
+        return
+    del ds["scheduler"]
+    params = _object(scheduler.pop("params", None), "scheduler.params")
+    for key in set(scheduler) - {"type"}:
+        raise ConfigError(f"scheduler.{key}", scheduler[key], "not a key of DeepSpeed's scheduler block",
+                          "move it into scheduler.params or remove it")
+
+    def put(key, path, default=None):
+        value = params.pop(key, None)
+        reader.put(f"scheduler.params.{key}", path, default if value is None else value, "scheduler block")
+
+    reader.put("scheduler.type", "scheduler.decay_style", SCHEDULERS[kind], "scheduler block")
+    put("warmup_num_steps", "scheduler.warmup_iters", 1000)  # DeepSpeed's defaults where absent
+    put("warmup_type", "scheduler.warmup_style", "log")
+    if kind == "WarmupCosineLR":
+        put("total_num_steps", "scheduler.train_iters")
+        ratios = {key: params.pop(key, default) for key, default in
+                  (("warmup_min_ratio", 0.0), ("cos_min_ratio", 0.0001))}
+        reader.sources[RATIOS] = {k: coerce("scheduler.min_lr", v, f"scheduler.params.{k}")
+                                  for k, v in ratios.items() if v != AUTO}
+    else:
+        init = params.get("warmup_min_lr")
+        put("warmup_min_lr", "scheduler.warmup_init_lr")
+        put("warmup_max_lr", "optimizer.lr")
+        if kind == "WarmupDecayLR":  # decays back down to warmup_min_lr
+            reader.put("scheduler.params.warmup_min_lr", "scheduler.min_lr", 0.0 if init is None else init,
+                       "scheduler block")
+            put("total_num_steps", "scheduler.train_iters")
+    for key, value in params.items():
+        raise ConfigError(f"scheduler.params.{key}", value, f"not a parameter zeromega reads for {kind}",
+                          "remove it, or give the schedule in the zeromega block")
+
+
+def read_block(block: Any) -> dict:
+    """Partial from a "zeromega" block: flat size keys (tp, pp, cp, ep, ...) or unified sections."""
+    block = _object(block, "zeromega")
+    partial: dict = {}
+    for key, value in block.items():
+        if key in BLOCK_KEYS:
+            set_path(partial, BLOCK_KEYS[key], coerce(BLOCK_KEYS[key], value, f"zeromega.{key}"))
+        elif key in RunConfig.model_fields:
+            partial[key] = value
+        else:
+            raise ConfigError(f"zeromega.{key}", value, "unknown key in the zeromega block",
+                              f"use one of {sorted(BLOCK_KEYS)} or a section of the unified config "
+                              f"{sorted(RunConfig.model_fields)}")
+    return partial
+
+
+# The "zeromega" block's short keys -> unified field path.
+BLOCK_KEYS: dict[str, str] = {
+    "tp": "parallel.tp",
+    "pp": "parallel.pp",
+    "cp": "parallel.cp",
+    "ep": "parallel.ep",
+    "vpp": "parallel.vpp",
+    "sequence_parallel": "parallel.sequence_parallel",
+}
+
+
+def finish(merged: dict) -> dict:
+    """Resolve what needs every source: cosine ratios into lrs, ZeRO "auto" sizes, leftover "auto"s."""
+    ratios = merged.pop(RATIOS, None)
+    if ratios:
+        lr = merged.get("optimizer", {}).get("lr", RunConfig().optimizer.lr)
+        sources = [("the rest of the config", {k: v for k, v in merged.items() if k != "deepspeed_extra"})]
+        scaled = {}
+        if "warmup_min_ratio" in ratios:
+            set_path(scaled, "scheduler.warmup_init_lr", ratios["warmup_min_ratio"] * lr)
+        if "cos_min_ratio" in ratios:
+            set_path(scaled, "scheduler.min_lr", ratios["cos_min_ratio"] * lr)
+        extra = merged.get("deepspeed_extra")
+        merged = merge(sources + [("WarmupCosineLR ratios x lr", scaled)])
+        if extra is not None:
+            merged["deepspeed_extra"] = extra
+    extra = merged.get("deepspeed_extra") or {}
+    zero = extra.get("zero_optimization")
+    if isinstance(zero, dict):
+        hidden = merged.get("model", {}).get("hidden_size")
+        for key, rule in ZERO_AUTO_FROM_HIDDEN.items():
+            if zero.get(key) == AUTO:
+                if hidden is None:
+                    raise ConfigError(f"zero_optimization.{key}", AUTO, "is filled from the model's hidden "
+                                      "size, which no source states",
+                                      "set model.hidden_size (--hidden-size, or the zeromega block) or a number")
+                zero[key] = rule(int(hidden))
+    _reject_auto(extra, "")
+    return merged
+
+
+def _reject_auto(tree: Any, where: str) -> None:
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            _reject_auto(value, f"{where}.{key}" if where else key)
+    elif tree == AUTO:
+        raise ConfigError(where, AUTO, "nothing in the config can fill this 'auto'",
+                          "give it a value (zeromega resolves auto only for the keys it models)")
+
+
+# ------------------------------------------------------------------ writing
+
+
+def to_deepspeed(cfg: RunConfig, layout: Optional[Layout] = None, device_type: str = "cpu",
+                 standalone: bool = False) -> dict:
+    """The dict ``deepspeed.initialize(config=...)`` takes for this config (and layout, when known).
+
+    ``standalone`` also writes the optimizer and scheduler blocks, for a
+    file used without zeromega (zeromega's engine builds its own AdamW).
+    Without a layout the batch keys are the ones the config states, and
+    DeepSpeed derives the rest from the world size it runs with. DeepSpeed
+    counts context-parallel ranks as data-parallel (zeromega's MegatronMPU
+    hands it the dp x cp group), so with cp > 1 its ``train_batch_size`` is
+    the global batch x cp, or left out of a standalone file.
+    """
+    ds = copy.deepcopy(cfg.deepspeed_extra)
+    zero = ds.setdefault("zero_optimization", {})
+    zero["stage"] = cfg.zero.stage
+    for name in ("offload_optimizer", "offload_param"):
+        offload = getattr(cfg.zero, name)
+        if name in zero or offload != OffloadConfig():
+            block = zero.setdefault(name, {})
+            block.update(device=offload.device, pin_memory=offload.pin_memory)
+            if offload.nvme_path:
+                block["nvme_path"] = offload.nvme_path
+    if device_type == "cpu":
+        for key, value in CPU_ZERO_DEFAULTS.items():
+            zero.setdefault(key, value)
+    nvme = "nvme" in (cfg.zero.offload_optimizer.device, cfg.zero.offload_param.device)
+    if nvme or cfg.zero.aio != AioConfig():
+        ds["aio"] = {**ds.get("aio", {}), **cfg.zero.aio.model_dump()}
+    batch = _batch_keys(cfg, layout)
+    if cfg.parallel.cp > 1 and "train_batch_size" in batch:
+        if standalone and "train_micro_batch_size_per_gpu" in batch:
+            del batch["train_batch_size"]  # whichever world DeepSpeed sees, it derives this one right
+        elif layout is not None:  # MegatronMPU's data-parallel group spans dp x cp
+            batch["train_batch_size"] = layout.global_batch * layout.cp
+    ds.update(batch, gradient_clipping=cfg.optimizer.clip_grad)
+    ds["bf16"] = {**ds.get("bf16", {}), "enabled": cfg.precision == "bf16"}
+    fp16 = {**ds.get("fp16", {}), "enabled": cfg.precision == "fp16"}
+    if cfg.precision == "fp16" or cfg.loss_scaling != type(cfg.loss_scaling)():
+        fp16.update({key: getattr(cfg.loss_scaling, path.split(".")[1]) for key, path in FP16_KEYS.items()})
+    ds["fp16"] = fp16
+    if cfg.logging.interval or not standalone:  # zeromega's engine stays quiet unless asked
+        ds["steps_per_print"] = cfg.logging.interval or 10**9
+    o = cfg.optimizer
+    adam = {"lr": o.lr, "betas": [o.beta1, o.beta2], "eps": o.eps, "weight_decay": o.weight_decay}
+    if "optimizer" in ds:
+        ds["optimizer"]["params"] = {**ds["optimizer"].get("params", {}), **adam}
+    elif standalone:
+        ds["optimizer"] = {"type": "AdamW", "params": adam}
+    if standalone and "scheduler" not in ds:
+        scheduler = deepspeed_scheduler(cfg)
+        if scheduler:
+            ds["scheduler"] = scheduler
+    return ds
+
+
+def _batch_keys(cfg: RunConfig, layout: Optional[Layout]) -> dict:
+    if layout is not None:
+        return {"train_micro_batch_size_per_gpu": layout.micro, "gradient_accumulation_steps": layout.accumulation,
+                "train_batch_size": layout.global_batch}
+    b = cfg.batch
+    if b.global_ is None:  # DeepSpeed needs the micro batch or the global one
+        keys = {"train_micro_batch_size_per_gpu": b.micro or 1}
+        if b.accumulation is not None:
+            keys["gradient_accumulation_steps"] = b.accumulation
+        return keys
+    keys = {"train_batch_size": b.global_}
+    if b.micro is not None:
+        keys["train_micro_batch_size_per_gpu"] = b.micro
+    if b.accumulation is not None:
+        keys["gradient_accumulation_steps"] = b.accumulation
+    return keys
+
+
+def deepspeed_scheduler(cfg: RunConfig) -> Optional[dict]:
+    """The DeepSpeed scheduler block for the schedule, or None when DeepSpeed has none like it.
+
+    DeepSpeed's schedulers all warm up for >= 1 step, WarmupDecayLR decays
+    back to where warmup began, and none does inverse-square-root or WSD;
+    such schedules stay in the zeromega block instead.
+    """
+    s, lr = cfg.scheduler, cfg.optimizer.lr
+    if s.decay_style == "constant" and s.warmup_iters == 0:
+        return None
+    if s.decay_style not in SCHEDULERS.values() or s.warmup_iters == 0:
+        return None
+    if s.decay_iters is not None and s.decay_iters != s.train_iters:
+        return None  # DeepSpeed's total_num_steps is both the decay span and the run
+    total = s.train_iters
+    params: dict[str, Any] = {"warmup_num_steps": s.warmup_iters, "warmup_type": s.warmup_style}
+    if s.decay_style == "constant":
+        kind = "WarmupLR"
+        params.update(warmup_min_lr=s.warmup_init_lr, warmup_max_lr=lr)
+    elif total is None:
+        return None
+    elif s.decay_style == "linear":
+        if s.min_lr != s.warmup_init_lr:
+            return None
+        kind = "WarmupDecayLR"
+        params.update(warmup_min_lr=s.warmup_init_lr, warmup_max_lr=lr, total_num_steps=total)
+    else:
+        kind = "WarmupCosineLR"
+        params.update(warmup_min_ratio=s.warmup_init_lr / lr, cos_min_ratio=s.min_lr / lr, total_num_steps=total)
+    return {"type": kind, "params": params}

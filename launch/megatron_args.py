@@ -1,0 +1,315 @@
+"""The Megatron-LM dialect: argument lists and bash launch scripts in, argv and Megatron-Core fields out.
+
+Flags mean what they mean in Megatron-LM (and Megatron-DeepSpeed for
+``--zero-stage``, ``--deepspeed_config``, ``--ds-sequence-parallel-size``).
+``--cp-comm-type`` selects the sequence mode: ``p2p`` ring, ``a2a`` Ulysses,
+``a2a+p2p`` USP with ``--hierarchical-context-parallel-sizes U R``.
+
+Flags this table does not know are returned, in order and with their
+values, never dropped. Unstated flags take zeromega's defaults, not
+Megatron-LM's (they differ for ``--lr-decay-style``: constant here, linear
+there; and ``--initial-loss-scale``: 2**16 here, 2**32 there).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from .config import RunConfig, coerce
+from .errors import ConfigError
+from .partial import set_path
+
+SWITCH = "switch"
+# Flag -> (unified field path, value kind). Switches set True when present.
+FLAGS: dict[str, tuple[str, Any]] = {
+    "--tensor-model-parallel-size": ("parallel.tp", int),
+    "--pipeline-model-parallel-size": ("parallel.pp", int),
+    "--num-virtual-stages-per-pipeline-rank": ("parallel.vpp", int),
+    "--num-layers-per-virtual-pipeline-stage": ("parallel.layers_per_virtual_stage", int),
+    "--context-parallel-size": ("parallel.cp", int),
+    "--expert-model-parallel-size": ("parallel.ep", int),
+    "--sequence-parallel": ("parallel.sequence_parallel", SWITCH),
+    "--num-experts": ("moe.num_experts", int),
+    "--moe-router-topk": ("moe.topk", int),
+    "--micro-batch-size": ("batch.micro", int),
+    "--global-batch-size": ("batch.global", int),
+    "--zero-stage": ("zero.stage", int),
+    "--lr": ("optimizer.lr", float),
+    "--weight-decay": ("optimizer.weight_decay", float),
+    "--clip-grad": ("optimizer.clip_grad", float),
+    "--adam-beta1": ("optimizer.beta1", float),
+    "--adam-beta2": ("optimizer.beta2", float),
+    "--adam-eps": ("optimizer.eps", float),
+    "--lr-decay-style": ("scheduler.decay_style", str),
+    "--lr-warmup-iters": ("scheduler.warmup_iters", int),
+    "--lr-warmup-init": ("scheduler.warmup_init_lr", float),
+    "--min-lr": ("scheduler.min_lr", float),
+    "--train-iters": ("scheduler.train_iters", int),
+    "--lr-decay-iters": ("scheduler.decay_iters", int),
+    "--loss-scale": ("loss_scaling.loss_scale", float),
+    "--loss-scale-window": ("loss_scaling.window", float),
+    "--hysteresis": ("loss_scaling.hysteresis", int),
+    "--min-loss-scale": ("loss_scaling.min_scale", float),
+    "--recompute-granularity": ("recompute.granularity", str),
+    "--recompute-method": ("recompute.method", str),
+    "--recompute-num-layers": ("recompute.num_layers", int),
+    "--save": ("checkpoint.save", str),
+    "--load": ("checkpoint.load", str),
+    "--save-interval": ("checkpoint.interval", int),
+    "--log-interval": ("logging.interval", int),
+    "--num-layers": ("model.num_layers", int),
+    "--hidden-size": ("model.hidden_size", int),
+    "--ffn-hidden-size": ("model.ffn_hidden_size", int),
+    "--num-attention-heads": ("model.num_attention_heads", int),
+    "--num-query-groups": ("model.num_query_groups", int),
+    "--seq-length": ("model.seq_length", int),
+    "--max-position-embeddings": ("model.max_position_embeddings", int),
+    "--vocab-size": ("model.vocab_size", int),
+}
+# Flags with a rule of their own: flag -> (value kind, number of values: 0, 1 or "+").
+SPECIAL: dict[str, tuple[Any, Any]] = {
+    "--bf16": (None, 0),
+    "--fp16": (None, 0),
+    "--use-distributed-optimizer": (None, 0),
+    "--recompute-activations": (None, 0),
+    "--deepspeed": (None, 0),
+    "--group-query-attention": (None, 0),
+    "--cp-comm-type": (str, "+"),
+    "--hierarchical-context-parallel-sizes": (int, "+"),
+    "--ds-sequence-parallel-size": (int, 1),
+    "--initial-loss-scale": (float, 1),
+    "--deepspeed_config": (str, 1),
+    "--deepspeed-config": (str, 1),
+}
+CP_COMM_TYPES = {"p2p": "ring", "a2a": "ulysses", "a2a+p2p": "usp"}
+
+
+@dataclass
+class MegatronArgs:
+    """What a Megatron argument list says."""
+
+    partial: dict
+    """Unified fields the flags state."""
+    unknown: list[str] = field(default_factory=list)
+    """Arguments no table knows, in order, with their values."""
+    deepspeed_config: Optional[str] = None
+    """The ``--deepspeed_config`` path, if given."""
+
+
+def _convert(flag: str, kind: Any, text: str) -> Any:
+    if "$" in text:
+        name = text.split("$", 1)[1].strip("{}()").split("}")[0].split(":")[0]
+        raise ConfigError(flag, text, f"uses the shell variable {name}, which is not set",
+                          f"pass its value (zeromega translate/check --env {name}=VALUE)")
+    if kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            raise ConfigError(flag, text, f"invalid {kind.__name__} value: {text!r}",
+                              f"give {flag} a number") from None
+    return text
+
+
+def _scan(argv: list[str]) -> tuple[dict[str, list[str]], list[str]]:
+    """{flag: values} for the flags the tables know (last one wins), and the rest in order."""
+    known, unknown = {}, []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        flag, eq, inline = token.partition("=") if token.startswith("--") else (token, "", "")
+        nargs = 0 if FLAGS.get(flag, (None, 1))[1] == SWITCH else SPECIAL.get(flag, (None, 1))[1]
+        if flag not in FLAGS and flag not in SPECIAL:
+            unknown.append(token)
+            i += 1
+            continue
+        if nargs == 0:
+            if eq:
+                raise ConfigError(flag, inline, "is a switch and takes no value", f"write {flag} alone")
+            known[flag] = []
+            i += 1
+            continue
+        values = [inline] if eq else []
+        i += 1
+        while i < len(argv) and not argv[i].startswith("--") and (nargs == "+" or not values):
+            values.append(argv[i])
+            i += 1
+        if not values:
+            raise ConfigError(flag, None, "expected a value after it", f"write {flag} VALUE")
+        known[flag] = values
+    return known, unknown
+
+
+def parse(argv: list[str]) -> MegatronArgs:
+    """Read Megatron-LM arguments; values are checked against the unified field types."""
+    known, unknown = _scan(list(argv))
+    partial: dict = {}
+
+    def put(flag, path, value):
+        set_path(partial, path, coerce(path, value, flag))
+
+    for flag, values in known.items():
+        if flag in FLAGS:
+            path, kind = FLAGS[flag]
+            put(flag, path, True if kind == SWITCH else _convert(flag, kind, values[0]))
+    precision = [name for name in ("bf16", "fp16") if f"--{name}" in known]
+    if len(precision) == 2:
+        raise ConfigError("--fp16", True, "--fp16 and --bf16 are both given", "pass one of them")
+    if precision:
+        put(f"--{precision[0]}", "precision", precision[0])
+    if "--use-distributed-optimizer" in known:  # Megatron's optimizer sharding is ZeRO-1's
+        stage = partial.get("zero", {}).get("stage")
+        if stage == 0:
+            raise ConfigError("--zero-stage", 0, "contradicts --use-distributed-optimizer (sharded optimizer "
+                              "state is ZeRO-1)", "drop one of them")
+        if stage is None:
+            put("--use-distributed-optimizer", "zero.stage", 1)
+    if "--recompute-activations" in known:
+        granularity = partial.get("recompute", {}).get("granularity", "selective")
+        if granularity != "selective":
+            raise ConfigError("--recompute-activations", True, f"means selective recompute, but "
+                              f"--recompute-granularity is {granularity}", "pass one of them")
+        put("--recompute-activations", "recompute.granularity", "selective")
+    if "--initial-loss-scale" in known:
+        scale = _convert("--initial-loss-scale", float, known["--initial-loss-scale"][0])
+        power = math.log2(scale) if scale > 0 else -1
+        if power != int(power) or power < 0:
+            raise ConfigError("--initial-loss-scale", scale, "is not a power of two (DeepSpeed scales by 2**k)",
+                              "use a power of two, e.g. 65536")
+        put("--initial-loss-scale", "loss_scaling.initial_scale_power", int(power))
+    _sequence(known, put)
+    config = known.get("--deepspeed_config", known.get("--deepspeed-config"))
+    if config:
+        _convert("--deepspeed_config", str, config[0])
+    return MegatronArgs(partial, unknown, config[0] if config else None)
+
+
+def _sequence(known: dict, put) -> None:
+    """--cp-comm-type / --hierarchical-context-parallel-sizes / --ds-sequence-parallel-size -> sequence.*"""
+    if "--ds-sequence-parallel-size" in known:
+        size = _convert("--ds-sequence-parallel-size", int, known["--ds-sequence-parallel-size"][0])
+        if size > 1:
+            put("--ds-sequence-parallel-size", "sequence.mode", "ulysses")
+            put("--ds-sequence-parallel-size", "sequence.ulysses", size)
+    kinds = set(known.get("--cp-comm-type", []))
+    if not kinds:
+        if "--hierarchical-context-parallel-sizes" in known:
+            raise ConfigError("--hierarchical-context-parallel-sizes", known["--hierarchical-context-parallel-sizes"],
+                              "applies to --cp-comm-type a2a+p2p only", "add --cp-comm-type a2a+p2p")
+        return
+    if len(kinds) > 1 or not kinds <= set(CP_COMM_TYPES):
+        raise ConfigError("--cp-comm-type", " ".join(known["--cp-comm-type"]),
+                          "zeromega runs one of p2p (ring), a2a (Ulysses), a2a+p2p (USP) for every layer",
+                          "pass one of p2p, a2a, a2a+p2p")
+    mode = CP_COMM_TYPES[kinds.pop()]
+    put("--cp-comm-type", "sequence.mode", mode)
+    sizes = known.get("--hierarchical-context-parallel-sizes")
+    if mode == "usp":
+        if not sizes or len(sizes) != 2:
+            raise ConfigError("--hierarchical-context-parallel-sizes", sizes, "a2a+p2p needs two sizes: "
+                              "the a2a (Ulysses) size, then the p2p (ring) size", "pass e.g. 2 4")
+        put("--hierarchical-context-parallel-sizes", "sequence.ulysses",
+            _convert("--hierarchical-context-parallel-sizes", int, sizes[0]))
+        put("--hierarchical-context-parallel-sizes", "sequence.ring",
+            _convert("--hierarchical-context-parallel-sizes", int, sizes[1]))
+    elif sizes:
+        raise ConfigError("--hierarchical-context-parallel-sizes", sizes, "applies to --cp-comm-type a2a+p2p only",
+                          "drop it or use a2a+p2p")
+
+
+# ------------------------------------------------------------------ writing
+
+
+def _number(value: Any) -> str:
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def to_argv(cfg: RunConfig) -> list[str]:
+    """Megatron-LM arguments for every field that differs from zeromega's default."""
+    default, argv = RunConfig(), []
+    for flag, (path, kind) in FLAGS.items():
+        if path == "parallel.cp" or flag == "--num-layers-per-virtual-pipeline-stage" and cfg.parallel.vpp:
+            continue  # cp follows the sequence sizes; vpp is stated once
+        value, base = _get(cfg, path), _get(default, path)
+        if value is None or value == base:
+            continue
+        if kind == SWITCH:
+            argv.append(flag)
+        else:
+            argv += [flag, _number(value)]
+    if cfg.precision != "fp32":
+        argv.append(f"--{cfg.precision}")
+    if cfg.loss_scaling.initial_scale_power != default.loss_scaling.initial_scale_power:
+        argv += ["--initial-loss-scale", str(2 ** cfg.loss_scaling.initial_scale_power)]
+    s = cfg.sequence
+    if s.mode in ("ulysses", "ring", "usp") and cfg.parallel.cp > 1:
+        comm = {mode: kind for kind, mode in CP_COMM_TYPES.items()}[s.mode]
+        argv += ["--context-parallel-size", str(cfg.parallel.cp), "--cp-comm-type", comm]
+        if s.mode == "usp":
+            argv += ["--hierarchical-context-parallel-sizes", str(s.ulysses), str(s.ring)]
+    return argv
+
+
+def _get(cfg: Any, path: str) -> Any:
+    for part in path.split("."):
+        cfg = getattr(cfg, "global_" if part == "global" else part)
+    return cfg
+
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def transformer_config(cfg: RunConfig, **fields: Any):
+    """Megatron-Core's ``TransformerConfig`` for ``cfg``; ``fields`` add to or override the translated ones."""
+    import torch
+    from megatron.core.transformer import TransformerConfig
+
+    merged = {**megatron_core_fields(cfg), **fields}
+    for name in ("params_dtype", "pipeline_dtype"):
+        if isinstance(merged.get(name), str):
+            merged[name] = getattr(torch, merged[name])
+    return TransformerConfig(**merged)
+
+
+def megatron_core_fields(cfg: RunConfig) -> dict:
+    """Keyword arguments for Megatron-Core's ``TransformerConfig`` (and its ``ModelParallelConfig`` part).
+
+    Model-shape fields appear only when the config states them; the caller
+    adds the ones it lacks (``num_layers``, ``hidden_size``,
+    ``num_attention_heads`` are required by ``TransformerConfig``). Dtypes
+    are torch attribute names (``"bfloat16"``) so the dict prints as JSON;
+    :func:`transformer_config` turns them into dtypes.
+    """
+    p, s = cfg.parallel, cfg.sequence
+    fields: dict[str, Any] = {
+        "tensor_model_parallel_size": p.tp,
+        "pipeline_model_parallel_size": p.pp,
+        "context_parallel_size": p.cp,
+        "expert_model_parallel_size": p.ep,
+        "sequence_parallel": p.sequence_parallel,
+        "bf16": cfg.precision == "bf16",
+        "fp16": cfg.precision == "fp16",
+        "params_dtype": DTYPES[cfg.precision],
+    }
+    if p.pp > 1:
+        fields["pipeline_dtype"] = DTYPES[cfg.precision]
+    vpp = p.vpp
+    if vpp is None and p.layers_per_virtual_stage and cfg.model.num_layers:
+        vpp = cfg.model.num_layers // p.pp // p.layers_per_virtual_stage
+    if vpp is not None:
+        fields["virtual_pipeline_model_parallel_size"] = vpp
+    if p.cp > 1:
+        fields["cp_comm_type"] = {mode: kind for kind, mode in CP_COMM_TYPES.items()}[s.mode]
+        if s.mode == "usp":
+            fields["hierarchical_context_parallel_sizes"] = [s.ulysses, s.ring]
+    if cfg.moe.num_experts:
+        fields.update(num_moe_experts=cfg.moe.num_experts, moe_router_topk=cfg.moe.topk)
+    r = cfg.recompute
+    if r.granularity:
+        fields.update(recompute_granularity=r.granularity, recompute_method=r.method,
+                      recompute_num_layers=r.num_layers)
+    for name, value in cfg.model.model_dump().items():
+        if value is not None and name not in ("seq_length", "max_position_embeddings", "vocab_size"):
+            fields[name] = value
+    return fields

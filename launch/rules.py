@@ -1,0 +1,215 @@
+"""The rules a run config must satisfy before any process starts.
+
+Each rule is a small function of the config that raises
+:class:`~.errors.ConfigError` naming the field, its value and a fix; ``RULES``
+lists them in the order they are checked, so tests can name each one.
+Rules that need the world size live in :meth:`RunConfig.layout`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .config import RunConfig
+
+
+def resolve_sequence(cfg: "RunConfig") -> None:
+    """Make sequence.mode/ulysses/ring and parallel.cp/sequence_parallel agree (idempotent).
+
+    ``cp > 1`` with no mode is ring attention (Megatron's default
+    ``--cp-comm-type p2p``); ``mode: megatron`` is tp-sp alone.
+    """
+    s, p = cfg.sequence, cfg.parallel
+    cp_given = "cp" in p.model_fields_set
+    if s.mode == "megatron":
+        if p.cp > 1 or (s.ulysses or 1) > 1 or (s.ring or 1) > 1:
+            raise ConfigError("sequence.mode", "megatron", f"is tp sequence parallel alone, but cp = {p.cp}",
+                              "use mode ulysses, ring or usp for cp > 1 (with parallel.sequence_parallel for tp-sp)")
+        if "sequence_parallel" in p.model_fields_set and not p.sequence_parallel:
+            raise ConfigError("parallel.sequence_parallel", False, "contradicts sequence.mode 'megatron'",
+                              "set sequence_parallel true or choose another sequence.mode")
+        if not p.sequence_parallel:
+            p.sequence_parallel = True
+        s.ulysses = s.ring = None
+        return
+    if s.mode == "none":
+        if (s.ulysses or 1) > 1 or (s.ring or 1) > 1:
+            raise ConfigError("sequence.mode", "none", f"but ulysses = {s.ulysses}, ring = {s.ring}",
+                              "set sequence.mode to ulysses, ring or usp")
+        if p.cp > 1:
+            s.mode, s.ulysses, s.ring = "ring", 1, p.cp
+        else:
+            s.ulysses = s.ring = None
+            if p.sequence_parallel:
+                s.mode = "megatron"
+        return
+    ulysses, ring = s.ulysses, s.ring
+    if s.mode == "ulysses":
+        if (ring or 1) > 1:
+            raise ConfigError("sequence.ring", ring, "is set but mode is 'ulysses'", "use mode usp for both")
+        ulysses, ring = ulysses or p.cp, 1
+    elif s.mode == "ring":
+        if (ulysses or 1) > 1:
+            raise ConfigError("sequence.ulysses", ulysses, "is set but mode is 'ring'", "use mode usp for both")
+        ulysses, ring = 1, ring or p.cp
+    else:  # usp
+        if ulysses is None and ring is None:
+            raise ConfigError("sequence.mode", "usp", "needs the Ulysses and ring sizes",
+                              "set sequence.ulysses and sequence.ring (cp = ulysses x ring)")
+        if ulysses is None or ring is None:
+            known = ulysses or ring
+            if p.cp % known:
+                raise ConfigError("parallel.cp", p.cp, f"not divisible by the usp size {known}",
+                                  "set both sequence.ulysses and sequence.ring")
+            ulysses, ring = (ulysses, p.cp // ulysses) if ring is None else (p.cp // ring, ring)
+    if cp_given and p.cp != ulysses * ring:
+        raise ConfigError("parallel.cp", p.cp, f"!= sequence.ulysses x sequence.ring = {ulysses} x {ring}",
+                          f"set cp to {ulysses * ring} or drop it (it follows from the sequence sizes)")
+    if ulysses * ring == 1:  # a split over one rank is no split
+        s.mode, s.ulysses, s.ring = ("megatron" if p.sequence_parallel else "none"), None, None
+        return
+    s.ulysses, s.ring = ulysses, ring
+    if p.cp != ulysses * ring:
+        p.cp = ulysses * ring
+
+
+def _sequence_parallel_needs_tp(cfg):
+    if cfg.parallel.sequence_parallel and cfg.parallel.tp == 1:
+        raise ConfigError("parallel.sequence_parallel", True, "Megatron sequence parallel needs tp > 1",
+                          "set tp >= 2 or turn sequence_parallel off")
+
+
+def _heads_divisible(cfg):
+    ulysses = cfg.sequence.ulysses or 1
+    m, split = cfg.model, cfg.parallel.tp * ulysses
+    how = f"tp x ulysses = {cfg.parallel.tp} x {ulysses} = {split}"
+    for name in ("num_attention_heads", "num_query_groups"):
+        heads = getattr(m, name)
+        if heads is not None and heads % split:
+            raise ConfigError(f"model.{name}", heads, f"not divisible by {how}",
+                              f"use a multiple of {split} heads, or lower tp / the Ulysses size")
+    if m.num_attention_heads and m.num_query_groups and m.num_attention_heads % m.num_query_groups:
+        raise ConfigError("model.num_query_groups", m.num_query_groups,
+                          f"does not divide num_attention_heads = {m.num_attention_heads}",
+                          "use a divisor of the head count")
+
+
+def _sequence_divisible(cfg):
+    seq = cfg.model.seq_length
+    if seq is None:
+        return
+    s, p = cfg.sequence, cfg.parallel
+    zigzag = (s.ring or 1) > 1  # ring and usp hold two zigzag chunks per rank
+    multiple = p.cp * (2 if zigzag else 1) * (p.tp if p.sequence_parallel else 1)
+    if seq % multiple:
+        parts = ([f"2 (zigzag)"] if zigzag else []) + [f"cp {p.cp}"] + ([f"tp {p.tp}"] if p.sequence_parallel else [])
+        raise ConfigError("model.seq_length", seq, f"not divisible by {' x '.join(parts)} = {multiple}",
+                          f"use a sequence length that is a multiple of {multiple}")
+
+
+def _zero_with_pipeline(cfg):
+    if cfg.zero.stage >= 2 and cfg.parallel.pp > 1:
+        raise ConfigError("zero.stage", cfg.zero.stage, f"ZeRO-2/3 shard gradients, which pipeline parallel "
+                          f"(pp = {cfg.parallel.pp}) accumulates across micro-batches",
+                          "use zero.stage 0 or 1 with pp > 1, or set pp 1")
+
+
+def _offload_stages(cfg):
+    z = cfg.zero
+    if z.offload_param.device != "none" and z.stage < 3:
+        raise ConfigError("zero.offload_param.device", z.offload_param.device,
+                          f"parameter offload needs ZeRO-3 (stage is {z.stage})",
+                          "set zero.stage 3 or offload only the optimizer")
+    if z.offload_optimizer.device != "none" and z.stage == 0:
+        raise ConfigError("zero.offload_optimizer.device", z.offload_optimizer.device,
+                          "optimizer offload needs ZeRO stage >= 1", "set zero.stage 1, 2 or 3")
+
+
+def _nvme_needs_path(cfg):
+    for name in ("offload_optimizer", "offload_param"):
+        offload = getattr(cfg.zero, name)
+        if offload.device == "nvme" and not offload.nvme_path:
+            raise ConfigError(f"zero.{name}.nvme_path", offload.nvme_path, "nvme offload without a path",
+                              "set nvme_path to a directory on a local NVMe drive")
+
+
+def _experts_divisible(cfg):
+    experts, ep = cfg.moe.num_experts, cfg.parallel.ep
+    if experts is None:
+        return
+    if experts % ep:
+        raise ConfigError("moe.num_experts", experts, f"not divisible by ep = {ep}",
+                          f"use a multiple of {ep} experts or an ep that divides {experts}")
+    if cfg.moe.topk > experts:
+        raise ConfigError("moe.topk", cfg.moe.topk, f"routes to more experts than the {experts} there are",
+                          f"use a topk <= {experts}")
+
+
+def _virtual_pipeline(cfg):
+    p, layers = cfg.parallel, cfg.model.num_layers
+    field, value = ("parallel.vpp", p.vpp) if p.vpp else ("parallel.layers_per_virtual_stage",
+                                                         p.layers_per_virtual_stage)
+    if value is None:
+        if layers is not None and layers % p.pp:
+            raise ConfigError("model.num_layers", layers, f"not divisible by pp = {p.pp}",
+                              f"use a multiple of {p.pp} layers")
+        return
+    if p.pp == 1:
+        raise ConfigError(field, value, "virtual pipeline stages need pp > 1", "set pp >= 2 or drop it")
+    if layers is None:
+        return
+    if layers % p.pp:
+        raise ConfigError("model.num_layers", layers, f"not divisible by pp = {p.pp}", "use a multiple of pp")
+    per_rank = layers // p.pp
+    if p.layers_per_virtual_stage and per_rank % p.layers_per_virtual_stage:
+        raise ConfigError("parallel.layers_per_virtual_stage", p.layers_per_virtual_stage,
+                          f"does not divide the {per_rank} layers per pipeline rank ({layers} / pp {p.pp})",
+                          "choose a divisor of num_layers / pp")
+    if p.vpp and per_rank % p.vpp:
+        raise ConfigError("parallel.vpp", p.vpp, f"does not divide the {per_rank} layers per pipeline rank",
+                          "choose a divisor of num_layers / pp")
+    if p.vpp and p.layers_per_virtual_stage and p.vpp * p.layers_per_virtual_stage != per_rank:
+        raise ConfigError("parallel.vpp", p.vpp, f"x layers_per_virtual_stage {p.layers_per_virtual_stage} "
+                          f"!= {per_rank} layers per pipeline rank", "state only one of the two")
+
+
+def _recompute(cfg):
+    r = cfg.recompute
+    if r.granularity == "full" and (r.method is None or r.num_layers is None):
+        raise ConfigError("recompute.method" if r.method is None else "recompute.num_layers", None,
+                          "full recomputation needs a method and a number of layers",
+                          "set recompute.method (uniform|block) and recompute.num_layers")
+    if r.granularity != "full" and (r.method is not None or r.num_layers is not None):
+        field, value = ("recompute.method", r.method) if r.method else ("recompute.num_layers", r.num_layers)
+        raise ConfigError(field, value, f"applies to full recomputation only (granularity is {r.granularity})",
+                          "set recompute.granularity full, or drop it")
+
+
+def _checkpoint_interval(cfg):
+    c = cfg.checkpoint
+    if c.interval is not None and not c.save:
+        raise ConfigError("checkpoint.interval", c.interval, "saving every N steps needs a directory",
+                          "set checkpoint.save (Megatron --save)")
+
+
+RULES: list[Callable[["RunConfig"], None]] = [
+    _sequence_parallel_needs_tp,
+    _heads_divisible,
+    _sequence_divisible,
+    _zero_with_pipeline,
+    _offload_stages,
+    _nvme_needs_path,
+    _experts_divisible,
+    _virtual_pipeline,
+    _recompute,
+    _checkpoint_interval,
+]
+
+
+def check(cfg: "RunConfig") -> None:
+    """Raise the first rule's ConfigError, if any."""
+    for rule in RULES:
+        rule(cfg)
