@@ -75,14 +75,18 @@ def _counting(name: str, fn: Callable) -> Callable:
 
 
 def _count_batch_p2p(fn: Callable) -> Callable:
+    """batch_isend_irecv counts its sends once, here; the isend calls it makes are not counted again."""
+
     @functools.wraps(fn)
     def wrapper(p2p_op_list, *args, **kwargs):
-        if not getattr(_paused, "on", False):
-            sent = sum(op.tensor.numel() * op.tensor.element_size() for op in p2p_op_list
-                       if getattr(op.op, "__name__", "") == "isend")
-            with _lock:
-                _counts["p2p"] += sent
-        return fn(p2p_op_list, *args, **kwargs)
+        if getattr(_paused, "on", False):
+            return fn(p2p_op_list, *args, **kwargs)
+        sent = sum(op.tensor.numel() * op.tensor.element_size() for op in p2p_op_list
+                   if getattr(op.op, "__name__", "") == "isend")
+        with _lock:
+            _counts["p2p"] += sent
+        with paused():
+            return fn(p2p_op_list, *args, **kwargs)
 
     wrapper.__zeromega_original__ = fn
     return wrapper
@@ -98,6 +102,12 @@ def install() -> None:
             continue
         _originals[name] = fn
         setattr(dist, name, _count_batch_p2p(fn) if name == "batch_isend_irecv" else _counting(name, fn))
+    # P2POp accepts only the isend/irecv that distributed_c10d holds (an identity check), so the
+    # wrapped isend must stand there too, and irecv must stay one object in both namespaces.
+    c10d = dist.distributed_c10d
+    for name in ("isend", "batch_isend_irecv"):
+        if getattr(c10d, name, None) is _originals.get(name):
+            setattr(c10d, name, getattr(dist, name))
     by_id = {id(fn): getattr(dist, name) for name, fn in _originals.items()}
     for module_name, module in list(sys.modules.items()):
         if module is None or not module_name.startswith(("megatron.", "deepspeed.")):
@@ -119,10 +129,11 @@ class paused:
     """Context in which collectives are not counted (zeromega's own bookkeeping)."""
 
     def __enter__(self):
+        self._outer = getattr(_paused, "on", False)
         _paused.on = True
 
     def __exit__(self, *exc):
-        _paused.on = False
+        _paused.on = self._outer
 
 
 KINDS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broadcast", "reduce", "p2p")

@@ -31,3 +31,13 @@ def test_tensor_parallel_collectives_are_counted(small_corpus):
     s, b, h, layers = SHAPE["seq_length"], 2, SHAPE["hidden_size"], SHAPE["num_layers"]
     activation = s * b * h * 4
     assert r0["bytes"] == {"all_reduce": (2 + 4 * layers) * activation + 3 * s * b * 4}
+
+
+def test_point_to_point_counts_each_send_once():
+    """P2POp must still accept the wrapped isend (torch checks identity), and a batched send is not
+    counted twice (once by batch_isend_irecv, once by the isend it calls)."""
+    from workers import p2p_counts
+
+    for batched, plain in run_world(2, p2p_counts):
+        assert batched == {"p2p": 40}
+        assert plain == {"p2p": 40}

@@ -53,12 +53,170 @@ def probe_causal_softmax():
     assert torch.allclose(probs[0, 0, 0], torch.tensor([1.0, 0.0, 0.0]))
 
 
+def _sp_config():
+    from megatron.core.transformer import TransformerConfig
+
+    return TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=2, tensor_model_parallel_size=2,
+                             sequence_parallel=True, use_cpu_initialization=True)
+
+
+def probe_sp_layer_norm():
+    """The layers' norm under sequence parallel builds, and marks its params for the tp grad sum."""
+    from megatron.core.models.backends import LocalSpecProvider
+
+    norm = LocalSpecProvider().layer_norm()(config=_sp_config(), hidden_size=8)
+    assert all(getattr(p, "sequence_parallel", False) for p in norm.parameters())
+
+
+def probe_sp_final_norm():
+    from megatron.core.transformer import transformer_block
+
+    norm = transformer_block.LayerNormImpl(config=_sp_config(), hidden_size=8)
+    assert all(getattr(p, "sequence_parallel", False) for p in norm.parameters())
+
+
+class _TwoRanks:
+    """A stand-in tp group: mappings only ask its size before allocating."""
+
+    def size(self):
+        return 2
+
+
+def probe_sp_gather_buffer():
+    from megatron.core.tensor_parallel import mappings
+
+    real = mappings.dist_all_gather_func
+    mappings.dist_all_gather_func = lambda out, inp, group=None: out.copy_(torch.cat([inp, inp]))
+    try:
+        gathered = mappings._gather_along_first_dim(torch.ones(2, 3), _TwoRanks())
+    finally:
+        mappings.dist_all_gather_func = real
+    assert gathered.shape == (4, 3)
+
+
+def probe_fp32_optimizer_scale():
+    from megatron.core.optimizer import OptimizerConfig
+    from megatron.core.optimizer.optimizer import FP32Optimizer
+
+    param = torch.nn.Parameter(torch.ones(2))
+    FP32Optimizer(torch.optim.SGD([param], lr=0.1), OptimizerConfig(lr=0.1), None)
+
+
+def _grads_to_clip():
+    param = torch.nn.Parameter(torch.ones(3))
+    param.grad = torch.full((3,), 4.0)
+    return param
+
+
+def probe_clip_scale_buffer():
+    from megatron.core.optimizer import clip_grads
+
+    param = _grads_to_clip()
+    with cpu_patches.cuda_tensor_methods_on_cpu():
+        clip_grads.clip_grad_by_total_norm_fp32([param], max_norm=1.0, total_norm=8.0)
+    assert torch.allclose(param.grad, torch.full((3,), 0.5), atol=1e-5)
+
+
+def probe_clip_type_check():
+    from megatron.core.optimizer import optimizer
+
+    param = _grads_to_clip()
+    optimizer.clip_grad_by_total_norm_fp32([param], max_norm=1.0, total_norm=8.0)
+    assert torch.allclose(param.grad, torch.full((3,), 0.5), atol=1e-5)
+
+
+def probe_router_gemm():
+    from megatron.core.transformer.moe import moe_utils
+
+    try:
+        logits = moe_utils.router_gating_linear(torch.ones(3, 4), torch.ones(2, 4), None, torch.float32)
+    except NameError as err:  # upstream's own failure without TransformerEngine
+        raise RuntimeError(err) from err
+    assert torch.equal(logits, torch.full((3, 2), 4.0))
+
+
+def probe_dispatch_splits():
+    import numpy as np
+
+    from megatron.core.transformer.moe import token_dispatcher
+
+    splits = token_dispatcher.maybe_move_tensor_to_cpu(torch.tensor([3, 1]), as_numpy=True)
+    assert isinstance(splits, np.ndarray), "gloo's all_to_all_single takes split sizes as a list or array"
+
+
+_TINY = dict(num_layers=2, hidden_size=16, num_attention_heads=2, seq_length=8, vocab_size=64,
+             hidden_dropout=0.0, attention_dropout=0.0)
+_TINY_MOE = dict(_TINY, num_experts=2, moe_router_topk=2, moe_ffn_hidden_size=16)
+
+
+def _step_in_world(world: int, parallel: dict, shape: dict, clip: float = 1.0, virtual_stages=None):
+    """One Megatron-engine step in a forked world, leaving out the patches this process has left out."""
+    from distributed import run_world
+    from hybrid_workers import one_training_step
+
+    skipped = [f"{p.module}.{p.attribute}" for p in cpu_patches.PATCHES
+               if (p.module, p.attribute) not in cpu_patches._originals]
+    cfg = {"parallel": parallel, "precision": "fp32", "batch": {"micro": 1, "global": 2 * world},
+           "optimizer": {"lr": 1e-3, "clip_grad": clip}}
+    losses = run_world(world, one_training_step, cfg, shape, skipped, virtual_stages, timeout=120)
+    assert all(loss > 0 for loss in losses)
+
+
+def probe_grad_buffers():
+    _step_in_world(1, {}, _TINY)
+
+
+def probe_distributed_optimizer():
+    _step_in_world(1, {}, _TINY, clip=0.0)
+
+
+def probe_schedule_token_count():
+    _step_in_world(1, {}, _TINY, clip=0.0)
+
+
+def probe_pipeline_p2p():
+    _step_in_world(2, {"pp": 2}, dict(_TINY, untie_embeddings_and_output_weights=True), clip=0.0)
+
+
+def probe_tied_embedding_stages():
+    _step_in_world(2, {"pp": 2}, _TINY, clip=0.0)
+
+
+def probe_sp_linear_grad_buffer():
+    _step_in_world(2, {"tp": 2, "sequence_parallel": True}, _TINY, clip=0.0)
+
+
+def probe_moe_router():
+    _step_in_world(1, {}, _TINY_MOE, clip=0.0)
+
+
+def probe_moe_dispatcher_stream():
+    _step_in_world(1, {}, _TINY_MOE, clip=0.0)
+
+
 PROBES = {
     "megatron.core.utils.torch": probe_memory_buffer,
     "megatron.core.tensor_parallel.random.torch": probe_seed_tracker,
     "megatron.core.tensor_parallel.random._get_cuda_rng_state": probe_fork_reads_state,
     "megatron.core.tensor_parallel.random._set_cuda_rng_state": probe_fork_restores_state,
     "megatron.core.fusions.fused_softmax.get_default_causal_mask": probe_causal_softmax,
+    "megatron.core.models.backends.LNImpl": probe_sp_layer_norm,
+    "megatron.core.transformer.transformer_block.LayerNormImpl": probe_sp_final_norm,
+    "megatron.core.tensor_parallel.mappings.torch": probe_sp_gather_buffer,
+    "megatron.core.tensor_parallel.layers.torch": probe_sp_linear_grad_buffer,
+    "megatron.core.distributed.param_and_grad_buffer.torch": probe_grad_buffers,
+    "megatron.core.optimizer.optimizer.torch": probe_fp32_optimizer_scale,
+    "megatron.core.optimizer.clip_grads.torch": probe_clip_scale_buffer,
+    "megatron.core.optimizer.optimizer.clip_grad_by_total_norm_fp32": probe_clip_type_check,
+    "megatron.core.optimizer.distrib_optimizer:DistributedOptimizer.__init__": probe_distributed_optimizer,
+    "megatron.core.pipeline_parallel.schedules.torch": probe_schedule_token_count,
+    "megatron.core.pipeline_parallel.p2p_communication.torch": probe_pipeline_p2p,
+    "megatron.core.models.common.language_module.language_module:LanguageModule."
+    "setup_embeddings_and_output_layer": probe_tied_embedding_stages,
+    "megatron.core.transformer.moe.router.torch": probe_moe_router,
+    "megatron.core.transformer.moe.token_dispatcher.torch": probe_moe_dispatcher_stream,
+    "megatron.core.transformer.moe.token_dispatcher.maybe_move_tensor_to_cpu": probe_dispatch_splits,
+    "megatron.core.transformer.moe.moe_utils.te_general_gemm": probe_router_gemm,
 }
 
 

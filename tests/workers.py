@@ -69,3 +69,26 @@ def comm_bytes_one_step(cfg: dict, shape: dict, data_prefix: str) -> dict[str, A
     param_bytes = sum(p.numel() * p.element_size() for p in engine.module.parameters())
     parallel.shutdown()
     return {"bytes": counted, "param_bytes": param_bytes}
+
+
+def p2p_counts() -> list[dict[str, int]]:
+    """Bytes counted for one batched exchange (P2POp) and one plain isend/recv of 10 fp32 each way."""
+    import torch
+    import torch.distributed as dist
+
+    from zeromega.integrations import comm
+
+    comm.install()
+    dist.init_process_group("gloo")
+    peer = 1 - dist.get_rank()
+    sent, received = torch.ones(10), torch.zeros(10)
+    ops = [dist.P2POp(dist.isend, sent, peer), dist.P2POp(dist.irecv, received, peer)]
+    for request in dist.batch_isend_irecv(ops):
+        request.wait()
+    batched = comm.take()
+    request = dist.isend(sent, peer)
+    dist.recv(received, peer)
+    request.wait()
+    plain = comm.take()
+    dist.destroy_process_group()
+    return [batched, plain]

@@ -1,0 +1,206 @@
+"""Megatron-Core's own engine for the layouts DeepSpeed cannot run: pp > 1 and MoE with ep.
+
+Why not DeepSpeed here: its ZeRO refuses stages 2/3 with pipeline
+parallelism, its ``PipelineEngine`` wants a ``PipelineModule`` (a flat
+layer list, not a Megatron-Core ``GPTModel`` cut by ``parallel_state``), and
+its ZeRO treats parameters marked ``allreduce=False`` (Megatron's experts)
+as DeepSpeed-MoE experts only inside its own ``MoE`` module, so Megatron
+experts would be averaged over the whole dp group. Megatron-Core already
+has what these layouts need:
+
+- the model cut into stages (and virtual stages) by ``parallel_state``;
+- the schedules (``get_forward_backward_func``: no pipelining, 1F1B,
+  interleaved 1F1B over virtual stages), micro-batching included;
+- ``DistributedDataParallel``: contiguous grad buffers, reduced over the dp
+  (x cp) group, expert grads over the expert-data-parallel group;
+- ``DistributedOptimizer``: each dp rank keeps 1/dp of the fp32 master
+  params and Adam state, grads arrive by reduce-scatter and params leave by
+  all-gather, i.e. ZeRO-1 (ZeRO paper section 5.1) under another name.
+
+:class:`MegatronTrainer` wires those together from a :class:`RunConfig`.
+
+Pipeline bubble, measured: Megatron's schedules report their phases to
+``config.timers``; :class:`PhaseTimers` is that seam. Per stage, over one
+step, ``busy = forward-compute + backward-compute`` (model forward with the
+loss, and autograd backward, of every micro-batch and chunk) and
+``schedule = forward-backward - all-grads-sync`` (the schedule's wall time
+without the gradient reduction that follows it); ``idle = 1 - busy /
+schedule`` is the time the stage waited on its neighbours (p2p time
+included). Theory for equal f + b per micro-batch: 1F1B ``(p-1)/(m+p-1)``,
+interleaved with v chunks per stage ``(p-1)/(v m + p-1)`` (Narayanan et
+al. 2021, section 2.2).
+
+Dimension legend: ``b`` micro-batch, ``s`` sequence, ``m`` micro-batches per
+step, ``p`` pipeline stages, ``v`` virtual stages per stage.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Iterable, Optional
+
+import torch
+import torch.distributed as dist
+
+from zeromega.integrations import comm
+from zeromega.integrations.megatron import model as gpt
+from zeromega.launch.config import Layout, RunConfig
+
+
+class _Phase:
+    def __init__(self, totals: dict, name: str):
+        self._totals, self._name, self._start = totals, name, None
+
+    def start(self, barrier: bool = False) -> None:
+        self._start = time.perf_counter()
+
+    def stop(self, barrier: bool = False) -> None:
+        if self._start is not None:
+            self._totals[self._name] += time.perf_counter() - self._start
+            self._start = None
+
+
+class PhaseTimers:
+    """Megatron's ``config.timers`` protocol (``timers(name, log_level).start()/.stop()``), summing seconds per phase."""
+
+    def __init__(self):
+        self.totals: dict[str, float] = defaultdict(float)
+        self._phases: dict[str, _Phase] = {}
+
+    def __call__(self, name: str, log_level: Optional[int] = None) -> _Phase:
+        if name not in self._phases:
+            self._phases[name] = _Phase(self.totals, name)
+        return self._phases[name]
+
+    def take(self) -> dict[str, float]:
+        """Seconds per phase since the last call; resets."""
+        out = dict(self.totals)
+        self.totals.clear()
+        return out
+
+
+def idle_fraction(phases: dict[str, float]) -> float:
+    """Share of the schedule's wall time this stage spent not computing (see module docstring)."""
+    schedule = phases.get("forward-backward", 0.0) - phases.get("all-grads-sync", 0.0)
+    busy = phases.get("forward-compute", 0.0) + phases.get("backward-compute", 0.0)
+    return max(0.0, 1.0 - busy / schedule) if schedule > 0 else 0.0
+
+
+def theoretical_bubble(p: int, m: int, v: int = 1) -> float:
+    """Idle fraction of a stage under 1F1B (v = 1) or interleaved 1F1B with v chunks per stage."""
+    return (p - 1) / (v * m + p - 1)
+
+
+@dataclass
+class StepResult:
+    loss: float
+    """Mean micro-batch loss over the step (averaged over dp ranks; the same on every rank)."""
+    grad_norm: Optional[float]
+    """Global gradient norm before clipping (Megatron's, over every shard and stage)."""
+    idle: list[float] = field(default_factory=list)
+    """Measured idle fraction of each pipeline stage (index = pp rank)."""
+    phases: dict[str, float] = field(default_factory=dict)
+    """This rank's seconds per schedule phase."""
+
+
+def _masked_mean(loss_mask: torch.Tensor, per_token: torch.Tensor):
+    mask = loss_mask.to(per_token.device, torch.float32)
+    loss = (per_token.float() * mask).sum() / mask.sum()
+    return loss, {"loss": loss.detach().clone()}  # the schedule divides `loss` in place
+
+
+class MegatronTrainer:
+    """GPT training with Megatron-Core's schedules, DDP and (distributed) optimizer.
+
+    ``virtual_stages`` > 1 selects the interleaved schedule. ``init_seed``
+    re-draws the weights by their 1-process names (:func:`model.init_by_name`)
+    so that any layout starts where a 1-process run does.
+    """
+
+    def __init__(self, shape: gpt.GPTShape, cfg: RunConfig, layout: Layout, *, virtual_stages: Optional[int] = None,
+                 distributed_optimizer: bool = True, init_seed: Optional[int] = None):
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        self.shape, self.cfg, self.layout = shape, cfg, layout
+        if virtual_stages is None:  # the run config's vpp, when it has one
+            virtual_stages = getattr(layout, "vpp", None)
+        self.virtual_stages = virtual_stages if virtual_stages and virtual_stages > 1 else 1
+        chunks = gpt.build_gpt_chunks(shape, cfg, virtual_stages)
+        if init_seed is not None:
+            gpt.init_by_name(chunks, shape, init_seed)
+        self.config = chunks[0].config
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=distributed_optimizer)
+        self.chunks = [DistributedDataParallel(config=self.config, ddp_config=ddp_config, module=chunk,
+                                               disable_bucketing=i > 0)
+                       for i, chunk in enumerate(chunks)]
+        o = cfg.optimizer
+        self.optimizer = get_megatron_optimizer(
+            OptimizerConfig(optimizer="adam", lr=o.lr, min_lr=0.0, weight_decay=o.weight_decay, adam_beta1=o.beta1,
+                            adam_beta2=o.beta2, adam_eps=o.eps, clip_grad=o.clip_grad,
+                            use_distributed_optimizer=distributed_optimizer, params_dtype=self.config.params_dtype,
+                            bf16=cfg.precision == "bf16", fp16=cfg.precision == "fp16"),
+            self.chunks, use_gloo_process_groups=False)
+        for group in self.optimizer.param_groups:  # Megatron's scheduler would do this each step
+            group["weight_decay"] = o.weight_decay * group.get("wd_mult", 1.0)
+        self.timers = PhaseTimers()
+        self.config.timers = self.timers
+        self.config.finalize_model_grads_func = finalize_model_grads
+        self.config.grad_scale_func = self.optimizer.scale_loss if cfg.precision == "fp16" else None
+        if len(self.chunks) > 1:
+            self.config.no_sync_func = [c.no_sync for c in self.chunks]
+        self._forward_backward = get_forward_backward_func()
+
+    @property
+    def module(self) -> torch.nn.Module:
+        """The first model chunk (the whole model when pp == 1 and v == 1)."""
+        return self.chunks[0].module
+
+    def _forward_step(self, data_iterator, model):
+        batch = next(data_iterator)
+        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+        return output, lambda per_token: _masked_mean(batch["loss_mask"], per_token)
+
+    def train_step(self, micro_batches: Iterable[dict]) -> StepResult:
+        """One optimizer step over ``layout.accumulation`` micro-batches of this dp rank.
+
+        Every rank of a pipeline draws the same micro-batches (the first stage
+        reads tokens, the last labels and mask); each model chunk gets its own
+        iterator over them, as the interleaved schedule asks.
+        """
+        from megatron.core import parallel_state as ps
+
+        batches = list(micro_batches)
+        m = len(batches)
+        for chunk in self.chunks:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        iterators = [iter(batches) for _ in self.chunks]
+        self.timers.take()
+        losses = self._forward_backward(
+            forward_step_func=self._forward_step,
+            data_iterator=iterators if len(iterators) > 1 else iterators[0],
+            model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
+            num_microbatches=m,
+            seq_length=self.shape.seq_length,
+            micro_batch_size=batches[0]["tokens"].shape[0],
+            forward_only=False,
+        )
+        phases = self.timers.take()
+        _, grad_norm, _ = self.optimizer.step()
+        loss = torch.tensor([sum(float(x["loss"]) for x in losses) / m if losses else 0.0], dtype=torch.float64)
+        idle = torch.zeros(ps.get_pipeline_model_parallel_world_size(), dtype=torch.float64)
+        idle[ps.get_pipeline_model_parallel_rank()] = idle_fraction(phases)
+        with comm.paused():  # bookkeeping, not training traffic
+            last = ps.get_pipeline_model_parallel_last_rank()
+            dist.broadcast(loss, src=last, group=ps.get_pipeline_model_parallel_group())
+            dist.all_reduce(loss, group=ps.get_data_parallel_group(with_context_parallel=True))
+            dist.all_reduce(idle, group=ps.get_pipeline_model_parallel_group())
+        loss /= ps.get_data_parallel_world_size(with_context_parallel=True)
+        return StepResult(loss=float(loss.item()), grad_norm=None if grad_norm is None else float(grad_norm),
+                          idle=idle.tolist(), phases=phases)
