@@ -12,11 +12,19 @@ a value given both ways must agree.
 
 Without ``--data-path`` the script trains on the project's own corpus (the
 Python standard library's sources, byte-tokenized), built on first use.
+
+Checkpoints use Megatron-LM's flags: ``--save DIR --save-interval N`` writes
+one every N steps and at the end; ``--load DIR`` resumes from the newest
+(model, ZeRO partitions, scheduler, every rank's RNGs, data position). With
+``--load`` and ``--save`` naming the same directory, a run that finds no
+checkpoint there starts fresh, so one command line serves the first attempt
+and every restart (``zeromega launch --max-restarts K``).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -56,7 +64,21 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     run.add_argument("--metrics-out", default=None, help="JSON lines, one object per step (rank 0)")
     run.add_argument("--no-progress", action="store_true")
     run.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    return p.parse_known_args(argv)
+    run.add_argument("--distributed-timeout-minutes", type=float, default=10.0,
+                     help="a collective waiting longer than this fails, so a hung or dead rank ends the job")
+    ckpt = p.add_argument_group("checkpointing")
+    ckpt.add_argument("--save", default=None, help="directory for checkpoints")
+    ckpt.add_argument("--save-interval", type=int, default=None, help="steps between checkpoints")
+    ckpt.add_argument("--load", default=None, help="resume from the newest checkpoint in this directory")
+    ckpt.add_argument("--exit-interval", type=int, default=None, help="save and exit after a step divisible by this")
+    ckpt.add_argument("--exit-signal-handler", action="store_true",
+                      help="on SIGTERM, save after the current step and exit")
+    args, rest = p.parse_known_args(argv)
+    if args.save_interval is not None and args.save_interval < 1:
+        p.error("--save-interval must be >= 1")
+    if args.save_interval and not args.save:
+        p.error("--save-interval needs --save DIR")
+    return args, rest
 
 
 def run_config(args, rest: list[str]):
@@ -67,6 +89,90 @@ def run_config(args, rest: list[str]):
     if unknown:
         raise SystemExit(f"pretrain_gpt.py: error: unrecognized arguments: {' '.join(unknown)}")
     return translate.build(args.config, megatron_argv=rest)
+
+
+def set_collective_timeout(minutes: float) -> None:
+    """Give every process group the timeout, not just the default one.
+
+    Megatron-Core builds its tp/dp groups with a whole number of minutes (at
+    least 1); a shorter timeout (tests, impatient jobs) is set on each group here.
+    """
+    import datetime
+
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    timeout = datetime.timedelta(minutes=minutes)
+    for group in [None, *(parallel_state._global_process_group_list or [])]:
+        if group is None or not dist.distributed_c10d._rank_not_in_group(group):
+            dist.distributed_c10d._set_pg_timeout(timeout, group)
+
+
+class CheckpointedRun:
+    """The run's --save/--load/--exit-* policy around :class:`zeromega.checkpoint.Checkpointer`."""
+
+    def __init__(self, args, engine, layout, cfg, scheduler, model_meta: dict):
+        from zeromega.checkpoint import Checkpointer
+
+        self.args, self.global_batch = args, layout.global_batch
+        self.ckpt = Checkpointer(engine, layout, cfg.zero.stage, cfg.precision, scheduler, model_meta=model_meta)
+        self.start_step, self.start_samples, self.saved_step = 0, 0, None
+        self.stop_requested = False
+        if args.exit_signal_handler:
+            import signal
+
+            signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self.stop_requested = True
+
+    def resume(self) -> tuple[int, int]:
+        """(step, consumed samples) to start from; (0, 0) for a fresh run."""
+        args = self.args
+        if not args.load:
+            return 0, 0
+        same = args.save is not None and os.path.abspath(args.save) == os.path.abspath(args.load)
+        resumed = self.ckpt.load(args.load, allow_empty=same)
+        if resumed is None:
+            return 0, 0
+        self.start_step, self.start_samples = resumed.step, resumed.consumed_samples
+        self.saved_step = resumed.step
+        return resumed.step, resumed.consumed_samples
+
+    def consumed(self, step: int) -> int:
+        return self.start_samples + (step - self.start_step) * self.global_batch
+
+    def save(self, step: int) -> None:
+        if self.args.save and self.saved_step != step:
+            self.ckpt.save(self.args.save, step, self.consumed(step))
+            self.saved_step = step
+
+    def _signalled(self) -> bool:
+        """Whether any rank got SIGTERM (all ranks must stop at the same step)."""
+        import torch
+        import torch.distributed as dist
+
+        flag = torch.tensor([1.0 if self.stop_requested else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def after_step(self, record) -> bool:
+        args, step = self.args, record.step
+        if args.save_interval and step % args.save_interval == 0:
+            self.save(step)
+        stop = bool(args.exit_interval and step % args.exit_interval == 0)
+        if args.exit_signal_handler and self._signalled():
+            stop = True
+        if stop:
+            self.save(step)
+        self.last_step = step
+        return stop
+
+    def finish(self) -> None:
+        """Megatron saves once more at the end unless the last step was just saved."""
+        step = getattr(self, "last_step", None)
+        if step is not None:
+            self.save(step)
 
 
 @record
@@ -85,7 +191,8 @@ def main(argv: list[str] | None = None) -> None:
     from zeromega.train import train
 
     comm.install()
-    layout = parallel.initialize(cfg, seed=args.seed)
+    layout = parallel.initialize(cfg, seed=args.seed, timeout_minutes=args.distributed_timeout_minutes)
+    set_collective_timeout(args.distributed_timeout_minutes)
     rank0 = dist.get_rank() == 0
     say = print if rank0 else (lambda *a, **k: None)
     say(f"zeromega: world {layout.world} = tp {layout.tp} x pp {layout.pp} x cp {layout.cp} x dp {layout.dp}; "
@@ -121,14 +228,22 @@ def main(argv: list[str] | None = None) -> None:
         end_wd=cfg.optimizer.weight_decay, wd_incr_steps=args.train_iters, wd_incr_style="constant",
     )
 
+    run = CheckpointedRun(args, engine, layout, cfg, scheduler, dataclasses.asdict(shape)) if (args.save or args.load) else None
+    start_step, consumed = run.resume() if run else (0, 0)
+    if start_step:
+        say(f"zeromega: resumed at step {start_step} ({consumed} samples consumed)")
+
     dp_rank = parallel_state.get_data_parallel_rank(with_context_parallel=True)
-    batches = data.sample_batches(train_ds, layout.micro, dp_rank=dp_rank, dp_size=layout.dp)
+    batches = data.sample_batches(train_ds, layout.micro, start_sample=consumed, dp_rank=dp_rank, dp_size=layout.dp)
     records = train(
         engine, batches, iters=args.train_iters, accumulation=layout.accumulation,
         tokens_per_step=layout.global_batch * args.seq_length,
         dp_group=parallel_state.get_data_parallel_group(with_context_parallel=True),
         metrics_out=args.metrics_out, scheduler=scheduler, progress=not args.no_progress,
+        start_step=start_step, on_step=run.after_step if run else None,
     )
+    if run:
+        run.finish()
     if records:
         first, last = records[0], records[-1]
         say(f"zeromega: loss {first.loss:.4f} -> {last.loss:.4f} over {len(records)} steps; "

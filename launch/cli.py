@@ -366,7 +366,9 @@ def _check(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------ main
 
-SUBCOMMANDS: list[Callable] = [_add_launch, _add_translate, _add_check]
+from .export import _add_export  # noqa: E402  (subcommands living in their own modules)
+
+SUBCOMMANDS: list[Callable] = [_add_launch, _add_translate, _add_check, _add_export]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -223,6 +223,10 @@ def run_torchrun(job: Job) -> Optional[RankFailure]:
     from torch.distributed.run import parse_args, run
 
     apply_settings(os.environ, rank_settings(job, dict(os.environ)))  # the agent passes it on
+    if job.max_restarts > 0:
+        # torch 2.13's agent otherwise shares one TCP store across restarts with no per-attempt
+        # prefix: restarted ranks read the dead attempt's gloo addresses ("Connection refused").
+        os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     try:
         run(parse_args(torchrun_argv(job)))
     except ChildFailedError as err:

@@ -13,7 +13,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -66,13 +66,27 @@ def train_step(engine, batches: Iterator[dict], accumulation: int) -> float:
 
 
 class MetricsWriter:
-    """JSON lines on rank 0 (no file on other ranks, or when ``path`` is None)."""
+    """JSON lines on rank 0 (no file on other ranks, or when ``path`` is None).
 
-    def __init__(self, path: Optional[str]):
+    ``after_step`` > 0 (a resumed run) keeps the records of steps up to it and
+    drops later ones, which a run that died after its last checkpoint wrote:
+    the file then holds one continuous curve however often the run restarted.
+    """
+
+    def __init__(self, path: Optional[str], after_step: int = 0):
         self._file = None
         if path and (not dist.is_initialized() or dist.get_rank() == 0):
             Path(path).parent.mkdir(parents=True, exist_ok=True)
+            kept = []
+            if after_step > 0 and Path(path).is_file():
+                for line in Path(path).read_text().splitlines():
+                    try:
+                        if json.loads(line)["step"] <= after_step:
+                            kept.append(line + "\n")
+                    except (ValueError, KeyError, TypeError):
+                        continue
             self._file = open(path, "w")
+            self._file.writelines(kept)
 
     def write(self, record: StepRecord) -> None:
         if self._file:
@@ -86,19 +100,24 @@ class MetricsWriter:
 
 def train(engine, batches: Iterator[dict], *, iters: int, accumulation: int, tokens_per_step: int,
           dp_group=None, metrics_out: Optional[str] = None, scheduler=None,
-          progress: bool = True, log=print) -> list[StepRecord]:
-    """Run ``iters`` steps; returns the records (identical on every rank)."""
+          progress: bool = True, log=print, start_step: int = 0,
+          on_step: Optional[Callable[[StepRecord], bool]] = None) -> list[StepRecord]:
+    """Run steps ``start_step + 1 .. iters``; returns their records (identical on every rank).
+
+    ``on_step(record)`` runs after every step on every rank (checkpointing,
+    exit conditions); a true return ends training after that step.
+    """
     from tqdm import tqdm
 
     device = accel.current()
     comm.install()
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
-    writer = MetricsWriter(metrics_out)
+    writer = MetricsWriter(metrics_out, after_step=start_step)
     records = []
-    bar = tqdm(total=iters, disable=not (progress and rank0), unit="step", dynamic_ncols=True)
+    bar = tqdm(total=iters, initial=start_step, disable=not (progress and rank0), unit="step", dynamic_ncols=True)
     comm.take()
     try:
-        for step in range(1, iters + 1):
+        for step in range(start_step + 1, iters + 1):
             device.reset_peak_memory()
             start = time.perf_counter()
             loss = train_step(engine, batches, accumulation)
@@ -117,6 +136,8 @@ def train(engine, batches: Iterator[dict], *, iters: int, accumulation: int, tok
             writer.write(record)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record.tokens_per_s:,.0f}")
+            if on_step is not None and on_step(record):
+                break
     finally:
         bar.close()
         writer.close()

@@ -137,10 +137,20 @@ def transformer_config(shape: GPTShape, cfg: RunConfig, virtual_stages: Optional
     )
 
 
-def _layer_spec(shape: GPTShape):
+CONTEXT_PARALLEL_MODES = ("ulysses", "ring", "usp")
+
+
+def _layer_spec(shape: GPTShape, cfg: Optional[RunConfig] = None):
+    """Megatron-Core's local spec; with cp > 1, zeromega's Ulysses / ring / USP core attention
+    (Megatron's own context parallelism needs TransformerEngine)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    return get_gpt_layer_local_spec(num_experts=shape.num_experts, moe_grouped_gemm=False)
+    local = dict(num_experts=shape.num_experts, moe_grouped_gemm=False)
+    if cfg is not None and cfg.parallel.cp > 1 and cfg.sequence.mode in CONTEXT_PARALLEL_MODES:
+        from zeromega.plugins.sequence.megatron import gpt_layer_spec
+
+        return gpt_layer_spec(cfg.sequence.mode, ulysses_size=cfg.sequence.ulysses, **local)
+    return get_gpt_layer_local_spec(**local)
 
 
 def _zero3_ready(config, cfg: RunConfig):
@@ -161,7 +171,7 @@ def build_gpt(shape: GPTShape, cfg: RunConfig):
     config = _zero3_ready(transformer_config(shape, cfg), cfg)
     return GPTModel(
         config=config,
-        transformer_layer_spec=_layer_spec(shape),
+        transformer_layer_spec=_layer_spec(shape, cfg),
         vocab_size=padded_vocab_size(shape.vocab_size, shape.make_vocab_size_divisible_by, cfg.parallel.tp),
         max_sequence_length=shape.seq_length,
         pre_process=parallel_state.is_pipeline_first_stage(),

@@ -1,0 +1,123 @@
+#!/usr/bin/env python
+"""Checkpoint save/load time and bytes per rank, against the raw bandwidth of the same disk, in one run.
+
+Two ranks (dp2, ZeRO stage from --zero-stage) train a GPT for one step, then
+save and load a checkpoint ``--repeat`` times into ``--dir``. Each rank also
+writes and reads back, with fsync, a plain file as large as its share of the
+checkpoint: the raw disk bandwidth at that moment. The ratio (checkpoint
+bytes/s over raw bytes/s) is what zeromega's hashing, manifest and rename
+cost on top of the disk. Reads of the raw file come from the page cache like
+the checkpoint's own (no cache drop: that needs root and a quiet machine).
+
+    python bench/checkpoint_io.py --hidden-size 512 --num-layers 8 --zero-stage 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+
+def raw_bandwidth(path: Path, nbytes: int) -> tuple[float, float]:
+    """(write bytes/s with fsync, read bytes/s) of one file of ``nbytes``."""
+    block = os.urandom(1 << 20)
+    start = time.perf_counter()
+    with open(path, "wb") as f:
+        for _ in range(max(1, nbytes >> 20)):
+            f.write(block)
+        f.flush()
+        os.fsync(f.fileno())
+    write_s = time.perf_counter() - start
+    start = time.perf_counter()
+    with open(path, "rb") as f:
+        while f.read(4 << 20):
+            pass
+    read_s = time.perf_counter() - start
+    size = path.stat().st_size
+    path.unlink()
+    return size / write_s, size / read_s
+
+
+def rank_work(args: dict, corpus: str) -> dict:
+    import torch.distributed as dist
+
+    from zeromega.checkpoint import Checkpointer
+    from zeromega.integrations.deepspeed import build_engine
+    from zeromega.integrations.megatron import data, model, parallel
+    from zeromega.launch.config import RunConfig
+    from zeromega.train import gpt_loss
+
+    cfg = RunConfig.model_validate({"zero": {"stage": args["zero_stage"]}, "batch": {"micro": 1, "global": 2}})
+    layout = parallel.initialize(cfg, seed=1)
+    shape = model.GPTShape(num_layers=args["num_layers"], hidden_size=args["hidden_size"],
+                           num_attention_heads=8, seq_length=64, vocab_size=257)
+    engine = build_engine(model.build_gpt(shape, cfg), cfg, layout)
+    train_ds, _, _ = data.build_gpt_datasets(corpus, 64, 1, (8, 0, 0), split="1,0,0")
+    batch = next(data.sample_batches(train_ds, 1, dp_rank=dist.get_rank(), dp_size=2))
+    engine.backward(gpt_loss(engine, batch))
+    engine.step()
+    ckpt = Checkpointer(engine, layout, args["zero_stage"], "fp32")
+    save_dir = Path(args["dir"]) / "ckpt"
+    saves, loads, nbytes = [], [], 0
+    for i in range(args["repeat"]):
+        dist.barrier()
+        start = time.perf_counter()
+        ckpt.save(save_dir, i + 1, 0)
+        saves.append(time.perf_counter() - start)
+        nbytes = ckpt.last_save["bytes"]
+    # A fresh engine per load: ZeRO-3 cannot load into an engine that already holds partitions.
+    for _ in range(args["repeat"]):
+        engine2 = build_engine(model.build_gpt(shape, cfg), cfg, layout)
+        ckpt2 = Checkpointer(engine2, layout, args["zero_stage"], "fp32")
+        dist.barrier()
+        start = time.perf_counter()
+        ckpt2.load(save_dir)
+        loads.append(time.perf_counter() - start)
+    dist.barrier()
+    write_bw, read_bw = raw_bandwidth(Path(args["dir"]) / f"raw-{dist.get_rank()}.bin", nbytes)
+    parallel.shutdown()
+    return {"bytes": nbytes, "save_s": statistics.median(saves), "load_s": statistics.median(loads),
+            "raw_write_Bps": write_bw, "raw_read_Bps": read_bw}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--hidden-size", type=int, default=512)
+    p.add_argument("--num-layers", type=int, default=8)
+    p.add_argument("--zero-stage", type=int, default=2)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--dir", default=None, help="where to write (default: a temporary directory)")
+    args = p.parse_args()
+    from distributed import run_world
+
+    from zeromega.integrations.megatron import data
+
+    workdir = Path(args.dir or tempfile.mkdtemp(prefix="zeromega-ckpt-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    corpus = str(data.build_corpus(workdir / "corpus", max_bytes=300_000))
+    try:
+        results = run_world(2, rank_work, {**vars(args), "dir": str(workdir)}, corpus, timeout=1200)
+    finally:
+        if args.dir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+    for rank, r in enumerate(results):
+        save_bw, load_bw = r["bytes"] / r["save_s"], r["bytes"] / r["load_s"]
+        print(json.dumps({"rank": rank, "zero_stage": args.zero_stage, "bytes": r["bytes"],
+                          "save_s": round(r["save_s"], 3), "load_s": round(r["load_s"], 3),
+                          "save_MBps": round(save_bw / 1e6, 1), "raw_write_MBps": round(r["raw_write_Bps"] / 1e6, 1),
+                          "save_vs_raw": round(save_bw / r["raw_write_Bps"], 3),
+                          "load_MBps": round(load_bw / 1e6, 1), "raw_read_MBps": round(r["raw_read_Bps"] / 1e6, 1),
+                          "load_vs_raw": round(load_bw / r["raw_read_Bps"], 3)}))
+
+
+if __name__ == "__main__":
+    main()

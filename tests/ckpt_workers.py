@@ -1,0 +1,99 @@
+"""What each rank runs in the checkpoint tests: the real ``examples/pretrain_gpt.py``.
+
+The script is imported from its path and its ``main(argv)`` run in the
+forked rank, so the tests cover its flags (``--save/--load/...``), not a copy
+of its loop. Run as a script, this module is the fault-injection entry for
+``zeromega launch``: it kills one rank at one step of the first attempt.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+SCRIPT = Path(__file__).resolve().parent.parent / "examples" / "pretrain_gpt.py"
+
+
+def pretrain_module():
+    spec = importlib.util.spec_from_file_location("zeromega_pretrain_gpt", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def read_curve(metrics: str | Path) -> dict[int, float]:
+    """step -> loss from a --metrics-out file."""
+    curve = {}
+    for line in Path(metrics).read_text().splitlines():
+        record = json.loads(line)
+        curve[record["step"]] = record["loss"]
+    return curve
+
+
+def pretrain(argv: list[str], fault_point: Optional[str] = None, fault_rank: int = 0, fault_after: int = 0) -> Any:
+    """Run the script's main on this rank; with ``fault_point``, rank ``fault_rank`` raises there
+    during the save after ``fault_after`` complete ones."""
+    import torch.distributed as dist
+
+    from zeromega import checkpoint
+
+    module = pretrain_module()
+    if fault_point is not None:
+        original = checkpoint.Checkpointer.__init__
+
+        def init(self, *args, **kwargs):
+            original(self, *args, **kwargs)
+
+            seen = []
+
+            def fault(point):
+                if point == fault_point and dist.get_rank() == fault_rank:
+                    seen.append(point)
+                    if len(seen) > fault_after:
+                        raise RuntimeError(f"injected fault at {point}")
+
+            self.fault = fault
+
+        checkpoint.Checkpointer.__init__ = init
+    try:
+        module.main(argv)
+    except BaseException as err:  # the test wants the message, not the traceback
+        from zeromega.integrations.megatron import parallel
+
+        parallel.shutdown()
+        return {"error": f"{type(err).__name__}: {err}"}
+    return {"error": None}
+
+
+def _kill_during_first_attempt() -> None:
+    """Script entry: ZEROMEGA_TEST_KILL='RANK:STEP' SIGKILLs that rank after that step, first attempt only."""
+    import signal
+
+    import torch.distributed as dist
+
+    import zeromega.train as train_module
+
+    rank, step = (int(x) for x in os.environ["ZEROMEGA_TEST_KILL"].split(":"))
+    first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+    original = train_module.train
+
+    def train(*args, on_step=None, **kwargs):
+        def step_hook(record):
+            stop = on_step(record) if on_step else False
+            if first_attempt and record.step == step and dist.get_rank() == rank:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return stop
+
+        return original(*args, on_step=step_hook, **kwargs)
+
+    train_module.train = train
+    import sys
+
+    pretrain_module().main(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    _kill_during_first_attempt()

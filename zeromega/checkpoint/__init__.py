@@ -1,0 +1,337 @@
+"""Save and resume a training run exactly; move it to another layout; never lose the last good checkpoint.
+
+Directory layout (``--save SAVE``), Megatron's tag names, DeepSpeed's files::
+
+    SAVE/latest                      one line: the tag of the newest complete checkpoint
+    SAVE/iter_0000020/               one checkpoint, published by a rename (see files.py)
+        manifest.json                sha256 and size of every file; step, data position,
+                                     scheduler, layout, and each parameter's tp split
+        mp_rank_00_model_states.pt   DeepSpeed: module, engine counters (per tp rank)
+        zero_pp_rank_R_mp_rank_T_optim_states.pt   DeepSpeed: ZeRO partitions (per dp rank)
+        zeromega/rng_rank_00001.pt   every RNG of global rank 1 (python, numpy, torch, CUDA,
+                                     Megatron's tracker)
+    SAVE/.staging/                   saves in progress; ignored by loads
+    SAVE/.universal/iter_0000020/    DeepSpeed universal form, made on demand for a reshard
+
+What a resume restores: model and optimizer (through the DeepSpeed engine,
+ZeRO partitions included), the step, the data position (consumed samples),
+Megatron's OptimizerParamScheduler and every rank's RNGs. The same layout
+resumes bit for bit. Another layout goes through DeepSpeed's universal
+checkpoint (:mod:`.reshard` says which pairs); RNG streams are per rank, so
+a resharded run keeps its fresh seeds.
+
+Pipeline (pp > 1) and expert (ep > 1) layouts: the manifest records pp and
+ep and a resume under the same layout goes through the same engine calls;
+resharding them is refused until their engines land.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from . import rng
+from .files import (LATEST, MANIFEST, CheckpointError, publish, read_manifest,
+                    records_as_dicts, records_from_dicts, safe_load, staging_dir, torch_save, verify_files,
+                    weights_only_loads)
+
+__all__ = ["Checkpointer", "CheckpointError", "Resumed", "tag_for", "find_latest", "resolve_load",
+           "read_manifest", "safe_load"]
+
+RNG_FILE = "zeromega/rng_rank_{:05d}.pt"
+
+
+def tag_for(step: int) -> str:
+    """Megatron-LM's directory name for the checkpoint after ``step`` optimizer steps."""
+    return f"iter_{step:07d}"
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """Where a loaded checkpoint puts the run."""
+
+    step: int
+    consumed_samples: int
+    path: Path
+    resharded: bool
+    rng_restored: bool
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _gather(obj: Any) -> list[Any]:
+    if not dist.is_initialized():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _from_rank0(obj: Any) -> Any:
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _agree(fn: Callable[[], Any], rank0_only: bool = True) -> Any:
+    """Run ``fn`` on rank 0 (or everywhere), then make every rank raise rank 0's error or return its value.
+
+    A failure on one rank must not leave the others waiting in a barrier until
+    the collective timeout.
+    """
+    result, error = None, None
+    if not rank0_only or _rank() == 0:
+        try:
+            result = fn()
+        except CheckpointError as err:
+            error = (err.problem, err.fix)
+        except Exception as err:  # reported the same way on every rank
+            error = (f"{type(err).__name__}: {err}", "see the traceback of rank 0")
+    result, error = _from_rank0((result, error))
+    if error is not None:
+        raise CheckpointError(*error)
+    return result
+
+
+def find_latest(directory: Path) -> Optional[Path]:
+    """The checkpoint ``directory/latest`` names, ``directory`` itself if it is one, or None if empty."""
+    latest = directory / LATEST
+    if latest.is_file():
+        tag = latest.read_text().strip()
+        ckpt = directory / tag
+        if not tag or "/" in tag or not ckpt.is_dir():
+            raise CheckpointError(f"{latest} names {tag!r}, which is not a directory in {directory}",
+                                  "restore that checkpoint, or write the tag of an existing one into 'latest'")
+        return ckpt
+    if (directory / MANIFEST).is_file():
+        return directory
+    return None
+
+
+def resolve_load(load_dir: str | Path, allow_empty: bool = False) -> Optional[Path]:
+    """The checkpoint ``--load load_dir`` means, or None for a fresh start (only when ``allow_empty``
+    and the directory is missing or empty). Collective when a process group exists.
+
+    A directory holding anything but checkpoints is refused rather than
+    started over, so a mistyped --load never leads to overwriting it.
+    """
+    load_dir = Path(load_dir).absolute()
+
+    def find():
+        if not load_dir.exists():
+            if allow_empty:
+                return None
+            raise CheckpointError(f"--load {load_dir}: no such directory",
+                                  "pass the --save directory of an earlier run")
+        if not load_dir.is_dir():
+            raise CheckpointError(f"--load {load_dir}: not a directory", "pass a checkpoint directory")
+        ckpt = find_latest(load_dir)
+        if ckpt is None:
+            visible = sorted(p.name for p in load_dir.iterdir() if not p.name.startswith("."))
+            if allow_empty and not visible:
+                return None
+            what = f"it holds {visible[:5]}" if visible else "it is empty"
+            raise CheckpointError(f"--load {load_dir}: no 'latest' file and no {MANIFEST}, so no zeromega "
+                                  f"checkpoint ({what})",
+                                  "pass the --save directory of an earlier run, or a checkpoint inside it")
+        return ckpt
+
+    ckpt = _agree(find)
+    return None if ckpt is None else Path(ckpt)
+
+
+def parameter_splits(module: torch.nn.Module) -> dict[str, dict]:
+    """Each parameter's full-rank shape and how tensor parallelism splits it (Megatron's own attributes)."""
+    splits = {}
+    for name, param in module.named_parameters():
+        shape = list(getattr(param, "ds_shape", param.shape))  # ZeRO-3 keeps the real shape here
+        entry = {"shape": shape}
+        if getattr(param, "tensor_model_parallel", False):
+            entry["partition_dim"] = int(param.partition_dim)
+        splits[name] = entry
+    return splits
+
+
+def universal_info(splits: dict[str, dict]) -> dict:
+    """DeepSpeed's universal-checkpoint hints, derived from the tp split of every parameter:
+    column-parallel tensors concatenate on dim 0 (its default), row-parallel on dim 1,
+    the rest are replicated on every tp rank."""
+    import re
+
+    from deepspeed.checkpoint import constants as c
+
+    def exact(name: str) -> str:
+        return "^" + re.escape(name) + "$"
+
+    return {
+        c.UNIVERSAL_CHECKPOINT_VERSION_KEY: c.UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+        c.TP_REPLICATED_PARAMETER_PATTERNS: [exact(n) for n, s in splits.items() if "partition_dim" not in s],
+        c.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: [exact(n) for n, s in splits.items()
+                                                    if s.get("partition_dim") == 1],
+    }
+
+
+def _unshare_step_counters(optimizer) -> None:
+    """DeepSpeed's ZeRO-3 universal load gives every sub-group the *same* ``step`` tensor; torch's
+    Adam increments it in place once per sub-group, so from the second step on bias correction
+    drifts (measured: loss off by 1e-3 two steps after the load). One tensor per sub-group again."""
+    base = getattr(optimizer, "optimizer", optimizer)
+    for state in getattr(base, "state", {}).values():
+        if isinstance(state.get("step"), torch.Tensor):
+            state["step"] = state["step"].clone()
+
+
+def _verified_engine_class():
+    """DeepSpeed's torch checkpoint engine with every write hashed and every read ``weights_only``."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    class VerifiedCheckpointEngine(TorchCheckpointEngine):
+        root: Optional[Path] = None  # the staging directory records are relative to
+
+        def save(self, state_dict, path: str):
+            self.written.append(torch_save(state_dict, path, self.root))
+
+        def load(self, path: str, map_location=None):
+            return safe_load(path, map_location)
+
+    return VerifiedCheckpointEngine
+
+
+def install_verified_io(engine):
+    """Swap the engine's ``TorchCheckpointEngine`` for the verified one (same settings); the
+    decoupled/fast engines write asynchronously, so zeromega cannot tell when they are done."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    current = engine.checkpoint_engine
+    if type(current) is not TorchCheckpointEngine:
+        raise CheckpointError(f"DeepSpeed checkpoint engine {type(current).__name__} writes asynchronously, "
+                              "so zeromega cannot tell when its files are complete",
+                              "drop the 'checkpoint.writer' / 'datastates' block from the DeepSpeed config")
+    cls = _verified_engine_class()
+    verified = cls.__new__(cls)
+    verified.__dict__.update(current.__dict__)
+    verified.written = []
+    engine.checkpoint_engine = verified
+    return verified
+
+
+class Checkpointer:
+    """Saves and resumes one DeepSpeed engine's run: collective, every rank calls every method.
+
+    ``model_meta`` (e.g. the GPT shape) is stored in the manifest for exporters.
+    ``fault`` is called with a point name (``after_write``, ``before_rename``,
+    ``before_latest``) during a save: tests use it to kill a save halfway.
+    """
+
+    def __init__(self, engine, layout, zero_stage: int, precision: str, scheduler=None,
+                 model_meta: Optional[dict] = None, fault: Callable[[str], None] = lambda point: None):
+        self.engine, self.layout, self.scheduler, self.fault = engine, layout, scheduler, fault
+        self.model_meta = model_meta
+        self.zero_stage, self.precision = zero_stage, precision
+        self.io = install_verified_io(engine)
+        self.splits = parameter_splits(engine.module)
+
+    def _layout_meta(self) -> dict:
+        keys = ("world", "tp", "pp", "cp", "ep", "dp", "micro", "accumulation", "global_batch")
+        return {**{k: getattr(self.layout, k) for k in keys}, "zero_stage": self.zero_stage,
+                "precision": self.precision}
+
+    # ------------------------------------------------------------- save
+
+    def save(self, save_dir: str | Path, step: int, consumed_samples: int) -> Path:
+        """Write the checkpoint after ``step`` steps and make it ``latest`` once complete."""
+        import deepspeed
+
+        save_dir = Path(save_dir).absolute()
+        tag = tag_for(step)
+        stage = staging_dir(save_dir, tag)
+        start = time.perf_counter()
+
+        def clear_stage():
+            if stage.exists():  # a save of this step that was killed earlier
+                shutil.rmtree(stage)
+            stage.mkdir(parents=True)
+
+        _agree(clear_stage)
+        self.io.root, self.io.written = stage, []
+        client_state = {"iteration": step, "universal_checkpoint_info": universal_info(self.splits)}
+        self.engine.save_checkpoint(str(stage.parent), tag=tag, client_state=client_state, save_latest=False)
+        mine = list(self.io.written)
+        mine.append(torch_save(rng.capture(), stage / RNG_FILE.format(_rank()), stage))
+        self.fault("after_write")
+        records = [r for rank_records in _gather(records_as_dicts(mine)) for r in records_from_dicts(rank_records)]
+        meta = {
+            "step": step, "consumed_samples": consumed_samples,
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "layout": self._layout_meta(), "params": self.splits, "model": self.model_meta,
+            "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__},
+        }
+        final = _agree(lambda: publish(save_dir, tag, records, meta, self.fault))
+        self.last_save = {"seconds": time.perf_counter() - start, "bytes": sum(r.size for r in mine)}
+        return final
+
+    # ------------------------------------------------------------- load
+
+    def load(self, load_dir: str | Path, allow_empty: bool = False) -> Optional[Resumed]:
+        """Verify and load the newest checkpoint in ``load_dir``; None when there is none and ``allow_empty``.
+
+        Every file is checked against the manifest (each rank hashes a share)
+        before anything is read; the run state is untouched if any check fails.
+        """
+        from . import reshard
+
+        ckpt = resolve_load(load_dir, allow_empty)
+        if ckpt is None:
+            return None
+        manifest = _agree(lambda: read_manifest(ckpt))
+        problems = [p for ps in _gather(verify_files(ckpt, manifest, (_rank(), _world()))) for p in ps]
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise CheckpointError(f"checkpoint {ckpt} failed verification: {problems[0]}{more}",
+                                  "load an older checkpoint (write its tag into 'latest') or re-run from it")
+        saved = manifest["layout"]
+        now = self._layout_meta()
+        plan = reshard.plan(saved, now)  # raises CheckpointError for a pair that cannot work
+        source = ckpt
+        if plan.universal:
+            source = _agree(lambda: reshard.universal_copy(ckpt, manifest))
+            self.engine._config.load_universal_checkpoint = True
+        try:
+            with weights_only_loads():
+                path, _ = self.engine.load_checkpoint(str(source.parent), tag=source.name,
+                                                      load_optimizer_states=True, load_lr_scheduler_states=False)
+        finally:
+            self.engine._config.load_universal_checkpoint = False
+        if plan.universal:
+            _unshare_step_counters(self.engine.optimizer)
+        if path is None:
+            raise CheckpointError(f"DeepSpeed found no model states in {source}", "load another checkpoint")
+        if self.scheduler is not None and manifest.get("scheduler") is not None:
+            self.scheduler.load_state_dict(manifest["scheduler"])
+        restored = False
+        rng_file = ckpt / RNG_FILE.format(_rank())
+        if not plan.universal and rng_file.is_file():
+            rng.restore(safe_load(rng_file))
+            restored = True
+        _barrier()
+        return Resumed(step=int(manifest["step"]), consumed_samples=int(manifest["consumed_samples"]), path=ckpt,
+                       resharded=plan.universal, rng_restored=restored)

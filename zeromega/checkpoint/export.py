@@ -1,0 +1,224 @@
+"""One consolidated fp32 file from a checkpoint of any supported layout, readable without zeromega.
+
+The weights come whole: ZeRO partitions gathered and tp shards merged.
+Under ZeRO 1-3 they are the optimizer's fp32 master weights, taken from
+DeepSpeed's universal form of the checkpoint (so a bf16 run exports fp32);
+under ZeRO-0 they are the model's own weights, merged across tp ranks along
+each parameter's recorded ``partition_dim``.
+
+Output is a `safetensors <https://github.com/huggingface/safetensors>`_ file,
+written here in a few lines (the format is an 8-byte header length, a JSON
+header, then raw little-endian tensors), so no extra dependency is needed to
+write it and any safetensors reader can load it.
+
+Names (``--to torch``): Megatron-Core's GPTModel state-dict names, e.g.
+``embedding.word_embeddings.weight`` [padded vocab, h],
+``decoder.layers.N.self_attention.linear_qkv.weight`` [3h, h] (per head: q, k, v),
+``decoder.layers.N.mlp.linear_fc1.weight`` [ffn, h]; ``load_state_dict(...,
+strict=False)`` into a 1-process GPTModel of the same shape (only the
+``_extra_state`` entries are absent).
+
+Names (``--to hf``): Hugging Face GPT-2's (``transformer.wte.weight``,
+``transformer.h.N.attn.c_attn.weight`` [h, 3h] as Conv1D, q|k|v blocks, ...)
+plus ``config.json``; for the learned-absolute, multi-head-attention, GELU
+GPT that ``examples/pretrain_gpt.py`` builds. The vocabulary keeps its
+padding (``vocab_size`` in config.json is the padded size).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .files import CheckpointError, read_manifest, safe_load, verify_files, write_text_atomic
+
+_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
+           torch.int32: "I32", torch.uint8: "U8"}
+_TORCH = {v: k for k, v in _DTYPES.items()}
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: Optional[dict] = None) -> None:
+    """Write ``tensors`` as one safetensors file (atomically: temporary name, then rename)."""
+    header, offset, blobs = {}, 0, []
+    for name, tensor in tensors.items():
+        data = tensor.detach().contiguous().cpu()
+        raw = data.view(torch.uint8).numpy().tobytes() if data.numel() else b""
+        header[name] = {"dtype": _DTYPES[data.dtype], "shape": list(data.shape),
+                        "data_offsets": [offset, offset + len(raw)]}
+        offset += len(raw)
+        blobs.append(raw)
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as the reference writer does
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        for raw in blobs:
+            f.write(raw)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a safetensors file (the inverse of :func:`save_safetensors`; no pickle involved)."""
+    blob = Path(path).read_bytes()
+    (size,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8:8 + size])
+    header.pop("__metadata__", None)
+    base = 8 + size
+    out = {}
+    for name, info in header.items():
+        begin, end = info["data_offsets"]
+        data = bytearray(blob[base + begin:base + end])
+        out[name] = torch.frombuffer(data, dtype=_TORCH[info["dtype"]]).reshape(info["shape"]) if data else \
+            torch.empty(info["shape"], dtype=_TORCH[info["dtype"]])
+    return out
+
+
+# ----------------------------------------------------------------- consolidation
+
+
+def _tp_rank_of(path: Path) -> int:
+    return int(re.search(r"mp_rank_(\d+)", path.name).group(1))
+
+
+def _merge_module_states(ckpt: Path, manifest: dict) -> dict[str, torch.Tensor]:
+    """ZeRO-0: each tp rank's module state dict, concatenated along each parameter's partition_dim."""
+    files = sorted(ckpt.glob("mp_rank_*_model_states.pt"), key=_tp_rank_of)
+    shards = [safe_load(f)["module"] for f in files]
+    out = {}
+    for name, split in manifest["params"].items():
+        parts = [s[name].float() for s in shards]
+        out[name] = torch.cat(parts, dim=split["partition_dim"]) if "partition_dim" in split else parts[0]
+    return out
+
+
+def _universal_weights(ckpt: Path, manifest: dict, scratch: Path) -> dict[str, torch.Tensor]:
+    """ZeRO 1-3: the fp32 master weights from DeepSpeed's universal conversion."""
+    from .reshard import convert
+
+    out_dir = scratch / "universal"
+    convert(ckpt, out_dir)
+    tp = manifest["layout"]["tp"]
+    weights = {}
+    for name, split in manifest["params"].items():
+        shape = list(split["shape"])
+        if "partition_dim" in split:
+            shape[split["partition_dim"]] *= tp
+        stored = safe_load(out_dir / "zero" / name / "fp32.pt")
+        tensor = stored["param"] if isinstance(stored, dict) else stored  # ZeRO-3 stores the bare tensor
+        weights[name] = tensor.float().reshape(shape)
+    return weights
+
+
+def consolidated_weights(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(name -> whole fp32 tensor, manifest) for a verified checkpoint directory."""
+    manifest = read_manifest(ckpt)
+    problems = verify_files(ckpt, manifest)
+    if problems:
+        raise CheckpointError(f"checkpoint {ckpt} failed verification: {problems[0]}", "export another checkpoint")
+    layout = manifest["layout"]
+    if layout["pp"] > 1 or layout["ep"] > 1:
+        raise CheckpointError(f"{ckpt}: pipeline/expert parallel checkpoints cannot be exported yet",
+                              "export a checkpoint of a pp1 ep1 run")
+    if layout["zero_stage"] == 0:
+        return _merge_module_states(ckpt, manifest), manifest
+    with tempfile.TemporaryDirectory(prefix="zeromega-export-") as scratch:
+        return _universal_weights(ckpt, manifest, Path(scratch)), manifest
+
+
+def to_hf_gpt2(weights: dict[str, torch.Tensor], heads: int) -> dict[str, torch.Tensor]:
+    """Megatron-Core GPT names and layouts -> Hugging Face GPT-2's (Conv1D weights are [in, out])."""
+    out = {}
+    unknown = []
+    for name, w in weights.items():
+        if name == "embedding.word_embeddings.weight":
+            out["transformer.wte.weight"] = w
+        elif name == "embedding.position_embeddings.weight":
+            out["transformer.wpe.weight"] = w
+        elif name.startswith("decoder.final_layernorm."):
+            out["transformer.ln_f." + name.rsplit(".", 1)[1]] = w
+        elif name == "output_layer.weight":
+            out["lm_head.weight"] = w
+        elif m := re.fullmatch(r"decoder\.layers\.(\d+)\.(.+)\.(weight|bias)", name):
+            layer, module, kind = m.groups()
+            prefix = f"transformer.h.{layer}."
+            if module == "self_attention.linear_qkv":
+                # Megatron keeps [q_i, k_i, v_i] per head i; GPT-2 keeps [q_all, k_all, v_all].
+                rest = w.shape[1:]
+                w = w.reshape(heads, 3, -1, *rest).transpose(0, 1).reshape(-1, *rest)
+            simple = {"input_layernorm": "ln_1", "pre_mlp_layernorm": "ln_2", "self_attention.linear_qkv": "attn.c_attn",
+                      "self_attention.linear_proj": "attn.c_proj", "mlp.linear_fc1": "mlp.c_fc",
+                      "mlp.linear_fc2": "mlp.c_proj"}
+            if module not in simple:
+                unknown.append(name)
+                continue
+            if kind == "weight" and w.ndim == 2:
+                w = w.t()  # nn.Linear [out, in] -> Conv1D [in, out]
+            out[prefix + simple[module] + "." + kind] = w.contiguous()
+        else:
+            unknown.append(name)
+    if unknown:
+        raise CheckpointError(f"no GPT-2 name for {unknown[:3]}", "export with --to torch (Megatron-Core names)")
+    return out
+
+
+def hf_config(weights: dict[str, torch.Tensor], heads: int) -> dict:
+    vocab, hidden = weights["embedding.word_embeddings.weight"].shape
+    layers = 1 + max(int(m.group(1)) for n in weights if (m := re.match(r"decoder\.layers\.(\d+)\.", n)))
+    return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": vocab,
+            "n_positions": weights["embedding.position_embeddings.weight"].shape[0], "n_embd": hidden,
+            "n_layer": layers, "n_head": heads, "n_inner": weights["decoder.layers.0.mlp.linear_fc1.weight"].shape[0],
+            "activation_function": "gelu", "layer_norm_epsilon": 1e-5, "tie_word_embeddings":
+            "output_layer.weight" not in weights, "torch_dtype": "float32"}
+
+
+def export(source: str | Path, out: str | Path, to: str = "torch", heads: Optional[int] = None) -> Path:
+    """Write ``source`` (a checkpoint, or a --save directory: its latest) as one safetensors file.
+
+    ``to='torch'``: ``out`` is the file. ``to='hf'``: ``out`` is a directory that gets
+    ``model.safetensors`` and ``config.json``; ``heads`` (attention heads) is needed to
+    reorder the fused qkv weight.
+    """
+    from . import find_latest
+
+    source = Path(source)
+    if not source.is_dir():
+        raise CheckpointError(f"{source}: no such checkpoint directory", "pass a --save directory or a checkpoint in it")
+    ckpt = find_latest(source)
+    if ckpt is None:
+        raise CheckpointError(f"{source}: no 'latest' file and no manifest.json", "pass a --save directory of a run")
+    weights, manifest = consolidated_weights(ckpt)
+    meta = {"format": "zeromega-export/1", "source": str(ckpt), "step": manifest["step"],
+            "names": "megatron-core" if to == "torch" else "hf-gpt2"}
+    out = Path(out)
+    if to == "torch":
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_safetensors(weights, out, meta)
+        return out
+    if to != "hf":
+        raise CheckpointError(f"--to {to!r} is not a known format", "use --to torch or --to hf")
+    heads = heads or (manifest.get("model") or {}).get("num_attention_heads")
+    if heads is None:
+        raise CheckpointError("--to hf needs the number of attention heads", "pass --num-attention-heads N")
+    if "embedding.position_embeddings.weight" not in weights:
+        raise CheckpointError("GPT-2 needs learned absolute position embeddings; this model has none (rope?)",
+                              "export with --to torch")
+    hidden = weights["embedding.word_embeddings.weight"].shape[1]
+    if weights["decoder.layers.0.self_attention.linear_qkv.weight"].shape[0] != 3 * hidden:
+        raise CheckpointError("GPT-2 has no grouped-query attention", "export with --to torch")
+    out.mkdir(parents=True, exist_ok=True)
+    save_safetensors(to_hf_gpt2(weights, heads), out / "model.safetensors", meta)
+    write_text_atomic(out / "config.json", json.dumps(hf_config(weights, heads), indent=1))
+    return out
