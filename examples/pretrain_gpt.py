@@ -48,6 +48,11 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     model.add_argument("--hidden-dropout", type=float, default=0.1)
     model.add_argument("--attention-dropout", type=float, default=0.1)
     model.add_argument("--init-method-std", type=float, default=0.02)
+    moe = p.add_argument_group("mixture of experts (--num-experts, --moe-router-topk and ep come from the config)")
+    moe.add_argument("--moe-ffn-hidden-size", type=int, default=None)
+    moe.add_argument("--moe-aux-loss-coeff", type=float, default=0.0)
+    moe.add_argument("--moe-expert-capacity-factor", type=float, default=None)
+    moe.add_argument("--moe-token-dispatcher-type", choices=["alltoall", "allgather"], default="alltoall")
     train = p.add_argument_group("training")
     train.add_argument("--train-iters", type=int, default=300)
     train.add_argument("--min-lr", type=float, default=0.0)
@@ -85,10 +90,22 @@ def run_config(args, rest: list[str]):
     """Config file + Megatron flags -> RunConfig; flags neither this script nor the translator know are errors."""
     from zeromega.launch import translate
 
-    _, unknown = translate.from_megatron_args(rest)
-    if unknown:
-        raise SystemExit(f"pretrain_gpt.py: error: unrecognized arguments: {' '.join(unknown)}")
-    return translate.build(args.config, megatron_argv=rest)
+    from zeromega.launch.errors import ConfigError
+
+    try:
+        _, unknown = translate.from_megatron_args(rest)
+        if unknown:
+            raise ConfigError("arguments", " ".join(unknown), "not a flag pretrain_gpt.py or zeromega knows",
+                              "see `pretrain_gpt.py --help` and `zeromega translate --help`")
+        cfg = translate.build(args.config, megatron_argv=rest)
+        if (cfg.parallel.pp > 1 or cfg.moe.num_experts) and (args.save or args.load):
+            raise ConfigError("--save/--load", args.save or args.load,
+                              "checkpoints of the Megatron-Core pipeline/MoE path are not supported yet",
+                              "drop --save/--load, or use pp == 1 without experts")
+        return cfg
+    except ConfigError as err:  # bad input: one line, exit code 2, no traceback
+        print(f"pretrain_gpt.py: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def set_collective_timeout(minutes: float) -> None:
@@ -186,7 +203,9 @@ def main(argv: list[str] | None = None) -> None:
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     from zeromega.integrations import comm
-    from zeromega.integrations.deepspeed import build_engine
+    from zeromega.integrations.deepspeed import build_engine, model_init_context
+    from zeromega.plugins.megatron.pipeline import MegatronTrainer
+    from zeromega.plugins.megatron.sequence_parallel import sum_sequence_parallel_grads
     from zeromega.integrations.megatron import data, model, parallel
     from zeromega.train import train
 
@@ -216,13 +235,30 @@ def main(argv: list[str] | None = None) -> None:
         init_method_std=args.init_method_std, position_embedding_type=args.position_embedding_type,
         untie_embeddings_and_output_weights=args.untie_embeddings_and_output_weights,
         make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+        num_experts=cfg.moe.num_experts, moe_router_topk=cfg.moe.topk, moe_ffn_hidden_size=args.moe_ffn_hidden_size,
+        moe_aux_loss_coeff=args.moe_aux_loss_coeff, moe_expert_capacity_factor=args.moe_expert_capacity_factor,
+        moe_token_dispatcher_type=args.moe_token_dispatcher_type,
     )
-    gpt = model.build_gpt(shape, cfg)
-    n_params = sum(p.numel() for p in gpt.parameters())
-    say(f"zeromega: GPT {args.num_layers}x{args.hidden_size}, {n_params / 1e6:.2f}M parameters per tp rank")
-    engine = build_engine(gpt, cfg, layout)
+    dp_rank = parallel_state.get_data_parallel_rank()
+    if layout.pp > 1 or cfg.moe.num_experts:
+        # DeepSpeed refuses ZeRO-2/3 with pipelines and cannot reduce Megatron's expert gradients over
+        # the expert-data-parallel group: Megatron-Core's schedules, DDP and distributed optimizer run these.
+        trainer = MegatronTrainer(shape, cfg, layout, distributed_optimizer=cfg.zero.stage >= 1)
+        engine, optimizer = None, trainer.optimizer
+        say(f"zeromega: GPT {args.num_layers}x{args.hidden_size} on Megatron-Core's "
+            f"{'interleaved' if trainer.virtual_stages > 1 else '1F1B'} schedule"
+            f"{', distributed optimizer (ZeRO-1)' if cfg.zero.stage >= 1 else ''}")
+    else:
+        with model_init_context(cfg, layout):
+            gpt = model.build_gpt(shape, cfg)
+        if cfg.parallel.sequence_parallel:
+            sum_sequence_parallel_grads(gpt)
+        n_params = sum(getattr(p, "ds_numel", p.numel()) for p in gpt.parameters())
+        say(f"zeromega: GPT {args.num_layers}x{args.hidden_size}, {n_params / 1e6:.2f}M parameters per tp rank")
+        engine = build_engine(gpt, cfg, layout)
+        optimizer = engine.optimizer
     scheduler = OptimizerParamScheduler(
-        engine.optimizer, init_lr=0.0 if args.lr_warmup_iters else cfg.optimizer.lr, max_lr=cfg.optimizer.lr,
+        optimizer, init_lr=0.0 if args.lr_warmup_iters else cfg.optimizer.lr, max_lr=cfg.optimizer.lr,
         min_lr=args.min_lr, lr_warmup_steps=args.lr_warmup_iters, lr_decay_steps=args.train_iters,
         lr_decay_style=args.lr_decay_style, start_wd=cfg.optimizer.weight_decay,
         end_wd=cfg.optimizer.weight_decay, wd_incr_steps=args.train_iters, wd_incr_style="constant",
@@ -233,14 +269,23 @@ def main(argv: list[str] | None = None) -> None:
     if start_step:
         say(f"zeromega: resumed at step {start_step} ({consumed} samples consumed)")
 
-    dp_rank = parallel_state.get_data_parallel_rank(with_context_parallel=True)
+    # cp ranks of one dp rank read the same samples and split them along the sequence.
     batches = data.sample_batches(train_ds, layout.micro, start_sample=consumed, dp_rank=dp_rank, dp_size=layout.dp)
+    step_fn = None
+    if engine is None:
+        step_fn = lambda: trainer.train_step([next(batches) for _ in range(layout.accumulation)]).loss  # noqa: E731
+    sequence_layout = None
+    if layout.cp > 1:
+        from zeromega.plugins.sequence.megatron import sequence_layout as layout_for
+
+        sequence_layout = layout_for(cfg.sequence.mode, rotary=args.position_embedding_type == "rope")
     records = train(
         engine, batches, iters=args.train_iters, accumulation=layout.accumulation,
         tokens_per_step=layout.global_batch * args.seq_length,
         dp_group=parallel_state.get_data_parallel_group(with_context_parallel=True),
         metrics_out=args.metrics_out, scheduler=scheduler, progress=not args.no_progress,
         start_step=start_step, on_step=run.after_step if run else None,
+        step_fn=step_fn, optimizer=optimizer, sequence_layout=sequence_layout,
     )
     if run:
         run.finish()

@@ -22,11 +22,22 @@ from zeromega.integrations import accelerator as accel
 from zeromega.integrations import comm
 
 
-def gpt_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean next-token loss over the tokens the loss mask keeps."""
+def gpt_loss(model, batch: dict[str, torch.Tensor], sequence_layout: Optional[str] = None) -> torch.Tensor:
+    """Mean next-token loss over the tokens the loss mask keeps.
+
+    With context parallelism (``sequence_layout`` = "zigzag" | "contiguous")
+    this rank sees only its share of the sequence, and the loss is weighted
+    by tokens over the cp group so it equals the whole sequence's mean.
+    """
     device = getattr(model, "device", None) or next(model.parameters()).device
+    if sequence_layout is not None:
+        from zeromega.plugins.sequence.megatron import cp_loss, shard_batch
+
+        batch = shard_batch(batch, sequence_layout)
     tokens = batch["tokens"].to(device)
     per_token = model(tokens, batch["position_ids"].to(device), None, labels=batch["labels"].to(device))
+    if sequence_layout is not None:
+        return cp_loss(per_token, batch["loss_mask"].to(per_token.device))
     mask = batch["loss_mask"].to(per_token.device, torch.float32)
     return (per_token.float() * mask).sum() / mask.sum()
 
@@ -54,11 +65,11 @@ def _reduce_step_stats(loss_sum: float, peak_mem: int, dp_group) -> tuple[float,
     return float(loss.item()), int(mem.item())
 
 
-def train_step(engine, batches: Iterator[dict], accumulation: int) -> float:
-    """One optimizer step; returns this rank's mean micro-batch loss."""
+def train_step(engine, batches: Iterator[dict], accumulation: int, sequence_layout: Optional[str] = None) -> float:
+    """One optimizer step through the DeepSpeed engine; returns this rank's mean micro-batch loss."""
     total = 0.0
     for _ in range(accumulation):
-        loss = gpt_loss(engine, next(batches))
+        loss = gpt_loss(engine, next(batches), sequence_layout)
         engine.backward(loss)
         engine.step()
         total += loss.item()
@@ -101,12 +112,19 @@ class MetricsWriter:
 def train(engine, batches: Iterator[dict], *, iters: int, accumulation: int, tokens_per_step: int,
           dp_group=None, metrics_out: Optional[str] = None, scheduler=None,
           progress: bool = True, log=print, start_step: int = 0,
-          on_step: Optional[Callable[[StepRecord], bool]] = None) -> list[StepRecord]:
+          on_step: Optional[Callable[[StepRecord], bool]] = None,
+          step_fn: Optional[Callable[[], float]] = None, optimizer=None,
+          sequence_layout: Optional[str] = None) -> list[StepRecord]:
     """Run steps ``start_step + 1 .. iters``; returns their records (identical on every rank).
 
     ``on_step(record)`` runs after every step on every rank (checkpointing,
     exit conditions); a true return ends training after that step.
+    ``step_fn`` replaces the DeepSpeed step (Megatron-Core's pipeline
+    trainer); ``optimizer`` is then where the learning rate is read.
     """
+    if step_fn is None:
+        step_fn = lambda: train_step(engine, batches, accumulation, sequence_layout)  # noqa: E731
+    optimizer = optimizer if optimizer is not None else engine.optimizer
     from tqdm import tqdm
 
     device = accel.current()
@@ -120,7 +138,7 @@ def train(engine, batches: Iterator[dict], *, iters: int, accumulation: int, tok
         for step in range(start_step + 1, iters + 1):
             device.reset_peak_memory()
             start = time.perf_counter()
-            loss = train_step(engine, batches, accumulation)
+            loss = step_fn()
             device.synchronize()
             elapsed = time.perf_counter() - start
             local_comm = comm.take()
@@ -128,7 +146,7 @@ def train(engine, batches: Iterator[dict], *, iters: int, accumulation: int, tok
             record = StepRecord(
                 step=step, loss=loss, tokens_per_s=tokens_per_step / elapsed, step_time_s=elapsed,
                 peak_mem_bytes=peak, comm_bytes=comm.summed_over_ranks(local_comm),
-                lr=scheduler.get_lr(engine.optimizer.param_groups[0]) if scheduler else None,
+                lr=scheduler.get_lr(optimizer.param_groups[0]) if scheduler else None,
             )
             if scheduler is not None:
                 scheduler.step(1)
