@@ -62,17 +62,6 @@ class MegatronMPU:
         return list(torch.distributed.get_process_group_ranks(self.get_data_parallel_group()))
 
 
-def adamw_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Megatron's rule: no weight decay on biases and norm weights (every 1-D parameter)."""
-    decay, no_decay = [], []
-    for param in model.parameters():
-        if param.requires_grad:
-            (no_decay if param.ndim < 2 else decay).append(param)
-    # wd_mult 0 keeps Megatron's scheduler from putting decay back on the second group.
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0, "wd_mult": 0.0}]
-
-
 def _deepspeed_comm() -> None:
     """Attach deepspeed.comm to the torch.distributed job zeromega started (it reads
     ranks and world size through its own module, not torch's)."""
@@ -123,19 +112,25 @@ def build_engine(model: torch.nn.Module, cfg: RunConfig, layout: Layout):
     """``deepspeed.initialize`` for ``model`` under ``cfg``; returns the engine.
 
     Without an ``"optimizer"`` block in the DeepSpeed JSON the optimizer is
-    torch's AdamW with Megatron's decay groups (no JIT-built op needed); with
-    one, DeepSpeed builds its own (FusedAdam, CPU Adam under offload).
+    AdamW over Megatron's decay groups: torch's (no JIT-built op needed), or
+    DeepSpeed's CPU Adam when the optimizer is offloaded; with a block,
+    DeepSpeed builds its own.
     """
     import deepspeed
 
+    from zeromega.plugins.zero.engine import client_optimizer, decay_groups, zero_config
+
     device = accel.current()
     device.deepspeed_accelerator()
-    ds_config = to_deepspeed(cfg, layout, device.device_type)
+    # Tuned defaults filled where the config is silent, settings DeepSpeed would silently
+    # not honour corrected out loud (plugins/zero).
+    ds_config, notes = zero_config(cfg, layout, device.device_type)
+    if notes and torch.distributed.get_rank() == 0:
+        print("zeromega: " + "; ".join(notes))
     optimizer = None
     if "optimizer" not in ds_config:
         o = cfg.optimizer
-        optimizer = torch.optim.AdamW(adamw_param_groups(model, o.weight_decay), lr=o.lr,
-                                      betas=(o.beta1, o.beta2), eps=o.eps)
+        optimizer = client_optimizer(decay_groups(model, o.weight_decay), ds_config, o.lr, (o.beta1, o.beta2), o.eps)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=ds_config, mpu=MegatronMPU(), dist_init_required=False
     )

@@ -367,8 +367,9 @@ def _check(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------ main
 
 from .export import _add_export  # noqa: E402  (subcommands living in their own modules)
+from .plan_cli import _add_plan  # noqa: E402
 
-SUBCOMMANDS: list[Callable] = [_add_launch, _add_translate, _add_check, _add_export]
+SUBCOMMANDS: list[Callable] = [_add_launch, _add_translate, _add_check, _add_plan, _add_export]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,136 @@
+"""``zeromega plan CFG``: the per-rank memory plan of a config, before anything starts.
+
+::
+
+    zeromega plan CFG [--world-size N] [--micro-batch-size B]
+        [--num-layers L --hidden-size H --num-attention-heads A --seq-length S --vocab-size V
+         [--ffn-hidden-size F] [--num-query-groups G] | --params N]
+        [--device cpu|cuda] [--check] [--json]
+
+The model shape comes from the flags, else from the config's model section
+(Megatron-LM flags or the ``zeromega`` block). The plan is the one for the
+DeepSpeed config the engine will get: zeromega's tuned defaults filled in
+and the corrections :func:`zeromega.plugins.zero.preflight.correct` makes
+(printed as notes). ``--check`` also runs the machine checks (nvme path,
+free space, async I/O and CPU Adam builds, host and locked memory) and
+exits 2 with the fix when one fails.
+
+Registered in :mod:`zeromega.launch.cli` by listing :func:`_add_plan` in
+``SUBCOMMANDS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _add_plan(subparsers) -> None:
+    from .cli import _add_input, _int_at_least
+
+    p = subparsers.add_parser(
+        "plan", allow_abbrev=False, help="print the per-rank memory plan (ZeRO stage, offload, precision)",
+        description="Print the bytes each rank holds for parameters, gradients, optimizer states, offload "
+                    "buffers and activations under the config's ZeRO stage, offload and precision, and the "
+                    "peak a run should measure.",
+        epilog="The model comes from the shape flags, --params, or the config's model section. Exit code 2 "
+               "for bad input or (with --check) a machine that cannot run the config.")
+    _add_input(p)
+    shape = p.add_argument_group("model (Megatron-LM names)")
+    for flag in ("--num-layers", "--hidden-size", "--num-attention-heads", "--seq-length", "--vocab-size",
+                 "--ffn-hidden-size", "--num-query-groups"):
+        shape.add_argument(flag, type=_int_at_least(1), metavar="N")
+    p.add_argument("--params", type=_count, metavar="N", help="parameter count instead of a shape (e.g. 1.3e9); "
+                   "no activation estimate")
+    p.add_argument("--micro-batch-size", type=_int_at_least(1), metavar="B", help="override the config's micro batch")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="the accelerator (default: the config's, else cpu)")
+    p.add_argument("--check", action="store_true", help="also run the machine checks (nvme path, ops, memory)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(handler=_plan, prog=p.prog)
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(float(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+_SHAPE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "vocab_size", "ffn_hidden_size",
+               "num_query_groups")
+
+
+def _shape(args: argparse.Namespace, cfg) -> dict | None:
+    from .cli import UsageError
+
+    model = cfg.model.model_dump()
+    shape = {k: getattr(args, k) if getattr(args, k) is not None else model.get(k) for k in _SHAPE_KEYS}
+    if args.params is not None:
+        given = [k for k in _SHAPE_KEYS if getattr(args, k) is not None]
+        if given:
+            raise UsageError(f"--params is given together with --{given[0].replace('_', '-')}",
+                             "give either the shape or the parameter count")
+        return None
+    missing = [k for k in _SHAPE_KEYS[:5] if shape[k] is None]
+    if missing:
+        flags = " ".join(f"--{k.replace('_', '-')}" for k in missing)
+        raise UsageError(f"the model shape is incomplete (no {flags})", f"pass {flags}, or --params N")
+    return {k: v for k, v in shape.items() if v is not None}
+
+
+def plan_for_args(args: argparse.Namespace):
+    """(plan, corrections, deepspeed dict, device type) for parsed ``zeromega plan`` arguments."""
+    from zeromega.plugins.zero import defaults, preflight
+    from zeromega.plugins.zero import plan as zplan
+
+    from .cli import UsageError, _layout, _read_input
+    from .errors import ConfigError
+    from .translate import to_deepspeed
+
+    cfg, _ = _read_input(args)
+    if args.micro_batch_size is not None:
+        cfg = cfg.model_copy(update={"batch": cfg.batch.model_copy(update={"micro": args.micro_batch_size})})
+    world = args.world_size
+    if world is None:
+        world = (cfg.launch.nproc_per_node or 1) * cfg.launch.nnodes
+    layout = _layout(cfg, world)
+    device = args.device or (cfg.device if cfg.device in ("cpu", "cuda") else "cpu")
+    shape = _shape(args, cfg)
+    ds, _ = defaults.tuned(to_deepspeed(cfg, layout, device), device)
+
+    def plan_fn(d):
+        return zplan.for_run(d, layout, shape=shape, params=args.params,
+                             sequence_parallel=cfg.parallel.sequence_parallel,
+                             recompute=cfg.recompute.granularity)
+
+    try:
+        preflight.check_combinations(ds, device, fp16_supported=device == "cuda" or _cpu_fp16())
+        ds, corrections = preflight.correct(ds, plan_fn(ds))
+        if args.check:
+            report = preflight.preflight(ds, plan_fn, device_type=device,
+                                         local_ranks=min(world, cfg.launch.nproc_per_node or world))
+            ds, corrections = report.ds, corrections + report.corrections
+    except ConfigError as err:
+        raise UsageError(f"{err.field}={err.value!r}: {err.problem}", err.fix) from None
+    return plan_fn(ds), corrections, ds, device
+
+
+def _cpu_fp16() -> bool:
+    import torch
+
+    return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+
+
+def _plan(args: argparse.Namespace) -> int:
+    plan, corrections, _, device = plan_for_args(args)
+    if args.json:
+        print(json.dumps({**plan.as_dict(device), "corrections": [str(c) for c in corrections]}, indent=2))
+    else:
+        print(plan.table(device))
+    for c in corrections:
+        print(f"{args.prog}: note: corrected {c}", file=sys.stderr)
+    return 0

@@ -1,0 +1,427 @@
+"""The memory plan: bytes per rank for a ZeRO stage, offload and precision, before anything runs.
+
+Legend: ``P`` parameters one tensor-parallel rank holds (the whole model / tp,
+plus the replicated norms and biases), ``N`` the data-parallel size ZeRO
+partitions over, ``lp`` bytes of a model-precision element (2 for bf16/fp16,
+4 for fp32), ``s`` sequence, ``b`` micro-batch, ``h`` hidden, ``a`` heads,
+``L`` layers, ``V`` padded vocabulary, ``t`` tp.
+
+The ZeRO paper's arithmetic (Adam, K = 12 bytes of optimizer state per
+parameter in mixed precision: fp32 master, momentum, variance)::
+
+                 params    grads     optimizer     mixed precision   fp32 (K = 8: m, v)
+    ZeRO-0       lp P      lp P      K P           16 P              16 P
+    ZeRO-1       lp P      lp P      K P / N       (4 + 12/N) P      (8 + 8/N) P
+    ZeRO-2       lp P      lp P / N  K P / N       (2 + 14/N) P      (4 + 12/N) P
+    ZeRO-3       lp P / N  lp P / N  K P / N       16 P / N          16 P / N
+
+DeepSpeed 0.19.8 holds a little more than the paper, and the plan follows
+the engine, because the plan is checked against what a run measures:
+
+- ZeRO-1/2 always clone the partition into an fp32 master copy, also for an
+  fp32 model (``stage_1_and_2.py``: ``weights_partition = ...clone()``), so
+  fp32 ZeRO-1/2 carry K = 12, not 8. ZeRO-3 reuses the fp32 partition as the
+  master unless the optimizer is offloaded (``stage3.py``
+  ``_create_fp32_partitions``).
+- ZeRO-1/2 (and ZeRO-3 with CPU optimizer offload) keep an fp32 gradient
+  partition for the optimizer (4 P / N) beside the model-precision
+  gradients; ZeRO-3 otherwise converts one sub-group at a time. ZeRO-3
+  accumulates gradients in the model dtype (``grad_accum_dtype`` unset), in
+  host memory when the optimizer is offloaded, also to nvme: that buffer
+  (lp P / N) is what bounds how large a model one host can train.
+
+The plan then adds what is only alive for part of a step (gradient buckets,
+ZeRO-3's gathered parameters, activations and logits) and a fixed process
+baseline, so that ``peak`` is comparable with a measured peak.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Optional
+
+GiB = 1024**3
+MiB = 1024**2
+
+PROCESS_BASELINE_BYTES = 600 * MiB
+"""Resident bytes of a rank before the model: torch, DeepSpeed and Megatron-Core
+imported, gloo initialised (measured ~560-620 MB/rank on this CPU machine with
+bench/zero_memory.py's empty run; CUDA ranks add the CUDA context on the host)."""
+
+AIO_ALIGN_BYTES = 1024
+"""DeepSpeed's swap files are written in multiples of 1 KiB (``AIO_ALIGNED_BYTES``)."""
+
+_LP_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+def _num(value, default) -> int:
+    """A size from a DeepSpeed dict (int, float or a string like "2e7"); "auto"/None -> default."""
+    if value is None or value == "auto":
+        return int(default)
+    return int(float(value))
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    """What the plan needs to know about the model, per tensor-parallel rank."""
+
+    params: int
+    """Parameters one tp rank holds (its shards plus the replicated ones)."""
+    total_params: int
+    """Parameters of the whole model (every tp shard once)."""
+    largest_tensor: int
+    """Elements of the largest parameter on one tp rank (it sizes swap buffers)."""
+    largest_layer: int
+    """Parameters of the largest module ZeRO-3 gathers at once (a transformer layer or the embedding)."""
+    num_tensors: int = 0
+    """Parameter tensors per tp rank."""
+    shape: Optional[dict] = None
+    """The GPT shape it came from (activations need s, h, a, L, V), None for a bare count."""
+
+    @classmethod
+    def from_count(cls, params: int, tp: int = 1) -> "ModelSize":
+        """A model known only by its parameter count: tensors assumed to be ~1/12 of a layer."""
+        per_rank = math.ceil(params / tp)
+        return cls(params=per_rank, total_params=params, largest_tensor=max(1, per_rank // 24),
+                   largest_layer=max(1, per_rank // 12))
+
+
+def padded_vocab(vocab: int, multiple: int = 128, tp: int = 1) -> int:
+    """Megatron-Core vocabulary padding as zeromega builds it (lcm of multiple and tp)."""
+    step = math.lcm(multiple, tp)
+    return (vocab + step - 1) // step * step
+
+
+def gpt_size(num_layers: int, hidden_size: int, num_attention_heads: int, seq_length: int, vocab_size: int,
+             tp: int = 1, ffn_hidden_size: Optional[int] = None, num_query_groups: Optional[int] = None,
+             tied: bool = True, learned_positions: bool = True, make_vocab_size_divisible_by: int = 128,
+             **_ignored) -> ModelSize:
+    """Exact parameter count of zeromega's Megatron-Core GPT (local spec, biases on, LayerNorm).
+
+    Per layer: two LayerNorms (2h each, replicated over tp), QKV
+    (h x (h + 2 g h/a) + bias, split over tp), the attention projection
+    (h x h split, bias replicated), fc1 (h x f + f, split) and fc2 (f x h
+    split, bias replicated). Plus the vocab-parallel embedding, learned
+    positions (s x h, replicated), the final LayerNorm and, untied, an output
+    layer. Checked against the built model in tests/test_zero_plan.py.
+    """
+    h, a, s = hidden_size, num_attention_heads, seq_length
+    f = ffn_hidden_size or 4 * h
+    g = num_query_groups or a
+    qkv_out = h + 2 * g * (h // a)
+    v = padded_vocab(vocab_size, make_vocab_size_divisible_by, tp)
+
+    def layer(t: int) -> int:
+        return (2 * 2 * h + (h * qkv_out + qkv_out) // t + (h * h) // t + h + (h * f + f) // t + (f * h) // t + h)
+
+    def model(t: int) -> int:
+        emb = v * h // t + (s * h if learned_positions else 0)
+        return emb + num_layers * layer(t) + 2 * h + (0 if tied else v * h // t)
+
+    largest = max(v * h // tp, h * qkv_out // tp, h * f // tp)
+    shape = dict(num_layers=num_layers, hidden_size=h, num_attention_heads=a, seq_length=s, vocab_size=v,
+                 ffn_hidden_size=f, tp=tp)
+    return ModelSize(params=model(tp), total_params=model(1) if tp > 1 else model(tp), largest_tensor=largest,
+                     largest_layer=max(layer(tp), v * h // tp), num_tensors=12 * num_layers + 4 + (0 if tied else 1),
+                     shape=shape)
+
+
+@dataclass(frozen=True)
+class ZeroSetup:
+    """The parts of a DeepSpeed config dict that decide memory, read once (the engine's own truth)."""
+
+    stage: int
+    precision: str
+    optimizer_device: str = "none"
+    param_device: str = "none"
+    optimizer_nvme_path: Optional[str] = None
+    param_nvme_path: Optional[str] = None
+    optimizer_pin: bool = True
+    param_pin: bool = True
+    sub_group_size: int = int(1e9)
+    reduce_bucket_size: int = int(5e8)
+    allgather_bucket_size: int = int(5e8)
+    prefetch_bucket_size: int = int(5e7)
+    max_live_parameters: int = int(1e9)
+    optimizer_buffer_count: int = 4
+    param_buffer_count: int = 5
+    param_buffer_size: int = int(1e8)
+    max_in_cpu: int = int(1e9)
+    aio_intra_op_parallelism: int = 1
+
+    @classmethod
+    def from_deepspeed(cls, ds: dict) -> "ZeroSetup":
+        zero = ds.get("zero_optimization") or {}
+        if isinstance(zero, bool):
+            zero = {"stage": int(zero)}
+        opt = zero.get("offload_optimizer") or {}
+        par = zero.get("offload_param") or {}
+        precision = "fp32"
+        if (ds.get("bf16") or ds.get("bfloat16") or {}).get("enabled") in (True, "true"):
+            precision = "bf16"
+        elif (ds.get("fp16") or {}).get("enabled") in (True, "true"):
+            precision = "fp16"
+        aio = ds.get("aio") or {}
+
+        def pick(*keys, default):
+            for key in keys:
+                if key in zero:
+                    return _num(zero[key], default)
+            return int(default)
+
+        return cls(
+            stage=int(zero.get("stage", 0)), precision=precision,
+            optimizer_device=str(opt.get("device") or "none"), param_device=str(par.get("device") or "none"),
+            optimizer_nvme_path=opt.get("nvme_path"), param_nvme_path=par.get("nvme_path"),
+            optimizer_pin=bool(opt.get("pin_memory", True)), param_pin=bool(par.get("pin_memory", True)),
+            sub_group_size=pick("sub_group_size", default=1e9),
+            reduce_bucket_size=pick("reduce_bucket_size", default=5e8),
+            allgather_bucket_size=pick("allgather_bucket_size", default=5e8),
+            prefetch_bucket_size=pick("stage3_prefetch_bucket_size", "prefetch_bucket_size", default=5e7),
+            max_live_parameters=pick("stage3_max_live_parameters", "max_live_parameters", default=1e9),
+            optimizer_buffer_count=_num(opt.get("buffer_count"), 4),
+            param_buffer_count=_num(par.get("buffer_count"), 5),
+            param_buffer_size=_num(par.get("buffer_size"), 1e8),
+            max_in_cpu=_num(par.get("max_in_cpu"), 1e9),
+            aio_intra_op_parallelism=_num(aio.get("intra_op_parallelism", aio.get("thread_count")), 1),
+        )
+
+    @property
+    def lp(self) -> int:
+        return _LP_BYTES[self.precision]
+
+    @property
+    def mixed(self) -> bool:
+        return self.precision != "fp32"
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the plan: what, where it lives, bytes per rank, and the formula."""
+
+    name: str
+    where: str
+    """``device`` (the accelerator; host RAM on a CPU run), ``host``, ``pinned`` (host, page-locked), ``nvme``."""
+    bytes: int
+    formula: str
+    transient: bool = False
+    """Alive only during part of a step (buckets, gathered params, activations)."""
+
+
+@dataclass(frozen=True)
+class Activations:
+    """Activation shape: per-layer bytes sbh(34 + 5as/h) (Korthikanti et al., 16-bit), scaled for fp32."""
+
+    seq_length: int
+    micro_batch: int
+    sequence_parallel: bool = False
+    recompute: Optional[str] = None
+    """None, ``"selective"`` (drops the 5as/h attention term) or ``"full"`` (keeps 2sbh per layer)."""
+
+
+@dataclass
+class MemoryPlan:
+    """Per-rank bytes by location, and the peak a run should measure."""
+
+    setup: ZeroSetup
+    model: ModelSize
+    dp: int
+    tp: int
+    rows: list[Row] = field(default_factory=list)
+    baseline: int = PROCESS_BASELINE_BYTES
+
+    def total(self, where: str, transient: bool = True) -> int:
+        return sum(r.bytes for r in self.rows if r.where == where and (transient or not r.transient))
+
+    @property
+    def nvme_bytes(self) -> int:
+        """Bytes this rank writes under its nvme path(s)."""
+        return self.total("nvme")
+
+    @property
+    def pinned_bytes(self) -> int:
+        """Page-locked host bytes this rank asks for (mlock; counts against ``ulimit -l``)."""
+        return self.total("pinned")
+
+    @property
+    def host_bytes(self) -> int:
+        """Host RAM of this rank outside the device (pinned included)."""
+        return self.total("host") + self.total("pinned")
+
+    @property
+    def device_bytes(self) -> int:
+        return self.total("device")
+
+    def peak(self, device_type: str = "cpu") -> int:
+        """The peak a run measures: on CPU the resident set (device and host are the same RAM,
+        plus the process baseline); on CUDA the allocator's peak on the device."""
+        if device_type == "cuda":
+            return self.device_bytes
+        return self.baseline + self.device_bytes + self.host_bytes
+
+    def paper_bytes(self) -> int:
+        """The ZeRO paper's model-state bytes per rank (params + grads + optimizer, no extras)."""
+        s, p, n = self.setup, self.model.params, self.dp
+        k = 12 if s.mixed else 8
+        params = s.lp * p / (n if s.stage >= 3 else 1)
+        grads = s.lp * p / (n if s.stage >= 2 else 1)
+        opt = k * p / (n if s.stage >= 1 else 1)
+        return int(params + grads + opt)
+
+    def table(self, device_type: str = "cpu") -> str:
+        s = self.setup
+        head = (f"ZeRO-{s.stage} {s.precision}, offload optimizer: {s.optimizer_device}, params: {s.param_device}; "
+                f"{self.model.total_params / 1e6:,.1f}M params, {self.model.params / 1e6:,.1f}M per tp rank, "
+                f"tp {self.tp} x dp {self.dp}")
+        lines = [head, f"{'per rank':<34} {'where':<7} {'MiB':>11}  formula"]
+        for r in self.rows:
+            mark = " *" if r.transient else ""
+            lines.append(f"{r.name + mark:<34} {r.where:<7} {r.bytes / MiB:>11,.1f}  {r.formula}")
+        lines.append(f"{'ZeRO paper model states':<34} {'':<7} {self.paper_bytes() / MiB:>11,.1f}")
+        for where in ("device", "host", "pinned", "nvme"):
+            if any(r.where == where for r in self.rows):
+                lines.append(f"{'total ' + where:<34} {'':<7} {self.total(where) / MiB:>11,.1f}")
+        label = "peak device (allocator)" if device_type == "cuda" else "peak resident (with baseline)"
+        lines.append(f"{label:<34} {'':<7} {self.peak(device_type) / MiB:>11,.1f}")
+        lines.append("* alive during part of a step only")
+        return "\n".join(lines)
+
+    def as_dict(self, device_type: str = "cpu") -> dict:
+        return {"rows": [r.__dict__ for r in self.rows], "peak": self.peak(device_type),
+                "nvme": self.nvme_bytes, "pinned": self.pinned_bytes, "paper": self.paper_bytes()}
+
+
+def _io_aligned(numel: int, elem: int, intra_op: int = 1) -> int:
+    align = AIO_ALIGN_BYTES * intra_op // elem
+    return (numel + align - 1) // align * align
+
+
+def plan_memory(ds: dict, model: ModelSize, dp: int, tp: int = 1, activations: Optional[Activations] = None,
+                baseline: int = PROCESS_BASELINE_BYTES) -> MemoryPlan:
+    """The per-rank memory plan for DeepSpeed config ``ds`` (as ``to_deepspeed`` writes it)."""
+    s = ZeroSetup.from_deepspeed(ds)
+    plan = MemoryPlan(setup=s, model=model, dp=dp, tp=tp, baseline=baseline)
+    rows = plan.rows
+    p, n, lp = model.params, max(dp, 1), s.lp
+    part = math.ceil(p / n)  # elements of one rank's partition (ZeRO pads to a multiple of N)
+    opt_where = {"none": "device", "cpu": "host", "nvme": "nvme"}[s.optimizer_device]
+    if s.stage == 0:
+        rows.append(Row("parameters", "device", lp * p, f"{lp} P"))
+        rows.append(Row("gradients", "device", lp * p, f"{lp} P"))
+        if s.mixed:
+            rows.append(Row("fp32 master + grads", "device", 8 * p, "(4 + 4) P"))
+        rows.append(Row("Adam m, v", "device", 8 * p, "8 P"))
+        _activations(rows, s, model, tp, activations)
+        return plan
+
+    # --- parameters
+    if s.stage < 3:
+        rows.append(Row("parameters", "device", lp * p, f"{lp} P"))
+    elif s.param_device == "none":
+        rows.append(Row("parameter partition", "device", lp * part, f"{lp} P/N"))
+    elif s.param_device == "cpu":
+        rows.append(Row("parameter partition", "pinned" if s.param_pin else "host", lp * part, f"{lp} P/N"))
+    else:
+        in_cpu = min(part, s.max_in_cpu)
+        if in_cpu:
+            rows.append(Row("parameters kept in RAM (max_in_cpu)", "host", lp * in_cpu, f"{lp} min(P/N, max_in_cpu)"))
+        rows.append(Row("parameter partition", "nvme", lp * _io_aligned(part, lp, s.aio_intra_op_parallelism),
+                        f"{lp} P/N"))
+        buf = _io_aligned(s.param_buffer_size, lp, s.aio_intra_op_parallelism)
+        rows.append(Row("param swap buffers", "pinned", lp * buf * s.param_buffer_count,
+                        f"{lp} x buffer_count {s.param_buffer_count} x buffer_size {s.param_buffer_size:.3g}"))
+    # --- gradients
+    if s.stage == 1:
+        rows.append(Row("gradients", "device", lp * p, f"{lp} P"))
+    elif s.stage == 2:
+        rows.append(Row("gradient partition", "device", lp * part, f"{lp} P/N"))
+    else:  # ZeRO-3 accumulates in the model dtype, on the host when the optimizer is offloaded
+        where = "device" if s.optimizer_device == "none" else "host"
+        rows.append(Row("gradient partition", where, lp * part, f"{lp} P/N"))
+    if s.stage < 3 or s.optimizer_device == "cpu":
+        rows.append(Row("fp32 gradient partition (optimizer)", opt_where, 4 * part, "4 P/N"))
+    elif s.optimizer_device == "none":
+        rows.append(Row("fp32 gradient buffer (one sub-group)", "device", 4 * min(s.sub_group_size, part),
+                        "4 x min(sub_group_size, P/N)"))
+    # --- optimizer: fp32 master + Adam m, v
+    master = s.stage < 3 or s.optimizer_device != "none" or s.mixed
+    k = 8 + (4 if master else 0)
+    rows.append(Row("optimizer states (master, m, v)" if master else "optimizer states (m, v)", opt_where,
+                    k * part, f"{k} P/N"))
+    if s.optimizer_device == "nvme":
+        sub = _io_aligned(min(s.sub_group_size, part), 4, s.aio_intra_op_parallelism)
+        rows.append(Row("optimizer swap buffers", "pinned", 4 * sub * s.optimizer_buffer_count,
+                        f"4 x buffer_count {s.optimizer_buffer_count} x min(sub_group_size, P/N)"))
+        # The sub-group being stepped is swapped in: its master, m, v and grad live in RAM.
+        rows.append(Row("sub-group in flight", "host", 16 * min(s.sub_group_size, part),
+                        "16 x min(sub_group_size, P/N)", transient=True))
+    # --- transient buffers of the step
+    grad_bytes = 4 if s.stage < 3 or not s.mixed else lp
+    if s.stage < 3:
+        rows.append(Row("reduce bucket", "device", grad_bytes * min(s.reduce_bucket_size, p),
+                        f"{grad_bytes} x min(reduce_bucket_size, P)", transient=True))
+        rows.append(Row("all-gather bucket", "device", lp * min(s.allgather_bucket_size, p),
+                        f"{lp} x min(allgather_bucket_size, P)", transient=True))
+    else:
+        gathered = min(p, model.largest_layer + s.prefetch_bucket_size)
+        rows.append(Row("gathered parameters", "device", lp * gathered,
+                        f"{lp} x (largest layer + prefetch_bucket_size)", transient=True))
+        rows.append(Row("reduce bucket", "device", lp * min(s.reduce_bucket_size, p),
+                        f"{lp} x min(reduce_bucket_size, P)", transient=True))
+    _activations(rows, s, model, tp, activations)
+    return plan
+
+
+def activation_bytes(shape: dict, act: Activations, precision: str = "bf16", tp: int = 1) -> tuple[int, str]:
+    """Activations of the whole layer stack held for backward, and the formula used.
+
+    Per layer sbh(34 + 5as/h) bytes in 16-bit (Korthikanti et al. 2022); with
+    tp the 24 sbh of the tp-split tensors divide by t: sbh(10 + 24/t + 5as/(ht));
+    with sequence parallelism everything divides: sbh(34 + 5as/h)/t; selective
+    recompute drops the 5as/h term; full recompute keeps only each layer's
+    input (2 sbh) plus one layer's worth. fp32 doubles every term.
+    """
+    s, b = act.seq_length, act.micro_batch
+    h, a, L = shape["hidden_size"], shape["num_attention_heads"], shape["num_layers"]
+    attn = 0 if act.recompute == "selective" else 5 * a * s / h
+    if act.sequence_parallel:
+        per_layer, text = s * b * h * (34 + attn) / tp, "sbh(34 + 5as/h)/t"
+    else:
+        per_layer, text = s * b * h * (10 + 24 / tp + attn / tp), "sbh(10 + 24/t + 5as/(ht))"
+    if act.recompute == "selective":
+        text = text.replace(" + 5as/h", "").replace(" + 5as/(ht)", "")
+    scale = 2 if precision == "fp32" else 1
+    if act.recompute == "full":
+        total = L * 2 * s * b * h / (tp if act.sequence_parallel else 1) + per_layer
+        return int(scale * total), "L x 2sbh + one layer"
+    return int(scale * L * per_layer), f"L x {text}" + (" x 2 (fp32)" if scale == 2 else "")
+
+
+def _activations(rows: list, s: ZeroSetup, model: ModelSize, tp: int, act: Optional[Activations]) -> None:
+    if act is None or model.shape is None:
+        return
+    nbytes, formula = activation_bytes(model.shape, act, s.precision, tp)
+    rows.append(Row("activations", "device", nbytes, formula, transient=True))
+    # Logits and the fp32 cross-entropy: lp logits, their fp32 copy (softmax) and its gradient.
+    v = model.shape["vocab_size"]
+    tokens = act.seq_length * act.micro_batch
+    rows.append(Row("logits + loss", "device", tokens * v // tp * (s.lp + 8), f"sb V/t ({s.lp} + 4 + 4)",
+                    transient=True))
+
+
+def for_run(ds: dict, layout, shape: Optional[dict] = None, params: Optional[int] = None,
+            sequence_parallel: bool = False, recompute: Optional[str] = None) -> MemoryPlan:
+    """The plan for a zeromega run: ``layout`` (tp, dp, micro) and a GPT ``shape`` or a ``params`` count."""
+    if shape is not None:
+        model = gpt_size(tp=layout.tp, **shape)
+        act = Activations(shape["seq_length"], layout.micro, sequence_parallel, recompute)
+    elif params is not None:
+        model, act = ModelSize.from_count(params, layout.tp), None
+    else:
+        raise ValueError("for_run needs a model shape or a parameter count")
+    return plan_memory(ds, model, dp=layout.dp * getattr(layout, "cp", 1), tp=layout.tp, activations=act)
+
+
+__all__ = ["Activations", "MemoryPlan", "ModelSize", "Row", "ZeroSetup", "activation_bytes", "for_run",
+           "gpt_size", "padded_vocab", "plan_memory", "replace"]
