@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 
-.PHONY: setup train test bench
+.PHONY: setup train test bench nvme-deps
 setup: $(VENV)/.installed
 
 # torch is pinned on the same command line so pip takes the 2.13.0 CPU build
@@ -24,3 +24,7 @@ test: setup
 
 bench: setup
 	$(PY) bench/overhead.py
+
+# NVMe offload (ZeRO-Infinity) needs libaio for DeepSpeed's async_io op (root, Debian/Ubuntu).
+nvme-deps:
+	dpkg -s libaio-dev >/dev/null 2>&1 || (apt-get update && apt-get install -y libaio-dev)
