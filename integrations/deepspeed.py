@@ -13,7 +13,6 @@ import functools
 import torch
 
 from zeromega.launch.config import Layout, RunConfig
-from zeromega.launch.translate import to_deepspeed
 
 from . import accelerator as accel
 
@@ -102,10 +101,13 @@ def model_init_context(cfg: RunConfig, layout: Layout):
         return contextlib.nullcontext()
     import deepspeed
 
+    from zeromega.plugins.zero.engine import zero_config
+
     _deepspeed_comm()
+    # The same corrected dict build_engine gives DeepSpeed (swap buffers, prefetch, sub-groups).
+    ds_config, _ = zero_config(cfg, layout, accel.current().device_type)
     return deepspeed.zero.Init(data_parallel_group=MegatronMPU().get_data_parallel_group(),
-                               config_dict_or_path=to_deepspeed(cfg, layout, accel.current().device_type),
-                               mpu=MegatronMPU())
+                               config_dict_or_path=ds_config, mpu=MegatronMPU())
 
 
 def build_engine(model: torch.nn.Module, cfg: RunConfig, layout: Layout):

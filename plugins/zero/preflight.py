@@ -256,8 +256,9 @@ def correct(ds: dict, plan: MemoryPlan) -> tuple[dict, list[Correction]]:
         size, count = param_swap_needs(plan)
         put(block, "max_in_cpu", 0, "otherwise the parameters stay in RAM", "zero_optimization.offload_param",
             lambda v: v is None or float(v) >= plan.model.params / plan.dp)
-        put(block, "buffer_size", size, "must hold the largest parameter partition",
-            "zero_optimization.offload_param", lambda v: v is None or float(v) < size)
+        if size:  # unknown model (no plan): DeepSpeed's 1e8-element buffers stay
+            put(block, "buffer_size", size, "must hold the largest parameter partition",
+                "zero_optimization.offload_param", lambda v: v is None or float(v) < size)
         put(block, "buffer_count", count, "one per swappable tensor in flight",
             "zero_optimization.offload_param", lambda v: v is None or float(v) < count)
         key = "stage3_prefetch_bucket_size" if "prefetch_bucket_size" not in zero else "prefetch_bucket_size"
