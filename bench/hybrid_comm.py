@@ -17,9 +17,8 @@ grad-norm and cross-entropy all-reduces, MoE split metadata) show as bytes.
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
-import sys
+
+from launch_self import run_on_ranks
 
 LAYOUTS = [  # name, parallel, moe, virtual stages
     ("dp4", {}, False, None),
@@ -97,10 +96,7 @@ def worker(args):
 
 def main():
     args = parse_args()
-    if "RANK" not in os.environ:
-        cmd = [sys.executable, "-m", "zeromega", "launch", "--nproc-per-node", str(args.nproc), __file__, *sys.argv[1:]]
-        raise SystemExit(subprocess.call(cmd))
-    worker(args)
+    run_on_ranks(__file__, args.nproc, worker, args)
 
 
 if __name__ == "__main__":

@@ -15,11 +15,10 @@ here, not what it buys on GPUs, where tp/pp exist to fit larger models.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import subprocess
-import sys
 import time
+
+from launch_self import run_on_ranks
 
 LAYOUTS = [  # name, parallel, moe, virtual stages
     ("dp4", {}, False, None),
@@ -88,10 +87,7 @@ def worker(args):
 
 def main():
     args = parse_args()
-    if "RANK" not in os.environ:
-        cmd = [sys.executable, "-m", "zeromega", "launch", "--nproc-per-node", str(args.nproc), __file__, *sys.argv[1:]]
-        raise SystemExit(subprocess.call(cmd))
-    worker(args)
+    run_on_ranks(__file__, args.nproc, worker, args)
 
 
 if __name__ == "__main__":

@@ -16,13 +16,12 @@ reduce-scatter plus an all-gather, or one all-reduce, of every gradient).
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import subprocess
-import sys
 import time
 from types import SimpleNamespace
 
+
+from launch_self import run_on_ranks
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -144,10 +143,7 @@ def worker(args):
 
 def main():
     args = parse_args()
-    if "RANK" not in os.environ:
-        cmd = [sys.executable, "-m", "zeromega", "launch", "--nproc-per-node", str(args.nproc), __file__, *sys.argv[1:]]
-        raise SystemExit(subprocess.call(cmd))
-    worker(args)
+    run_on_ranks(__file__, args.nproc, worker, args)
 
 
 if __name__ == "__main__":

@@ -17,9 +17,9 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
-import sys
 
+
+from launch_self import run_on_ranks
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -72,10 +72,7 @@ def worker(args):
 
 def main():
     args = parse_args()
-    if "RANK" not in os.environ:
-        cmd = [sys.executable, "-m", "zeromega", "launch", "--nproc-per-node", str(args.nproc), __file__, *sys.argv[1:]]
-        raise SystemExit(subprocess.call(cmd))
-    worker(args)
+    run_on_ranks(__file__, args.nproc, worker, args)
 
 
 if __name__ == "__main__":
