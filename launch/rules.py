@@ -105,7 +105,7 @@ def _sequence_divisible(cfg):
     zigzag = (s.ring or 1) > 1  # ring and usp hold two zigzag chunks per rank
     multiple = p.cp * (2 if zigzag else 1) * (p.tp if p.sequence_parallel else 1)
     if seq % multiple:
-        parts = ([f"2 (zigzag)"] if zigzag else []) + [f"cp {p.cp}"] + ([f"tp {p.tp}"] if p.sequence_parallel else [])
+        parts = (["2 (zigzag)"] if zigzag else []) + [f"cp {p.cp}"] + ([f"tp {p.tp}"] if p.sequence_parallel else [])
         raise ConfigError("model.seq_length", seq, f"not divisible by {' x '.join(parts)} = {multiple}",
                           f"use a sequence length that is a multiple of {multiple}")
 

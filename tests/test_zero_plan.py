@@ -10,7 +10,6 @@ import pytest
 from zeromega.launch.errors import ConfigError
 from zeromega.plugins.zero import defaults, preflight
 from zeromega.plugins.zero import plan as zplan
-from zeromega.plugins.zero.plan import MiB
 
 P = 1_000_000
 

@@ -41,7 +41,7 @@ import importlib
 import logging
 import types
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import torch
 
