@@ -115,23 +115,6 @@ def noncontiguous_grads(mode: str) -> dict[str, Any]:
             "grad_of_out": grad_of_out.numpy(), "gloo_noncontiguous_scatter_ok": scatter_ok}
 
 
-def _count_cp_ranks_in_deepspeed_batch() -> None:
-    """In this child only: DeepSpeed's data-parallel world includes the cp ranks (MegatronMPU), so
-    its ``train_batch_size`` must be micro x accumulation x dp x cp; ``to_deepspeed`` writes
-    dp only. TODO(wiring): fix in launch/translate.to_deepspeed, then drop this."""
-    from zeromega.integrations import deepspeed as zds
-
-    original = zds.to_deepspeed
-    if getattr(original, "__zeromega_cp__", False):
-        return
-
-    def to_deepspeed(cfg, layout, *args, **kwargs):
-        return {**original(cfg, layout, *args, **kwargs), "train_batch_size": layout.global_batch * layout.cp}
-
-    to_deepspeed.__zeromega_cp__ = True
-    zds.to_deepspeed = to_deepspeed
-
-
 def train_gpt_cp(cfg: dict, shape: dict, data_prefix: str, iters: int, mode: str | None,
                  ulysses_size: int | None = None, seed: int = 1234) -> dict[str, Any]:
     """tests/workers.py's ``train_gpt`` with context parallelism: a Megatron-Core GPT whose core
@@ -151,7 +134,6 @@ def train_gpt_cp(cfg: dict, shape: dict, data_prefix: str, iters: int, mode: str
     comm.install()
     run = RunConfig.model_validate(cfg)
     layout = parallel.initialize(run, seed=seed)
-    _count_cp_ranks_in_deepspeed_batch()
     gpt_shape = model.GPTShape(**shape)
     train_ds, _, _ = data.build_gpt_datasets(data_prefix, gpt_shape.seq_length, seed,
                                              (iters * layout.global_batch, 0, 0), split="1,0,0")
