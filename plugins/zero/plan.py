@@ -30,9 +30,23 @@ the engine, because the plan is checked against what a run measures:
   host memory when the optimizer is offloaded, also to nvme: that buffer
   (lp P / N) is what bounds how large a model one host can train.
 
-The plan then adds what is only alive for part of a step (gradient buckets,
-ZeRO-3's gathered parameters, activations and logits) and a fixed process
-baseline, so that ``peak`` is comparable with a measured peak.
+The plan then adds what is only alive for part of a step, by phase, and a
+fixed process baseline, so that ``peak`` is comparable with a measured peak:
+
+- forward/backward: activations, logits, gradient buckets (ZeRO-0 too: the
+  engine flattens gradients into ``reduce_bucket_size`` buffers to
+  all-reduce them) and ZeRO-3's gathered parameters. DeepSpeed keeps a
+  gathered parameter until ``stage3_max_live_parameters`` is exceeded when
+  it will be reused within ``stage3_max_reuse_distance`` (default 1e9, so a
+  model smaller than that stays gathered from forward through backward).
+- optimizer step: torch's multi-tensor AdamW computes ``sqrt(v)`` for the
+  whole partition at once (4 bytes per element it steps);
+  ``DeepSpeedCPUAdam`` (offload) works in place; NVMe offload swaps one
+  sub-group in at a time.
+
+The peak is the resident part plus the larger of the two phases (measured
+per phase with ``/proc/self/status`` VmHWM on this machine: they do not
+overlap).
 """
 
 from __future__ import annotations
@@ -144,6 +158,7 @@ class ZeroSetup:
     allgather_bucket_size: int = int(5e8)
     prefetch_bucket_size: int = int(5e7)
     max_live_parameters: int = int(1e9)
+    max_reuse_distance: int = int(1e9)
     optimizer_buffer_count: int = 4
     param_buffer_count: int = 5
     param_buffer_size: int = int(1e8)
@@ -180,6 +195,7 @@ class ZeroSetup:
             allgather_bucket_size=pick("allgather_bucket_size", default=5e8),
             prefetch_bucket_size=pick("stage3_prefetch_bucket_size", "prefetch_bucket_size", default=5e7),
             max_live_parameters=pick("stage3_max_live_parameters", "max_live_parameters", default=1e9),
+            max_reuse_distance=pick("stage3_max_reuse_distance", "max_reuse_distance", default=1e9),
             optimizer_buffer_count=_num(opt.get("buffer_count"), 4),
             param_buffer_count=_num(par.get("buffer_count"), 5),
             param_buffer_size=_num(par.get("buffer_size"), 1e8),
@@ -207,6 +223,8 @@ class Row:
     formula: str
     transient: bool = False
     """Alive only during part of a step (buckets, gathered params, activations)."""
+    phase: str = "backward"
+    """For a transient row, when it is alive: ``"backward"`` (forward + backward) or ``"step"`` (optimizer)."""
 
 
 @dataclass(frozen=True)
@@ -232,7 +250,18 @@ class MemoryPlan:
     baseline: int = PROCESS_BASELINE_BYTES
 
     def total(self, where: str, transient: bool = True) -> int:
-        return sum(r.bytes for r in self.rows if r.where == where and (transient or not r.transient))
+        """Bytes at ``where``; with ``transient`` the worst phase's transients are included."""
+        resident = sum(r.bytes for r in self.rows if r.where == where and not r.transient)
+        if not transient:
+            return resident
+        return resident + max((sum(r.bytes for r in self.rows if r.where == where and r.transient and r.phase == ph)
+                               for ph in ("backward", "step")), default=0)
+
+    def transient_phase(self, where: str = "device") -> str:
+        """The phase whose transients at ``where`` are larger (where the peak happens)."""
+        size = {ph: sum(r.bytes for r in self.rows if r.where == where and r.transient and r.phase == ph)
+                for ph in ("backward", "step")}
+        return max(size, key=size.get)
 
     @property
     def nvme_bytes(self) -> int:
@@ -258,7 +287,10 @@ class MemoryPlan:
         plus the process baseline); on CUDA the allocator's peak on the device."""
         if device_type == "cuda":
             return self.device_bytes
-        return self.baseline + self.device_bytes + self.host_bytes
+        resident = sum(r.bytes for r in self.rows if r.where != "nvme" and not r.transient)
+        phases = [sum(r.bytes for r in self.rows if r.where != "nvme" and r.transient and r.phase == ph)
+                  for ph in ("backward", "step")]
+        return self.baseline + resident + max(phases)
 
     def paper_bytes(self) -> int:
         """The ZeRO paper's model-state bytes per rank (params + grads + optimizer, no extras)."""
@@ -276,7 +308,7 @@ class MemoryPlan:
                 f"tp {self.tp} x dp {self.dp}")
         lines = [head, f"{'per rank':<34} {'where':<7} {'MiB':>11}  formula"]
         for r in self.rows:
-            mark = " *" if r.transient else ""
+            mark = {"backward": " *", "step": " **"}[r.phase] if r.transient else ""
             lines.append(f"{r.name + mark:<34} {r.where:<7} {r.bytes / MiB:>11,.1f}  {r.formula}")
         lines.append(f"{'ZeRO paper model states':<34} {'':<7} {self.paper_bytes() / MiB:>11,.1f}")
         for where in ("device", "host", "pinned", "nvme"):
@@ -284,7 +316,8 @@ class MemoryPlan:
                 lines.append(f"{'total ' + where:<34} {'':<7} {self.total(where) / MiB:>11,.1f}")
         label = "peak device (allocator)" if device_type == "cuda" else "peak resident (with baseline)"
         lines.append(f"{label:<34} {'':<7} {self.peak(device_type) / MiB:>11,.1f}")
-        lines.append("* alive during part of a step only")
+        lines.append("* alive during forward/backward only; ** during the optimizer step only; "
+                     "the peak counts the larger phase")
         return "\n".join(lines)
 
     def as_dict(self, device_type: str = "cpu") -> dict:
@@ -298,8 +331,13 @@ def _io_aligned(numel: int, elem: int, intra_op: int = 1) -> int:
 
 
 def plan_memory(ds: dict, model: ModelSize, dp: int, tp: int = 1, activations: Optional[Activations] = None,
-                baseline: int = PROCESS_BASELINE_BYTES) -> MemoryPlan:
-    """The per-rank memory plan for DeepSpeed config ``ds`` (as ``to_deepspeed`` writes it)."""
+                baseline: int = PROCESS_BASELINE_BYTES, client_adam: str = "torch") -> MemoryPlan:
+    """The per-rank memory plan for DeepSpeed config ``ds`` (as ``to_deepspeed`` writes it).
+
+    ``client_adam``: ``"torch"`` when the optimizer is torch's multi-tensor
+    AdamW (zeromega's choice without offload), ``"fused"`` for an optimizer
+    that updates in place (DeepSpeed's CPU Adam, used under offload).
+    """
     s = ZeroSetup.from_deepspeed(ds)
     plan = MemoryPlan(setup=s, model=model, dp=dp, tp=tp, baseline=baseline)
     rows = plan.rows
@@ -312,6 +350,9 @@ def plan_memory(ds: dict, model: ModelSize, dp: int, tp: int = 1, activations: O
         if s.mixed:
             rows.append(Row("fp32 master + grads", "device", 8 * p, "(4 + 4) P"))
         rows.append(Row("Adam m, v", "device", 8 * p, "8 P"))
+        rows.append(Row("all-reduce bucket", "device", 4 * min(s.reduce_bucket_size, p),
+                        "4 x min(reduce_bucket_size, P)", transient=True))
+        _optimizer_temporaries(rows, s, p, client_adam)
         _activations(rows, s, model, tp, activations)
         return plan
 
@@ -355,7 +396,7 @@ def plan_memory(ds: dict, model: ModelSize, dp: int, tp: int = 1, activations: O
                         f"4 x buffer_count {s.optimizer_buffer_count} x min(sub_group_size, P/N)"))
         # The sub-group being stepped is swapped in: its master, m, v and grad live in RAM.
         rows.append(Row("sub-group in flight", "host", 16 * min(s.sub_group_size, part),
-                        "16 x min(sub_group_size, P/N)", transient=True))
+                        "16 x min(sub_group_size, P/N)", transient=True, phase="step"))
     # --- transient buffers of the step
     grad_bytes = 4 if s.stage < 3 or not s.mixed else lp
     if s.stage < 3:
@@ -364,13 +405,26 @@ def plan_memory(ds: dict, model: ModelSize, dp: int, tp: int = 1, activations: O
         rows.append(Row("all-gather bucket", "device", lp * min(s.allgather_bucket_size, p),
                         f"{lp} x min(allgather_bucket_size, P)", transient=True))
     else:
-        gathered = min(p, model.largest_layer + s.prefetch_bucket_size)
-        rows.append(Row("gathered parameters", "device", lp * gathered,
-                        f"{lp} x (largest layer + prefetch_bucket_size)", transient=True))
+        if s.max_reuse_distance >= p:  # every parameter is reused by backward within the distance: kept
+            gathered = min(p, max(s.max_live_parameters, model.largest_layer + s.prefetch_bucket_size))
+            formula = f"{lp} x min(P, max_live_parameters)"
+        else:
+            gathered = min(p, model.largest_layer + s.prefetch_bucket_size)
+            formula = f"{lp} x (largest layer + prefetch_bucket_size)"
+        rows.append(Row("gathered parameters", "device", lp * gathered, formula, transient=True))
         rows.append(Row("reduce bucket", "device", lp * min(s.reduce_bucket_size, p),
                         f"{lp} x min(reduce_bucket_size, P)", transient=True))
+    if s.optimizer_device == "none":
+        _optimizer_temporaries(rows, s, part, client_adam)
     _activations(rows, s, model, tp, activations)
     return plan
+
+
+def _optimizer_temporaries(rows: list, s: ZeroSetup, stepped: int, client_adam: str) -> None:
+    """torch's multi-tensor AdamW holds sqrt(v) for every element it steps (fp32) during ``step``."""
+    if client_adam == "torch":
+        rows.append(Row("AdamW sqrt(v) temporaries", "device", 4 * stepped,
+                        "4 x elements stepped (P or P/N)", transient=True, phase="step"))
 
 
 def activation_bytes(shape: dict, act: Activations, precision: str = "bf16", tp: int = 1) -> tuple[int, str]:
