@@ -42,7 +42,9 @@ class ParallelConfig(_Section):
     cp: int = Field(1, ge=1)
     """Context-parallel size: ranks sharing one sequence; equals sequence.ulysses x sequence.ring."""
     ep: int = Field(1, ge=1)
-    """Expert-model-parallel size (carved out of dp x cp)."""
+    """Expert-model-parallel size (carved out of dp x cp; with etp < tp, of tp x cp x dp / etp)."""
+    etp: Optional[PositiveInt] = None
+    """Expert-tensor-parallel size: tp of the expert MLPs (Megatron ``--expert-tensor-parallel-size``); None: tp."""
     vpp: Optional[PositiveInt] = None
     """Virtual pipeline stages (model chunks) per pipeline rank, for the interleaved schedule."""
     layers_per_virtual_stage: Optional[PositiveInt] = None
@@ -231,6 +233,8 @@ class Layout(_Section):
     """Context-parallel size (ulysses x ring)."""
     ep: int
     """Expert-parallel size."""
+    etp: int
+    """Expert-tensor-parallel size (tp of the expert MLPs); etp x ep x expert-dp = tp x cp x dp."""
     dp: int
     """Data-parallel size: world / (tp x pp x cp)."""
     micro: int
@@ -303,11 +307,17 @@ class RunConfig(_Section):
                 f"launch a multiple of {model_parallel} processes or lower the parallel sizes",
             )
         dp = world_size // model_parallel
-        if (dp * p.cp) % p.ep:
+        etp = p.etp or p.tp
+        if etp == p.tp and (dp * p.cp) % p.ep:
             raise ConfigError("parallel.ep", p.ep, f"does not divide dp x cp = {dp * p.cp}",
                               "choose an expert-parallel size that divides dp x cp")
+        # Expert layers regroup each pipeline stage's tp x cp x dp ranks as etp x ep x expert-dp.
+        if (p.tp * p.cp * dp) % (etp * p.ep):
+            raise ConfigError("parallel.etp", etp, f"x ep {p.ep} = {etp * p.ep} does not divide the "
+                              f"tp x cp x dp = {p.tp * p.cp * dp} ranks of a pipeline stage",
+                              "choose etp and ep whose product divides tp x cp x dp")
         micro, accumulation = resolve_batch(self.batch, dp)
-        return Layout(world=world_size, tp=p.tp, pp=p.pp, cp=p.cp, ep=p.ep, dp=dp, micro=micro,
+        return Layout(world=world_size, tp=p.tp, pp=p.pp, cp=p.cp, ep=p.ep, etp=etp, dp=dp, micro=micro,
                       accumulation=accumulation, global_batch=micro * accumulation * dp,
                       ulysses=self.sequence.ulysses or 1, ring=self.sequence.ring or 1, vpp=p.vpp)
 

@@ -83,6 +83,7 @@ VIOLATIONS = {
                                        "zero.offload_optimizer.device='cpu'"),
     "nvme without a path": ({"zero": {"stage": 3, "offload_param": {"device": "nvme"}}}, None,
                             "zero.offload_param.nvme_path=None"),
+    "etp x ep vs a stage's tp x cp x dp": ({"parallel": {"tp": 2, "ep": 4, "etp": 1}}, 2, "parallel.etp=1"),
     "experts vs ep": ({"parallel": {"ep": 4}, "moe": {"num_experts": 6}}, None, "moe.num_experts=6"),
     "topk above experts": ({"moe": {"num_experts": 2, "topk": 4}}, None, "moe.topk=4"),
     "vpp without pp": ({"parallel": {"vpp": 2}}, None, "parallel.vpp=2"),
@@ -121,3 +122,11 @@ def test_layout_rechecks_after_assignment():
     cfg.parallel.pp = 2  # each section alone is valid; the pair is not
     with pytest.raises(ConfigError, match="zero.stage=3"):
         cfg.layout(2)
+
+
+def test_expert_tensor_parallel_defaults_to_tp_and_frees_tp_ranks_for_ep():
+    assert validate({"parallel": {"tp": 2, "ep": 2}}).layout(4).etp == 2
+    with pytest.raises(ConfigError, match=r"^parallel.ep=2"):  # etp = tp: ep comes out of dp x cp = 1
+        validate({"parallel": {"tp": 2, "ep": 2}}).layout(2)
+    layout = validate({"parallel": {"tp": 2, "ep": 2, "etp": 1}}).layout(2)  # ep spans the tp ranks
+    assert (layout.tp, layout.ep, layout.etp, layout.dp) == (2, 2, 1, 1)

@@ -144,6 +144,27 @@ def probe_dispatch_splits():
     assert isinstance(splits, np.ndarray), "gloo's all_to_all_single takes split sizes as a list or array"
 
 
+def _gather_uneven_shards() -> list:
+    """Rank r holds r + 1 rows of r; gathered over a 2-rank gloo world with Megatron's uneven split sizes."""
+    import torch.distributed as dist
+    from megatron.core.tensor_parallel import mappings
+
+    dist.init_process_group("gloo")
+    try:
+        rank = dist.get_rank()
+        return mappings._gather_along_first_dim(torch.full((rank + 1, 2), float(rank)), dist.group.WORLD,
+                                                output_split_sizes=[1, 2]).tolist()
+    finally:
+        dist.destroy_process_group()
+
+
+def probe_uneven_gather():
+    from distributed import run_world
+
+    for gathered in run_world(2, _gather_uneven_shards, timeout=60):
+        assert gathered == [[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]], gathered
+
+
 _TINY = dict(num_layers=2, hidden_size=16, num_attention_heads=2, seq_length=8, vocab_size=64,
              hidden_dropout=0.0, attention_dropout=0.0)
 _TINY_MOE = dict(_TINY, num_experts=2, moe_router_topk=2, moe_ffn_hidden_size=16)
@@ -203,6 +224,7 @@ PROBES = {
     "megatron.core.models.backends.LNImpl": probe_sp_layer_norm,
     "megatron.core.transformer.transformer_block.LayerNormImpl": probe_sp_final_norm,
     "megatron.core.tensor_parallel.mappings.torch": probe_sp_gather_buffer,
+    "megatron.core.tensor_parallel.mappings._gather_along_first_dim": probe_uneven_gather,
     "megatron.core.tensor_parallel.layers.torch": probe_sp_linear_grad_buffer,
     "megatron.core.distributed.param_and_grad_buffer.torch": probe_grad_buffers,
     "megatron.core.optimizer.optimizer.torch": probe_fp32_optimizer_scale,

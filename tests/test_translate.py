@@ -40,7 +40,7 @@ def assert_same(a: RunConfig, b: RunConfig) -> None:
     diff = {k: (fa.get(k), fb.get(k)) for k in set(fa) | set(fb)
             if not k.startswith("batch.") and not same(fa.get(k), fb.get(k))}
     assert not diff
-    world = a.parallel.tp * a.parallel.pp * a.parallel.cp * a.parallel.ep
+    world = a.parallel.tp * a.parallel.pp * a.parallel.cp * a.parallel.ep * (a.parallel.etp or 1)
     assert a.layout(world) == b.layout(world)
 
 
@@ -193,6 +193,18 @@ def test_megatron_flags_map_and_unknown_are_kept():
     assert cfg.zero.stage == 1 and cfg.recompute.granularity == "selective"
     assert cfg.precision == "fp16" and cfg.loss_scaling.initial_scale_power == 12
     assert cfg.moe.num_experts == 8 and cfg.checkpoint.interval == 10
+
+
+def test_expert_tensor_parallel_size_reaches_megatron_core():
+    cfg = validate(translate.from_megatron_args(["--tensor-model-parallel-size", "2", "--sequence-parallel",
+                                                 "--expert-model-parallel-size", "2",
+                                                 "--expert-tensor-parallel-size", "1"])[0])
+    assert cfg.parallel.etp == 1
+    assert megatron_args.megatron_core_fields(cfg)["expert_tensor_parallel_size"] == 1
+    assert "--expert-tensor-parallel-size" in translate.to_megatron_argv(cfg)
+    unstated = validate(translate.from_megatron_args(["--tensor-model-parallel-size", "2"])[0])
+    assert unstated.parallel.etp is None  # Megatron's default: etp = tp
+    assert megatron_args.megatron_core_fields(unstated)["expert_tensor_parallel_size"] == 2
 
 
 @pytest.mark.parametrize("argv,mode,sizes", [
@@ -365,6 +377,7 @@ def unified_configs(draw, megatron_only: bool = False):
     stage = draw(st.sampled_from([0, 1] if pp > 1 else [0, 1, 2, 3]))
     data = {
         "parallel": {"tp": tp, "pp": pp, "ep": draw(st.sampled_from([1, 2])),
+                     "etp": draw(st.sampled_from([None, 1, 2])),
                      "sequence_parallel": tp > 1 and draw(st.booleans())},
         "sequence": sequence,
         "zero": {"stage": stage},
@@ -431,7 +444,8 @@ _FLAG_VALUES = {
     "--micro-batch-size": ["1", "2"], "--global-batch-size": ["64", "128"], "--lr": ["0.0003", "1e-4"],
     "--zero-stage": ["0", "1"], "--lr-decay-style": ["cosine", "linear"], "--lr-warmup-iters": ["0", "5"],
     "--num-attention-heads": ["16", "32"], "--seq-length": ["2048"], "--train-iters": ["100"],
-    "--num-experts": ["4"], "--expert-model-parallel-size": ["1", "2"], "--hysteresis": ["3"],
+    "--num-experts": ["4"], "--expert-model-parallel-size": ["1", "2"], "--expert-tensor-parallel-size": ["1", "2"],
+    "--hysteresis": ["3"],
     "--sequence-parallel": [None], "--bf16": [None], "--use-distributed-optimizer": [None],
     "--recompute-activations": [None],
 }

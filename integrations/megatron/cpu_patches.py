@@ -176,6 +176,28 @@ def _splits_to_host(tensor: Any, as_numpy: bool = False, record_stream: bool = F
     return tensor
 
 
+def _gather_first_dim_uneven_on_gloo(input_: torch.Tensor, group: Any, output_split_sizes: Any = None,
+                                     use_global_buffer: bool = False) -> torch.Tensor:
+    """Megatron's ``_gather_along_first_dim`` with uneven ``output_split_sizes`` on gloo.
+
+    Upstream gathers uneven shards with the list form of ``all_gather``, whose
+    gloo backend requires every rank's tensor to have the input's shape
+    (``ProcessGroupGloo::allgather: invalid tensor size``). Every rank knows
+    every size, so each shard is padded to the longest, gathered with
+    ``all_gather_into_tensor`` and cut back. Even sizes take upstream's path.
+    """
+    original = _originals[("megatron.core.tensor_parallel.mappings", "_gather_along_first_dim")]
+    sizes = None if output_split_sizes is None else [int(n) for n in output_split_sizes]
+    if sizes is None or group.size() == 1 or len(set(sizes)) == 1:
+        return original(input_, group, output_split_sizes, use_global_buffer)
+    longest = max(sizes)
+    padded = input_.new_zeros((longest, *input_.shape[1:]))
+    padded[: input_.shape[0]] = input_
+    gathered = input_.new_empty((longest * len(sizes), *input_.shape[1:]))
+    torch.distributed.all_gather_into_tensor(gathered, padded, group=group)
+    return torch.cat([gathered[i * longest: i * longest + n] for i, n in enumerate(sizes)])
+
+
 class _SequenceParallelTorchNorm:
     """Megatron's torch-norm fallback, allowed under sequence parallelism.
 
@@ -273,6 +295,9 @@ PATCHES: tuple[Patch, ...] = (
                 "the all-to-all dispatcher makes a torch.cuda.Stream for its device-to-host copies of the splits"),
     Patch("megatron.core.transformer.moe.token_dispatcher", "maybe_move_tensor_to_cpu", _splits_to_host,
           "the all-to-all split sizes must reach all_to_all_single as numpy (gloo rejects a tensor of splits)"),
+    Patch("megatron.core.tensor_parallel.mappings", "_gather_along_first_dim", _gather_first_dim_uneven_on_gloo,
+          "with tp > 1 the all-to-all dispatcher all-gathers each rank's routed tokens over the expert-tp group "
+          "in uneven shards, which gloo's list all_gather rejects (invalid tensor size)"),
     Patch("megatron.core.transformer.moe.moe_utils", "te_general_gemm", None,
           "the router's gating GEMM tests `te_general_gemm is not None`, a name bound only when "
           "TransformerEngine imports (NameError without it); None selects the torch matmul"),

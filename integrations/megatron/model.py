@@ -122,6 +122,7 @@ def transformer_config(shape: GPTShape, cfg: RunConfig, virtual_stages: Optional
         pipeline_model_parallel_size=p.pp,
         context_parallel_size=p.cp,
         expert_model_parallel_size=p.ep,
+        expert_tensor_parallel_size=p.etp or p.tp,
         sequence_parallel=p.sequence_parallel,
         use_cpu_initialization=True,
         params_dtype=_DTYPES[cfg.precision],

@@ -57,6 +57,7 @@ def initialize(cfg: RunConfig, seed: int = 1234, timeout_minutes: float = 10.0) 
         # USP: Megatron builds the ulysses (inner) and ring (outer) subgroups of cp.
         hierarchical_context_parallel_sizes=[layout.ulysses, layout.ring] if layout.ulysses > 1 and layout.ring > 1 else None,
         expert_model_parallel_size=layout.ep,
+        expert_tensor_parallel_size=layout.etp,
         distributed_timeout_minutes=timeout_minutes,  # a float works: Megatron makes a timedelta of it
         create_gloo_process_groups=device.is_cuda,  # on CPU the main groups are gloo already
     )
