@@ -39,8 +39,11 @@ fixed process baseline, so that ``peak`` is comparable with a measured peak:
   gathered parameter until ``stage3_max_live_parameters`` is exceeded when
   it will be reused within ``stage3_max_reuse_distance`` (default 1e9, so a
   model smaller than that stays gathered from forward through backward).
-- optimizer step: torch's multi-tensor AdamW computes ``sqrt(v)`` for the
-  whole partition at once (4 bytes per element it steps);
+- optimizer step: torch's multi-tensor AdamW computes ``sqrt(v)`` and its
+  bias-corrected quotient for the whole partition at once (8 bytes per
+  element it steps: ``aten::sqrt`` and ``aten::div`` each allocated 4 P/N
+  under torch.profiler's memory view, ZeRO-2); ZeRO-1/2 then all-gather the
+  updated parameters through ``allgather_bucket_size`` buffers;
   ``DeepSpeedCPUAdam`` (offload) works in place; NVMe offload swaps one
   sub-group in at a time.
 
@@ -391,6 +394,10 @@ def plan_memory(ds: dict, model: ModelSize, dp: int, tp: int = 1, activations: O
     rows.append(Row("optimizer states (master, m, v)" if master else "optimizer states (m, v)", opt_where,
                     k * part, f"{k} P/N"))
     if s.optimizer_device == "nvme":
+        # DeepSpeed swaps each sub-group's fp32 gradients out beside its states (large-model demo,
+        # 567M fp32 on 2 ranks: swap files 10.6 GiB = 16 P + 4 P).
+        rows.append(Row("fp32 gradient swap", "nvme", 4 * _io_aligned(part, 4, s.aio_intra_op_parallelism),
+                        "4 P/N"))
         sub = _io_aligned(min(s.sub_group_size, part), 4, s.aio_intra_op_parallelism)
         rows.append(Row("optimizer swap buffers", "pinned", 4 * sub * s.optimizer_buffer_count,
                         f"4 x buffer_count {s.optimizer_buffer_count} x min(sub_group_size, P/N)"))
@@ -403,7 +410,7 @@ def plan_memory(ds: dict, model: ModelSize, dp: int, tp: int = 1, activations: O
         rows.append(Row("reduce bucket", "device", grad_bytes * min(s.reduce_bucket_size, p),
                         f"{grad_bytes} x min(reduce_bucket_size, P)", transient=True))
         rows.append(Row("all-gather bucket", "device", lp * min(s.allgather_bucket_size, p),
-                        f"{lp} x min(allgather_bucket_size, P)", transient=True))
+                        f"{lp} x min(allgather_bucket_size, P)", transient=True, phase="step"))
     else:
         if s.max_reuse_distance >= p:  # every parameter is reused by backward within the distance: kept
             gathered = min(p, max(s.max_live_parameters, model.largest_layer + s.prefetch_bucket_size))
@@ -412,8 +419,9 @@ def plan_memory(ds: dict, model: ModelSize, dp: int, tp: int = 1, activations: O
             gathered = min(p, model.largest_layer + s.prefetch_bucket_size)
             formula = f"{lp} x (largest layer + prefetch_bucket_size)"
         rows.append(Row("gathered parameters", "device", lp * gathered, formula, transient=True))
-        rows.append(Row("reduce bucket", "device", lp * min(s.reduce_bucket_size, p),
-                        f"{lp} x min(reduce_bucket_size, P)", transient=True))
+        # autograd's full-size gradients wait for the bucket, which reduce-scatter flattens into a copy
+        rows.append(Row("reduce bucket", "device", 2 * lp * min(s.reduce_bucket_size, p),
+                        f"2 x {lp} x min(reduce_bucket_size, P)", transient=True))
     if s.optimizer_device == "none":
         _optimizer_temporaries(rows, s, part, client_adam)
     _activations(rows, s, model, tp, activations)
@@ -421,10 +429,10 @@ def plan_memory(ds: dict, model: ModelSize, dp: int, tp: int = 1, activations: O
 
 
 def _optimizer_temporaries(rows: list, s: ZeroSetup, stepped: int, client_adam: str) -> None:
-    """torch's multi-tensor AdamW holds sqrt(v) for every element it steps (fp32) during ``step``."""
+    """torch's multi-tensor AdamW holds sqrt(v) and sqrt(v)/bias-correction for every element it steps."""
     if client_adam == "torch":
-        rows.append(Row("AdamW sqrt(v) temporaries", "device", 4 * stepped,
-                        "4 x elements stepped (P or P/N)", transient=True, phase="step"))
+        rows.append(Row("AdamW sqrt(v) temporaries", "device", 8 * stepped,
+                        "8 x elements stepped (P or P/N)", transient=True, phase="step"))
 
 
 def activation_bytes(shape: dict, act: Activations, precision: str = "bf16", tp: int = 1) -> tuple[int, str]:

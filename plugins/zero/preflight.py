@@ -384,9 +384,7 @@ def preflight(ds: dict, plan_fn: Callable[[dict], MemoryPlan], machine: Optional
     for kind, path in (("optimizer", s.optimizer_nvme_path), ("param", s.param_nvme_path)):
         device = s.optimizer_device if kind == "optimizer" else s.param_device
         if device == "nvme" and path:
-            # gradients of swapped sub-groups are written beside the states (4 B/param more)
-            extra = 4 * -(-plan.model.params // plan.dp) if kind == "optimizer" else 0
-            paths[str(path)] = paths.get(str(path), 0) + per_device[kind] + extra
+            paths[str(path)] = paths.get(str(path), 0) + per_device[kind]
     for path, nbytes in paths.items():
         name = ("zero_optimization.offload_optimizer.nvme_path" if str(s.optimizer_nvme_path) == path
                 else "zero_optimization.offload_param.nvme_path")
