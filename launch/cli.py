@@ -191,7 +191,10 @@ def _check_layout(job, launcher: str) -> None:
     try:
         with contextlib.redirect_stderr(stderr):  # a bad Megatron flag value makes argparse exit
             config = build(job.config, megatron_argv=job.script_args)
-        config.layout(world)
+        layout = config.layout(world)
+        from .plan_cli import launch_preflight
+
+        summary = launch_preflight(config, layout, local_ranks=min(world, job.nproc_per_node))
     except ConfigError as err:
         raise UsageError(f"{err.field}={err.value!r}: {err.problem}", err.fix) from None
     except (TypeError, ValueError, KeyError, IndexError, AttributeError) as err:  # JSON of the wrong shape
@@ -202,6 +205,8 @@ def _check_layout(job, launcher: str) -> None:
         lines = stderr.getvalue().strip().splitlines() or ["invalid Megatron-LM flag"]
         problem = lines[-1].split("error: ", 1)[-1]
         raise UsageError(f"script arguments: {problem}", "fix the Megatron-LM flag among the script's ARGS") from None
+    if summary:
+        print(f"zeromega launch: {summary}", file=sys.stderr)
 
 
 def _launch(args: argparse.Namespace) -> int:

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from typing import Optional
 
 
 def _add_plan(subparsers) -> None:
@@ -117,6 +119,47 @@ def plan_for_args(args: argparse.Namespace):
     except ConfigError as err:
         raise UsageError(f"{err.field}={err.value!r}: {err.problem}", err.fix) from None
     return plan_fn(ds), corrections, ds, device
+
+
+def launch_preflight(cfg, layout, local_ranks: int) -> Optional[str]:
+    """The ZeRO pre-flight checks, run by ``zeromega launch`` before any rank starts.
+
+    Only for configs that offload or ask for fp16 (the checks that need the
+    machine: nvme path, free space, aio/CPU Adam ops, locked memory, RAM).
+    The model shape comes from the run config (Megatron flags among the
+    script's arguments); without it the space and RAM checks use a model of
+    0 parameters and only the path, op and combination checks bite. Raises
+    ConfigError; returns a one-line summary for the launcher to print.
+    """
+    import torch
+
+    from zeromega.plugins.zero import defaults, preflight
+    from zeromega.plugins.zero import plan as zplan
+
+    from .translate import to_deepspeed
+
+    z = cfg.zero
+    devices = {z.offload_optimizer.device, z.offload_param.device}
+    if devices == {"none"} and cfg.precision != "fp16":
+        return None
+    device = cfg.device if cfg.device in ("cpu", "cuda") else ("cuda" if torch.cuda.is_available() else "cpu")
+    model = cfg.model.model_dump()
+    shape = {k: model.get(k) for k in _SHAPE_KEYS if model.get(k) is not None}
+    complete = all(k in shape for k in _SHAPE_KEYS[:5])
+    ds, _ = defaults.tuned(to_deepspeed(cfg, layout, device), device)
+    os.environ.setdefault("DS_ACCELERATOR", device)  # else DeepSpeed warns that it guessed
+
+    def plan_fn(d):
+        if complete:
+            return zplan.for_run(d, layout, shape=shape, sequence_parallel=cfg.parallel.sequence_parallel,
+                                 recompute=cfg.recompute.granularity)
+        return zplan.for_run(d, layout, params=0)
+
+    report = preflight.preflight(ds, plan_fn, device_type=device, local_ranks=local_ranks)
+    gib = 2**30
+    sized = (f"plan {report.plan.peak(device) / gib:.2f} GiB/rank, {report.plan.nvme_bytes / gib:.2f} GiB on nvme"
+             if complete else "model shape unknown: space and RAM not sized")
+    return f"pre-flight passed ({sized}; {len(report.corrections)} correction(s) the ranks will apply)"
 
 
 def _cpu_fp16() -> bool:

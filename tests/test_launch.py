@@ -174,6 +174,8 @@ BAD_INPUTS = {
                               "--nproc-per-node", "1", WORKER], "--hostfile is given together with --nnodes"),
     "node rank": (["--nproc-per-node", "1", "--nnodes", "2", "--node-rank", "2", "--master-addr", "127.0.0.1",
                    WORKER], "--node-rank 2 is not below --nnodes 2"),
+    "nvme path missing": (["--nproc-per-node", "2", "--config", "nvme.json", WORKER],
+                          "zero_optimization.offload_optimizer.nvme_path='/nonexistent/zeromega-nvme': does not exist"),
     "restarts with deepspeed": (["--launcher", "deepspeed", "--nproc-per-node", "2", "--max-restarts", "1", WORKER],
                                 "cannot restart"),
 }
@@ -186,6 +188,9 @@ def test_bad_input_is_one_line_and_starts_nothing(tmp_path, case):
     (tmp_path / "betas.json").write_text('{"optimizer": {"type": "AdamW", "params": {"betas": 0.9}}}')
     (tmp_path / "tp4.json").write_text('{"zeromega": {"tp": 4}}')
     (tmp_path / "hosts").write_text("localhost slots=2\n")
+    nvme = {"device": "nvme", "nvme_path": "/nonexistent/zeromega-nvme"}
+    (tmp_path / "nvme.json").write_text(json.dumps({"bf16": {"enabled": True}, "zero_optimization": {
+        "stage": 3, "offload_optimizer": nvme, "offload_param": nvme}}))
     marker = tmp_path / "a-rank-started"
     proc, token, _, _ = zeromega("launch", *argv, cwd=tmp_path, env={"ZEROMEGA_TEST_MARKER": str(marker)})
     assert proc.returncode == 2
