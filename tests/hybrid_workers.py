@@ -70,8 +70,9 @@ def train_gpt_megatron(cfg: dict, shape: dict, data_prefix: str, iters: int, see
         losses.append(result.loss)
         grad_norms.append(result.grad_norm)
         idle.append(result.idle)
+    dtypes = sorted({str(p.dtype) for chunk in trainer.chunks for p in chunk.module.parameters()})
     parallel.shutdown()
-    return {"loss": losses, "grad_norm": grad_norms, "idle": idle}
+    return {"loss": losses, "grad_norm": grad_norms, "idle": idle, "param_dtypes": dtypes}
 
 
 def one_training_step(cfg: dict, shape: dict, skip_patches: list[str], virtual_stages: Optional[int] = None) -> float:

@@ -102,6 +102,20 @@ def probe_fp32_optimizer_scale():
     FP32Optimizer(torch.optim.SGD([param], lr=0.1), OptimizerConfig(lr=0.1), None)
 
 
+def probe_bf16_optimizer_params():
+    from megatron.core.optimizer import OptimizerConfig
+    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
+
+    param = torch.nn.Parameter(torch.ones(2, dtype=torch.bfloat16))
+    try:
+        optimizer = Float16OptimizerWithFloat16Params(torch.optim.SGD([param], lr=0.1),
+                                                      OptimizerConfig(lr=0.1, bf16=True), None, lambda opt: None)
+    except TypeError as err:  # upstream's own failure for a CPU tensor
+        raise RuntimeError(err) from err
+    main = optimizer.optimizer.param_groups[0]["params"][0]
+    assert main.dtype == torch.float32 and main is param.main_param, "bf16 params need fp32 main copies"
+
+
 def _grads_to_clip():
     param = torch.nn.Parameter(torch.ones(3))
     param.grad = torch.full((3,), 4.0)
@@ -231,6 +245,7 @@ PROBES = {
     "megatron.core.optimizer.clip_grads.torch": probe_clip_scale_buffer,
     "megatron.core.optimizer.optimizer.clip_grad_by_total_norm_fp32": probe_clip_type_check,
     "megatron.core.optimizer.distrib_optimizer:DistributedOptimizer.__init__": probe_distributed_optimizer,
+    "megatron.core.optimizer.optimizer:Float16OptimizerWithFloat16Params.__init__": probe_bf16_optimizer_params,
     "megatron.core.pipeline_parallel.schedules.torch": probe_schedule_token_count,
     "megatron.core.pipeline_parallel.p2p_communication.torch": probe_pipeline_p2p,
     "megatron.core.models.common.language_module.language_module:LanguageModule."

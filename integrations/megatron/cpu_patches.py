@@ -276,6 +276,12 @@ PATCHES: tuple[Patch, ...] = (
           _with_cuda_tensor_methods("megatron.core.optimizer.distrib_optimizer:DistributedOptimizer", "__init__"),
           "the distributed optimizer picks its fp32 / fp16 branch by param.type() == 'torch.cuda.*' and "
           "raises TypeError for a CPU tensor"),
+    Patch("megatron.core.optimizer.optimizer:Float16OptimizerWithFloat16Params", "__init__",
+          _with_cuda_tensor_methods("megatron.core.optimizer.optimizer:Float16OptimizerWithFloat16Params",
+                                    "__init__"),
+          "bf16 / fp16 without the distributed optimizer: the mixed-precision optimizer makes fp32 main params "
+          "of the params whose type() is 'torch.cuda.BFloat16Tensor' / 'HalfTensor' and raises TypeError for "
+          "a CPU tensor"),
     # Pipeline parallel: the schedules and their p2p.
     _torch_view("megatron.core.pipeline_parallel.schedules",
                 "each schedule counts tokens in a device='cuda' tensor"),

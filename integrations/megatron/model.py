@@ -215,6 +215,12 @@ def build_gpt_chunks(shape: GPTShape, cfg: RunConfig, virtual_stages: Optional[i
             vp_stage=vp_stage,
         )
         chunk.model_type = ModelType.encoder_or_decoder
+        if cfg.precision != "fp32":
+            # What Megatron-LM's Float16Module does at wrap time: ``params_dtype`` reaches the linear
+            # layers, but the torch-norm fallback (no apex) builds fp32 weights, whose fp32 output
+            # the next bf16 matmul rejects. Tokens are integers and the cross entropy upcasts the logits, so
+            # the wrapper's input/output casts have nothing left to do.
+            chunk.to(_DTYPES[cfg.precision])
         chunks.append(chunk)
     return chunks
 
