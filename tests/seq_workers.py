@@ -116,10 +116,13 @@ def noncontiguous_grads(mode: str) -> dict[str, Any]:
 
 
 def train_gpt_cp(cfg: dict, shape: dict, data_prefix: str, iters: int, mode: str | None,
-                 ulysses_size: int | None = None, seed: int = 1234) -> dict[str, Any]:
+                 ulysses_size: int | None = None, seed: int = 1234,
+                 token_layout: str | None = None) -> dict[str, Any]:
     """tests/workers.py's ``train_gpt`` with context parallelism: a Megatron-Core GPT whose core
     attention is ``mode`` over the cp group, batches sharded along the sequence, the cp-aware loss.
-    ``mode=None`` is the reference: stock local spec (Megatron's DotProductAttention), plain loss."""
+    ``mode=None`` is the reference: stock local spec (Megatron's DotProductAttention), plain loss.
+    ``token_layout`` overrides the layout (batch shards and attention alike; default: the mode's,
+    zigzag under rotary embeddings)."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -137,7 +140,10 @@ def train_gpt_cp(cfg: dict, shape: dict, data_prefix: str, iters: int, mode: str
     gpt_shape = model.GPTShape(**shape)
     train_ds, _, _ = data.build_gpt_datasets(data_prefix, gpt_shape.seq_length, seed,
                                              (iters * layout.global_batch, 0, 0), split="1,0,0")
-    spec = get_gpt_layer_local_spec() if mode is None else gpt_layer_spec(mode, ulysses_size=ulysses_size)
+    rotary = gpt_shape.position_embedding_type == "rope"
+    seq_layout = (token_layout or sequence_layout(mode, rotary=rotary)) if mode else None
+    spec = get_gpt_layer_local_spec() if mode is None else gpt_layer_spec(mode, ulysses_size=ulysses_size,
+                                                                         layout=seq_layout)
     gpt = GPTModel(config=model.transformer_config(gpt_shape, run), transformer_layer_spec=spec,
                    vocab_size=model.padded_vocab_size(gpt_shape.vocab_size, gpt_shape.make_vocab_size_divisible_by,
                                                       run.parallel.tp),
@@ -148,7 +154,6 @@ def train_gpt_cp(cfg: dict, shape: dict, data_prefix: str, iters: int, mode: str
                                   dp_size=layout.dp)
     cp_group = parallel_state.get_context_parallel_group()
     dp_cp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
-    seq_layout = sequence_layout(mode) if mode else None
     losses, grad_norms = [], []
     for _ in range(iters):
         total = 0.0

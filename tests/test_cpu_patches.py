@@ -158,6 +158,40 @@ def probe_dispatch_splits():
     assert isinstance(splits, np.ndarray), "gloo's all_to_all_single takes split sizes as a list or array"
 
 
+def probe_rotary_table():
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    table = RotaryEmbedding(kv_channels=8, rotary_percent=1.0, use_cpu_initialization=True)(4)
+    assert table.shape == (4, 1, 1, 8) and table.device.type == "cpu"
+
+
+class _CpRank:
+    """A stand-in cp group: the rotary slicing only asks its size and this rank."""
+
+    def __init__(self, rank: int, size: int):
+        self._rank, self._size = rank, size
+
+    def rank(self):
+        return self._rank
+
+    def size(self):
+        return self._size
+
+
+def probe_rope_cp_slices():
+    """Each cp rank's rows of the rotary table are the positions of the tokens shard_batch gives it (zigzag)."""
+    from megatron.core.models.common.embeddings import rotary_pos_embedding
+
+    from zeromega.plugins.sequence.layout import token_index
+
+    seq = 16
+    table = torch.arange(float(seq)).view(seq, 1, 1, 1)  # row i holds position i
+    for size in (2, 4):
+        for rank in range(size):
+            rows = rotary_pos_embedding.get_pos_emb_on_this_cp_rank(table, 0, _CpRank(rank, size))
+            assert torch.equal(rows.flatten().long(), token_index(seq, rank, size, "zigzag")), (rank, size)
+
+
 def _gather_uneven_shards() -> list:
     """Rank r holds r + 1 rows of r; gathered over a 2-rank gloo world with Megatron's uneven split sizes."""
     import torch.distributed as dist
@@ -250,6 +284,8 @@ PROBES = {
     "megatron.core.pipeline_parallel.p2p_communication.torch": probe_pipeline_p2p,
     "megatron.core.models.common.language_module.language_module:LanguageModule."
     "setup_embeddings_and_output_layer": probe_tied_embedding_stages,
+    "megatron.core.models.common.embeddings.rotary_pos_embedding.torch": probe_rotary_table,
+    "megatron.core.models.common.embeddings.rotary_pos_embedding.get_pos_emb_on_this_cp_rank": probe_rope_cp_slices,
     "megatron.core.transformer.moe.router.torch": probe_moe_router,
     "megatron.core.transformer.moe.token_dispatcher.torch": probe_moe_dispatcher_stream,
     "megatron.core.transformer.moe.token_dispatcher.maybe_move_tensor_to_cpu": probe_dispatch_splits,

@@ -198,6 +198,24 @@ def _gather_first_dim_uneven_on_gloo(input_: torch.Tensor, group: Any, output_sp
     return torch.cat([gathered[i * longest: i * longest + n] for i, n in enumerate(sizes)])
 
 
+def _pos_emb_on_this_cp_rank(pos_emb: torch.Tensor, seq_dim: int, cp_group: Any) -> torch.Tensor:
+    """Megatron's ``get_pos_emb_on_this_cp_rank`` with its chunk index on ``pos_emb``'s device.
+
+    Upstream builds the index ``[r, 2C-1-r]`` in pinned memory and moves it
+    with ``.cuda()``; the slicing itself is unchanged: the table of the whole
+    sequence is cut into ``2C`` chunks and cp rank ``r`` keeps chunks ``r``
+    and ``2C-1-r``, the zigzag layout of ``plugins.sequence.layout``.
+    """
+    if cp_group is None:
+        raise ValueError("cp_group must be provided to get positional embedding per CP rank")
+    size, rank = cp_group.size(), cp_group.rank()
+    index = torch.tensor([rank, 2 * size - rank - 1], device=pos_emb.device)
+    shape = pos_emb.shape
+    chunks = pos_emb.view(*shape[:seq_dim], 2 * size, -1, *shape[seq_dim + 1:])
+    mine = chunks.index_select(seq_dim, index)
+    return mine.view(*shape[:seq_dim], -1, *shape[seq_dim + 1:])
+
+
 class _SequenceParallelTorchNorm:
     """Megatron's torch-norm fallback, allowed under sequence parallelism.
 
@@ -294,6 +312,13 @@ PATCHES: tuple[Patch, ...] = (
                                     "setup_embeddings_and_output_layer"),
           "with pp > 1 the last stage's copy of the tied word embedding is moved with .cuda() before the "
           "first-last stage all-reduce"),
+    # Rotary position embeddings (--position-embedding-type rope), with and without context parallel.
+    _torch_view("megatron.core.models.common.embeddings.rotary_pos_embedding",
+                "the rotary table moves its inv_freq to torch.cuda.current_device() on first use, at any cp size"),
+    Patch("megatron.core.models.common.embeddings.rotary_pos_embedding", "get_pos_emb_on_this_cp_rank",
+          _pos_emb_on_this_cp_rank,
+          "with cp > 1 each rank's zigzag slice of the rotary table is picked by an index built with "
+          "pin_memory=True and moved with .cuda()"),
     # Mixture of experts: the router and the all-to-all token dispatcher.
     _torch_view("megatron.core.transformer.moe.router",
                 "the router moves its weight to torch.cuda.current_device() on every forward"),

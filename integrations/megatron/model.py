@@ -148,9 +148,12 @@ def _layer_spec(shape: GPTShape, cfg: Optional[RunConfig] = None):
 
     local = dict(num_experts=shape.num_experts, moe_grouped_gemm=False)
     if cfg is not None and cfg.parallel.cp > 1 and cfg.sequence.mode in CONTEXT_PARALLEL_MODES:
-        from zeromega.plugins.sequence.megatron import gpt_layer_spec
+        from zeromega.plugins.sequence.megatron import gpt_layer_spec, sequence_layout
 
-        return gpt_layer_spec(cfg.sequence.mode, ulysses_size=cfg.sequence.ulysses, **local)
+        # Under rope Megatron's rotary table is sliced zigzag per cp rank, so the batch is sharded
+        # zigzag (shard_batch) and the attention must read its tokens in that order, Ulysses included.
+        layout = sequence_layout(cfg.sequence.mode, rotary=shape.position_embedding_type == "rope")
+        return gpt_layer_spec(cfg.sequence.mode, ulysses_size=cfg.sequence.ulysses, layout=layout, **local)
     return get_gpt_layer_local_spec(**local)
 
 
