@@ -15,7 +15,10 @@ Python standard library's sources, byte-tokenized), built on first use.
 
 Checkpoints use Megatron-LM's flags: ``--save DIR --save-interval N`` writes
 one every N steps and at the end; ``--load DIR`` resumes from the newest
-(model, ZeRO partitions, scheduler, every rank's RNGs, data position). With
+(model, ZeRO partitions, scheduler, every rank's RNGs, data position). On
+Megatron-Core's engine (pp > 1 or MoE) the model and distributed-optimizer
+state go through Megatron's dist checkpointing, which also reshards pp and ep;
+such a checkpoint keeps the run on that engine, even at pp 1. With
 ``--load`` and ``--save`` naming the same directory, a run that finds no
 checkpoint there starts fresh, so one command line serves the first attempt
 and every restart (``zeromega launch --max-restarts K``).
@@ -98,10 +101,6 @@ def run_config(args, rest: list[str]):
             raise ConfigError("arguments", " ".join(unknown), "not a flag pretrain_gpt.py or zeromega knows",
                               "see `pretrain_gpt.py --help` and `zeromega translate --help`")
         cfg = translate.build(args.config, megatron_argv=rest)
-        if (cfg.parallel.pp > 1 or cfg.moe.num_experts) and (args.save or args.load):
-            raise ConfigError("--save/--load", args.save or args.load,
-                              "checkpoints of the Megatron-Core pipeline/MoE path are not supported yet",
-                              "drop --save/--load, or use pp == 1 without experts")
         return cfg
     except ConfigError as err:  # bad input: one line, exit code 2, no traceback
         print(f"pretrain_gpt.py: error: {err}", file=sys.stderr)
@@ -126,19 +125,33 @@ def set_collective_timeout(minutes: float) -> None:
 
 
 class CheckpointedRun:
-    """The run's --save/--load/--exit-* policy around :class:`zeromega.checkpoint.Checkpointer`."""
+    """The run's --save/--load/--exit-* policy around :class:`zeromega.checkpoint.Checkpointer` (DeepSpeed's
+    engine) or :class:`zeromega.plugins.megatron.checkpoint.MegatronCheckpointer` (Megatron-Core's, ``trainer``)."""
 
-    def __init__(self, args, engine, layout, cfg, scheduler, model_meta: dict):
+    def __init__(self, args, engine, layout, cfg, scheduler, model_meta: dict, trainer=None):
         from zeromega.checkpoint import Checkpointer
+        from zeromega.plugins.megatron.checkpoint import MegatronCheckpointer
 
         self.args, self.global_batch = args, layout.global_batch
-        self.ckpt = Checkpointer(engine, layout, cfg.zero.stage, cfg.precision, scheduler, model_meta=model_meta)
+        if trainer is not None:
+            self.ckpt = MegatronCheckpointer(trainer, layout, cfg.zero.stage, cfg.precision, scheduler,
+                                             model_meta=model_meta)
+        else:
+            self.ckpt = Checkpointer(engine, layout, cfg.zero.stage, cfg.precision, scheduler, model_meta=model_meta)
         self.start_step, self.start_samples, self.saved_step = 0, 0, None
         self.stop_requested = False
         if args.exit_signal_handler:
             import signal
 
             signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    @staticmethod
+    def resumes_megatron(args) -> bool:
+        """Whether --load names a checkpoint of Megatron-Core's engine (collective): such a run stays on
+        that engine, whatever its pp, so a pp > 1 checkpoint can resume at pp 1."""
+        from zeromega.checkpoint import reshard, saved_engine
+
+        return bool(args.load) and saved_engine(args.load) == reshard.MEGATRON
 
     def _on_sigterm(self, signum, frame) -> None:
         self.stop_requested = True
@@ -240,7 +253,8 @@ def main(argv: list[str] | None = None) -> None:
         moe_token_dispatcher_type=args.moe_token_dispatcher_type,
     )
     dp_rank = parallel_state.get_data_parallel_rank()
-    if layout.pp > 1 or cfg.moe.num_experts:
+    trainer = None
+    if layout.pp > 1 or cfg.moe.num_experts or CheckpointedRun.resumes_megatron(args):
         # DeepSpeed refuses ZeRO-2/3 with pipelines and cannot reduce Megatron's expert gradients over
         # the expert-data-parallel group: Megatron-Core's schedules, DDP and distributed optimizer run these.
         trainer = MegatronTrainer(shape, cfg, layout, distributed_optimizer=cfg.zero.stage >= 1)
@@ -264,7 +278,8 @@ def main(argv: list[str] | None = None) -> None:
         end_wd=cfg.optimizer.weight_decay, wd_incr_steps=args.train_iters, wd_incr_style="constant",
     )
 
-    run = CheckpointedRun(args, engine, layout, cfg, scheduler, dataclasses.asdict(shape)) if (args.save or args.load) else None
+    run = CheckpointedRun(args, engine, layout, cfg, scheduler, dataclasses.asdict(shape),
+                          trainer=trainer) if (args.save or args.load) else None
     start_step, consumed = run.resume() if run else (0, 0)
     if start_step:
         say(f"zeromega: resumed at step {start_step} ({consumed} samples consumed)")

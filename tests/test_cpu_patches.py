@@ -263,6 +263,27 @@ def probe_moe_dispatcher_stream():
     _step_in_world(1, {}, _TINY_MOE, clip=0.0)
 
 
+def _save_dist_checkpoint():
+    """A one-rank torch_dist save (plugins.megatron.checkpoint's path), leaving out the skipped patches."""
+    import tempfile
+
+    from ckpt_megatron_workers import save_tiny_dist_checkpoint
+    from distributed import run_world
+
+    skipped = [f"{p.module}.{p.attribute}" for p in cpu_patches.PATCHES
+               if (p.module, p.attribute) not in cpu_patches._originals]
+    with tempfile.TemporaryDirectory() as path:
+        run_world(1, save_tiny_dist_checkpoint, path, skipped, timeout=120)
+
+
+def probe_dist_checkpoint_staging():
+    _save_dist_checkpoint()
+
+
+def probe_dist_checkpoint_finalize():
+    _save_dist_checkpoint()
+
+
 PROBES = {
     "megatron.core.utils.torch": probe_memory_buffer,
     "megatron.core.tensor_parallel.random.torch": probe_seed_tracker,
@@ -290,6 +311,8 @@ PROBES = {
     "megatron.core.transformer.moe.token_dispatcher.torch": probe_moe_dispatcher_stream,
     "megatron.core.transformer.moe.token_dispatcher.maybe_move_tensor_to_cpu": probe_dispatch_splits,
     "megatron.core.transformer.moe.moe_utils.te_general_gemm": probe_router_gemm,
+    "megatron.core.dist_checkpointing.strategies.filesystem_async.torch": probe_dist_checkpoint_staging,
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver.torch": probe_dist_checkpoint_finalize,
 }
 
 

@@ -20,9 +20,12 @@ resumes bit for bit. Another layout goes through DeepSpeed's universal
 checkpoint (:mod:`.reshard` says which pairs); RNG streams are per rank, so
 a resharded run keeps its fresh seeds.
 
-Pipeline (pp > 1) and expert (ep > 1) layouts: the manifest records pp and
-ep and a resume under the same layout goes through the same engine calls;
-resharding them is refused until their engines land.
+Pipeline (pp > 1) and MoE layouts run on Megatron-Core's engine, whose
+checkpoints are Megatron's dist checkpoints inside the same directory,
+staging, manifest and ``latest``
+(:class:`zeromega.plugins.megatron.checkpoint.MegatronCheckpointer`); the
+manifest's ``engine`` says which engine wrote a checkpoint, and neither
+engine loads the other's (:func:`.reshard.check_engine`).
 """
 
 from __future__ import annotations
@@ -36,13 +39,13 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 
-from . import rng
+from . import reshard, rng
 from .files import (LATEST, MANIFEST, CheckpointError, publish, read_manifest,
                     records_as_dicts, records_from_dicts, safe_load, staging_dir, torch_save, verify_files,
                     weights_only_loads)
 
 __all__ = ["Checkpointer", "CheckpointError", "Resumed", "tag_for", "find_latest", "resolve_load",
-           "read_manifest", "safe_load"]
+           "open_verified", "saved_engine", "read_manifest", "safe_load"]
 
 RNG_FILE = "zeromega/rng_rank_{:05d}.pt"
 
@@ -157,6 +160,30 @@ def resolve_load(load_dir: str | Path, allow_empty: bool = False) -> Optional[Pa
 
     ckpt = _agree(find)
     return None if ckpt is None else Path(ckpt)
+
+
+def open_verified(load_dir: str | Path, allow_empty: bool = False) -> Optional[tuple[Path, dict]]:
+    """(checkpoint, manifest) that ``--load load_dir`` means, every file checked against the manifest
+    (each rank hashes a share) before anything is read; None for a fresh start (see :func:`resolve_load`)."""
+    ckpt = resolve_load(load_dir, allow_empty)
+    if ckpt is None:
+        return None
+    manifest = _agree(lambda: read_manifest(ckpt))
+    problems = [p for ps in _gather(verify_files(ckpt, manifest, (_rank(), _world()))) for p in ps]
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise CheckpointError(f"checkpoint {ckpt} failed verification: {problems[0]}{more}",
+                              "load an older checkpoint (write its tag into 'latest') or re-run from it")
+    return ckpt, manifest
+
+
+def saved_engine(load_dir: str | Path) -> Optional[str]:
+    """The engine (:data:`reshard.ENGINES`) that wrote the checkpoint ``--load load_dir`` means; None when
+    there is none yet. Collective; reads only the manifest (a load verifies the files later)."""
+    ckpt = resolve_load(load_dir, allow_empty=True)
+    if ckpt is None:
+        return None
+    return _agree(lambda: read_manifest(ckpt).get("engine", reshard.DEEPSPEED))
 
 
 def parameter_splits(module: torch.nn.Module) -> dict[str, dict]:
@@ -280,7 +307,7 @@ class Checkpointer:
         self.fault("after_write")
         records = [r for rank_records in _gather(records_as_dicts(mine)) for r in records_from_dicts(rank_records)]
         meta = {
-            "step": step, "consumed_samples": consumed_samples,
+            "engine": reshard.DEEPSPEED, "step": step, "consumed_samples": consumed_samples,
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "layout": self._layout_meta(), "params": self.splits, "model": self.model_meta,
             "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__},
@@ -297,17 +324,11 @@ class Checkpointer:
         Every file is checked against the manifest (each rank hashes a share)
         before anything is read; the run state is untouched if any check fails.
         """
-        from . import reshard
-
-        ckpt = resolve_load(load_dir, allow_empty)
-        if ckpt is None:
+        found = open_verified(load_dir, allow_empty)
+        if found is None:
             return None
-        manifest = _agree(lambda: read_manifest(ckpt))
-        problems = [p for ps in _gather(verify_files(ckpt, manifest, (_rank(), _world()))) for p in ps]
-        if problems:
-            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-            raise CheckpointError(f"checkpoint {ckpt} failed verification: {problems[0]}{more}",
-                                  "load an older checkpoint (write its tag into 'latest') or re-run from it")
+        ckpt, manifest = found
+        reshard.check_engine(manifest, reshard.DEEPSPEED, ckpt)
         saved = manifest["layout"]
         now = self._layout_meta()
         plan = reshard.plan(saved, now)  # raises CheckpointError for a pair that cannot work

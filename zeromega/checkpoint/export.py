@@ -129,6 +129,9 @@ def consolidated_weights(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict]:
     if problems:
         raise CheckpointError(f"checkpoint {ckpt} failed verification: {problems[0]}", "export another checkpoint")
     layout = manifest["layout"]
+    if manifest.get("engine", "deepspeed") != "deepspeed":
+        raise CheckpointError(f"{ckpt}: saved by Megatron-Core's engine (pp/MoE run); export reads DeepSpeed's "
+                              "files only", "export a checkpoint of a pp1 run without experts")
     if layout["pp"] > 1 or layout["ep"] > 1:
         raise CheckpointError(f"{ckpt}: pipeline/expert parallel checkpoints cannot be exported yet",
                               "export a checkpoint of a pp1 ep1 run")

@@ -11,7 +11,10 @@ point leaves ``latest`` naming the previous complete checkpoint.
 Loading checks the manifest first, then reads tensors with
 ``torch.load(weights_only=True)``: a checkpoint can carry data, never code.
 DeepSpeed's files hold three non-tensor objects; exactly those classes are
-allowed (:data:`DEEPSPEED_SAFE_GLOBALS`).
+allowed (:data:`DEEPSPEED_SAFE_GLOBALS`). Megatron-Core's torch_dist
+checkpoints add one plain pickle, ``torch.distributed.checkpoint``'s
+``.metadata``; :func:`dist_checkpoint_loads` reads it with an allowlist of
+its plain record classes.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import contextlib
 import hashlib
 import json
 import os
+import pickle
 import shutil
 import uuid
 from dataclasses import asdict, dataclass
@@ -233,6 +237,67 @@ def weights_only_loads(post: Callable[[Any], Any] = lambda obj: obj) -> Iterator
         yield
     finally:
         torch.load = original
+
+
+# torch.distributed.checkpoint's ``.metadata`` (a plain pickle, written by ``pickle.dump``), as
+# Megatron-Core 0.16.1's torch_dist strategy writes it with torch 2.13: records of plain fields,
+# the planner's own records (Megatron keeps the save plans there), enums, torch.Size and dtypes.
+_DCP_METADATA_CLASSES = {
+    "torch.distributed.checkpoint.metadata": {"Metadata", "TensorStorageMetadata", "BytesStorageMetadata",
+                                               "ChunkStorageMetadata", "TensorProperties", "MetadataIndex",
+                                               "StorageMeta", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.distributed.checkpoint.planner": {"SavePlan", "WriteItem", "WriteItemType", "TensorWriteData",
+                                              "BytesIOWriteData"},
+    "torch.serialization": {"_get_layout"},  # a name -> torch.layout lookup
+    "torch": {"Size"},
+    "collections": {"OrderedDict"},
+}
+
+
+class _AllowlistUnpickler(pickle.Unpickler):
+    """An unpickler that builds only the classes of :data:`_DCP_METADATA_CLASSES` (and torch dtypes,
+    layouts and memory formats, which pickle by name); anything else, a callable above all, is refused."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if name in _DCP_METADATA_CLASSES.get(module, ()):
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout,
+                                                                            torch.memory_format)):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed in a checkpoint's metadata")
+
+
+class _SafePickle:
+    """``pickle`` as torch.distributed.checkpoint's reader sees it inside :func:`dist_checkpoint_loads`."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(pickle, name)
+
+    @staticmethod
+    def load(file, **kwargs) -> Any:
+        try:
+            return _AllowlistUnpickler(file).load()
+        except Exception as err:
+            where = getattr(file, "name", "a torch.distributed.checkpoint .metadata file")
+            raise CheckpointError(f"{where}: cannot be loaded safely ({type(err).__name__}: {err})",
+                                  "verify the checkpoint (manifest.json) or load an older one") from None
+
+
+@contextlib.contextmanager
+def dist_checkpoint_loads() -> Iterator[None]:
+    """Meanwhile, Megatron-Core's torch_dist reads carry no code: ``torch.load`` (its ``common.pt``,
+    object shards that torch's planner loads with ``weights_only=False``) goes through
+    :func:`safe_load`, and torch.distributed.checkpoint's ``.metadata`` pickle through an allowlist."""
+    from torch.distributed.checkpoint import filesystem
+
+    original = filesystem.pickle
+    filesystem.pickle = _SafePickle()
+    try:
+        with weights_only_loads():
+            yield
+    finally:
+        filesystem.pickle = original
 
 
 def records_as_dicts(records: Iterable[FileRecord]) -> list[dict]:

@@ -17,7 +17,22 @@ loss difference to the unchanged run; tests/test_checkpoint.py runs the first tw
 
 Refused, with the reason: ZeRO-0 on either side (no ZeRO partition files to
 convert), ZeRO-1/2 <-> ZeRO-3 (DeepSpeed's stage-3 model files differ),
-ZeRO-3 with a tp change, and pp/ep changes (pending their engines).
+ZeRO-3 with a tp change, and pp/ep changes on DeepSpeed's engine (it runs pp1 ep1 only).
+
+Megatron-Core's engine (pp > 1 or MoE; ``zeromega.plugins.megatron.checkpoint``)
+saves Megatron's dist checkpoint: every tensor under its global name (layers
+and experts numbered as in one process) and the distributed optimizer's
+state in model-parameter space ("fully_reshardable"), so Megatron-Core
+itself re-slices it for another pp / vpp / ep / dp (:func:`plan_megatron`).
+Measured (fp32, dropout off, 3 steps after the load, relative loss
+difference to the unchanged run; tests/test_checkpoint_megatron.py):
+
+* pp2 -> pp1 (dp2 ZeRO-1): see README; ep2 -> ep1 MoE: see README
+
+Refused there: a tp change (not measured), the distributed optimizer switched
+on or off (ZeRO-0 <-> ZeRO-1+: different optimizer-state layouts), another
+precision, another model shape. A checkpoint of one engine never loads into
+the other (:func:`check_engine`): their files differ.
 """
 
 from __future__ import annotations
@@ -30,6 +45,7 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -141,3 +157,75 @@ def convert(ckpt: Path, out: Path) -> None:
     # ds_to_universal points a 'latest_universal' file next to its output; zeromega names tags itself.
     with contextlib.suppress(FileNotFoundError):
         (out.parent / "latest_universal").unlink()
+
+
+# ----------------------------------------------------------------- Megatron-Core's engine
+
+DEEPSPEED, MEGATRON = "deepspeed", "megatron-core"
+ENGINES = {DEEPSPEED: "DeepSpeed's engine (pp 1, no experts)",
+           MEGATRON: "Megatron-Core's engine (pp > 1 or --num-experts)"}
+MEGATRON_SUPPORTED = ("same layout; with the distributed optimizer (ZeRO-1+), any change of pp, virtual "
+                      "stages, ep and dp with the same tp, precision and model shape")
+# The model-shape fields a checkpoint's tensors depend on (GPTShape names); dropout and the MoE
+# routing knobs (capacity, aux loss, dispatcher) may change between runs.
+SHAPE_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
+                "vocab_size", "make_vocab_size_divisible_by", "position_embedding_type",
+                "untie_embeddings_and_output_weights", "num_experts", "moe_ffn_hidden_size", "moe_router_topk")
+
+
+def check_engine(manifest: dict, engine: str, ckpt: Path) -> None:
+    """Refuse a checkpoint another engine wrote (DeepSpeed's files vs Megatron's dist checkpoint)."""
+    saved = manifest.get("engine", DEEPSPEED)  # checkpoints from before this field are DeepSpeed's
+    if saved == engine:
+        return
+    layout = manifest.get("layout", {})
+    where = f"pp{layout.get('pp', '?')} ep{layout.get('ep', '?')}"
+    if engine == DEEPSPEED:
+        fix = ("resume it with examples/pretrain_gpt.py, which picks Megatron-Core's engine for it at any pp, "
+               "or with --pipeline-model-parallel-size / --num-experts as saved")
+    else:
+        fix = ("resume it with pp 1 and no --num-experts (DeepSpeed's engine), or start this layout from scratch "
+               "(drop --load)")
+    raise CheckpointError(f"checkpoint {ckpt} was saved by {ENGINES.get(saved, saved)} ({where}); this run uses "
+                          f"{ENGINES[engine]}, which cannot read its files", fix)
+
+
+def plan_megatron(saved: dict, now: dict, saved_shape: Optional[dict] = None,
+                  now_shape: Optional[dict] = None) -> bool:
+    """Whether loading a Megatron-Core-engine checkpoint saved under ``saved`` reshards it for
+    ``now`` (layout dicts from the manifest); raises CheckpointError for a pair that cannot work."""
+
+    def describe(layout: dict) -> str:
+        vpp = f" vpp{layout['vpp']}" if (layout.get("vpp") or 1) > 1 else ""
+        zero = "distributed optimizer" if layout["zero_stage"] >= 1 else "ZeRO-0"
+        return (f"tp{layout['tp']} pp{layout['pp']}{vpp} ep{layout['ep']} dp{layout['dp'] * layout['cp']} "
+                f"{zero} {layout['precision']}")
+
+    def refuse(field: str, reason: str, fix: str) -> CheckpointError:
+        return CheckpointError(f"checkpoint saved as {describe(saved)}, this run is {describe(now)}: {field} "
+                               f"{saved.get(field)!r} -> {now.get(field)!r}: {reason}; supported: {MEGATRON_SUPPORTED}",
+                               fix)
+
+    if saved["tp"] != now["tp"]:
+        raise refuse("tp", "a tp change of Megatron-Core-engine checkpoints is not measured yet",
+                     f"resume with --tensor-model-parallel-size {saved['tp']}")
+    if (saved["zero_stage"] >= 1) != (now["zero_stage"] >= 1):
+        raise refuse("zero_stage", "ZeRO-0 (Megatron's plain optimizer) and the distributed optimizer "
+                     "(ZeRO-1+) store Adam's state differently",
+                     f"resume with --zero-stage {saved['zero_stage']}")
+    if saved["precision"] != now["precision"]:
+        raise refuse("precision", "the optimizer state is kept per precision",
+                     f"resume with the saved precision ({saved['precision']})")
+    if saved_shape and now_shape:
+        for key in SHAPE_FIELDS:
+            if saved_shape.get(key) != now_shape.get(key):
+                raise CheckpointError(f"checkpoint's model has {key} = {saved_shape.get(key)!r}, this run's has "
+                                      f"{now_shape.get(key)!r}: the tensors do not fit",
+                                      f"resume with the saved model shape ({key} = {saved_shape.get(key)!r})")
+    same = (all(saved[k] == now[k] for k in ("tp", "pp", "ep", "cp", "dp"))
+            and (saved.get("vpp") or 1) == (now.get("vpp") or 1))
+    if not same and saved["zero_stage"] == 0:
+        raise refuse("zero_stage", "Megatron's plain (ZeRO-0) optimizer numbers its state by this rank's "
+                     "parameters, so only the distributed optimizer's state moves to another layout",
+                     f"resume with the saved layout ({describe(saved)}), or save with --zero-stage 1")
+    return not same

@@ -1,0 +1,257 @@
+"""Save and resume a :class:`~zeromega.plugins.megatron.pipeline.MegatronTrainer` run (pp > 1, MoE) with
+Megatron-Core's own dist checkpointing, inside zeromega's checkpoint directories.
+
+One checkpoint, ``SAVE/iter_NNNNNNN/`` (staged, hashed into ``manifest.json``
+and published by rename exactly as :mod:`zeromega.checkpoint.files` does for
+DeepSpeed's files)::
+
+    metadata.json, common.pt, .metadata, __R_0.distcp   Megatron-Core's torch_dist checkpoint
+    zeromega/rng_rank_RRRRR.pt                        every RNG of global rank R
+    manifest.json                                     engine, step, samples, scheduler, layout, model shape
+
+What goes into the dist checkpoint: each model chunk's ``sharded_state_dict()``
+(tensors under their 1-process names: global layer numbers, global expert
+numbers, the tied output weight as the first stage's embedding) and the
+optimizer's ``sharded_state_dict`` in the distributed optimizer's
+``fully_reshardable`` form: fp32 params and Adam moments cut back into
+model-parameter shapes. Megatron's newer default, ``fully_sharded_model_space``,
+raises "flattened_range is not supported" in 0.16.1, and ``dp_reshardable``
+only survives a dp change. So another pp, vpp, ep or dp reads the same files
+and Megatron-Core re-slices them; :func:`zeromega.checkpoint.reshard.plan_megatron`
+says which changes are allowed.
+
+Three accommodations, each for a gap in Megatron-Core 0.16.1 when it runs with
+torch's own Adam (no Apex / TransformerEngine), none of them a patch:
+
+- torch's Adam creates its state at the first step, but the distributed
+  optimizer's ``state_dict`` asserts that a ``step`` is there: a fresh run's
+  state is created up front, as torch would (:func:`_create_adam_state`);
+- ``_set_main_param_and_optimizer_states`` copies every key of the state,
+  ``step`` included, from the loaded tensors, which have no ``step``; and
+  the load hands every parameter the *same* ``step`` tensor, which torch's
+  Adam then increments once per parameter (measured: the loss drifts from
+  the second step on). :func:`_load_optimizer` holds ``step`` aside during
+  the tensor load and gives each parameter its own copy;
+- on CPU the distributed optimizer gathers its state over its gloo group
+  (``..._mem_efficient``: the other path puts tensors on ``torch.cuda``);
+  zeromega builds no separate gloo groups there because every CPU group is gloo.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from zeromega.checkpoint import (RNG_FILE, Resumed, _agree, _barrier, _gather, _rank, open_verified, reshard,
+                                 rng, tag_for)
+from zeromega.checkpoint.files import (CheckpointError, dist_checkpoint_loads, hash_file, publish,
+                                       records_as_dicts, records_from_dicts, safe_load, staging_dir, torch_save)
+
+OPTIMIZER_FORMAT = "fully_reshardable"
+BACKEND = "torch_dist"
+
+
+def _optimizers(optimizer) -> list:
+    """The Megatron optimizers inside ``optimizer`` (MoE: one for dense params, one for experts)."""
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def _sharding_metadata() -> dict:
+    from zeromega.integrations import accelerator as accel
+
+    return {"distrib_optim_sharding_type": OPTIMIZER_FORMAT, "chained_optim_avoid_prefix": True,
+            "distrib_optim_fully_reshardable_mem_efficient": not accel.current().is_cuda}
+
+
+def _gather_over_gloo_on_cpu(optimizer) -> None:
+    """The memory-efficient gather runs over ``data_parallel_group_gloo``; on CPU the dp group is gloo."""
+    from zeromega.integrations import accelerator as accel
+
+    if accel.current().is_cuda:
+        return
+    for opt in _optimizers(optimizer):
+        if getattr(opt, "data_parallel_group_gloo", False) is None:
+            opt.data_parallel_group_gloo = opt.data_parallel_group
+
+
+def sharded_state_dict(trainer, loading: bool) -> dict:
+    """Megatron-LM's layout: ``model0..model{v-1}`` (one per chunk) and ``optimizer``."""
+    _gather_over_gloo_on_cpu(trainer.optimizer)
+    metadata = _sharding_metadata()
+    state = {f"model{i}": chunk.module.sharded_state_dict(metadata=dict(metadata))
+             for i, chunk in enumerate(trainer.chunks)}
+    state["optimizer"] = trainer.optimizer.sharded_state_dict(state, is_loading=loading, metadata=dict(metadata))
+    return state
+
+
+def _create_adam_state(optimizer) -> None:
+    """Give every parameter torch Adam's state (step 0, zero moments) if it has none yet."""
+    for opt in _optimizers(optimizer):
+        inner = opt.optimizer
+        for group in inner.param_groups:
+            for param in group["params"]:
+                if not inner.state[param]:
+                    inner.state[param] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(param),
+                                          "exp_avg_sq": torch.zeros_like(param)}
+
+
+def _saved_parts(merged: dict) -> list[dict]:
+    """The non-tensor part (param groups, sharding type) of each saved optimizer, in chain order.
+
+    ``merged`` is what dist_checkpointing returns: the saved common state laid
+    over this run's request, so with another number of optimizers (ep 1 puts
+    experts in the dense optimizer, ep > 1 in their own) both shapes meet in it.
+    """
+    if "param_state_sharding_type" in merged:
+        return [merged]
+    return [merged[k] for k in sorted(k for k in merged if isinstance(k, int)) if "optimizer" in merged[k]]
+
+
+def _adam_step(parts: list[dict]) -> float:
+    steps = {group["step"] for part in parts for group in part["optimizer"]["param_groups"] if "step" in group}
+    if len(steps) != 1:
+        raise CheckpointError(f"the checkpoint's optimizers disagree on Adam's step ({sorted(steps)})",
+                              "load another checkpoint")
+    return steps.pop()
+
+
+def _load_optimizer(optimizer, merged: dict) -> None:
+    """Megatron's distributed-optimizer load, per optimizer of the chain, with torch Adam's ``step`` held
+    aside during the tensor load (module docstring). When the chain's length changed with ep, each
+    optimizer keeps its own param groups and takes the saved Adam step (the scheduler sets lr and wd)."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    opts = _optimizers(optimizer)
+    if not any(isinstance(opt, DistributedOptimizer) for opt in opts):
+        optimizer.load_state_dict(merged)  # ZeRO-0, same layout: Megatron copies the common step per parameter
+        return
+    saved = _saved_parts(merged)
+    tensors = [merged["param_state"]] if len(opts) == 1 else [merged[i]["param_state"] for i in range(len(opts))]
+    for part in saved:
+        if part.get("param_state_sharding_type") != OPTIMIZER_FORMAT:
+            raise CheckpointError(f"optimizer state saved as {part.get('param_state_sharding_type')!r}, zeromega "
+                                  f"reads the distributed optimizer's {OPTIMIZER_FORMAT!r}",
+                                  "load a checkpoint zeromega wrote")
+    for i, opt in enumerate(opts):
+        if not isinstance(opt, DistributedOptimizer):
+            raise CheckpointError(f"{type(opt).__name__} cannot load a distributed-optimizer checkpoint",
+                                  "resume with --zero-stage 1 or more")
+        if len(saved) == len(opts):
+            part = {k: v for k, v in saved[i].items() if k not in ("param_state", "param_state_sharding_type")}
+        else:
+            part = opt.state_dict()
+            for group in part["optimizer"]["param_groups"]:
+                group["step"] = _adam_step(saved)
+        opt.load_state_dict(part)  # param groups, Adam's step, grad scaler
+        adam = opt.optimizer.state
+        steps = {param: entry.pop("step") for param, entry in adam.items() if "step" in entry}
+        opt.load_parameter_state_from_fully_reshardable(tensors[i])
+        for param, step in steps.items():
+            adam[param]["step"] = step.clone()
+    if len(opts) > 1:
+        optimizer._synchronize_steps()  # as ChainedOptimizer.load_state_dict does
+
+
+class MegatronCheckpointer:
+    """Saves and resumes one MegatronTrainer's run; collective, every rank calls every method.
+
+    The same interface as :class:`zeromega.checkpoint.Checkpointer` (``save``,
+    ``load``, ``fault``, ``last_save``), so a training script holds either.
+    """
+
+    def __init__(self, trainer, layout, zero_stage: int, precision: str, scheduler=None,
+                 model_meta: Optional[dict] = None, fault: Callable[[str], None] = lambda point: None):
+        self.trainer, self.layout, self.scheduler, self.fault = trainer, layout, scheduler, fault
+        self.zero_stage, self.precision, self.model_meta = zero_stage, precision, model_meta
+
+    def _layout_meta(self) -> dict:
+        keys = ("world", "tp", "pp", "cp", "ep", "dp", "micro", "accumulation", "global_batch")
+        return {**{k: getattr(self.layout, k) for k in keys}, "vpp": self.trainer.virtual_stages,
+                "zero_stage": self.zero_stage, "precision": self.precision}
+
+    # ------------------------------------------------------------- save
+
+    def save(self, save_dir: str | Path, step: int, consumed_samples: int) -> Path:
+        """Write the checkpoint after ``step`` steps and make it ``latest`` once complete."""
+        import megatron.core
+        from megatron.core import dist_checkpointing
+        from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+
+        save_dir = Path(save_dir).absolute()
+        tag = tag_for(step)
+        stage = staging_dir(save_dir, tag)
+        start = time.perf_counter()
+
+        def clear_stage():
+            if stage.exists():  # a save of this step that was killed earlier
+                shutil.rmtree(stage)
+            stage.mkdir(parents=True)
+
+        _agree(clear_stage)
+        # One writer process per rank (Megatron forks one per thread): one .distcp file per rank.
+        strategy = TorchDistSaveShardedStrategy(BACKEND, 1, thread_count=1)
+        dist_checkpointing.save(sharded_state_dict(self.trainer, loading=False), str(stage),
+                                sharded_strategy=strategy, validate_access_integrity=True)
+        mine = [hash_file(path, stage) for path in sorted(stage.glob(f"__{_rank()}_*.distcp"))]
+        mine.append(torch_save(rng.capture(), stage / RNG_FILE.format(_rank()), stage))
+        self.fault("after_write")
+        records = [r for rank_records in _gather(records_as_dicts(mine)) for r in records_from_dicts(rank_records)]
+        meta = {
+            "engine": reshard.MEGATRON, "step": step, "consumed_samples": consumed_samples,
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "layout": self._layout_meta(), "model": self.model_meta,
+            "dist_checkpoint": {"backend": BACKEND, "optimizer": OPTIMIZER_FORMAT},
+            "versions": {"torch": torch.__version__, "megatron-core": megatron.core.__version__},
+        }
+        final = _agree(lambda: publish(save_dir, tag, records, meta, self.fault))  # hashes the shared files
+        self.last_save = {"seconds": time.perf_counter() - start, "bytes": sum(r.size for r in mine)}
+        return final
+
+    # ------------------------------------------------------------- load
+
+    def load(self, load_dir: str | Path, allow_empty: bool = False) -> Optional[Resumed]:
+        """Verify and load the newest checkpoint in ``load_dir``; None when there is none and ``allow_empty``.
+
+        Every file is checked against the manifest and the layout change
+        against :func:`~zeromega.checkpoint.reshard.plan_megatron` before
+        anything is read. RNG states come back only under the saved layout
+        (they belong to ranks); a resharded run keeps its fresh seeds.
+        """
+        from megatron.core import dist_checkpointing
+        from megatron.core.dist_checkpointing.strategies.torch import TorchDistLoadShardedStrategy
+
+        found = open_verified(load_dir, allow_empty)
+        if found is None:
+            return None
+        ckpt, manifest = found
+        reshard.check_engine(manifest, reshard.MEGATRON, ckpt)
+        resharded = reshard.plan_megatron(manifest["layout"], self._layout_meta(), manifest.get("model"),
+                                          self.model_meta)
+        _create_adam_state(self.trainer.optimizer)
+        request = sharded_state_dict(self.trainer, loading=True)
+        try:
+            with dist_checkpoint_loads():
+                state = dist_checkpointing.load(request, str(ckpt), sharded_strategy=TorchDistLoadShardedStrategy())
+        except CheckpointError:
+            raise
+        except Exception as err:  # a key or shape Megatron cannot find: the message names it
+            raise CheckpointError(f"Megatron-Core could not load {ckpt}: {type(err).__name__}: "
+                                  f"{str(err).splitlines()[0][:400]}",
+                                  "resume with the layout and model it was saved with") from None
+        for i, chunk in enumerate(self.trainer.chunks):
+            chunk.module.load_state_dict(state[f"model{i}"], strict=True)
+        _load_optimizer(self.trainer.optimizer, state["optimizer"])
+        if self.scheduler is not None and manifest.get("scheduler") is not None:
+            self.scheduler.load_state_dict(manifest["scheduler"])
+        restored = False
+        rng_file = ckpt / RNG_FILE.format(_rank())
+        if not resharded and rng_file.is_file():
+            rng.restore(safe_load(rng_file))
+            restored = True
+        _barrier()
+        return Resumed(step=int(manifest["step"]), consumed_samples=int(manifest["consumed_samples"]), path=ckpt,
+                       resharded=resharded, rng_restored=restored)

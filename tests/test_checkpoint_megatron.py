@@ -1,0 +1,165 @@
+"""Checkpoints of Megatron-Core's engine (pp > 1, MoE) through the real ``examples/pretrain_gpt.py``.
+
+Exact resume: a run of 4 steps that saves after step 2, and a second run that
+loads that checkpoint and trains steps 3-4, report the same losses bit for
+bit (CPU, fp32, dropout on, so the model, the distributed optimizer's Adam
+state, the scheduler, the data position and every rank's RNGs must all come
+back). Two steps after the load, because a wrong Adam step counter only
+shows from the second one.
+
+Resharding compares with the original layout's curve, dropout off (RNG
+streams belong to ranks), within a relative 1e-5: far below the loss's
+step-to-step change (>1e-2), far above the reordered reductions of another
+layout (~1e-7).
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+import torch
+
+from ckpt_megatron_workers import pretrain
+from ckpt_workers import read_curve
+from distributed import run_world
+from zeromega.checkpoint import CheckpointError, files, reshard, tag_for
+
+STEPS, HALF = 4, 2
+SHAPE = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32"]
+MOE = ["--num-layers", "2", "--num-experts", "4", "--moe-router-topk", "2", "--moe-ffn-hidden-size", "128"]
+RTOL = 1e-5
+
+
+def argv(corpus: str, *extra: str, dropout: bool = True) -> list[str]:
+    args = ["--data-path", corpus, "--split", "1,0,0", *SHAPE, "--micro-batch-size", "2",
+            "--global-batch-size", "8", "--lr", "3e-3", "--lr-warmup-iters", "1", "--train-iters", str(STEPS),
+            "--no-progress", "--distributed-timeout-minutes", "2", "--zero-stage", "1"]
+    if not dropout:
+        args += ["--hidden-dropout", "0", "--attention-dropout", "0"]
+    return args + list(extra)
+
+
+def run(world: int, args: list[str], in_process_queue: bool = True) -> None:
+    errors = [r["error"] for r in run_world(world, pretrain, args, in_process_queue) if r["error"]]
+    assert not errors, errors[0]
+
+
+def full_then_resumed(tmp, corpus, world, layout, resume_world=None, resume_layout=None, dropout=True,
+                      in_process_queue=True):
+    """(curve of the 4-step run that saved after step 2, curve of the run resumed from that save)."""
+    save = tmp / "ckpt"
+    run(world, argv(corpus, *layout, "--save", str(save), "--save-interval", str(HALF),
+                    "--metrics-out", str(tmp / "full.jsonl"), dropout=dropout), in_process_queue)
+    resume_layout = layout if resume_layout is None else resume_layout
+    run(resume_world or world, argv(corpus, *resume_layout, "--load", str(save / tag_for(HALF)),
+                                    "--metrics-out", str(tmp / "resumed.jsonl"), dropout=dropout))
+    return read_curve(tmp / "full.jsonl"), read_curve(tmp / "resumed.jsonl")
+
+
+# ---------------------------------------------------------------- exact resume
+
+LAYOUTS = {
+    "pp2-1f1b": (2, ["--pipeline-model-parallel-size", "2"]),
+    "ep2-moe": (2, ["--expert-model-parallel-size", "2", *MOE]),
+}
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_resume_reproduces_the_loss_curve_bit_for_bit(name, tmp_path, small_corpus):
+    world, layout = LAYOUTS[name]
+    # The first keeps Megatron's spawned result queue (ckpt_megatron_workers), as real runs do.
+    full, resumed = full_then_resumed(tmp_path, small_corpus, world, layout, in_process_queue=name != "pp2-1f1b")
+    assert sorted(full) == list(range(1, STEPS + 1))
+    assert sorted(resumed) == list(range(HALF + 1, STEPS + 1)), "the resumed run must start after the saved step"
+    for step in resumed:
+        assert resumed[step] == full[step], f"{name} step {step}: resumed {resumed[step]!r} vs {full[step]!r}"
+    ckpt = tmp_path / "ckpt" / tag_for(HALF)
+    manifest = files.read_manifest(ckpt)
+    assert manifest["engine"] == reshard.MEGATRON and manifest["consumed_samples"] == HALF * 8
+    assert files.verify_files(ckpt, manifest) == []
+    assert {"metadata.json", "common.pt", ".metadata"} <= set(manifest["files"])
+    assert (tmp_path / "ckpt" / "latest").read_text().strip() == tag_for(STEPS)  # saved again at the end
+
+
+# ---------------------------------------------------------------- reshard
+
+RESHARDS = {
+    "pp2 -> pp1": (2, ["--pipeline-model-parallel-size", "2"], 1, []),
+    "ep2 -> ep1": (2, ["--expert-model-parallel-size", "2", *MOE], 1, MOE),
+}
+
+
+@pytest.mark.parametrize("name", RESHARDS)
+def test_reshard_continues_the_original_curve(name, tmp_path, small_corpus):
+    world, layout, new_world, new_layout = RESHARDS[name]
+    full, resumed = full_then_resumed(tmp_path, small_corpus, world, layout, new_world, new_layout, dropout=False)
+    assert sorted(resumed) == list(range(HALF + 1, STEPS + 1))
+    diffs = {step: abs(resumed[step] - full[step]) / abs(full[step]) for step in resumed}
+    print(f"{name}: relative loss difference per step {diffs}")
+    assert all(d <= RTOL for d in diffs.values()), (name, diffs)
+
+
+# ---------------------------------------------------------------- refusals
+
+
+def _fake_checkpoint(tmp_path, engine, layout):
+    """A verified-looking checkpoint directory whose manifest names ``engine`` (no files to load)."""
+    save = tmp_path / "ckpt"
+    ckpt = save / tag_for(2)
+    ckpt.mkdir(parents=True)
+    manifest = {"format": files.FORMAT, "tag": tag_for(2), "step": 2, "consumed_samples": 16, "layout": layout,
+                "files": {}, **({"engine": engine} if engine else {})}
+    (ckpt / files.MANIFEST).write_text(json.dumps(manifest))
+    (save / files.LATEST).write_text(tag_for(2) + "\n")
+    return save
+
+
+BASE = {"world": 2, "tp": 1, "pp": 2, "cp": 1, "ep": 1, "dp": 1, "vpp": 1, "zero_stage": 1, "precision": "fp32"}
+
+
+def test_a_deepspeed_checkpoint_is_refused_by_the_megatron_engine(tmp_path, small_corpus):
+    # No "engine" field: what every DeepSpeed-engine checkpoint before this one says.
+    save = _fake_checkpoint(tmp_path, None, dict(BASE, pp=1, world=1))
+    errors = [r["error"] for r in run_world(1, pretrain, argv(small_corpus, *MOE, "--load", str(save)))]
+    assert errors[0] and "CheckpointError" in errors[0], errors
+    assert "saved by DeepSpeed's engine" in errors[0] and "Megatron-Core's engine" in errors[0]
+    assert "fix: " in errors[0]
+
+
+def test_engine_and_layout_rules_name_field_value_and_fix(tmp_path):
+    with pytest.raises(CheckpointError, match=r"saved by Megatron-Core's engine.*this run uses DeepSpeed's.*fix: "):
+        reshard.check_engine({"engine": reshard.MEGATRON, "layout": BASE}, reshard.DEEPSPEED, tmp_path)
+    reshard.check_engine({"layout": BASE}, reshard.DEEPSPEED, tmp_path)  # older manifests are DeepSpeed's
+    assert not reshard.plan_megatron(BASE, dict(BASE))
+    assert reshard.plan_megatron(BASE, dict(BASE, pp=1, world=1))
+    assert reshard.plan_megatron(dict(BASE, pp=1, ep=2, dp=2), dict(BASE, pp=1, world=1))
+    assert reshard.plan_megatron(BASE, dict(BASE, vpp=2))
+    for now, field in [(dict(BASE, tp=2, world=4), "tp"), (dict(BASE, zero_stage=0), "zero_stage"),
+                       (dict(BASE, precision="bf16"), "precision")]:
+        with pytest.raises(CheckpointError, match=rf"{field} .* -> .*supported: .*fix: "):
+            reshard.plan_megatron(BASE, now)
+    shape = {"num_layers": 4, "hidden_size": 64, "num_experts": 4}
+    with pytest.raises(CheckpointError, match=r"num_experts = 4, this run's has 8.*fix: "):
+        reshard.plan_megatron(BASE, dict(BASE), shape, dict(shape, num_experts=8, hidden_dropout=0.0))
+    reshard.plan_megatron(BASE, dict(BASE), shape, dict(shape, hidden_dropout=0.1))  # dropout may change
+
+
+def test_dist_checkpoint_reads_carry_no_code(tmp_path):
+    from torch.distributed.checkpoint import FileSystemReader
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (exec, (f"open({str(marker)!r}, 'w').close()",))
+
+    (tmp_path / ".metadata").write_bytes(pickle.dumps(Payload(), protocol=2))
+    with files.dist_checkpoint_loads():
+        with pytest.raises(CheckpointError, match=r"builtins\.exec' is not allowed"):
+            FileSystemReader(str(tmp_path)).read_metadata()
+        (tmp_path / "common.pt").write_bytes(pickle.dumps({"optimizer": Payload()}, protocol=2))
+        with pytest.raises(CheckpointError, match="cannot be loaded safely"):
+            torch.load(tmp_path / "common.pt", weights_only=False)  # what torch's load planner asks for
+    assert not marker.exists()
