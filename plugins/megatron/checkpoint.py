@@ -18,7 +18,17 @@ model-parameter shapes. Megatron's newer default, ``fully_sharded_model_space``,
 raises "flattened_range is not supported" in 0.16.1, and ``dp_reshardable``
 only survives a dp change. So another pp, vpp, ep or dp reads the same files
 and Megatron-Core re-slices them; :func:`zeromega.checkpoint.reshard.plan_megatron`
-says which changes are allowed.
+says which changes are allowed. One change is not Megatron's to handle: at
+ep 1 expert weights sit in the dense optimizer, at ep > 1 in one of their
+own, so an ep change changes the number of optimizers; each then keeps its
+own param groups and takes the saved Adam step (the scheduler, restored from
+the manifest, sets lr and weight decay). ZeRO-0 (Megatron's plain optimizer)
+resumes the same layout only.
+
+On CPU the torch_dist save reaches two ``torch.cuda`` calls, patched in
+:mod:`zeromega.integrations.megatron.cpu_patches`; its writer forks one
+process per rank and once per process spawns a ``multiprocessing.Manager``,
+so a script that saves needs an ``if __name__ == "__main__":`` guard.
 
 Three accommodations, each for a gap in Megatron-Core 0.16.1 when it runs with
 torch's own Adam (no Apex / TransformerEngine), none of them a patch:

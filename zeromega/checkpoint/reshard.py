@@ -24,10 +24,13 @@ saves Megatron's dist checkpoint: every tensor under its global name (layers
 and experts numbered as in one process) and the distributed optimizer's
 state in model-parameter space ("fully_reshardable"), so Megatron-Core
 itself re-slices it for another pp / vpp / ep / dp (:func:`plan_megatron`).
-Measured (fp32, dropout off, 3 steps after the load, relative loss
-difference to the unchanged run; tests/test_checkpoint_megatron.py):
+Measured (fp32, dropout off, distributed optimizer, the 2 steps after the
+load; relative loss difference to the unchanged run; tests/test_checkpoint_megatron.py
+runs the first two):
 
-* pp2 -> pp1 (dp2 ZeRO-1): see README; ep2 -> ep1 MoE: see README
+* pp2 -> pp1: 2.3e-8; ep2 -> ep1 (MoE, 4 experts): 0.0
+* ep1 -> ep2: 0.0; pp2 dp2 -> pp2 dp1: 0.0; pp2 dp1 -> pp2 dp2: 2.3e-8;
+  pp2 -> pp2 with 2 virtual stages: 0.0; pp2 -> pp1 of a MoE model: 2.3e-8
 
 Refused there: a tp change (not measured), the distributed optimizer switched
 on or off (ZeRO-0 <-> ZeRO-1+: different optimizer-state layouts), another
@@ -179,14 +182,14 @@ def check_engine(manifest: dict, engine: str, ckpt: Path) -> None:
     if saved == engine:
         return
     layout = manifest.get("layout", {})
-    where = f"pp{layout.get('pp', '?')} ep{layout.get('ep', '?')}"
+    where = f"at pp{layout.get('pp', '?')} ep{layout.get('ep', '?')}"
     if engine == DEEPSPEED:
         fix = ("resume it with examples/pretrain_gpt.py, which picks Megatron-Core's engine for it at any pp, "
                "or with --pipeline-model-parallel-size / --num-experts as saved")
     else:
         fix = ("resume it with pp 1 and no --num-experts (DeepSpeed's engine), or start this layout from scratch "
                "(drop --load)")
-    raise CheckpointError(f"checkpoint {ckpt} was saved by {ENGINES.get(saved, saved)} ({where}); this run uses "
+    raise CheckpointError(f"checkpoint {ckpt} was saved by {ENGINES.get(saved, saved)} {where}; this run uses "
                           f"{ENGINES[engine]}, which cannot read its files", fix)
 
 
