@@ -40,10 +40,12 @@ def orthogonal_groups(sizes: dict[str, int], kinds: str) -> list[list[int]]:
 def rank_groups(layout: Layout) -> dict[str, list[list[int]]]:
     """Group kind -> list of rank lists, for every kind a run of this layout builds."""
     dense = {"tp": layout.tp, "cp": layout.cp, "ep": 1, "dp": layout.dp, "pp": layout.pp}
-    expert_dp = layout.world // (layout.tp * layout.ep * layout.pp)
-    expert = {"tp": layout.tp, "cp": 1, "ep": layout.ep, "dp": expert_dp, "pp": layout.pp}
+    etp = getattr(layout, "etp", None) or layout.tp  # expert layers have their own tp size
+    expert_dp = layout.world // (etp * layout.ep * layout.pp)
+    expert = {"tp": etp, "cp": 1, "ep": layout.ep, "dp": expert_dp, "pp": layout.pp}
     groups = {kind: orthogonal_groups(dense, kind) for kind in ("tp", "cp", "dp", "dp-cp", "pp")}
     groups["ep"] = orthogonal_groups(expert, "ep")
+    groups["expert-tp"] = orthogonal_groups(expert, "tp")
     groups["expert-dp"] = orthogonal_groups(expert, "dp")
     if layout.ulysses > 1 and layout.ring > 1:
         u = layout.ulysses
@@ -60,6 +62,7 @@ DESCRIPTIONS = {
     "pp": "pipeline stages",
     "ep": "expert parallel",
     "expert-dp": "data parallel of expert weights",
+    "expert-tp": "tensor parallel of expert weights (etp)",
     "ulysses": "USP inner axis: Ulysses all-to-all",
     "ring": "USP outer axis: ring attention",
 }

@@ -486,20 +486,24 @@ def test_usp_splits_cp_like_hierarchical_context_parallel():
     assert groups["ulysses"] == [[0, 1], [2, 3]] and groups["ring"] == [[0, 2], [1, 3]]
 
 
-@pytest.mark.parametrize("tp,pp,cp,ep,world", [(1, 1, 1, 1, 8), (2, 2, 1, 2, 16), (2, 1, 2, 1, 8),
-                                              (4, 2, 2, 1, 32), (1, 2, 1, 4, 16), (2, 2, 2, 2, 16)])
-def test_groups_match_megatron_rank_generator(tp, pp, cp, ep, world):
+@pytest.mark.parametrize("tp,pp,cp,ep,world,etp", [(1, 1, 1, 1, 8, None), (2, 2, 1, 2, 16, None),
+                                                  (2, 1, 2, 1, 8, None), (4, 2, 2, 1, 32, None),
+                                                  (1, 2, 1, 4, 16, None), (2, 2, 2, 2, 16, None),
+                                                  (2, 1, 1, 2, 2, 1), (4, 1, 1, 2, 8, 2)])
+def test_groups_match_megatron_rank_generator(tp, pp, cp, ep, world, etp):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from megatron.core.parallel_state import RankGenerator
-    layout = validate({"parallel": {"tp": tp, "pp": pp, "cp": cp, "ep": ep}}).layout(world)
+    layout = validate({"parallel": {"tp": tp, "pp": pp, "cp": cp, "ep": ep, "etp": etp}}).layout(world)
     dp = world // (tp * pp * cp)
     dense = RankGenerator(tp=tp, ep=1, dp=dp, pp=pp, cp=cp, order="tp-cp-ep-dp-pp")
-    expert = RankGenerator(tp=tp, ep=ep, dp=world // (tp * ep * pp), pp=pp, cp=1, order="tp-cp-ep-dp-pp")
+    et = etp or tp
+    expert = RankGenerator(tp=et, ep=ep, dp=world // (et * ep * pp), pp=pp, cp=1, order="tp-cp-ep-dp-pp")
     groups = rank_groups(layout)
     for kind in ("tp", "cp", "dp", "dp-cp", "pp"):
         assert groups[kind] == dense.get_ranks(kind), kind
     assert groups["ep"] == expert.get_ranks("ep") and groups["expert-dp"] == expert.get_ranks("dp")
+    assert groups["expert-tp"] == expert.get_ranks("tp")
     assert orthogonal_groups({"tp": tp, "pp": pp}, "tp-pp") == RankGenerator(tp, 1, 1, pp, 1, "tp-pp").get_ranks(
         "tp-pp")
 
