@@ -136,4 +136,7 @@ def build_engine(model: torch.nn.Module, cfg: RunConfig, layout: Layout):
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=ds_config, mpu=MegatronMPU(), dist_init_required=False
     )
+    from zeromega.plugins.zero.space_guard import guard_engine
+
+    guard_engine(engine, ds_config)  # a full nvme path stops the run with the path named
     return engine

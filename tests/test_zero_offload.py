@@ -99,3 +99,20 @@ def test_nvme_offload_optimizer_and_params(cpu_adam, async_io, small_corpus, tmp
     on_disk = r["measured"]["nvme_bytes"]  # both ranks' files
     assert 0.9 * 2 * r["plan_nvme"] <= on_disk <= 1.5 * 2 * r["plan_nvme"], (on_disk, r["plan_nvme"])
     assert all(x["measured"]["write_bytes"] >= x["plan_nvme"] for x in results)
+
+
+def test_space_guard_names_the_full_path_and_the_space_needed():
+    """The per-step check: a path with (almost) no free bytes stops the run with the field, path and need."""
+    from zeromega.plugins.zero.space_guard import LOW_WATER_BYTES, OffloadSpaceError, SwapSpaceGuard
+
+    nv = {"device": "nvme", "nvme_path": "/swap"}
+    guard = SwapSpaceGuard.for_deepspeed({"zero_optimization": {"offload_optimizer": nv, "offload_param": nv}},
+                                         needed_bytes=3 * 2**30)
+    free = {"/swap": 10 * LOW_WATER_BYTES}
+    guard._free = free.__getitem__
+    guard.check()  # room left: nothing happens
+    free["/swap"] = 4096
+    with pytest.raises(OffloadSpaceError, match=r"offload_optimizer\.nvme_path='/swap'.*3\.00 GiB.*Fix: "):
+        guard.check()
+    assert SwapSpaceGuard.for_deepspeed({"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}) is None
+

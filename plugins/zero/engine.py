@@ -105,4 +105,7 @@ def initialize(model: torch.nn.Module, run, ds: dict):
         optimizer = client_optimizer(decay_groups(model, o.weight_decay), ds, o.lr, (o.beta1, o.beta2), o.eps)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds, mpu=MegatronMPU(),
                                            dist_init_required=False)
+    from .space_guard import guard_engine
+
+    guard_engine(engine, ds)
     return engine

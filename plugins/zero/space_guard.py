@@ -1,0 +1,87 @@
+"""Stop a run whose nvme swap path has filled up, naming the path, before DeepSpeed reads a short file.
+
+DeepSpeed 0.19.8 does not notice a swap write that the disk could not hold:
+it leaves a short ``.swp`` file and the next swap-in aborts the process in
+C++ (``deepspeed_py_io_handle.cpp: is_valid_bytes_to_read`` assertion,
+reproduced with a 64 MB ext4 loop mount as the nvme path). The pre-flight
+checks the space before launch; this guard covers what fills the disk
+afterwards (other jobs, a growing log, a checkpoint on the same drive). It
+runs after engine set-up and after every optimizer step, before the next
+forward swaps anything in, so a run stops with the path and the bytes it
+needs named, and checkpoints written at earlier steps are left as they were.
+A disk that fills during engine set-up itself is not caught: DeepSpeed reads
+a swap file back inside ``deepspeed.initialize`` and aborts there (measured
+with the 64 MB loop mount); the pre-flight's space check is what prevents it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Iterable
+
+LOW_WATER_BYTES = 1 << 20
+"""Below one aio block (1 MiB) of free space a swap write has most likely been cut short."""
+
+
+class OffloadSpaceError(RuntimeError):
+    """The nvme path ran out of space during training."""
+
+
+def _free_bytes(path: str) -> int:
+    """Bytes this process can still write under ``path`` (root may use the reserved blocks)."""
+    st = os.statvfs(path)
+    blocks = st.f_bfree if os.geteuid() == 0 else st.f_bavail
+    return blocks * st.f_frsize
+
+
+class SwapSpaceGuard:
+    """Check each nvme swap path after a step; raise OffloadSpaceError when one is full."""
+
+    def __init__(self, paths: dict[str, str], needed_bytes: int, free_bytes: Callable[[str], int] = _free_bytes):
+        self.paths = paths  # path -> the config field that names it
+        self.needed_bytes = needed_bytes
+        self._free = free_bytes
+
+    @classmethod
+    def for_deepspeed(cls, ds: dict, needed_bytes: int = 0) -> "SwapSpaceGuard | None":
+        """The guard for a DeepSpeed dict's nvme paths; None when nothing is swapped to nvme."""
+        zero = ds.get("zero_optimization") or {}
+        paths = {}
+        for key in ("offload_optimizer", "offload_param"):
+            block = zero.get(key) or {}
+            if block.get("device") == "nvme" and block.get("nvme_path"):
+                paths.setdefault(str(block["nvme_path"]), f"zero_optimization.{key}.nvme_path")
+        return cls(paths, needed_bytes) if paths else None
+
+    def check(self) -> None:
+        for path, field in self.paths.items():
+            free = self._free(path)
+            if free < LOW_WATER_BYTES:
+                need = f"; the plan needs {self.needed_bytes / 2**30:.2f} GiB there per rank" if self.needed_bytes else ""
+                raise OffloadSpaceError(
+                    f"{field}={path!r}: the disk filled up during training ({free} bytes free){need}; DeepSpeed "
+                    "cannot swap its states back in from cut-short files. Fix: free space on that drive or point "
+                    f"{field} at a drive with room, then resume from the last checkpoint")
+
+    def wrap_step(self, engine) -> None:
+        """Run :meth:`check` after each ``engine.step()``."""
+        step = engine.step
+
+        def checked_step(*args, **kwargs):
+            out = step(*args, **kwargs)
+            self.check()
+            return out
+
+        engine.step = checked_step
+
+
+def guard_engine(engine, ds: dict, needed_bytes: int = 0) -> None:
+    """Attach a :class:`SwapSpaceGuard` to ``engine`` when ``ds`` swaps to nvme; check once now, since
+    engine set-up already swaps every state out."""
+    guard = SwapSpaceGuard.for_deepspeed(ds, needed_bytes)
+    if guard is not None:
+        guard.check()
+        guard.wrap_step(engine)
+
+
+__all__ = ["LOW_WATER_BYTES", "OffloadSpaceError", "SwapSpaceGuard", "guard_engine"]
