@@ -89,6 +89,8 @@ def test_resume_reproduces_the_loss_curve_bit_for_bit(name, tmp_path, small_corp
 RESHARDS = {
     "pp2 -> pp1": (2, ["--pipeline-model-parallel-size", "2"], 1, []),
     "ep2 -> ep1": (2, ["--expert-model-parallel-size", "2", *MOE], 1, MOE),
+    "tp2 x pp2 -> tp1 x pp2": (4, ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"],
+                               2, ["--pipeline-model-parallel-size", "2"]),
 }
 
 
@@ -137,7 +139,8 @@ def test_engine_and_layout_rules_name_field_value_and_fix(tmp_path):
     assert reshard.plan_megatron(BASE, dict(BASE, pp=1, world=1))
     assert reshard.plan_megatron(dict(BASE, pp=1, ep=2, dp=2), dict(BASE, pp=1, world=1))
     assert reshard.plan_megatron(BASE, dict(BASE, vpp=2))
-    for now, field in [(dict(BASE, tp=2, world=4), "tp"), (dict(BASE, zero_stage=0), "zero_stage"),
+    assert reshard.plan_megatron(dict(BASE, tp=2, world=4), dict(BASE))
+    for now, field in [(dict(BASE, tp=2, world=4, zero_stage=0), "zero_stage"),
                        (dict(BASE, precision="bf16"), "precision")]:
         with pytest.raises(CheckpointError, match=rf"{field} .* -> .*supported: .*fix: "):
             reshard.plan_megatron(BASE, now)

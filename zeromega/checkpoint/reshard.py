@@ -23,16 +23,19 @@ Megatron-Core's engine (pp > 1 or MoE; ``zeromega.plugins.megatron.checkpoint``)
 saves Megatron's dist checkpoint: every tensor under its global name (layers
 and experts numbered as in one process) and the distributed optimizer's
 state in model-parameter space ("fully_reshardable"), so Megatron-Core
-itself re-slices it for another pp / vpp / ep / dp (:func:`plan_megatron`).
+itself re-slices it for another tp / pp / vpp / ep / dp (:func:`plan_megatron`;
+the vocabulary is padded to lcm(128, tp), so the model is the same at every tp).
 Measured (fp32, dropout off, distributed optimizer, the 2 steps after the
 load; relative loss difference to the unchanged run; tests/test_checkpoint_megatron.py
-runs the first two):
+runs the first two and tp2 pp2 -> tp1 pp2):
 
 * pp2 -> pp1: 2.3e-8; ep2 -> ep1 (MoE, 4 experts): 0.0
 * ep1 -> ep2: 0.0; pp2 dp2 -> pp2 dp1: 0.0; pp2 dp1 -> pp2 dp2: 2.3e-8;
   pp2 -> pp2 with 2 virtual stages: 0.0; pp2 -> pp1 of a MoE model: 2.3e-8
+* tp2 pp2 -> tp1 pp2: 0.0 (tested); tp2 pp2 -> tp1 pp4: 0.0; tp1 pp2 -> tp2 pp2: 2.3e-8;
+  tp2 (sequence parallel) -> tp1 of a MoE model (4 experts): 4.4e-8
 
-Refused there: a tp change (not measured), the distributed optimizer switched
+Refused there: the distributed optimizer switched
 on or off (ZeRO-0 <-> ZeRO-1+: different optimizer-state layouts), another
 precision, another model shape. A checkpoint of one engine never loads into
 the other (:func:`check_engine`): their files differ.
@@ -167,8 +170,8 @@ def convert(ckpt: Path, out: Path) -> None:
 DEEPSPEED, MEGATRON = "deepspeed", "megatron-core"
 ENGINES = {DEEPSPEED: "DeepSpeed's engine (pp 1, no experts)",
            MEGATRON: "Megatron-Core's engine (pp > 1 or --num-experts)"}
-MEGATRON_SUPPORTED = ("same layout; with the distributed optimizer (ZeRO-1+), any change of pp, virtual "
-                      "stages, ep and dp with the same tp, precision and model shape")
+MEGATRON_SUPPORTED = ("same layout; with the distributed optimizer (ZeRO-1+), any change of tp, pp, "
+                      "virtual stages, ep and dp with the same precision and model shape")
 # The model-shape fields a checkpoint's tensors depend on (GPTShape names); dropout and the MoE
 # routing knobs (capacity, aux loss, dispatcher) may change between runs.
 SHAPE_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
@@ -209,9 +212,6 @@ def plan_megatron(saved: dict, now: dict, saved_shape: Optional[dict] = None,
                                f"{saved.get(field)!r} -> {now.get(field)!r}: {reason}; supported: {MEGATRON_SUPPORTED}",
                                fix)
 
-    if saved["tp"] != now["tp"]:
-        raise refuse("tp", "a tp change of Megatron-Core-engine checkpoints is not measured yet",
-                     f"resume with --tensor-model-parallel-size {saved['tp']}")
     if (saved["zero_stage"] >= 1) != (now["zero_stage"] >= 1):
         raise refuse("zero_stage", "ZeRO-0 (Megatron's plain optimizer) and the distributed optimizer "
                      "(ZeRO-1+) store Adam's state differently",
