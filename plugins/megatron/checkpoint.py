@@ -49,17 +49,16 @@ torch's own Adam (no Apex / TransformerEngine), none of them a patch:
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
-from zeromega.checkpoint import (RNG_FILE, Resumed, _agree, _barrier, _gather, _rank, open_verified, reshard,
-                                 rng, tag_for)
+from zeromega.checkpoint import (RNG_FILE, Resumed, _agree, _barrier, _gather, _rank, fresh_stage, layout_meta,
+                                 open_verified, reshard, rng, tag_for)
 from zeromega.checkpoint.files import (CheckpointError, dist_checkpoint_loads, hash_file, publish,
-                                       records_as_dicts, records_from_dicts, safe_load, staging_dir, torch_save)
+                                       records_as_dicts, records_from_dicts, safe_load, torch_save)
 
 OPTIMIZER_FORMAT = "fully_reshardable"
 BACKEND = "torch_dist"
@@ -179,9 +178,7 @@ class MegatronCheckpointer:
         self.zero_stage, self.precision, self.model_meta = zero_stage, precision, model_meta
 
     def _layout_meta(self) -> dict:
-        keys = ("world", "tp", "pp", "cp", "ep", "dp", "micro", "accumulation", "global_batch")
-        return {**{k: getattr(self.layout, k) for k in keys}, "vpp": self.trainer.virtual_stages,
-                "zero_stage": self.zero_stage, "precision": self.precision}
+        return layout_meta(self.layout, self.zero_stage, self.precision, vpp=self.trainer.virtual_stages)
 
     # ------------------------------------------------------------- save
 
@@ -193,15 +190,8 @@ class MegatronCheckpointer:
 
         save_dir = Path(save_dir).absolute()
         tag = tag_for(step)
-        stage = staging_dir(save_dir, tag)
+        stage = fresh_stage(save_dir, tag)
         start = time.perf_counter()
-
-        def clear_stage():
-            if stage.exists():  # a save of this step that was killed earlier
-                shutil.rmtree(stage)
-            stage.mkdir(parents=True)
-
-        _agree(clear_stage)
         # One writer process per rank (Megatron forks one per thread): one .distcp file per rank.
         strategy = TorchDistSaveShardedStrategy(BACKEND, 1, thread_count=1)
         dist_checkpointing.save(sharded_state_dict(self.trainer, loading=False), str(stage),

@@ -115,6 +115,28 @@ def _agree(fn: Callable[[], Any], rank0_only: bool = True) -> Any:
     return result
 
 
+LAYOUT_KEYS = ("world", "tp", "pp", "cp", "ep", "dp", "micro", "accumulation", "global_batch")
+
+
+def layout_meta(layout, zero_stage: int, precision: str, **extra) -> dict:
+    """What a manifest records of the layout a checkpoint was saved under (both engines)."""
+    return {**{k: getattr(layout, k) for k in LAYOUT_KEYS}, **extra, "zero_stage": zero_stage,
+            "precision": precision}
+
+
+def fresh_stage(save_dir: Path, tag: str) -> Path:
+    """An empty staging directory for ``tag`` (rank 0 clears one a killed save left), agreed by every rank."""
+    stage = staging_dir(save_dir, tag)
+
+    def clear_stage():
+        if stage.exists():  # a save of this step that was killed earlier
+            shutil.rmtree(stage)
+        stage.mkdir(parents=True)
+
+    _agree(clear_stage)
+    return stage
+
+
 def find_latest(directory: Path) -> Optional[Path]:
     """The checkpoint ``directory/latest`` names, ``directory`` itself if it is one, or None if empty."""
     latest = directory / LATEST
@@ -278,9 +300,7 @@ class Checkpointer:
         self.splits = parameter_splits(engine.module)
 
     def _layout_meta(self) -> dict:
-        keys = ("world", "tp", "pp", "cp", "ep", "dp", "micro", "accumulation", "global_batch")
-        return {**{k: getattr(self.layout, k) for k in keys}, "zero_stage": self.zero_stage,
-                "precision": self.precision}
+        return layout_meta(self.layout, self.zero_stage, self.precision)
 
     # ------------------------------------------------------------- save
 
@@ -290,15 +310,8 @@ class Checkpointer:
 
         save_dir = Path(save_dir).absolute()
         tag = tag_for(step)
-        stage = staging_dir(save_dir, tag)
+        stage = fresh_stage(save_dir, tag)
         start = time.perf_counter()
-
-        def clear_stage():
-            if stage.exists():  # a save of this step that was killed earlier
-                shutil.rmtree(stage)
-            stage.mkdir(parents=True)
-
-        _agree(clear_stage)
         self.io.root, self.io.written = stage, []
         client_state = {"iteration": step, "universal_checkpoint_info": universal_info(self.splits)}
         self.engine.save_checkpoint(str(stage.parent), tag=tag, client_state=client_state, save_latest=False)
