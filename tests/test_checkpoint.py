@@ -213,11 +213,15 @@ def test_unsupported_reshards_are_refused_naming_what_works():
     assert not reshard.plan(saved, dict(saved)).universal
     assert reshard.plan(saved, dict(saved, dp=1, zero_stage=1)).universal
     assert reshard.plan(dict(saved, tp=2, dp=1), dict(saved, dp=1)).universal
-    for now, reason in [(dict(saved, zero_stage=3), "between ZeRO-1/2 and ZeRO-3"),
-                        (dict(saved, zero_stage=0), "ZeRO-0"),
-                        (dict(saved, pp=2, dp=1), "pipeline or expert")]:
+    assert reshard.plan(saved, dict(saved, zero_stage=3, tp=2, dp=1)).universal
+    zero3_tp2 = dict(saved, zero_stage=3, tp=2, dp=1)
+    assert reshard.plan(zero3_tp2, dict(zero3_tp2, dp=2)).universal
+    for was, now, reason in [(saved, dict(saved, zero_stage=0), "ZeRO-0"),
+                             (saved, dict(saved, pp=2, dp=1), "pipeline or expert"),
+                             (zero3_tp2, dict(zero3_tp2, tp=1, dp=2), "ZeRO-3 checkpoint saved at tp > 1"),
+                             (zero3_tp2, dict(zero3_tp2, zero_stage=1), "ZeRO-3 checkpoint saved at tp > 1")]:
         with pytest.raises(CheckpointError, match=reason) as err:
-            reshard.plan(saved, now)
+            reshard.plan(was, now)
         assert "supported: " in str(err.value) and "fix: " in str(err.value)
 
 
@@ -225,6 +229,9 @@ RESHARDS = {
     "dp2-zero2 -> dp1-zero1": (2, ["--zero-stage", "2"], 1, ["--zero-stage", "1"]),
     "tp2-zero1 -> tp1-dp2-zero1": (2, ["--zero-stage", "1", "--tensor-model-parallel-size", "2"],
                                    2, ["--zero-stage", "1"]),
+    # across ZeRO families, with a tp change on each side (ZeRO-3's tp slicing comes from zeromega's hints)
+    "dp2-zero1 -> tp2-zero3": (2, ["--zero-stage", "1"], 2, ["--zero-stage", "3", "--tensor-model-parallel-size", "2"]),
+    "dp2-zero3 -> tp2-zero1": (2, ["--zero-stage", "3"], 2, ["--zero-stage", "1", "--tensor-model-parallel-size", "2"]),
 }
 
 

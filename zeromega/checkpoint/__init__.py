@@ -30,6 +30,7 @@ engine loads the other's (:func:`.reshard.check_engine`).
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
 from dataclasses import dataclass
@@ -249,6 +250,43 @@ def _unshare_step_counters(optimizer) -> None:
             state["step"] = state["step"].clone()
 
 
+@contextlib.contextmanager
+def _zero3_tp_hints(module: torch.nn.Module, tp: int):
+    """Tell DeepSpeed's ZeRO-3 universal load how Megatron splits each parameter across tp.
+
+    ZeRO-3 slices a whole universal tensor for this tp rank only when the
+    parameter carries AutoTP's restore hints (DeepSpeed's own tp layers set
+    them; Megatron's do not); without them every tp rank would get the whole
+    tensor. The hints come from Megatron's ``partition_dim``; the tp group
+    DeepSpeed asks its AutoTP registry for is Megatron's. Both live only for
+    the load.
+    """
+    from deepspeed.checkpoint.constants import DS_AUTOTP_UC_META
+    from deepspeed.utils import groups
+    from megatron.core import parallel_state
+
+    hinted = []
+    for param in module.parameters():
+        if getattr(param, "tensor_model_parallel", False):
+            dim = int(param.partition_dim)
+            shape = list(param.ds_shape)
+            shape[dim] *= tp
+            hint = {"partition_dim": dim, "logical_shape": tuple(shape)}
+        else:
+            hint = {"replicated": True}
+        setattr(param, DS_AUTOTP_UC_META, hint)
+        hinted.append(param)
+    registered = groups._TENSOR_MODEL_PARALLEL_GROUP
+    if registered is None:
+        groups._TENSOR_MODEL_PARALLEL_GROUP = parallel_state.get_tensor_model_parallel_group()
+    try:
+        yield
+    finally:
+        groups._TENSOR_MODEL_PARALLEL_GROUP = registered
+        for param in hinted:
+            delattr(param, DS_AUTOTP_UC_META)
+
+
 def _verified_engine_class():
     """DeepSpeed's torch checkpoint engine with every write hashed and every read ``weights_only``."""
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
@@ -349,8 +387,10 @@ class Checkpointer:
         if plan.universal:
             source = _agree(lambda: reshard.universal_copy(ckpt, manifest))
             self.engine._config.load_universal_checkpoint = True
+        hints = _zero3_tp_hints(self.engine.module, self.layout.tp) if plan.universal and self.zero_stage == 3 \
+            else contextlib.nullcontext()
         try:
-            with weights_only_loads():
+            with weights_only_loads(), hints:
                 path, _ = self.engine.load_checkpoint(str(source.parent), tag=source.name,
                                                       load_optimizer_states=True, load_lr_scheduler_states=False)
         finally:

@@ -13,11 +13,17 @@ loss difference to the unchanged run; tests/test_checkpoint.py runs the first tw
 * ZeRO-2 dp2 -> ZeRO-1 dp1: 0.0 (bit for bit)
 * ZeRO-1 tp2 -> ZeRO-1 tp1 dp2: 2.4e-8; tp2 -> tp1 dp1: 2.3e-8; tp1 -> tp2: 2.3e-8
 * ZeRO-3 dp2 -> ZeRO-3 dp1: 0.0 (after :func:`zeromega.checkpoint._unshare_step_counters`;
-  DeepSpeed alone drifts by 1.3e-3)
+  DeepSpeed alone drifts by 1.3e-3); ZeRO-3 tp2 dp1 -> tp2 dp2: 2.3e-8
+* across families (:func:`bridge_zero_families`; ZeRO-3 targets sliced for tp by
+  :func:`zeromega.checkpoint._zero3_tp_hints`): ZeRO-1 dp2 -> ZeRO-3 tp2: 2.3e-8 and
+  ZeRO-3 dp2 -> ZeRO-1 tp2: 0.0 (tested); ZeRO-1 dp4 -> ZeRO-3 dp2: 2.3e-8;
+  ZeRO-1 dp2 -> ZeRO-3 dp1: 2.3e-8; ZeRO-1 tp2 -> ZeRO-3 dp2: 4.5e-8;
+  ZeRO-1 tp2 -> ZeRO-3 tp2: 0.0; ZeRO-3 dp2 -> ZeRO-2 dp1: 0.0
 
 Refused, with the reason: ZeRO-0 on either side (no ZeRO partition files to
-convert), ZeRO-1/2 <-> ZeRO-3 (DeepSpeed's stage-3 model files differ),
-ZeRO-3 with a tp change, and pp/ep changes on DeepSpeed's engine (it runs pp1 ep1 only).
+convert), a ZeRO-3 checkpoint saved at tp > 1 into another tp or into ZeRO-1/2
+(DeepSpeed's converter keeps its tp slices apart), and pp/ep changes on
+DeepSpeed's engine (it runs pp1 ep1 only).
 
 Megatron-Core's engine (pp > 1 or MoE; ``zeromega.plugins.megatron.checkpoint``)
 saves Megatron's dist checkpoint: every tensor under its global name (layers
@@ -55,21 +61,19 @@ from typing import Optional
 
 import torch
 
-from .files import CheckpointError, weights_only_loads, write_text_atomic
+from .files import CheckpointError, safe_load, weights_only_loads, write_text_atomic
 
 UNIVERSAL_DIR = ".universal"
-SUPPORTED = ("same layout; ZeRO-1/2 -> ZeRO-1/2 with any dp and tp size; "
-             "ZeRO-3 -> ZeRO-3 with any dp size and the same tp")
+UNIVERSAL_FORMAT = 2  # 2: model-state files named for both ZeRO families
+SUPPORTED = ("same layout; from ZeRO-1/2 (any tp) to ZeRO-1, 2 or 3 with any dp and tp size; "
+             "from ZeRO-3 at tp 1 to ZeRO-1, 2 or 3 with any dp and tp size; from ZeRO-3 at tp > 1 to ZeRO-3 "
+             "with the same tp and any dp size")
 
 
 @dataclass(frozen=True)
 class Plan:
     universal: bool
     """Load through DeepSpeed's universal checkpoint (the layout changed)."""
-
-
-def _family(stage: int) -> str:
-    return {0: "ZeRO-0", 1: "ZeRO-1/2", 2: "ZeRO-1/2", 3: "ZeRO-3"}[stage]
 
 
 def plan(saved: dict, now: dict) -> Plan:
@@ -92,10 +96,9 @@ def plan(saved: dict, now: dict) -> Plan:
         raise refuse("resharding pipeline or expert parallel layouts is not supported yet")
     if 0 in (saved["zero_stage"], now["zero_stage"]):
         raise refuse("ZeRO-0 has no ZeRO partition files for DeepSpeed's universal checkpoint")
-    if _family(saved["zero_stage"]) != _family(now["zero_stage"]):
-        raise refuse("DeepSpeed cannot load between ZeRO-1/2 and ZeRO-3 (their model-state files differ)")
-    if saved["zero_stage"] == 3 and saved["tp"] != now["tp"]:
-        raise refuse("a tp change under ZeRO-3 is not supported")
+    if saved["zero_stage"] == 3 and saved["tp"] > 1 and (saved["tp"] != now["tp"] or now["zero_stage"] != 3):
+        raise refuse("a ZeRO-3 checkpoint saved at tp > 1 holds each tp rank's slices apart, and zeromega "
+                     "does not merge them")
     return Plan(universal=True)
 
 
@@ -109,14 +112,76 @@ def universal_copy(ckpt: Path, manifest: dict) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".{ckpt.name}.tmp-{uuid.uuid4().hex[:8]}"
     convert(ckpt, tmp)
+    bridge_zero_families(tmp, manifest)
     import json
 
     files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in tmp.rglob("*") if p.is_file()}
-    write_text_atomic(tmp / "sizes.json", json.dumps({"source_sha256": _source_id(manifest), "files": files}))
+    write_text_atomic(tmp / "sizes.json", json.dumps({"format": UNIVERSAL_FORMAT, "source_sha256": _source_id(manifest),
+                                                      "files": files}))
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     return final
+
+
+def bridge_zero_families(folder: Path, manifest: dict) -> None:
+    """Make a universal folder loadable by both ZeRO families, whichever one saved it.
+
+    The weights and Adam moments sit in ``zero/<parameter>/``, whole, the same
+    for every stage; a universal load reads only metadata besides. What kept
+    ZeRO-1/2 and ZeRO-3 apart is where DeepSpeed 0.19 looks for that metadata:
+
+    * the model-state file, globbed by the *loading* stage's name
+      (``mp_rank_XX_model_states.pt`` for ZeRO-1/2, ``zero_pp_rank_0_mp_rank_XX_...``
+      for ZeRO-3): hard links give it both names;
+    * ``zero/optimizer_state.pt``: ZeRO-3 takes Adam's step and hyper-parameters
+      from its ``optimizer_state_dict``, ZeRO-1/2 insists on a ``ds_version``;
+      each is added from what the other family wrote (the step from the
+      per-parameter ``step.pt``, equal for every parameter);
+    * the per-parameter files: ZeRO-1/2 reads ``{"param": tensor in its shape,
+      "cat_dim": tp split}`` and a ``step.pt``, ZeRO-3 (tp 1) writes a flat
+      tensor and no step; the shape and split come from the manifest.
+    """
+    import re
+
+    import deepspeed
+
+    for path in list(folder.glob("*model_states.pt")):
+        zero3 = re.fullmatch(r"zero_pp_rank_0_(mp_rank_\d+_model_states\.pt)", path.name)
+        zero12 = re.fullmatch(r"mp_rank_\d+_model_states\.pt", path.name)
+        twin = folder / zero3.group(1) if zero3 else folder / f"zero_pp_rank_0_{path.name}" if zero12 else None
+        if twin is not None and not twin.exists():
+            os.link(path, twin)
+
+    state_file = folder / "zero" / "optimizer_state.pt"
+    state = safe_load(state_file)
+    changed = False
+    if "optimizer_state_dict" not in state:  # saved by ZeRO-1/2
+        step = safe_load(next((folder / "zero").glob("*/step.pt")))
+        state["optimizer_state_dict"] = {"state": {0: {"step": step}}, "param_groups": state["param_groups"]}
+        changed = True
+    if "ds_version" not in state:  # saved by ZeRO-3
+        state["ds_version"] = deepspeed.__version__
+        changed = True
+        if manifest["layout"]["tp"] == 1:  # (plan() keeps ZeRO-3 tp > 1 checkpoints within ZeRO-3 at their tp)
+            step = state["optimizer_state_dict"]["state"][0]["step"]
+            for name, split in manifest["params"].items():
+                _shape_flat_states(folder / "zero" / name, split, step)
+    if changed:
+        torch.save(state, state_file)
+
+
+def _shape_flat_states(param_dir: Path, split: dict, step: torch.Tensor) -> None:
+    """Rewrite one parameter's flat ZeRO-3 universal states in the per-parameter form ZeRO-1/2 reads."""
+    for path in param_dir.glob("*.pt"):
+        value = safe_load(path)
+        if isinstance(value, torch.Tensor):
+            entry = {"param": value.detach().reshape(split["shape"]).clone()}
+            if "partition_dim" in split:
+                entry["cat_dim"] = split["partition_dim"]
+            torch.save(entry, path)
+    if not (param_dir / "step.pt").exists():
+        torch.save(step.clone(), param_dir / "step.pt")
 
 
 def _source_id(manifest: dict) -> str:
@@ -129,8 +194,11 @@ def _matches(folder: Path, sizes: Path) -> bool:
     import json
 
     try:
-        files = json.loads(sizes.read_text())["files"]
+        recorded = json.loads(sizes.read_text())
+        files = recorded["files"]
     except (OSError, ValueError, KeyError):
+        return False
+    if recorded.get("format") != UNIVERSAL_FORMAT:
         return False
     return all((folder / rel).is_file() and (folder / rel).stat().st_size == size for rel, size in files.items())
 
