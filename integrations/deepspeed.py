@@ -106,6 +106,9 @@ def model_init_context(cfg: RunConfig, layout: Layout):
     _deepspeed_comm()
     # The same corrected dict build_engine gives DeepSpeed (swap buffers, prefetch, sub-groups).
     ds_config, _ = zero_config(cfg, layout, accel.current().device_type)
+    from zeromega.plugins.zero.space_guard import check_swap_reads
+
+    check_swap_reads(ds_config)  # zero.Init already swaps parameters out to nvme
     return deepspeed.zero.Init(data_parallel_group=MegatronMPU().get_data_parallel_group(),
                                config_dict_or_path=ds_config, mpu=MegatronMPU())
 
@@ -133,10 +136,12 @@ def build_engine(model: torch.nn.Module, cfg: RunConfig, layout: Layout):
     if "optimizer" not in ds_config:
         o = cfg.optimizer
         optimizer = client_optimizer(decay_groups(model, o.weight_decay), ds_config, o.lr, (o.beta1, o.beta2), o.eps)
+    from zeromega.plugins.zero.space_guard import check_swap_reads, guard_engine
+
+    check_swap_reads(ds_config)  # a swap file cut short by a full disk is named, not a C++ abort
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=ds_config, mpu=MegatronMPU(), dist_init_required=False
     )
-    from zeromega.plugins.zero.space_guard import guard_engine
 
     guard_engine(engine, ds_config)  # a full nvme path stops the run with the path named
     return engine

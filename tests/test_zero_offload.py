@@ -15,6 +15,7 @@ aio build on a fresh machine; with the op cached they take seconds.
 from __future__ import annotations
 
 import pytest
+import torch
 
 from distributed import run_world
 from zero_workers import train_offload
@@ -116,3 +117,35 @@ def test_space_guard_names_the_full_path_and_the_space_needed():
         guard.check()
     assert SwapSpaceGuard.for_deepspeed({"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}) is None
 
+
+
+def test_a_cut_short_swap_file_is_named_before_deepspeed_reads_it(tmp_path):
+    """The swap-in check: DeepSpeed's C++ aborts on a swap file shorter than its read; zeromega raises first."""
+    import deepspeed.runtime.swap_tensor.partitioned_param_swapper as param_swapper
+    import deepspeed.runtime.swap_tensor.utils as swap_utils
+
+    from zeromega.plugins.zero.space_guard import OffloadSpaceError, check_swap_reads
+
+    reads = []
+
+    class Handle:
+        def async_pread(self, buffer, path, offset):
+            reads.append(path)
+            return 0
+
+    originals = {m: m.swap_in_tensors for m in (swap_utils, param_swapper)}
+    try:
+        check_swap_reads({"zero_optimization": {"offload_param": {"device": "nvme", "nvme_path": str(tmp_path)}}})
+        assert param_swapper.swap_in_tensors is not originals[param_swapper]  # the name each user imported
+        buffer = torch.zeros(1024)  # 4096 bytes
+        whole, short = tmp_path / "whole.swp", tmp_path / "short.swp"
+        whole.write_bytes(b"\0" * 4096)
+        short.write_bytes(b"\0" * 1000)
+        swap_utils.swap_in_tensors(Handle(), [buffer], [str(whole)])
+        assert reads == [str(whole)]
+        with pytest.raises(OffloadSpaceError, match=r"short\.swp holds 1000 of the 4096 bytes.*Fix: "):
+            param_swapper.swap_in_tensors(Handle(), [buffer, buffer], [str(whole), str(short)])
+        assert reads == [str(whole)]  # nothing was read from a batch holding a short file
+    finally:
+        for module, original in originals.items():
+            module.swap_in_tensors = original

@@ -85,7 +85,10 @@ def init_context(ds: dict):
 
     from zeromega.integrations.deepspeed import MegatronMPU, _deepspeed_comm
 
+    from .space_guard import check_swap_reads
+
     _deepspeed_comm()
+    check_swap_reads(ds)  # zero.Init already swaps parameters out to nvme
     return deepspeed.zero.Init(data_parallel_group=MegatronMPU().get_data_parallel_group(), config_dict_or_path=ds,
                                mpu=MegatronMPU())
 
@@ -103,9 +106,11 @@ def initialize(model: torch.nn.Module, run, ds: dict):
     optimizer = None
     if "optimizer" not in ds:
         optimizer = client_optimizer(decay_groups(model, o.weight_decay), ds, o.lr, (o.beta1, o.beta2), o.eps)
+    from .space_guard import check_swap_reads, guard_engine
+
+    check_swap_reads(ds)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds, mpu=MegatronMPU(),
                                            dist_init_required=False)
-    from .space_guard import guard_engine
 
     guard_engine(engine, ds)
     return engine

@@ -9,9 +9,12 @@ afterwards (other jobs, a growing log, a checkpoint on the same drive). It
 runs after engine set-up and after every optimizer step, before the next
 forward swaps anything in, so a run stops with the path and the bytes it
 needs named, and checkpoints written at earlier steps are left as they were.
-A disk that fills during engine set-up itself is not caught: DeepSpeed reads
-a swap file back inside ``deepspeed.initialize`` and aborts there (measured
-with the 64 MB loop mount); the pre-flight's space check is what prevents it.
+A disk that fills while DeepSpeed is still writing (inside
+``deepspeed.initialize``, which swaps every state out and reads some back, or
+within a step) is caught one layer lower: :func:`check_swap_reads` makes
+every swap-in first compare each file's size with the bytes about to be read,
+the condition DeepSpeed's C++ asserts, and raise :class:`OffloadSpaceError`
+with the path and the free space instead of aborting the process.
 """
 
 from __future__ import annotations
@@ -75,6 +78,44 @@ class SwapSpaceGuard:
         engine.step = checked_step
 
 
+# DeepSpeed 0.19.8 reads every swap file through swap_tensor.utils.swap_in_tensors; these
+# modules import it by name, so each binding is replaced.
+_SWAP_IN_USERS = ("utils", "partitioned_optimizer_swapper", "partitioned_param_swapper", "optimizer_utils",
+                  "pipelined_optimizer_swapper")
+
+
+def _checked_swap_in(original: Callable, free_bytes: Callable[[str], int] = _free_bytes) -> Callable:
+    """``swap_in_tensors`` that refuses to read a swap file shorter than the buffer it fills."""
+
+    def swap_in_tensors(swap_handle, tensor_buffers, swap_paths):
+        for buffer, path in zip(tensor_buffers, swap_paths):
+            want = buffer.numel() * buffer.element_size()
+            have = os.path.getsize(path) if os.path.exists(path) else 0
+            if have < want:
+                folder = os.path.dirname(path) or "."
+                raise OffloadSpaceError(
+                    f"nvme swap file {path} holds {have} of the {want} bytes DeepSpeed is about to read back: a "
+                    f"write was cut short ({free_bytes(folder)} bytes free in {folder}). Fix: free space on that "
+                    "drive or point the nvme_path at a drive with room, then resume from the last checkpoint")
+        return original(swap_handle, tensor_buffers, swap_paths)
+
+    swap_in_tensors.zeromega_checked = True
+    return swap_in_tensors
+
+
+def check_swap_reads(ds: dict) -> None:
+    """Before ``deepspeed.initialize``: when ``ds`` swaps to nvme, check every swap read (see module doc)."""
+    if SwapSpaceGuard.for_deepspeed(ds) is None:
+        return
+    import importlib
+
+    for name in _SWAP_IN_USERS:
+        module = importlib.import_module(f"deepspeed.runtime.swap_tensor.{name}")
+        current = getattr(module, "swap_in_tensors", None)
+        if current is not None and not getattr(current, "zeromega_checked", False):
+            module.swap_in_tensors = _checked_swap_in(current)
+
+
 def guard_engine(engine, ds: dict, needed_bytes: int = 0) -> None:
     """Attach a :class:`SwapSpaceGuard` to ``engine`` when ``ds`` swaps to nvme; check once now, since
     engine set-up already swaps every state out."""
@@ -84,4 +125,4 @@ def guard_engine(engine, ds: dict, needed_bytes: int = 0) -> None:
         guard.wrap_step(engine)
 
 
-__all__ = ["LOW_WATER_BYTES", "OffloadSpaceError", "SwapSpaceGuard", "guard_engine"]
+__all__ = ["LOW_WATER_BYTES", "OffloadSpaceError", "SwapSpaceGuard", "check_swap_reads", "guard_engine"]
