@@ -2,8 +2,10 @@
 
 CKPT is a ``--save`` directory (its ``latest`` checkpoint is exported) or one
 checkpoint inside it. The checkpoint is verified against its manifest first;
-ZeRO partitions are gathered and tensor-parallel shards merged, so OUT loads
-into a 1-process model without zeromega. See
+ZeRO partitions are gathered and tensor-parallel shards merged (DeepSpeed's
+engine), or Megatron-Core's dist checkpoint (pp > 1, MoE runs) is read in
+this one process and its stacked layers and experts split into per-layer,
+per-expert names, so OUT loads into a 1-process model without zeromega. See
 :mod:`zeromega.checkpoint.export` for the tensor names of each format.
 """
 
@@ -18,9 +20,10 @@ def _add_export(subparsers) -> None:
     p = subparsers.add_parser(
         "export", allow_abbrev=False, help="write a checkpoint as one consolidated safetensors file",
         description="Write the fp32 weights of a zeromega checkpoint, ZeRO partitions gathered and tp shards "
-                    "merged, as one safetensors file.",
+                    "merged (pp stages and MoE experts too, for Megatron-Core-engine checkpoints), as one "
+                    "safetensors file.",
         epilog="--to torch: OUT is the file, Megatron-Core names. --to hf: OUT is a directory with "
-               "model.safetensors (GPT-2 names) and config.json.")
+               "model.safetensors (GPT-2 names) and config.json; dense models only (GPT-2 has no experts).")
     p.add_argument("checkpoint", metavar="CKPT", help="a --save directory, or a checkpoint (iter_NNNNNNN) in it")
     p.add_argument("--to", choices=("hf", "torch"), required=True, help="tensor names and layout to write")
     p.add_argument("out", metavar="OUT", help="output file (--to torch) or directory (--to hf)")

@@ -4,7 +4,11 @@ The weights come whole: ZeRO partitions gathered and tp shards merged.
 Under ZeRO 1-3 they are the optimizer's fp32 master weights, taken from
 DeepSpeed's universal form of the checkpoint (so a bf16 run exports fp32);
 under ZeRO-0 they are the model's own weights, merged across tp ranks along
-each parameter's recorded ``partition_dim``.
+each parameter's recorded ``partition_dim``. Checkpoints of Megatron-Core's
+engine (pp > 1, MoE) hold torch.distributed.checkpoint files with every
+tensor under its global shape; their model tensors (not the optimizer's) are
+read in this one process, no process group, and cast to fp32 (a bf16 run
+exports its bf16 model weights, widened).
 
 Output is a `safetensors <https://github.com/huggingface/safetensors>`_ file,
 written here in a few lines (the format is an 8-byte header length, a JSON
@@ -14,7 +18,9 @@ write it and any safetensors reader can load it.
 Names (``--to torch``): Megatron-Core's GPTModel state-dict names, e.g.
 ``embedding.word_embeddings.weight`` [padded vocab, h],
 ``decoder.layers.N.self_attention.linear_qkv.weight`` [3h, h] (per head: q, k, v),
-``decoder.layers.N.mlp.linear_fc1.weight`` [ffn, h]; ``load_state_dict(...,
+``decoder.layers.N.mlp.linear_fc1.weight`` [ffn, h], and for MoE layers
+``decoder.layers.N.mlp.router.weight`` [experts, h] and
+``decoder.layers.N.mlp.experts.local_experts.E.linear_fc1.weight`` (E global); ``load_state_dict(...,
 strict=False)`` into a 1-process GPTModel of the same shape (only the
 ``_extra_state`` entries are absent).
 
@@ -22,11 +28,13 @@ Names (``--to hf``): Hugging Face GPT-2's (``transformer.wte.weight``,
 ``transformer.h.N.attn.c_attn.weight`` [h, 3h] as Conv1D, q|k|v blocks, ...)
 plus ``config.json``; for the learned-absolute, multi-head-attention, GELU
 GPT that ``examples/pretrain_gpt.py`` builds. The vocabulary keeps its
-padding (``vocab_size`` in config.json is the padded size).
+padding (``vocab_size`` in config.json is the padded size). MoE models have
+no GPT-2 form and are refused.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -37,7 +45,8 @@ from typing import Optional
 
 import torch
 
-from .files import CheckpointError, read_manifest, safe_load, verify_files, write_text_atomic
+from .files import (CheckpointError, dist_checkpoint_loads, read_manifest, safe_load, verify_files,
+                    write_text_atomic)
 
 _DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
            torch.int32: "I32", torch.uint8: "U8"}
@@ -122,6 +131,93 @@ def _universal_weights(ckpt: Path, manifest: dict, scratch: Path) -> dict[str, t
     return weights
 
 
+# ----------------------------------------------------------------- Megatron-Core's dist checkpoints
+#
+# Megatron's sharded keys differ from a module's state-dict names in three ways
+# (measured, Megatron-Core 0.16.1, local layer spec):
+# - ``decoder.layers.X`` stacks every layer along a leading axis [layers, ...]
+#   (each stage writes its layers at their global numbers);
+# - ``decoder.layers.mlp.experts.experts.Y`` adds an expert axis after it
+#   [layers, experts, ...] for SequentialMLP's ``local_experts.E.Y``;
+# - the local spec saves its layer norms under TransformerEngine's fused names.
+# With ``non_homogeneous_layers`` Megatron writes ``decoder.layers.N.X`` instead,
+# without the layer axis; both are read.
+
+_LAYERS = "decoder.layers."
+_EXPERTS = ".mlp.experts.experts."
+_FUSED_NORMS = {"self_attention.linear_qkv.layer_norm_": "input_layernorm.",
+                "mlp.linear_fc1.layer_norm_": "pre_mlp_layernorm."}
+
+
+def _unfused(name: str) -> str:
+    for fused, local in _FUSED_NORMS.items():
+        name = name.replace("." + fused, "." + local)
+    return name
+
+
+def _stacked_axes(key: str) -> int:
+    """How many leading axes of Megatron's tensor ``key`` index layers and experts."""
+    if not key.startswith(_LAYERS):
+        return 0
+    layer_axis = not key[len(_LAYERS):].split(".", 1)[0].isdigit()
+    return int(layer_axis) + int(_EXPERTS in "." + key[len(_LAYERS):])
+
+
+def _module_name(key: str, index: tuple[int, ...]) -> str:
+    """Megatron's sharded ``key`` at stacked ``index`` -> the 1-process state-dict name."""
+    rest = key[len(_LAYERS):]
+    if len(index) and not rest.split(".", 1)[0].isdigit():
+        rest, index = f"{index[0]}.{rest}", index[1:]
+    if index:
+        rest = rest.replace(_EXPERTS, f".mlp.experts.local_experts.{index[0]}.", 1)
+    return _unfused(_LAYERS + rest)
+
+
+def _stored_indices(chunks, axes: int) -> list[tuple[int, ...]]:
+    """The (layer, expert) positions some rank wrote (layers of another kind leave gaps)."""
+    found = set()
+    for chunk in chunks:
+        found.update(itertools.product(*(range(o, o + n) for o, n in zip(chunk.offsets[:axes], chunk.sizes[:axes]))))
+    return sorted(found)
+
+
+def _natural(name: str) -> list:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def megatron_weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    """name -> fp32 tensor, the model part of a Megatron-Core torch_dist checkpoint, read without a
+    process group; pickles only through :func:`~zeromega.checkpoint.files.dist_checkpoint_loads`."""
+    from torch.distributed.checkpoint import FileSystemReader, load
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = FileSystemReader(str(ckpt))
+    try:
+        with dist_checkpoint_loads():
+            stored = reader.read_metadata().state_dict_metadata
+            model = {key: meta for key, meta in stored.items()
+                     if isinstance(meta, TensorStorageMetadata) and not key.startswith("optimizer.")}
+            tensors = {key: torch.zeros(meta.size, dtype=meta.properties.dtype) for key, meta in model.items()}
+            load(tensors, storage_reader=reader, no_dist=True)
+    except CheckpointError:
+        raise
+    except Exception as err:
+        raise CheckpointError(f"{ckpt}: torch.distributed.checkpoint could not read the model tensors "
+                              f"({type(err).__name__}: {str(err).splitlines()[0][:300]})",
+                              "verify the checkpoint (manifest.json) or export another one") from None
+    weights = {}
+    for key, tensor in tensors.items():
+        axes = _stacked_axes(key)
+        if not axes:
+            weights[_unfused(key)] = tensor.float()
+            continue
+        for index in _stored_indices(model[key].chunks, axes):
+            weights[_module_name(key, index)] = tensor[index].float().clone()
+    if not weights:
+        raise CheckpointError(f"{ckpt}: the dist checkpoint holds no model tensors", "export another checkpoint")
+    return {name: weights[name] for name in sorted(weights, key=_natural)}
+
+
 def consolidated_weights(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """(name -> whole fp32 tensor, manifest) for a verified checkpoint directory."""
     manifest = read_manifest(ckpt)
@@ -129,9 +225,12 @@ def consolidated_weights(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict]:
     if problems:
         raise CheckpointError(f"checkpoint {ckpt} failed verification: {problems[0]}", "export another checkpoint")
     layout = manifest["layout"]
-    if manifest.get("engine", "deepspeed") != "deepspeed":
-        raise CheckpointError(f"{ckpt}: saved by Megatron-Core's engine (pp/MoE run); export reads DeepSpeed's "
-                              "files only", "export a checkpoint of a pp1 run without experts")
+    engine = manifest.get("engine", "deepspeed")
+    if engine == "megatron-core":
+        return megatron_weights(ckpt), manifest
+    if engine != "deepspeed":
+        raise CheckpointError(f"{ckpt}: saved by an unknown engine {engine!r}",
+                              "export it with the zeromega version that wrote it")
     if layout["pp"] > 1 or layout["ep"] > 1:
         raise CheckpointError(f"{ckpt}: pipeline/expert parallel checkpoints cannot be exported yet",
                               "export a checkpoint of a pp1 ep1 run")
@@ -215,6 +314,9 @@ def export(source: str | Path, out: str | Path, to: str = "torch", heads: Option
     heads = heads or (manifest.get("model") or {}).get("num_attention_heads")
     if heads is None:
         raise CheckpointError("--to hf needs the number of attention heads", "pass --num-attention-heads N")
+    if any(".mlp.router." in name or ".mlp.experts." in name for name in weights):
+        raise CheckpointError("GPT-2 has no mixture-of-experts layers; this model routes to experts",
+                              "export with --to torch (Megatron-Core names)")
     if "embedding.position_embeddings.weight" not in weights:
         raise CheckpointError("GPT-2 needs learned absolute position embeddings; this model has none (rope?)",
                               "export with --to torch")
