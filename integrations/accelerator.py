@@ -125,6 +125,33 @@ def return_large_frees_to_os() -> bool:
         return False
 
 
+def trim_host_heap_after_each_step(engine) -> bool:
+    """On a CPU rank, give the heap's freed pages back to the OS after every ``engine.step()``.
+
+    Tensors under 1 MiB (biases, norms, bucket slices, autograd's small
+    buffers) come from glibc's heap; freed, they leave holes that only
+    ``malloc_trim`` returns. Without it the resident set of a 57M-parameter
+    ZeRO-3 rank grew 50 MiB a step and its peak sat 90 MiB (6%) higher;
+    the trim took 6-18 ms a step there (bench/zero_memory.py, see README).
+    Returns whether the hook was attached (CPU ranks with glibc only).
+    """
+    if current().device_type != "cpu":
+        return False
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return False
+    step = engine.step
+
+    def step_then_trim(*args, **kwargs):
+        out = step(*args, **kwargs)
+        trim(0)
+        return out
+
+    engine.step = step_then_trim
+    return True
+
+
 def current() -> Accelerator:
     """The accelerator chosen by :func:`select` (auto-selected on first use)."""
     return _current if _current is not None else select()

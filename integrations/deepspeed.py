@@ -144,4 +144,5 @@ def build_engine(model: torch.nn.Module, cfg: RunConfig, layout: Layout):
     )
 
     guard_engine(engine, ds_config)  # a full nvme path stops the run with the path named
+    accel.trim_host_heap_after_each_step(engine)
     return engine

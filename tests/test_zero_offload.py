@@ -149,3 +149,28 @@ def test_a_cut_short_swap_file_is_named_before_deepspeed_reads_it(tmp_path):
     finally:
         for module, original in originals.items():
             module.swap_in_tensors = original
+
+
+def test_cpu_ranks_trim_the_heap_after_each_step(monkeypatch):
+    """The step hook calls glibc's malloc_trim(0) after the engine's own step, and returns its result."""
+    import ctypes
+
+    from zeromega.integrations import accelerator as accel
+
+    calls = []
+
+    class Libc:
+        def malloc_trim(self, pad):
+            calls.append(("trim", pad))
+
+    class Engine:
+        def step(self, *args):
+            calls.append(("step", args))
+            return "stepped"
+
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: Libc())
+    engine = Engine()
+    assert accel.select("cpu").device_type == "cpu"
+    assert accel.trim_host_heap_after_each_step(engine)
+    assert engine.step(1) == "stepped"
+    assert calls == [("step", (1,)), ("trim", 0)]

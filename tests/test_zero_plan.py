@@ -38,11 +38,15 @@ def test_paper_arithmetic_mixed_precision(stage, expected):
 
 
 def test_engine_rows_follow_deepspeed():
-    """ZeRO-1/2 clone an fp32 master even for fp32 models; ZeRO-3 without offload reuses the partition."""
+    """Every stage clones an fp32 master, also for fp32 models (ZeRO-3's reuse branch never matches);
+    ZeRO-3 keeps its reduce bucket at full size and flattens one sub-group's fp32 gradients per step."""
     z2 = {r.name: r.bytes for r in zplan.plan_memory(_ds(2, "fp32"), _model(), dp=2).rows}
     assert z2["optimizer states (master, m, v)"] == 12 * P // 2
-    z3 = {r.name: r.bytes for r in zplan.plan_memory(_ds(3, "fp32"), _model(), dp=2).rows}
-    assert z3["optimizer states (m, v)"] == 8 * P // 2
+    z3 = {r.name: r for r in zplan.plan_memory(_ds(3, "fp32", sub_group_size=P // 4), _model(), dp=2).rows}
+    assert z3["optimizer states (master, m, v)"].bytes == 12 * P // 2
+    assert not z3["reduce bucket (kept)"].transient
+    assert z3["fp32 gradients of the sub-group stepped"].bytes == 4 * (P // 4)
+    assert z3["fp32 gradients of the sub-group stepped"].phase == "step"
     z3bf = {r.name: r.bytes for r in zplan.plan_memory(_ds(3, "bf16"), _model(), dp=2).rows}
     assert z3bf["optimizer states (master, m, v)"] == 12 * P // 2
 

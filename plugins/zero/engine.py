@@ -113,4 +113,5 @@ def initialize(model: torch.nn.Module, run, ds: dict):
                                            dist_init_required=False)
 
     guard_engine(engine, ds)
+    accel.trim_host_heap_after_each_step(engine)
     return engine

@@ -20,12 +20,16 @@ the engine, because the plan is checked against what a run measures:
 
 - ZeRO-1/2 always clone the partition into an fp32 master copy, also for an
   fp32 model (``stage_1_and_2.py``: ``weights_partition = ...clone()``), so
-  fp32 ZeRO-1/2 carry K = 12, not 8. ZeRO-3 reuses the fp32 partition as the
-  master unless the optimizer is offloaded (``stage3.py``
-  ``_create_fp32_partitions``).
+  fp32 ZeRO-1/2 carry K = 12, not 8. So does ZeRO-3: ``_create_fp32_partitions``
+  means to reuse an fp32 partition as the master, but it compares
+  ``tensor.device`` with a device *name* string, which is never equal, so it
+  clones (live-tensor census of a 57M-parameter fp32 ZeRO-3 run: one master
+  per sub-group beside the partition).
 - ZeRO-1/2 (and ZeRO-3 with CPU optimizer offload) keep an fp32 gradient
   partition for the optimizer (4 P / N) beside the model-precision
-  gradients; ZeRO-3 otherwise converts one sub-group at a time. ZeRO-3
+  gradients; ZeRO-3 otherwise flattens one sub-group's fp32 gradients at a
+  time during the step, and keeps its reduce bucket (``reduce_bucket_size``
+  elements, allocated once at that size) for the whole run. ZeRO-3
   accumulates gradients in the model dtype (``grad_accum_dtype`` unset), in
   host memory when the optimizer is offloaded, also to nvme: that buffer
   (lp P / N) is what bounds how large a model one host can train.
@@ -47,9 +51,17 @@ fixed process baseline, so that ``peak`` is comparable with a measured peak:
   ``DeepSpeedCPUAdam`` (offload) works in place; NVMe offload swaps one
   sub-group in at a time.
 
-The peak is the resident part plus the larger of the two phases (measured
-per phase with ``/proc/self/status`` VmHWM on this machine: they do not
-overlap).
+- ZeRO-1/2's all-gather of the updated parameters, after the update: on
+  gloo a new tensor of the whole gathered output (lp P), on NCCL the
+  ``allgather_bucket_size`` buffers.
+
+The peak is the resident part plus the largest phase (measured per phase
+with ``/proc/self/status`` VmHWM on this machine: they do not overlap).
+Not modelled: on a CPU rank, glibc keeps the pages of freed tensors under
+the mmap threshold (1 MiB, :mod:`zeromega.integrations.accelerator`) until
+``malloc_trim``, which zeromega runs after every step; within a step they
+add up (ZeRO-2, 57M parameters, fp32: live tensors 656 MiB, resident set
+777 MiB at the end of backward). bench/zero_memory.py shows the effect.
 """
 
 from __future__ import annotations
@@ -167,6 +179,7 @@ class ZeroSetup:
     param_buffer_size: int = int(1e8)
     max_in_cpu: int = int(1e9)
     aio_intra_op_parallelism: int = 1
+    contiguous_gradients: bool = True
 
     @classmethod
     def from_deepspeed(cls, ds: dict) -> "ZeroSetup":
@@ -204,6 +217,7 @@ class ZeroSetup:
             param_buffer_size=_num(par.get("buffer_size"), 1e8),
             max_in_cpu=_num(par.get("max_in_cpu"), 1e9),
             aio_intra_op_parallelism=_num(aio.get("intra_op_parallelism", aio.get("thread_count")), 1),
+            contiguous_gradients=zero.get("contiguous_gradients", True) not in (False, "false"),
         )
 
     @property
@@ -213,6 +227,9 @@ class ZeroSetup:
     @property
     def mixed(self) -> bool:
         return self.precision != "fp32"
+
+
+PHASES = ("backward", "step", "gather")
 
 
 @dataclass(frozen=True)
@@ -227,7 +244,10 @@ class Row:
     transient: bool = False
     """Alive only during part of a step (buckets, gathered params, activations)."""
     phase: str = "backward"
-    """For a transient row, when it is alive: ``"backward"`` (forward + backward) or ``"step"`` (optimizer)."""
+    """For a transient row, when it is alive: ``"backward"`` (forward + backward), ``"step"`` (the
+    optimizer's update) or ``"gather"`` (ZeRO-1/2's all-gather of the updated parameters after it)."""
+    only_on: Optional[str] = None
+    """``"cpu"`` / ``"cuda"`` for a row that exists on that device type only (a collective's copies)."""
 
 
 @dataclass(frozen=True)
@@ -252,18 +272,23 @@ class MemoryPlan:
     rows: list[Row] = field(default_factory=list)
     baseline: int = PROCESS_BASELINE_BYTES
 
-    def total(self, where: str, transient: bool = True) -> int:
+    def rows_on(self, device_type: str) -> list[Row]:
+        """The rows that exist on ``device_type`` (``"cpu"`` or ``"cuda"``)."""
+        return [r for r in self.rows if r.only_on in (None, device_type)]
+
+    def total(self, where: str, transient: bool = True, device_type: str = "cpu") -> int:
         """Bytes at ``where``; with ``transient`` the worst phase's transients are included."""
-        resident = sum(r.bytes for r in self.rows if r.where == where and not r.transient)
+        rows = self.rows_on(device_type)
+        resident = sum(r.bytes for r in rows if r.where == where and not r.transient)
         if not transient:
             return resident
-        return resident + max((sum(r.bytes for r in self.rows if r.where == where and r.transient and r.phase == ph)
-                               for ph in ("backward", "step")), default=0)
+        return resident + max((sum(r.bytes for r in rows if r.where == where and r.transient and r.phase == ph)
+                               for ph in PHASES), default=0)
 
-    def transient_phase(self, where: str = "device") -> str:
-        """The phase whose transients at ``where`` are larger (where the peak happens)."""
-        size = {ph: sum(r.bytes for r in self.rows if r.where == where and r.transient and r.phase == ph)
-                for ph in ("backward", "step")}
+    def transient_phase(self, where: str = "device", device_type: str = "cpu") -> str:
+        """The phase whose transients at ``where`` are largest (where the peak happens)."""
+        size = {ph: sum(r.bytes for r in self.rows_on(device_type) if r.where == where and r.transient
+                        and r.phase == ph) for ph in PHASES}
         return max(size, key=size.get)
 
     @property
@@ -283,16 +308,17 @@ class MemoryPlan:
 
     @property
     def device_bytes(self) -> int:
-        return self.total("device")
+        """Accelerator bytes (the CUDA allocator's peak)."""
+        return self.total("device", device_type="cuda")
 
     def peak(self, device_type: str = "cpu") -> int:
         """The peak a run measures: on CPU the resident set (device and host are the same RAM,
         plus the process baseline); on CUDA the allocator's peak on the device."""
         if device_type == "cuda":
             return self.device_bytes
-        resident = sum(r.bytes for r in self.rows if r.where != "nvme" and not r.transient)
-        phases = [sum(r.bytes for r in self.rows if r.where != "nvme" and r.transient and r.phase == ph)
-                  for ph in ("backward", "step")]
+        rows = self.rows_on("cpu")
+        resident = sum(r.bytes for r in rows if r.where != "nvme" and not r.transient)
+        phases = [sum(r.bytes for r in rows if r.where != "nvme" and r.transient and r.phase == ph) for ph in PHASES]
         return self.baseline + resident + max(phases)
 
     def paper_bytes(self) -> int:
@@ -310,17 +336,17 @@ class MemoryPlan:
                 f"{self.model.total_params / 1e6:,.1f}M params, {self.model.params / 1e6:,.1f}M per tp rank, "
                 f"tp {self.tp} x dp {self.dp}")
         lines = [head, f"{'per rank':<34} {'where':<7} {'MiB':>11}  formula"]
-        for r in self.rows:
-            mark = {"backward": " *", "step": " **"}[r.phase] if r.transient else ""
+        for r in self.rows_on(device_type):
+            mark = {"backward": " *", "step": " **", "gather": " ***"}[r.phase] if r.transient else ""
             lines.append(f"{r.name + mark:<34} {r.where:<7} {r.bytes / MiB:>11,.1f}  {r.formula}")
         lines.append(f"{'ZeRO paper model states':<34} {'':<7} {self.paper_bytes() / MiB:>11,.1f}")
         for where in ("device", "host", "pinned", "nvme"):
             if any(r.where == where for r in self.rows):
-                lines.append(f"{'total ' + where:<34} {'':<7} {self.total(where) / MiB:>11,.1f}")
+                lines.append(f"{'total ' + where:<34} {'':<7} {self.total(where, device_type=device_type) / MiB:>11,.1f}")
         label = "peak device (allocator)" if device_type == "cuda" else "peak resident (with baseline)"
         lines.append(f"{label:<34} {'':<7} {self.peak(device_type) / MiB:>11,.1f}")
-        lines.append("* alive during forward/backward only; ** during the optimizer step only; "
-                     "the peak counts the larger phase")
+        lines.append("* alive during forward/backward only; ** during the optimizer step only; *** during "
+                     "ZeRO-1/2's parameter all-gather after it; the peak counts the largest phase")
         return "\n".join(lines)
 
     def as_dict(self, device_type: str = "cpu") -> dict:
@@ -386,10 +412,12 @@ def plan_memory(ds: dict, model: ModelSize, dp: int, tp: int = 1, activations: O
     if s.stage < 3 or s.optimizer_device == "cpu":
         rows.append(Row("fp32 gradient partition (optimizer)", opt_where, 4 * part, "4 P/N"))
     elif s.optimizer_device == "none":
-        rows.append(Row("fp32 gradient buffer (one sub-group)", "device", 4 * min(s.sub_group_size, part),
-                        "4 x min(sub_group_size, P/N)"))
-    # --- optimizer: fp32 master + Adam m, v
-    master = s.stage < 3 or s.optimizer_device != "none" or s.mixed
+        rows.append(Row("fp32 gradients of the sub-group stepped", "device", 4 * min(s.sub_group_size, part),
+                        "4 x min(sub_group_size, P/N)", transient=True, phase="step"))
+    if s.stage == 3 and s.contiguous_gradients:
+        rows.append(Row("reduce bucket (kept)", "device", lp * s.reduce_bucket_size, f"{lp} x reduce_bucket_size"))
+    # --- optimizer: fp32 master + Adam m, v (every stage clones the master; see the module doc)
+    master = True
     k = 8 + (4 if master else 0)
     rows.append(Row("optimizer states (master, m, v)" if master else "optimizer states (m, v)", opt_where,
                     k * part, f"{k} P/N"))
@@ -410,7 +438,11 @@ def plan_memory(ds: dict, model: ModelSize, dp: int, tp: int = 1, activations: O
         rows.append(Row("reduce bucket", "device", grad_bytes * min(s.reduce_bucket_size, p),
                         f"{grad_bytes} x min(reduce_bucket_size, P)", transient=True))
         rows.append(Row("all-gather bucket", "device", lp * min(s.allgather_bucket_size, p),
-                        f"{lp} x min(allgather_bucket_size, P)", transient=True, phase="step"))
+                        f"{lp} x min(allgather_bucket_size, P)", transient=True, phase="gather", only_on="cuda"))
+        # gloo's all_gather_into_tensor gathers into a new tensor of the whole output, then copies
+        # (torch.profiler: aten::empty of lp x P under c10d::_allgather_base_, ZeRO-1/2 and offload)
+        rows.append(Row("all-gather output copy (gloo)", "device", lp * p, f"{lp} P", transient=True,
+                        phase="gather", only_on="cpu"))
     else:
         if s.max_reuse_distance >= p:  # every parameter is reused by backward within the distance: kept
             gathered = min(p, max(s.max_live_parameters, model.largest_layer + s.prefetch_bucket_size))
@@ -419,9 +451,9 @@ def plan_memory(ds: dict, model: ModelSize, dp: int, tp: int = 1, activations: O
             gathered = min(p, model.largest_layer + s.prefetch_bucket_size)
             formula = f"{lp} x (largest layer + prefetch_bucket_size)"
         rows.append(Row("gathered parameters", "device", lp * gathered, formula, transient=True))
-        # autograd's full-size gradients wait for the bucket, which reduce-scatter flattens into a copy
-        rows.append(Row("reduce bucket", "device", 2 * lp * min(s.reduce_bucket_size, p),
-                        f"2 x {lp} x min(reduce_bucket_size, P)", transient=True))
+        # autograd's full-size gradients wait for the (kept) bucket to be reduce-scattered
+        rows.append(Row("gradients waiting for the bucket", "device", lp * min(s.reduce_bucket_size, p),
+                        f"{lp} x min(reduce_bucket_size, P)", transient=True))
     if s.optimizer_device == "none":
         _optimizer_temporaries(rows, s, part, client_adam)
     _activations(rows, s, model, tp, activations)
