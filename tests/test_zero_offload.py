@@ -152,7 +152,7 @@ def test_a_cut_short_swap_file_is_named_before_deepspeed_reads_it(tmp_path):
 
 
 def test_cpu_ranks_trim_the_heap_after_each_step(monkeypatch):
-    """The step hook calls glibc's malloc_trim(0) after the engine's own step, and returns its result."""
+    """The hooks call glibc's malloc_trim(0) after the engine's own backward and step, returning their results."""
     import ctypes
 
     from zeromega.integrations import accelerator as accel
@@ -164,6 +164,9 @@ def test_cpu_ranks_trim_the_heap_after_each_step(monkeypatch):
             calls.append(("trim", pad))
 
     class Engine:
+        def backward(self, loss):
+            calls.append(("backward", loss))
+
         def step(self, *args):
             calls.append(("step", args))
             return "stepped"
@@ -172,5 +175,6 @@ def test_cpu_ranks_trim_the_heap_after_each_step(monkeypatch):
     engine = Engine()
     assert accel.select("cpu").device_type == "cpu"
     assert accel.trim_host_heap_after_each_step(engine)
+    engine.backward("loss")
     assert engine.step(1) == "stepped"
-    assert calls == [("step", (1,)), ("trim", 0)]
+    assert calls == [("backward", "loss"), ("trim", 0), ("step", (1,)), ("trim", 0)]

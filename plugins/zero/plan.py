@@ -401,6 +401,11 @@ def plan_memory(ds: dict, model: ModelSize, dp: int, tp: int = 1, activations: O
         buf = _io_aligned(s.param_buffer_size, lp, s.aio_intra_op_parallelism)
         rows.append(Row("param swap buffers", "pinned", lp * buf * s.param_buffer_count,
                         f"{lp} x buffer_count {s.param_buffer_count} x buffer_size {s.param_buffer_size:.3g}"))
+        # The buffer the updated parameters are swapped out through after the step: DeepSpeed sizes it
+        # by the *whole* (ds_numel) tensors of the largest sub-group, so N x its partition (stage3.py,
+        # reserve_partitioned_swap_space; found by a live-tensor census: 154 MiB at N = 2, 2e7 sub-groups).
+        rows.append(Row("param swap-out buffer", "pinned", lp * n * min(s.sub_group_size, part),
+                        f"{lp} x N x min(sub_group_size, P/N)"))
     # --- gradients
     if s.stage == 1:
         rows.append(Row("gradients", "device", lp * p, f"{lp} P"))
