@@ -135,10 +135,12 @@ def trim_host_heap_after_each_step(engine) -> bool:
     activations just before the optimizer's temporaries arrive, so a trim
     there lowers the step's peak; the trim after the step stops the resident
     set from creeping up (57M-parameter ZeRO-3 rank: +50 MiB a step without
-    it). Each trim took 6-18 ms there (bench/zero_memory.py, see README).
+    it). Each trim took 6-18 ms there, but pages handed back fault in again:
+    the step took 7% longer (ZeRO-2, 57M parameters, 2 ranks) for a peak up to
+    9% lower, so ``ZEROMEGA_HEAP_TRIM=0`` turns it off (README).
     Returns whether the hooks were attached (CPU ranks with glibc only).
     """
-    if current().device_type != "cpu":
+    if current().device_type != "cpu" or os.environ.get("ZEROMEGA_HEAP_TRIM", "1") == "0":
         return False
     try:
         trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim

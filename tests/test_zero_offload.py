@@ -172,6 +172,9 @@ def test_cpu_ranks_trim_the_heap_after_each_step(monkeypatch):
             return "stepped"
 
     monkeypatch.setattr(ctypes, "CDLL", lambda name: Libc())
+    monkeypatch.setenv("ZEROMEGA_HEAP_TRIM", "0")
+    assert not accel.trim_host_heap_after_each_step(Engine())  # switched off
+    monkeypatch.delenv("ZEROMEGA_HEAP_TRIM")
     engine = Engine()
     assert accel.select("cpu").device_type == "cpu"
     assert accel.trim_host_heap_after_each_step(engine)
