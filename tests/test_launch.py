@@ -147,6 +147,10 @@ def test_survivors_finds_a_live_process():
     token = uuid.uuid4().hex
     sleeper = subprocess.Popen(["sleep", "30"], env=dict(os.environ, ZEROMEGA_TEST_TOKEN=token))
     try:
+        # until the child has exec'd, /proc/PID/environ is still the parent's (no token): wait for it
+        deadline = time.monotonic() + 10
+        while not survivors(token) and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert [p.pid for p in survivors(token)] == [sleeper.pid]
     finally:
         sleeper.kill()
