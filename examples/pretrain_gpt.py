@@ -257,7 +257,9 @@ def main(argv: list[str] | None = None) -> None:
     if layout.pp > 1 or cfg.moe.num_experts or CheckpointedRun.resumes_megatron(args):
         # DeepSpeed refuses ZeRO-2/3 with pipelines and cannot reduce Megatron's expert gradients over
         # the expert-data-parallel group: Megatron-Core's schedules, DDP and distributed optimizer run these.
-        trainer = MegatronTrainer(shape, cfg, layout, distributed_optimizer=cfg.zero.stage >= 1)
+        # Weights drawn by their 1-process names: without it Megatron's CPU init gives every ep rank
+        # the same local experts (expert e == expert e + E/ep) and each pp stage its own stream.
+        trainer = MegatronTrainer(shape, cfg, layout, distributed_optimizer=cfg.zero.stage >= 1, init_seed=args.seed)
         engine, optimizer = None, trainer.optimizer
         say(f"zeromega: GPT {args.num_layers}x{args.hidden_size} on Megatron-Core's "
             f"{'interleaved' if trainer.virtual_stages > 1 else '1F1B'} schedule"

@@ -123,6 +123,14 @@ def test_ep2_moe_export_scores_as_training_did_and_refuses_gpt2(tmp_path, small_
     assert "--to torch" in err.value.fix and not (tmp_path / "hf" / "model.safetensors").exists()
 
 
+def test_ep2_starts_from_the_model_ep1_builds(tmp_path, small_corpus):
+    """Weights are drawn by their 1-process names, so ep2's experts are ep1's (Megatron's CPU init alone
+    gives both ep ranks the same local experts: expert 2 == expert 0, and another first loss)."""
+    ep2 = train_and_save(tmp_path / "ep2", small_corpus, ["--expert-model-parallel-size", "2", *MOE])
+    ep1 = train_and_save(tmp_path / "ep1", small_corpus, MOE)
+    assert abs(ep2[1] - ep1[1]) <= RTOL * ep1[1], (ep2, ep1)
+
+
 def test_sharded_keys_map_to_module_names():
     """Both of Megatron's layer forms: stacked (a layer axis) and non-homogeneous (the number in the key)."""
     cases = {
