@@ -12,12 +12,16 @@ rank per run on 2 shared cores, the largest cost of these tests. A
 synchronous save puts and gets that result in the same process, so with
 ``in_process_queue`` the ranks pre-seed Megatron's queue with a plain
 ``queue.Queue``; one test keeps the Manager, the path real runs take.
+
+The failure tests add two hooks: a fault raised at one point of one rank's
+save (what ``ckpt_workers`` does to DeepSpeed's engine), and a tripwire on
+Megatron's ``dist_checkpointing.load`` for runs that must load nothing.
 """
 
 from __future__ import annotations
 
 import multiprocessing
-from typing import Any
+from typing import Any, Optional
 
 from ckpt_workers import pretrain as _pretrain
 
@@ -34,11 +38,50 @@ def use_in_process_queue() -> None:
     filesystem_async._results_queue = queue.Queue()
 
 
-def pretrain(argv: list[str], in_process_queue: bool = True) -> Any:
-    """``ckpt_workers.pretrain`` in a rank that may start processes."""
+def inject_fault(point: str, rank: int, after: int) -> None:
+    """Every MegatronCheckpointer of this process raises at ``point`` on global rank ``rank``, in the
+    save after ``after`` complete ones (the hook the checkpointer offers as ``fault``)."""
+    import torch.distributed as dist
+
+    from zeromega.plugins.megatron.checkpoint import MegatronCheckpointer
+
+    original = MegatronCheckpointer.__init__
+
+    def init(self, *args, **kwargs):
+        seen = []
+
+        def fault(where: str) -> None:
+            if where == point and dist.get_rank() == rank:
+                seen.append(where)
+                if len(seen) > after:
+                    raise RuntimeError(f"injected fault at {where}")
+
+        original(self, *args, **{**kwargs, "fault": fault})
+
+    MegatronCheckpointer.__init__ = init
+
+
+def forbid_dist_loads() -> None:
+    """Any read of a dist checkpoint's tensors fails the run with a message the test looks for."""
+    from megatron.core import dist_checkpointing
+
+    def load(*args, **kwargs):
+        raise AssertionError("dist_checkpointing.load was called")
+
+    dist_checkpointing.load = load
+
+
+def pretrain(argv: list[str], in_process_queue: bool = True, fault: Optional[tuple[str, int, int]] = None,
+             forbid_loads: bool = False) -> Any:
+    """``ckpt_workers.pretrain`` in a rank that may start processes; ``fault`` = (point, rank, complete
+    saves before it) as :func:`inject_fault` takes them."""
     allow_child_processes()
     if in_process_queue:
         use_in_process_queue()
+    if fault is not None:
+        inject_fault(*fault)
+    if forbid_loads:
+        forbid_dist_loads()
     return _pretrain(argv)
 
 

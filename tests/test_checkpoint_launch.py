@@ -3,7 +3,8 @@ latest checkpoint and ends with the loss curve of a run that never failed.
 
 The killed rank and step are drawn at random (the seed is in the failure
 message, so a failing draw can be replayed); the kill is a SIGKILL, which
-no Python handler can soften. The test also bounds the whole job's time:
+no Python handler can soften. Both engines: DeepSpeed's (dp2, ZeRO-2) and
+Megatron-Core's (pp2, dist checkpointing). The test also bounds the whole job's time:
 a rank left hanging would show up as a timeout here.
 """
 
@@ -15,6 +16,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 from ckpt_workers import read_curve
 
@@ -37,13 +40,22 @@ def launch(script: str, args: list[str], env: dict | None = None) -> tuple[subpr
     return proc, time.monotonic() - start
 
 
-def test_killed_rank_restarts_and_resumes_to_the_same_curve(tmp_path, small_corpus):
+LAYOUTS = {
+    "dp2-zero2": ["--zero-stage", "2"],
+    # 4 layers: with one layer per stage (2 layers) the Megatron engine's resume is wrong (open bug,
+    # reproduced without any kill; see the commit message), which this test does not cover.
+    "pp2-megatron": ["--zero-stage", "1", "--pipeline-model-parallel-size", "2", "--num-layers", "4"],
+}
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_killed_rank_restarts_and_resumes_to_the_same_curve(name, tmp_path, small_corpus):
     seed = random.randrange(10**6)
     draw = random.Random(seed)
     rank, step = draw.randrange(2), draw.randrange(1, STEPS)
     common = ["--data-path", small_corpus, "--split", "1,0,0", "--num-layers", "2", "--hidden-size", "64",
               "--num-attention-heads", "4", "--seq-length", "64", "--micro-batch-size", "2", "--global-batch-size", "8",
-              "--train-iters", str(STEPS), "--lr", "3e-3", "--no-progress", "--zero-stage", "2",
+              "--train-iters", str(STEPS), "--lr", "3e-3", "--no-progress", *LAYOUTS[name],
               "--distributed-timeout-minutes", "2", "--save-interval", "2"]
     clean, _ = launch(SCRIPT, common + ["--save", str(tmp_path / "a"), "--load", str(tmp_path / "a"),
                                         "--metrics-out", str(tmp_path / "clean.jsonl")])
@@ -51,7 +63,7 @@ def test_killed_rank_restarts_and_resumes_to_the_same_curve(tmp_path, small_corp
     faulty, seconds = launch(WORKER, common + ["--save", str(tmp_path / "b"), "--load", str(tmp_path / "b"),
                                                "--metrics-out", str(tmp_path / "faulty.jsonl")],
                              env={"ZEROMEGA_TEST_KILL": f"{rank}:{step}"})
-    where = f"(seed {seed}: rank {rank} killed after step {step}; job took {seconds:.0f} s)"
+    where = f"({name}, seed {seed}: rank {rank} killed after step {step}; job took {seconds:.0f} s)"
     assert faulty.returncode == 0, f"{where}\n{faulty.stderr[-3000:]}"
     assert "exitcode: -9" in faulty.stderr, f"{where}: no rank was killed"
     if step >= 2:  # a checkpoint existed when the rank died (one every 2 steps)

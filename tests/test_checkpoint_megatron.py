@@ -11,12 +11,18 @@ Resharding compares with the original layout's curve, dropout off (RNG
 streams belong to ranks), within a relative 1e-5: far below the loss's
 step-to-step change (>1e-2), far above the reordered reductions of another
 layout (~1e-7).
+
+Failures, as tests/test_checkpoint.py checks them for DeepSpeed's engine: a
+pp2 save that dies halfway leaves the previous checkpoint ``latest`` and the
+same command line resumes from it bit for bit; a damaged file is named at
+load and nothing is read.
 """
 
 from __future__ import annotations
 
 import json
 import pickle
+import shutil
 
 import pytest
 import torch
@@ -24,7 +30,7 @@ import torch
 from ckpt_megatron_workers import pretrain
 from ckpt_workers import read_curve
 from distributed import run_world
-from zeromega.checkpoint import CheckpointError, files, reshard, tag_for
+from zeromega.checkpoint import CheckpointError, files, reshard, resolve_load, tag_for
 
 STEPS, HALF = 4, 2
 SHAPE = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32"]
@@ -44,6 +50,13 @@ def argv(corpus: str, *extra: str, dropout: bool = True) -> list[str]:
 def run(world: int, args: list[str], in_process_queue: bool = True) -> None:
     errors = [r["error"] for r in run_world(world, pretrain, args, in_process_queue) if r["error"]]
     assert not errors, errors[0]
+
+
+def run_expecting_error(world: int, args: list[str], fault=None, forbid_loads: bool = False) -> list[str]:
+    """Every rank's error; ``fault`` = (point, rank, complete saves before it) to inject one."""
+    errors = [r["error"] for r in run_world(world, pretrain, args, True, fault, forbid_loads) if r["error"]]
+    assert errors, "the run was expected to fail"
+    return errors
 
 
 def full_then_resumed(tmp, corpus, world, layout, resume_world=None, resume_layout=None, dropout=True,
@@ -102,6 +115,94 @@ def test_reshard_continues_the_original_curve(name, tmp_path, small_corpus):
     diffs = {step: abs(resumed[step] - full[step]) / abs(full[step]) for step in resumed}
     print(f"{name}: relative loss difference per step {diffs}")
     assert all(d <= RTOL for d in diffs.values()), (name, diffs)
+
+
+# ---------------------------------------------------------------- saves that die halfway
+
+PP2 = ["--pipeline-model-parallel-size", "2"]
+
+
+def pp2_argv(corpus: str, save, metrics, *extra: str) -> list[str]:
+    """4 steps at pp2, a checkpoint every 2 steps (dropout on: the RNGs must come back too)."""
+    return argv(corpus, *PP2, "--save", str(save), "--save-interval", str(HALF), "--metrics-out", str(metrics),
+                *extra)
+
+
+@pytest.fixture(scope="module")
+def killed_after_write(tmp_path_factory, small_corpus):
+    """(--save directory, curve, errors) of a pp2 run whose save after step 4 died on rank 1 once its
+    files were written, before the manifest: ``iter_0000002`` is the last complete checkpoint."""
+    tmp = tmp_path_factory.mktemp("killed")
+    errors = run_expecting_error(2, pp2_argv(small_corpus, tmp / "ckpt", tmp / "full.jsonl"),
+                                 fault=("after_write", 1, 1))
+    return tmp / "ckpt", read_curve(tmp / "full.jsonl"), errors
+
+
+def _assert_latest_is_step_2(save) -> None:
+    assert (save / "latest").read_text().strip() == tag_for(HALF)
+    ckpt = resolve_load(save)
+    assert ckpt == save / tag_for(HALF)
+    assert files.verify_files(ckpt, files.read_manifest(ckpt)) == []
+
+
+def test_save_that_dies_halfway_leaves_the_previous_checkpoint_latest(killed_after_write, tmp_path, small_corpus):
+    # The metrics of the dying run hold the whole uninterrupted curve: step 4 is logged before its save.
+    shutil.copytree(killed_after_write[0], tmp_path / "ckpt", symlinks=True)
+    save, full, errors = tmp_path / "ckpt", killed_after_write[1], killed_after_write[2]
+    assert sorted(full) == list(range(1, STEPS + 1))
+    assert any("injected fault at after_write" in e for e in errors), errors
+    _assert_latest_is_step_2(save)
+    assert not (save / tag_for(STEPS)).exists(), "a save that died before its manifest must not be published"
+
+    # The same command line with --load resumes from step 2; its save after step 4 dies on rank 0
+    # after the rename, before 'latest' moves.
+    errors = run_expecting_error(2, pp2_argv(small_corpus, save, tmp_path / "second.jsonl", "--load", str(save)),
+                                 fault=("before_latest", 0, 0))
+    assert all("injected fault at before_latest" in e for e in errors), errors
+    _assert_latest_is_step_2(save)
+    assert (save / tag_for(STEPS) / files.MANIFEST).is_file()  # renamed into place, never named by 'latest'
+
+    # Again: resumes from step 2 and saves step 4 over the unnamed one.
+    run(2, pp2_argv(small_corpus, save, tmp_path / "third.jsonl", "--load", str(save)))
+    assert (save / "latest").read_text().strip() == tag_for(STEPS)
+    assert files.verify_files(save / tag_for(STEPS), files.read_manifest(save / tag_for(STEPS))) == []
+    for name in ("second.jsonl", "third.jsonl"):
+        resumed = read_curve(tmp_path / name)
+        assert sorted(resumed) == list(range(HALF + 1, STEPS + 1)), name
+        for step in resumed:
+            assert resumed[step] == full[step], f"{name} step {step}: {resumed[step]!r} vs {full[step]!r}"
+
+
+# ---------------------------------------------------------------- damaged files
+
+
+@pytest.mark.parametrize("victim,damage", [("__1_0.distcp", "truncate"), ("common.pt", "flip a byte")])
+def test_damaged_dist_checkpoint_file_is_named(victim, damage, killed_after_write, tmp_path):
+    save = tmp_path / "ckpt"
+    shutil.copytree(killed_after_write[0], save, symlinks=True)
+    ckpt = save / tag_for(HALF)
+    path = ckpt / victim
+    data = bytearray(path.read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    else:
+        data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    problems = files.verify_files(ckpt, files.read_manifest(ckpt))
+    assert len(problems) == 1 and str(path) in problems[0], problems
+    assert ("truncated" if damage == "truncate" else "corrupted") in problems[0]
+
+
+def test_damaged_shard_stops_the_run_before_anything_is_loaded(killed_after_write, tmp_path, small_corpus):
+    save = tmp_path / "ckpt"
+    shutil.copytree(killed_after_write[0], save, symlinks=True)
+    victim = save / tag_for(HALF) / "__0_0.distcp"
+    victim.write_bytes(victim.read_bytes()[:-100])
+    errors = run_expecting_error(2, argv(small_corpus, *PP2, "--load", str(save)), forbid_loads=True)
+    assert len(errors) == 2, errors
+    for error in errors:  # every rank stops with the same message, not one rank and a hang
+        assert "CheckpointError" in error and str(victim) in error and "truncated" in error, error
+        assert "dist_checkpointing.load was called" not in error
 
 
 # ---------------------------------------------------------------- refusals

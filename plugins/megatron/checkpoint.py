@@ -27,8 +27,14 @@ resumes the same layout only.
 
 On CPU the torch_dist save reaches two ``torch.cuda`` calls, patched in
 :mod:`zeromega.integrations.megatron.cpu_patches`; its writer forks one
-process per rank and once per process spawns a ``multiprocessing.Manager``,
-so a script that saves needs an ``if __name__ == "__main__":`` guard.
+process per rank, so a script that saves needs an ``if __name__ == "__main__":``
+guard. Megatron would also spawn, once per process, a ``multiprocessing.Manager``
+whose queue carries the writer's result back; the save here is synchronous, so
+the result is put and taken in the saving process and a plain queue serves
+(:func:`_results_in_process`). A spawned Manager outlives a SIGKILLed rank and
+keeps the launcher's stdout and stderr open: ``zeromega launch`` piped into a
+log never saw end-of-file after a rank was killed (measured, pp2 under
+``--max-restarts``).
 
 Three accommodations, each for a gap in Megatron-Core 0.16.1 when it runs with
 torch's own Adam (no Apex / TransformerEngine), none of them a patch:
@@ -49,9 +55,11 @@ torch's own Adam (no Apex / TransformerEngine), none of them a patch:
 
 from __future__ import annotations
 
+import contextlib
+import queue
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -85,6 +93,20 @@ def _gather_over_gloo_on_cpu(optimizer) -> None:
     for opt in _optimizers(optimizer):
         if getattr(opt, "data_parallel_group_gloo", False) is None:
             opt.data_parallel_group_gloo = opt.data_parallel_group
+
+
+@contextlib.contextmanager
+def _results_in_process() -> Iterator[None]:
+    """Meanwhile Megatron's writer hands its result back through a plain queue, not a spawned Manager's
+    (module docstring); only for synchronous saves, whose put and get happen in this process."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    previous = filesystem_async._results_queue
+    filesystem_async._results_queue = queue.Queue()
+    try:
+        yield
+    finally:
+        filesystem_async._results_queue = previous
 
 
 def sharded_state_dict(trainer, loading: bool) -> dict:
@@ -194,8 +216,9 @@ class MegatronCheckpointer:
         start = time.perf_counter()
         # One writer process per rank (Megatron forks one per thread): one .distcp file per rank.
         strategy = TorchDistSaveShardedStrategy(BACKEND, 1, thread_count=1)
-        dist_checkpointing.save(sharded_state_dict(self.trainer, loading=False), str(stage),
-                                sharded_strategy=strategy, validate_access_integrity=True)
+        with _results_in_process():
+            dist_checkpointing.save(sharded_state_dict(self.trainer, loading=False), str(stage),
+                                    sharded_strategy=strategy, validate_access_integrity=True)
         mine = [hash_file(path, stage) for path in sorted(stage.glob(f"__{_rank()}_*.distcp"))]
         mine.append(torch_save(rng.capture(), stage / RNG_FILE.format(_rank()), stage))
         self.fault("after_write")
