@@ -84,6 +84,9 @@ def _kill_during_first_attempt() -> None:
         def step_hook(record):
             stop = on_step(record) if on_step else False
             if first_attempt and record.step == step and dist.get_rank() == rank:
+                if os.environ.get("ZEROMEGA_TEST_KILL_MARK"):  # proof of the kill for the test
+                    with open(os.environ["ZEROMEGA_TEST_KILL_MARK"], "w") as mark:
+                        mark.write(f"{rank}:{step}:{os.getpid()}")
                 os.kill(os.getpid(), signal.SIGKILL)
             return stop
 
