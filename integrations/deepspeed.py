@@ -99,18 +99,12 @@ def model_init_context(cfg: RunConfig, layout: Layout):
     built and no rank ever holds the whole model; otherwise a no-op context."""
     if cfg.zero.stage != 3:
         return contextlib.nullcontext()
-    import deepspeed
+    from zeromega.plugins.zero.engine import init_context, zero_config
 
-    from zeromega.plugins.zero.engine import zero_config
-
-    _deepspeed_comm()
+    accel.current().deepspeed_accelerator()
     # The same corrected dict build_engine gives DeepSpeed (swap buffers, prefetch, sub-groups).
     ds_config, _ = zero_config(cfg, layout, accel.current().device_type)
-    from zeromega.plugins.zero.space_guard import check_swap_reads
-
-    check_swap_reads(ds_config)  # zero.Init already swaps parameters out to nvme
-    return deepspeed.zero.Init(data_parallel_group=MegatronMPU().get_data_parallel_group(),
-                               config_dict_or_path=ds_config, mpu=MegatronMPU())
+    return init_context(ds_config)
 
 
 def build_engine(model: torch.nn.Module, cfg: RunConfig, layout: Layout):
@@ -121,28 +115,13 @@ def build_engine(model: torch.nn.Module, cfg: RunConfig, layout: Layout):
     DeepSpeed's CPU Adam when the optimizer is offloaded; with a block,
     DeepSpeed builds its own.
     """
-    import deepspeed
+    from zeromega.plugins.zero import engine as zengine
 
-    from zeromega.plugins.zero.engine import client_optimizer, decay_groups, zero_config
-
-    device = accel.current()
-    device.deepspeed_accelerator()
+    accel.current().deepspeed_accelerator()
     # Tuned defaults filled where the config is silent, settings DeepSpeed would silently
     # not honour corrected out loud (plugins/zero).
-    ds_config, notes = zero_config(cfg, layout, device.device_type)
+    ds_config, notes = zengine.zero_config(cfg, layout, accel.current().device_type)
     if notes and torch.distributed.get_rank() == 0:
         print("zeromega: " + "; ".join(notes))
-    optimizer = None
-    if "optimizer" not in ds_config:
-        o = cfg.optimizer
-        optimizer = client_optimizer(decay_groups(model, o.weight_decay), ds_config, o.lr, (o.beta1, o.beta2), o.eps)
-    from zeromega.plugins.zero.space_guard import check_swap_reads, guard_engine
-
-    check_swap_reads(ds_config)  # a swap file cut short by a full disk is named, not a C++ abort
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=ds_config, mpu=MegatronMPU(), dist_init_required=False
-    )
-
-    guard_engine(engine, ds_config)  # a full nvme path stops the run with the path named
-    accel.trim_host_heap_after_each_step(engine)
-    return engine
+    # plugins/zero: the client optimizer, swap-read checks, the nvme space guard, the CPU heap trims
+    return zengine.initialize(model, cfg, ds_config)

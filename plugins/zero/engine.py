@@ -94,8 +94,8 @@ def init_context(ds: dict):
 
 
 def initialize(model: torch.nn.Module, run, ds: dict):
-    """``deepspeed.initialize`` on ``ds`` with Megatron's decay groups and the optimizer the config needs
-    (what ``integrations.deepspeed.build_engine`` should do; see the module docstring)."""
+    """``deepspeed.initialize`` on ``ds`` with Megatron's decay groups and the optimizer the config needs,
+    swap reads checked, the nvme space guard and the CPU heap trims attached (``build_engine`` calls it)."""
     import deepspeed
 
     from zeromega.integrations import accelerator as accel

@@ -142,15 +142,14 @@ def bridge_zero_families(folder: Path, manifest: dict) -> None:
       "cat_dim": tp split}`` and a ``step.pt``, ZeRO-3 (tp 1) writes a flat
       tensor and no step; the shape and split come from the manifest.
     """
-    import re
-
     import deepspeed
 
-    for path in list(folder.glob("*model_states.pt")):
-        zero3 = re.fullmatch(r"zero_pp_rank_0_(mp_rank_\d+_model_states\.pt)", path.name)
-        zero12 = re.fullmatch(r"mp_rank_\d+_model_states\.pt", path.name)
-        twin = folder / zero3.group(1) if zero3 else folder / f"zero_pp_rank_0_{path.name}" if zero12 else None
-        if twin is not None and not twin.exists():
+    zero3_prefix = "zero_pp_rank_0_"
+    twins = [(path, folder / (zero3_prefix + path.name)) for path in folder.glob("mp_rank_*_model_states.pt")]
+    twins += [(path, folder / path.name[len(zero3_prefix):])
+              for path in folder.glob(zero3_prefix + "mp_rank_*_model_states.pt")]
+    for path, twin in twins:
+        if not twin.exists():
             os.link(path, twin)
 
     state_file = folder / "zero" / "optimizer_state.pt"
