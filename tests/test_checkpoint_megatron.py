@@ -77,6 +77,9 @@ LAYOUTS = {
     "pp2-1f1b": (2, ["--pipeline-model-parallel-size", "2"]),
     "ep2-moe": (2, ["--expert-model-parallel-size", "2", *MOE]),
     "pp2xdp2-distopt": (4, ["--pipeline-model-parallel-size", "2"]),
+    # One layer (49,984 elements) per stage leaves the layer bucket 64 short of a multiple of 128: the
+    # tied embedding's own bucket starts after padding (see misplaced_masters).
+    "pp2-one-layer-per-stage": (2, ["--pipeline-model-parallel-size", "2", "--num-layers", "2"]),
 }
 
 
@@ -95,6 +98,47 @@ def test_resume_reproduces_the_loss_curve_bit_for_bit(name, tmp_path, small_corp
     assert files.verify_files(ckpt, manifest) == []
     assert {"metadata.json", "common.pt", ".metadata"} <= set(manifest["files"])
     assert (tmp_path / "ckpt" / "latest").read_text().strip() == tag_for(STEPS)  # saved again at the end
+
+
+def test_a_save_whose_masters_are_misplaced_is_refused_before_writing(tmp_path, small_corpus, monkeypatch):
+    """Without zeromega's re-layout, Megatron-Core 0.16.1 saves the embedding's masters shifted by the
+    layer bucket's padding; the save must say so and write nothing, not publish a checkpoint that
+    resumes to another curve."""
+    import contextlib
+
+    from zeromega.plugins.megatron import checkpoint as megatron_checkpoint
+
+    monkeypatch.setattr(megatron_checkpoint, "_world_tensors_in_buffer_coordinates",
+                        lambda optimizer: contextlib.nullcontext())  # forked ranks inherit it
+    save = tmp_path / "ckpt"
+    errors = run_expecting_error(2, argv(small_corpus, *LAYOUTS["pp2-one-layer-per-stage"][1], "--save", str(save),
+                                         "--save-interval", str(HALF), dropout=False))
+    assert len(errors) == 2, errors
+    for error in errors:
+        assert "masters disagree with the model weights" in error, error
+        assert "embedding.word_embeddings.weight" in error and "nothing was written" in error, error
+    assert not save.exists() or not any(save.iterdir()), sorted(save.iterdir())
+
+
+def test_a_checkpoint_with_misplaced_masters_is_refused_at_load(tmp_path, small_corpus, monkeypatch):
+    """A checkpoint written the way Megatron-Core 0.16.1 writes it (no re-layout, no save check) loads
+    nothing: its model weights are right, its masters are shifted, and a resume would leave the curve."""
+    import contextlib
+
+    from zeromega.plugins.megatron import checkpoint as megatron_checkpoint
+
+    layout, save = LAYOUTS["pp2-one-layer-per-stage"][1], tmp_path / "ckpt"
+    with monkeypatch.context() as patched:
+        patched.setattr(megatron_checkpoint, "_world_tensors_in_buffer_coordinates",
+                        lambda optimizer: contextlib.nullcontext())
+        patched.setattr(megatron_checkpoint, "_refuse_misplaced_masters", lambda state: None)
+        run(2, argv(small_corpus, *layout, "--save", str(save), "--save-interval", str(HALF), dropout=False))
+    errors = run_expecting_error(2, argv(small_corpus, *layout, "--load", str(save / tag_for(HALF)),
+                                         dropout=False))
+    assert len(errors) == 2, errors
+    for error in errors:
+        assert str(save / tag_for(HALF)) in error and "masters disagree with its model weights" in error, error
+        assert "embedding.word_embeddings.weight" in error and "fix: resume from another checkpoint" in error
 
 
 # ---------------------------------------------------------------- reshard

@@ -51,6 +51,14 @@ torch's own Adam (no Apex / TransformerEngine), none of them a patch:
 - on CPU the distributed optimizer gathers its state over its gloo group
   (``..._mem_efficient``: the other path puts tensors on ``torch.cuda``);
   zeromega builds no separate gloo groups there because every CPU group is gloo.
+
+And one for a bug in Megatron-Core 0.16.1 on every device: its
+``fully_reshardable`` save cut parameters after a padded grad-buffer bucket
+from the wrong offset (:func:`_world_tensors_in_buffer_coordinates`), so a
+tied embedding resumed shifted. Every save now checks that the masters it
+writes equal the model's weights (:func:`misplaced_masters`) and refuses,
+before writing anything, when they do not; a load checks the same of what it
+read before anything reaches the model.
 """
 
 from __future__ import annotations
@@ -109,14 +117,129 @@ def _results_in_process() -> Iterator[None]:
         filesystem_async._results_queue = previous
 
 
+def _in_buffer_coordinates(optimizer, state: Optional[dict]) -> Optional[dict]:
+    """``get_parameter_state_dp_zero``'s world tensors laid out as the grad buffer is, bucket-end padding
+    included, so that ``param_index_map`` offsets index them (see :func:`_world_tensors_in_buffer_coordinates`)."""
+    if state is None:
+        return None
+    for gbuf_idx, buffer in enumerate(optimizer.buffers):
+        for world in state[gbuf_idx].values():
+            for key in ("param", "exp_avg", "exp_avg_sq"):
+                packed, laid_out, start = world[key], torch.zeros(buffer.numel, dtype=world[key].dtype), 0
+                for bucket in buffer.buckets:
+                    laid_out[bucket.offset:bucket.offset + bucket.numel_unpadded] = \
+                        packed[start:start + bucket.numel_unpadded]
+                    start += bucket.numel_unpadded
+                if start != packed.numel():
+                    raise CheckpointError(f"the distributed optimizer's gathered state holds {packed.numel()} "
+                                          f"elements, its buckets {start}", "report this with the model shape")
+                world[key] = laid_out
+    return state
+
+
+@contextlib.contextmanager
+def _world_tensors_in_buffer_coordinates(optimizer) -> Iterator[None]:
+    """Meanwhile the distributed optimizer's ``fully_reshardable`` state reads every parameter from its place.
+
+    Megatron-Core 0.16.1 gathers the optimizer state with each bucket's end
+    padding stripped (``get_parameter_state_dp_zero``) and then slices it by
+    ``param_index_map``, whose offsets still count that padding. Every
+    parameter after a padded bucket is read shifted by the padding before
+    it, its tail zero-filled ("param range exceeds unpadded buffer"). Tied
+    embeddings always get a bucket of their own, so a pipeline stage whose
+    other parameters do not fill a multiple of lcm(dp, 128) saved its
+    embedding's master weights and Adam moments shifted (measured: one
+    transformer layer of hidden 64 per stage is 49,984 elements, padded by
+    64; the resumed embedding was the saved one moved by 64 elements, the
+    one-layer-per-stage resume bug). Fixed upstream in Megatron-LM PR 5077,
+    after 0.16; here the gathered tensors are re-laid out in buffer
+    coordinates for the save and the load request only.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    relaid = [opt for opt in _optimizers(optimizer) if isinstance(opt, DistributedOptimizer)]
+    for opt in relaid:
+        gather = opt.get_parameter_state_dp_zero
+        opt.get_parameter_state_dp_zero = \
+            lambda *a, _gather=gather, _opt=opt, **k: _in_buffer_coordinates(_opt, _gather(*a, **k))
+    try:
+        yield
+    finally:
+        for opt in relaid:
+            del opt.get_parameter_state_dp_zero
+
+
 def sharded_state_dict(trainer, loading: bool) -> dict:
     """Megatron-LM's layout: ``model0..model{v-1}`` (one per chunk) and ``optimizer``."""
     _gather_over_gloo_on_cpu(trainer.optimizer)
     metadata = _sharding_metadata()
     state = {f"model{i}": chunk.module.sharded_state_dict(metadata=dict(metadata))
              for i, chunk in enumerate(trainer.chunks)}
-    state["optimizer"] = trainer.optimizer.sharded_state_dict(state, is_loading=loading, metadata=dict(metadata))
+    with _world_tensors_in_buffer_coordinates(trainer.optimizer):
+        state["optimizer"] = trainer.optimizer.sharded_state_dict(state, is_loading=loading,
+                                                                  metadata=dict(metadata))
     return state
+
+
+MASTER_PREFIX = "optimizer.state.param."
+
+
+def _sharded_tensors(request, loaded=None) -> Iterator[tuple]:
+    """(ShardedTensor, its tensor) pairs of a sharded state dict; with ``loaded`` (what
+    ``dist_checkpointing.load`` returned for that request, same nesting) the tensor is the loaded one."""
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    if isinstance(request, dict):
+        for key, value in request.items():
+            yield from _sharded_tensors(value, None if loaded is None else loaded.get(key))
+    elif isinstance(request, (list, tuple)):
+        for i, value in enumerate(request):
+            yield from _sharded_tensors(value, None if loaded is None or i >= len(loaded) else loaded[i])
+    elif isinstance(request, ShardedTensor):
+        data = request.data if loaded is None else loaded
+        if torch.is_tensor(data):
+            yield request, data
+
+
+def misplaced_masters(state: dict, loaded: Optional[dict] = None) -> list[str]:
+    """Parameters whose fp32 master (the distributed optimizer's ``param`` state) is not the model's weight
+    rounded to the model's dtype: in ``state`` as about to be saved, or in ``loaded`` as just read.
+
+    The optimizer's tensors are cut from a gathered buffer by offsets
+    (:func:`_world_tensors_in_buffer_coordinates`); a misplaced cut writes a
+    plausible tensor that only a resume reveals. After a step the model
+    weight is exactly the master rounded to the model's dtype, so masters
+    that disagree with the weights beside them are refused: before a save
+    writes anything, and at load (a checkpoint written before the fix).
+    Tensors are matched by key and global offset (layers and experts share a key).
+    """
+    pairs = list(_sharded_tensors(state, loaded))
+    weights = {(t.key, t.global_offset): data for t, data in pairs if not t.key.startswith("optimizer.")}
+    wrong = []
+    for master, data in pairs:
+        if not master.key.startswith(MASTER_PREFIX):
+            continue
+        weight = weights.get((master.key[len(MASTER_PREFIX):], master.global_offset))
+        if weight is None or weight.shape != data.shape:
+            continue
+        if not torch.equal(data.to(weight.dtype), weight):
+            wrong.append(f"{master.key[len(MASTER_PREFIX):]} (max difference "
+                         f"{(data.float() - weight.float()).abs().max().item():.3g})")
+    return wrong
+
+
+def _misplaced_on_any_rank(state: dict, loaded: Optional[dict] = None) -> list[str]:
+    return [f"rank {rank}: {name}" for rank, names in enumerate(_gather(misplaced_masters(state, loaded)))
+            for name in names]
+
+
+def _refuse_misplaced_masters(state: dict) -> None:
+    """Every rank raises when any rank's masters are misplaced, before the collective save starts."""
+    wrong = _misplaced_on_any_rank(state)
+    if wrong:
+        raise CheckpointError(f"the distributed optimizer's fp32 masters disagree with the model weights for "
+                              f"{len(wrong)} tensor(s), e.g. {'; '.join(wrong[:3])}; nothing was written",
+                              "report this with the model shape and layout; the previous checkpoint is intact")
 
 
 def _create_adam_state(optimizer) -> None:
@@ -212,12 +335,14 @@ class MegatronCheckpointer:
 
         save_dir = Path(save_dir).absolute()
         tag = tag_for(step)
-        stage = fresh_stage(save_dir, tag)
         start = time.perf_counter()
+        state = sharded_state_dict(self.trainer, loading=False)
+        _refuse_misplaced_masters(state)
+        stage = fresh_stage(save_dir, tag)
         # One writer process per rank (Megatron forks one per thread): one .distcp file per rank.
         strategy = TorchDistSaveShardedStrategy(BACKEND, 1, thread_count=1)
         with _results_in_process():
-            dist_checkpointing.save(sharded_state_dict(self.trainer, loading=False), str(stage),
+            dist_checkpointing.save(state, str(stage),
                                     sharded_strategy=strategy, validate_access_integrity=True)
         mine = [hash_file(path, stage) for path in sorted(stage.glob(f"__{_rank()}_*.distcp"))]
         mine.append(torch_save(rng.capture(), stage / RNG_FILE.format(_rank()), stage))
@@ -265,6 +390,12 @@ class MegatronCheckpointer:
             raise CheckpointError(f"Megatron-Core could not load {ckpt}: {type(err).__name__}: "
                                   f"{str(err).splitlines()[0][:400]}",
                                   "resume with the layout and model it was saved with") from None
+        wrong = _misplaced_on_any_rank(request, state)
+        if wrong:
+            raise CheckpointError(f"{ckpt}: its optimizer's fp32 masters disagree with its model weights for "
+                                  f"{len(wrong)} tensor(s), e.g. {'; '.join(wrong[:3])} (written by a zeromega "
+                                  f"before the fix for Megatron-Core's misplaced bucket offsets, or damaged); "
+                                  f"nothing was loaded", "resume from another checkpoint")
         for i, chunk in enumerate(self.trainer.chunks):
             chunk.module.load_state_dict(state[f"model{i}"], strict=True)
         _load_optimizer(self.trainer.optimizer, state["optimizer"])
