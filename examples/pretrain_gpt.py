@@ -72,20 +72,12 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     run.add_argument("--metrics-out", default=None, help="JSON lines, one object per step (rank 0)")
     run.add_argument("--no-progress", action="store_true")
     run.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    run.add_argument("--distributed-timeout-minutes", type=float, default=10.0,
-                     help="a collective waiting longer than this fails, so a hung or dead rank ends the job")
-    ckpt = p.add_argument_group("checkpointing")
-    ckpt.add_argument("--save", default=None, help="directory for checkpoints")
-    ckpt.add_argument("--save-interval", type=int, default=None, help="steps between checkpoints")
-    ckpt.add_argument("--load", default=None, help="resume from the newest checkpoint in this directory")
+    ckpt = p.add_argument_group("checkpointing (--save DIR, --save-interval N and --load DIR are read by zeromega's "
+                                "translator, so a config file may state them too)")
     ckpt.add_argument("--exit-interval", type=int, default=None, help="save and exit after a step divisible by this")
     ckpt.add_argument("--exit-signal-handler", action="store_true",
                       help="on SIGTERM, save after the current step and exit")
     args, rest = p.parse_known_args(argv)
-    if args.save_interval is not None and args.save_interval < 1:
-        p.error("--save-interval must be >= 1")
-    if args.save_interval and not args.save:
-        p.error("--save-interval needs --save DIR")
     return args, rest
 
 
@@ -101,27 +93,13 @@ def run_config(args, rest: list[str]):
             raise ConfigError("arguments", " ".join(unknown), "not a flag pretrain_gpt.py or zeromega knows",
                               "see `pretrain_gpt.py --help` and `zeromega translate --help`")
         cfg = translate.build(args.config, megatron_argv=rest)
-        return cfg
     except ConfigError as err:  # bad input: one line, exit code 2, no traceback
         print(f"pretrain_gpt.py: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-
-
-def set_collective_timeout(minutes: float) -> None:
-    """Give every process group the timeout, not just the default one.
-
-    Megatron-Core builds its tp/dp groups with a whole number of minutes (at
-    least 1); a shorter timeout (tests, impatient jobs) is set on each group here.
-    """
-    import datetime
-
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    timeout = datetime.timedelta(minutes=minutes)
-    for group in [None, *(parallel_state._global_process_group_list or [])]:
-        if group is None or not dist.distributed_c10d._rank_not_in_group(group):
-            dist.distributed_c10d._set_pg_timeout(timeout, group)
+    # Checkpoint directories may come from the config file as well as from flags (the translator
+    # refused them if both were given and disagree).
+    args.save, args.load, args.save_interval = cfg.checkpoint.save, cfg.checkpoint.load, cfg.checkpoint.interval
+    return cfg
 
 
 class CheckpointedRun:
@@ -223,8 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     from zeromega.train import train
 
     comm.install()
-    layout = parallel.initialize(cfg, seed=args.seed, timeout_minutes=args.distributed_timeout_minutes)
-    set_collective_timeout(args.distributed_timeout_minutes)
+    layout = parallel.initialize(cfg, seed=args.seed)  # collectives time out after launch.distributed_timeout_minutes
     rank0 = dist.get_rank() == 0
     say = print if rank0 else (lambda *a, **k: None)
     say(f"zeromega: world {layout.world} = tp {layout.tp} x pp {layout.pp} x cp {layout.cp} x dp {layout.dp}; "
@@ -303,6 +280,7 @@ def main(argv: list[str] | None = None) -> None:
         metrics_out=args.metrics_out, scheduler=scheduler, progress=not args.no_progress,
         start_step=start_step, on_step=run.after_step if run else None,
         step_fn=step_fn, optimizer=optimizer, sequence_layout=sequence_layout,
+        timeout_minutes=cfg.launch.distributed_timeout_minutes,
     )
     if run:
         run.finish()

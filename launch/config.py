@@ -197,6 +197,9 @@ class LaunchConfig(_Section):
     """Nodes in the job."""
     hostfile: Optional[str] = None
     """DeepSpeed hostfile (``host slots=N`` lines) for multi-node jobs."""
+    distributed_timeout_minutes: float = Field(10.0, gt=0)
+    """A collective waiting longer than this fails, so a hung or dead rank ends the job (Megatron
+    ``--distributed-timeout-minutes``; fractions allowed)."""
 
 
 class ModelConfig(_Section):

@@ -337,6 +337,7 @@ BLOCK_KEYS: dict[str, str] = {
     "ep": "parallel.ep",
     "vpp": "parallel.vpp",
     "sequence_parallel": "parallel.sequence_parallel",
+    "distributed_timeout_minutes": "launch.distributed_timeout_minutes",
 }
 
 

@@ -60,6 +60,7 @@ FLAGS: dict[str, tuple[str, Any]] = {
     "--load": ("checkpoint.load", str),
     "--save-interval": ("checkpoint.interval", int),
     "--log-interval": ("logging.interval", int),
+    "--distributed-timeout-minutes": ("launch.distributed_timeout_minutes", float),
     "--num-layers": ("model.num_layers", int),
     "--hidden-size": ("model.hidden_size", int),
     "--ffn-hidden-size": ("model.ffn_hidden_size", int),

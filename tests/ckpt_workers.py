@@ -3,7 +3,7 @@
 The script is imported from its path and its ``main(argv)`` run in the
 forked rank, so the tests cover its flags (``--save/--load/...``), not a copy
 of its loop. Run as a script, this module is the fault-injection entry for
-``zeromega launch``: it kills one rank at one step of the first attempt.
+``zeromega launch``: it kills or hangs one rank at one step of the first attempt.
 """
 
 from __future__ import annotations
@@ -68,15 +68,19 @@ def pretrain(argv: list[str], fault_point: Optional[str] = None, fault_rank: int
     return {"error": None}
 
 
-def _kill_during_first_attempt() -> None:
-    """Script entry: ZEROMEGA_TEST_KILL='RANK:STEP' SIGKILLs that rank after that step, first attempt only."""
+def _fault_during_first_attempt() -> None:
+    """Script entry: ZEROMEGA_TEST_KILL='RANK:STEP' SIGKILLs that rank after that step, and
+    ZEROMEGA_TEST_HANG='RANK:STEP' makes it sleep there while the others wait in the next step's
+    collectives; first attempt only."""
     import signal
+    import time
 
     import torch.distributed as dist
 
     import zeromega.train as train_module
 
-    rank, step = (int(x) for x in os.environ["ZEROMEGA_TEST_KILL"].split(":"))
+    kill = os.environ.get("ZEROMEGA_TEST_KILL")
+    rank, step = (int(x) for x in (kill or os.environ["ZEROMEGA_TEST_HANG"]).split(":"))
     first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
     original = train_module.train
 
@@ -84,10 +88,12 @@ def _kill_during_first_attempt() -> None:
         def step_hook(record):
             stop = on_step(record) if on_step else False
             if first_attempt and record.step == step and dist.get_rank() == rank:
-                if os.environ.get("ZEROMEGA_TEST_KILL_MARK"):  # proof of the kill for the test
+                if os.environ.get("ZEROMEGA_TEST_KILL_MARK"):  # proof of the fault for the test
                     with open(os.environ["ZEROMEGA_TEST_KILL_MARK"], "w") as mark:
                         mark.write(f"{rank}:{step}:{os.getpid()}")
-                os.kill(os.getpid(), signal.SIGKILL)
+                if kill:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                time.sleep(3600)
             return stop
 
         return original(*args, on_step=step_hook, **kwargs)
@@ -99,4 +105,4 @@ def _kill_during_first_attempt() -> None:
 
 
 if __name__ == "__main__":
-    _kill_during_first_attempt()
+    _fault_during_first_attempt()

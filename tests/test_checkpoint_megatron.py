@@ -141,6 +141,23 @@ def test_a_checkpoint_with_misplaced_masters_is_refused_at_load(tmp_path, small_
         assert "embedding.word_embeddings.weight" in error and "fix: resume from another checkpoint" in error
 
 
+def test_checkpoint_directory_and_interval_may_come_from_the_config_file(tmp_path, small_corpus, capfd):
+    """A DeepSpeed JSON's zeromega block (or a Megatron launch script used as --config) that states
+    --save/--save-interval is obeyed, not silently dropped; a flag that disagrees with it is refused."""
+    save = tmp_path / "ckpt"
+    config = tmp_path / "ds.json"
+    config.write_text(json.dumps({"zeromega": {"checkpoint": {"save": str(save), "interval": HALF}}}))
+    run(2, argv(small_corpus, *PP2, "--config", str(config)))
+    assert (save / "latest").read_text().strip() == tag_for(STEPS)
+    assert files.verify_files(save / tag_for(HALF), files.read_manifest(save / tag_for(HALF))) == []
+    capfd.readouterr()
+    errors = run_expecting_error(1, argv(small_corpus, "--config", str(config), "--save", str(tmp_path / "other")))
+    assert errors == ["SystemExit: 2"], errors  # bad input: exit code 2, one line on stderr
+    line = capfd.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("pretrain_gpt.py: error: checkpoint.save") and str(tmp_path / "other") in line, line
+    assert not (tmp_path / "other").exists()
+
+
 # ---------------------------------------------------------------- reshard
 
 RESHARDS = {

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from zeromega.integrations import accelerator as accel
-from zeromega.integrations import comm
+from zeromega.integrations import comm, heartbeat
 
 
 def gpt_loss(model, batch: dict[str, torch.Tensor], sequence_layout: Optional[str] = None) -> torch.Tensor:
@@ -114,13 +114,16 @@ def train(engine, batches: Iterator[dict], *, iters: int, accumulation: int, tok
           progress: bool = True, log=print, start_step: int = 0,
           on_step: Optional[Callable[[StepRecord], bool]] = None,
           step_fn: Optional[Callable[[], float]] = None, optimizer=None,
-          sequence_layout: Optional[str] = None) -> list[StepRecord]:
+          sequence_layout: Optional[str] = None, timeout_minutes: Optional[float] = None) -> list[StepRecord]:
     """Run steps ``start_step + 1 .. iters``; returns their records (identical on every rank).
 
     ``on_step(record)`` runs after every step on every rank (checkpointing,
     exit conditions); a true return ends training after that step.
     ``step_fn`` replaces the DeepSpeed step (Megatron-Core's pipeline
-    trainer); ``optimizer`` is then where the learning rate is read.
+    trainer); ``optimizer`` is then where the learning rate is read. A
+    collective that times out (after ``timeout_minutes``, the process
+    groups' setting) raises :class:`~zeromega.integrations.heartbeat.CollectiveTimeout`
+    naming the ranks that never reached the step.
     """
     if step_fn is None:
         step_fn = lambda: train_step(engine, batches, accumulation, sequence_layout)  # noqa: E731
@@ -136,26 +139,32 @@ def train(engine, batches: Iterator[dict], *, iters: int, accumulation: int, tok
     comm.take()
     try:
         for step in range(start_step + 1, iters + 1):
-            device.reset_peak_memory()
-            start = time.perf_counter()
-            loss = step_fn()
-            device.synchronize()
-            elapsed = time.perf_counter() - start
-            local_comm = comm.take()
-            loss, peak = _reduce_step_stats(loss, device.peak_memory_bytes(), dp_group)
-            record = StepRecord(
-                step=step, loss=loss, tokens_per_s=tokens_per_step / elapsed, step_time_s=elapsed,
-                peak_mem_bytes=peak, comm_bytes=comm.summed_over_ranks(local_comm),
-                lr=scheduler.get_lr(optimizer.param_groups[0]) if scheduler else None,
-            )
-            if scheduler is not None:
-                scheduler.step(1)
-            records.append(record)
-            writer.write(record)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record.tokens_per_s:,.0f}")
-            if on_step is not None and on_step(record):
-                break
+            heartbeat.post(step)
+            try:
+                device.reset_peak_memory()
+                start = time.perf_counter()
+                loss = step_fn()
+                device.synchronize()
+                elapsed = time.perf_counter() - start
+                local_comm = comm.take()
+                loss, peak = _reduce_step_stats(loss, device.peak_memory_bytes(), dp_group)
+                record = StepRecord(
+                    step=step, loss=loss, tokens_per_s=tokens_per_step / elapsed, step_time_s=elapsed,
+                    peak_mem_bytes=peak, comm_bytes=comm.summed_over_ranks(local_comm),
+                    lr=scheduler.get_lr(optimizer.param_groups[0]) if scheduler else None,
+                )
+                if scheduler is not None:
+                    scheduler.step(1)
+                records.append(record)
+                writer.write(record)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record.tokens_per_s:,.0f}")
+                if on_step is not None and on_step(record):
+                    break
+            except RuntimeError as err:
+                if heartbeat.is_timeout(err) and dist.is_initialized():
+                    raise heartbeat.explain(err, step, timeout_minutes) from err
+                raise
     finally:
         bar.close()
         writer.close()

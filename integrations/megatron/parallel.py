@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import os
 import random
+from typing import Optional
 
 import numpy as np
 import torch
@@ -36,9 +37,31 @@ def _init_distributed(backend: str, timeout_minutes: float) -> None:
     )
 
 
-def initialize(cfg: RunConfig, seed: int = 1234, timeout_minutes: float = 10.0) -> Layout:
-    """Set up this process for ``cfg``: device, groups, seeds. Returns the resolved layout."""
+def _set_group_timeouts(minutes: float) -> None:
+    """Give every process group the timeout, not just the default one.
+
+    Megatron-Core may build a group with its own whole-minute default; a
+    shorter timeout (tests, impatient jobs) is set on each group here, so the
+    first collective that waits longer fails on every group alike.
+    """
     from megatron.core import parallel_state
+
+    timeout = datetime.timedelta(minutes=minutes)
+    for group in [None, *(parallel_state._global_process_group_list or [])]:
+        if group is None or not dist.distributed_c10d._rank_not_in_group(group):
+            dist.distributed_c10d._set_pg_timeout(timeout, group)
+
+
+def initialize(cfg: RunConfig, seed: int = 1234, timeout_minutes: Optional[float] = None) -> Layout:
+    """Set up this process for ``cfg``: device, groups, seeds. Returns the resolved layout.
+
+    ``timeout_minutes`` (default: the config's ``launch.distributed_timeout_minutes``) bounds every
+    collective, so a rank that hangs or dies ends the job instead of holding it.
+    """
+    from megatron.core import parallel_state
+
+    if timeout_minutes is None:
+        timeout_minutes = cfg.launch.distributed_timeout_minutes
 
     device = accel.select(cfg.device)
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -61,6 +84,7 @@ def initialize(cfg: RunConfig, seed: int = 1234, timeout_minutes: float = 10.0) 
         distributed_timeout_minutes=timeout_minutes,  # a float works: Megatron makes a timedelta of it
         create_gloo_process_groups=device.is_cuda,  # on CPU the main groups are gloo already
     )
+    _set_group_timeouts(timeout_minutes)
     set_seed(seed)
     return layout
 
