@@ -6,9 +6,19 @@ DeepSpeed's universal form of the checkpoint (so a bf16 run exports fp32);
 under ZeRO-0 they are the model's own weights, merged across tp ranks along
 each parameter's recorded ``partition_dim``. Checkpoints of Megatron-Core's
 engine (pp > 1, MoE) hold torch.distributed.checkpoint files with every
-tensor under its global shape; their model tensors (not the optimizer's) are
-read in this one process, no process group, and cast to fp32 (a bf16 run
-exports its bf16 model weights, widened).
+tensor under its global shape, read in this one process, no process group;
+their values are the optimizer's fp32 masters, stored beside each model
+tensor under the same shape (``optimizer.state.param.<key>``, the
+distributed optimizer's ``fully_reshardable`` form; ``optimizer.state.fp32_param.<key>``
+for a bf16/fp16 ZeRO-0 run), so a bf16 run exports what its optimizer
+steps, as on DeepSpeed's engine. The model weights themselves, widened to
+fp32, only when the checkpoint has no usable masters: an fp32 ZeRO-0 run
+(none kept: the weights are fp32), or masters that do not round to the
+weights saved beside them (see :func:`megatron_weights`).
+
+Which values were written is printed (stderr) and recorded in the file's
+``__metadata__["weights"]``: ``"fp32 optimizer masters ..."`` or
+``"model weights (DTYPE, as fp32): WHY"``.
 
 Output is a `safetensors <https://github.com/huggingface/safetensors>`_ file,
 written here in a few lines (the format is an 8-byte header length, a JSON
@@ -39,6 +49,7 @@ import json
 import os
 import re
 import struct
+import sys
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -77,6 +88,13 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadat
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def safetensors_metadata(path: str | Path) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file (strings; empty when it has none)."""
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(size)).get("__metadata__", {})
 
 
 def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
@@ -185,26 +203,59 @@ def _natural(name: str) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
-def megatron_weights(ckpt: Path) -> dict[str, torch.Tensor]:
-    """name -> fp32 tensor, the model part of a Megatron-Core torch_dist checkpoint, read without a
-    process group; pickles only through :func:`~zeromega.checkpoint.files.dist_checkpoint_loads`."""
-    from torch.distributed.checkpoint import FileSystemReader, load
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+# The fp32 master of model tensor K, as Megatron-Core's optimizers save it (same global shape and chunks):
+# the distributed optimizer's fully_reshardable ``optimizer.state.param.K`` (ZeRO 1+), the plain
+# mixed-precision optimizer's ``optimizer.state.fp32_param.K`` (ZeRO-0 bf16/fp16); ``chained_N.`` in front
+# when a chain of optimizers (MoE) saved without ``chained_optim_avoid_prefix``. An fp32 ZeRO-0 run's
+# optimizer keeps no master: its model weights are the fp32 weights.
+_MASTER = re.compile(r"(?:chained_\d+\.)?optimizer\.state\.(?:param|fp32_param)\.(.+)")
+_OPTIMIZER = re.compile(r"(?:chained_\d+\.)?optimizer\.")
+MASTERS = "fp32 optimizer masters"
 
-    reader = FileSystemReader(str(ckpt))
-    try:
-        with dist_checkpoint_loads():
-            stored = reader.read_metadata().state_dict_metadata
-            model = {key: meta for key, meta in stored.items()
-                     if isinstance(meta, TensorStorageMetadata) and not key.startswith("optimizer.")}
-            tensors = {key: torch.zeros(meta.size, dtype=meta.properties.dtype) for key, meta in model.items()}
-            load(tensors, storage_reader=reader, no_dist=True)
-    except CheckpointError:
-        raise
-    except Exception as err:
-        raise CheckpointError(f"{ckpt}: torch.distributed.checkpoint could not read the model tensors "
-                              f"({type(err).__name__}: {str(err).splitlines()[0][:300]})",
-                              "verify the checkpoint (manifest.json) or export another one") from None
+
+def _chunk_set(meta) -> list[tuple]:
+    return sorted((tuple(c.offsets), tuple(c.sizes)) for c in meta.chunks)
+
+
+def master_keys(model: dict, stored: dict) -> tuple[dict[str, str], list[str]]:
+    """(model key -> its master's key, why the other model keys have none) from a checkpoint's
+    ``state_dict_metadata``; a master counts only when it covers what the model tensor covers."""
+    found: dict[str, list[str]] = {}
+    for key in stored:
+        match = _MASTER.fullmatch(key)
+        if match and match.group(1) in model:
+            found.setdefault(match.group(1), []).append(key)
+    keys, missing = {}, []
+    for key, meta in model.items():
+        candidates = found.get(key, [])
+        if len(candidates) != 1:
+            missing.append(f"{key}: {len(candidates)} masters {candidates[:2]}" if candidates else f"{key}: no master")
+        elif stored[candidates[0]].size != meta.size or _chunk_set(stored[candidates[0]]) != _chunk_set(meta):
+            missing.append(f"{key}: its master {candidates[0]} is stored with another shape or chunks")
+        else:
+            keys[key] = candidates[0]
+    return keys, missing
+
+
+def masters_off_weights(weights: dict[str, torch.Tensor], masters: dict[str, torch.Tensor]) -> list[str]:
+    """Model keys whose master, rounded to the model's dtype, is not the model weight saved beside it.
+
+    After every optimizer step the model weight is its master so rounded
+    (Megatron copies masters into the model), and zeromega refuses to save
+    masters that are not; a checkpoint written before the fix for
+    Megatron-Core 0.16.1's misplaced bucket offsets
+    (:mod:`zeromega.plugins.megatron.checkpoint`) fails this check.
+    """
+    off = []
+    for key, master in masters.items():
+        weight = weights[key]
+        if not torch.equal(master.to(weight.dtype), weight):
+            off.append(f"{key} (max difference {(master.float() - weight.float()).abs().max().item():.3g})")
+    return off
+
+
+def _unstacked(tensors: dict[str, torch.Tensor], model: dict) -> dict[str, torch.Tensor]:
+    """Megatron's sharded keys -> 1-process names, stacked layers and experts split, as fp32."""
     weights = {}
     for key, tensor in tensors.items():
         axes = _stacked_axes(key)
@@ -213,13 +264,61 @@ def megatron_weights(ckpt: Path) -> dict[str, torch.Tensor]:
             continue
         for index in _stored_indices(model[key].chunks, axes):
             weights[_module_name(key, index)] = tensor[index].float().clone()
-    if not weights:
+    return weights
+
+
+def megatron_weights(ckpt: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """(name -> fp32 tensor, where the values came from) for a Megatron-Core torch_dist checkpoint, read
+    without a process group; pickles only through :func:`~zeromega.checkpoint.files.dist_checkpoint_loads`.
+
+    The values are the optimizer's fp32 masters when every model tensor has
+    one that rounds to the model weight saved beside it (:func:`master_keys`,
+    :func:`masters_off_weights`), as the DeepSpeed-engine export does: a bf16
+    run exports the weights its optimizer steps, not their bf16 rounding.
+    Otherwise the model's own weights, widened to fp32 (an fp32 ZeRO-0 run
+    keeps no masters; its weights are fp32 already), and the second value says why.
+    """
+    from torch.distributed.checkpoint import FileSystemReader, load
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = FileSystemReader(str(ckpt))
+    try:
+        with dist_checkpoint_loads():
+            stored = {key: meta for key, meta in reader.read_metadata().state_dict_metadata.items()
+                      if isinstance(meta, TensorStorageMetadata)}
+            model = {key: meta for key, meta in stored.items() if not _OPTIMIZER.match(key)}
+            masters, missing = master_keys(model, stored)
+            wanted = [*model, *masters.values()]
+            tensors = {key: torch.zeros(stored[key].size, dtype=stored[key].properties.dtype) for key in wanted}
+            load(tensors, storage_reader=reader, no_dist=True)
+    except CheckpointError:
+        raise
+    except Exception as err:
+        raise CheckpointError(f"{ckpt}: torch.distributed.checkpoint could not read the model tensors "
+                              f"({type(err).__name__}: {str(err).splitlines()[0][:300]})",
+                              "verify the checkpoint (manifest.json) or export another one") from None
+    if not model:
         raise CheckpointError(f"{ckpt}: the dist checkpoint holds no model tensors", "export another checkpoint")
-    return {name: weights[name] for name in sorted(weights, key=_natural)}
+    own = {key: tensors[key] for key in model}
+    dtypes = "/".join(sorted({str(t.dtype).replace("torch.", "") for t in own.values()}))
+    if not masters:
+        source = f"model weights ({dtypes}, as fp32): the checkpoint holds no fp32 optimizer masters"
+    elif missing:
+        source = (f"model weights ({dtypes}, as fp32): {len(missing)} of {len(model)} tensors have no usable "
+                  f"fp32 master, e.g. {'; '.join(missing[:2])}")
+    elif off := masters_off_weights(own, {key: tensors[master] for key, master in masters.items()}):
+        source = (f"model weights ({dtypes}, as fp32): the fp32 masters of {len(off)} tensors do not round to "
+                  f"their saved weights (a checkpoint written before the fix for Megatron-Core's misplaced "
+                  f"bucket offsets?), e.g. {'; '.join(off[:2])}")
+    else:
+        source = f"{MASTERS} (model weights are {dtypes})"
+        own = {key: tensors[master] for key, master in masters.items()}
+    weights = _unstacked(own, model)
+    return {name: weights[name] for name in sorted(weights, key=_natural)}, source
 
 
-def consolidated_weights(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """(name -> whole fp32 tensor, manifest) for a verified checkpoint directory."""
+def consolidated_weights(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict, str]:
+    """(name -> whole fp32 tensor, manifest, where the values came from) for a verified checkpoint directory."""
     manifest = read_manifest(ckpt)
     problems = verify_files(ckpt, manifest)
     if problems:
@@ -227,7 +326,8 @@ def consolidated_weights(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict]:
     layout = manifest["layout"]
     engine = manifest.get("engine", "deepspeed")
     if engine == "megatron-core":
-        return megatron_weights(ckpt), manifest
+        weights, source = megatron_weights(ckpt)
+        return weights, manifest, source
     if engine != "deepspeed":
         raise CheckpointError(f"{ckpt}: saved by an unknown engine {engine!r}",
                               "export it with the zeromega version that wrote it")
@@ -235,9 +335,10 @@ def consolidated_weights(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict]:
         raise CheckpointError(f"{ckpt}: pipeline/expert parallel checkpoints cannot be exported yet",
                               "export a checkpoint of a pp1 ep1 run")
     if layout["zero_stage"] == 0:
-        return _merge_module_states(ckpt, manifest), manifest
+        return (_merge_module_states(ckpt, manifest), manifest,
+                f"model weights ({layout.get('precision', 'fp32')}, as fp32): ZeRO-0 exports its module states")
     with tempfile.TemporaryDirectory(prefix="zeromega-export-") as scratch:
-        return _universal_weights(ckpt, manifest, Path(scratch)), manifest
+        return _universal_weights(ckpt, manifest, Path(scratch)), manifest, f"{MASTERS} (DeepSpeed's universal form)"
 
 
 def to_hf_gpt2(weights: dict[str, torch.Tensor], heads: int) -> dict[str, torch.Tensor]:
@@ -291,7 +392,8 @@ def export(source: str | Path, out: str | Path, to: str = "torch", heads: Option
 
     ``to='torch'``: ``out`` is the file. ``to='hf'``: ``out`` is a directory that gets
     ``model.safetensors`` and ``config.json``; ``heads`` (attention heads) is needed to
-    reorder the fused qkv weight.
+    reorder the fused qkv weight. Which values were written (fp32 optimizer masters, or the
+    model's weights and why) goes to stderr and into the file's ``__metadata__["weights"]``.
     """
     from . import find_latest
 
@@ -301,9 +403,10 @@ def export(source: str | Path, out: str | Path, to: str = "torch", heads: Option
     ckpt = find_latest(source)
     if ckpt is None:
         raise CheckpointError(f"{source}: no 'latest' file and no manifest.json", "pass a --save directory of a run")
-    weights, manifest = consolidated_weights(ckpt)
+    weights, manifest, values = consolidated_weights(ckpt)
     meta = {"format": "zeromega-export/1", "source": str(ckpt), "step": manifest["step"],
-            "names": "megatron-core" if to == "torch" else "hf-gpt2"}
+            "names": "megatron-core" if to == "torch" else "hf-gpt2", "weights": values}
+    print(f"zeromega export: {ckpt.name}: {values}", file=sys.stderr)
     out = Path(out)
     if to == "torch":
         out.parent.mkdir(parents=True, exist_ok=True)
