@@ -21,7 +21,8 @@ def _add_export(subparsers) -> None:
         "export", allow_abbrev=False, help="write a checkpoint as one consolidated safetensors file",
         description="Write the fp32 weights of a zeromega checkpoint, ZeRO partitions gathered and tp shards "
                     "merged (pp stages and MoE experts too, for Megatron-Core-engine checkpoints), as one "
-                    "safetensors file.",
+                    "safetensors file. bf16/fp16 runs export the optimizer's fp32 masters; the file's "
+                    "__metadata__['weights'] says which tensors were written.",
         epilog="--to torch: OUT is the file, Megatron-Core names. --to hf: OUT is a directory with "
                "model.safetensors (GPT-2 names) and config.json; dense models only (GPT-2 has no experts).")
     p.add_argument("checkpoint", metavar="CKPT", help="a --save directory, or a checkpoint (iter_NNNNNNN) in it")
