@@ -216,13 +216,36 @@ def test_unsupported_reshards_are_refused_naming_what_works():
     assert reshard.plan(saved, dict(saved, zero_stage=3, tp=2, dp=1)).universal
     zero3_tp2 = dict(saved, zero_stage=3, tp=2, dp=1)
     assert reshard.plan(zero3_tp2, dict(zero3_tp2, dp=2)).universal
+    assert reshard.plan(zero3_tp2, dict(zero3_tp2, tp=1, dp=2)).universal  # tp slices merged (and checked)
+    assert reshard.plan(zero3_tp2, dict(zero3_tp2, zero_stage=1)).universal
     for was, now, reason in [(saved, dict(saved, zero_stage=0), "ZeRO-0"),
-                             (saved, dict(saved, pp=2, dp=1), "pipeline or expert"),
-                             (zero3_tp2, dict(zero3_tp2, tp=1, dp=2), "ZeRO-3 checkpoint saved at tp > 1"),
-                             (zero3_tp2, dict(zero3_tp2, zero_stage=1), "ZeRO-3 checkpoint saved at tp > 1")]:
+                             (zero3_tp2, dict(zero3_tp2, zero_stage=0), "ZeRO-0"),
+                             (saved, dict(saved, pp=2, dp=1), "pipeline or expert")]:
         with pytest.raises(CheckpointError, match=reason) as err:
             reshard.plan(was, now)
         assert "supported: " in str(err.value) and "fix: " in str(err.value)
+
+
+def test_zero3_universal_states_must_hold_the_whole_parameter(tmp_path):
+    """A ZeRO-3 source's per-parameter universal files are checked against the manifest's tp split:
+    DeepSpeed's merged tp slices pass (and get the step), a lone tp slice or a flat tensor at tp > 1 is refused."""
+    split, step = {"shape": [3, 4], "partition_dim": 1}, torch.tensor(3.0)
+    whole = torch.arange(24.0).reshape(3, 8)
+    for state in ("fp32", "exp_avg", "exp_avg_sq"):
+        torch.save({"param": whole, "cat_dim": 1}, tmp_path / f"{state}.pt")
+    reshard._zero3_per_parameter_states(tmp_path, "w", split, 2, step)
+    assert torch.equal(files.safe_load(tmp_path / "step.pt"), step)
+    assert torch.equal(files.safe_load(tmp_path / "fp32.pt")["param"], whole)
+    for bad in ({"param": whole[:, :4], "cat_dim": 1}, {"param": whole.reshape(6, 4), "cat_dim": 0}, whole.flatten()):
+        torch.save(bad, tmp_path / "exp_avg.pt")
+        with pytest.raises(CheckpointError, match=r"w \(exp_avg\).*whole parameter \[3, 8\]"):
+            reshard._zero3_per_parameter_states(tmp_path, "w", split, 2, step)
+    # tp 1: DeepSpeed's flat tensors are shaped and split from the manifest
+    for state in ("fp32", "exp_avg", "exp_avg_sq"):
+        torch.save(whole[:, :4].flatten(), tmp_path / f"{state}.pt")
+    reshard._zero3_per_parameter_states(tmp_path, "w", split, 1, step)
+    shaped = files.safe_load(tmp_path / "exp_avg.pt")
+    assert torch.equal(shaped["param"], whole[:, :4]) and shaped["cat_dim"] == 1
 
 
 RESHARDS = {
@@ -232,6 +255,8 @@ RESHARDS = {
     # across ZeRO families, with a tp change on each side (ZeRO-3's tp slicing comes from zeromega's hints)
     "dp2-zero1 -> tp2-zero3": (2, ["--zero-stage", "1"], 2, ["--zero-stage", "3", "--tensor-model-parallel-size", "2"]),
     "dp2-zero3 -> tp2-zero1": (2, ["--zero-stage", "3"], 2, ["--zero-stage", "1", "--tensor-model-parallel-size", "2"]),
+    # ZeRO-3's tp slices merged into whole tensors (DeepSpeed's converter, checked against Megatron's partition_dim)
+    "tp2-zero3 -> tp1-zero1": (2, ["--zero-stage", "3", "--tensor-model-parallel-size", "2"], 1, ["--zero-stage", "1"]),
 }
 
 

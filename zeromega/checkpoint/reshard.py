@@ -5,7 +5,9 @@ cp, ep, dp, ZeRO stage). Anything else goes through DeepSpeed's universal
 checkpoint (``ds_to_universal``: every parameter's fp32 value and Adam
 moments, whole, one folder per parameter), which the engine re-slices for
 its own dp and tp ranks. The tp merge follows Megatron's own attributes
-(``tensor_model_parallel``/``partition_dim``), recorded at save time.
+(``tensor_model_parallel``/``partition_dim``), recorded at save time; the
+converter merges the tp slices of every ZeRO stage (ZeRO-3's too, checked
+against the manifest by :func:`bridge_zero_families`).
 
 Supported (measured with fp32, dropout off, 3 steps after the load; relative
 loss difference to the unchanged run; tests/test_checkpoint.py runs the first two):
@@ -19,11 +21,13 @@ loss difference to the unchanged run; tests/test_checkpoint.py runs the first tw
   ZeRO-3 dp2 -> ZeRO-1 tp2: 0.0 (tested); ZeRO-1 dp4 -> ZeRO-3 dp2: 2.3e-8;
   ZeRO-1 dp2 -> ZeRO-3 dp1: 2.3e-8; ZeRO-1 tp2 -> ZeRO-3 dp2: 4.5e-8;
   ZeRO-1 tp2 -> ZeRO-3 tp2: 0.0; ZeRO-3 dp2 -> ZeRO-2 dp1: 0.0
+* ZeRO-3 at tp > 1 into another tp or ZeRO stage: ZeRO-3 tp2 -> ZeRO-1 tp1: 4.5e-8
+  (tested); -> ZeRO-3 tp1: 4.5e-8; -> ZeRO-3 tp1 dp2: 4.5e-8; -> ZeRO-2 dp2: 4.5e-8;
+  -> ZeRO-1 tp2: 0.0; -> ZeRO-1 tp2 dp2: 2.4e-8; -> ZeRO-3 tp4: 6.8e-8; -> ZeRO-2 tp4: 6.8e-8;
+  ZeRO-3 tp2 dp2 -> ZeRO-1 tp1: 2.4e-8
 
 Refused, with the reason: ZeRO-0 on either side (no ZeRO partition files to
-convert), a ZeRO-3 checkpoint saved at tp > 1 into another tp or into ZeRO-1/2
-(DeepSpeed's converter keeps its tp slices apart), and pp/ep changes on
-DeepSpeed's engine (it runs pp1 ep1 only).
+convert), and pp/ep changes on DeepSpeed's engine (it runs pp1 ep1 only).
 
 Megatron-Core's engine (pp > 1 or MoE; ``zeromega.plugins.megatron.checkpoint``)
 saves Megatron's dist checkpoint: every tensor under its global name (layers
@@ -64,10 +68,9 @@ import torch
 from .files import CheckpointError, safe_load, weights_only_loads, write_text_atomic
 
 UNIVERSAL_DIR = ".universal"
-UNIVERSAL_FORMAT = 2  # 2: model-state files named for both ZeRO families
-SUPPORTED = ("same layout; from ZeRO-1/2 (any tp) to ZeRO-1, 2 or 3 with any dp and tp size; "
-             "from ZeRO-3 at tp 1 to ZeRO-1, 2 or 3 with any dp and tp size; from ZeRO-3 at tp > 1 to ZeRO-3 "
-             "with the same tp and any dp size")
+UNIVERSAL_FORMAT = 3  # 2: model-state files named for both ZeRO families; 3: ZeRO-3 tp > 1 sources get step.pt
+SUPPORTED = ("same layout; from ZeRO-1, 2 or 3 at any tp to ZeRO-1, 2 or 3 with any dp and tp size, "
+             "at pp 1 without experts")
 
 
 @dataclass(frozen=True)
@@ -96,9 +99,6 @@ def plan(saved: dict, now: dict) -> Plan:
         raise refuse("resharding pipeline or expert parallel layouts is not supported yet")
     if 0 in (saved["zero_stage"], now["zero_stage"]):
         raise refuse("ZeRO-0 has no ZeRO partition files for DeepSpeed's universal checkpoint")
-    if saved["zero_stage"] == 3 and saved["tp"] > 1 and (saved["tp"] != now["tp"] or now["zero_stage"] != 3):
-        raise refuse("a ZeRO-3 checkpoint saved at tp > 1 holds each tp rank's slices apart, and zeromega "
-                     "does not merge them")
     return Plan(universal=True)
 
 
@@ -112,7 +112,11 @@ def universal_copy(ckpt: Path, manifest: dict) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".{ckpt.name}.tmp-{uuid.uuid4().hex[:8]}"
     convert(ckpt, tmp)
-    bridge_zero_families(tmp, manifest)
+    try:
+        bridge_zero_families(tmp, manifest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     import json
 
     files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in tmp.rglob("*") if p.is_file()}
@@ -139,8 +143,11 @@ def bridge_zero_families(folder: Path, manifest: dict) -> None:
       each is added from what the other family wrote (the step from the
       per-parameter ``step.pt``, equal for every parameter);
     * the per-parameter files: ZeRO-1/2 reads ``{"param": tensor in its shape,
-      "cat_dim": tp split}`` and a ``step.pt``, ZeRO-3 (tp 1) writes a flat
-      tensor and no step; the shape and split come from the manifest.
+      "cat_dim": tp split}`` and a ``step.pt``; ZeRO-3 sources have no step
+      (their one step is written per parameter) and, at tp 1, a flat tensor
+      (shaped and split from the manifest); at tp > 1 DeepSpeed has merged
+      their tp slices already, which is checked against the manifest
+      (:func:`_zero3_per_parameter_states`).
     """
     import deepspeed
 
@@ -162,22 +169,67 @@ def bridge_zero_families(folder: Path, manifest: dict) -> None:
     if "ds_version" not in state:  # saved by ZeRO-3
         state["ds_version"] = deepspeed.__version__
         changed = True
-        if manifest["layout"]["tp"] == 1:  # (plan() keeps ZeRO-3 tp > 1 checkpoints within ZeRO-3 at their tp)
-            step = state["optimizer_state_dict"]["state"][0]["step"]
-            for name, split in manifest["params"].items():
-                _shape_flat_states(folder / "zero" / name, split, step)
+        step = _zero3_step(state)
+        for name, split in manifest["params"].items():
+            _zero3_per_parameter_states(folder / "zero" / name, name, split, manifest["layout"]["tp"], step)
     if changed:
         torch.save(state, state_file)
 
 
-def _shape_flat_states(param_dir: Path, split: dict, step: torch.Tensor) -> None:
-    """Rewrite one parameter's flat ZeRO-3 universal states in the per-parameter form ZeRO-1/2 reads."""
-    for path in param_dir.glob("*.pt"):
+UNIVERSAL_STATES = ("fp32", "exp_avg", "exp_avg_sq")  # per parameter: master weight, both Adam moments
+
+
+def _zero3_step(state: dict) -> torch.Tensor:
+    """Adam's step from a ZeRO-3 universal ``optimizer_state.pt`` (one entry per sub-group, all equal)."""
+    steps = {float(sub["step"]) for sub in state["optimizer_state_dict"]["state"].values()}
+    if len(steps) != 1:
+        raise CheckpointError(f"the ZeRO-3 checkpoint's optimizer sub-groups disagree on Adam's step ({sorted(steps)})",
+                              "resume with the layout the checkpoint was saved with")
+    return state["optimizer_state_dict"]["state"][0]["step"]
+
+
+def _zero3_per_parameter_states(param_dir: Path, name: str, split: dict, tp: int, step: torch.Tensor) -> None:
+    """Bring one parameter's ZeRO-3 universal states into the per-parameter form ZeRO-1/2 reads
+    (``{"param": whole tensor, "cat_dim": tp split}`` and a ``step.pt``), checked against the manifest.
+
+    ``ds_to_universal`` gathers the dp partitions of each tp rank, and at tp > 1
+    also concatenates the tp ranks' slices (its ``merge_tp_slices``, steered by
+    the patterns :func:`zeromega.checkpoint.universal_info` derives from
+    Megatron's ``partition_dim``), writing ``{"param", "cat_dim"}``; at tp 1 it
+    writes a flat tensor. Here each state must hold the whole parameter: each
+    rank's shape (the manifest's) with the partition dim times tp, concatenated
+    along ``partition_dim``; anything else (a lone tp slice) is refused rather
+    than loaded into the wrong places.
+    """
+    dim = split.get("partition_dim")
+    whole = list(split["shape"])
+    if dim is not None:
+        whole[dim] *= tp
+    for state_name in UNIVERSAL_STATES:
+        path = param_dir / f"{state_name}.pt"
+        if not path.is_file():
+            raise CheckpointError(f"DeepSpeed's universal conversion wrote no {state_name} for {name}",
+                                  "resume with the layout the checkpoint was saved with")
         value = safe_load(path)
-        if isinstance(value, torch.Tensor):
-            entry = {"param": value.detach().reshape(split["shape"]).clone()}
-            if "partition_dim" in split:
-                entry["cat_dim"] = split["partition_dim"]
+        merged = isinstance(value, dict)  # tp > 1: {"param", "cat_dim"}; tp 1: one flat tensor
+        tensor = value.get("param") if merged else value
+        joined = value.get("cat_dim") if merged else dim
+        if not isinstance(tensor, torch.Tensor):
+            fits = False
+        elif merged:
+            fits = tuple(tensor.shape) == tuple(whole) and (dim is None or joined == dim)
+        else:
+            fits = tp == 1 and tensor.numel() == torch.Size(whole).numel()
+        if not fits:
+            got = (f"{list(tensor.shape)} joined along dim {joined}" if isinstance(tensor, torch.Tensor)
+                   else f"a {type(value).__name__} without a tensor")
+            raise CheckpointError(f"DeepSpeed's universal conversion gave {name} ({state_name}) as {got}, not the "
+                                  f"whole parameter {whole} (tp {tp} slices of {split['shape']} joined along "
+                                  f"dim {dim})", "resume with the layout the checkpoint was saved with")
+        if not merged:
+            entry = {"param": tensor.detach().reshape(whole).clone()}
+            if dim is not None:
+                entry["cat_dim"] = dim
             torch.save(entry, path)
     if not (param_dir / "step.pt").exists():
         torch.save(step.clone(), param_dir / "step.pt")
