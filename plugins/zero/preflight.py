@@ -366,15 +366,17 @@ def preflight(ds: dict, plan_fn: Callable[[dict], MemoryPlan], machine: Optional
               device_type: str = "cpu", local_ranks: int = 1) -> Report:
     """Every check, in the order a user would fix things; raises ConfigError on the first problem.
 
-    ``plan_fn`` builds the memory plan for a config (the corrections change
-    the plan, so it is built again after them).
+    Mistakes in the config itself (combinations, an nvme path that is missing
+    or too small) come before what the machine lacks (a buildable op, host
+    memory), so a typo is named even on a machine without libaio. ``plan_fn``
+    builds the memory plan for a config (the corrections change the plan, so
+    it is built again after them).
     """
     if machine is None:
         machine = machine_facts(device_type, local_ranks, ops_needed(ds))
     check_combinations(ds, machine.device_type, machine.fp16_supported)
     ds, corrections = correct(ds, plan_fn(ds))
     plan = plan_fn(ds)
-    check_ops(ops_needed(ds), machine)
     s = plan.setup
     paths: dict[str, int] = {}
     per_device = {"optimizer": 0, "param": 0}
@@ -389,6 +391,7 @@ def preflight(ds: dict, plan_fn: Callable[[dict], MemoryPlan], machine: Optional
         name = ("zero_optimization.offload_optimizer.nvme_path" if str(s.optimizer_nvme_path) == path
                 else "zero_optimization.offload_param.nvme_path")
         check_nvme_path(path, name, int(nbytes * machine.local_ranks * NVME_HEADROOM))
+    check_ops(ops_needed(ds), machine)
     check_host_memory(plan, machine)
     return Report(ds, corrections, plan)
 
