@@ -218,8 +218,13 @@ def test_unsupported_reshards_are_refused_naming_what_works():
     assert reshard.plan(zero3_tp2, dict(zero3_tp2, dp=2)).universal
     assert reshard.plan(zero3_tp2, dict(zero3_tp2, tp=1, dp=2)).universal  # tp slices merged (and checked)
     assert reshard.plan(zero3_tp2, dict(zero3_tp2, zero_stage=1)).universal
+    zero0 = dict(saved, zero_stage=0)
+    assert not reshard.plan(zero0, dict(zero0)).resharded
+    dp_change = reshard.plan(zero0, dict(zero0, dp=1))  # native: every tp rank's file holds the whole state
+    assert dp_change.resharded and not dp_change.universal
     for was, now, reason in [(saved, dict(saved, zero_stage=0), "ZeRO-0"),
                              (zero3_tp2, dict(zero3_tp2, zero_stage=0), "ZeRO-0"),
+                             (zero0, dict(zero0, tp=2, dp=1), "ZeRO-0 at the same tp"),
                              (saved, dict(saved, pp=2, dp=1), "pipeline or expert")]:
         with pytest.raises(CheckpointError, match=reason) as err:
             reshard.plan(was, now)
@@ -257,6 +262,8 @@ RESHARDS = {
     "dp2-zero3 -> tp2-zero1": (2, ["--zero-stage", "3"], 2, ["--zero-stage", "1", "--tensor-model-parallel-size", "2"]),
     # ZeRO-3's tp slices merged into whole tensors (DeepSpeed's converter, checked against Megatron's partition_dim)
     "tp2-zero3 -> tp1-zero1": (2, ["--zero-stage", "3", "--tensor-model-parallel-size", "2"], 1, ["--zero-stage", "1"]),
+    # ZeRO-0 keeps the whole optimizer state in each tp rank's file: a dp change loads natively
+    "dp2-zero0 -> dp1-zero0": (2, ["--zero-stage", "0"], 1, ["--zero-stage", "0"]),
 }
 
 

@@ -403,9 +403,9 @@ class Checkpointer:
             self.scheduler.load_state_dict(manifest["scheduler"])
         restored = False
         rng_file = ckpt / RNG_FILE.format(_rank())
-        if not plan.universal and rng_file.is_file():
+        if not plan.resharded and rng_file.is_file():
             rng.restore(safe_load(rng_file))
             restored = True
         _barrier()
         return Resumed(step=int(manifest["step"]), consumed_samples=int(manifest["consumed_samples"]), path=ckpt,
-                       resharded=plan.universal, rng_restored=restored)
+                       resharded=plan.resharded, rng_restored=restored)

@@ -26,8 +26,13 @@ loss difference to the unchanged run; tests/test_checkpoint.py runs the first tw
   -> ZeRO-1 tp2: 0.0; -> ZeRO-1 tp2 dp2: 2.4e-8; -> ZeRO-3 tp4: 6.8e-8; -> ZeRO-2 tp4: 6.8e-8;
   ZeRO-3 tp2 dp2 -> ZeRO-1 tp1: 2.4e-8
 
-Refused, with the reason: ZeRO-0 on either side (no ZeRO partition files to
-convert), and pp/ep changes on DeepSpeed's engine (it runs pp1 ep1 only).
+* ZeRO-0 at the same tp, another dp: loaded natively (ZeRO-0 keeps the whole
+  optimizer state in every tp rank's model-state file): dp2 -> dp1: 2.3e-8
+  (tested); tp2 dp1 -> tp2 dp2: 2.4e-8
+
+Refused, with the reason: ZeRO-0 with a tp change or into ZeRO-1/2/3 and the
+reverse (no ZeRO partition files to convert), and pp/ep changes on
+DeepSpeed's engine (it runs pp1 ep1 only).
 
 Megatron-Core's engine (pp > 1 or MoE; ``zeromega.plugins.megatron.checkpoint``)
 saves Megatron's dist checkpoint: every tensor under its global name (layers
@@ -44,10 +49,15 @@ runs the first two and tp2 pp2 -> tp1 pp2):
   pp2 -> pp2 with 2 virtual stages: 0.0; pp2 -> pp1 of a MoE model: 2.3e-8
 * tp2 pp2 -> tp1 pp2: 0.0 (tested); tp2 pp2 -> tp1 pp4: 0.0; tp1 pp2 -> tp2 pp2: 2.3e-8;
   tp2 (sequence parallel) -> tp1 of a MoE model (4 experts): 4.4e-8
+* ZeRO-0 (Megatron's plain optimizer, whose state Megatron also keys by each
+  parameter's global name): pp2 -> pp1 6.8e-8 (tested); tp2 pp2 -> tp1 pp2
+  6.8e-8; pp2 -> pp2 dp2 4.6e-8; pp2 dp2 -> pp1 4.6e-8; pp2 -> 2 virtual
+  stages 0.0; bf16 pp2 -> pp1 2.6e-5
 
-Refused there: the distributed optimizer switched
-on or off (ZeRO-0 <-> ZeRO-1+: different optimizer-state layouts), another
-precision, another model shape. A checkpoint of one engine never loads into
+Refused there: the distributed optimizer switched on or off (ZeRO-0 <->
+ZeRO-1+: different optimizer-state layouts), an ep change under ZeRO-0 (the
+number of Megatron's plain optimizers changes with ep; measured: "Expected 2
+entries in state dict, but got 4"), another precision, another model shape. A checkpoint of one engine never loads into
 the other (:func:`check_engine`): their files differ.
 """
 
@@ -70,13 +80,15 @@ from .files import CheckpointError, safe_load, weights_only_loads, write_text_at
 UNIVERSAL_DIR = ".universal"
 UNIVERSAL_FORMAT = 3  # 2: model-state files named for both ZeRO families; 3: ZeRO-3 tp > 1 sources get step.pt
 SUPPORTED = ("same layout; from ZeRO-1, 2 or 3 at any tp to ZeRO-1, 2 or 3 with any dp and tp size, "
-             "at pp 1 without experts")
+             "at pp 1 without experts; ZeRO-0 to ZeRO-0 at the same tp with any dp size")
 
 
 @dataclass(frozen=True)
 class Plan:
     universal: bool
     """Load through DeepSpeed's universal checkpoint (the layout changed)."""
+    resharded: bool = False
+    """The layout changed (RNG states belong to the saved ranks and are not restored)."""
 
 
 def plan(saved: dict, now: dict) -> Plan:
@@ -97,9 +109,12 @@ def plan(saved: dict, now: dict) -> Plan:
 
     if saved["pp"] != now["pp"] or saved["ep"] != now["ep"] or saved["pp"] > 1 or saved["ep"] > 1:
         raise refuse("resharding pipeline or expert parallel layouts is not supported yet")
+    if saved["zero_stage"] == now["zero_stage"] == 0 and saved["tp"] == now["tp"]:
+        return Plan(universal=False, resharded=True)  # every tp rank's file holds the whole optimizer state
     if 0 in (saved["zero_stage"], now["zero_stage"]):
-        raise refuse("ZeRO-0 has no ZeRO partition files for DeepSpeed's universal checkpoint")
-    return Plan(universal=True)
+        raise refuse("ZeRO-0 has no ZeRO partition files for DeepSpeed's universal checkpoint, so it moves "
+                     "only to ZeRO-0 at the same tp")
+    return Plan(universal=True, resharded=True)
 
 
 def universal_copy(ckpt: Path, manifest: dict) -> Path:
@@ -290,7 +305,8 @@ DEEPSPEED, MEGATRON = "deepspeed", "megatron-core"
 ENGINES = {DEEPSPEED: "DeepSpeed's engine (pp 1, no experts)",
            MEGATRON: "Megatron-Core's engine (pp > 1 or --num-experts)"}
 MEGATRON_SUPPORTED = ("same layout; with the distributed optimizer (ZeRO-1+), any change of tp, pp, "
-                      "virtual stages, ep and dp with the same precision and model shape")
+                      "virtual stages, ep and dp with the same precision and model shape; with ZeRO-0 the same, "
+                      "except ep")
 # The model-shape fields a checkpoint's tensors depend on (GPTShape names); dropout and the MoE
 # routing knobs (capacity, aux loss, dispatcher) may change between runs.
 SHAPE_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
@@ -346,8 +362,8 @@ def plan_megatron(saved: dict, now: dict, saved_shape: Optional[dict] = None,
                                       f"resume with the saved model shape ({key} = {saved_shape.get(key)!r})")
     same = (all(saved[k] == now[k] for k in ("tp", "pp", "ep", "cp", "dp"))
             and (saved.get("vpp") or 1) == (now.get("vpp") or 1))
-    if not same and saved["zero_stage"] == 0:
-        raise refuse("zero_stage", "Megatron's plain (ZeRO-0) optimizer numbers its state by this rank's "
-                     "parameters, so only the distributed optimizer's state moves to another layout",
-                     f"resume with the saved layout ({describe(saved)}), or save with --zero-stage 1")
+    if saved["zero_stage"] == 0 and saved["ep"] != now["ep"]:
+        raise refuse("ep", "Megatron's plain (ZeRO-0) optimizer state does not carry across an ep change (its "
+                     "load expects another number of optimizer entries)", f"resume with --expert-model-parallel-size {saved['ep']}, or save "
+                     "with --zero-stage 1")
     return not same
