@@ -52,9 +52,39 @@ def raw_bandwidth(path: Path, nbytes: int) -> tuple[float, float]:
     return size / write_s, size / read_s
 
 
+def time_saves_and_loads(args: dict, ckpt, fresh_checkpointer, after_save=None) -> dict:
+    """Median save and load seconds of ``ckpt`` (``--repeat`` each; every load into a fresh
+    checkpointer's model, since ZeRO-3 cannot load into an engine that already holds partitions),
+    then the raw disk bandwidth for the same bytes. ``after_save()`` returns extra seconds to report."""
+    import torch.distributed as dist
+
+    save_dir = Path(args["dir"]) / "ckpt"
+    saves, loads, extra, nbytes = [], [], [], 0
+    for i in range(args["repeat"]):
+        dist.barrier()
+        start = time.perf_counter()
+        ckpt.save(save_dir, i + 1, 0)
+        saves.append(time.perf_counter() - start)
+        nbytes = ckpt.last_save["bytes"]
+        if after_save is not None:
+            extra.append(after_save())
+    for _ in range(args["repeat"]):
+        loader = fresh_checkpointer()
+        dist.barrier()
+        start = time.perf_counter()
+        loader.load(save_dir)
+        loads.append(time.perf_counter() - start)
+    dist.barrier()
+    write_bw, read_bw = raw_bandwidth(Path(args["dir"]) / f"raw-{dist.get_rank()}.bin", nbytes)
+    out = {"bytes": nbytes, "save_s": statistics.median(saves), "load_s": statistics.median(loads),
+           "raw_write_Bps": write_bw, "raw_read_Bps": read_bw}
+    if extra:
+        out["check_s"] = statistics.median(extra)
+    return out
+
+
 def megatron_rank_work(args: dict, corpus: str) -> dict:
     """pp2 on Megatron-Core's engine: MegatronTrainer + MegatronCheckpointer (dist checkpointing)."""
-    import torch.distributed as dist
     from ckpt_megatron_workers import allow_child_processes, use_in_process_queue
 
     from zeromega.integrations.megatron import data, model, parallel
@@ -70,36 +100,23 @@ def megatron_rank_work(args: dict, corpus: str) -> dict:
                            num_attention_heads=8, seq_length=64, vocab_size=257)
     train_ds, _, _ = data.build_gpt_datasets(corpus, 64, 1, (8, 0, 0), split="1,0,0")
 
-    def trainer():
-        return MegatronTrainer(shape, cfg, layout, init_seed=1)
+    def checkpointer(trainer=None):
+        trainer = trainer or MegatronTrainer(shape, cfg, layout, init_seed=1)
+        return megatron_checkpoint.MegatronCheckpointer(trainer, layout, 1, "fp32")
 
-    first = trainer()
+    first = MegatronTrainer(shape, cfg, layout, init_seed=1)
     batches = data.sample_batches(train_ds, 1, dp_rank=0, dp_size=1)
     first.train_step([next(batches) for _ in range(layout.accumulation)])
-    ckpt = megatron_checkpoint.MegatronCheckpointer(first, layout, 1, "fp32")
-    save_dir = Path(args["dir"]) / "ckpt"
-    saves, loads, checks, nbytes = [], [], [], 0
-    for i in range(args["repeat"]):
-        dist.barrier()
-        start = time.perf_counter()
-        ckpt.save(save_dir, i + 1, 0)
-        saves.append(time.perf_counter() - start)
-        nbytes = ckpt.last_save["bytes"]
+
+    def check_seconds() -> float:
         state = megatron_checkpoint.sharded_state_dict(first, loading=False)
         start = time.perf_counter()
         assert megatron_checkpoint.misplaced_masters(state) == []
-        checks.append(time.perf_counter() - start)
-    for _ in range(args["repeat"]):
-        ckpt2 = megatron_checkpoint.MegatronCheckpointer(trainer(), layout, 1, "fp32")
-        dist.barrier()
-        start = time.perf_counter()
-        ckpt2.load(save_dir)
-        loads.append(time.perf_counter() - start)
-    dist.barrier()
-    write_bw, read_bw = raw_bandwidth(Path(args["dir"]) / f"raw-{dist.get_rank()}.bin", nbytes)
+        return time.perf_counter() - start
+
+    result = time_saves_and_loads(args, checkpointer(first), checkpointer, after_save=check_seconds)
     parallel.shutdown()
-    return {"bytes": nbytes, "save_s": statistics.median(saves), "load_s": statistics.median(loads),
-            "check_s": statistics.median(checks), "raw_write_Bps": write_bw, "raw_read_Bps": read_bw}
+    return result
 
 
 def rank_work(args: dict, corpus: str) -> dict:
@@ -115,33 +132,19 @@ def rank_work(args: dict, corpus: str) -> dict:
     layout = parallel.initialize(cfg, seed=1)
     shape = model.GPTShape(num_layers=args["num_layers"], hidden_size=args["hidden_size"],
                            num_attention_heads=8, seq_length=64, vocab_size=257)
+
+    def checkpointer(engine=None):
+        engine = engine or build_engine(model.build_gpt(shape, cfg), cfg, layout)
+        return Checkpointer(engine, layout, args["zero_stage"], "fp32")
+
     engine = build_engine(model.build_gpt(shape, cfg), cfg, layout)
     train_ds, _, _ = data.build_gpt_datasets(corpus, 64, 1, (8, 0, 0), split="1,0,0")
     batch = next(data.sample_batches(train_ds, 1, dp_rank=dist.get_rank(), dp_size=2))
     engine.backward(gpt_loss(engine, batch))
     engine.step()
-    ckpt = Checkpointer(engine, layout, args["zero_stage"], "fp32")
-    save_dir = Path(args["dir"]) / "ckpt"
-    saves, loads, nbytes = [], [], 0
-    for i in range(args["repeat"]):
-        dist.barrier()
-        start = time.perf_counter()
-        ckpt.save(save_dir, i + 1, 0)
-        saves.append(time.perf_counter() - start)
-        nbytes = ckpt.last_save["bytes"]
-    # A fresh engine per load: ZeRO-3 cannot load into an engine that already holds partitions.
-    for _ in range(args["repeat"]):
-        engine2 = build_engine(model.build_gpt(shape, cfg), cfg, layout)
-        ckpt2 = Checkpointer(engine2, layout, args["zero_stage"], "fp32")
-        dist.barrier()
-        start = time.perf_counter()
-        ckpt2.load(save_dir)
-        loads.append(time.perf_counter() - start)
-    dist.barrier()
-    write_bw, read_bw = raw_bandwidth(Path(args["dir"]) / f"raw-{dist.get_rank()}.bin", nbytes)
+    result = time_saves_and_loads(args, checkpointer(engine), checkpointer)
     parallel.shutdown()
-    return {"bytes": nbytes, "save_s": statistics.median(saves), "load_s": statistics.median(loads),
-            "raw_write_Bps": write_bw, "raw_read_Bps": read_bw}
+    return result
 
 
 def main() -> None:
