@@ -21,7 +21,10 @@ state go through Megatron's dist checkpointing, which also reshards pp and ep;
 such a checkpoint keeps the run on that engine, even at pp 1. With
 ``--load`` and ``--save`` naming the same directory, a run that finds no
 checkpoint there starts fresh, so one command line serves the first attempt
-and every restart (``zeromega launch --max-restarts K``).
+and every restart (``zeromega launch --max-restarts K``). ``--finetune`` and
+``--no-load-optim`` load only the weights (from either engine's checkpoint,
+into any layout; :mod:`zeromega.checkpoint.weights`), ``--no-load-rng``
+keeps this run's seeds.
 """
 
 from __future__ import annotations
@@ -77,6 +80,13 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     ckpt.add_argument("--exit-interval", type=int, default=None, help="save and exit after a step divisible by this")
     ckpt.add_argument("--exit-signal-handler", action="store_true",
                       help="on SIGTERM, save after the current step and exit")
+    ckpt.add_argument("--finetune", action="store_true",
+                      help="load only the model weights from --load (any layout, either engine) and start at step 0 "
+                           "with a fresh optimizer, scheduler, data position and RNGs")
+    ckpt.add_argument("--no-load-optim", action="store_true",
+                      help="load the weights, step, data position and scheduler from --load, not the optimizer "
+                           "(Adam restarts from zero moments); works across any layout")
+    ckpt.add_argument("--no-load-rng", action="store_true", help="do not restore the RNG states from --load")
     args, rest = p.parse_known_args(argv)
     return args, rest
 
@@ -99,6 +109,11 @@ def run_config(args, rest: list[str]):
     # Checkpoint directories may come from the config file as well as from flags (the translator
     # refused them if both were given and disagree).
     args.save, args.load, args.save_interval = cfg.checkpoint.save, cfg.checkpoint.load, cfg.checkpoint.interval
+    if args.finetune and args.load and args.save and os.path.abspath(args.save) == os.path.abspath(args.load):
+        print(f"pretrain_gpt.py: error: --finetune with --load and --save both {args.load!r}: every restart would "
+              f"fine-tune again from step 0, from the run's own checkpoint; fix: save to another directory",
+              file=sys.stderr)
+        raise SystemExit(2)
     return cfg
 
 
@@ -106,11 +121,11 @@ class CheckpointedRun:
     """The run's --save/--load/--exit-* policy around :class:`zeromega.checkpoint.Checkpointer` (DeepSpeed's
     engine) or :class:`zeromega.plugins.megatron.checkpoint.MegatronCheckpointer` (Megatron-Core's, ``trainer``)."""
 
-    def __init__(self, args, engine, layout, cfg, scheduler, model_meta: dict, trainer=None):
+    def __init__(self, args, engine, layout, cfg, scheduler, model_meta: dict, trainer=None, weights=None):
         from zeromega.checkpoint import Checkpointer
         from zeromega.plugins.megatron.checkpoint import MegatronCheckpointer
 
-        self.args, self.global_batch = args, layout.global_batch
+        self.args, self.global_batch, self.weights, self.scheduler = args, layout.global_batch, weights, scheduler
         if trainer is not None:
             self.ckpt = MegatronCheckpointer(trainer, layout, cfg.zero.stage, cfg.precision, scheduler,
                                              model_meta=model_meta)
@@ -124,12 +139,31 @@ class CheckpointedRun:
             signal.signal(signal.SIGTERM, self._on_sigterm)
 
     @staticmethod
+    def weights_only(args) -> bool:
+        return bool(args.load) and (args.finetune or args.no_load_optim)
+
+    @staticmethod
     def resumes_megatron(args) -> bool:
         """Whether --load names a checkpoint of Megatron-Core's engine (collective): such a run stays on
-        that engine, whatever its pp, so a pp > 1 checkpoint can resume at pp 1."""
+        that engine, whatever its pp, so a pp > 1 checkpoint can resume at pp 1. A weights-only load
+        goes into whichever engine this run's layout picks."""
         from zeromega.checkpoint import reshard, saved_engine
 
-        return bool(args.load) and saved_engine(args.load) == reshard.MEGATRON
+        return bool(args.load) and not CheckpointedRun.weights_only(args) and \
+            saved_engine(args.load) == reshard.MEGATRON
+
+    @staticmethod
+    def read_weights(args):
+        """The --load checkpoint's whole fp32 weights for --finetune / --no-load-optim (collective:
+        every file verified first); None otherwise, or when the directory is empty and --save names it."""
+        from zeromega.checkpoint import open_verified
+        from zeromega.checkpoint import weights as weights_io
+
+        if not CheckpointedRun.weights_only(args):
+            return None
+        same = args.save is not None and os.path.abspath(args.save) == os.path.abspath(args.load)
+        found = open_verified(args.load, allow_empty=same)
+        return None if found is None else weights_io.read(*found)
 
     def _on_sigterm(self, signum, frame) -> None:
         self.stop_requested = True
@@ -139,13 +173,35 @@ class CheckpointedRun:
         args = self.args
         if not args.load:
             return 0, 0
+        if self.weights is not None:
+            return self._resume_without_optimizer()
+        if self.weights_only(args):  # --finetune / --no-load-optim with nothing saved yet
+            return 0, 0
         same = args.save is not None and os.path.abspath(args.save) == os.path.abspath(args.load)
-        resumed = self.ckpt.load(args.load, allow_empty=same)
+        resumed = self.ckpt.load(args.load, allow_empty=same, load_rng=not args.no_load_rng)
         if resumed is None:
             return 0, 0
         self.start_step, self.start_samples = resumed.step, resumed.consumed_samples
         self.saved_step = resumed.step
         return resumed.step, resumed.consumed_samples
+
+    def _resume_without_optimizer(self) -> tuple[int, int]:
+        """The weights are in the model already; --no-load-optim also takes the step, data position,
+        scheduler and (under the saved layout) this rank's RNGs, as Megatron-LM does."""
+        from zeromega.checkpoint import RNG_FILE, _rank, rng
+        from zeromega.checkpoint.files import safe_load
+
+        if self.args.finetune:
+            return 0, 0
+        manifest = self.weights.manifest
+        if self.scheduler is not None and manifest.get("scheduler") is not None:
+            self.scheduler.load_state_dict(manifest["scheduler"])
+        rng_file = self.weights.path / RNG_FILE.format(_rank())
+        if not self.args.no_load_rng and manifest["layout"] == self.ckpt._layout_meta() and rng_file.is_file():
+            rng.restore(safe_load(rng_file))
+        self.start_step, self.start_samples = int(manifest["step"]), int(manifest["consumed_samples"])
+        self.saved_step = self.start_step
+        return self.start_step, self.start_samples
 
     def consumed(self, step: int) -> int:
         return self.start_samples + (step - self.start_step) * self.global_batch
@@ -216,6 +272,9 @@ def main(argv: list[str] | None = None) -> None:
         dist.barrier()
     samples = args.train_iters * layout.global_batch
     train_ds, _, _ = data.build_gpt_datasets(prefix, args.seq_length, args.seed, (samples, 0, 0), split=args.split)
+    weights = CheckpointedRun.read_weights(args)  # --finetune / --no-load-optim: weights only, any layout
+    if weights is not None:
+        say(f"zeromega: weights from {weights.path}: {weights.source}")
 
     shape = model.GPTShape(
         num_layers=args.num_layers, hidden_size=args.hidden_size, num_attention_heads=args.num_attention_heads,
@@ -236,7 +295,8 @@ def main(argv: list[str] | None = None) -> None:
         # the expert-data-parallel group: Megatron-Core's schedules, DDP and distributed optimizer run these.
         # Weights drawn by their 1-process names: without it Megatron's CPU init gives every ep rank
         # the same local experts (expert e == expert e + E/ep) and each pp stage its own stream.
-        trainer = MegatronTrainer(shape, cfg, layout, distributed_optimizer=cfg.zero.stage >= 1, init_seed=args.seed)
+        trainer = MegatronTrainer(shape, cfg, layout, distributed_optimizer=cfg.zero.stage >= 1, init_seed=args.seed,
+                                  weights=weights)
         engine, optimizer = None, trainer.optimizer
         say(f"zeromega: GPT {args.num_layers}x{args.hidden_size} on Megatron-Core's "
             f"{'interleaved' if trainer.virtual_stages > 1 else '1F1B'} schedule"
@@ -244,6 +304,10 @@ def main(argv: list[str] | None = None) -> None:
     else:
         with model_init_context(cfg, layout):
             gpt = model.build_gpt(shape, cfg)
+        if weights is not None:  # before the engine builds its optimizer, whose masters start from them
+            from zeromega.checkpoint.weights import load_by_name
+
+            load_by_name([gpt], weights)
         if cfg.parallel.sequence_parallel:
             sum_sequence_parallel_grads(gpt)
         n_params = sum(getattr(p, "ds_numel", p.numel()) for p in gpt.parameters())
@@ -258,7 +322,7 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     run = CheckpointedRun(args, engine, layout, cfg, scheduler, dataclasses.asdict(shape),
-                          trainer=trainer) if (args.save or args.load) else None
+                          trainer=trainer, weights=weights) if (args.save or args.load) else None
     start_step, consumed = run.resume() if run else (0, 0)
     if start_step:
         say(f"zeromega: resumed at step {start_step} ({consumed} samples consumed)")

@@ -321,3 +321,71 @@ def export_matches_training(tmp: Path, corpus: str, full: dict[int, float]) -> N
     assert hf.handler(hf) == 0
     config = json.loads((tmp / "hf" / "config.json").read_text())
     assert config["n_layer"] == 2 and config["n_head"] == 4 and config["vocab_size"] == 384
+
+
+# ---------------------------------------------------------------- weights-only loads (--no-load-optim, --finetune)
+
+
+@pytest.fixture(scope="module")
+def zero1_run(tmp_path_factory, small_corpus):
+    """(--save directory, curve) of a 6-step ZeRO-1 dp2 run that saved after step 3, dropout off."""
+    tmp = tmp_path_factory.mktemp("zero1")
+    run(2, argv(small_corpus, "--zero-stage", "1", "--save", str(tmp / "ckpt"), "--save-interval", str(HALF),
+                "--metrics-out", str(tmp / "full.jsonl"), dropout=False))
+    return tmp / "ckpt", read_curve(tmp / "full.jsonl")
+
+
+WEIGHTS_ONLY = {  # into Megatron-Core's engine, into ZeRO-3's partitions, into tp shards
+    "pp2": (2, ["--pipeline-model-parallel-size", "2", "--zero-stage", "1"]),
+    "dp2-zero3": (2, ["--zero-stage", "3"]),
+    "tp2-zero2": (2, ["--tensor-model-parallel-size", "2", "--zero-stage", "2"]),
+}
+
+
+def test_no_load_optim_moves_the_weights_to_any_layout_and_restarts_adam(zero1_run, tmp_path, small_corpus):
+    """Step 4's loss is the saved weights on step 4's data: the uninterrupted run's, whichever engine
+    and layout loads them; step 5 differs by far more than reordering could, since Adam starts over."""
+    save, full = zero1_run
+    for name, (world, layout) in WEIGHTS_ONLY.items():
+        metrics = tmp_path / f"{name}.jsonl"
+        run(world, argv(small_corpus, *layout, "--load", str(save / tag_for(HALF)), "--no-load-optim",
+                        "--metrics-out", str(metrics), dropout=False))
+        got = read_curve(metrics)
+        assert sorted(got) == list(range(HALF + 1, STEPS + 1)), (name, got)
+        assert abs(got[HALF + 1] - full[HALF + 1]) <= 1e-5 * full[HALF + 1], (name, got, full)
+        assert abs(got[HALF + 2] - full[HALF + 2]) > 1e-3 * full[HALF + 2], (name, got, full)
+
+
+def test_finetune_starts_at_step_1_from_the_saved_weights_in_any_layout(zero1_run, tmp_path, small_corpus):
+    save, full = zero1_run
+    curves = {}
+    for name in ("pp2", "dp2-zero3"):
+        world, layout = WEIGHTS_ONLY[name]
+        run(world, argv(small_corpus, *layout, "--load", str(save), "--finetune",
+                        "--metrics-out", str(tmp_path / f"{name}.jsonl"), dropout=False))
+        curves[name] = read_curve(tmp_path / f"{name}.jsonl")
+    first, second = curves.values()
+    assert sorted(first) == list(range(1, STEPS + 1))  # step 0, fresh scheduler and data position
+    assert first[1] < full[1] - 0.1, (first, full)  # a trained model on the first batch, not a fresh one
+    assert all(abs(first[s] - second[s]) <= 1e-5 * first[s] for s in first), curves
+
+
+def test_weights_only_loads_refuse_what_cannot_work(zero1_run, tmp_path, small_corpus, capfd):
+    save, _ = zero1_run
+    other_shape = argv(small_corpus, "--zero-stage", "1", "--hidden-size", "128", "--load", str(save), "--finetune")
+    error = run_expecting_error(1, other_shape)
+    assert "CheckpointError" in error and "embedding.word_embeddings.weight is [384, 64]" in error, error
+    assert "this model's is [384, 128]" in error and "fix: " in error, error
+    capfd.readouterr()
+    same = tmp_path / "ckpt"
+    assert run_expecting_error(1, argv(small_corpus, "--load", str(same), "--save", str(same), "--finetune")) \
+        == "SystemExit: 2"
+    assert "every restart would fine-tune again from step 0" in capfd.readouterr().err
+
+
+def test_no_load_rng_resumes_everything_but_the_random_streams(tmp_path, small_corpus):
+    """Dropout on: the same resume is bit for bit with the RNGs (test above) and leaves the curve without."""
+    full, resumed = full_then_resumed(tmp_path, small_corpus, 2, ["--zero-stage", "1", "--no-load-rng"])
+    assert sorted(resumed) == list(range(HALF + 1, STEPS + 1))
+    assert resumed[HALF + 1] != full[HALF + 1], (resumed, full)
+    assert abs(resumed[HALF + 1] - full[HALF + 1]) < 0.05 * full[HALF + 1], (resumed, full)  # same weights

@@ -255,6 +255,23 @@ def global_param_names(chunk) -> dict[str, str]:
     return names
 
 
+def tp_split(param: torch.nn.Parameter) -> tuple[int, int, int]:
+    """(partition dim or -1 when whole, tp size, tp rank) of a parameter; experts use the expert tp group."""
+    from megatron.core import parallel_state as ps
+
+    expert = not getattr(param, "allreduce", True)
+    tp_size = ps.get_expert_tensor_parallel_world_size() if expert else ps.get_tensor_model_parallel_world_size()
+    tp_rank = ps.get_expert_tensor_parallel_rank() if expert else ps.get_tensor_model_parallel_rank()
+    dim = getattr(param, "partition_dim", -1) if getattr(param, "tensor_model_parallel", False) else -1
+    return dim, tp_size, tp_rank
+
+
+def tp_shard(param: torch.nn.Parameter, full: torch.Tensor) -> torch.Tensor:
+    """This rank's tp shard of ``full``, the parameter's whole 1-process tensor."""
+    dim, tp_size, tp_rank = tp_split(param)
+    return full.chunk(tp_size, dim)[tp_rank] if dim >= 0 else full
+
+
 def init_by_name(chunks: list, shape: GPTShape, seed: int) -> None:
     """Re-draw every matrix from a generator seeded by its 1-process name, then keep this rank's shard.
 
@@ -268,8 +285,6 @@ def init_by_name(chunks: list, shape: GPTShape, seed: int) -> None:
     """
     import zlib
 
-    from megatron.core import parallel_state as ps
-
     scaled_std = shape.init_method_std / math.sqrt(2.0 * shape.num_layers)
     for chunk in chunks:
         names = global_param_names(chunk)
@@ -279,15 +294,11 @@ def init_by_name(chunks: list, shape: GPTShape, seed: int) -> None:
             global_name = names[name]
             std = scaled_std if global_name.endswith(("linear_proj.weight", "linear_fc2.weight")) else \
                 shape.init_method_std
-            expert = not getattr(param, "allreduce", True)
-            tp_size = ps.get_expert_tensor_parallel_world_size() if expert else ps.get_tensor_model_parallel_world_size()
-            tp_rank = ps.get_expert_tensor_parallel_rank() if expert else ps.get_tensor_model_parallel_rank()
+            dim, tp_size, _ = tp_split(param)
             full_shape = list(param.shape)
-            dim = getattr(param, "partition_dim", -1) if getattr(param, "tensor_model_parallel", False) else -1
             if dim >= 0:
                 full_shape[dim] *= tp_size
             generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(global_name.encode()))
             full = torch.empty(full_shape, dtype=torch.float32).normal_(0.0, std, generator=generator)
-            shard = full.chunk(tp_size, dim)[tp_rank] if dim >= 0 else full
             with torch.no_grad():
-                param.copy_(shard.to(param.dtype))
+                param.copy_(tp_shard(param, full).to(param.dtype))

@@ -361,7 +361,7 @@ class MegatronCheckpointer:
 
     # ------------------------------------------------------------- load
 
-    def load(self, load_dir: str | Path, allow_empty: bool = False) -> Optional[Resumed]:
+    def load(self, load_dir: str | Path, allow_empty: bool = False, load_rng: bool = True) -> Optional[Resumed]:
         """Verify and load the newest checkpoint in ``load_dir``; None when there is none and ``allow_empty``.
 
         Every file is checked against the manifest and the layout change
@@ -403,7 +403,7 @@ class MegatronCheckpointer:
             self.scheduler.load_state_dict(manifest["scheduler"])
         restored = False
         rng_file = ckpt / RNG_FILE.format(_rank())
-        if not resharded and rng_file.is_file():
+        if load_rng and not resharded and rng_file.is_file():
             rng.restore(safe_load(rng_file))
             restored = True
         _barrier()
