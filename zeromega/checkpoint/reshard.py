@@ -78,6 +78,7 @@ import torch
 from .files import CheckpointError, safe_load, weights_only_loads, write_text_atomic
 
 UNIVERSAL_DIR = ".universal"
+WEIGHTS_ONLY_FIX = "load the weights alone into this layout (--no-load-optim: Adam restarts; --finetune: step 0 too)"
 UNIVERSAL_FORMAT = 3  # 2: model-state files named for both ZeRO families; 3: ZeRO-3 tp > 1 sources get step.pt
 SUPPORTED = ("same layout; from ZeRO-1, 2 or 3 at any tp to ZeRO-1, 2 or 3 with any dp and tp size, "
              "at pp 1 without experts; ZeRO-0 to ZeRO-0 at the same tp with any dp size")
@@ -105,7 +106,8 @@ def plan(saved: dict, now: dict) -> Plan:
 
     def refuse(reason: str) -> CheckpointError:
         return CheckpointError(f"{change}: {reason}; supported: {SUPPORTED}",
-                               f"resume with the saved layout ({describe(saved)}), or change only what is supported")
+                               f"resume with the saved layout ({describe(saved)}), change only what is supported, "
+                               f"or {WEIGHTS_ONLY_FIX}")
 
     if saved["pp"] != now["pp"] or saved["ep"] != now["ep"] or saved["pp"] > 1 or saved["ep"] > 1:
         raise refuse("resharding pipeline or expert parallel layouts is not supported yet")
@@ -325,10 +327,9 @@ def check_engine(manifest: dict, engine: str, ckpt: Path) -> None:
         fix = ("resume it with examples/pretrain_gpt.py, which picks Megatron-Core's engine for it at any pp, "
                "or with --pipeline-model-parallel-size / --num-experts as saved")
     else:
-        fix = ("resume it with pp 1 and no --num-experts (DeepSpeed's engine), or start this layout from scratch "
-               "(drop --load)")
+        fix = "resume it with pp 1 and no --num-experts (DeepSpeed's engine)"
     raise CheckpointError(f"checkpoint {ckpt} was saved by {ENGINES.get(saved, saved)} {where}; this run uses "
-                          f"{ENGINES[engine]}, which cannot read its files", fix)
+                          f"{ENGINES[engine]}, which cannot read its files", f"{fix}, or {WEIGHTS_ONLY_FIX}")
 
 
 def plan_megatron(saved: dict, now: dict, saved_shape: Optional[dict] = None,
@@ -345,7 +346,7 @@ def plan_megatron(saved: dict, now: dict, saved_shape: Optional[dict] = None,
     def refuse(field: str, reason: str, fix: str) -> CheckpointError:
         return CheckpointError(f"checkpoint saved as {describe(saved)}, this run is {describe(now)}: {field} "
                                f"{saved.get(field)!r} -> {now.get(field)!r}: {reason}; supported: {MEGATRON_SUPPORTED}",
-                               fix)
+                               f"{fix}, or {WEIGHTS_ONLY_FIX}")
 
     if (saved["zero_stage"] >= 1) != (now["zero_stage"] >= 1):
         raise refuse("zero_stage", "ZeRO-0 (Megatron's plain optimizer) and the distributed optimizer "
