@@ -275,6 +275,9 @@ def main(argv: list[str] | None = None) -> None:
     weights = CheckpointedRun.read_weights(args)  # --finetune / --no-load-optim: weights only, any layout
     if weights is not None:
         say(f"zeromega: weights from {weights.path}: {weights.source}")
+        if args.save and os.path.abspath(args.save) == os.path.abspath(args.load):
+            say("zeromega: note: --no-load-optim with --load and --save naming one directory restarts Adam at every "
+                "restart too; drop --no-load-optim once this run has saved")
 
     shape = model.GPTShape(
         num_layers=args.num_layers, hidden_size=args.hidden_size, num_attention_heads=args.num_attention_heads,
