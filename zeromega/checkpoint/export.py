@@ -137,6 +137,11 @@ def _universal_weights(ckpt: Path, manifest: dict, scratch: Path) -> dict[str, t
 
     out_dir = scratch / "universal"
     convert(ckpt, out_dir)
+    return universal_folder_weights(out_dir, manifest)
+
+
+def universal_folder_weights(out_dir: Path, manifest: dict) -> dict[str, torch.Tensor]:
+    """The whole fp32 master weights in a universal folder of the checkpoint ``manifest`` describes."""
     tp = manifest["layout"]["tp"]
     weights = {}
     for name, split in manifest["params"].items():

@@ -40,9 +40,23 @@ class Weights:
 
 
 def read(ckpt: Path, manifest: dict) -> Weights:
-    """The consolidated weights of a verified checkpoint (every rank reads them itself)."""
-    from .export import consolidated_weights
+    """The consolidated weights of a verified checkpoint (collective).
 
+    A DeepSpeed ZeRO-1..3 checkpoint goes through the universal form a
+    reshard would use, converted once by rank 0 and cached beside it
+    (:func:`zeromega.checkpoint.reshard.universal_copy`); every rank then
+    reads the fp32 masters from there. Other checkpoints are read by every
+    rank directly (ZeRO-0 module files, Megatron's dist checkpoint).
+    """
+    from . import _agree, reshard
+    from .export import MASTERS, consolidated_weights, universal_folder_weights
+
+    layout = manifest["layout"]
+    if manifest.get("engine", reshard.DEEPSPEED) == reshard.DEEPSPEED and layout["zero_stage"] >= 1 \
+            and layout["pp"] == 1 and layout["ep"] == 1:
+        folder = _agree(lambda: reshard.universal_copy(ckpt, manifest))
+        return Weights(ckpt, manifest, universal_folder_weights(folder, manifest),
+                       f"{MASTERS} (DeepSpeed's universal form)")
     tensors, _, source = consolidated_weights(ckpt)
     return Weights(ckpt, manifest, tensors, source)
 
