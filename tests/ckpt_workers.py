@@ -68,6 +68,32 @@ def pretrain(argv: list[str], fault_point: Optional[str] = None, fault_rank: int
     return {"error": None}
 
 
+def pretrain_sigterm_at(argv: list[str], rank: int, step: int) -> Any:
+    """:func:`pretrain`, with SIGTERM sent to global rank ``rank`` by itself after ``step`` (before the
+    run's own per-step hook), as a scheduler's preemption notice would arrive."""
+    import signal
+
+    import torch.distributed as dist
+
+    import zeromega.train as train_module
+
+    original = train_module.train
+
+    def train(*args, on_step=None, **kwargs):
+        def step_hook(record):
+            if record.step == step and dist.get_rank() == rank:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return on_step(record) if on_step else False
+
+        return original(*args, on_step=step_hook, **kwargs)
+
+    train_module.train = train
+    try:
+        return pretrain(argv)
+    finally:
+        train_module.train = original
+
+
 def _fault_during_first_attempt() -> None:
     """Script entry: ZEROMEGA_TEST_KILL='RANK:STEP' SIGKILLs that rank after that step, and
     ZEROMEGA_TEST_HANG='RANK:STEP' makes it sleep there while the others wait in the next step's

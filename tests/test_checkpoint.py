@@ -84,6 +84,28 @@ def test_resume_reproduces_the_loss_curve_bit_for_bit(name, tmp_path, small_corp
     assert (tmp_path / "ckpt" / "latest").read_text().strip() == tag_for(STEPS)  # saved again at the end
 
 
+@pytest.mark.parametrize("how", ["--exit-interval", "--exit-signal-handler"])
+def test_a_run_told_to_stop_saves_and_the_same_command_line_finishes_it(how, tmp_path, small_corpus):
+    """Megatron's --exit-interval N (stop after a step divisible by N) and --exit-signal-handler (SIGTERM
+    to one rank, e.g. a preemption notice: every rank stops after the same step): the run saves, exits
+    cleanly, and the same command line without the stop finishes the uninterrupted curve bit for bit."""
+    from ckpt_workers import pretrain_sigterm_at
+
+    layout = ["--zero-stage", "1", "--train-iters", "4"]
+    run(2, argv(small_corpus, *layout, "--metrics-out", str(tmp_path / "full.jsonl")))
+    save = tmp_path / "ckpt"
+    common = [*layout, "--save", str(save), "--load", str(save), "--metrics-out", str(tmp_path / "stopped.jsonl")]
+    if how == "--exit-interval":
+        run(2, argv(small_corpus, *common, "--exit-interval", "2"))
+    else:
+        results = run_world(2, pretrain_sigterm_at, argv(small_corpus, *common, "--exit-signal-handler"), 1, 2)
+        assert [r["error"] for r in results] == [None, None], results
+    assert sorted(read_curve(tmp_path / "stopped.jsonl")) == [1, 2]
+    assert (save / "latest").read_text().strip() == tag_for(2)
+    run(2, argv(small_corpus, *common))
+    assert read_curve(tmp_path / "stopped.jsonl") == read_curve(tmp_path / "full.jsonl")
+
+
 # ---------------------------------------------------------------- atomic saves
 
 
