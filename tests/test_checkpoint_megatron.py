@@ -167,6 +167,10 @@ RESHARDS = {
                                2, ["--pipeline-model-parallel-size", "2"]),
     # Megatron's plain optimizer (ZeRO-0) keys its state by global names too
     "ZeRO-0 pp2 -> pp1": (2, ["--pipeline-model-parallel-size", "2", "--zero-stage", "0"], 1, ["--zero-stage", "0"]),
+    # ... and its masters and moments map onto the distributed optimizer's, both ways
+    "ZeRO-0 pp2 -> ZeRO-1 pp1 dp2": (2, ["--pipeline-model-parallel-size", "2", "--zero-stage", "0"], 2, []),
+    "ZeRO-1 pp2 -> ZeRO-0 pp2": (2, ["--pipeline-model-parallel-size", "2"],
+                                 2, ["--pipeline-model-parallel-size", "2", "--zero-stage", "0"]),
 }
 
 
@@ -306,11 +310,13 @@ def test_engine_and_layout_rules_name_field_value_and_fix(tmp_path):
     assert reshard.plan_megatron(dict(BASE, tp=2, world=4), dict(BASE))
     zero0 = dict(BASE, zero_stage=0)
     assert reshard.plan_megatron(zero0, dict(zero0, tp=2, world=4))  # Megatron keys its plain state by global names
-    for saved, now, field in [(BASE, dict(BASE, tp=2, world=4, zero_stage=0), "zero_stage"),
-                              (BASE, dict(BASE, precision="bf16"), "precision"),
-                              (dict(zero0, pp=1, ep=2, dp=2), dict(zero0, pp=1, world=1), "ep")]:
+    assert not reshard.plan_megatron(BASE, dict(zero0))  # the optimizer changes, the layout does not
+    moe = {"num_layers": 2, "hidden_size": 64, "num_experts": 4}
+    for saved, now, field, shapes in [(BASE, dict(BASE, tp=2, world=4, zero_stage=0), "zero_stage", (moe, moe)),
+                                      (BASE, dict(BASE, precision="bf16"), "precision", (None, None)),
+                                      (dict(zero0, pp=1, ep=2, dp=2), dict(zero0, pp=1, world=1), "ep", (None, None))]:
         with pytest.raises(CheckpointError, match=rf"{field} .* -> .*supported: .*fix: "):
-            reshard.plan_megatron(saved, now)
+            reshard.plan_megatron(saved, now, *shapes)
     shape = {"num_layers": 4, "hidden_size": 64, "num_experts": 4}
     with pytest.raises(CheckpointError, match=r"num_experts = 4, this run's has 8.*fix: "):
         reshard.plan_megatron(BASE, dict(BASE), shape, dict(shape, num_experts=8, hidden_dropout=0.0))

@@ -23,7 +23,9 @@ ep 1 expert weights sit in the dense optimizer, at ep > 1 in one of their
 own, so an ep change changes the number of optimizers; each then keeps its
 own param groups and takes the saved Adam step (the scheduler, restored from
 the manifest, sets lr and weight decay). ZeRO-0 (Megatron's plain optimizer)
-resumes the same layout only.
+keys its state by global names as well, so it reshards too, except across
+ep; and a dense model's state moves between the two optimizers
+(:func:`_retarget_masters`, :func:`_load_across_optimizers`).
 
 On CPU the torch_dist save reaches two ``torch.cuda`` calls, patched in
 :mod:`zeromega.integrations.megatron.cpu_patches`; its writer forks one
@@ -65,6 +67,7 @@ from __future__ import annotations
 
 import contextlib
 import queue
+from dataclasses import dataclass
 import time
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -273,6 +276,104 @@ def _adam_step(parts: list[dict]) -> float:
     return steps.pop()
 
 
+PLAIN_MASTER_PREFIX = "optimizer.state.fp32_param."
+
+
+def _retarget_masters(request: dict, saved_distributed: bool, precision: str) -> None:
+    """Point this run's optimizer request at the fp32 masters where the *other* optimizer saved them.
+
+    The distributed optimizer saves its masters as ``optimizer.state.param.K``;
+    Megatron's plain optimizer as ``optimizer.state.fp32_param.K`` for bf16/fp16
+    and not at all for fp32, whose masters are the model weights ``K``. Adam's
+    moments have the same keys in both (``optimizer.state.exp_avg.K``).
+    """
+    from dataclasses import replace
+
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject
+
+    def retargeted(tensor: ShardedTensor):
+        key = tensor.key
+        if saved_distributed and key.startswith(PLAIN_MASTER_PREFIX):  # this run: plain, half precision
+            return replace(tensor, key=MASTER_PREFIX + key[len(PLAIN_MASTER_PREFIX):])
+        if not saved_distributed and key.startswith(MASTER_PREFIX):  # this run: distributed
+            name = key[len(MASTER_PREFIX):]
+            if precision != "fp32":
+                return replace(tensor, key=PLAIN_MASTER_PREFIX + name)
+            # The model weight itself, which the request already reads: filled in after the load.
+            return LocalNonpersistentObject(_ModelWeight(name, tuple(tensor.global_offset)))
+        return tensor
+
+    def walk(tree) -> None:
+        items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, list) else ()
+        for k, v in list(items):
+            if isinstance(v, ShardedTensor):
+                tree[k] = retargeted(v)
+            else:
+                walk(v)
+
+    walk(request["optimizer"])
+
+
+@dataclass(frozen=True)
+class _ModelWeight:
+    """Where an fp32 master comes from when a ZeRO-0 fp32 checkpoint kept none: the model tensor."""
+
+    key: str
+    global_offset: tuple
+
+
+def _fill_model_weights(request: dict, loaded: dict) -> None:
+    """Replace each :class:`_ModelWeight` in ``loaded["optimizer"]`` by the model tensor it names."""
+    weights = {(t.key, tuple(t.global_offset)): data for t, data in _sharded_tensors(request, loaded)
+               if not t.key.startswith("optimizer.")}
+
+    def walk(tree) -> None:
+        items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, list) else ()
+        for k, v in list(items):
+            if isinstance(v, _ModelWeight):
+                tree[k] = weights[(v.key, v.global_offset)].detach().clone()
+            else:
+                walk(v)
+
+    walk(loaded["optimizer"])
+
+
+def _load_across_optimizers(optimizer, merged: dict, saved_distributed: bool) -> None:
+    """Load the other optimizer's state (ZeRO-0 <-> distributed optimizer, one optimizer, not MoE):
+    Adam's moments and fp32 masters come from the tensors :func:`_retarget_masters` asked for, the
+    step from the saved param groups or ``common_step``; the param groups are this run's own."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    (opt,) = _optimizers(optimizer)
+    if not saved_distributed:  # ZeRO-0 checkpoint -> distributed optimizer
+        plain = merged["state"] if "state" in merged else merged["optimizer"]["state"]
+        step = float(plain["common_step"])
+        part = opt.state_dict()
+        for group in part["optimizer"]["param_groups"]:
+            group["step"] = step
+        opt.load_state_dict(part)
+        adam = opt.optimizer.state
+        steps = {param: entry.pop("step") for param, entry in adam.items() if "step" in entry}
+        opt.load_parameter_state_from_fully_reshardable(merged["param_state"])
+        for param, held in steps.items():
+            adam[param]["step"] = torch.tensor(step, dtype=held.dtype)
+        return
+    assert not isinstance(opt, DistributedOptimizer)
+    step = torch.tensor(float(_adam_step([merged])), dtype=torch.float32)
+    current = opt.state_dict()
+    if "fp32_from_fp16_params" in current:  # bf16 / fp16: Megatron's Float16OptimizerWithFloat16Params
+        state = {"optimizer": {"state": {**merged["optimizer"]["state"], "common_step": step},
+                               "param_groups": current["optimizer"]["param_groups"]},
+                 "fp32_from_fp16_params": merged["fp32_from_fp16_params"]}
+        if "grad_scaler" in current and "grad_scaler" in merged:
+            state["grad_scaler"] = merged["grad_scaler"]
+    else:
+        state = {"state": {**merged["state"], "common_step": step}, "param_groups": current["param_groups"]}
+    opt.load_state_dict(state)
+
+
 def _load_optimizer(optimizer, merged: dict) -> None:
     """Megatron's distributed-optimizer load, per optimizer of the chain, with torch Adam's ``step`` held
     aside during the tensor load (module docstring). When the chain's length changed with ep, each
@@ -381,6 +482,10 @@ class MegatronCheckpointer:
                                           self.model_meta)
         _create_adam_state(self.trainer.optimizer)
         request = sharded_state_dict(self.trainer, loading=True)
+        saved_distributed = manifest["layout"]["zero_stage"] >= 1
+        across = saved_distributed != (self.zero_stage >= 1)  # plan_megatron allowed it for one optimizer only
+        if across:
+            _retarget_masters(request, saved_distributed, self.precision)
         try:
             with dist_checkpoint_loads():
                 state = dist_checkpointing.load(request, str(ckpt), sharded_strategy=TorchDistLoadShardedStrategy())
@@ -398,7 +503,11 @@ class MegatronCheckpointer:
                                   f"nothing was loaded", "resume from another checkpoint")
         for i, chunk in enumerate(self.trainer.chunks):
             chunk.module.load_state_dict(state[f"model{i}"], strict=True)
-        _load_optimizer(self.trainer.optimizer, state["optimizer"])
+        if across:
+            _fill_model_weights(request, state)
+            _load_across_optimizers(self.trainer.optimizer, state["optimizer"], saved_distributed)
+        else:
+            _load_optimizer(self.trainer.optimizer, state["optimizer"])
         if self.scheduler is not None and manifest.get("scheduler") is not None:
             self.scheduler.load_state_dict(manifest["scheduler"])
         restored = False

@@ -53,11 +53,17 @@ runs the first two and tp2 pp2 -> tp1 pp2):
   parameter's global name): pp2 -> pp1 6.8e-8 (tested); tp2 pp2 -> tp1 pp2
   6.8e-8; pp2 -> pp2 dp2 4.6e-8; pp2 dp2 -> pp1 4.6e-8; pp2 -> 2 virtual
   stages 0.0; bf16 pp2 -> pp1 2.6e-5
+* the optimizer switched, dense models (Adam's moments have the same keys in
+  both; the masters are ``optimizer.state.param.K`` in the distributed
+  optimizer, ``optimizer.state.fp32_param.K`` or, in fp32, the weights ``K``
+  in the plain one: :func:`zeromega.plugins.megatron.checkpoint._retarget_masters`):
+  ZeRO-0 pp2 -> ZeRO-1 pp1 dp2 0.0 and ZeRO-1 pp2 -> ZeRO-0 pp2 0.0 (tested);
+  ZeRO-0 -> ZeRO-1 pp2 0.0; ZeRO-1 pp2 dp2 -> ZeRO-0 pp2 4.6e-8; bf16 both
+  ways 0.0
 
-Refused there: the distributed optimizer switched on or off (ZeRO-0 <->
-ZeRO-1+: different optimizer-state layouts), an ep change under ZeRO-0 (the
-number of Megatron's plain optimizers changes with ep; measured: "Expected 2
-entries in state dict, but got 4"), another precision, another model shape. A checkpoint of one engine never loads into
+Refused there: the optimizer switched for a MoE model (one optimizer per
+parameter kind), an ep change under ZeRO-0 (measured: "Expected 2 entries in
+state dict, but got 4"), another precision, another model shape. A checkpoint of one engine never loads into
 the other (:func:`check_engine`): their files differ.
 """
 
@@ -308,7 +314,7 @@ ENGINES = {DEEPSPEED: "DeepSpeed's engine (pp 1, no experts)",
            MEGATRON: "Megatron-Core's engine (pp > 1 or --num-experts)"}
 MEGATRON_SUPPORTED = ("same layout; with the distributed optimizer (ZeRO-1+), any change of tp, pp, "
                       "virtual stages, ep and dp with the same precision and model shape; with ZeRO-0 the same, "
-                      "except ep")
+                      "except ep; ZeRO-0 <-> ZeRO-1+ for dense models")
 # The model-shape fields a checkpoint's tensors depend on (GPTShape names); dropout and the MoE
 # routing knobs (capacity, aux loss, dispatcher) may change between runs.
 SHAPE_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
@@ -348,10 +354,11 @@ def plan_megatron(saved: dict, now: dict, saved_shape: Optional[dict] = None,
                                f"{saved.get(field)!r} -> {now.get(field)!r}: {reason}; supported: {MEGATRON_SUPPORTED}",
                                f"{fix}, or {WEIGHTS_ONLY_FIX}")
 
-    if (saved["zero_stage"] >= 1) != (now["zero_stage"] >= 1):
-        raise refuse("zero_stage", "ZeRO-0 (Megatron's plain optimizer) and the distributed optimizer "
-                     "(ZeRO-1+) store Adam's state differently",
-                     f"resume with --zero-stage {saved['zero_stage']}")
+    moe = bool((saved_shape or {}).get("num_experts") or (now_shape or {}).get("num_experts"))
+    if (saved["zero_stage"] >= 1) != (now["zero_stage"] >= 1) and moe:
+        raise refuse("zero_stage", "between ZeRO-0 (Megatron's plain optimizer) and the distributed optimizer "
+                     "(ZeRO-1+) only dense models' state is mapped (MoE runs chain one optimizer per "
+                     "parameter kind)", f"resume with --zero-stage {saved['zero_stage']}")
     if saved["precision"] != now["precision"]:
         raise refuse("precision", "the optimizer state is kept per precision",
                      f"resume with the saved precision ({saved['precision']})")
