@@ -346,7 +346,12 @@ def _load_across_optimizers(optimizer, merged: dict, saved_distributed: bool) ->
     step from the saved param groups or ``common_step``; the param groups are this run's own."""
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-    (opt,) = _optimizers(optimizer)
+    opts = _optimizers(optimizer)
+    if len(opts) != 1 or (saved_distributed and isinstance(opts[0], DistributedOptimizer)):
+        raise CheckpointError(f"the optimizer state moves between ZeRO-0 and the distributed optimizer for one "
+                              f"optimizer only; this run chains {len(opts)} (a MoE model)",
+                              "resume with the saved --zero-stage, or load the weights alone (--no-load-optim)")
+    opt = opts[0]
     if not saved_distributed:  # ZeRO-0 checkpoint -> distributed optimizer
         plain = merged["state"] if "state" in merged else merged["optimizer"]["state"]
         step = float(plain["common_step"])
@@ -360,7 +365,6 @@ def _load_across_optimizers(optimizer, merged: dict, saved_distributed: bool) ->
         for param, held in steps.items():
             adam[param]["step"] = torch.tensor(step, dtype=held.dtype)
         return
-    assert not isinstance(opt, DistributedOptimizer)
     step = torch.tensor(float(_adam_step([merged])), dtype=torch.float32)
     current = opt.state_dict()
     if "fp32_from_fp16_params" in current:  # bf16 / fp16: Megatron's Float16OptimizerWithFloat16Params
