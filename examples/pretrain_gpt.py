@@ -91,6 +91,11 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return args, rest
 
 
+def saves_where_it_loads(args) -> bool:
+    """--save and --load name one directory: one command line for the first attempt and every restart."""
+    return bool(args.save and args.load) and os.path.abspath(args.save) == os.path.abspath(args.load)
+
+
 def run_config(args, rest: list[str]):
     """Config file + Megatron flags -> RunConfig; flags neither this script nor the translator know are errors."""
     from zeromega.launch import translate
@@ -109,7 +114,7 @@ def run_config(args, rest: list[str]):
     # Checkpoint directories may come from the config file as well as from flags (the translator
     # refused them if both were given and disagree).
     args.save, args.load, args.save_interval = cfg.checkpoint.save, cfg.checkpoint.load, cfg.checkpoint.interval
-    if args.finetune and args.load and args.save and os.path.abspath(args.save) == os.path.abspath(args.load):
+    if args.finetune and saves_where_it_loads(args):
         print(f"pretrain_gpt.py: error: --finetune with --load and --save both {args.load!r}: every restart would "
               f"fine-tune again from step 0, from the run's own checkpoint; fix: save to another directory",
               file=sys.stderr)
@@ -161,8 +166,7 @@ class CheckpointedRun:
 
         if not CheckpointedRun.weights_only(args):
             return None
-        same = args.save is not None and os.path.abspath(args.save) == os.path.abspath(args.load)
-        found = open_verified(args.load, allow_empty=same)
+        found = open_verified(args.load, allow_empty=saves_where_it_loads(args))
         return None if found is None else weights_io.read(*found)
 
     def _on_sigterm(self, signum, frame) -> None:
@@ -177,8 +181,7 @@ class CheckpointedRun:
             return self._resume_without_optimizer()
         if self.weights_only(args):  # --finetune / --no-load-optim with nothing saved yet
             return 0, 0
-        same = args.save is not None and os.path.abspath(args.save) == os.path.abspath(args.load)
-        resumed = self.ckpt.load(args.load, allow_empty=same, load_rng=not args.no_load_rng)
+        resumed = self.ckpt.load(args.load, allow_empty=saves_where_it_loads(args), load_rng=not args.no_load_rng)
         if resumed is None:
             return 0, 0
         self.start_step, self.start_samples = resumed.step, resumed.consumed_samples
@@ -275,7 +278,7 @@ def main(argv: list[str] | None = None) -> None:
     weights = CheckpointedRun.read_weights(args)  # --finetune / --no-load-optim: weights only, any layout
     if weights is not None:
         say(f"zeromega: weights from {weights.path}: {weights.source}")
-        if args.save and os.path.abspath(args.save) == os.path.abspath(args.load):
+        if saves_where_it_loads(args):
             say("zeromega: note: --no-load-optim with --load and --save naming one directory restarts Adam at every "
                 "restart too; drop --no-load-optim once this run has saved")
 

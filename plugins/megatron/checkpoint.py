@@ -67,8 +67,8 @@ from __future__ import annotations
 
 import contextlib
 import queue
-from dataclasses import dataclass
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -216,19 +216,34 @@ def misplaced_masters(state: dict, loaded: Optional[dict] = None) -> list[str]:
     writes anything, and at load (a checkpoint written before the fix).
     Tensors are matched by key and global offset (layers and experts share a key).
     """
+    from zeromega.checkpoint.export import master_off_weight
+
     pairs = list(_sharded_tensors(state, loaded))
-    weights = {(t.key, t.global_offset): data for t, data in pairs if not t.key.startswith("optimizer.")}
+    weights = _model_tensors(pairs)
     wrong = []
     for master, data in pairs:
         if not master.key.startswith(MASTER_PREFIX):
             continue
-        weight = weights.get((master.key[len(MASTER_PREFIX):], master.global_offset))
-        if weight is None or weight.shape != data.shape:
-            continue
-        if not torch.equal(data.to(weight.dtype), weight):
-            wrong.append(f"{master.key[len(MASTER_PREFIX):]} (max difference "
-                         f"{(data.float() - weight.float()).abs().max().item():.3g})")
+        name = master.key[len(MASTER_PREFIX):]
+        weight = weights.get((name, tuple(master.global_offset)))
+        if weight is not None and weight.shape == data.shape and (why := master_off_weight(data, weight)):
+            wrong.append(f"{name} ({why})")
     return wrong
+
+
+def _model_tensors(pairs) -> dict[tuple, torch.Tensor]:
+    """(key, global offset) -> tensor of the model's (not the optimizer's) sharded tensors in ``pairs``."""
+    return {(t.key, tuple(t.global_offset)): data for t, data in pairs if not t.key.startswith("optimizer.")}
+
+
+def _replace_leaves(tree, replacement: Callable) -> None:
+    """Put ``replacement(leaf)`` in place of every leaf of nested dicts and lists (``None``: keep it)."""
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, list) else ()
+    for k, v in list(items):
+        if isinstance(v, (dict, list)):
+            _replace_leaves(v, replacement)
+        elif (new := replacement(v)) is not None:
+            tree[k] = new
 
 
 def _misplaced_on_any_rank(state: dict, loaded: Optional[dict] = None) -> list[str]:
@@ -290,10 +305,11 @@ def _retarget_masters(request: dict, saved_distributed: bool, precision: str) ->
     from dataclasses import replace
 
     from megatron.core.dist_checkpointing import ShardedTensor
-
     from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject
 
-    def retargeted(tensor: ShardedTensor):
+    def retargeted(tensor):
+        if not isinstance(tensor, ShardedTensor):
+            return None
         key = tensor.key
         if saved_distributed and key.startswith(PLAIN_MASTER_PREFIX):  # this run: plain, half precision
             return replace(tensor, key=MASTER_PREFIX + key[len(PLAIN_MASTER_PREFIX):])
@@ -303,17 +319,9 @@ def _retarget_masters(request: dict, saved_distributed: bool, precision: str) ->
                 return replace(tensor, key=PLAIN_MASTER_PREFIX + name)
             # The model weight itself, which the request already reads: filled in after the load.
             return LocalNonpersistentObject(_ModelWeight(name, tuple(tensor.global_offset)))
-        return tensor
+        return None
 
-    def walk(tree) -> None:
-        items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, list) else ()
-        for k, v in list(items):
-            if isinstance(v, ShardedTensor):
-                tree[k] = retargeted(v)
-            else:
-                walk(v)
-
-    walk(request["optimizer"])
+    _replace_leaves(request["optimizer"], retargeted)
 
 
 @dataclass(frozen=True)
@@ -326,18 +334,9 @@ class _ModelWeight:
 
 def _fill_model_weights(request: dict, loaded: dict) -> None:
     """Replace each :class:`_ModelWeight` in ``loaded["optimizer"]`` by the model tensor it names."""
-    weights = {(t.key, tuple(t.global_offset)): data for t, data in _sharded_tensors(request, loaded)
-               if not t.key.startswith("optimizer.")}
-
-    def walk(tree) -> None:
-        items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, list) else ()
-        for k, v in list(items):
-            if isinstance(v, _ModelWeight):
-                tree[k] = weights[(v.key, v.global_offset)].detach().clone()
-            else:
-                walk(v)
-
-    walk(loaded["optimizer"])
+    weights = _model_tensors(_sharded_tensors(request, loaded))
+    _replace_leaves(loaded["optimizer"], lambda v: weights[(v.key, v.global_offset)].detach().clone()
+                    if isinstance(v, _ModelWeight) else None)
 
 
 def _load_across_optimizers(optimizer, merged: dict, saved_distributed: bool) -> None:
@@ -359,11 +358,7 @@ def _load_across_optimizers(optimizer, merged: dict, saved_distributed: bool) ->
         for group in part["optimizer"]["param_groups"]:
             group["step"] = step
         opt.load_state_dict(part)
-        adam = opt.optimizer.state
-        steps = {param: entry.pop("step") for param, entry in adam.items() if "step" in entry}
-        opt.load_parameter_state_from_fully_reshardable(merged["param_state"])
-        for param, held in steps.items():
-            adam[param]["step"] = torch.tensor(step, dtype=held.dtype)
+        _load_tensors_keeping_steps(opt, merged["param_state"])
         return
     step = torch.tensor(float(_adam_step([merged])), dtype=torch.float32)
     current = opt.state_dict()
@@ -376,6 +371,16 @@ def _load_across_optimizers(optimizer, merged: dict, saved_distributed: bool) ->
     else:
         state = {"state": {**merged["state"], "common_step": step}, "param_groups": current["param_groups"]}
     opt.load_state_dict(state)
+
+
+def _load_tensors_keeping_steps(opt, tensors: dict) -> None:
+    """The distributed optimizer's fully_reshardable tensor load, Adam's ``step`` (set by
+    ``load_state_dict``) held aside and handed back as one copy per parameter (module docstring)."""
+    adam = opt.optimizer.state
+    steps = {param: entry.pop("step") for param, entry in adam.items() if "step" in entry}
+    opt.load_parameter_state_from_fully_reshardable(tensors)
+    for param, step in steps.items():
+        adam[param]["step"] = step.clone()
 
 
 def _load_optimizer(optimizer, merged: dict) -> None:
@@ -406,11 +411,7 @@ def _load_optimizer(optimizer, merged: dict) -> None:
             for group in part["optimizer"]["param_groups"]:
                 group["step"] = _adam_step(saved)
         opt.load_state_dict(part)  # param groups, Adam's step, grad scaler
-        adam = opt.optimizer.state
-        steps = {param: entry.pop("step") for param, entry in adam.items() if "step" in entry}
-        opt.load_parameter_state_from_fully_reshardable(tensors[i])
-        for param, step in steps.items():
-            adam[param]["step"] = step.clone()
+        _load_tensors_keeping_steps(opt, tensors[i])
     if len(opts) > 1:
         optimizer._synchronize_steps()  # as ChainedOptimizer.load_state_dict does
 

@@ -52,7 +52,7 @@ import struct
 import sys
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -251,12 +251,15 @@ def masters_off_weights(weights: dict[str, torch.Tensor], masters: dict[str, tor
     Megatron-Core 0.16.1's misplaced bucket offsets
     (:mod:`zeromega.plugins.megatron.checkpoint`) fails this check.
     """
-    off = []
-    for key, master in masters.items():
-        weight = weights[key]
-        if not torch.equal(master.to(weight.dtype), weight):
-            off.append(f"{key} (max difference {(master.float() - weight.float()).abs().max().item():.3g})")
-    return off
+    return [f"{key} ({why})" for key, master in masters.items()
+            if (why := master_off_weight(master, weights[key])) is not None]
+
+
+def master_off_weight(master: torch.Tensor, weight: torch.Tensor) -> Optional[str]:
+    """None when ``master`` rounded to the weight's dtype is ``weight``; else how far apart they are."""
+    if torch.equal(master.to(weight.dtype), weight):
+        return None
+    return f"max difference {(master.float() - weight.float()).abs().max().item():.3g}"
 
 
 def _unstacked(tensors: dict[str, torch.Tensor], model: dict) -> dict[str, torch.Tensor]:
@@ -328,11 +331,19 @@ def consolidated_weights(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict, str
     problems = verify_files(ckpt, manifest)
     if problems:
         raise CheckpointError(f"checkpoint {ckpt} failed verification: {problems[0]}", "export another checkpoint")
+    weights, source = checkpoint_weights(ckpt, manifest)
+    return weights, manifest, source
+
+
+def checkpoint_weights(ckpt: Path, manifest: dict, universal_folder: Optional[Callable[[], Path]] = None,
+                       ) -> tuple[dict[str, torch.Tensor], str]:
+    """(name -> whole fp32 tensor, where the values came from) of a checkpoint already verified against
+    ``manifest``. ZeRO-1..3 weights come from DeepSpeed's universal form: ``universal_folder()`` when
+    given (a cached one), else a conversion into a scratch folder."""
     layout = manifest["layout"]
     engine = manifest.get("engine", "deepspeed")
     if engine == "megatron-core":
-        weights, source = megatron_weights(ckpt)
-        return weights, manifest, source
+        return megatron_weights(ckpt)
     if engine != "deepspeed":
         raise CheckpointError(f"{ckpt}: saved by an unknown engine {engine!r}",
                               "export it with the zeromega version that wrote it")
@@ -340,10 +351,13 @@ def consolidated_weights(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict, str
         raise CheckpointError(f"{ckpt}: pipeline/expert parallel checkpoints cannot be exported yet",
                               "export a checkpoint of a pp1 ep1 run")
     if layout["zero_stage"] == 0:
-        return (_merge_module_states(ckpt, manifest), manifest,
+        return (_merge_module_states(ckpt, manifest),
                 f"model weights ({layout.get('precision', 'fp32')}, as fp32): ZeRO-0 exports its module states")
+    source = f"{MASTERS} (DeepSpeed's universal form)"
+    if universal_folder is not None:
+        return universal_folder_weights(universal_folder(), manifest), source
     with tempfile.TemporaryDirectory(prefix="zeromega-export-") as scratch:
-        return _universal_weights(ckpt, manifest, Path(scratch)), manifest, f"{MASTERS} (DeepSpeed's universal form)"
+        return _universal_weights(ckpt, manifest, Path(scratch)), source
 
 
 def to_hf_gpt2(weights: dict[str, torch.Tensor], heads: int) -> dict[str, torch.Tensor]:

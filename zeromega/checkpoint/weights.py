@@ -2,7 +2,7 @@
 
 A full resume needs the optimizer state in a form the new layout can read
 (:mod:`zeromega.checkpoint.reshard` says which changes that allows). The
-weights alone move anywhere: :func:`zeromega.checkpoint.export.consolidated_weights`
+weights alone move anywhere: :func:`zeromega.checkpoint.export.checkpoint_weights`
 turns a checkpoint of either engine and any layout into whole fp32 tensors
 under 1-process Megatron-Core names, and :func:`load_by_name` cuts each
 into this rank's shard (its pp stage's layers by global number, its ep
@@ -40,7 +40,7 @@ class Weights:
 
 
 def read(ckpt: Path, manifest: dict) -> Weights:
-    """The consolidated weights of a verified checkpoint (collective).
+    """The consolidated weights of a checkpoint :func:`~zeromega.checkpoint.open_verified` checked (collective).
 
     A DeepSpeed ZeRO-1..3 checkpoint goes through the universal form a
     reshard would use, converted once by rank 0 and cached beside it
@@ -49,15 +49,12 @@ def read(ckpt: Path, manifest: dict) -> Weights:
     rank directly (ZeRO-0 module files, Megatron's dist checkpoint).
     """
     from . import _agree, reshard
-    from .export import MASTERS, consolidated_weights, universal_folder_weights
+    from .export import checkpoint_weights
 
-    layout = manifest["layout"]
-    if manifest.get("engine", reshard.DEEPSPEED) == reshard.DEEPSPEED and layout["zero_stage"] >= 1 \
-            and layout["pp"] == 1 and layout["ep"] == 1:
-        folder = _agree(lambda: reshard.universal_copy(ckpt, manifest))
-        return Weights(ckpt, manifest, universal_folder_weights(folder, manifest),
-                       f"{MASTERS} (DeepSpeed's universal form)")
-    tensors, _, source = consolidated_weights(ckpt)
+    def cached_universal() -> Path:
+        return _agree(lambda: reshard.universal_copy(ckpt, manifest))
+
+    tensors, source = checkpoint_weights(ckpt, manifest, universal_folder=cached_universal)
     return Weights(ckpt, manifest, tensors, source)
 
 
