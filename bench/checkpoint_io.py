@@ -88,7 +88,7 @@ def megatron_rank_work(args: dict, corpus: str) -> dict:
     from ckpt_megatron_workers import allow_child_processes, use_in_process_queue
 
     from zeromega.integrations.megatron import data, model, parallel
-    from zeromega.launch.config import RunConfig
+    from zeromega.config.schema import RunConfig
     from zeromega.plugins.megatron import checkpoint as megatron_checkpoint
     from zeromega.plugins.megatron.pipeline import MegatronTrainer
 
@@ -125,7 +125,7 @@ def rank_work(args: dict, corpus: str) -> dict:
     from zeromega.checkpoint import Checkpointer
     from zeromega.integrations.deepspeed import build_engine
     from zeromega.integrations.megatron import data, model, parallel
-    from zeromega.launch.config import RunConfig
+    from zeromega.config.schema import RunConfig
     from zeromega.train import gpt_loss
 
     cfg = RunConfig.model_validate({"zero": {"stage": args["zero_stage"]}, "batch": {"micro": 1, "global": 2}})

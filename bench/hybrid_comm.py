@@ -51,7 +51,7 @@ def worker(args):
 
     from zeromega.integrations import comm
     from zeromega.integrations.megatron import model, parallel
-    from zeromega.launch.config import RunConfig
+    from zeromega.config.schema import RunConfig
     from zeromega.plugins.megatron.measure import comm_theory, random_batches, ratio_line
     from zeromega.plugins.megatron.pipeline import MegatronTrainer
 

@@ -81,7 +81,7 @@ def worker(args):
     from zeromega.integrations import comm
     from zeromega.integrations.deepspeed import build_engine
     from zeromega.integrations.megatron import data, model, parallel
-    from zeromega.launch.config import RunConfig
+    from zeromega.config.schema import RunConfig
     from zeromega.launch.translate import to_deepspeed
     from zeromega.train import _reduce_step_stats, train_step
 

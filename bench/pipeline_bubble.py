@@ -38,7 +38,7 @@ def worker(args):
     import torch.distributed as dist
 
     from zeromega.integrations.megatron import model, parallel
-    from zeromega.launch.config import RunConfig
+    from zeromega.config.schema import RunConfig
     from zeromega.plugins.megatron.measure import random_batches
     from zeromega.plugins.megatron.pipeline import MegatronTrainer, theoretical_bubble
 

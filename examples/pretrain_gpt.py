@@ -100,7 +100,7 @@ def run_config(args, rest: list[str]):
     """Config file + Megatron flags -> RunConfig; flags neither this script nor the translator know are errors."""
     from zeromega.launch import translate
 
-    from zeromega.launch.errors import ConfigError
+    from zeromega.config.errors import ConfigError
 
     try:
         _, unknown = translate.from_megatron_args(rest)

@@ -12,7 +12,7 @@ import functools
 
 import torch
 
-from zeromega.launch.config import Layout, RunConfig
+from zeromega.config.schema import Layout, RunConfig
 
 from . import accelerator as accel
 

@@ -181,7 +181,7 @@ def _world_size(job, launcher: str) -> int:
 
 def _check_layout(job, launcher: str) -> None:
     """Build the run config (file + Megatron flags among ARGS) and resolve it for the world size."""
-    from .errors import ConfigError
+    from zeromega.config.errors import ConfigError
     from .translate import build
 
     world = _world_size(job, launcher)
@@ -200,7 +200,7 @@ def _check_layout(job, launcher: str) -> None:
     except (TypeError, ValueError, KeyError, IndexError, AttributeError) as err:  # JSON of the wrong shape
         source = f"--config={job.config!r}" if job.config else "script arguments"
         raise UsageError(f"{source}: cannot read it ({type(err).__name__}: {err})",
-                         "give each key the type launch/config.py documents") from None
+                         "give each key the type zeromega/config/schema.py documents") from None
     except SystemExit:
         lines = stderr.getvalue().strip().splitlines() or ["invalid Megatron-LM flag"]
         problem = lines[-1].split("error: ", 1)[-1]
@@ -243,7 +243,7 @@ def _add_input(p) -> None:
 
 def _read_input(args: argparse.Namespace):
     """(RunConfig, unmapped Megatron arguments) for IN, or a UsageError."""
-    from .errors import ConfigError
+    from zeromega.config.errors import ConfigError
     from .translate import resolve, sources
 
     env = {}
@@ -260,7 +260,7 @@ def _read_input(args: argparse.Namespace):
 
 
 def _layout(cfg, world_size: Optional[int]):
-    from .errors import ConfigError
+    from zeromega.config.errors import ConfigError
 
     try:
         return None if world_size is None else cfg.layout(world_size)
@@ -338,7 +338,7 @@ def _add_check(subparsers) -> None:
 def _check(args: argparse.Namespace) -> int:
     import json
 
-    from .groups import DESCRIPTIONS, ORDER, rank_groups
+    from zeromega.config.groups import DESCRIPTIONS, ORDER, rank_groups
 
     cfg, unknown = _read_input(args)
     world = args.world_size

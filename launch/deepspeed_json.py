@@ -26,8 +26,8 @@ from typing import Any, Callable, Optional
 
 from pydantic import TypeAdapter, ValidationError
 
-from .config import AioConfig, Layout, OffloadConfig, RunConfig, coerce
-from .errors import ConfigError
+from zeromega.config.schema import AioConfig, Layout, OffloadConfig, RunConfig, coerce
+from zeromega.config.errors import ConfigError
 from .partial import merge, set_path
 
 AUTO = "auto"

@@ -17,8 +17,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from .config import RunConfig, coerce
-from .errors import ConfigError
+from zeromega.config.schema import RunConfig, coerce
+from zeromega.config.errors import ConfigError
 from .partial import set_path
 
 SWITCH = "switch"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable
 
-from .errors import ConfigError
+from zeromega.config.errors import ConfigError
 
 OPAQUE = ("deepspeed_extra",)
 """Fields whose dict values are one value each (never merged key by key)."""

@@ -90,7 +90,7 @@ def plan_for_args(args: argparse.Namespace):
     from zeromega.plugins.zero import plan as zplan
 
     from .cli import UsageError, _layout, _read_input
-    from .errors import ConfigError
+    from zeromega.config.errors import ConfigError
     from .translate import to_deepspeed
 
     cfg, _ = _read_input(args)

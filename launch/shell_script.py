@@ -23,7 +23,7 @@ import shlex
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .errors import ConfigError
+from zeromega.config.errors import ConfigError
 
 _VAR = re.compile(r"\$\{(\w+)(\[@\]|\[\*\])?(?::?-([^}]*))?\}|\$(\w+)")
 _ARITH = re.compile(r"\$\(\(([^()]*(?:\([^()]*\)[^()]*)*)\)\)")

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from . import deepspeed_json, megatron_args, shell_script
-from .config import Layout, RunConfig, coerce, validate
+from zeromega.config.schema import Layout, RunConfig, coerce, validate
 from .deepspeed_json import CPU_ZERO_DEFAULTS, from_deepspeed, to_deepspeed  # noqa: F401 (public API)
-from .errors import ConfigError
+from zeromega.config.errors import ConfigError
 from .partial import flatten, merge, same, set_path
 
 # Tables under their historical names (the mappings themselves live with their dialect).

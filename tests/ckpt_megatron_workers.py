@@ -95,7 +95,7 @@ def save_tiny_dist_checkpoint(path: str, skip_patches: list[str]) -> None:
     from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 
     from zeromega.integrations.megatron import parallel
-    from zeromega.launch.config import RunConfig
+    from zeromega.config.schema import RunConfig
 
     allow_child_processes()
     use_in_process_queue()

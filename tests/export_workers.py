@@ -17,7 +17,7 @@ def loss_of_exported(path: str, model_meta: dict, corpus: str, samples: int, ste
 
     from zeromega.checkpoint.export import load_safetensors
     from zeromega.integrations.megatron import data, model, parallel
-    from zeromega.launch.config import RunConfig
+    from zeromega.config.schema import RunConfig
     from zeromega.train import gpt_loss
 
     cfg = RunConfig.model_validate({"batch": {"micro": global_batch, "global": global_batch}})

@@ -16,7 +16,7 @@ def train_gpt_deepspeed(cfg: dict, shape: dict, data_prefix: str, iters: int, se
     from zeromega.integrations import comm
     from zeromega.integrations.deepspeed import build_engine
     from zeromega.integrations.megatron import data, model, parallel
-    from zeromega.launch.config import RunConfig
+    from zeromega.config.schema import RunConfig
     from zeromega.plugins.megatron.sequence_parallel import sum_sequence_parallel_grads
     from zeromega.train import _reduce_step_stats, train_step
 
@@ -51,7 +51,7 @@ def train_gpt_megatron(cfg: dict, shape: dict, data_prefix: str, iters: int, see
 
     from zeromega.integrations import comm
     from zeromega.integrations.megatron import data, model, parallel
-    from zeromega.launch.config import RunConfig
+    from zeromega.config.schema import RunConfig
     from zeromega.plugins.megatron.pipeline import MegatronTrainer
 
     comm.install()
@@ -82,7 +82,7 @@ def one_training_step(cfg: dict, shape: dict, skip_patches: list[str], virtual_s
     import torch
 
     from zeromega.integrations.megatron import model, parallel
-    from zeromega.launch.config import RunConfig
+    from zeromega.config.schema import RunConfig
     from zeromega.plugins.megatron.pipeline import MegatronTrainer
 
     os.environ["ZEROMEGA_SKIP_PATCH"] = ",".join(skip_patches)

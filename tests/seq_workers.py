@@ -130,7 +130,7 @@ def train_gpt_cp(cfg: dict, shape: dict, data_prefix: str, iters: int, mode: str
     from zeromega.integrations import comm
     from zeromega.integrations.deepspeed import build_engine
     from zeromega.integrations.megatron import data, model, parallel
-    from zeromega.launch.config import RunConfig
+    from zeromega.config.schema import RunConfig
     from zeromega.plugins.sequence.megatron import cp_loss, gpt_layer_spec, sequence_layout, shard_batch
     from zeromega.train import _reduce_step_stats, gpt_loss
 
@@ -181,7 +181,7 @@ def adapter_checks() -> dict[str, Any]:
     from megatron.core.transformer.enums import AttnMaskType
 
     from zeromega.integrations.megatron import parallel
-    from zeromega.launch.config import RunConfig
+    from zeromega.config.schema import RunConfig
     from zeromega.plugins.sequence.megatron import ContextParallelAttention, cp_loss
 
     parallel.initialize(RunConfig.model_validate({"parallel": {"cp": 2}}))

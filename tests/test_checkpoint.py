@@ -308,7 +308,7 @@ def _loss_of_exported(path: str, corpus: str, step: int) -> float:
     """A fresh 1-process GPTModel with the exported weights: loss on the global batch of ``step``."""
     from zeromega.checkpoint.export import load_safetensors
     from zeromega.integrations.megatron import data, model, parallel
-    from zeromega.launch.config import RunConfig
+    from zeromega.config.schema import RunConfig
     from zeromega.train import gpt_loss
 
     cfg = RunConfig.model_validate({"batch": {"micro": 8, "global": 8}})

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from zeromega.launch.config import RunConfig, validate
-from zeromega.launch.errors import ConfigError
+from zeromega.config.schema import RunConfig, validate
+from zeromega.config.errors import ConfigError
 
 
 def test_defaults_resolve_to_plain_data_parallel():

@@ -14,9 +14,9 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from zeromega.launch import cli, megatron_args, shell_script, translate
-from zeromega.launch.config import RunConfig, validate
-from zeromega.launch.errors import ConfigError
-from zeromega.launch.groups import orthogonal_groups, rank_groups
+from zeromega.config.schema import RunConfig, validate
+from zeromega.config.errors import ConfigError
+from zeromega.config.groups import orthogonal_groups, rank_groups
 from zeromega.launch.partial import flatten, same
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "configs"

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from zeromega.launch.errors import ConfigError
+from zeromega.config.errors import ConfigError
 from zeromega.plugins.zero import defaults, preflight
 from zeromega.plugins.zero import plan as zplan
 

@@ -45,7 +45,7 @@ def train_offload(cfg: dict, shape: dict, data_prefix: str, iters: int, ds_patch
 
     from zeromega.integrations import accelerator as accel
     from zeromega.integrations.megatron import data, model, parallel
-    from zeromega.launch.config import RunConfig
+    from zeromega.config.schema import RunConfig
     from zeromega.plugins.zero import plan as zplan
     from zeromega.plugins.zero import report
     from zeromega.plugins.zero.preflight import correct
@@ -104,7 +104,7 @@ def train_offload(cfg: dict, shape: dict, data_prefix: str, iters: int, ds_patch
 def count_params(cfg: dict, shape: dict) -> dict[str, int]:
     """Parameters of the built Megatron-Core GPT on this rank: total, largest tensor, tensor count."""
     from zeromega.integrations.megatron import model, parallel
-    from zeromega.launch.config import RunConfig
+    from zeromega.config.schema import RunConfig
 
     run = RunConfig.model_validate(cfg)
     parallel.initialize(run, seed=1)
@@ -120,7 +120,7 @@ def params_after_steps(cfg: dict, shape: dict, data_prefix: str, steps: int = 1)
 
     from zeromega.integrations.deepspeed import build_engine, model_init_context
     from zeromega.integrations.megatron import data, model, parallel
-    from zeromega.launch.config import RunConfig
+    from zeromega.config.schema import RunConfig
     from zeromega.train import train_step
 
     run = RunConfig.model_validate(cfg)
@@ -158,7 +158,7 @@ def baseline_peak(cfg: dict) -> int:
     from zeromega.integrations import accelerator as accel
     from zeromega.integrations.deepspeed import _deepspeed_comm
     from zeromega.integrations.megatron import parallel
-    from zeromega.launch.config import RunConfig
+    from zeromega.config.schema import RunConfig
 
     parallel.initialize(RunConfig.model_validate(cfg), seed=1)
     _deepspeed_comm()
@@ -175,7 +175,7 @@ def comm_per_step(cfg: dict, shape: dict, data_prefix: str, steps: int = 2) -> d
     from zeromega.integrations import accelerator as accel
     from zeromega.integrations import comm
     from zeromega.integrations.megatron import data, model, parallel
-    from zeromega.launch.config import RunConfig
+    from zeromega.config.schema import RunConfig
     from zeromega.plugins.zero import engine as zengine
     from zeromega.train import train_step
 

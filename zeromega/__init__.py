@@ -12,8 +12,8 @@ from zeromega.version import __version__
 
 _EXPORTS = {
     "load_config": ("zeromega.launch.translate", "build"),
-    "RunConfig": ("zeromega.launch.config", "RunConfig"),
-    "ConfigError": ("zeromega.launch.errors", "ConfigError"),
+    "RunConfig": ("zeromega.config.schema", "RunConfig"),
+    "ConfigError": ("zeromega.config.errors", "ConfigError"),
     "initialize": ("zeromega.integrations.megatron.parallel", "initialize"),
     "shutdown": ("zeromega.integrations.megatron.parallel", "shutdown"),
     "GPTShape": ("zeromega.integrations.megatron.model", "GPTShape"),

@@ -99,7 +99,7 @@ def train(args, corpus: str) -> dict:
 
     from zeromega.integrations import accelerator as accel
     from zeromega.integrations.megatron import data, model, parallel
-    from zeromega.launch.config import RunConfig
+    from zeromega.config.schema import RunConfig
     from zeromega.plugins.zero import engine as zengine
     from zeromega.plugins.zero import plan as zplan
     from zeromega.plugins.zero import preflight, report

@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from zeromega.launch.config import RunConfig
+from zeromega.config.schema import RunConfig
 
 
 @dataclass

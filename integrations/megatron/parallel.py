@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from zeromega.integrations import accelerator as accel
-from zeromega.launch.config import Layout, RunConfig
+from zeromega.config.schema import Layout, RunConfig
 
 from . import cpu_patches
 

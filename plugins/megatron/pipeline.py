@@ -46,7 +46,7 @@ import torch.distributed as dist
 
 from zeromega.integrations import comm
 from zeromega.integrations.megatron import model as gpt
-from zeromega.launch.config import Layout, RunConfig
+from zeromega.config.schema import Layout, RunConfig
 
 
 class _Phase:

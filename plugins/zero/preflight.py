@@ -5,7 +5,7 @@ or fails on minutes into a run (after a 6-minute aio build, on the first
 swap). Each check here is a pure function of the DeepSpeed config dict, the
 memory plan and :class:`Machine` facts, so it runs in the launcher, in
 ``zeromega plan`` and in tests without a process group. A problem is a
-:class:`~zeromega.launch.errors.ConfigError` naming the field, the value and
+:class:`~zeromega.config.errors.ConfigError` naming the field, the value and
 the fix; a setting DeepSpeed needs but the config lacks is corrected and
 reported (:func:`correct`), never changed silently.
 
@@ -21,7 +21,7 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from zeromega.launch.errors import ConfigError
+from zeromega.config.errors import ConfigError
 
 from .plan import GiB, MemoryPlan, ZeroSetup
 

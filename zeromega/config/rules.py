@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Callable
 from .errors import ConfigError
 
 if TYPE_CHECKING:
-    from .config import RunConfig
+    from .schema import RunConfig
 
 
 def resolve_sequence(cfg: "RunConfig") -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 
-from .config import Layout
+from .schema import Layout
 
 ORDER = "tp-cp-ep-dp-pp"
 """Megatron-Core's default rank order (``initialize_model_parallel(order=...)``)."""
