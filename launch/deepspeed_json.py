@@ -28,7 +28,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from zeromega.config.schema import AioConfig, Layout, OffloadConfig, RunConfig, coerce
 from zeromega.config.errors import ConfigError
-from .partial import merge, set_path
+from .partial import flatten, merge, set_path
 
 AUTO = "auto"
 
@@ -86,6 +86,11 @@ CPU_ZERO_DEFAULTS = {
 }
 RATIOS = "_deepspeed_ratios"
 """Partial key for WarmupCosineLR's ratios, made absolute once the lr is known (:func:`finish`)."""
+DEFAULTS = "_deepspeed_defaults"
+"""Partial key for DeepSpeed's own defaults of what the file leaves unstated (filled by :func:`finish`)."""
+ALONE_DEFAULTS = "_deepspeed_alone_defaults"
+"""Partial key for DeepSpeed's defaults of what Megatron-LM's flags own when they are present (the
+optimizer and schedule a Megatron-DeepSpeed script builds itself); filled only without Megatron flags."""
 
 
 # ------------------------------------------------------------------ reading
@@ -176,6 +181,7 @@ def from_deepspeed(ds: dict) -> dict:
         reader.put(f"aio.{key}", f"zero.aio.{key}", aio.pop(key, None))
     if aio:
         ds["aio"] = aio
+    had_optimizer, had_scheduler = "optimizer" in ds, "scheduler" in ds
     _read_optimizer(ds, reader)
     _read_scheduler(ds, reader)
     sp = ds.pop("sequence_parallel_size", None)
@@ -189,9 +195,28 @@ def from_deepspeed(ds: dict) -> dict:
     ratios = reader.sources.get(RATIOS)
     if ratios:
         partial[RATIOS] = ratios
+    partial[DEFAULTS], partial[ALONE_DEFAULTS] = _unstated(had_optimizer, had_scheduler)
     if ds:
         partial["deepspeed_extra"] = ds
     return partial
+
+
+def _unstated(had_optimizer: bool, had_scheduler: bool) -> tuple[dict, dict]:
+    """DeepSpeed 0.19's defaults where they differ from the schema's (Megatron-LM's).
+
+    Always: ``gradient_clipping`` 0 and ``fp16.initial_scale_power`` 16. An
+    ``optimizer`` block's Adam/AdamW decays by 0 unless told (FusedAdam and
+    DeepSpeedCPUAdam default ``weight_decay`` 0). Without Megatron flags the
+    optimizer and schedule are DeepSpeed's too: no decay, no scheduler block
+    means a constant lr, and ``steps_per_print`` is 10.
+    """
+    always = {"optimizer": {"clip_grad": 0.0}, "loss_scaling": {"initial_scale_power": 16}}
+    alone = {"optimizer": {"weight_decay": 0.0}, "logging": {"interval": 10}}
+    if had_optimizer:
+        always["optimizer"]["weight_decay"] = 0.0
+    if not had_scheduler:
+        alone["scheduler"] = {"decay_style": "constant"}
+    return always, alone
 
 
 def _read_precision(ds: dict, reader: _Reader) -> None:
@@ -292,6 +317,7 @@ def _read_scheduler(ds: dict, reader: _Reader) -> None:
         reader.put(f"scheduler.params.{key}", path, default if value is None else value, "scheduler block")
 
     reader.put("scheduler.type", "scheduler.decay_style", SCHEDULERS[kind], "scheduler block")
+    reader.put("scheduler.type", "scheduler.deepspeed_type", kind, "scheduler block")
     put("warmup_num_steps", "scheduler.warmup_iters", 1000)  # DeepSpeed's defaults where absent
     put("warmup_type", "scheduler.warmup_style", "log")
     if kind == "WarmupCosineLR":
@@ -341,8 +367,17 @@ BLOCK_KEYS: dict[str, str] = {
 }
 
 
-def finish(merged: dict) -> dict:
-    """Resolve what needs every source: cosine ratios into lrs, ZeRO "auto" sizes, leftover "auto"s."""
+def finish(merged: dict, megatron: bool = False) -> dict:
+    """Resolve what needs every source: DeepSpeed's defaults for what is unstated (``megatron``: Megatron
+    flags are among the sources, and own the optimizer and schedule), cosine ratios into lrs, ZeRO "auto"
+    sizes, leftover "auto"s."""
+    defaults = [merged.pop(DEFAULTS, None)] + [merged.pop(ALONE_DEFAULTS, None) if not megatron else None]
+    merged.pop(ALONE_DEFAULTS, None)
+    for tree in filter(None, defaults):
+        for path, value in flatten(tree).items():
+            section, _, leaf = path.partition(".")
+            if leaf not in merged.get(section, {}):
+                set_path(merged, path, value)
     ratios = merged.pop(RATIOS, None)
     if ratios:
         lr = merged.get("optimizer", {}).get("lr", RunConfig().optimizer.lr)
@@ -423,8 +458,8 @@ def to_deepspeed(cfg: RunConfig, layout: Optional[Layout] = None, device_type: s
     if cfg.precision == "fp16" or cfg.loss_scaling != type(cfg.loss_scaling)():
         fp16.update({key: getattr(cfg.loss_scaling, path.split(".")[1]) for key, path in FP16_KEYS.items()})
     ds["fp16"] = fp16
-    if cfg.logging.interval or not standalone:  # zeromega's engine stays quiet unless asked
-        ds["steps_per_print"] = cfg.logging.interval or 10**9
+    # zeromega's run prints its own line every logging.interval steps, so the engine it builds stays quiet.
+    ds["steps_per_print"] = cfg.logging.interval if standalone else 10**9
     o = cfg.optimizer
     adam = {"lr": o.lr, "betas": [o.beta1, o.beta2], "eps": o.eps, "weight_decay": o.weight_decay}
     if "optimizer" in ds:
@@ -459,11 +494,14 @@ def _batch_keys(cfg: RunConfig, layout: Optional[Layout]) -> dict:
 def deepspeed_scheduler(cfg: RunConfig) -> Optional[dict]:
     """The DeepSpeed scheduler block for the schedule, or None when DeepSpeed has none like it.
 
-    DeepSpeed's schedulers all warm up for >= 1 step, WarmupDecayLR decays
+    Only a schedule DeepSpeed's own class runs (``scheduler.deepspeed_type``) is written: Megatron's
+    differs in its step counting. DeepSpeed's schedulers all warm up for >= 1 step, WarmupDecayLR decays
     back to where warmup began, and none does inverse-square-root or WSD;
     such schedules stay in the zeromega block instead.
     """
     s, lr = cfg.scheduler, cfg.optimizer.lr
+    if s.deepspeed_type is None:
+        return None  # Megatron-Core's scheduler runs it; the zeromega block carries it
     if s.decay_style == "constant" and s.warmup_iters == 0:
         return None
     if s.decay_style not in SCHEDULERS.values() or s.warmup_iters == 0:

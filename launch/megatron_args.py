@@ -69,7 +69,30 @@ FLAGS: dict[str, tuple[str, Any]] = {
     "--seq-length": ("model.seq_length", int),
     "--max-position-embeddings": ("model.max_position_embeddings", int),
     "--vocab-size": ("model.vocab_size", int),
+    "--make-vocab-size-divisible-by": ("model.make_vocab_size_divisible_by", int),
+    "--hidden-dropout": ("model.hidden_dropout", float),
+    "--attention-dropout": ("model.attention_dropout", float),
+    "--init-method-std": ("model.init_method_std", float),
+    "--position-embedding-type": ("model.position_embedding_type", str),
+    "--untie-embeddings-and-output-weights": ("model.untie_embeddings_and_output_weights", SWITCH),
+    "--moe-ffn-hidden-size": ("moe.ffn_hidden_size", int),
+    "--moe-aux-loss-coeff": ("moe.aux_loss_coeff", float),
+    "--moe-expert-capacity-factor": ("moe.expert_capacity_factor", float),
+    "--moe-token-dispatcher-type": ("moe.token_dispatcher_type", str),
+    "--split": ("data.split", str),
+    "--seed": ("seed", int),
+    "--exit-interval": ("checkpoint.exit_interval", int),
+    "--exit-signal-handler": ("checkpoint.exit_signal_handler", SWITCH),
+    "--finetune": ("checkpoint.finetune", SWITCH),
+    "--no-load-optim": ("checkpoint.no_load_optim", SWITCH),
+    "--no-load-rng": ("checkpoint.no_load_rng", SWITCH),
 }
+# zeromega's own flags of the same scripts (no Megatron-LM counterpart).
+ZEROMEGA_FLAGS: dict[str, tuple[str, Any]] = {
+    "--metrics-out": ("logging.metrics_path", str),
+}
+# Switches that clear a field.
+NEGATIONS: dict[str, str] = {"--no-progress": "logging.progress"}
 # Flags with a rule of their own: flag -> (value kind, number of values: 0, 1 or "+").
 SPECIAL: dict[str, tuple[Any, Any]] = {
     "--bf16": (None, 0),
@@ -82,10 +105,12 @@ SPECIAL: dict[str, tuple[Any, Any]] = {
     "--hierarchical-context-parallel-sizes": (int, "+"),
     "--ds-sequence-parallel-size": (int, 1),
     "--initial-loss-scale": (float, 1),
+    "--data-path": (str, "+"),
     "--deepspeed_config": (str, 1),
     "--deepspeed-config": (str, 1),
 }
 CP_COMM_TYPES = {"p2p": "ring", "a2a": "ulysses", "a2a+p2p": "usp"}
+TABLE = {**FLAGS, **ZEROMEGA_FLAGS}
 
 
 @dataclass
@@ -121,8 +146,8 @@ def _scan(argv: list[str]) -> tuple[dict[str, list[str]], list[str]]:
     while i < len(argv):
         token = argv[i]
         flag, eq, inline = token.partition("=") if token.startswith("--") else (token, "", "")
-        nargs = 0 if FLAGS.get(flag, (None, 1))[1] == SWITCH else SPECIAL.get(flag, (None, 1))[1]
-        if flag not in FLAGS and flag not in SPECIAL:
+        nargs = 0 if TABLE.get(flag, (None, 1))[1] == SWITCH or flag in NEGATIONS else SPECIAL.get(flag, (None, 1))[1]
+        if flag not in TABLE and flag not in SPECIAL and flag not in NEGATIONS:
             unknown.append(token)
             i += 1
             continue
@@ -152,9 +177,11 @@ def parse(argv: list[str]) -> MegatronArgs:
         set_path(partial, path, coerce(path, value, flag))
 
     for flag, values in known.items():
-        if flag in FLAGS:
-            path, kind = FLAGS[flag]
+        if flag in TABLE:
+            path, kind = TABLE[flag]
             put(flag, path, True if kind == SWITCH else _convert(flag, kind, values[0]))
+        elif flag in NEGATIONS:
+            put(flag, NEGATIONS[flag], False)
     precision = [name for name in ("bf16", "fp16") if f"--{name}" in known]
     if len(precision) == 2:
         raise ConfigError("--fp16", True, "--fp16 and --bf16 are both given", "pass one of them")
@@ -180,6 +207,12 @@ def parse(argv: list[str]) -> MegatronArgs:
             raise ConfigError("--initial-loss-scale", scale, "is not a power of two (DeepSpeed scales by 2**k)",
                               "use a power of two, e.g. 65536")
         put("--initial-loss-scale", "loss_scaling.initial_scale_power", int(power))
+    if "--data-path" in known:
+        paths = known["--data-path"]
+        if len(paths) > 1:
+            raise ConfigError("--data-path", " ".join(paths), "is a blend of several datasets, which zeromega does "
+                              "not read yet", "pass one dataset prefix (merge the corpora into one .bin/.idx)")
+        put("--data-path", "data.path", _convert("--data-path", str, paths[0]))
     _sequence(known, put)
     config = known.get("--deepspeed_config", known.get("--deepspeed-config"))
     if config:
@@ -312,7 +345,12 @@ def megatron_core_fields(cfg: RunConfig) -> dict:
     if r.granularity:
         fields.update(recompute_granularity=r.granularity, recompute_method=r.method,
                       recompute_num_layers=r.num_layers)
+    from dataclasses import fields as dataclass_fields
+
+    from megatron.core.transformer import TransformerConfig
+
+    known = {f.name for f in dataclass_fields(TransformerConfig)}
     for name, value in cfg.model.model_dump().items():
-        if value is not None and name not in ("seq_length", "max_position_embeddings", "vocab_size"):
+        if value is not None and name in known:
             fields[name] = value
     return fields

@@ -150,20 +150,27 @@ def _megatron(argv: list[str], name: str, files: Optional[dict[str, str]] = None
     return found, args.unknown
 
 
-def resolve(partials: Iterable[tuple[str, dict]]) -> RunConfig:
-    """The validated RunConfig from (source, partial) pairs: merged, "auto"s filled, rules checked."""
-    return validate(deepspeed_json.finish(merge(partials)))
+def resolve(partials: Iterable[tuple[str, dict]], megatron: bool = False) -> RunConfig:
+    """The validated RunConfig from (source, partial) pairs: merged, unstated values given their dialect's
+    defaults (``megatron``: Megatron-LM flags are among the sources), "auto"s filled, rules checked."""
+    return validate(deepspeed_json.finish(merge(partials), megatron=megatron))
 
 
 def build(config_path: Optional[str] = None, megatron_argv: Optional[list[str]] = None,
           env: Optional[dict[str, str]] = None) -> RunConfig:
-    """The RunConfig from a config file (any dialect) and/or Megatron arguments (conflicts are errors)."""
+    """The RunConfig from a config file (any dialect) and/or Megatron arguments (conflicts are errors).
+
+    ``megatron_argv`` (even empty) says the run is a Megatron-LM-style script: the optimizer and schedule
+    a DeepSpeed JSON leaves unstated take Megatron-LM's defaults, as in Megatron-DeepSpeed.
+    """
     partials: list[tuple[str, dict]] = []
+    megatron = megatron_argv is not None
     if config_path:
+        megatron = megatron or detect(config_path) == "megatron"
         partials += sources(config_path, env)[0]
     if megatron_argv:
         partials += _megatron(megatron_argv, "command-line arguments", skip=config_path)[0]
-    return resolve(partials)
+    return resolve(partials, megatron=megatron)
 
 
 # ------------------------------------------------------------------ writing

@@ -179,14 +179,20 @@ def test_fuzzed_deepspeed_configs_fail_cleanly(data):
 # ------------------------------------------------------------------ Megatron in
 
 
+def test_a_data_blend_is_refused_not_read_as_one_path():
+    with pytest.raises(ConfigError, match="--data-path"):
+        translate.from_megatron_args(["--data-path", "0.3", "a", "0.7", "b"])
+
+
 def test_megatron_flags_map_and_unknown_are_kept():
     partial, unknown = translate.from_megatron_args(
         ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--context-parallel-size=4",
          "--cp-comm-type", "a2a+p2p", "--hierarchical-context-parallel-sizes", "2", "2", "--num-experts", "8",
          "--moe-router-topk", "2", "--expert-model-parallel-size", "2", "--use-distributed-optimizer",
-         "--recompute-activations", "--data-path", "a", "b", "--fp16", "--initial-loss-scale", "4096",
+         "--recompute-activations", "--data-path", "corpus_text_document", "--fp16", "--initial-loss-scale", "4096",
          "--no-bias", "--save", "ck", "--save-interval", "10"])
-    assert unknown == ["--data-path", "a", "b", "--no-bias"]
+    assert unknown == ["--no-bias"]
+    assert partial["data"]["path"] == "corpus_text_document"
     cfg = validate(partial)
     assert (cfg.parallel.tp, cfg.parallel.cp, cfg.parallel.ep, cfg.parallel.sequence_parallel) == (2, 4, 2, True)
     assert (cfg.sequence.mode, cfg.sequence.ulysses, cfg.sequence.ring) == ("usp", 2, 2)

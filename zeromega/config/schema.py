@@ -67,6 +67,15 @@ class MoEConfig(_Section):
     """Experts per MoE layer (Megatron ``--num-experts``); None: a dense model."""
     topk: PositiveInt = 2
     """Experts each token is routed to (``--moe-router-topk``)."""
+    ffn_hidden_size: Optional[PositiveInt] = None
+    """Hidden size of each expert's MLP (``--moe-ffn-hidden-size``; None: model.ffn_hidden_size)."""
+    aux_loss_coeff: float = Field(0.0, ge=0)
+    """Weight of the load-balancing auxiliary loss (``--moe-aux-loss-coeff``)."""
+    expert_capacity_factor: Optional[float] = Field(None, gt=0)
+    """Tokens an expert takes, as a multiple of its even share; the rest are dropped
+    (``--moe-expert-capacity-factor``; None: dropless)."""
+    token_dispatcher_type: Literal["allgather", "alltoall"] = "allgather"
+    """How tokens reach experts on other ep ranks (``--moe-token-dispatcher-type``)."""
 
 
 class OffloadConfig(_Section):
@@ -107,12 +116,13 @@ class ZeroConfig(_Section):
 
 
 class LossScalingConfig(_Section):
-    """fp16 loss scaling (DeepSpeed's ``fp16`` block); unused under bf16/fp32."""
+    """fp16 loss scaling (DeepSpeed's ``fp16`` block); unused under bf16/fp32. Defaults are Megatron-LM's;
+    a DeepSpeed JSON's unstated keys take DeepSpeed's (initial_scale_power 16)."""
 
     loss_scale: float = Field(0.0, ge=0)
     """Static loss scale; 0 selects dynamic scaling."""
-    initial_scale_power: int = Field(16, ge=0)
-    """Dynamic scaling starts at 2**initial_scale_power."""
+    initial_scale_power: int = Field(32, ge=0)
+    """Dynamic scaling starts at 2**initial_scale_power (``--initial-loss-scale``)."""
     window: PositiveInt = 1000
     """Overflow-free steps before the scale is raised."""
     hysteresis: PositiveInt = 2
@@ -134,23 +144,28 @@ class BatchConfig(_Section):
 
 
 class OptimizerConfig(_Section):
+    """AdamW; defaults are Megatron-LM's, except lr (DeepSpeed's Adam default; Megatron-LM has none)."""
+
     lr: float = Field(1e-3, gt=0)
-    """Peak learning rate."""
-    weight_decay: float = Field(0.0, ge=0)
-    """Decoupled (AdamW) weight decay."""
+    """Peak learning rate (``--lr``)."""
+    weight_decay: float = Field(0.01, ge=0)
+    """Decoupled (AdamW) weight decay (``--weight-decay``)."""
     beta1: float = Field(0.9, ge=0, lt=1)
-    """Adam first-moment decay."""
-    beta2: float = Field(0.95, ge=0, lt=1)
-    """Adam second-moment decay."""
+    """Adam first-moment decay (``--adam-beta1``)."""
+    beta2: float = Field(0.999, ge=0, lt=1)
+    """Adam second-moment decay (``--adam-beta2``)."""
     eps: float = Field(1e-8, gt=0)
-    """Adam denominator epsilon."""
-    clip_grad: float = Field(0.0, ge=0)
-    """Global gradient-norm clip (0 disables)."""
+    """Adam denominator epsilon (``--adam-eps``)."""
+    clip_grad: float = Field(1.0, ge=0)
+    """Global gradient-norm clip, 0 disables (``--clip-grad``; DeepSpeed ``gradient_clipping``)."""
 
 
 class SchedulerConfig(_Section):
-    decay_style: Literal["constant", "linear", "cosine", "inverse-square-root", "WSD"] = "constant"
-    """Learning-rate decay after warmup (Megatron ``--lr-decay-style``; Megatron-LM's own default is linear)."""
+    decay_style: Literal["constant", "linear", "cosine", "inverse-square-root", "WSD"] = "linear"
+    """Learning-rate decay after warmup (Megatron ``--lr-decay-style``)."""
+    deepspeed_type: Optional[Literal["WarmupLR", "WarmupDecayLR", "WarmupCosineLR"]] = None
+    """DeepSpeed scheduler class that runs the schedule (a DeepSpeed JSON's ``scheduler.type``);
+    None: Megatron-Core's OptimizerParamScheduler."""
     warmup_iters: int = Field(0, ge=0)
     """Steps of warmup from warmup_init_lr to the peak lr."""
     warmup_init_lr: float = Field(0.0, ge=0)
@@ -178,16 +193,37 @@ class CheckpointConfig(_Section):
     save: Optional[str] = None
     """Directory checkpoints are written to (None: never saved)."""
     load: Optional[str] = None
-    """Directory to resume from (None: start fresh)."""
+    """Directory to resume from (None: start fresh); the same directory as save makes one command line
+    serve the first attempt and every restart."""
     interval: Optional[PositiveInt] = None
     """Steps between saves; needs save."""
+    exit_interval: Optional[PositiveInt] = None
+    """Save and exit after a step divisible by this (``--exit-interval``)."""
+    exit_signal_handler: bool = False
+    """On SIGTERM, save after the current step and exit (``--exit-signal-handler``)."""
+    finetune: bool = False
+    """Load only the weights from load (any layout, either engine); start at step 0 with a fresh optimizer,
+    scheduler, data position and RNGs (``--finetune``)."""
+    no_load_optim: bool = False
+    """Load the weights, step, data position and scheduler, not the optimizer (``--no-load-optim``)."""
+    no_load_rng: bool = False
+    """Keep this run's RNG states instead of the checkpoint's (``--no-load-rng``)."""
+
+
+class DataConfig(_Section):
+    path: Optional[str] = None
+    """Prefix of a Megatron ``.bin/.idx`` dataset (``--data-path``); None: the project's own corpus."""
+    split: Optional[str] = None
+    """Train/valid/test proportions (``--split``); None: Megatron-LM's legacy default "969, 30, 1"."""
 
 
 class LoggingConfig(_Section):
-    interval: Optional[PositiveInt] = None
-    """Steps between the engines' log lines (None: engines stay quiet; zeromega's progress reports)."""
+    interval: PositiveInt = 100
+    """Steps between log lines (``--log-interval``; DeepSpeed ``steps_per_print``)."""
     metrics_path: Optional[str] = None
-    """JSON-lines file with one record per step (rank 0)."""
+    """JSON-lines file with one record per step, written by rank 0 (``--metrics-out``)."""
+    progress: bool = True
+    """A progress bar on rank 0 (``--no-progress`` turns it off)."""
 
 
 class LaunchConfig(_Section):
@@ -220,7 +256,19 @@ class ModelConfig(_Section):
     max_position_embeddings: Optional[PositiveInt] = None
     """Positions the embedding covers (None: seq_length)."""
     vocab_size: Optional[PositiveInt] = None
-    """Vocabulary size before padding."""
+    """Vocabulary size before padding (None: the tokenizer's; every token id of the data must be below it)."""
+    make_vocab_size_divisible_by: PositiveInt = 128
+    """Pad the vocabulary to a multiple of this (and of tp)."""
+    hidden_dropout: float = Field(0.1, ge=0, lt=1)
+    """Dropout after attention and MLP."""
+    attention_dropout: float = Field(0.1, ge=0, lt=1)
+    """Dropout on attention probabilities."""
+    init_method_std: float = Field(0.02, gt=0)
+    """Standard deviation of the weights' normal init."""
+    position_embedding_type: Literal["learned_absolute", "rope"] = "learned_absolute"
+    """Learned absolute positions or rotary embeddings."""
+    untie_embeddings_and_output_weights: bool = False
+    """Separate output layer instead of the word embedding's transpose."""
 
 
 class Layout(_Section):
@@ -283,6 +331,10 @@ class RunConfig(_Section):
     """Processes, nodes, hostfile."""
     model: ModelConfig = ModelConfig()
     """Model shape, for validation and for Megatron-Core's TransformerConfig."""
+    data: DataConfig = DataConfig()
+    """Training data."""
+    seed: int = Field(1234, ge=0)
+    """Seed of the weights' init, dropout and data order (``--seed``)."""
     device: Literal["auto", "cuda", "cpu"] = "auto"
     """Where ranks compute (auto: CUDA when present)."""
     deepspeed_extra: dict[str, Any] = Field(default_factory=dict)
