@@ -16,7 +16,8 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 train: setup
 	$(VENV)/bin/zeromega launch --nproc-per-node 2 --config examples/configs/zero1.json \
-		examples/pretrain_gpt.py --train-iters 300 --lr-warmup-iters 20 --hidden-dropout 0.0 \
+		examples/pretrain_gpt.py --num-layers 4 --hidden-size 256 --num-attention-heads 8 --seq-length 128 \
+		--train-iters 300 --lr-warmup-iters 20 --lr-decay-style cosine --hidden-dropout 0.0 \
 		--attention-dropout 0.0 --metrics-out runs/main/metrics.jsonl
 
 test: setup

@@ -1,27 +1,25 @@
-"""What each rank runs in the checkpoint tests: the real ``examples/pretrain_gpt.py``.
+"""What each rank runs in the checkpoint tests: what ``examples/pretrain_gpt.py`` runs.
 
-The script is imported from its path and its ``main(argv)`` run in the
-forked rank, so the tests cover its flags (``--save/--load/...``), not a copy
-of its loop. Run as a script, this module is the fault-injection entry for
+``zeromega.launch.script_args.run(argv)`` (the script's whole body: its
+flags read by the translator, then ``zeromega.Run``) runs in the forked
+rank, so the tests cover its flags (``--save/--load/...``), not a copy of
+its loop. Run as a script, this module is the fault-injection entry for
 ``zeromega launch``: it kills or hangs one rank at one step of the first attempt.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from pathlib import Path
 from typing import Any, Optional
 
-SCRIPT = Path(__file__).resolve().parent.parent / "examples" / "pretrain_gpt.py"
 
+def pretrain_main(argv: list[str]) -> None:
+    """What ``examples/pretrain_gpt.py`` does with ``argv``."""
+    from zeromega.launch import script_args
 
-def pretrain_module():
-    spec = importlib.util.spec_from_file_location("zeromega_pretrain_gpt", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    script_args.run(argv, "pretrain_gpt.py")
 
 
 def read_curve(metrics: str | Path) -> dict[int, float]:
@@ -40,7 +38,6 @@ def pretrain(argv: list[str], fault_point: Optional[str] = None, fault_rank: int
 
     from zeromega import checkpoint
 
-    module = pretrain_module()
     if fault_point is not None:
         original = checkpoint.Checkpointer.__init__
 
@@ -59,7 +56,7 @@ def pretrain(argv: list[str], fault_point: Optional[str] = None, fault_rank: int
 
         checkpoint.Checkpointer.__init__ = init
     try:
-        module.main(argv)
+        pretrain_main(argv)
     except BaseException as err:  # the test wants the message, not the traceback
         from zeromega.integrations.megatron import parallel
 
@@ -75,7 +72,7 @@ def pretrain_sigterm_at(argv: list[str], rank: int, step: int) -> Any:
 
     import torch.distributed as dist
 
-    import zeromega.train as train_module
+    import zeromega.run.loop as train_module
 
     original = train_module.train
 
@@ -103,7 +100,7 @@ def _fault_during_first_attempt() -> None:
 
     import torch.distributed as dist
 
-    import zeromega.train as train_module
+    import zeromega.run.loop as train_module
 
     kill = os.environ.get("ZEROMEGA_TEST_KILL")
     rank, step = (int(x) for x in (kill or os.environ["ZEROMEGA_TEST_HANG"]).split(":"))
@@ -127,7 +124,7 @@ def _fault_during_first_attempt() -> None:
     train_module.train = train
     import sys
 
-    pretrain_module().main(sys.argv[1:])
+    pretrain_main(sys.argv[1:])
 
 
 if __name__ == "__main__":

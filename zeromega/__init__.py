@@ -2,10 +2,9 @@
 
 The public entry points, imported lazily so ``zeromega --help`` stays fast::
 
-    cfg = zeromega.load_config("ds_config.json", megatron_argv=sys.argv[1:])
-    layout = zeromega.initialize(cfg)       # device, process groups, seeds
-    model = zeromega.build_gpt(shape, cfg)  # Megatron-Core GPTModel
-    engine = zeromega.build_engine(model, cfg, layout)
+    cfg = zeromega.load_config("ds_config.json")    # any dialect; megatron_argv=... adds Megatron flags
+    zeromega.Run(cfg, model=build_model, batches=my_batches, loss=my_loss).train()
+    zeromega.Run(cfg).train()                         # Megatron-Core GPT from cfg.model on cfg.data
 """
 
 from zeromega.version import __version__
@@ -18,9 +17,9 @@ _EXPORTS = {
     "shutdown": ("zeromega.integrations.megatron.parallel", "shutdown"),
     "GPTShape": ("zeromega.integrations.megatron.model", "GPTShape"),
     "build_gpt": ("zeromega.integrations.megatron.model", "build_gpt"),
-    "build_engine": ("zeromega.integrations.deepspeed", "build_engine"),
-    "model_init_context": ("zeromega.integrations.deepspeed", "model_init_context"),
-    "train": ("zeromega.train", "train"),
+    "build_engine": ("zeromega.plugins.zero.engine", "build_engine"),
+    "model_init_context": ("zeromega.plugins.zero.engine", "model_init_context"),
+    "Run": ("zeromega.run", "Run"),
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -101,6 +101,20 @@ def _pipeline_fields(cfg: RunConfig, virtual_stages: Optional[int]) -> dict:
     return fields
 
 
+def _recompute_fields(cfg: RunConfig) -> dict:
+    """Megatron-Core's activation recomputation from ``cfg.recompute`` (Megatron-LM's ``--recompute-*``).
+
+    selective: the core attention (scores, softmax, dropout) is recomputed in backward
+    (``recompute_modules`` stays Megatron's default, ``["core_attn"]``); full: whole layers,
+    ``uniform`` (chunks of ``num_layers``) or ``block`` (the first ``num_layers`` of each stage).
+    Bad combinations are refused earlier by ``zeromega.config.rules`` (``_recompute``).
+    """
+    r = cfg.recompute
+    if r.granularity is None:
+        return {}
+    return dict(recompute_granularity=r.granularity, recompute_method=r.method, recompute_num_layers=r.num_layers)
+
+
 def transformer_config(shape: GPTShape, cfg: RunConfig, virtual_stages: Optional[int] = None):
     """Megatron-Core's TransformerConfig for ``shape`` under ``cfg``'s parallel sizes and precision.
 
@@ -135,6 +149,7 @@ def transformer_config(shape: GPTShape, cfg: RunConfig, virtual_stages: Optional
         persist_layer_norm=False,
         **_pipeline_fields(cfg, virtual_stages),
         **_moe_fields(shape),
+        **_recompute_fields(cfg),
     )
 
 
@@ -289,16 +304,28 @@ def init_by_name(chunks: list, shape: GPTShape, seed: int) -> None:
     for chunk in chunks:
         names = global_param_names(chunk)
         for name, param in chunk.named_parameters():
-            if param.dim() < 2:
+            if len(getattr(param, "ds_shape", param.shape)) < 2:
                 continue
             global_name = names[name]
             std = scaled_std if global_name.endswith(("linear_proj.weight", "linear_fc2.weight")) else \
                 shape.init_method_std
-            dim, tp_size, _ = tp_split(param)
-            full_shape = list(param.shape)
-            if dim >= 0:
-                full_shape[dim] *= tp_size
-            generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(global_name.encode()))
-            full = torch.empty(full_shape, dtype=torch.float32).normal_(0.0, std, generator=generator)
-            with torch.no_grad():
-                param.copy_(tp_shard(param, full).to(param.dtype))
+            with _whole(param):
+                dim, tp_size, _ = tp_split(param)
+                full_shape = list(param.shape)
+                if dim >= 0:
+                    full_shape[dim] *= tp_size
+                generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(global_name.encode()))
+                full = torch.empty(full_shape, dtype=torch.float32).normal_(0.0, std, generator=generator)
+                with torch.no_grad():
+                    param.copy_(tp_shard(param, full).to(param.dtype))
+
+
+def _whole(param: torch.nn.Parameter):
+    """The whole parameter while inside (ZeRO-3 gathers its partition and re-partitions what was written)."""
+    import contextlib
+
+    if not hasattr(param, "ds_id"):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters([param], modifier_rank=0)

@@ -147,7 +147,7 @@ class MegatronTrainer:
                        for i, chunk in enumerate(chunks)]
         o = cfg.optimizer
         self.optimizer = get_megatron_optimizer(
-            OptimizerConfig(optimizer="adam", lr=o.lr, min_lr=0.0, weight_decay=o.weight_decay, adam_beta1=o.beta1,
+            OptimizerConfig(optimizer="adam", lr=o.lr, min_lr=cfg.scheduler.min_lr, weight_decay=o.weight_decay, adam_beta1=o.beta1,
                             adam_beta2=o.beta2, adam_eps=o.eps, clip_grad=o.clip_grad,
                             use_distributed_optimizer=distributed_optimizer, params_dtype=self.config.params_dtype,
                             bf16=cfg.precision == "bf16", fp16=cfg.precision == "fp16"),

@@ -1,10 +1,11 @@
-"""The training step and its per-step metrics, shared by the examples and the benchmarks.
+"""The training loop and its per-step metrics, the same for both engines.
 
-One step = ``accumulation`` micro-batches through the DeepSpeed engine
-(forward, masked token-mean loss, ``engine.backward``, ``engine.step``).
-Rank 0 writes one JSON object per step: loss (averaged over data-parallel
-ranks), tokens/s, peak memory (max over ranks) and bytes per collective
-kind (summed over ranks).
+One step = ``accumulation`` micro-batches through the engine's
+``train_step`` (DeepSpeed's or Megatron-Core's: :mod:`zeromega.run.engines`),
+then one step of the schedule. Rank 0 writes one JSON object per step: loss
+(averaged over data-parallel ranks), lr, grad norm, tokens/s, peak memory
+(max over ranks), bytes per collective kind (summed over ranks); and every
+``logging.interval`` steps a line in Megatron-LM's format.
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ class StepRecord:
     peak_mem_bytes: int
     comm_bytes: dict[str, int] = field(default_factory=dict)
     lr: Optional[float] = None
+    grad_norm: Optional[float] = None
+    consumed_samples: Optional[int] = None
 
 
 def _reduce_step_stats(loss_sum: float, peak_mem: int, dp_group) -> tuple[float, int]:
@@ -66,7 +69,7 @@ def _reduce_step_stats(loss_sum: float, peak_mem: int, dp_group) -> tuple[float,
 
 
 def train_step(engine, batches: Iterator[dict], accumulation: int, sequence_layout: Optional[str] = None) -> float:
-    """One optimizer step through the DeepSpeed engine; returns this rank's mean micro-batch loss."""
+    """One optimizer step of a bare DeepSpeed engine over a GPT; this rank's mean micro-batch loss."""
     total = 0.0
     for _ in range(accumulation):
         loss = gpt_loss(engine, next(batches), sequence_layout)
@@ -109,25 +112,34 @@ class MetricsWriter:
             self._file.close()
 
 
-def train(engine, batches: Iterator[dict], *, iters: int, accumulation: int, tokens_per_step: int,
-          dp_group=None, metrics_out: Optional[str] = None, scheduler=None,
-          progress: bool = True, log=print, start_step: int = 0,
-          on_step: Optional[Callable[[StepRecord], bool]] = None,
-          step_fn: Optional[Callable[[], float]] = None, optimizer=None,
-          sequence_layout: Optional[str] = None, timeout_minutes: Optional[float] = None) -> list[StepRecord]:
-    """Run steps ``start_step + 1 .. iters``; returns their records (identical on every rank).
+def log_line(record: StepRecord, iters: int, global_batch: int) -> str:
+    """Megatron-LM's training log line (``training_log``), with the fields zeromega measures."""
+    parts = [f" iteration {record.step:8d}/{iters:8d}",
+             f"consumed samples: {record.consumed_samples:12d}",
+             f"elapsed time per iteration (ms): {record.step_time_s * 1000:.1f}",
+             f"learning rate: {record.lr:.6E}" if record.lr is not None else "learning rate: n/a",
+             f"global batch size: {global_batch:5d}",
+             f"lm loss: {record.loss:.6E}"]
+    if record.grad_norm is not None:
+        parts.append(f"grad norm: {record.grad_norm:.3f}")
+    parts += [f"tokens/s: {record.tokens_per_s:,.0f}", f"peak memory (MiB): {record.peak_mem_bytes / 2**20:,.0f}"]
+    return " | ".join(parts) + " |"
 
-    ``on_step(record)`` runs after every step on every rank (checkpointing,
-    exit conditions); a true return ends training after that step.
-    ``step_fn`` replaces the DeepSpeed step (Megatron-Core's pipeline
-    trainer); ``optimizer`` is then where the learning rate is read. A
-    collective that times out (after ``timeout_minutes``, the process
-    groups' setting) raises :class:`~zeromega.integrations.heartbeat.CollectiveTimeout`
-    naming the ranks that never reached the step.
+
+def train(engine, batches: Iterator[dict], *, iters: int, accumulation: int, global_batch: int, seq_length: int,
+          dp_group=None, metrics_out: Optional[str] = None, schedule=None, progress: bool = True,
+          log_interval: Optional[int] = None, log=print, start_step: int = 0, start_samples: int = 0,
+          on_step: Optional[Callable[[StepRecord], bool]] = None,
+          timeout_minutes: Optional[float] = None) -> list[StepRecord]:
+    """Run steps ``start_step + 1 .. iters`` of ``engine`` (:class:`zeromega.run.engines.Engine`).
+
+    Returns their records (identical on every rank). ``on_step(record)``
+    runs after every step on every rank (checkpointing, exit conditions); a
+    true return ends training after that step. A collective that times out
+    (after ``timeout_minutes``, the process groups' setting) raises
+    :class:`~zeromega.integrations.heartbeat.CollectiveTimeout` naming the
+    ranks that never reached the step.
     """
-    if step_fn is None:
-        step_fn = lambda: train_step(engine, batches, accumulation, sequence_layout)  # noqa: E731
-    optimizer = optimizer if optimizer is not None else engine.optimizer
     from tqdm import tqdm
 
     device = accel.current()
@@ -142,23 +154,26 @@ def train(engine, batches: Iterator[dict], *, iters: int, accumulation: int, tok
             heartbeat.post(step)
             try:
                 device.reset_peak_memory()
+                lr = schedule.lr if schedule is not None else None
                 start = time.perf_counter()
-                loss = step_fn()
+                loss, grad_norm = engine.train_step([next(batches) for _ in range(accumulation)])
                 device.synchronize()
                 elapsed = time.perf_counter() - start
                 local_comm = comm.take()
                 loss, peak = _reduce_step_stats(loss, device.peak_memory_bytes(), dp_group)
                 record = StepRecord(
-                    step=step, loss=loss, tokens_per_s=tokens_per_step / elapsed, step_time_s=elapsed,
-                    peak_mem_bytes=peak, comm_bytes=comm.summed_over_ranks(local_comm),
-                    lr=scheduler.get_lr(optimizer.param_groups[0]) if scheduler else None,
+                    step=step, loss=loss, tokens_per_s=global_batch * seq_length / elapsed, step_time_s=elapsed,
+                    peak_mem_bytes=peak, comm_bytes=comm.summed_over_ranks(local_comm), lr=lr,
+                    grad_norm=grad_norm, consumed_samples=start_samples + (step - start_step) * global_batch,
                 )
-                if scheduler is not None:
-                    scheduler.step(1)
+                if schedule is not None:
+                    schedule.step()
                 records.append(record)
                 writer.write(record)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record.tokens_per_s:,.0f}")
+                if rank0 and log_interval and step % log_interval == 0:
+                    (bar.write if progress else log)(log_line(record, iters, global_batch))
                 if on_step is not None and on_step(record):
                     break
             except RuntimeError as err:

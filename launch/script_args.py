@@ -1,0 +1,126 @@
+"""The command line of a Megatron-style training script, generated from the translator's tables.
+
+One list of flags (:mod:`.megatron_args`: Megatron-LM's names, zeromega's
+few own), one docstring each (the schema field the flag sets), so
+``pretrain_gpt.py --help`` lists every flag the translator reads and no
+second parser can drift from it. Reading goes through the translator
+(:func:`zeromega.launch.translate.build`): a config file (``--config``,
+``--deepspeed_config`` or ``ZEROMEGA_CONFIG``) and the flags, conflicts
+refused, unstated values at their dialect's defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import os
+import sys
+from typing import Optional
+
+from zeromega.config import ConfigError, RunConfig
+from zeromega.config.schema import describe
+
+from . import megatron_args, translate
+
+SPECIAL_HELP = {
+    "--bf16": "train in bf16 (precision)",
+    "--fp16": "train in fp16 with loss scaling (precision)",
+    "--use-distributed-optimizer": "shard the optimizer state over dp (ZeRO-1)",
+    "--recompute-activations": "selective activation recomputation",
+    "--deepspeed": "accepted for Megatron-DeepSpeed scripts",
+    "--group-query-attention": "grouped-query attention (with --num-query-groups)",
+    "--cp-comm-type": "context-parallel attention: p2p (ring), a2a (Ulysses), a2a+p2p (USP)",
+    "--hierarchical-context-parallel-sizes": "a2a+p2p: the Ulysses size, then the ring size",
+    "--ds-sequence-parallel-size": "Megatron-DeepSpeed's Ulysses size",
+    "--initial-loss-scale": "fp16: the first dynamic loss scale (a power of two)",
+    "--deepspeed_config": "a DeepSpeed JSON (also --deepspeed-config)",
+    "--deepspeed-config": argparse.SUPPRESS,
+    "--data-path": "prefix of a Megatron .bin/.idx dataset (data.path); default: the project's own corpus",
+}
+IGNORED = ("--local_rank", "--local-rank")
+"""Set by the deepspeed launcher on every rank; zeromega reads LOCAL_RANK from the environment."""
+
+
+def parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """An argparse parser listing every flag (for ``--help``; values are read by :func:`read`)."""
+    p = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", metavar="FILE", help="run config in any dialect: DeepSpeed JSON, unified YAML, "
+                   "or a Megatron launch script (default: $ZEROMEGA_CONFIG)")
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for flag, (path, kind) in megatron_args.TABLE.items():
+        section = path.split(".")[0] if "." in path else "run"
+        group = groups.setdefault(section, p.add_argument_group(section))
+        extra = {"action": "store_true"} if kind == megatron_args.SWITCH else {"metavar": "V"}
+        group.add_argument(flag, help=f"{path}: {describe(path)}".replace("%", "%%"), **extra)
+    for flag, path in megatron_args.NEGATIONS.items():
+        groups["logging"].add_argument(flag, action="store_true", help=f"{path} false")
+    special = p.add_argument_group("flags with rules of their own")
+    for flag, (_, nargs) in megatron_args.SPECIAL.items():
+        extra = {"action": "store_true"} if nargs == 0 else {"metavar": "V", "nargs": None if nargs == 1 else nargs}
+        special.add_argument(flag, help=SPECIAL_HELP.get(flag, ""), **extra)
+    return p
+
+
+def known_flags() -> list[str]:
+    return ["--config", *megatron_args.TABLE, *megatron_args.NEGATIONS, *megatron_args.SPECIAL]
+
+
+def _without_ignored(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for token in argv:
+        if skip:
+            skip = False
+        elif token in IGNORED:
+            skip = True
+        elif not token.startswith(tuple(f"{flag}=" for flag in IGNORED)):
+            out.append(token)
+    return out
+
+
+def read(argv: list[str], prog: str) -> RunConfig:
+    """The RunConfig of a script's command line; bad input: one line naming it, exit code 2."""
+    argv = _without_ignored(argv)
+    config = os.environ.get("ZEROMEGA_CONFIG") or None
+    if "--config" in argv:
+        at = argv.index("--config")
+        if at + 1 >= len(argv):
+            _fail(prog, "--config needs a file")
+        config = argv[at + 1]
+        argv = argv[:at] + argv[at + 2:]
+    try:
+        _, unknown = translate.from_megatron_args(argv)
+        if unknown:
+            flag = next((t for t in unknown if t.startswith("-")), unknown[0]).split("=")[0]
+            close = difflib.get_close_matches(flag, known_flags(), n=1)
+            fix = f"did you mean {close[0]}?" if close else f"see `{prog} --help`"
+            raise ConfigError("arguments", " ".join(unknown), "not a flag this script or zeromega knows", fix)
+        return translate.build(config, megatron_argv=argv)
+    except ConfigError as err:
+        _fail(prog, str(err))
+
+
+def _fail(prog: str, message: str) -> None:
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def parse(argv: Optional[list[str]], prog: str, description: str) -> RunConfig:
+    """``--help`` prints every flag; otherwise :func:`read`."""
+    argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        parser(prog, description).print_help()
+        raise SystemExit(0)
+    return read(argv, prog)
+
+
+def run(argv: Optional[list[str]] = None, prog: str = "pretrain_gpt.py", description: str = "") -> list:
+    """Read the command line and train :class:`zeromega.Run` on it (what ``examples/pretrain_gpt.py`` does);
+    a ConfigError raised once the ranks run is one line and exit code 2 as well."""
+    from zeromega.run import Run
+
+    cfg = parse(argv, prog, description)
+    try:
+        return Run(cfg).train()
+    except ConfigError as err:
+        _fail(prog, str(err))

@@ -1,0 +1,98 @@
+"""Two engines behind one surface, chosen in one place (as Megatron-Core's ``get_forward_backward_func``
+chooses a schedule).
+
+=====================================  ===============================================
+layout                                  engine
+=====================================  ===============================================
+pp == 1, dense (any tp, cp, ZeRO 0-3,   DeepSpeed: ``deepspeed.initialize`` around the
+offload)                                model, ZeRO over Megatron's dp x cp group
+pp > 1, or MoE experts, or resuming a   Megatron-Core: its schedules (1F1B, interleaved),
+Megatron-engine checkpoint              DDP and distributed optimizer (ZeRO-1)
+=====================================  ===============================================
+
+Why: DeepSpeed refuses ZeRO-2/3 with pipelines, wants a ``PipelineModule``,
+and would average Megatron's expert gradients over the whole dp group
+(:mod:`zeromega.plugins.megatron.pipeline`). Both engines start from the
+same weights for a seed (:func:`zeromega.integrations.megatron.model.init_by_name`),
+so changing pp does not change the model.
+
+An engine offers ``train_step(micro_batches) -> (loss, grad_norm)``,
+``optimizer`` (whose ``param_groups`` the schedule drives), ``modules``
+(this rank's model chunks) and ``checkpointer(...)``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from zeromega.config import ConfigError, Layout, RunConfig
+
+DEEPSPEED, MEGATRON = "deepspeed", "megatron"
+
+
+def select(cfg: RunConfig, layout: Layout, resumes_megatron: bool = False, own_model: bool = False) -> str:
+    """Which engine runs this layout (the table in the module docstring)."""
+    megatron = layout.pp > 1 or bool(cfg.moe.num_experts) or resumes_megatron
+    if megatron and own_model:
+        field, value = ("parallel.pp", layout.pp) if layout.pp > 1 else ("moe.num_experts", cfg.moe.num_experts)
+        raise ConfigError(field, value, "pipeline and expert parallelism run on Megatron-Core's engine, which "
+                          "needs a Megatron-Core GPT model", "use pp 1 and a dense model with your own module, "
+                          "or let zeromega build the GPT (Run without model=)")
+    return MEGATRON if megatron else DEEPSPEED
+
+
+class DeepSpeedEngine:
+    """A model under ``deepspeed.initialize`` (ZeRO 0-3, offload); one step = accumulation x (fwd, bwd, step)."""
+
+    name = DEEPSPEED
+
+    def __init__(self, module: torch.nn.Module, cfg: RunConfig, layout: Layout,
+                 loss: Callable[[torch.nn.Module, dict], torch.Tensor]):
+        from zeromega.plugins.zero.engine import build_engine
+
+        self.engine = build_engine(module, cfg, layout)
+        self.optimizer = self.engine.optimizer
+        self.modules = [self.engine.module]
+        self._loss = loss
+
+    def train_step(self, micro_batches: list[dict]) -> tuple[float, Optional[float]]:
+        total = 0.0
+        for batch in micro_batches:
+            loss = self._loss(self.engine, batch)
+            self.engine.backward(loss)
+            self.engine.step()
+            total += loss.item()
+        norm = self.engine.get_global_grad_norm()
+        return total / len(micro_batches), None if norm is None else float(norm)
+
+    def checkpointer(self, layout: Layout, cfg: RunConfig, schedule, model_meta: dict):
+        from zeromega.checkpoint import Checkpointer
+
+        return Checkpointer(self.engine, layout, cfg.zero.stage, cfg.precision, schedule, model_meta=model_meta)
+
+
+class MegatronEngine:
+    """Megatron-Core's schedules, DDP and (distributed) optimizer over this stage's GPT chunks."""
+
+    name = MEGATRON
+
+    def __init__(self, shape, cfg: RunConfig, layout: Layout, weights=None):
+        from zeromega.plugins.megatron.pipeline import MegatronTrainer
+
+        self.trainer = MegatronTrainer(shape, cfg, layout, distributed_optimizer=cfg.zero.stage >= 1,
+                                       init_seed=cfg.seed, weights=weights)
+        self.optimizer = self.trainer.optimizer
+        self.modules = [chunk.module for chunk in self.trainer.chunks]
+        self.engine = None
+
+    def train_step(self, micro_batches: list[dict]) -> tuple[float, Optional[float]]:
+        result = self.trainer.train_step(micro_batches)
+        return result.loss, result.grad_norm
+
+    def checkpointer(self, layout: Layout, cfg: RunConfig, schedule, model_meta: dict):
+        from zeromega.checkpoint.megatron import MegatronCheckpointer
+
+        return MegatronCheckpointer(self.trainer, layout, cfg.zero.stage, cfg.precision, schedule,
+                                    model_meta=model_meta)

@@ -1,0 +1,85 @@
+"""What a run needs when it trains zeromega's GPT: the shape from the config, the data, the vocabulary check."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from zeromega.config import ConfigError, RunConfig
+from zeromega.integrations.megatron import data
+from zeromega.integrations.megatron.model import GPTShape
+
+REQUIRED = ("num_layers", "hidden_size", "num_attention_heads", "seq_length")
+
+
+def shape(cfg: RunConfig, vocab_size: int) -> GPTShape:
+    """The GPT the config's model and moe sections describe, over ``vocab_size`` tokens."""
+    m, moe = cfg.model, cfg.moe
+    missing = [name for name in REQUIRED if getattr(m, name) is None]
+    if missing:
+        flags = ", ".join("--" + name.replace("_", "-") for name in missing)
+        raise ConfigError(f"model.{missing[0]}", None, f"the model's shape is incomplete (missing {flags})",
+                          f"pass {flags} (Megatron-LM has no default for them)")
+    return GPTShape(
+        num_layers=m.num_layers, hidden_size=m.hidden_size, num_attention_heads=m.num_attention_heads,
+        seq_length=m.max_position_embeddings or m.seq_length, vocab_size=vocab_size,
+        ffn_hidden_size=m.ffn_hidden_size, num_query_groups=m.num_query_groups,
+        hidden_dropout=m.hidden_dropout, attention_dropout=m.attention_dropout,
+        init_method_std=m.init_method_std, position_embedding_type=m.position_embedding_type,
+        untie_embeddings_and_output_weights=m.untie_embeddings_and_output_weights,
+        make_vocab_size_divisible_by=m.make_vocab_size_divisible_by,
+        num_experts=moe.num_experts, moe_router_topk=moe.topk, moe_ffn_hidden_size=moe.ffn_hidden_size,
+        moe_aux_loss_coeff=moe.aux_loss_coeff, moe_expert_capacity_factor=moe.expert_capacity_factor,
+        moe_token_dispatcher_type=moe.token_dispatcher_type,
+    )
+
+
+def corpus(cfg: RunConfig, rank0: bool) -> Path:
+    """The dataset prefix: the config's data.path, or the project's corpus (built by rank 0 on first use;
+    the caller barriers)."""
+    if cfg.data.path is not None:
+        prefix = Path(cfg.data.path)
+        for suffix in (".bin", ".idx"):
+            if not Path(f"{prefix}{suffix}").is_file():
+                raise ConfigError("data.path", str(prefix), f"{prefix}{suffix} does not exist",
+                                  "pass the prefix of a Megatron .bin/.idx pair (without the suffix)")
+        return prefix
+    prefix = data.default_corpus_prefix()
+    if rank0:
+        data.build_corpus(prefix)
+    return prefix
+
+
+def largest_token_id(prefix: Path) -> int:
+    """The largest token id in a ``.bin`` (read through its ``.idx``'s dtype, one pass over the file)."""
+    from megatron.core.datasets.indexed_dataset import DType
+
+    with open(f"{prefix}.idx", "rb") as f:
+        f.seek(17)
+        dtype = DType.dtype_from_code(f.read(1)[0])
+    tokens = np.memmap(f"{prefix}.bin", dtype=dtype, mode="r")
+    return int(tokens.max()) if tokens.size else -1
+
+
+def vocab_size(cfg: RunConfig, prefix: Path) -> int:
+    """The model's vocabulary before padding: ``--vocab-size``, or the tokenizer's (bytes: 257); every
+    token id of the data must be below it."""
+    size = cfg.model.vocab_size or data.ByteTokenizer().vocab_size
+    largest = largest_token_id(prefix)
+    if largest >= size:
+        field = "model.vocab_size" if cfg.model.vocab_size else "data.path"
+        raise ConfigError(field, cfg.model.vocab_size or str(prefix), f"{prefix}.bin holds token id {largest}, "
+                          f"outside a vocabulary of {size}", f"pass --vocab-size {largest + 1} or more (or the "
+                          "tokenizer the data was made with)")
+    return size
+
+
+def batches(cfg: RunConfig, prefix: Path, seq_length: int, iters: int, layout, start_sample: int,
+            dp_rank: int) -> Iterator[dict]:
+    """This dp rank's micro-batches from ``start_sample`` on (cp ranks of one dp rank read the same ones)."""
+    samples = iters * layout.global_batch
+    train_ds, _, _ = data.build_gpt_datasets(prefix, seq_length, cfg.seed, (samples, 0, 0),
+                                             split=cfg.data.split or "969, 30, 1")
+    return data.sample_batches(train_ds, layout.micro, start_sample=start_sample, dp_rank=dp_rank, dp_size=layout.dp)

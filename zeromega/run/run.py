@@ -1,0 +1,159 @@
+"""The training run: config in, every field applied, the loop run.
+
+:class:`Run` is what ``examples/pretrain_gpt.py``, the long-context and
+large-model examples, the benchmarks and a user's own ``train.py`` call::
+
+    cfg = zeromega.load_config("ds_config.json")
+    zeromega.Run(cfg, model=build_model, batches=my_batches, loss=my_loss).train()
+
+Without ``model`` the run builds Megatron-Core's GPT from ``cfg.model`` and
+reads ``cfg.data``; with it, ``model()`` is called inside zeromega's init
+context (ZeRO-3 partitions while it builds), ``batches(start_sample,
+dp_rank, dp_size, micro)`` yields this data-parallel rank's micro-batches
+and ``loss(model, batch)`` returns the scalar loss.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+from zeromega.config import ConfigError, RunConfig
+from zeromega.integrations import comm
+from zeromega.integrations.megatron import parallel
+from zeromega.integrations.megatron import model as gpt_model
+
+from . import checkpointing, engines, gpt, loop, schedule
+from .loop import StepRecord, gpt_loss
+
+
+class Run:
+    """One training run of ``cfg`` (see the module docstring for the own-model arguments)."""
+
+    def __init__(self, cfg: RunConfig, model: Optional[Callable[[], torch.nn.Module]] = None,
+                 batches: Optional[Callable[[int, int, int, int], Iterator[dict]]] = None,
+                 loss: Optional[Callable[[torch.nn.Module, dict], torch.Tensor]] = None, log=print):
+        if model is not None and (batches is None or loss is None):
+            raise ConfigError("Run(model=...)", "own model", "needs its data and loss too",
+                              "pass batches=(start_sample, dp_rank, dp_size, micro) -> iterator and "
+                              "loss=(model, batch) -> tensor")
+        if cfg.scheduler.train_iters is None:
+            raise ConfigError("scheduler.train_iters", None, "the run's length is unstated",
+                              "pass --train-iters N (DeepSpeed: the scheduler's total_num_steps)")
+        checkpointing.check(cfg)
+        self.cfg, self._model_fn, self._batches_fn, self._loss_fn, self._log = cfg, model, batches, loss, log
+        self.layout = self.engine = self.schedule = self.shape = None
+        self.records: list[StepRecord] = []
+
+    def say(self, text: str) -> None:
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            self._log(f"zeromega: {text}")
+
+    def train(self) -> list[StepRecord]:
+        """Set up (device, groups, seeds, model, engine, schedule, checkpoints), train, shut down."""
+        cfg = self.cfg
+        comm.install()
+        self.layout = layout = parallel.initialize(cfg, seed=cfg.seed)
+        try:
+            return self._train(cfg, layout)
+        finally:
+            parallel.shutdown()
+
+    def _train(self, cfg: RunConfig, layout) -> list[StepRecord]:
+        from megatron.core import parallel_state
+
+        self.say(f"world {layout.world} = tp {layout.tp} x pp {layout.pp} x cp {layout.cp} x dp {layout.dp}; "
+                 f"ZeRO-{cfg.zero.stage}, {cfg.precision}; global batch {layout.global_batch} = micro "
+                 f"{layout.micro} x accumulation {layout.accumulation} x dp {layout.dp}")
+        own = self._model_fn is not None
+        prefix = None
+        if not own:
+            prefix = gpt.corpus(cfg, dist.get_rank() == 0)
+            dist.barrier()
+            self.shape = gpt.shape(cfg, gpt.vocab_size(cfg, prefix))
+        weights = checkpointing.read_weights(cfg)
+        if weights is not None:
+            self.say(f"weights from {weights.path}: {weights.source}")
+        if checkpointing.note(cfg):
+            self.say(checkpointing.note(cfg))
+        kind = engines.select(cfg, layout, checkpointing.resumes_megatron(cfg), own_model=own)
+        self.engine = self._build_engine(kind, cfg, layout, weights)
+        self.schedule = schedule.build(cfg, self.engine.optimizer)
+        ckpt = None
+        if cfg.checkpoint.save or cfg.checkpoint.load:
+            meta = self.shape.__dict__ if self.shape is not None else {"own_model": True}
+            ckpt = self.engine.checkpointer(layout, cfg, self.schedule, dict(meta))
+        policy = checkpointing.CheckpointPolicy(cfg, ckpt, layout.global_batch, self.schedule, weights)
+        start_step, consumed = policy.resume()
+        if start_step:
+            self.say(f"resumed at step {start_step} ({consumed} samples consumed)")
+        dp_rank = parallel_state.get_data_parallel_rank()
+        iters = cfg.scheduler.train_iters
+        if own:
+            batches = self._batches_fn(consumed, dp_rank, layout.dp, layout.micro)
+            seq_length = cfg.model.seq_length or 0
+        else:
+            seq_length = cfg.model.seq_length
+            batches = gpt.batches(cfg, prefix, seq_length, iters, layout, consumed, dp_rank)
+        self.records = loop.train(  # through the module: tests hook loop.train
+            self.engine, batches, iters=iters, accumulation=layout.accumulation, global_batch=layout.global_batch,
+            seq_length=seq_length, dp_group=parallel_state.get_data_parallel_group(with_context_parallel=True),
+            metrics_out=cfg.logging.metrics_path, schedule=self.schedule, progress=cfg.logging.progress,
+            log_interval=cfg.logging.interval, log=self._log, start_step=start_step, start_samples=consumed,
+            on_step=policy.after_step, timeout_minutes=cfg.launch.distributed_timeout_minutes,
+        )
+        policy.finish()
+        if self.records:
+            first, last = self.records[0], self.records[-1]
+            self.say(f"loss {first.loss:.4f} -> {last.loss:.4f} over {len(self.records)} steps; last step "
+                     f"{last.tokens_per_s:,.0f} tokens/s, peak {last.peak_mem_bytes / 2**20:,.0f} MiB/rank")
+        return self.records
+
+    def _build_engine(self, kind: str, cfg: RunConfig, layout, weights):
+        if kind == engines.MEGATRON:
+            engine = engines.MegatronEngine(self.shape, cfg, layout, weights=weights)
+            self.say(f"GPT {self.shape.num_layers}x{self.shape.hidden_size} on Megatron-Core's "
+                     f"{'interleaved' if engine.trainer.virtual_stages > 1 else '1F1B'} schedule"
+                     f"{', distributed optimizer (ZeRO-1)' if cfg.zero.stage >= 1 else ''}")
+            return engine
+        from zeromega.plugins.zero.engine import model_init_context
+
+        with model_init_context(cfg, layout):
+            module = self._model_fn() if self._model_fn is not None else gpt_model.build_gpt(self.shape, cfg)
+        if self._model_fn is None:
+            # The same weights Megatron-Core's engine draws for this seed: pp and ep do not change the model.
+            gpt_model.init_by_name([module], self.shape, cfg.seed)
+            if weights is not None:  # before the engine builds its optimizer, whose masters start from them
+                from zeromega.checkpoint.weights import load_by_name
+
+                load_by_name([module], weights)
+            loss = self._gpt_loss()
+        else:
+            _refuse_model_parallel_without_megatron_layers(module, layout)
+            loss = self._loss_fn
+        if cfg.parallel.sequence_parallel:
+            from zeromega.plugins.megatron.sequence_parallel import sum_sequence_parallel_grads
+
+            sum_sequence_parallel_grads(module)
+        n_params = sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
+        self.say(f"{'model' if self._model_fn else f'GPT {self.shape.num_layers}x{self.shape.hidden_size}'}, "
+                 f"{n_params / 1e6:.2f}M parameters per tp rank, DeepSpeed engine")
+        return engines.DeepSpeedEngine(module, cfg, layout, loss)
+
+    def _gpt_loss(self):
+        if self.layout.cp == 1:
+            return gpt_loss
+        from zeromega.plugins.sequence.megatron import sequence_layout
+
+        layout = sequence_layout(self.cfg.sequence.mode, rotary=self.shape.position_embedding_type == "rope")
+        return lambda model, batch: gpt_loss(model, batch, layout)
+
+
+def _refuse_model_parallel_without_megatron_layers(module: torch.nn.Module, layout) -> None:
+    """tp > 1 over a model with no Megatron parallel layers would train tp diverging replicas."""
+    if layout.tp > 1 and not any(getattr(p, "tensor_model_parallel", False) for p in module.parameters()):
+        raise ConfigError("parallel.tp", layout.tp, "the model has no tensor-parallel layers (Megatron-Core's "
+                          "ColumnParallelLinear / RowParallelLinear), so tp ranks would train diverging copies",
+                          "use tp 1, or build the model from Megatron-Core's parallel layers")
