@@ -30,7 +30,11 @@ LAYOUTS = {  # name: (world, flags, a collective kind the layout must use)
     "pp2-1f1b": (2, ["--micro-batch-size", "2", "--global-batch-size", "8", "--pipeline-model-parallel-size", "2"],
                  "p2p"),
     "ep2-moe": (2, ["--micro-batch-size", "2", "--num-experts", "4", "--moe-router-topk", "2",
-                    "--expert-model-parallel-size", "2", "--zero-stage", "1"], "all_to_all"),
+                    "--expert-model-parallel-size", "2", "--zero-stage", "1", "--moe-token-dispatcher-type",
+                    "alltoall"], "all_to_all"),
+    # Megatron-LM's default dispatcher
+    "ep2-moe-allgather": (2, ["--micro-batch-size", "2", "--num-experts", "4", "--expert-model-parallel-size", "2"],
+                          "all_gather"),
 }
 
 

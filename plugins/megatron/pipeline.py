@@ -145,12 +145,17 @@ class MegatronTrainer:
         self.chunks = [DistributedDataParallel(config=self.config, ddp_config=ddp_config, module=chunk,
                                                disable_bucketing=i > 0)
                        for i, chunk in enumerate(chunks)]
-        o = cfg.optimizer
+        o, scaling = cfg.optimizer, cfg.loss_scaling
         self.optimizer = get_megatron_optimizer(
-            OptimizerConfig(optimizer="adam", lr=o.lr, min_lr=cfg.scheduler.min_lr, weight_decay=o.weight_decay, adam_beta1=o.beta1,
-                            adam_beta2=o.beta2, adam_eps=o.eps, clip_grad=o.clip_grad,
+            OptimizerConfig(optimizer="adam", lr=o.lr, min_lr=cfg.scheduler.min_lr, weight_decay=o.weight_decay,
+                            adam_beta1=o.beta1, adam_beta2=o.beta2, adam_eps=o.eps, clip_grad=o.clip_grad,
                             use_distributed_optimizer=distributed_optimizer, params_dtype=self.config.params_dtype,
-                            bf16=cfg.precision == "bf16", fp16=cfg.precision == "fp16"),
+                            bf16=cfg.precision == "bf16", fp16=cfg.precision == "fp16",
+                            # fp16 loss scaling (Megatron's names; 0 = dynamic, as in DeepSpeed's fp16 block)
+                            loss_scale=scaling.loss_scale or None,
+                            initial_loss_scale=2.0 ** scaling.initial_scale_power,
+                            min_loss_scale=scaling.min_scale, loss_scale_window=scaling.window,
+                            hysteresis=scaling.hysteresis),
             self.chunks, use_gloo_process_groups=False)
         for group in self.optimizer.param_groups:  # Megatron's scheduler would do this each step
             group["weight_decay"] = o.weight_decay * group.get("wd_mult", 1.0)
@@ -193,7 +198,7 @@ class MegatronTrainer:
             data_iterator=iterators if len(iterators) > 1 else iterators[0],
             model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
             num_microbatches=m,
-            seq_length=self.shape.seq_length,
+            seq_length=batches[0]["tokens"].shape[1],  # the batch's, not the position table's (may be longer)
             micro_batch_size=batches[0]["tokens"].shape[0],
             forward_only=False,
         )

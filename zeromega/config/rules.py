@@ -195,7 +195,28 @@ def _checkpoint_interval(cfg):
                           "set checkpoint.save (Megatron --save)")
 
 
+def _nodes_from_launch_flags(cfg: "RunConfig") -> None:
+    """Nodes and hosts are zeromega launch's flags (torchrun's and deepspeed's), never a config's."""
+    if cfg.launch.nnodes != 1:
+        raise ConfigError("launch.nnodes", cfg.launch.nnodes, "is not read from a config: the nodes of a job are "
+                          "the launcher's", f"drop it and pass zeromega launch --nnodes {cfg.launch.nnodes}")
+    if cfg.launch.hostfile is not None:
+        raise ConfigError("launch.hostfile", cfg.launch.hostfile, "is not read from a config: the hosts of a job "
+                          "are the launcher's", f"drop it and pass zeromega launch --hostfile {cfg.launch.hostfile}")
+
+
+def _schedule_runs_on_its_class(cfg: "RunConfig") -> None:
+    """A log warmup exists only in DeepSpeed's schedulers; Megatron-Core's warms up linearly."""
+    s = cfg.scheduler
+    if s.warmup_style == "log" and s.deepspeed_type is None:
+        raise ConfigError("scheduler.warmup_style", "log", "is DeepSpeed's warmup, but no DeepSpeed scheduler "
+                          "class runs this schedule (Megatron-Core's warms up linearly)",
+                          "set scheduler.deepspeed_type (WarmupLR, WarmupDecayLR, WarmupCosineLR) or use linear")
+
+
 RULES: list[Callable[["RunConfig"], None]] = [
+    _nodes_from_launch_flags,
+    _schedule_runs_on_its_class,
     _sequence_parallel_needs_tp,
     _heads_divisible,
     _sequence_divisible,

@@ -374,7 +374,15 @@ class RunConfig(_Section):
         micro, accumulation = resolve_batch(self.batch, dp)
         return Layout(world=world_size, tp=p.tp, pp=p.pp, cp=p.cp, ep=p.ep, etp=etp, dp=dp, micro=micro,
                       accumulation=accumulation, global_batch=micro * accumulation * dp,
-                      ulysses=self.sequence.ulysses or 1, ring=self.sequence.ring or 1, vpp=p.vpp)
+                      ulysses=self.sequence.ulysses or 1, ring=self.sequence.ring or 1, vpp=self._virtual_stages())
+
+    def _virtual_stages(self) -> Optional[int]:
+        """vpp, or the layers per pp rank over ``--num-layers-per-virtual-pipeline-stage`` (Megatron-LM's
+        way of asking for the interleaved schedule)."""
+        p, layers = self.parallel, self.model.num_layers
+        if p.vpp is None and p.layers_per_virtual_stage and layers:
+            return layers // p.pp // p.layers_per_virtual_stage
+        return p.vpp
 
 
 def resolve_batch(b: BatchConfig, dp: int) -> tuple[int, int]:
