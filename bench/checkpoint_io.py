@@ -89,7 +89,7 @@ def megatron_rank_work(args: dict, corpus: str) -> dict:
 
     from zeromega.integrations.megatron import data, model, parallel
     from zeromega.config.schema import RunConfig
-    from zeromega.plugins.megatron import checkpoint as megatron_checkpoint
+    from zeromega.checkpoint import megatron as megatron_checkpoint
     from zeromega.plugins.megatron.pipeline import MegatronTrainer
 
     allow_child_processes()  # Megatron's writer forks one process per rank
@@ -123,7 +123,7 @@ def rank_work(args: dict, corpus: str) -> dict:
     import torch.distributed as dist
 
     from zeromega.checkpoint import Checkpointer
-    from zeromega.integrations.deepspeed import build_engine
+    from zeromega.plugins.zero.engine import build_engine
     from zeromega.integrations.megatron import data, model, parallel
     from zeromega.config.schema import RunConfig
     from zeromega.train import gpt_loss

@@ -79,10 +79,10 @@ def worker(args):
     import torch.distributed as dist
 
     from zeromega.integrations import comm
-    from zeromega.integrations.deepspeed import build_engine
+    from zeromega.plugins.zero.engine import build_engine
     from zeromega.integrations.megatron import data, model, parallel
     from zeromega.config.schema import RunConfig
-    from zeromega.launch.translate import to_deepspeed
+    from zeromega.plugins.zero.ds_config import to_deepspeed
     from zeromega.train import _reduce_step_stats, train_step
 
     comm.install()

@@ -1,18 +1,17 @@
-"""The DeepSpeed engine around a Megatron-Core model, with Megatron's groups as its mpu.
+"""DeepSpeed glue for a Megatron-Core model: Megatron's groups as DeepSpeed's mpu, deepspeed.comm.
 
 DeepSpeed partitions optimizer state (ZeRO) and reduces gradients only over
 the data-parallel group it gets from the mpu; Megatron-Core's own layers do
-the tensor-parallel communication. :class:`MegatronMPU` is the seam.
+the tensor-parallel communication. :class:`MegatronMPU` is the seam. The
+engine itself (``build_engine``, ``model_init_context``) is built one layer
+up, in :mod:`zeromega.plugins.zero.engine`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import torch
-
-from zeromega.config.schema import Layout, RunConfig
 
 from . import accelerator as accel
 
@@ -92,36 +91,3 @@ def gathered_init(init_method):
 
     return init
 
-
-def model_init_context(cfg: RunConfig, layout: Layout):
-    """Where to build the model: under ZeRO-3, inside ``deepspeed.zero.Init`` so every
-    parameter is partitioned over the data-parallel group as soon as its module is
-    built and no rank ever holds the whole model; otherwise a no-op context."""
-    if cfg.zero.stage != 3:
-        return contextlib.nullcontext()
-    from zeromega.plugins.zero.engine import init_context, zero_config
-
-    accel.current().deepspeed_accelerator()
-    # The same corrected dict build_engine gives DeepSpeed (swap buffers, prefetch, sub-groups).
-    ds_config, _ = zero_config(cfg, layout, accel.current().device_type)
-    return init_context(ds_config)
-
-
-def build_engine(model: torch.nn.Module, cfg: RunConfig, layout: Layout):
-    """``deepspeed.initialize`` for ``model`` under ``cfg``; returns the engine.
-
-    Without an ``"optimizer"`` block in the DeepSpeed JSON the optimizer is
-    AdamW over Megatron's decay groups: torch's (no JIT-built op needed), or
-    DeepSpeed's CPU Adam when the optimizer is offloaded; with a block,
-    DeepSpeed builds its own.
-    """
-    from zeromega.plugins.zero import engine as zengine
-
-    accel.current().deepspeed_accelerator()
-    # Tuned defaults filled where the config is silent, settings DeepSpeed would silently
-    # not honour corrected out loud (plugins/zero).
-    ds_config, notes = zengine.zero_config(cfg, layout, accel.current().device_type)
-    if notes and torch.distributed.get_rank() == 0:
-        print("zeromega: " + "; ".join(notes))
-    # plugins/zero: the client optimizer, swap-read checks, the nvme space guard, the CPU heap trims
-    return zengine.initialize(model, cfg, ds_config)

@@ -2,7 +2,7 @@
 
 ::
 
-    zeromega launch --nproc-per-node N [--launcher torchrun|deepspeed]
+    zeromega launch [--nproc-per-node N] [--launcher torchrun|deepspeed]
         [--nnodes M --node-rank R --master-addr A --master-port P | --hostfile F [--include S | --exclude S]]
         [--max-restarts K] [--config CFG] SCRIPT [ARGS...]
 
@@ -12,8 +12,11 @@
 Everything after SCRIPT goes to the script untouched. Flag names are
 torchrun's (underscore spellings accepted too) and the deepspeed launcher's.
 
+The processes per node come from ``--nproc-per-node`` or, without it, the
+config's ``launch.nproc_per_node``; both given and different is bad input.
+
 Before any process starts, ``launch`` checks the flags, that SCRIPT exists,
-the config file (``--config``, a DeepSpeed JSON), and that the parallel sizes
+the config file (``--config``, any dialect), and that the parallel sizes
 (from the config and from Megatron-LM flags among ARGS, e.g.
 ``--tensor-model-parallel-size 4``) divide the world size. Bad input is one
 line on stderr, ``zeromega launch: error: <problem>; fix: <fix>``, and exit
@@ -29,7 +32,9 @@ one line ``zeromega launch: rank R failed (...): <exception>``; 2 for bad input.
 
 Adding a subcommand: write ``_add_<name>(subparsers)`` that builds its parser
 and sets ``handler`` (Namespace -> exit code) with ``set_defaults``, then list
-it in ``SUBCOMMANDS``. A handler raises :class:`UsageError` for bad input.
+it in ``SUBCOMMANDS``. A handler raises :class:`UsageError` for bad input; what subcommands share
+(UsageError, reading IN) is in :mod:`zeromega.launch.cli_common`, which they import instead of this
+module.
 """
 
 from __future__ import annotations
@@ -37,20 +42,23 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
 import os
+import shlex
 import sys
 from typing import Callable, Optional
 
+from zeromega.config.errors import ConfigError
+from zeromega.config.groups import DESCRIPTIONS, ORDER, rank_groups
+
+from . import launcher, megatron_args, translate
+from .cli_common import UsageError, _add_input, _int_at_least, _layout, _read_input
+from .export import _add_export
+from .partial import flatten
+from .plan_cli import _add_plan, launch_preflight
+
 PROG = "zeromega"
 LAUNCHERS = ("torchrun", "deepspeed")
-
-
-class UsageError(Exception):
-    """Input the user can fix; printed as one line, exit code 2."""
-
-    def __init__(self, problem: str, fix: str, prog: Optional[str] = None):
-        super().__init__(f"{problem}; fix: {fix}")
-        self.problem, self.fix, self.prog = problem, fix, prog
 
 
 class _Parser(argparse.ArgumentParser):
@@ -58,20 +66,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         raise UsageError(message, f"see '{self.prog} --help'", prog=self.prog)
-
-
-def _int_at_least(minimum: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
-        return value
-
-    parse.__name__ = f"integer >= {minimum}"
-    return parse
 
 
 def _port(text: str) -> int:
@@ -92,7 +86,8 @@ def _add_launch(subparsers) -> None:
         epilog="Every rank gets the --config path in ZEROMEGA_CONFIG. Exit code: 0 on success, the "
                "failing rank's exit code otherwise, 2 for bad input.")
     p.add_argument("--nproc-per-node", "--nproc_per_node", type=_int_at_least(1), metavar="N",
-                   help="processes per node (required unless --include/--exclude choose them)")
+                   help="processes per node (default: the config's launch.nproc_per_node; required unless "
+                        "--include/--exclude choose the slots)")
     p.add_argument("--launcher", choices=LAUNCHERS, default="torchrun",
                    help="which launcher starts the ranks (default: torchrun)")
     p.add_argument("--nnodes", type=_int_at_least(1), metavar="M", help="number of nodes (torchrun; default 1)")
@@ -106,7 +101,9 @@ def _add_launch(subparsers) -> None:
     p.add_argument("--exclude", default="", metavar="S", help="deepspeed: hosts/slots to leave out")
     p.add_argument("--max-restarts", "--max_restarts", type=_int_at_least(0), default=0, metavar="K",
                    help="torchrun: restart the ranks up to K times on failure (default 0)")
-    p.add_argument("--config", metavar="CFG", help="zeromega/DeepSpeed JSON config, passed to ranks as ZEROMEGA_CONFIG")
+    p.add_argument("--config", metavar="CFG",
+                   help="the run config (DeepSpeed JSON, unified YAML/JSON, or Megatron-LM launch script), passed "
+                        "to ranks as ZEROMEGA_CONFIG")
     p.add_argument("script", nargs="?", metavar="SCRIPT", help="the Python script every rank runs")
     p.add_argument("script_args", nargs=argparse.REMAINDER, metavar="ARGS",
                    help="arguments for SCRIPT, passed untouched")
@@ -125,8 +122,6 @@ def _check_flags(args: argparse.Namespace) -> None:
     if chooses_slots and args.nproc_per_node is not None:
         raise UsageError("--nproc-per-node is given together with --include/--exclude",
                          "let --include/--exclude choose the slots, or drop them")
-    if not chooses_slots and args.nproc_per_node is None:
-        raise UsageError("--nproc-per-node is missing", "pass --nproc-per-node N (processes per node)")
     if args.hostfile and (args.nnodes is not None or args.node_rank is not None):
         raise UsageError("--hostfile is given together with --nnodes/--node-rank",
                          "list the nodes in the hostfile only, or drop --hostfile")
@@ -147,17 +142,61 @@ def _check_flags(args: argparse.Namespace) -> None:
                          "pass --master-addr (and the same --master-port) on every node")
 
 
-def _job(args: argparse.Namespace):
-    """The Job to start, once the flags are consistent and SCRIPT exists."""
-    from .launcher import Job
-
-    _check_flags(args)
+def _check_script(args: argparse.Namespace) -> None:
     if args.script is None:
         raise UsageError("SCRIPT is missing", "name the Python script every rank runs, after the options")
     if not os.path.isfile(args.script):
         raise UsageError(f"script {args.script!r} not found", "pass the path of an existing Python script")
-    return Job(
-        script=args.script, script_args=list(args.script_args), nproc_per_node=args.nproc_per_node,
+
+
+@contextlib.contextmanager
+def _config_errors(config_path: Optional[str]):
+    """Bad config input (file or Megatron flags among ARGS) as a UsageError."""
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr):  # a bad Megatron flag value makes argparse exit
+            yield
+    except ConfigError as err:
+        raise UsageError.from_config(err) from None
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError) as err:  # JSON of the wrong shape
+        source = f"--config={config_path!r}" if config_path else "script arguments"
+        raise UsageError(f"{source}: cannot read it ({type(err).__name__}: {err})",
+                         "give each key the type zeromega/config/schema.py documents") from None
+    except SystemExit:
+        lines = stderr.getvalue().strip().splitlines() or ["invalid Megatron-LM flag"]
+        problem = lines[-1].split("error: ", 1)[-1]
+        raise UsageError(f"script arguments: {problem}", "fix the Megatron-LM flag among the script's ARGS") from None
+
+
+def _run_config(args: argparse.Namespace):
+    """The run config: the --config file (any dialect) and the Megatron-LM flags among ARGS."""
+    with _config_errors(args.config):
+        return translate.build(args.config, megatron_argv=list(args.script_args))
+
+
+def _nproc_per_node(args: argparse.Namespace, config) -> Optional[int]:
+    """--nproc-per-node, else the config's launch.nproc_per_node; they must agree when both are given."""
+    flag, configured = args.nproc_per_node, config.launch.nproc_per_node
+    if configured is not None and (args.include or args.exclude):
+        raise UsageError.from_config(ConfigError(
+            "launch.nproc_per_node", configured, f"set in --config {args.config} while --include/--exclude "
+            "choose the slots", "drop launch.nproc_per_node from the config, or drop --include/--exclude"))
+    if flag is not None and configured is not None and flag != configured:
+        raise UsageError.from_config(ConfigError(
+            "launch.nproc_per_node", configured, f"--config {args.config} says {configured} processes per "
+            f"node but --nproc-per-node says {flag}",
+            f"pass --nproc-per-node {configured}, set launch.nproc_per_node to {flag}, or give only one of them"))
+    nproc = flag if flag is not None else configured
+    if nproc is None and not (args.include or args.exclude):
+        raise UsageError("--nproc-per-node is missing",
+                         "pass --nproc-per-node N (processes per node), or set launch.nproc_per_node in --config")
+    return nproc
+
+
+def _job(args: argparse.Namespace, nproc_per_node: Optional[int]) -> launcher.Job:
+    """The Job to start, once the flags are consistent and SCRIPT exists."""
+    return launcher.Job(
+        script=args.script, script_args=list(args.script_args), nproc_per_node=nproc_per_node,
         nnodes=args.nnodes or 1, node_rank=args.node_rank or 0, master_addr=args.master_addr,
         master_port=args.master_port, max_restarts=args.max_restarts,
         config=os.path.abspath(args.config) if args.config else None,
@@ -165,55 +204,36 @@ def _job(args: argparse.Namespace):
     )
 
 
-def _world_size(job, launcher: str) -> int:
-    if launcher == "torchrun":
+def _world_size(job: launcher.Job, kind: str) -> int:
+    if kind == "torchrun":
         return job.nproc_per_node * job.nnodes
-    from .launcher import deepspeed_world_size
-
     if job.hostfile and not os.path.isfile(job.hostfile):
         raise UsageError(f"hostfile {job.hostfile!r} not found", "pass the path of an existing hostfile")
     try:
-        return deepspeed_world_size(job)
+        return launcher.deepspeed_world_size(job)
     except ValueError as err:  # the deepspeed runner's own hostfile/filter checks
         raise UsageError(f"deepspeed cannot use these hosts: {err}",
                          "fix the hostfile or the --include/--exclude filter") from None
 
 
-def _check_layout(job, launcher: str) -> None:
-    """Build the run config (file + Megatron flags among ARGS) and resolve it for the world size."""
-    from zeromega.config.errors import ConfigError
-    from .translate import build
-
-    world = _world_size(job, launcher)
+def _check_layout(job: launcher.Job, kind: str, config) -> None:
+    """Resolve the run config for the world size and run the ZeRO pre-flight checks."""
+    world = _world_size(job, kind)
     if world < 1:
         raise UsageError(f"no ranks to start (world size {world})", "give the job at least one slot")
-    stderr = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(stderr):  # a bad Megatron flag value makes argparse exit
-            config = build(job.config, megatron_argv=job.script_args)
+    with _config_errors(job.config):
         layout = config.layout(world)
-        from .plan_cli import launch_preflight
-
-        summary = launch_preflight(config, layout, local_ranks=min(world, job.nproc_per_node))
-    except ConfigError as err:
-        raise UsageError(f"{err.field}={err.value!r}: {err.problem}", err.fix) from None
-    except (TypeError, ValueError, KeyError, IndexError, AttributeError) as err:  # JSON of the wrong shape
-        source = f"--config={job.config!r}" if job.config else "script arguments"
-        raise UsageError(f"{source}: cannot read it ({type(err).__name__}: {err})",
-                         "give each key the type zeromega/config/schema.py documents") from None
-    except SystemExit:
-        lines = stderr.getvalue().strip().splitlines() or ["invalid Megatron-LM flag"]
-        problem = lines[-1].split("error: ", 1)[-1]
-        raise UsageError(f"script arguments: {problem}", "fix the Megatron-LM flag among the script's ARGS") from None
+        summary = launch_preflight(config, layout, local_ranks=min(world, job.nproc_per_node or world))
     if summary:
         print(f"zeromega launch: {summary}", file=sys.stderr)
 
 
 def _launch(args: argparse.Namespace) -> int:
-    from . import launcher
-
-    job = _job(args)
-    _check_layout(job, args.launcher)
+    _check_flags(args)
+    _check_script(args)
+    config = _run_config(args)
+    job = _job(args, _nproc_per_node(args, config))
+    _check_layout(job, args.launcher, config)
     try:
         failure = launcher.launch(job, args.launcher)
     except launcher.LaunchError as err:
@@ -226,46 +246,6 @@ def _launch(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------ translate and check
-
-
-def _add_input(p) -> None:
-    """IN and the options every config-reading subcommand shares."""
-    from .translate import DIALECTS
-
-    p.add_argument("input", metavar="IN", help="a DeepSpeed JSON, a unified YAML/JSON config, or a Megatron-LM "
-                   "launch script / argument file (detected; see --from)")
-    p.add_argument("--from", dest="dialect", choices=DIALECTS, help="the dialect of IN, when detection guesses wrong")
-    p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
-                   help="a shell variable the launch script uses but does not set (repeatable)")
-    p.add_argument("--world-size", "--world_size", type=_int_at_least(1), metavar="N",
-                   help="ranks in the job: resolves dp and the batch arithmetic")
-
-
-def _read_input(args: argparse.Namespace):
-    """(RunConfig, unmapped Megatron arguments) for IN, or a UsageError."""
-    from zeromega.config.errors import ConfigError
-    from .translate import resolve, sources
-
-    env = {}
-    for item in args.env:
-        name, eq, value = item.partition("=")
-        if not eq or not name:
-            raise UsageError(f"--env {item!r} is not NAME=VALUE", "write e.g. --env TP=2")
-        env[name] = value
-    try:
-        found, unknown = sources(args.input, env, args.dialect)
-        return resolve(found), unknown
-    except ConfigError as err:
-        raise UsageError(f"{err.field}={err.value!r}: {err.problem}", err.fix) from None
-
-
-def _layout(cfg, world_size: Optional[int]):
-    from zeromega.config.errors import ConfigError
-
-    try:
-        return None if world_size is None else cfg.layout(world_size)
-    except ConfigError as err:
-        raise UsageError(f"{err.field}={err.value!r}: {err.problem}", err.fix) from None
 
 
 def _add_translate(subparsers) -> None:
@@ -283,10 +263,6 @@ def _add_translate(subparsers) -> None:
 
 
 def _translate(args: argparse.Namespace) -> int:
-    import shlex
-
-    from . import megatron_args, translate
-
     cfg, unknown = _read_input(args)
     layout = _layout(cfg, args.world_size)
     notes = []
@@ -318,8 +294,6 @@ def _translate(args: argparse.Namespace) -> int:
 
 
 def _paths(tree: dict, prefix: str = "") -> list[str]:
-    from .partial import flatten
-
     return list(flatten(tree, prefix))
 
 
@@ -336,10 +310,6 @@ def _add_check(subparsers) -> None:
 
 
 def _check(args: argparse.Namespace) -> int:
-    import json
-
-    from zeromega.config.groups import DESCRIPTIONS, ORDER, rank_groups
-
     cfg, unknown = _read_input(args)
     world = args.world_size
     if world is None and cfg.launch.nproc_per_node:
@@ -370,9 +340,6 @@ def _check(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------ main
-
-from .export import _add_export  # noqa: E402  (subcommands living in their own modules)
-from .plan_cli import _add_plan  # noqa: E402
 
 SUBCOMMANDS: list[Callable] = [_add_launch, _add_translate, _add_check, _add_plan, _add_export]
 

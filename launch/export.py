@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .cli_common import UsageError
+
 
 def _add_export(subparsers) -> None:
     """The ``export`` subcommand (registered in cli.SUBCOMMANDS)."""
@@ -36,8 +38,6 @@ def _add_export(subparsers) -> None:
 def _export(args: argparse.Namespace) -> int:
     from zeromega.checkpoint import CheckpointError
     from zeromega.checkpoint.export import export
-
-    from .cli import UsageError
 
     try:
         written = export(args.checkpoint, args.out, to=args.to, heads=args.num_attention_heads)

@@ -43,7 +43,7 @@ def inject_fault(point: str, rank: int, after: int) -> None:
     save after ``after`` complete ones (the hook the checkpointer offers as ``fault``)."""
     import torch.distributed as dist
 
-    from zeromega.plugins.megatron.checkpoint import MegatronCheckpointer
+    from zeromega.checkpoint.megatron import MegatronCheckpointer
 
     original = MegatronCheckpointer.__init__
 

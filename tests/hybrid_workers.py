@@ -14,7 +14,7 @@ def train_gpt_deepspeed(cfg: dict, shape: dict, data_prefix: str, iters: int, se
     from megatron.core import parallel_state
 
     from zeromega.integrations import comm
-    from zeromega.integrations.deepspeed import build_engine
+    from zeromega.plugins.zero.engine import build_engine
     from zeromega.integrations.megatron import data, model, parallel
     from zeromega.config.schema import RunConfig
     from zeromega.plugins.megatron.sequence_parallel import sum_sequence_parallel_grads

@@ -128,7 +128,7 @@ def train_gpt_cp(cfg: dict, shape: dict, data_prefix: str, iters: int, mode: str
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     from zeromega.integrations import comm
-    from zeromega.integrations.deepspeed import build_engine
+    from zeromega.plugins.zero.engine import build_engine
     from zeromega.integrations.megatron import data, model, parallel
     from zeromega.config.schema import RunConfig
     from zeromega.plugins.sequence.megatron import cp_loss, gpt_layer_spec, sequence_layout, shard_batch

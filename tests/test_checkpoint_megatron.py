@@ -106,7 +106,7 @@ def test_a_save_whose_masters_are_misplaced_is_refused_before_writing(tmp_path, 
     resumes to another curve."""
     import contextlib
 
-    from zeromega.plugins.megatron import checkpoint as megatron_checkpoint
+    from zeromega.checkpoint import megatron as megatron_checkpoint
 
     monkeypatch.setattr(megatron_checkpoint, "_world_tensors_in_buffer_coordinates",
                         lambda optimizer: contextlib.nullcontext())  # forked ranks inherit it
@@ -125,7 +125,7 @@ def test_a_checkpoint_with_misplaced_masters_is_refused_at_load(tmp_path, small_
     nothing: its model weights are right, its masters are shifted, and a resume would leave the curve."""
     import contextlib
 
-    from zeromega.plugins.megatron import checkpoint as megatron_checkpoint
+    from zeromega.checkpoint import megatron as megatron_checkpoint
 
     layout, save = LAYOUTS["pp2-one-layer-per-stage"][1], tmp_path / "ckpt"
     with monkeypatch.context() as patched:

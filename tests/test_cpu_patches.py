@@ -264,7 +264,7 @@ def probe_moe_dispatcher_stream():
 
 
 def _save_dist_checkpoint():
-    """A one-rank torch_dist save (plugins.megatron.checkpoint's path), leaving out the skipped patches."""
+    """A one-rank torch_dist save (checkpoint.megatron's path), leaving out the skipped patches."""
     import tempfile
 
     from ckpt_megatron_workers import save_tiny_dist_checkpoint

@@ -80,6 +80,16 @@ def test_torchrun_allreduce_and_config(tmp_path):
         assert "local_rank_arg=None" in line  # torchrun passes LOCAL_RANK in the environment
 
 
+def test_config_launch_section_sets_the_processes_per_node(tmp_path):
+    """Without --nproc-per-node, the config's launch.nproc_per_node says how many ranks start."""
+    (tmp_path / "run.json").write_text(json.dumps({"launch": {"nproc_per_node": 2}}))  # the unified dialect
+    proc, _, _, _ = zeromega("launch", "--config", "run.json", WORKER, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lines = rank_lines(proc.stdout)
+    assert sorted(lines) == [0, 1], proc.stdout
+    assert all("world=2 sum=3 " in line for line in lines.values())
+
+
 def test_deepspeed_launcher_runs_the_script(tmp_path):
     proc, token, _, _ = zeromega(
         "launch", "--launcher", "deepspeed", "--nproc-per-node", "2", "--master-port", str(free_port()), WORKER,
@@ -180,6 +190,12 @@ BAD_INPUTS = {
                    WORKER], "--node-rank 2 is not below --nnodes 2"),
     "nvme path missing": (["--nproc-per-node", "2", "--config", "nvme.json", WORKER],
                           "zero_optimization.offload_optimizer.nvme_path='/nonexistent/zeromega-nvme': does not exist"),
+    "config and --nproc-per-node disagree": (["--nproc-per-node", "2", "--config", "nproc3.json", WORKER],
+                                             "launch.nproc_per_node=3: --config nproc3.json says 3 processes per "
+                                             "node but --nproc-per-node says 2"),
+    "no processes per node anywhere": (["--config", "tp4.json", WORKER], "--nproc-per-node is missing"),
+    "config nproc with --include": (["--launcher", "deepspeed", "--hostfile", "hosts", "--include", "localhost:0",
+                                     "--config", "nproc3.json", WORKER], "launch.nproc_per_node=3: set in --config"),
     "restarts with deepspeed": (["--launcher", "deepspeed", "--nproc-per-node", "2", "--max-restarts", "1", WORKER],
                                 "cannot restart"),
 }
@@ -191,6 +207,7 @@ def test_bad_input_is_one_line_and_starts_nothing(tmp_path, case):
     (tmp_path / "bad.json").write_text('{"zero_optimization": ')
     (tmp_path / "betas.json").write_text('{"optimizer": {"type": "AdamW", "params": {"betas": 0.9}}}')
     (tmp_path / "tp4.json").write_text('{"zeromega": {"tp": 4}}')
+    (tmp_path / "nproc3.json").write_text('{"zeromega": {"launch": {"nproc_per_node": 3}}}')
     (tmp_path / "hosts").write_text("localhost slots=2\n")
     nvme = {"device": "nvme", "nvme_path": "/nonexistent/zeromega-nvme"}
     (tmp_path / "nvme.json").write_text(json.dumps({"bf16": {"enabled": True}, "zero_optimization": {

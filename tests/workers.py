@@ -10,7 +10,7 @@ def train_gpt(cfg: dict, shape: dict, data_prefix: str, iters: int, seed: int = 
     from megatron.core import parallel_state
 
     from zeromega.integrations import comm
-    from zeromega.integrations.deepspeed import build_engine, model_init_context
+    from zeromega.plugins.zero.engine import build_engine, model_init_context
     from zeromega.integrations.megatron import data, model, parallel
     from zeromega.config.schema import RunConfig
     from zeromega.train import gpt_loss
@@ -48,7 +48,7 @@ def comm_bytes_one_step(cfg: dict, shape: dict, data_prefix: str) -> dict[str, A
     from megatron.core import parallel_state
 
     from zeromega.integrations import comm
-    from zeromega.integrations.deepspeed import build_engine
+    from zeromega.plugins.zero.engine import build_engine
     from zeromega.integrations.megatron import data, model, parallel
     from zeromega.config.schema import RunConfig
     from zeromega.train import train_step

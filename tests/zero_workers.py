@@ -10,7 +10,7 @@ from typing import Any, Optional
 def ds_config_for(run, layout) -> dict:
     """The DeepSpeed dict build_engine gives DeepSpeed, with zeromega's tuned defaults and corrections."""
     from zeromega.integrations import accelerator as accel
-    from zeromega.launch.translate import to_deepspeed
+    from zeromega.plugins.zero.ds_config import to_deepspeed
     from zeromega.plugins.zero import defaults
 
     ds, _ = defaults.tuned(to_deepspeed(run, layout, accel.current().device_type), accel.current().device_type)
@@ -118,7 +118,7 @@ def params_after_steps(cfg: dict, shape: dict, data_prefix: str, steps: int = 1)
     """Every parameter (gathered under ZeRO-3) after ``steps`` steps, by name, as lists (debugging parity)."""
     from megatron.core import parallel_state
 
-    from zeromega.integrations.deepspeed import build_engine, model_init_context
+    from zeromega.plugins.zero.engine import build_engine, model_init_context
     from zeromega.integrations.megatron import data, model, parallel
     from zeromega.config.schema import RunConfig
     from zeromega.train import train_step

@@ -329,7 +329,7 @@ PATCHES: tuple[Patch, ...] = (
     Patch("megatron.core.tensor_parallel.mappings", "_gather_along_first_dim", _gather_first_dim_uneven_on_gloo,
           "with tp > 1 the all-to-all dispatcher all-gathers each rank's routed tokens over the expert-tp group "
           "in uneven shards, which gloo's list all_gather rejects (invalid tensor size)"),
-    # Dist checkpointing (torch_dist): the Megatron-engine checkpoints (plugins.megatron.checkpoint).
+    # Dist checkpointing (torch_dist): the Megatron-engine checkpoints (checkpoint.megatron).
     _torch_view("megatron.core.dist_checkpointing.strategies.filesystem_async",
                 "the torch_dist writer stages tensors for its writer processes, then calls torch.cuda.synchronize()"),
     _torch_view("megatron.core.dist_checkpointing.strategies.state_dict_saver",

@@ -1,4 +1,5 @@
-"""The optimizer a ZeRO engine needs for its config, and the config the engine should get.
+"""The ZeRO engine: :func:`build_engine` (and :func:`model_init_context` for ZeRO-3), the optimizer
+it needs for its config, and the config it should get.
 
 DeepSpeed 0.19.8 refuses a client ``torch.optim.AdamW`` once the optimizer
 is offloaded (``ZeRORuntimeException: You are using ZeRO-Offload with a
@@ -14,9 +15,18 @@ on 2 cores, once per machine).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
-from .plan import ZeroSetup
+from zeromega.config.schema import Layout, RunConfig
+from zeromega.integrations import accelerator as accel
+from zeromega.integrations.deepspeed import MegatronMPU, _deepspeed_comm
+
+from . import defaults, preflight
+from .ds_config import to_deepspeed
+from .plan import ModelSize, ZeroSetup, plan_memory
+from .space_guard import check_swap_reads, guard_engine
 
 
 def offloads_optimizer(ds: dict) -> bool:
@@ -58,11 +68,6 @@ def zero_config(run, layout, device_type: str, plan_fn=None) -> tuple[dict, list
     sizes the corrections (swap buffers from the largest parameter); without
     it they are sized from a bare parameter count of 0 (buffers kept as given).
     """
-    from zeromega.launch.translate import to_deepspeed
-
-    from . import defaults, preflight
-    from .plan import ModelSize, plan_memory
-
     ds, filled = defaults.tuned(to_deepspeed(run, layout, device_type), device_type)
     preflight.check_combinations(ds, device_type, device_type == "cuda" or _cpu_fp16())
     if plan_fn is None:
@@ -77,15 +82,9 @@ def _cpu_fp16() -> bool:
 
 def init_context(ds: dict):
     """``deepspeed.zero.Init`` over Megatron's data-parallel group for a ZeRO-3 ``ds``, else a no-op."""
-    import contextlib
-
     if ZeroSetup.from_deepspeed(ds).stage != 3:
         return contextlib.nullcontext()
     import deepspeed
-
-    from zeromega.integrations.deepspeed import MegatronMPU, _deepspeed_comm
-
-    from .space_guard import check_swap_reads
 
     _deepspeed_comm()
     check_swap_reads(ds)  # zero.Init already swaps parameters out to nvme
@@ -98,16 +97,11 @@ def initialize(model: torch.nn.Module, run, ds: dict):
     swap reads checked, the nvme space guard and the CPU heap trims attached (``build_engine`` calls it)."""
     import deepspeed
 
-    from zeromega.integrations import accelerator as accel
-    from zeromega.integrations.deepspeed import MegatronMPU
-
     accel.current().deepspeed_accelerator()
     o = run.optimizer
     optimizer = None
     if "optimizer" not in ds:
         optimizer = client_optimizer(decay_groups(model, o.weight_decay), ds, o.lr, (o.beta1, o.beta2), o.eps)
-    from .space_guard import check_swap_reads, guard_engine
-
     check_swap_reads(ds)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds, mpu=MegatronMPU(),
                                            dist_init_required=False)
@@ -115,3 +109,33 @@ def initialize(model: torch.nn.Module, run, ds: dict):
     guard_engine(engine, ds)
     accel.trim_host_heap_after_each_step(engine)
     return engine
+
+
+def model_init_context(cfg: RunConfig, layout: Layout):
+    """Where to build the model: under ZeRO-3, inside ``deepspeed.zero.Init`` so every
+    parameter is partitioned over the data-parallel group as soon as its module is
+    built and no rank ever holds the whole model; otherwise a no-op context."""
+    if cfg.zero.stage != 3:
+        return contextlib.nullcontext()
+    accel.current().deepspeed_accelerator()
+    # The same corrected dict build_engine gives DeepSpeed (swap buffers, prefetch, sub-groups).
+    ds_config, _ = zero_config(cfg, layout, accel.current().device_type)
+    return init_context(ds_config)
+
+
+def build_engine(model: torch.nn.Module, cfg: RunConfig, layout: Layout):
+    """``deepspeed.initialize`` for ``model`` under ``cfg``; returns the engine.
+
+    Without an ``"optimizer"`` block in the DeepSpeed JSON the optimizer is
+    AdamW over Megatron's decay groups: torch's (no JIT-built op needed), or
+    DeepSpeed's CPU Adam when the optimizer is offloaded; with a block,
+    DeepSpeed builds its own.
+    """
+    accel.current().deepspeed_accelerator()
+    # Tuned defaults filled where the config is silent, settings DeepSpeed would silently
+    # not honour corrected out loud (preflight).
+    ds_config, notes = zero_config(cfg, layout, accel.current().device_type)
+    if notes and torch.distributed.get_rank() == 0:
+        print("zeromega: " + "; ".join(notes))
+    # the client optimizer, swap-read checks, the nvme space guard, the CPU heap trims
+    return initialize(model, cfg, ds_config)

@@ -23,6 +23,7 @@ from typing import Callable, Optional
 
 from zeromega.config.errors import ConfigError
 
+from .defaults import NVME_SUB_GROUP_SIZE
 from .plan import GiB, MemoryPlan, ZeroSetup
 
 NVME_HEADROOM = 1.10
@@ -235,8 +236,6 @@ def correct(ds: dict, plan: MemoryPlan) -> tuple[dict, list[Correction]]:
     buffers of ``sub_group_size`` fp32 elements, so DeepSpeed's default 1e9
     (16 GB locked) becomes the tuned size from :mod:`.defaults`.
     """
-    from .defaults import NVME_SUB_GROUP_SIZE
-
     ds = copy.deepcopy(ds)
     zero = ds.setdefault("zero_optimization", {})
     s = ZeroSetup.from_deepspeed(ds)

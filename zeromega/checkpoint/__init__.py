@@ -23,7 +23,7 @@ a resharded run keeps its fresh seeds.
 Pipeline (pp > 1) and MoE layouts run on Megatron-Core's engine, whose
 checkpoints are Megatron's dist checkpoints inside the same directory,
 staging, manifest and ``latest``
-(:class:`zeromega.plugins.megatron.checkpoint.MegatronCheckpointer`); the
+(:class:`zeromega.checkpoint.megatron.MegatronCheckpointer`); the
 manifest's ``engine`` says which engine wrote a checkpoint, and neither
 engine loads the other's (:func:`.reshard.check_engine`).
 """

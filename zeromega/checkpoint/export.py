@@ -56,8 +56,10 @@ from typing import Callable, Optional
 
 import torch
 
+from . import find_latest
 from .files import (CheckpointError, dist_checkpoint_loads, read_manifest, safe_load, verify_files,
                     write_text_atomic)
+from .reshard import convert
 
 _DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
            torch.int32: "I32", torch.uint8: "U8"}
@@ -133,8 +135,6 @@ def _merge_module_states(ckpt: Path, manifest: dict) -> dict[str, torch.Tensor]:
 
 def _universal_weights(ckpt: Path, manifest: dict, scratch: Path) -> dict[str, torch.Tensor]:
     """ZeRO 1-3: the fp32 master weights from DeepSpeed's universal conversion."""
-    from .reshard import convert
-
     out_dir = scratch / "universal"
     convert(ckpt, out_dir)
     return universal_folder_weights(out_dir, manifest)
@@ -249,7 +249,7 @@ def masters_off_weights(weights: dict[str, torch.Tensor], masters: dict[str, tor
     (Megatron copies masters into the model), and zeromega refuses to save
     masters that are not; a checkpoint written before the fix for
     Megatron-Core 0.16.1's misplaced bucket offsets
-    (:mod:`zeromega.plugins.megatron.checkpoint`) fails this check.
+    (:mod:`zeromega.checkpoint.megatron`) fails this check.
     """
     return [f"{key} ({why})" for key, master in masters.items()
             if (why := master_off_weight(master, weights[key])) is not None]
@@ -414,8 +414,6 @@ def export(source: str | Path, out: str | Path, to: str = "torch", heads: Option
     reorder the fused qkv weight. Which values were written (fp32 optimizer masters, or the
     model's weights and why) goes to stderr and into the file's ``__metadata__["weights"]``.
     """
-    from . import find_latest
-
     source = Path(source)
     if not source.is_dir():
         raise CheckpointError(f"{source}: no such checkpoint directory", "pass a --save directory or a checkpoint in it")

@@ -74,10 +74,13 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from zeromega.checkpoint import (RNG_FILE, Resumed, _agree, _barrier, _gather, _rank, fresh_stage, layout_meta,
-                                 open_verified, reshard, rng, tag_for)
-from zeromega.checkpoint.files import (CheckpointError, dist_checkpoint_loads, hash_file, publish,
-                                       records_as_dicts, records_from_dicts, safe_load, torch_save)
+from zeromega.integrations import accelerator as accel
+
+from . import (RNG_FILE, Resumed, _agree, _barrier, _gather, _rank, fresh_stage, layout_meta, open_verified, reshard,
+               rng, tag_for)
+from .export import master_off_weight
+from .files import (CheckpointError, dist_checkpoint_loads, hash_file, publish, records_as_dicts, records_from_dicts,
+                    safe_load, torch_save)
 
 OPTIMIZER_FORMAT = "fully_reshardable"
 BACKEND = "torch_dist"
@@ -89,16 +92,12 @@ def _optimizers(optimizer) -> list:
 
 
 def _sharding_metadata() -> dict:
-    from zeromega.integrations import accelerator as accel
-
     return {"distrib_optim_sharding_type": OPTIMIZER_FORMAT, "chained_optim_avoid_prefix": True,
             "distrib_optim_fully_reshardable_mem_efficient": not accel.current().is_cuda}
 
 
 def _gather_over_gloo_on_cpu(optimizer) -> None:
     """The memory-efficient gather runs over ``data_parallel_group_gloo``; on CPU the dp group is gloo."""
-    from zeromega.integrations import accelerator as accel
-
     if accel.current().is_cuda:
         return
     for opt in _optimizers(optimizer):
@@ -216,8 +215,6 @@ def misplaced_masters(state: dict, loaded: Optional[dict] = None) -> list[str]:
     writes anything, and at load (a checkpoint written before the fix).
     Tensors are matched by key and global offset (layers and experts share a key).
     """
-    from zeromega.checkpoint.export import master_off_weight
-
     pairs = list(_sharded_tensors(state, loaded))
     weights = _model_tensors(pairs)
     wrong = []

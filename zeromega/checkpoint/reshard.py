@@ -34,7 +34,7 @@ Refused, with the reason: ZeRO-0 with a tp change or into ZeRO-1/2/3 and the
 reverse (no ZeRO partition files to convert), and pp/ep changes on
 DeepSpeed's engine (it runs pp1 ep1 only).
 
-Megatron-Core's engine (pp > 1 or MoE; ``zeromega.plugins.megatron.checkpoint``)
+Megatron-Core's engine (pp > 1 or MoE; ``zeromega.checkpoint.megatron``)
 saves Megatron's dist checkpoint: every tensor under its global name (layers
 and experts numbered as in one process) and the distributed optimizer's
 state in model-parameter space ("fully_reshardable"), so Megatron-Core
@@ -56,7 +56,7 @@ runs the first two and tp2 pp2 -> tp1 pp2):
 * the optimizer switched, dense models (Adam's moments have the same keys in
   both; the masters are ``optimizer.state.param.K`` in the distributed
   optimizer, ``optimizer.state.fp32_param.K`` or, in fp32, the weights ``K``
-  in the plain one: :func:`zeromega.plugins.megatron.checkpoint._retarget_masters`):
+  in the plain one: :func:`zeromega.checkpoint.megatron._retarget_masters`):
   ZeRO-0 pp2 -> ZeRO-1 pp1 dp2 0.0 and ZeRO-1 pp2 -> ZeRO-0 pp2 0.0 (tested);
   ZeRO-0 -> ZeRO-1 pp2 0.0; ZeRO-1 pp2 dp2 -> ZeRO-0 pp2 4.6e-8; bf16 both
   ways 0.0

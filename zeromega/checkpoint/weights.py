@@ -23,6 +23,10 @@ from typing import Iterator
 
 import torch
 
+from zeromega.integrations.megatron.model import global_param_names, tp_shard, tp_split
+
+from . import _agree, reshard
+from .export import checkpoint_weights
 from .files import CheckpointError
 
 
@@ -48,9 +52,6 @@ def read(ckpt: Path, manifest: dict) -> Weights:
     reads the fp32 masters from there. Other checkpoints are read by every
     rank directly (ZeRO-0 module files, Megatron's dist checkpoint).
     """
-    from . import _agree, reshard
-    from .export import checkpoint_weights
-
     def cached_universal() -> Path:
         return _agree(lambda: reshard.universal_copy(ckpt, manifest))
 
@@ -77,8 +78,6 @@ def load_by_name(modules: list[torch.nn.Module], weights: Weights) -> None:
     otherwise nothing is half-loaded: the names are checked first, and a
     shape that does not fit raises naming the tensor, both shapes and the fix.
     """
-    from zeromega.integrations.megatron.model import global_param_names, tp_shard, tp_split
-
     plan = []
     for module in modules:
         names = global_param_names(module)

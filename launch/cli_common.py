@@ -1,0 +1,75 @@
+"""What the ``zeromega`` subcommands share: :class:`UsageError`, argument types, IN and reading it.
+
+Below :mod:`zeromega.launch.cli` and its subcommand modules
+(:mod:`~zeromega.launch.plan_cli`, :mod:`~zeromega.launch.export`), so those
+import it and the CLI imports them: no import cycle.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Callable, Optional
+
+from zeromega.config.errors import ConfigError
+
+from .translate import DIALECTS, detect, resolve, sources
+
+
+class UsageError(Exception):
+    """Input the user can fix; printed as one line, exit code 2."""
+
+    def __init__(self, problem: str, fix: str, prog: Optional[str] = None):
+        super().__init__(f"{problem}; fix: {fix}")
+        self.problem, self.fix, self.prog = problem, fix, prog
+
+    @classmethod
+    def from_config(cls, err: ConfigError, prog: Optional[str] = None) -> "UsageError":
+        """A ConfigError as one line: ``field=value: problem; fix: fix``."""
+        return cls(f"{err.field}={err.value!r}: {err.problem}", err.fix, prog=prog)
+
+
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def _add_input(p) -> None:
+    """IN and the options every config-reading subcommand shares."""
+    p.add_argument("input", metavar="IN", help="a DeepSpeed JSON, a unified YAML/JSON config, or a Megatron-LM "
+                   "launch script / argument file (detected; see --from)")
+    p.add_argument("--from", dest="dialect", choices=DIALECTS, help="the dialect of IN, when detection guesses wrong")
+    p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                   help="a shell variable the launch script uses but does not set (repeatable)")
+    p.add_argument("--world-size", "--world_size", type=_int_at_least(1), metavar="N",
+                   help="ranks in the job: resolves dp and the batch arithmetic")
+
+
+def _read_input(args: argparse.Namespace):
+    """(RunConfig, unmapped Megatron arguments) for IN, or a UsageError."""
+    env = {}
+    for item in args.env:
+        name, eq, value = item.partition("=")
+        if not eq or not name:
+            raise UsageError(f"--env {item!r} is not NAME=VALUE", "write e.g. --env TP=2")
+        env[name] = value
+    try:
+        found, unknown = sources(args.input, env, args.dialect)
+        return resolve(found, megatron=(args.dialect or detect(args.input)) == "megatron"), unknown
+    except ConfigError as err:
+        raise UsageError.from_config(err) from None
+
+
+def _layout(cfg, world_size: Optional[int]):
+    try:
+        return None if world_size is None else cfg.layout(world_size)
+    except ConfigError as err:
+        raise UsageError.from_config(err) from None
