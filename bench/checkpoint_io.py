@@ -126,7 +126,7 @@ def rank_work(args: dict, corpus: str) -> dict:
     from zeromega.plugins.zero.engine import build_engine
     from zeromega.integrations.megatron import data, model, parallel
     from zeromega.config.schema import RunConfig
-    from zeromega.train import gpt_loss
+    from zeromega.run.loop import gpt_loss
 
     cfg = RunConfig.model_validate({"zero": {"stage": args["zero_stage"]}, "batch": {"micro": 1, "global": 2}})
     layout = parallel.initialize(cfg, seed=1)

@@ -83,7 +83,7 @@ def worker(args):
     from zeromega.integrations.megatron import data, model, parallel
     from zeromega.config.schema import RunConfig
     from zeromega.plugins.zero.ds_config import to_deepspeed
-    from zeromega.train import _reduce_step_stats, train_step
+    from zeromega.run.loop import _reduce_step_stats, train_step
 
     comm.install()
     cfg = RunConfig.model_validate({"zero": {"stage": args.zero_stage}, "batch": {"micro": args.micro_batch_size},

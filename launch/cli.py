@@ -186,6 +186,12 @@ def _nproc_per_node(args: argparse.Namespace, config) -> Optional[int]:
             "launch.nproc_per_node", configured, f"--config {args.config} says {configured} processes per "
             f"node but --nproc-per-node says {flag}",
             f"pass --nproc-per-node {configured}, set launch.nproc_per_node to {flag}, or give only one of them"))
+    nodes = args.nnodes or 1
+    if config.launch.nnodes != nodes and not args.hostfile:
+        raise UsageError.from_config(ConfigError(
+            "launch.nnodes", config.launch.nnodes, f"--config {args.config} says {config.launch.nnodes} nodes but "
+            f"zeromega launch starts {nodes}", f"pass --nnodes {config.launch.nnodes} with --node-rank and "
+            "--master-addr on each node, or drop launch.nnodes from the config"))
     nproc = flag if flag is not None else configured
     if nproc is None and not (args.include or args.exclude):
         raise UsageError("--nproc-per-node is missing",

@@ -18,7 +18,7 @@ def loss_of_exported(path: str, model_meta: dict, corpus: str, samples: int, ste
     from zeromega.checkpoint.export import load_safetensors
     from zeromega.integrations.megatron import data, model, parallel
     from zeromega.config.schema import RunConfig
-    from zeromega.train import gpt_loss
+    from zeromega.run.loop import gpt_loss
 
     cfg = RunConfig.model_validate({"batch": {"micro": global_batch, "global": global_batch}})
     parallel.initialize(cfg, seed=11)  # a seed no rank trained with: every weight must come from the file

@@ -18,7 +18,7 @@ def train_gpt_deepspeed(cfg: dict, shape: dict, data_prefix: str, iters: int, se
     from zeromega.integrations.megatron import data, model, parallel
     from zeromega.config.schema import RunConfig
     from zeromega.plugins.megatron.sequence_parallel import sum_sequence_parallel_grads
-    from zeromega.train import _reduce_step_stats, train_step
+    from zeromega.run.loop import _reduce_step_stats, train_step
 
     comm.install()
     run = RunConfig.model_validate(cfg)

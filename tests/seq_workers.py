@@ -132,7 +132,7 @@ def train_gpt_cp(cfg: dict, shape: dict, data_prefix: str, iters: int, mode: str
     from zeromega.integrations.megatron import data, model, parallel
     from zeromega.config.schema import RunConfig
     from zeromega.plugins.sequence.megatron import cp_loss, gpt_layer_spec, sequence_layout, shard_batch
-    from zeromega.train import _reduce_step_stats, gpt_loss
+    from zeromega.run.loop import _reduce_step_stats, gpt_loss
 
     comm.install()
     run = RunConfig.model_validate(cfg)

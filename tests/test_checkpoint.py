@@ -309,7 +309,7 @@ def _loss_of_exported(path: str, corpus: str, step: int) -> float:
     from zeromega.checkpoint.export import load_safetensors
     from zeromega.integrations.megatron import data, model, parallel
     from zeromega.config.schema import RunConfig
-    from zeromega.train import gpt_loss
+    from zeromega.run.loop import gpt_loss
 
     cfg = RunConfig.model_validate({"batch": {"micro": 8, "global": 8}})
     parallel.initialize(cfg, seed=7)  # a different seed: every weight must come from the file

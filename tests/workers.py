@@ -13,7 +13,7 @@ def train_gpt(cfg: dict, shape: dict, data_prefix: str, iters: int, seed: int = 
     from zeromega.plugins.zero.engine import build_engine, model_init_context
     from zeromega.integrations.megatron import data, model, parallel
     from zeromega.config.schema import RunConfig
-    from zeromega.train import gpt_loss
+    from zeromega.run.loop import gpt_loss
 
     comm.install()
     run = RunConfig.model_validate(cfg)
@@ -26,7 +26,7 @@ def train_gpt(cfg: dict, shape: dict, data_prefix: str, iters: int, seed: int = 
     engine = build_engine(gpt, run, layout)
     batches = data.sample_batches(train_ds, layout.micro, dp_rank=parallel_state.get_data_parallel_rank(),
                                   dp_size=layout.dp)
-    from zeromega.train import _reduce_step_stats
+    from zeromega.run.loop import _reduce_step_stats
 
     losses, grad_norms = [], []
     for _ in range(iters):
@@ -51,7 +51,7 @@ def comm_bytes_one_step(cfg: dict, shape: dict, data_prefix: str) -> dict[str, A
     from zeromega.plugins.zero.engine import build_engine
     from zeromega.integrations.megatron import data, model, parallel
     from zeromega.config.schema import RunConfig
-    from zeromega.train import train_step
+    from zeromega.run.loop import train_step
 
     comm.install()
     run = RunConfig.model_validate(cfg)

@@ -49,7 +49,7 @@ def train_offload(cfg: dict, shape: dict, data_prefix: str, iters: int, ds_patch
     from zeromega.plugins.zero import plan as zplan
     from zeromega.plugins.zero import report
     from zeromega.plugins.zero.preflight import correct
-    from zeromega.train import _reduce_step_stats, gpt_loss
+    from zeromega.run.loop import _reduce_step_stats, gpt_loss
 
     run = RunConfig.model_validate(cfg)
     layout = parallel.initialize(run, seed=seed)
@@ -121,7 +121,7 @@ def params_after_steps(cfg: dict, shape: dict, data_prefix: str, steps: int = 1)
     from zeromega.plugins.zero.engine import build_engine, model_init_context
     from zeromega.integrations.megatron import data, model, parallel
     from zeromega.config.schema import RunConfig
-    from zeromega.train import train_step
+    from zeromega.run.loop import train_step
 
     run = RunConfig.model_validate(cfg)
     layout = parallel.initialize(run, seed=1234)
@@ -177,7 +177,7 @@ def comm_per_step(cfg: dict, shape: dict, data_prefix: str, steps: int = 2) -> d
     from zeromega.integrations.megatron import data, model, parallel
     from zeromega.config.schema import RunConfig
     from zeromega.plugins.zero import engine as zengine
-    from zeromega.train import train_step
+    from zeromega.run.loop import train_step
 
     comm.install()
     run = RunConfig.model_validate(cfg)

@@ -103,7 +103,7 @@ def train(args, corpus: str) -> dict:
     from zeromega.plugins.zero import engine as zengine
     from zeromega.plugins.zero import plan as zplan
     from zeromega.plugins.zero import preflight, report
-    from zeromega.train import gpt_loss
+    from zeromega.run.loop import gpt_loss
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.nproc))
     run = RunConfig.model_validate(run_config(args))

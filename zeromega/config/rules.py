@@ -188,6 +188,27 @@ def _recompute(cfg):
                           "set recompute.granularity full, or drop it")
 
 
+def _recompute_chunks(cfg):
+    """Full uniform recompute checkpoints layers ``[i, i + num_layers)`` of each model chunk for
+    ``i = 0, num_layers, ...`` and reads past the chunk's last layer when the chunks do not tile it
+    (Megatron-Core's ``TransformerBlock._checkpointed_forward``: ``IndexError`` at the first forward).
+    Block recompute takes the first ``num_layers`` of each chunk, all of them when it has fewer."""
+    r, p, layers = cfg.recompute, cfg.parallel, cfg.model.num_layers
+    if r.granularity != "full" or r.method != "uniform" or layers is None or layers % p.pp:
+        return
+    per_chunk, where = layers // p.pp, f"{layers} layers / pp {p.pp}"
+    if p.layers_per_virtual_stage:
+        per_chunk, where = p.layers_per_virtual_stage, "parallel.layers_per_virtual_stage"
+    elif p.vpp and per_chunk % p.vpp == 0:
+        per_chunk, where = per_chunk // p.vpp, f"{where} / vpp {p.vpp}"
+    if per_chunk % r.num_layers:
+        divisors = [d for d in range(1, per_chunk + 1) if per_chunk % d == 0]
+        raise ConfigError("recompute.num_layers", r.num_layers,
+                          f"uniform recompute needs chunks that tile the {per_chunk} layers of each model chunk "
+                          f"({where}); Megatron-Core would index past the last layer",
+                          f"use one of {divisors}, or recompute.method block")
+
+
 def _checkpoint_interval(cfg):
     c = cfg.checkpoint
     if c.interval is not None and not c.save:
@@ -195,11 +216,8 @@ def _checkpoint_interval(cfg):
                           "set checkpoint.save (Megatron --save)")
 
 
-def _nodes_from_launch_flags(cfg: "RunConfig") -> None:
-    """Nodes and hosts are zeromega launch's flags (torchrun's and deepspeed's), never a config's."""
-    if cfg.launch.nnodes != 1:
-        raise ConfigError("launch.nnodes", cfg.launch.nnodes, "is not read from a config: the nodes of a job are "
-                          "the launcher's", f"drop it and pass zeromega launch --nnodes {cfg.launch.nnodes}")
+def _hosts_from_launch_flags(cfg: "RunConfig") -> None:
+    """The hosts of a job are zeromega launch's ``--hostfile`` (deepspeed's flag), never a config's."""
     if cfg.launch.hostfile is not None:
         raise ConfigError("launch.hostfile", cfg.launch.hostfile, "is not read from a config: the hosts of a job "
                           "are the launcher's", f"drop it and pass zeromega launch --hostfile {cfg.launch.hostfile}")
@@ -215,7 +233,7 @@ def _schedule_runs_on_its_class(cfg: "RunConfig") -> None:
 
 
 RULES: list[Callable[["RunConfig"], None]] = [
-    _nodes_from_launch_flags,
+    _hosts_from_launch_flags,
     _schedule_runs_on_its_class,
     _sequence_parallel_needs_tp,
     _heads_divisible,
@@ -226,6 +244,7 @@ RULES: list[Callable[["RunConfig"], None]] = [
     _experts_divisible,
     _virtual_pipeline,
     _recompute,
+    _recompute_chunks,
     _checkpoint_interval,
 ]
 

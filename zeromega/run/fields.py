@@ -79,6 +79,7 @@ APPLIED: dict[str, tuple[str, ...]] = {
     "logging.metrics_path": ("zeromega/run/run.py",),
     "logging.progress": ("zeromega/run/run.py",),
     "launch.nproc_per_node": ("launch/cli.py",),
+    "launch.nnodes": ("launch/cli.py",),
     "launch.distributed_timeout_minutes": ("integrations/megatron/parallel.py", "zeromega/run/run.py"),
     "model.num_layers": ("zeromega/run/gpt.py",),
     "model.hidden_size": ("zeromega/run/gpt.py",),
@@ -103,8 +104,7 @@ APPLIED: dict[str, tuple[str, ...]] = {
 
 # field path -> (a value the run cannot honour, as the config would state it)
 REFUSED: dict[str, object] = {
-    "launch.nnodes": 2,
     "launch.hostfile": "hosts",
 }
-"""Nodes and hosts come from ``zeromega launch``'s own flags (``--nnodes``, ``--hostfile``), as with torchrun
-and deepspeed; a config that states them is refused rather than silently launching one node."""
+"""Hosts come from ``zeromega launch``'s own ``--hostfile``, as with deepspeed; a config that states them is
+refused rather than silently launching on one node. (``launch.nnodes`` must agree with ``--nnodes``.)"""
