@@ -39,7 +39,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 import torch.distributed as dist
@@ -116,13 +116,14 @@ class MegatronTrainer:
 
     ``virtual_stages`` > 1 selects the interleaved schedule. ``init_seed``
     re-draws the weights by their 1-process names (:func:`model.init_by_name`)
-    so that any layout starts where a 1-process run does; ``weights``
-    (:class:`zeromega.checkpoint.weights.Weights`) then replaces them, before
+    so that any layout starts where a 1-process run does; ``load_weights(chunks)``
+    (a weights-only checkpoint load, :mod:`zeromega.checkpoint.weights`) then replaces them, before
     the optimizer takes its masters from the model.
     """
 
     def __init__(self, shape: gpt.GPTShape, cfg: RunConfig, layout: Layout, *, virtual_stages: Optional[int] = None,
-                 distributed_optimizer: bool = True, init_seed: Optional[int] = None, weights=None):
+                 distributed_optimizer: bool = True, init_seed: Optional[int] = None,
+                 load_weights: Optional[Callable[[list], None]] = None):
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.distributed.finalize_model_grads import finalize_model_grads
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -135,10 +136,8 @@ class MegatronTrainer:
         chunks = gpt.build_gpt_chunks(shape, cfg, virtual_stages)
         if init_seed is not None:
             gpt.init_by_name(chunks, shape, init_seed)
-        if weights is not None:
-            from zeromega.checkpoint.weights import load_by_name
-
-            load_by_name(chunks, weights)
+        if load_weights is not None:
+            load_weights(chunks)
         self.config = chunks[0].config
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=distributed_optimizer)

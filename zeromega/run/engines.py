@@ -81,8 +81,13 @@ class MegatronEngine:
     def __init__(self, shape, cfg: RunConfig, layout: Layout, weights=None):
         from zeromega.plugins.megatron.pipeline import MegatronTrainer
 
+        load = None
+        if weights is not None:
+            from zeromega.checkpoint.weights import load_by_name
+
+            load = lambda chunks: load_by_name(chunks, weights)  # noqa: E731
         self.trainer = MegatronTrainer(shape, cfg, layout, distributed_optimizer=cfg.zero.stage >= 1,
-                                       init_seed=cfg.seed, weights=weights)
+                                       init_seed=cfg.seed, load_weights=load)
         self.optimizer = self.trainer.optimizer
         self.modules = [chunk.module for chunk in self.trainer.chunks]
         self.engine = None
