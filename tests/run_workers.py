@@ -28,3 +28,49 @@ def run_refused(argv: list[str]) -> str:
     except ConfigError as err:
         return str(err)
     return ""
+
+
+class TinyLM:
+    """A plain torch model (no Megatron layers) and its data, for the own-model path of zeromega.Run."""
+
+    SEQ, VOCAB = 16, 64
+
+    @staticmethod
+    def build():
+        import torch
+
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Embedding(TinyLM.VOCAB, 32), torch.nn.Linear(32, 64), torch.nn.GELU(),
+                                   torch.nn.Linear(64, TinyLM.VOCAB))
+
+    @staticmethod
+    def batches(start_sample: int, dp_rank: int, dp_size: int, micro: int):
+        import itertools
+
+        import torch
+
+        for base in itertools.count(start_sample + dp_rank * micro, micro * dp_size):
+            rows = [torch.randint(0, TinyLM.VOCAB, (TinyLM.SEQ + 1,), generator=torch.Generator().manual_seed(i))
+                    for i in range(base, base + micro)]
+            sample = torch.stack(rows)
+            yield {"tokens": sample[:, :-1], "labels": sample[:, 1:]}
+
+    @staticmethod
+    def loss(model, batch):
+        import torch.nn.functional as F
+
+        logits = model(batch["tokens"])
+        return F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten())
+
+
+def run_own_model(cfg: dict) -> dict[str, Any]:
+    """zeromega.Run over :class:`TinyLM`; its losses, or the ConfigError line it raised."""
+    from zeromega.config import ConfigError, validate
+    from zeromega.run import Run
+
+    try:
+        records = Run(validate(cfg), model=TinyLM.build, batches=TinyLM.batches, loss=TinyLM.loss,
+                      log=lambda line: None).train()
+    except ConfigError as err:
+        return {"error": str(err)}
+    return {"loss": [r.loss for r in records], "tokens_per_s": records[-1].tokens_per_s}

@@ -156,7 +156,10 @@ def train(engine, batches: Iterator[dict], *, iters: int, accumulation: int, glo
                 device.reset_peak_memory()
                 lr = schedule.lr if schedule is not None else None
                 start = time.perf_counter()
-                loss, grad_norm = engine.train_step([next(batches) for _ in range(accumulation)])
+                micro_batches = [next(batches) for _ in range(accumulation)]
+                if not seq_length and "tokens" in micro_batches[0]:  # an own model's data: tokens per sample
+                    seq_length = micro_batches[0]["tokens"].shape[-1]
+                loss, grad_norm = engine.train_step(micro_batches)
                 device.synchronize()
                 elapsed = time.perf_counter() - start
                 local_comm = comm.take()
