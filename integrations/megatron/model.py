@@ -153,23 +153,11 @@ def transformer_config(shape: GPTShape, cfg: RunConfig, virtual_stages: Optional
     )
 
 
-CONTEXT_PARALLEL_MODES = ("ulysses", "ring", "usp")
-
-
-def _layer_spec(shape: GPTShape, cfg: Optional[RunConfig] = None):
-    """Megatron-Core's local spec; with cp > 1, zeromega's Ulysses / ring / USP core attention
-    (Megatron's own context parallelism needs TransformerEngine)."""
+def _layer_spec(shape: GPTShape):
+    """Megatron-Core's local spec (no TransformerEngine)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    local = dict(num_experts=shape.num_experts, moe_grouped_gemm=False)
-    if cfg is not None and cfg.parallel.cp > 1 and cfg.sequence.mode in CONTEXT_PARALLEL_MODES:
-        from zeromega.plugins.sequence.megatron import gpt_layer_spec, sequence_layout
-
-        # Under rope Megatron's rotary table is sliced zigzag per cp rank, so the batch is sharded
-        # zigzag (shard_batch) and the attention must read its tokens in that order, Ulysses included.
-        layout = sequence_layout(cfg.sequence.mode, rotary=shape.position_embedding_type == "rope")
-        return gpt_layer_spec(cfg.sequence.mode, ulysses_size=cfg.sequence.ulysses, layout=layout, **local)
-    return get_gpt_layer_local_spec(**local)
+    return get_gpt_layer_local_spec(num_experts=shape.num_experts, moe_grouped_gemm=False)
 
 
 def _zero3_ready(config, cfg: RunConfig):
@@ -182,15 +170,25 @@ def _zero3_ready(config, cfg: RunConfig):
     return config
 
 
-def build_gpt(shape: GPTShape, cfg: RunConfig):
-    """A Megatron-Core ``GPTModel`` for this rank (whole model: pp == 1)."""
+def build_gpt(shape: GPTShape, cfg: RunConfig, layer_spec=None):
+    """A Megatron-Core ``GPTModel`` for this rank (whole model: pp == 1).
+
+    ``layer_spec``: the transformer layer's spec; None is Megatron-Core's
+    local one. With cp > 1 the attention must be a context-parallel one
+    (zeromega's Ulysses / ring / USP: :func:`zeromega.plugins.sequence.megatron.gpt_layer_spec`,
+    which :class:`zeromega.Run` passes), so None is refused there.
+    """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
+    if layer_spec is None and cfg.parallel.cp > 1:
+        raise ValueError(f"build_gpt at cp {cfg.parallel.cp} needs a context-parallel layer_spec "
+                         "(zeromega.plugins.sequence.megatron.gpt_layer_spec); Megatron-Core's local "
+                         "attention would attend within each rank's chunk only")
     config = _zero3_ready(transformer_config(shape, cfg), cfg)
     return GPTModel(
         config=config,
-        transformer_layer_spec=_layer_spec(shape, cfg),
+        transformer_layer_spec=layer_spec or _layer_spec(shape),
         vocab_size=padded_vocab_size(shape.vocab_size, shape.make_vocab_size_divisible_by, cfg.parallel.tp),
         max_sequence_length=shape.seq_length,
         pre_process=parallel_state.is_pipeline_first_stage(),

@@ -83,3 +83,17 @@ def batches(cfg: RunConfig, prefix: Path, seq_length: int, iters: int, layout, s
     train_ds, _, _ = data.build_gpt_datasets(prefix, seq_length, cfg.seed, (samples, 0, 0),
                                              split=cfg.data.split or "969, 30, 1")
     return data.sample_batches(train_ds, layout.micro, start_sample=start_sample, dp_rank=dp_rank, dp_size=layout.dp)
+
+
+def layer_spec(shape: GPTShape, cfg: RunConfig):
+    """The layer spec a whole-model GPT needs: zeromega's Ulysses / ring / USP core attention at cp > 1
+    (Megatron's own context parallelism needs TransformerEngine), else None (Megatron-Core's local spec)."""
+    if cfg.parallel.cp == 1 or cfg.sequence.mode not in ("ulysses", "ring", "usp"):
+        return None
+    from zeromega.plugins.sequence.megatron import gpt_layer_spec, sequence_layout
+
+    # Under rope Megatron's rotary table is sliced zigzag per cp rank, so the batch is sharded zigzag
+    # (shard_batch) and the attention must read its tokens in that order, Ulysses included.
+    layout = sequence_layout(cfg.sequence.mode, rotary=shape.position_embedding_type == "rope")
+    return gpt_layer_spec(cfg.sequence.mode, ulysses_size=cfg.sequence.ulysses, layout=layout,
+                          num_experts=shape.num_experts, moe_grouped_gemm=False)

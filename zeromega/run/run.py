@@ -121,7 +121,8 @@ class Run:
         from zeromega.plugins.zero.engine import model_init_context
 
         with model_init_context(cfg, layout):
-            module = self._model_fn() if self._model_fn is not None else gpt_model.build_gpt(self.shape, cfg)
+            module = self._model_fn() if self._model_fn is not None else gpt_model.build_gpt(
+                self.shape, cfg, layer_spec=gpt.layer_spec(self.shape, cfg))
         if self._model_fn is None:
             # The same weights Megatron-Core's engine draws for this seed: pp and ep do not change the model.
             gpt_model.init_by_name([module], self.shape, cfg.seed)
