@@ -1,8 +1,9 @@
-"""What each rank runs in tests/test_run_fields.py: zeromega.Run on a command line, its log lines kept."""
+"""What each rank runs in tests/test_run_fields.py (zeromega.Run on a command line, its log lines kept), and
+:func:`run_gpt`: the one way the multi-process tests assemble a whole GPT training run (through zeromega.Run)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Optional
 
 
 def run_logging(argv: list[str]) -> dict[str, Any]:
@@ -74,3 +75,42 @@ def run_own_model(cfg: dict) -> dict[str, Any]:
     except ConfigError as err:
         return {"error": str(err)}
     return {"loss": [r.loss for r in records], "tokens_per_s": records[-1].tokens_per_s}
+
+
+# GPTShape keyword -> (config section, field): the shape dicts the tests use, as a config states them.
+_SHAPE_FIELDS = {"num_experts": ("moe", "num_experts"), "moe_router_topk": ("moe", "topk"),
+                 "moe_ffn_hidden_size": ("moe", "ffn_hidden_size"), "moe_aux_loss_coeff": ("moe", "aux_loss_coeff"),
+                 "moe_expert_capacity_factor": ("moe", "expert_capacity_factor"),
+                 "moe_token_dispatcher_type": ("moe", "token_dispatcher_type")}
+
+
+def gpt_config(cfg: dict, shape: dict, data_prefix: str, iters: int, seed: int = 1234) -> dict:
+    """``cfg`` with the GPT ``shape`` (GPTShape keywords) in model/moe, the data (whole corpus for training),
+    ``iters`` steps (constant lr unless the cfg's scheduler says otherwise) and the seed; quiet."""
+    out = {**cfg, "model": dict(cfg.get("model", {})), "moe": dict(cfg.get("moe", {}))}
+    for key, value in shape.items():
+        section, name = _SHAPE_FIELDS.get(key, ("model", key))
+        out[section][name] = value
+    out["data"] = {"split": "1,0,0", **cfg.get("data", {}), "path": str(data_prefix)}
+    out["scheduler"] = {"decay_style": "constant", **cfg.get("scheduler", {}), "train_iters": iters}
+    out["logging"] = {"progress": False, **cfg.get("logging", {})}
+    out["seed"] = seed
+    return out
+
+
+def run_gpt(cfg: dict, shape: dict, data_prefix: str, iters: int, seed: int = 1234,
+            extra: Optional[Callable[[Any], dict]] = None) -> dict[str, Any]:
+    """Train zeromega's GPT of ``shape`` through ``zeromega.Run``: per-step loss and grad norm (every rank).
+
+    The one way the tests assemble a whole training run. ``extra(run)``, called after training, adds to
+    the result what a test reads off the finished run (its engine, modules).
+    """
+    from zeromega.config import validate
+    from zeromega.run import Run
+
+    run = Run(validate(gpt_config(cfg, shape, data_prefix, iters, seed)), log=lambda line: None)
+    records = run.train()
+    result = {"loss": [r.loss for r in records], "grad_norm": [r.grad_norm for r in records]}
+    if extra is not None:
+        result.update(extra(run))
+    return result

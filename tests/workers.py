@@ -6,41 +6,11 @@ from typing import Any
 
 
 def train_gpt(cfg: dict, shape: dict, data_prefix: str, iters: int, seed: int = 1234) -> dict[str, Any]:
-    """Train a small Megatron-Core GPT through the DeepSpeed engine; per-step loss and grad norm."""
-    from megatron.core import parallel_state
+    """Train a small Megatron-Core GPT through ``zeromega.Run`` (DeepSpeed's engine at pp 1); per-step loss
+    and grad norm (:func:`run_workers.run_gpt`)."""
+    from run_workers import run_gpt
 
-    from zeromega.integrations import comm
-    from zeromega.plugins.zero.engine import build_engine, model_init_context
-    from zeromega.integrations.megatron import data, model, parallel
-    from zeromega.config.schema import RunConfig
-    from zeromega.run.loop import gpt_loss
-
-    comm.install()
-    run = RunConfig.model_validate(cfg)
-    layout = parallel.initialize(run, seed=seed)
-    gpt_shape = model.GPTShape(**shape)
-    train_ds, _, _ = data.build_gpt_datasets(data_prefix, gpt_shape.seq_length, seed,
-                                             (iters * layout.global_batch, 0, 0), split="1,0,0")
-    with model_init_context(run, layout):
-        gpt = model.build_gpt(gpt_shape, run)
-    engine = build_engine(gpt, run, layout)
-    batches = data.sample_batches(train_ds, layout.micro, dp_rank=parallel_state.get_data_parallel_rank(),
-                                  dp_size=layout.dp)
-    from zeromega.run.loop import _reduce_step_stats
-
-    losses, grad_norms = [], []
-    for _ in range(iters):
-        total = 0.0
-        for _ in range(layout.accumulation):
-            loss = gpt_loss(engine, next(batches))
-            engine.backward(loss)
-            engine.step()
-            total += loss.item()
-        losses.append(_reduce_step_stats(total / layout.accumulation, 0, parallel_state.get_data_parallel_group())[0])
-        norm = engine.get_global_grad_norm()
-        grad_norms.append(None if norm is None else float(norm))
-    parallel.shutdown()
-    return {"loss": losses, "grad_norm": grad_norms}
+    return run_gpt(cfg, shape, data_prefix, iters, seed)
 
 
 def comm_bytes_one_step(cfg: dict, shape: dict, data_prefix: str) -> dict[str, Any]:
