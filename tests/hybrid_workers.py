@@ -7,27 +7,45 @@ from typing import Any, Optional
 
 def train_gpt_deepspeed(cfg: dict, shape: dict, data_prefix: str, iters: int, seed: int = 1234,
                         sum_sp_grads: bool = True) -> dict[str, Any]:
-    """The DeepSpeed-engine path (pp == 1) with tp-sp: per-step loss and grad norm.
+    """The DeepSpeed-engine path (pp == 1) with tp-sp through ``zeromega.Run``: per-step loss and grad norm,
+    and how many sequence-parallel parameters have their grads summed over tp.
 
-    ``sum_sp_grads=False`` leaves out the tp sum of sequence-parallel grads (the negative control).
+    ``sum_sp_grads=False`` leaves out the tp sum of sequence-parallel grads (the negative control), which Run
+    always applies, so that run is assembled by hand (same weights by name, data, engine and loss as Run's).
     """
+    if not sum_sp_grads:
+        return _train_gpt_deepspeed_without_sp_sum(cfg, shape, data_prefix, iters, seed)
+    from run_workers import run_gpt
+
+    def hooked(run) -> dict:
+        from zeromega.plugins.megatron.sequence_parallel import sequence_parallel_params
+
+        summed = run.cfg.parallel.sequence_parallel and run.layout.tp > 1  # Run hooks them then
+        return {"sp_params_hooked": len(sequence_parallel_params(run.engine.modules[0])) if summed else 0}
+
+    return run_gpt(cfg, shape, data_prefix, iters, seed, extra=hooked)
+
+
+def _train_gpt_deepspeed_without_sp_sum(cfg: dict, shape: dict, data_prefix: str, iters: int,
+                                        seed: int) -> dict[str, Any]:
     from megatron.core import parallel_state
 
     from zeromega.integrations import comm
-    from zeromega.plugins.zero.engine import build_engine
+    from zeromega.plugins.zero.engine import build_engine, model_init_context
     from zeromega.integrations.megatron import data, model, parallel
     from zeromega.config.schema import RunConfig
-    from zeromega.plugins.megatron.sequence_parallel import sum_sequence_parallel_grads
     from zeromega.run.loop import _reduce_step_stats, train_step
+    from run_workers import gpt_config
 
     comm.install()
-    run = RunConfig.model_validate(cfg)
+    run = RunConfig.model_validate(gpt_config(cfg, shape, data_prefix, iters, seed))
     layout = parallel.initialize(run, seed=seed)
     gpt_shape = model.GPTShape(**shape)
     train_ds, _, _ = data.build_gpt_datasets(data_prefix, gpt_shape.seq_length, seed,
                                              (iters * layout.global_batch, 0, 0), split="1,0,0")
-    gpt = model.build_gpt(gpt_shape, run)
-    hooked = sum_sequence_parallel_grads(gpt) if run.parallel.sequence_parallel and sum_sp_grads else 0
+    with model_init_context(run, layout):
+        gpt = model.build_gpt(gpt_shape, run)
+    model.init_by_name([gpt], gpt_shape, seed)  # the weights Run draws
     engine = build_engine(gpt, run, layout)
     batches = data.sample_batches(train_ds, layout.micro, dp_rank=parallel_state.get_data_parallel_rank(),
                                   dp_size=layout.dp)
@@ -38,7 +56,7 @@ def train_gpt_deepspeed(cfg: dict, shape: dict, data_prefix: str, iters: int, se
         norm = engine.get_global_grad_norm()
         grad_norms.append(None if norm is None else float(norm))
     parallel.shutdown()
-    return {"loss": losses, "grad_norm": grad_norms, "sp_params_hooked": hooked}
+    return {"loss": losses, "grad_norm": grad_norms, "sp_params_hooked": 0}
 
 
 def train_gpt_megatron(cfg: dict, shape: dict, data_prefix: str, iters: int, seed: int = 1234,
