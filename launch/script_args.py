@@ -95,7 +95,12 @@ def read(argv: list[str], prog: str) -> RunConfig:
             close = difflib.get_close_matches(flag, known_flags(), n=1)
             fix = f"did you mean {close[0]}?" if close else f"see `{prog} --help`"
             raise ConfigError("arguments", " ".join(unknown), "not a flag this script or zeromega knows", fix)
-        return translate.build(config, megatron_argv=argv)
+        cfg = translate.build(config, megatron_argv=argv)
+        if "lr" not in cfg.optimizer.model_fields_set:
+            raise ConfigError("optimizer.lr", None, "no source states the learning rate, and Megatron-LM has no "
+                              "default for it", "pass --lr (or an optimizer block with params.lr in the DeepSpeed "
+                              "JSON)")
+        return cfg
     except ConfigError as err:
         _fail(prog, str(err))
 

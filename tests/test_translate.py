@@ -281,11 +281,40 @@ def test_argv_file_without_a_command(tmp_path):
 def test_values_in_two_dialects_must_agree(tmp_path):
     config = tmp_path / "ds.json"
     config.write_text(json.dumps({"train_micro_batch_size_per_gpu": 4, "bf16": {"enabled": True}}))
-    translate.build(str(config), ["--micro-batch-size", "4", "--bf16"])  # agreeing is fine
+    translate.build(str(config), ["--micro-batch-size", "4", "--bf16", "--lr", "1e-4"])  # agreeing is fine
     with pytest.raises(ConfigError, match="batch.micro=2: command-line arguments sets 2"):
-        translate.build(str(config), ["--micro-batch-size", "2"])
+        translate.build(str(config), ["--micro-batch-size", "2", "--lr", "1e-4"])
     with pytest.raises(ConfigError, match="precision='fp16'"):
-        translate.build(str(config), ["--fp16"])
+        translate.build(str(config), ["--fp16", "--lr", "1e-4"])
+
+
+def test_a_megatron_script_without_lr_is_refused(capsys):
+    from zeromega.launch import script_args
+
+    with pytest.raises(SystemExit) as stop:
+        script_args.read(["--num-layers", "2"], "pretrain_gpt.py")
+    assert stop.value.code == 2
+    assert "optimizer.lr=None" in capsys.readouterr().err
+
+
+def test_megatron_flags_take_megatron_lms_defaults_and_a_deepspeed_json_deepspeeds(tmp_path):
+    """Unstated values take their dialect's defaults: Megatron-LM's for a Megatron script, DeepSpeed 0.19's
+    for what a DeepSpeed JSON leaves unstated."""
+    megatron = translate.build(None, ["--lr", "1e-4"])
+    assert (megatron.optimizer.weight_decay, megatron.optimizer.clip_grad, megatron.optimizer.beta2) == (0.01, 1.0, 0.999)
+    assert (megatron.scheduler.decay_style, megatron.loss_scaling.initial_scale_power) == ("linear", 32)
+    assert megatron.logging.interval == 100
+    config = tmp_path / "ds.json"
+    config.write_text(json.dumps({"train_micro_batch_size_per_gpu": 4,
+                                  "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}}}))
+    alone = translate.build(str(config))  # a DeepSpeed user's own train.py: DeepSpeed's defaults throughout
+    assert (alone.optimizer.weight_decay, alone.optimizer.clip_grad, alone.optimizer.beta2) == (0.0, 0.0, 0.999)
+    assert (alone.scheduler.decay_style, alone.loss_scaling.initial_scale_power, alone.logging.interval) == \
+        ("constant", 16, 10)
+    # Megatron-DeepSpeed: the JSON owns clipping and loss scaling, Megatron's flags the schedule
+    mixed = translate.build(str(config), ["--lr", "1e-4"])
+    assert (mixed.optimizer.clip_grad, mixed.loss_scaling.initial_scale_power) == (0.0, 16)
+    assert (mixed.scheduler.decay_style, mixed.optimizer.weight_decay) == ("linear", 0.0)
 
 
 # ------------------------------------------------------------------ writers
