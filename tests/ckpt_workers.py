@@ -124,7 +124,9 @@ def _fault_during_first_attempt() -> None:
     train_module.train = train
     import sys
 
-    pretrain_main(sys.argv[1:])
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    record(pretrain_main)(sys.argv[1:])  # as examples/pretrain_gpt.py's main is
 
 
 if __name__ == "__main__":
