@@ -22,12 +22,15 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 from pydantic import TypeAdapter, ValidationError
 
-from zeromega.config.schema import AioConfig, Layout, OffloadConfig, RunConfig, coerce
+from zeromega.config.schema import AioConfig, RunConfig, coerce
 from zeromega.config.errors import ConfigError
+from zeromega.plugins.zero.ds_config import (  # noqa: F401 (the writer half of this dialect, re-exported)
+    CPU_ZERO_DEFAULTS, FP16_KEYS, SCHEDULERS, _batch_keys, deepspeed_scheduler, to_deepspeed)
+
 from .partial import flatten, merge, set_path
 
 AUTO = "auto"
@@ -39,13 +42,6 @@ TOP_LEVEL: dict[str, str] = {
     "gradient_accumulation_steps": "batch.accumulation",
     "gradient_clipping": "optimizer.clip_grad",
     "steps_per_print": "logging.interval",
-}
-FP16_KEYS: dict[str, str] = {
-    "loss_scale": "loss_scaling.loss_scale",
-    "initial_scale_power": "loss_scaling.initial_scale_power",
-    "loss_scale_window": "loss_scaling.window",
-    "hysteresis": "loss_scaling.hysteresis",
-    "min_loss_scale": "loss_scaling.min_scale",
 }
 OFFLOAD_KEYS = ("device", "nvme_path", "pin_memory")
 AIO_KEYS = tuple(AioConfig.model_fields)
@@ -73,16 +69,6 @@ ZERO_AUTO_FROM_HIDDEN: dict[str, Callable[[int], int]] = {
     "reduce_bucket_size": lambda h: h * h,
     "stage3_prefetch_bucket_size": lambda h: int(0.9 * h * h),
     "stage3_param_persistence_threshold": lambda h: 10 * h,
-}
-# DeepSpeed scheduler type -> the decay style it implements.
-SCHEDULERS: dict[str, str] = {"WarmupLR": "constant", "WarmupDecayLR": "linear", "WarmupCosineLR": "cosine"}
-# Defaults where DeepSpeed's own are wrong for a CPU device: its 5e8-element
-# buckets allocate ~2 GB fp32 per bucket (../shared/notes/deepspeed-on-cpu.md).
-CPU_ZERO_DEFAULTS = {
-    "reduce_bucket_size": int(2e7),
-    "allgather_bucket_size": int(2e7),
-    "stage3_prefetch_bucket_size": int(2e7),
-    "sub_group_size": int(2e7),
 }
 RATIOS = "_deepspeed_ratios"
 """Partial key for WarmupCosineLR's ratios, made absolute once the lr is known (:func:`finish`)."""
@@ -413,114 +399,3 @@ def _reject_auto(tree: Any, where: str) -> None:
     elif tree == AUTO:
         raise ConfigError(where, AUTO, "nothing in the config can fill this 'auto'",
                           "give it a value (zeromega resolves auto only for the keys it models)")
-
-
-# ------------------------------------------------------------------ writing
-
-
-def to_deepspeed(cfg: RunConfig, layout: Optional[Layout] = None, device_type: str = "cpu",
-                 standalone: bool = False) -> dict:
-    """The dict ``deepspeed.initialize(config=...)`` takes for this config (and layout, when known).
-
-    ``standalone`` also writes the optimizer and scheduler blocks, for a
-    file used without zeromega (zeromega's engine builds its own AdamW).
-    Without a layout the batch keys are the ones the config states, and
-    DeepSpeed derives the rest from the world size it runs with. DeepSpeed
-    counts context-parallel ranks as data-parallel (zeromega's MegatronMPU
-    hands it the dp x cp group), so with cp > 1 its ``train_batch_size`` is
-    the global batch x cp, or left out of a standalone file.
-    """
-    ds = copy.deepcopy(cfg.deepspeed_extra)
-    zero = ds.setdefault("zero_optimization", {})
-    zero["stage"] = cfg.zero.stage
-    for name in ("offload_optimizer", "offload_param"):
-        offload = getattr(cfg.zero, name)
-        if name in zero or offload != OffloadConfig():
-            block = zero.setdefault(name, {})
-            block.update(device=offload.device, pin_memory=offload.pin_memory)
-            if offload.nvme_path:
-                block["nvme_path"] = offload.nvme_path
-    if device_type == "cpu":
-        for key, value in CPU_ZERO_DEFAULTS.items():
-            zero.setdefault(key, value)
-    nvme = "nvme" in (cfg.zero.offload_optimizer.device, cfg.zero.offload_param.device)
-    if nvme or cfg.zero.aio != AioConfig():
-        ds["aio"] = {**ds.get("aio", {}), **cfg.zero.aio.model_dump()}
-    batch = _batch_keys(cfg, layout)
-    if cfg.parallel.cp > 1 and "train_batch_size" in batch:
-        if standalone and "train_micro_batch_size_per_gpu" in batch:
-            del batch["train_batch_size"]  # whichever world DeepSpeed sees, it derives this one right
-        elif layout is not None:  # MegatronMPU's data-parallel group spans dp x cp
-            batch["train_batch_size"] = layout.global_batch * layout.cp
-    ds.update(batch, gradient_clipping=cfg.optimizer.clip_grad)
-    ds["bf16"] = {**ds.get("bf16", {}), "enabled": cfg.precision == "bf16"}
-    fp16 = {**ds.get("fp16", {}), "enabled": cfg.precision == "fp16"}
-    if cfg.precision == "fp16" or cfg.loss_scaling != type(cfg.loss_scaling)():
-        fp16.update({key: getattr(cfg.loss_scaling, path.split(".")[1]) for key, path in FP16_KEYS.items()})
-    ds["fp16"] = fp16
-    # zeromega's run prints its own line every logging.interval steps, so the engine it builds stays quiet.
-    ds["steps_per_print"] = cfg.logging.interval if standalone else 10**9
-    o = cfg.optimizer
-    adam = {"lr": o.lr, "betas": [o.beta1, o.beta2], "eps": o.eps, "weight_decay": o.weight_decay}
-    if "optimizer" in ds:
-        ds["optimizer"]["params"] = {**ds["optimizer"].get("params", {}), **adam}
-    elif standalone:
-        ds["optimizer"] = {"type": "AdamW", "params": adam}
-    if standalone and "scheduler" not in ds:
-        scheduler = deepspeed_scheduler(cfg)
-        if scheduler:
-            ds["scheduler"] = scheduler
-    return ds
-
-
-def _batch_keys(cfg: RunConfig, layout: Optional[Layout]) -> dict:
-    if layout is not None:
-        return {"train_micro_batch_size_per_gpu": layout.micro, "gradient_accumulation_steps": layout.accumulation,
-                "train_batch_size": layout.global_batch}
-    b = cfg.batch
-    if b.global_ is None:  # DeepSpeed needs the micro batch or the global one
-        keys = {"train_micro_batch_size_per_gpu": b.micro or 1}
-        if b.accumulation is not None:
-            keys["gradient_accumulation_steps"] = b.accumulation
-        return keys
-    keys = {"train_batch_size": b.global_}
-    if b.micro is not None:
-        keys["train_micro_batch_size_per_gpu"] = b.micro
-    if b.accumulation is not None:
-        keys["gradient_accumulation_steps"] = b.accumulation
-    return keys
-
-
-def deepspeed_scheduler(cfg: RunConfig) -> Optional[dict]:
-    """The DeepSpeed scheduler block for the schedule, or None when DeepSpeed has none like it.
-
-    Only a schedule DeepSpeed's own class runs (``scheduler.deepspeed_type``) is written: Megatron's
-    differs in its step counting. DeepSpeed's schedulers all warm up for >= 1 step, WarmupDecayLR decays
-    back to where warmup began, and none does inverse-square-root or WSD;
-    such schedules stay in the zeromega block instead.
-    """
-    s, lr = cfg.scheduler, cfg.optimizer.lr
-    if s.deepspeed_type is None:
-        return None  # Megatron-Core's scheduler runs it; the zeromega block carries it
-    if s.decay_style == "constant" and s.warmup_iters == 0:
-        return None
-    if s.decay_style not in SCHEDULERS.values() or s.warmup_iters == 0:
-        return None
-    if s.decay_iters is not None and s.decay_iters != s.train_iters:
-        return None  # DeepSpeed's total_num_steps is both the decay span and the run
-    total = s.train_iters
-    params: dict[str, Any] = {"warmup_num_steps": s.warmup_iters, "warmup_type": s.warmup_style}
-    if s.decay_style == "constant":
-        kind = "WarmupLR"
-        params.update(warmup_min_lr=s.warmup_init_lr, warmup_max_lr=lr)
-    elif total is None:
-        return None
-    elif s.decay_style == "linear":
-        if s.min_lr != s.warmup_init_lr:
-            return None
-        kind = "WarmupDecayLR"
-        params.update(warmup_min_lr=s.warmup_init_lr, warmup_max_lr=lr, total_num_steps=total)
-    else:
-        kind = "WarmupCosineLR"
-        params.update(warmup_min_ratio=s.warmup_init_lr / lr, cos_min_ratio=s.min_lr / lr, total_num_steps=total)
-    return {"type": kind, "params": params}

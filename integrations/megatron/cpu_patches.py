@@ -12,7 +12,7 @@ source. Each patch swaps one name inside one Megatron-Core module, and is:
 
 Only sites that zeromega's supported paths reach are patched; a path that
 reaches a new one fails loudly ("Torch not compiled with CUDA enabled"), and
-``../shared/notes/megatron-core-on-cpu.md`` lists the sites other features
+``docs/cpu-internals.md`` lists the sites other features
 reach (sequence parallel, pipeline p2p, MoE, the distributed optimizer).
 
 Three kinds of swap cover every site reached so far:

@@ -91,7 +91,7 @@ def _pipeline_fields(cfg: RunConfig, virtual_stages: Optional[int]) -> dict:
 
     interleaved = bool(virtual_stages and virtual_stages > 1)
     # One p2p op at a time unless on NCCL without interleaving: batched p2p with
-    # interleaving is silently wrong on gloo (../shared/notes/megatron-core-on-cpu.md,
+    # interleaving is silently wrong on gloo (docs/cpu-internals.md,
     # gotcha 4), gloo runs a batch as single ops anyway, and torch.distributed.P2POp
     # rejects the counted isend that zeromega.integrations.comm installs.
     fields = dict(pipeline_dtype=_DTYPES[cfg.precision],

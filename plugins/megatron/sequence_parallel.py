@@ -41,7 +41,7 @@ def sum_sequence_parallel_grads(model: torch.nn.Module, tp_group=None) -> int:
 
     def summed(grad: torch.Tensor) -> torch.Tensor:
         # A hook must not modify its argument; a contiguous copy also keeps gloo
-        # away from non-contiguous buffers (../shared/notes/torch-gloo.md).
+        # away from non-contiguous buffers (docs/cpu-internals.md).
         grad = grad.clone(memory_format=torch.contiguous_format)
         dist.all_reduce(grad, group=tp_group)
         return grad

@@ -2,7 +2,7 @@
 
 DeepSpeed's defaults are tuned for GPUs with tens of GB each. On a CPU rank
 (and for NVMe offload anywhere) they cost memory and time; the numbers
-below come from ``../shared/notes/deepspeed-on-cpu.md`` (201M-parameter
+below come from ``docs/zero-offload.md`` (201M-parameter
 model, 2 ranks, 3 steps, peak RSS per rank) and from
 ``bench/zero_memory.py`` / ``examples/large_model`` runs in this repository.
 

@@ -25,7 +25,7 @@ FP16_KEYS: dict[str, str] = {
 # DeepSpeed scheduler type -> the decay style it implements.
 SCHEDULERS: dict[str, str] = {"WarmupLR": "constant", "WarmupDecayLR": "linear", "WarmupCosineLR": "cosine"}
 # Defaults where DeepSpeed's own are wrong for a CPU device: its 5e8-element
-# buckets allocate ~2 GB fp32 per bucket (../shared/notes/deepspeed-on-cpu.md).
+# buckets allocate ~2 GB fp32 per bucket (docs/zero-offload.md).
 CPU_ZERO_DEFAULTS = {
     "reduce_bucket_size": int(2e7),
     "allgather_bucket_size": int(2e7),
@@ -74,8 +74,8 @@ def to_deepspeed(cfg: RunConfig, layout: Optional[Layout] = None, device_type: s
     if cfg.precision == "fp16" or cfg.loss_scaling != type(cfg.loss_scaling)():
         fp16.update({key: getattr(cfg.loss_scaling, path.split(".")[1]) for key, path in FP16_KEYS.items()})
     ds["fp16"] = fp16
-    if cfg.logging.interval or not standalone:  # zeromega's engine stays quiet unless asked
-        ds["steps_per_print"] = cfg.logging.interval or 10**9
+    # zeromega's run prints its own line every logging.interval steps, so the engine it builds stays quiet.
+    ds["steps_per_print"] = cfg.logging.interval if standalone else 10**9
     o = cfg.optimizer
     adam = {"lr": o.lr, "betas": [o.beta1, o.beta2], "eps": o.eps, "weight_decay": o.weight_decay}
     if "optimizer" in ds:

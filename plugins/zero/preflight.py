@@ -9,7 +9,7 @@ memory plan and :class:`Machine` facts, so it runs in the launcher, in
 the fix; a setting DeepSpeed needs but the config lacks is corrected and
 reported (:func:`correct`), never changed silently.
 
-Measured facts behind the checks: ``../shared/notes/deepspeed-on-cpu.md``.
+Measured facts behind the checks: ``docs/zero-offload.md``.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ class OpStatus:
     build_s: int = 0
 
 
-# Measured JIT build times on 2 cores (../shared/notes/deepspeed-on-cpu.md, "JIT-built ops").
+# Measured JIT build times on 2 cores (docs/zero-offload.md, "JIT-built ops").
 _BUILD_SECONDS = {"cpu_adam": 60, "async_io": 370}
 
 
