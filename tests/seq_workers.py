@@ -118,37 +118,47 @@ def noncontiguous_grads(mode: str) -> dict[str, Any]:
 def train_gpt_cp(cfg: dict, shape: dict, data_prefix: str, iters: int, mode: str | None,
                  ulysses_size: int | None = None, seed: int = 1234,
                  token_layout: str | None = None) -> dict[str, Any]:
-    """tests/workers.py's ``train_gpt`` with context parallelism: a Megatron-Core GPT whose core
-    attention is ``mode`` over the cp group, batches sharded along the sequence, the cp-aware loss.
+    """tests/workers.py's ``train_gpt`` with context parallelism, through ``zeromega.Run``: a Megatron-Core GPT
+    whose core attention is ``mode`` over the cp group, batches sharded along the sequence, the cp-aware loss.
     ``mode=None`` is the reference: stock local spec (Megatron's DotProductAttention), plain loss.
-    ``token_layout`` overrides the layout (batch shards and attention alike; default: the mode's,
-    zigzag under rotary embeddings)."""
+    ``token_layout`` overrides the layout (batch shards and attention alike; default: the mode's, zigzag
+    under rotary embeddings): Run always takes the mode's, so that negative control is assembled by hand."""
+    if token_layout is not None:
+        return _train_gpt_cp_with_layout(cfg, shape, data_prefix, iters, mode, ulysses_size, seed, token_layout)
+    from run_workers import run_gpt
+
+    if mode is not None:
+        cfg = {**cfg, "sequence": {"mode": mode, **({"ulysses": ulysses_size} if ulysses_size else {})}}
+    return run_gpt(cfg, shape, data_prefix, iters, seed)
+
+
+def _train_gpt_cp_with_layout(cfg: dict, shape: dict, data_prefix: str, iters: int, mode: str,
+                              ulysses_size: int | None, seed: int, seq_layout: str) -> dict[str, Any]:
+    """Run's cp run (same weights by name, data, engine) with the batch and attention in ``seq_layout``."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     from zeromega.integrations import comm
     from zeromega.plugins.zero.engine import build_engine
     from zeromega.integrations.megatron import data, model, parallel
     from zeromega.config.schema import RunConfig
-    from zeromega.plugins.sequence.megatron import cp_loss, gpt_layer_spec, sequence_layout, shard_batch
-    from zeromega.run.loop import _reduce_step_stats, gpt_loss
+    from zeromega.plugins.sequence.megatron import cp_loss, gpt_layer_spec, shard_batch
+    from zeromega.run.loop import _reduce_step_stats
+    from run_workers import gpt_config
 
     comm.install()
-    run = RunConfig.model_validate(cfg)
+    run = RunConfig.model_validate(gpt_config(cfg, shape, data_prefix, iters, seed))
     layout = parallel.initialize(run, seed=seed)
     gpt_shape = model.GPTShape(**shape)
     train_ds, _, _ = data.build_gpt_datasets(data_prefix, gpt_shape.seq_length, seed,
                                              (iters * layout.global_batch, 0, 0), split="1,0,0")
-    rotary = gpt_shape.position_embedding_type == "rope"
-    seq_layout = (token_layout or sequence_layout(mode, rotary=rotary)) if mode else None
-    spec = get_gpt_layer_local_spec() if mode is None else gpt_layer_spec(mode, ulysses_size=ulysses_size,
-                                                                         layout=seq_layout)
+    spec = gpt_layer_spec(mode, ulysses_size=ulysses_size, layout=seq_layout)
     gpt = GPTModel(config=model.transformer_config(gpt_shape, run), transformer_layer_spec=spec,
                    vocab_size=model.padded_vocab_size(gpt_shape.vocab_size, gpt_shape.make_vocab_size_divisible_by,
                                                       run.parallel.tp),
                    max_sequence_length=gpt_shape.seq_length, position_embedding_type=gpt_shape.position_embedding_type,
                    share_embeddings_and_output_weights=not gpt_shape.untie_embeddings_and_output_weights)
+    model.init_by_name([gpt], gpt_shape, seed)  # the weights Run draws
     engine = build_engine(gpt, run, layout)
     batches = data.sample_batches(train_ds, layout.micro, dp_rank=parallel_state.get_data_parallel_rank(),
                                   dp_size=layout.dp)
@@ -158,13 +168,9 @@ def train_gpt_cp(cfg: dict, shape: dict, data_prefix: str, iters: int, mode: str
     for _ in range(iters):
         total = 0.0
         for _ in range(layout.accumulation):
-            batch = next(batches)
-            if mode is None:
-                loss = gpt_loss(engine, batch)
-            else:
-                local = shard_batch(batch, seq_layout, cp_group)
-                per_token = engine(local["tokens"], local["position_ids"], None, labels=local["labels"])
-                loss = cp_loss(per_token, local["loss_mask"], cp_group)
+            local = shard_batch(next(batches), seq_layout, cp_group)
+            per_token = engine(local["tokens"], local["position_ids"], None, labels=local["labels"])
+            loss = cp_loss(per_token, local["loss_mask"], cp_group)
             engine.backward(loss)
             engine.step()
             total += loss.item()
