@@ -31,6 +31,7 @@ from zeromega.config.errors import ConfigError
 from zeromega.plugins.zero.ds_config import (  # noqa: F401 (the writer half of this dialect, re-exported)
     CPU_ZERO_DEFAULTS, FP16_KEYS, SCHEDULERS, _batch_keys, deepspeed_scheduler, to_deepspeed)
 
+from . import limits
 from .partial import flatten, merge, set_path
 
 AUTO = "auto"
@@ -89,7 +90,7 @@ def load_file(path: str | Path) -> dict:
     path = Path(path)
     text = read_text(path, "--config")
     try:
-        data = hjson.loads(text, object_pairs_hook=_unique_keys)
+        data = limits.load_json(text, str(path), hjson=True, object_pairs_hook=_unique_keys)
     except hjson.HjsonDecodeError as err:
         raise ConfigError("--config", str(path), f"not valid JSON ({err.msg} at line {err.lineno} "
                           f"column {err.colno})", "fix the JSON syntax at that place") from None
@@ -102,12 +103,16 @@ def load_file(path: str | Path) -> dict:
 
 
 def read_text(path: Path, field: str) -> str:
+    """The file's text: refused when missing, unreadable, empty or over the size limit (:mod:`.limits`)."""
     if not path.is_file():
         raise ConfigError(field, str(path), "no such file", "pass the path of an existing config")
     try:
-        return path.read_text()
+        limits.check_size(path, field)
+        text = path.read_text()
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(field, str(path), f"cannot read it ({err})", "check the file") from None
+    limits.check_size(path, field, text)
+    return text
 
 
 class _DuplicateKey(ValueError):

@@ -25,6 +25,8 @@ from typing import Optional
 
 from zeromega.config.errors import ConfigError
 
+from . import limits
+
 _VAR = re.compile(r"\$\{(\w+)(\[@\]|\[\*\])?(?::?-([^}]*))?\}|\$(\w+)")
 _ARITH = re.compile(r"\$\(\(([^()]*(?:\([^()]*\)[^()]*)*)\)\)")
 _HEREDOC = re.compile(r"<<-?\s*(['\"]?)(\w+)\1")
@@ -48,39 +50,84 @@ class Script:
     """Path -> text of files the script writes with a heredoc."""
 
 
+_WORD = 2**64
+
+
+def _wrap(value: int) -> int:
+    """``value`` as bash's signed 64-bit integer (it wraps, it does not overflow)."""
+    value %= _WORD
+    return value - _WORD if value >= _WORD // 2 else value
+
+
+def _c_div(a: int, b: int) -> int:
+    """Division truncating toward zero, as C and bash do (Python's // floors)."""
+    quotient = abs(a) // abs(b)
+    return _wrap(quotient if (a < 0) == (b < 0) else -quotient)
+
+
+def _c_mod(a: int, b: int) -> int:
+    return _wrap(a - _c_div(a, b) * b)
+
+
+def _c_pow(a: int, b: int) -> int:
+    if b < 0:
+        raise ValueError  # bash: "exponent less than 0"
+    return _wrap(pow(a, b, _WORD))
+
+
+_ARITH_MAX = 4096
+"""Characters in one ``$(( ... ))``; longer expressions stay as written."""
+
+
 def _arith(expr: str) -> Optional[int]:
-    """Integer arithmetic as bash does it (+ - * / % **, parentheses), or None."""
-    ops = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.floordiv,
-           ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
+    """Integer arithmetic as bash does it (+ - * / % **, parentheses, signed 64-bit wrap-around), or None.
+
+    Bounded: every result wraps to 64 bits (``$((9**9**9))`` is instant, as in bash), and an expression
+    over ``_ARITH_MAX`` characters or nested too deep to evaluate stays as written."""
+    ops = {ast.Add: lambda a, b: _wrap(a + b), ast.Sub: lambda a, b: _wrap(a - b),
+           ast.Mult: lambda a, b: _wrap(a * b), ast.Div: _c_div, ast.FloorDiv: _c_div, ast.Mod: _c_mod,
+           ast.Pow: _c_pow}
 
     def ev(node):
-        if isinstance(node, ast.Constant) and isinstance(node.value, int):
-            return node.value
+        if isinstance(node, ast.Constant) and isinstance(node.value, int) and not isinstance(node.value, bool):
+            return _wrap(node.value)
         if isinstance(node, ast.BinOp) and type(node.op) in ops:
             return ops[type(node.op)](ev(node.left), ev(node.right))
-        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
-            return -ev(node.operand)
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+            return _wrap(-ev(node.operand)) if isinstance(node.op, ast.USub) else ev(node.operand)
         raise ValueError
 
+    if len(expr) > _ARITH_MAX or not re.fullmatch(r"[\s0-9a-fA-FxX+\-*/%()]*", expr):
+        return None
     try:
         return ev(ast.parse(expr.strip(), mode="eval").body)
-    except (ValueError, SyntaxError, ZeroDivisionError, TypeError):
+    except (ValueError, SyntaxError, ZeroDivisionError, TypeError, RecursionError, MemoryError):
         return None
 
 
 class _Expander:
-    def __init__(self, env: dict[str, str]):
-        self.env, self.vars = dict(env), {}
+    def __init__(self, env: dict[str, str], name: str = "script"):
+        self.env, self.vars, self.name = dict(env), {}, name
 
     def value(self, name: str) -> Optional[str]:
         return self.env.get(name, self.vars.get(name))
 
-    def expand(self, text: str) -> str:
+    def expand(self, text: str, limit: int = limits.MAX_WORD) -> str:
+        """``text`` with its variables and arithmetic expanded; refused once it grows past ``limit``
+        characters (``A=$A$A`` repeated doubles a value per line)."""
+        grown = [len(text)]
+
         def var(match):
             name = match.group(1) or match.group(4)
             value = self.value(name)
             if value is None and match.group(3) is not None:
-                return self.expand(match.group(3))
+                value = self.expand(match.group(3), limit)
+            if value is not None:
+                grown[0] += len(value)
+                if grown[0] > limit:
+                    raise ConfigError(self.name, f"${name}", f"expands to more than {limit:,} characters",
+                                      "a launch script's values are short: check the assignments of the "
+                                      "variables it uses")
             return match.group(0) if value is None else value
 
         return _VAR.sub(var, self.arith(text))
@@ -132,20 +179,25 @@ def _assignments(shell: _Expander, line: str) -> bool:
 
 
 def _logical_lines(text: str) -> list[tuple[int, str, Optional[tuple[str, bool, str]]]]:
-    """(line number, text, heredoc) with continuations joined, arrays gathered and heredoc bodies cut out."""
+    """(line number, text, heredoc) with continuations joined, arrays gathered and heredoc bodies cut out.
+
+    Linear in the text: the parts of a logical line are joined once."""
     lines, out, i = text.splitlines(), [], 0
     while i < len(lines):
-        start, line = i + 1, lines[i]
-        while line.rstrip().endswith("\\") and i + 1 < len(lines):
+        start, parts = i + 1, [lines[i]]
+        while parts[-1].rstrip().endswith("\\") and i + 1 < len(lines):
             i += 1
-            line = line.rstrip()[:-1] + " " + lines[i]
+            parts[-1] = parts[-1].rstrip()[:-1]
+            parts.append(lines[i])
+        line = " ".join(parts)
         if re.match(r"^\s*(?:export\s+)?\w+=\($", line.strip()) or (
                 re.match(r"^\s*(?:export\s+)?\w+=\(", line) and ")" not in line):
             while ")" not in lines[i] or i + 1 == start:
                 if i + 1 >= len(lines):
                     break
                 i += 1
-                line += " " + lines[i].split("#", 1)[0]
+                parts.append(lines[i].split("#", 1)[0])
+            line = " ".join(parts)
         heredoc = None
         match = _HEREDOC.search(line)
         if match:
@@ -162,10 +214,14 @@ def _logical_lines(text: str) -> list[tuple[int, str, Optional[tuple[str, bool, 
 
 def read(text: str, env: Optional[dict[str, str]] = None, name: str = "script") -> Script:
     """The training command's arguments (and launcher flags, heredoc files) of a bash script."""
-    shell = _Expander(env or {})
+    shell = _Expander(env or {}, name)
     commands: list[list[str]] = []
     files: dict[str, str] = {}
     for number, line, heredoc in _logical_lines(text):
+        if len(line) > limits.MAX_WORD:
+            raise ConfigError(name, f"line {number}", f"is {len(line):,} characters long, over the "
+                              f"{limits.MAX_WORD:,}-character limit of one command line (Linux refuses an "
+                              "argument that long)", "shorten that line; check that the file is a launch script")
         expanded = shell.expand(line)
         try:
             words = shlex.split(expanded, comments=True)
@@ -180,7 +236,7 @@ def read(text: str, env: Optional[dict[str, str]] = None, name: str = "script") 
             target = re.search(r">\s*(\S+)", expanded.split("<<", 1)[1] + " " + expanded.split("<<", 1)[0])
             delimiter, expand, body = heredoc
             if target:
-                files[target.group(1).strip("\"'")] = shell.expand(body) if expand else body
+                files[target.group(1).strip("\"'")] = shell.expand(body, limits.MAX_BYTES) if expand else body
             continue
         commands.append(words)
     return _pick(commands, files)

@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from . import deepspeed_json, megatron_args, shell_script
+from . import deepspeed_json, limits, megatron_args, shell_script
 from zeromega.config.schema import Layout, RunConfig, coerce, validate
 from .deepspeed_json import CPU_ZERO_DEFAULTS, from_deepspeed, to_deepspeed  # noqa: F401 (public API)
 from zeromega.config.errors import ConfigError
@@ -60,7 +60,7 @@ def detect(path: str | Path) -> str:
     if not text.startswith("{"):
         return "deepspeed"  # hjson allows a braceless object; load_file reports what is wrong
     try:
-        data = json.loads(text)
+        data = limits.load_json(text, str(path))
     except json.JSONDecodeError:
         return "deepspeed"  # comments, trailing commas: only DeepSpeed's Hjson reads those
     return "zeromega" if _is_unified(data) else "deepspeed"
@@ -84,7 +84,7 @@ def read_unified(path: str | Path) -> dict:
             raise ConfigError("--config", str(path), "YAML needs PyYAML, which is not installed",
                               "pip install pyyaml, or write the config as JSON") from None
         try:
-            data = yaml.safe_load(text)
+            data = limits.load_yaml(text, str(path))
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
@@ -92,7 +92,7 @@ def read_unified(path: str | Path) -> dict:
                               "fix the YAML syntax at that place") from None
     else:
         try:
-            data = json.loads(text, object_pairs_hook=_unique)
+            data = limits.load_json(text, str(path), object_pairs_hook=_unique)
         except json.JSONDecodeError as err:
             raise ConfigError("--config", str(path), f"not valid JSON ({err.msg} at line {err.lineno} "
                               f"column {err.colno})", "fix the JSON syntax at that place") from None
@@ -134,9 +134,9 @@ def _megatron(argv: list[str], name: str, files: Optional[dict[str, str]] = None
     if ds_path and (files or {}).get(ds_path) is not None:
         text = files[ds_path]
         try:
-            import hjson
-
-            data = hjson.loads(text)
+            data = limits.load_json(text, ds_path, field="--deepspeed_config", hjson=True)
+        except ConfigError:
+            raise
         except Exception as err:  # hjson raises several kinds
             raise ConfigError("--deepspeed_config", ds_path, f"the heredoc that writes it is not valid JSON ({err})",
                               "fix the JSON the script writes") from None
