@@ -12,6 +12,7 @@ from typing import Callable, Optional
 
 from zeromega.config.errors import ConfigError
 
+from .limits import MAX_INT, MAX_WORLD
 from .translate import DIALECTS, detect, resolve, sources
 
 
@@ -36,6 +37,8 @@ def _int_at_least(minimum: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        if value > MAX_INT:
+            raise argparse.ArgumentTypeError(f"{text} is beyond the 64-bit limit of {MAX_INT}")
         return value
 
     parse.__name__ = f"integer >= {minimum}"
@@ -69,6 +72,9 @@ def _read_input(args: argparse.Namespace):
 
 
 def _layout(cfg, world_size: Optional[int]):
+    if world_size is not None and world_size > MAX_WORLD:
+        raise UsageError(f"world size {world_size} is over the limit of {MAX_WORLD:,} ranks (the layout lists every "
+                         "rank's groups)", "check --world-size, or launch.nproc_per_node x launch.nnodes")
     try:
         return None if world_size is None else cfg.layout(world_size)
     except ConfigError as err:

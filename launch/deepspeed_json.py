@@ -32,7 +32,7 @@ from zeromega.plugins.zero.ds_config import (  # noqa: F401 (the writer half of 
     CPU_ZERO_DEFAULTS, FP16_KEYS, SCHEDULERS, _batch_keys, deepspeed_scheduler, to_deepspeed)
 
 from . import limits
-from .partial import flatten, merge, set_path
+from .partial import check_keys, flatten, merge, set_path
 
 AUTO = "auto"
 
@@ -333,17 +333,20 @@ def _read_scheduler(ds: dict, reader: _Reader) -> None:
 def read_block(block: Any) -> dict:
     """Partial from a "zeromega" block: flat size keys (tp, pp, cp, ep, ...) or unified sections."""
     block = _object(block, "zeromega")
-    partial: dict = {}
+    check_keys(block, "zeromega")
+    parts: list[tuple[str, dict]] = []
     for key, value in block.items():
+        part: dict = {}
         if key in BLOCK_KEYS:
-            set_path(partial, BLOCK_KEYS[key], coerce(BLOCK_KEYS[key], value, f"zeromega.{key}"))
+            set_path(part, BLOCK_KEYS[key], coerce(BLOCK_KEYS[key], value, f"zeromega.{key}"))
         elif key in RunConfig.model_fields:
-            partial[key] = value
+            part[key] = value
         else:
             raise ConfigError(f"zeromega.{key}", value, "unknown key in the zeromega block",
                               f"use one of {sorted(BLOCK_KEYS)} or a section of the unified config "
                               f"{sorted(RunConfig.model_fields)}")
-    return partial
+        parts.append((f"zeromega.{key}", part))
+    return merge(parts)  # {"parallel": {"tp": 4}, "tp": 2} states tp twice: refused, not last-wins
 
 
 # The "zeromega" block's short keys -> unified field path.
@@ -367,11 +370,12 @@ def finish(merged: dict, megatron: bool = False) -> dict:
     for tree in filter(None, defaults):
         for path, value in flatten(tree).items():
             section, _, leaf = path.partition(".")
-            if leaf not in merged.get(section, {}):
+            current = merged.get(section, {})
+            if isinstance(current, dict) and leaf not in current:  # a non-section: validation reports it
                 set_path(merged, path, value)
     ratios = merged.pop(RATIOS, None)
     if ratios:
-        lr = merged.get("optimizer", {}).get("lr", RunConfig().optimizer.lr)
+        lr = coerce("optimizer.lr", _section(merged, "optimizer").get("lr", RunConfig().optimizer.lr), "optimizer.lr")
         sources = [("the rest of the config", {k: v for k, v in merged.items() if k != "deepspeed_extra"})]
         scaled = {}
         if "warmup_min_ratio" in ratios:
@@ -385,16 +389,22 @@ def finish(merged: dict, megatron: bool = False) -> dict:
     extra = merged.get("deepspeed_extra") or {}
     zero = extra.get("zero_optimization")
     if isinstance(zero, dict):
-        hidden = merged.get("model", {}).get("hidden_size")
+        hidden = _section(merged, "model").get("hidden_size")
         for key, rule in ZERO_AUTO_FROM_HIDDEN.items():
             if zero.get(key) == AUTO:
                 if hidden is None:
                     raise ConfigError(f"zero_optimization.{key}", AUTO, "is filled from the model's hidden "
                                       "size, which no source states",
                                       "set model.hidden_size (--hidden-size, or the zeromega block) or a number")
-                zero[key] = rule(int(hidden))
+                zero[key] = rule(coerce("model.hidden_size", hidden, "model.hidden_size"))
     _reject_auto(extra, "")
     return merged
+
+
+def _section(merged: dict, name: str) -> dict:
+    """``merged[name]`` when it is a section of keys, else {} (validation reports a section of another type)."""
+    value = merged.get(name)
+    return value if isinstance(value, dict) else {}
 
 
 def _reject_auto(tree: Any, where: str) -> None:

@@ -19,6 +19,7 @@ from typing import Any, Optional
 
 from zeromega.config.schema import RunConfig, coerce
 from zeromega.config.errors import ConfigError
+from . import limits
 from .partial import set_path
 
 SWITCH = "switch"
@@ -132,10 +133,18 @@ def _convert(flag: str, kind: Any, text: str) -> Any:
                           f"pass its value (zeromega translate/check --env {name}=VALUE)")
     if kind in (int, float):
         try:
-            return kind(text)
+            value = kind(text)
         except ValueError:
-            raise ConfigError(flag, text, f"invalid {kind.__name__} value: {text!r}",
+            short = text if len(text) <= 40 else f"{text[:20]}... ({len(text)} characters)"
+            raise ConfigError(flag, short, f"invalid {kind.__name__} value: {short!r}",
                               f"give {flag} a number") from None
+        if kind is float and not math.isfinite(value):
+            raise ConfigError(flag, text, "is not a finite number (Megatron-LM would run with it)",
+                              f"give {flag} a finite number")
+        if kind is int and abs(value) > limits.MAX_INT:
+            raise ConfigError(flag, f"<{len(text)}-digit integer>", f"is beyond the 64-bit limit of "
+                              f"+-{limits.MAX_INT}", f"give {flag} a number that fits in 64 bits")
+        return value
     return text
 
 

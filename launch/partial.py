@@ -19,8 +19,12 @@ OPAQUE = ("deepspeed_extra",)
 def set_path(tree: dict, path: str, value: Any) -> None:
     """``tree[a][b][c] = value`` for ``path`` 'a.b.c', creating the parents."""
     *parents, leaf = path.split(".")
-    for key in parents:
+    for depth, key in enumerate(parents):
         tree = tree.setdefault(key, {})
+        if not isinstance(tree, dict):
+            section = ".".join(parents[:depth + 1])
+            raise ConfigError(section, tree, f"is a single value, but {path} is set inside it",
+                              f"write {section} as a section of keys, or drop {path}")
     tree[leaf] = value
 
 
@@ -46,6 +50,21 @@ def same(a: Any, b: Any) -> bool:
     return a == b
 
 
+def check_keys(tree: Any, where: str = "") -> None:
+    """Refuse a key with a dot in a user's nested sections: paths are dotted, so ``parallel.tp: 2`` would
+    be read as the section ``parallel`` (and clash with it); ``deepspeed_extra`` is passed through as is."""
+    if not isinstance(tree, dict):
+        return
+    for key, value in tree.items():
+        path = f"{where}.{key}" if where else str(key)
+        if isinstance(key, str) and "." in key:
+            outer, _, inner = key.partition(".")
+            raise ConfigError(path, value, "a dotted key (zeromega reads nested sections, not paths)",
+                              f"nest it: {outer}: {{{inner}: ...}}")
+        if path not in OPAQUE:
+            check_keys(value, path)
+
+
 def merge(partials: Iterable[tuple[str, dict]]) -> dict:
     """Join (source name, partial) pairs; a field set differently by two sources is an error."""
     merged: dict = {}
@@ -53,6 +72,9 @@ def merge(partials: Iterable[tuple[str, dict]]) -> dict:
     for source, partial in partials:
         for path, value in flatten(partial).items():
             if path == "deepspeed_extra":
+                if not isinstance(value, dict):
+                    raise ConfigError(path, value, f"{source} gives it as a single value",
+                                      "write deepspeed_extra as an object of DeepSpeed keys")
                 _deep_update(merged.setdefault("deepspeed_extra", {}), value)
                 continue
             if path in origin and not same(origin[path][1], value):

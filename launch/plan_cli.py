@@ -27,7 +27,12 @@ import os
 import sys
 from typing import Optional
 
+from pydantic import ValidationError
+
 from zeromega.config.errors import ConfigError
+from zeromega.config.schema import ModelConfig, config_error
+
+from .limits import MAX_INT
 
 from .cli_common import UsageError, _add_input, _int_at_least, _layout, _read_input
 
@@ -57,10 +62,12 @@ def _add_plan(subparsers) -> None:
 def _count(text: str) -> int:
     try:
         value = int(float(text))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    except (ValueError, OverflowError):  # OverflowError: 1e400 reads as infinity
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    if value > MAX_INT:
+        raise argparse.ArgumentTypeError(f"{text} is beyond the 64-bit limit of {MAX_INT}")
     return value
 
 
@@ -95,6 +102,13 @@ def plan_for_args(args: argparse.Namespace):
     cfg, _ = _read_input(args)
     if args.micro_batch_size is not None:
         cfg = cfg.model_copy(update={"batch": cfg.batch.model_copy(update={"micro": args.micro_batch_size})})
+    flags = {k: getattr(args, k) for k in _SHAPE_KEYS if getattr(args, k) is not None}
+    if flags:  # the shape flags override the config's model section; the layout rules apply to them too
+        try:
+            model = ModelConfig.model_validate({**cfg.model.model_dump(exclude_unset=True), **flags})
+        except ValidationError as err:
+            raise UsageError.from_config(config_error(err, "model.")) from None
+        cfg = cfg.model_copy(update={"model": model})
     world = args.world_size
     if world is None:
         world = (cfg.launch.nproc_per_node or 1) * cfg.launch.nnodes

@@ -23,7 +23,7 @@ from . import deepspeed_json, limits, megatron_args, shell_script
 from zeromega.config.schema import Layout, RunConfig, coerce, validate
 from .deepspeed_json import CPU_ZERO_DEFAULTS, from_deepspeed, to_deepspeed  # noqa: F401 (public API)
 from zeromega.config.errors import ConfigError
-from .partial import flatten, merge, same, set_path
+from .partial import check_keys, flatten, merge, same, set_path
 
 # Tables under their historical names (the mappings themselves live with their dialect).
 MEGATRON_ARGS = megatron_args.FLAGS
@@ -98,6 +98,7 @@ def read_unified(path: str | Path) -> dict:
                               f"column {err.colno})", "fix the JSON syntax at that place") from None
     if not isinstance(data, dict):
         raise ConfigError("--config", str(path), "top level is not a mapping", "write the sections as keys")
+    check_keys(data)
     return data
 
 

@@ -23,7 +23,9 @@ import types
 import typing
 from typing import Annotated, Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PydanticUserError, TypeAdapter, ValidationError,
+                      ValidationInfo, field_validator, model_validator)
+from pydantic_core import PydanticCustomError
 
 from .errors import ConfigError
 
@@ -31,7 +33,30 @@ PositiveInt = Annotated[int, Field(ge=1)]
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+    # allow_inf_nan=False: an infinite or NaN lr, eps, decay, timeout... is refused, never run with.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True,
+                              allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """true/false where a number goes is refused (pydantic would read ``"stage": true`` as stage 1)."""
+        if isinstance(value, bool) and _numeric(cls.model_fields[info.field_name].annotation):
+            raise PydanticCustomError("bool_not_number", "Input should be a number, not true or false")
+        return value
+
+
+def _numeric(annotation) -> bool:
+    """Whether a field's type takes numbers and not booleans (Optional, Annotated, Literal unwrapped)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Annotated:
+        return _numeric(args[0])
+    if origin is typing.Literal:
+        return all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        kinds = [a for a in args if a is not type(None)]
+        return bool(kinds) and all(_numeric(a) for a in kinds)
+    return annotation in (int, float)
 
 
 class ParallelConfig(_Section):
@@ -430,7 +455,7 @@ def config_error(err: ValidationError, prefix: str = "") -> ConfigError:
         section = field.rsplit(".", 1)[0] if "." in field else ""
         names = sorted(_field_names(section))
         return ConfigError(field, first.get("input"), "unknown field", f"use one of {names}")
-    return ConfigError(field, first.get("input"), first["msg"].replace("\n", " "),
+    return ConfigError(field, first.get("input"), " ".join(first["msg"].split()),
                        f"give {field} {describe(field)}")
 
 
@@ -469,7 +494,7 @@ def describe(path: str) -> str:
         info = _field(path)
     except (KeyError, AttributeError):
         return "a valid value"
-    doc = f" ({info.description.rstrip('.')})" if info.description else ""
+    doc = f" ({' '.join(info.description.split()).rstrip('.')})" if info.description else ""  # one line
     return f"{_type_name(info.annotation)}{doc}"
 
 
@@ -489,7 +514,11 @@ def _type_name(annotation) -> str:
 @functools.lru_cache(maxsize=None)
 def _adapter(path: str) -> TypeAdapter:
     info = _field(path)
-    return TypeAdapter(Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation)
+    kind = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
+    try:
+        return TypeAdapter(kind, config=ConfigDict(allow_inf_nan=False))  # as the sections validate
+    except PydanticUserError:  # a section type carries its own config
+        return TypeAdapter(kind)
 
 
 def coerce(path: str, value: Any, source: str) -> Any:
@@ -502,6 +531,9 @@ def coerce(path: str, value: Any, source: str) -> Any:
         adapter = _adapter(path)
     except (KeyError, AttributeError):
         return value
+    if isinstance(value, bool) and _numeric(_field(path).annotation):
+        raise ConfigError(source, value, "cannot read it: true/false is not a number", f"give {source} "
+                          f"{describe(path)}")
     try:
         return adapter.validate_python(value)
     except ValidationError as err:
