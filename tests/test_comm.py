@@ -22,7 +22,8 @@ def test_zero1_data_parallel_moves_twice_the_parameters(small_corpus):
 
 def test_tensor_parallel_collectives_are_counted(small_corpus):
     """tp=2 on 2 ranks (dp=1): no gradient traffic, only Megatron's own tp all-reduces."""
-    cfg = {"parallel": {"tp": 2}, "zero": {"stage": 0}, "batch": {"micro": 2}}
+    # no clipping: the grad norm's all-reduce (Megatron-LM's default clip 1.0) is not Megatron's tp traffic
+    cfg = {"parallel": {"tp": 2}, "zero": {"stage": 0}, "batch": {"micro": 2}, "optimizer": {"clip_grad": 0.0}}
     (r0, r1) = run_world(2, comm_bytes_one_step, cfg, SHAPE, small_corpus)
     assert r0["bytes"] == r1["bytes"]
     # Megatron's tp all-reduces of [s, b, h] activations: forward, the embedding's output and each

@@ -21,7 +21,7 @@ from run_workers import run_logging, run_refused
 
 TINY = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "32",
         "--hidden-dropout", "0", "--attention-dropout", "0", "--micro-batch-size", "2", "--split", "1,0,0",
-        "--no-progress"]
+        "--no-progress", "--lr", "1e-3"]
 
 
 def lrs(result) -> list[float]:
