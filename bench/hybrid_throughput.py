@@ -2,23 +2,23 @@
 """Tokens/s of each hybrid layout against dp-only, on the same processes, in one run.
 
 Every layout trains the same GPT (MoE layouts against a dp-only MoE GPT)
-through Megatron-Core's engine with the distributed optimizer, same global
-batch, random tokens. Rounds alternate over the layouts so that machine
-noise (2 shared cores: 4 ranks oversubscribe them) hits all alike; printed
-is the median step time and tokens/s per layout and its ratio to dp-only.
+as a whole ``zeromega.Run`` on the project's corpus, same global batch,
+ZeRO-1: the engine is the one the run picks (DeepSpeed's for dense pp 1,
+Megatron-Core's with its distributed optimizer for pp > 1 and MoE; printed
+per layout), the step times are the run's step records after one warm-up
+step. Rounds alternate over the layouts so that machine noise (2 shared
+cores: 4 ranks oversubscribe them) hits all alike; printed is the median
+step time and tokens/s per layout and its ratio to dp-only.
 On CPU the ratio says what each layout's communication and schedule cost
 here, not what it buys on GPUs, where tp/pp exist to fit larger models.
 
-    python bench/hybrid_throughput.py                 # re-launches itself on 4 ranks
+    python bench/hybrid_throughput.py                 # forks 4 ranks per layout and round
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import time
-
-from launch_self import run_on_ranks
 
 LAYOUTS = [  # name, parallel, moe, virtual stages
     ("dp4", {}, False, None),
@@ -44,50 +44,59 @@ def parse_args():
     return p.parse_args()
 
 
-def worker(args):
-    import torch.distributed as dist
+def run_config(args, par: dict, is_moe: bool, vpp) -> dict:
+    """The zeromega run of one layout: ZeRO-1 (DeepSpeed's at pp 1, Megatron-Core's distributed optimizer on
+    its engine), the same GPT (MoE: 4 experts, top-2), 1 warm-up + 2 timed steps."""
+    model = {"num_layers": args.num_layers, "hidden_size": args.hidden_size, "num_attention_heads": 8,
+             "seq_length": args.seq_length, "vocab_size": 257, "hidden_dropout": 0.0, "attention_dropout": 0.0}
+    return {"parallel": {**par, **({"vpp": vpp} if vpp else {})}, "zero": {"stage": 1}, "precision": "fp32",
+            "batch": {"micro": args.micro_batch_size, "global": args.global_batch_size},
+            "moe": {"num_experts": 4, "topk": 2, "aux_loss_coeff": 1e-2} if is_moe else {},
+            "model": model, "scheduler": {"train_iters": 3, "decay_style": "constant"},
+            "logging": {"progress": False}, "seed": 1}
 
-    from zeromega.integrations.megatron import model, parallel
-    from zeromega.config.schema import RunConfig
-    from zeromega.plugins.megatron.measure import random_batches
-    from zeromega.plugins.megatron.pipeline import MegatronTrainer
 
-    dense = model.GPTShape(num_layers=args.num_layers, hidden_size=args.hidden_size, num_attention_heads=8,
-                           seq_length=args.seq_length, vocab_size=257, hidden_dropout=0.0, attention_dropout=0.0)
-    moe = model.GPTShape(**{**dense.__dict__, "num_experts": 4, "moe_router_topk": 2, "moe_aux_loss_coeff": 1e-2})
-    tokens_per_step = args.global_batch_size * args.seq_length
-    times = {name: [] for name, *_ in LAYOUTS}
-    for round_ in range(args.rounds):
-        order = LAYOUTS if round_ % 2 == 0 else LAYOUTS[::-1]
-        for name, par, is_moe, vpp in order:
-            cfg = RunConfig.model_validate({"parallel": par, "precision": "fp32",
-                                            "batch": {"micro": args.micro_batch_size,
-                                                      "global": args.global_batch_size}})
-            layout = parallel.initialize(cfg, seed=1)
-            shape = moe if is_moe else dense
-            trainer = MegatronTrainer(shape, cfg, layout, virtual_stages=vpp)
-            batches = random_batches(shape.vocab_size, shape.seq_length, layout.micro, layout.accumulation)
-            trainer.train_step(batches)  # warm-up
-            for _ in range(2):
-                dist.barrier()
-                start = time.perf_counter()
-                trainer.train_step(batches)
-                times[name].append(time.perf_counter() - start)
-            del trainer
-    if dist.get_rank() == 0:
-        base = {False: statistics.median(times["dp4"]), True: statistics.median(times["moe dp4"])}
-        print(f"world {dist.get_world_size()}, {args.num_layers} layers x hidden {args.hidden_size}, seq "
-              f"{args.seq_length}, global batch {args.global_batch_size}; median of {2 * args.rounds} steps")
-        print(f"{'layout':<20}{'step ms':>9}{'tokens/s':>10}{'vs dp-only':>12}")
-        for name, _, is_moe, _ in LAYOUTS:
-            t = statistics.median(times[name])
-            print(f"{name:<20}{t * 1e3:>9.1f}{tokens_per_step / t:>10,.0f}{base[is_moe] / t:>12.2f}")
-    parallel.shutdown()
+def layout_steps(cfg: dict) -> tuple[list[float], str]:
+    """One rank of a layout's world: zeromega.Run's step seconds after the warm-up step, and its engine."""
+    from zeromega.config import validate
+    from zeromega.run import Run
+
+    run = Run(validate(cfg), log=lambda line: None)
+    records = run.train()
+    return [r.step_time_s for r in records[1:]], run.engine.name
 
 
 def main():
+    """Each (round, layout) is a fresh world of ``--nproc`` forked ranks (a process runs one zeromega.Run)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from distributed import run_world
+
+    import deepspeed  # noqa: F401  (imported once here, not in every forked rank)
+    import megatron.core  # noqa: F401
+
+    from zeromega.integrations.megatron import data
+
     args = parse_args()
-    run_on_ranks(__file__, args.nproc, worker, args)
+    data.build_corpus(data.default_corpus_prefix())
+    tokens_per_step = args.global_batch_size * args.seq_length
+    times = {name: [] for name, *_ in LAYOUTS}
+    engines = {}
+    for round_ in range(args.rounds):
+        order = LAYOUTS if round_ % 2 == 0 else LAYOUTS[::-1]
+        for name, par, is_moe, vpp in order:
+            step_s, engines[name] = run_world(args.nproc, layout_steps, run_config(args, par, is_moe, vpp),
+                                              timeout=1800)[0]
+            times[name] += step_s
+    base = {False: statistics.median(times["dp4"]), True: statistics.median(times["moe dp4"])}
+    print(f"world {args.nproc}, {args.num_layers} layers x hidden {args.hidden_size}, seq "
+          f"{args.seq_length}, global batch {args.global_batch_size}; median of {2 * args.rounds} steps")
+    print(f"{'layout':<20}{'engine':>10}{'step ms':>9}{'tokens/s':>10}{'vs dp-only':>12}")
+    for name, _, is_moe, _ in LAYOUTS:
+        t = statistics.median(times[name])
+        print(f"{name:<20}{engines[name]:>10}{t * 1e3:>9.1f}{tokens_per_step / t:>10,.0f}{base[is_moe] / t:>12.2f}")
 
 
 if __name__ == "__main__":
