@@ -36,6 +36,7 @@ stay cheap.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import signal
@@ -124,6 +125,49 @@ def _signal_name(signum: int) -> str:
         return signal.Signals(signum).name
     except ValueError:
         return f"signal {signum}"
+
+
+def die_with_parent(sig: int = signal.SIGKILL) -> None:
+    """Ask the kernel to send ``sig`` to this process when its parent exits (Linux ``PR_SET_PDEATHSIG``).
+
+    Called in each child before it execs (it survives exec): the ranks of a
+    launcher that is killed (SIGKILL, OOM killer) die with it instead of
+    training on as orphans, holding ports, memory and checkpoint directories.
+    A no-op where prctl does not exist.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(sig), 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
+
+
+@contextlib.contextmanager
+def _children_die_with_us():
+    """torchrun's agent starts each rank with ``subprocess.Popen`` (``SubprocessHandler._popen``); meanwhile
+    each such child also gets :func:`die_with_parent` (torch 2.13 offers no hook of its own)."""
+    from torch.distributed.elastic.multiprocessing.subprocess_handler import subprocess_handler as handler
+
+    original = handler.SubprocessHandler._popen
+
+    def _popen(self, args, env):
+        real_popen = handler.Popen
+
+        def popen(*a, **kw):
+            return real_popen(*a, preexec_fn=die_with_parent, **kw)
+
+        handler.Popen = popen
+        try:
+            return original(self, args, env)
+        finally:
+            handler.Popen = real_popen
+
+    handler.SubprocessHandler._popen = _popen
+    try:
+        yield
+    finally:
+        handler.SubprocessHandler._popen = original
 
 
 def free_port() -> int:
@@ -228,7 +272,8 @@ def run_torchrun(job: Job) -> Optional[RankFailure]:
         # prefix: restarted ranks read the dead attempt's gloo addresses ("Connection refused").
         os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     try:
-        run(parse_args(torchrun_argv(job)))
+        with _children_die_with_us():
+            run(parse_args(torchrun_argv(job)))
     except ChildFailedError as err:
         rank, failure = root_cause(err.failures)
         return RankFailure(rank, failure.exitcode, _recorded_error(failure.error_file))
@@ -331,7 +376,9 @@ def _run_group(cmd: list[str], env: dict) -> tuple[int, Optional[int]]:
     handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     previous = {sig: signal.signal(sig, forward) for sig in handled}
     try:
-        procs.append(subprocess.Popen(cmd, env=env, start_new_session=True))
+        # the runner gets SIGTERM (its own handler stops its ranks), each rank SIGKILL (_rank_entry)
+        procs.append(subprocess.Popen(cmd, env=env, start_new_session=True,
+                                      preexec_fn=lambda: die_with_parent(signal.SIGTERM)))
         if received:  # a signal came before the group existed
             _signal_group(procs[0].pid, signal.SIGTERM)
         returncode = procs[0].wait()
@@ -429,6 +476,7 @@ def _rank_entry(argv: list[str]) -> None:
     error_dir = settings.get("error_dir")
     if error_dir and os.path.isdir(error_dir):
         os.environ["TORCHELASTIC_ERROR_FILE"] = os.path.join(error_dir, f"rank{os.environ.get('RANK', '0')}.json")
+    die_with_parent()  # the deepspeed runner that started this rank
     os.execv(sys.executable, [sys.executable, "-u", script, local_rank_flag, *args])
 
 

@@ -318,3 +318,30 @@ def test_default_hostfile_matches_deepspeed():
     from deepspeed.launcher.runner import DLTS_HOSTFILE
 
     assert launcher.DEEPSPEED_DEFAULT_HOSTFILE == DLTS_HOSTFILE
+
+
+@pytest.mark.parametrize("runner", ["torchrun", "deepspeed"])
+def test_ranks_die_with_a_killed_launcher(tmp_path, runner):
+    """SIGKILL of `zeromega launch` (no chance to stop its ranks) still ends every rank within seconds:
+    each rank asked the kernel for a signal when its parent exits (PR_SET_PDEATHSIG)."""
+    token = uuid.uuid4().hex
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", launcher.CONFIG_ENV)}
+    env.update(ZEROMEGA_TEST_TOKEN=token)
+    extra = ["--launcher", "deepspeed", "--master-port", str(free_port())] if runner == "deepspeed" else []
+    proc = subprocess.Popen([sys.executable, "-m", "zeromega", "launch", "--nproc-per-node", "2", *extra, WORKER,
+                             "--mode", "sleep"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        while len([p for p in survivors(token) if WORKER in " ".join(p.cmdline())]) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, "the ranks never started"
+            time.sleep(0.5)
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 15
+        while survivors(token) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        left = survivors(token)
+        assert not left, f"alive 15 s after the launcher was killed: {[p.cmdline() for p in left]}"
+    finally:
+        for p in survivors(token):
+            p.kill()

@@ -23,7 +23,7 @@ from zeromega.launch.launcher import config_path_from_env
 
 def parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--mode", default="allreduce", choices=["allreduce", "raise", "sigkill", "exit"])
+    parser.add_argument("--mode", default="allreduce", choices=["allreduce", "raise", "sigkill", "exit", "sleep"])
     parser.add_argument("--fail-rank", type=int, default=1)
     parser.add_argument("--wait", default="barrier", choices=["barrier", "sleep"])
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None)
@@ -45,7 +45,10 @@ def main() -> None:
         open(marker, "a").close()
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    if args.mode == "allreduce":
+    if args.mode == "sleep":  # a rank that outlives the test unless something ends it
+        say(f"rank={rank} sleeping")
+        time.sleep(600)
+    elif args.mode == "allreduce":
         total = torch.tensor([rank + 1.0])
         dist.all_reduce(total)
         say(f"rank={rank} world={world} sum={total.item():g} config={config_path_from_env()} "
