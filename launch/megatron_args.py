@@ -14,6 +14,7 @@ there; and ``--initial-loss-scale``: 2**16 here, 2**32 there).
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -66,7 +67,6 @@ FLAGS: dict[str, tuple[str, Any]] = {
     "--hidden-size": ("model.hidden_size", int),
     "--ffn-hidden-size": ("model.ffn_hidden_size", int),
     "--num-attention-heads": ("model.num_attention_heads", int),
-    "--num-query-groups": ("model.num_query_groups", int),
     "--seq-length": ("model.seq_length", int),
     "--max-position-embeddings": ("model.max_position_embeddings", int),
     "--vocab-size": ("model.vocab_size", int),
@@ -76,6 +76,11 @@ FLAGS: dict[str, tuple[str, Any]] = {
     "--init-method-std": ("model.init_method_std", float),
     "--position-embedding-type": ("model.position_embedding_type", str),
     "--untie-embeddings-and-output-weights": ("model.untie_embeddings_and_output_weights", SWITCH),
+    "--swiglu": ("model.swiglu", SWITCH),
+    "--kv-channels": ("model.kv_channels", int),
+    "--rotary-base": ("model.rotary_base", int),
+    "--rotary-percent": ("model.rotary_percent", float),
+    "--moe-token-drop-policy": ("moe.token_drop_policy", str),
     "--moe-ffn-hidden-size": ("moe.ffn_hidden_size", int),
     "--moe-aux-loss-coeff": ("moe.aux_loss_coeff", float),
     "--moe-expert-capacity-factor": ("moe.expert_capacity_factor", float),
@@ -93,7 +98,7 @@ ZEROMEGA_FLAGS: dict[str, tuple[str, Any]] = {
     "--metrics-out": ("logging.metrics_path", str),
 }
 # Switches that clear a field.
-NEGATIONS: dict[str, str] = {"--no-progress": "logging.progress"}
+NEGATIONS: dict[str, str] = {"--no-progress": "logging.progress", "--disable-bias-linear": "model.add_bias_linear"}
 # Flags with a rule of their own: flag -> (value kind, number of values: 0, 1 or "+").
 SPECIAL: dict[str, tuple[Any, Any]] = {
     "--bf16": (None, 0),
@@ -102,6 +107,15 @@ SPECIAL: dict[str, tuple[Any, Any]] = {
     "--recompute-activations": (None, 0),
     "--deepspeed": (None, 0),
     "--group-query-attention": (None, 0),
+    "--num-query-groups": (int, 1),
+    "--num-key-value-heads": (int, 1),
+    "--normalization": (str, 1),
+    "--use-rotary-position-embeddings": (None, 0),
+    "--no-position-embedding": (None, 0),
+    "--apply-layernorm-1p": (None, 0),
+    "--no-query-key-layer-scaling": (None, 0),
+    "--moe-router-load-balancing-type": (str, "+"),
+    "--moe-layer-freq": (str, 1),
     "--cp-comm-type": (str, "+"),
     "--hierarchical-context-parallel-sizes": (int, "+"),
     "--ds-sequence-parallel-size": (int, 1),
@@ -111,6 +125,8 @@ SPECIAL: dict[str, tuple[Any, Any]] = {
     "--deepspeed-config": (str, 1),
 }
 CP_COMM_TYPES = {"p2p": "ring", "a2a": "ulysses", "a2a+p2p": "usp"}
+# --normalization: Megatron-LM's spellings, and Megatron-DeepSpeed's lowercase ones.
+NORMALIZATIONS = {"LayerNorm": "LayerNorm", "RMSNorm": "RMSNorm", "layernorm": "LayerNorm", "rmsnorm": "RMSNorm"}
 TABLE = {**FLAGS, **ZEROMEGA_FLAGS}
 
 
@@ -223,10 +239,87 @@ def parse(argv: list[str]) -> MegatronArgs:
                               "not read yet", "pass one dataset prefix (merge the corpora into one .bin/.idx)")
         put("--data-path", "data.path", _convert("--data-path", str, paths[0]))
     _sequence(known, put)
+    _architecture(known, put, partial)
     config = known.get("--deepspeed_config", known.get("--deepspeed-config"))
     if config:
         _convert("--deepspeed_config", str, config[0])
     return MegatronArgs(partial, unknown, config[0] if config else None)
+
+
+def _architecture(known: dict, put, partial: dict) -> None:
+    """The architecture flags whose meaning is a rule (Megatron-LM core_v0.16.1's arguments.py)."""
+    if "--normalization" in known:
+        name = known["--normalization"][0]
+        if name not in NORMALIZATIONS:
+            raise ConfigError("--normalization", name, "zeromega builds LayerNorm or RMSNorm (Megatron-Core's "
+                              "torch fallback without TransformerEngine)", "pass LayerNorm or RMSNorm")
+        put("--normalization", "model.normalization", NORMALIZATIONS[name])
+    if "--use-rotary-position-embeddings" in known:  # Megatron-LM: position_embedding_type = 'rope'
+        put("--use-rotary-position-embeddings", "model.position_embedding_type", "rope")
+    if "--no-position-embedding" in known and partial.get("model", {}).get("position_embedding_type") != "rope":
+        raise ConfigError("--no-position-embedding", True, "without rotary embeddings it would leave the model "
+                          "no positions (Megatron-LM: '--no-position-embedding is deprecated, use "
+                          "--position-embedding-type')", "add --position-embedding-type rope (with rope it is "
+                          "accepted: rope has no learned position table)")
+    if "--apply-layernorm-1p" in known:
+        raise ConfigError("--apply-layernorm-1p", True, "zero-centred norm weights (Megatron-Core's "
+                          "layernorm_zero_centered_gamma) need apex or TransformerEngine; zeromega builds "
+                          "Megatron-Core's torch-norm fallback, which asserts against them",
+                          "drop --apply-layernorm-1p (plain weights: the same function, another parametrisation)")
+    # --no-query-key-layer-scaling: Megatron-Core's default since 0.5 (apply_query_key_layer_scaling False,
+    # no 1 / layer_number factor on Q K^T), so accepted with nothing to set.
+    groups = known.get("--num-query-groups")
+    heads = known.get("--num-key-value-heads")  # Megatron-DeepSpeed's name: no switch gates it
+    if groups and heads and int(_convert("--num-key-value-heads", int, heads[0])) != \
+            _convert("--num-query-groups", int, groups[0]):
+        raise ConfigError("--num-key-value-heads", heads[0], f"contradicts --num-query-groups {groups[0]}",
+                          "pass one of them")
+    if heads:
+        put("--num-key-value-heads", "model.num_query_groups", _convert("--num-key-value-heads", int, heads[0]))
+    elif "--group-query-attention" in known:  # Megatron-LM: num_query_groups defaults to 1 under the switch
+        put("--group-query-attention", "model.num_query_groups",
+            _convert("--num-query-groups", int, groups[0]) if groups else 1)
+    elif groups:
+        warnings.warn(f"--num-query-groups {groups[0]} without --group-query-attention is ignored, as in "
+                      "Megatron-LM (every query head keeps its own key/value head); add --group-query-attention "
+                      "to group them", stacklevel=2)
+    if "--moe-router-load-balancing-type" in known:
+        kinds = known["--moe-router-load-balancing-type"]
+        if len(kinds) > 1:
+            raise ConfigError("--moe-router-load-balancing-type", " ".join(kinds), "combines several load "
+                              "balancing losses, which zeromega does not pass on yet", "pass one of them")
+        put("--moe-router-load-balancing-type", "moe.router_load_balancing_type", kinds[0])
+    if "--moe-layer-freq" in known:
+        put("--moe-layer-freq", "moe.layer_freq", moe_layer_freq(known["--moe-layer-freq"][0]))
+
+
+def moe_layer_freq(text: str):
+    """Megatron-LM's ``moe_freq_type``: an integer, or a list expression such as ``([1]*3+[0]*1)*3``
+    (evaluated here over integer lists, ``+`` and ``*`` only, where Megatron-LM calls eval)."""
+    import ast
+
+    def value(node):
+        if isinstance(node, ast.Constant) and type(node.value) is int:
+            return node.value
+        if isinstance(node, ast.List):
+            return [value(item) for item in node.elts]
+        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mult)):
+            left, right = value(node.left), value(node.right)
+            if isinstance(node.op, ast.Add) and isinstance(left, list) == isinstance(right, list):
+                return left + right
+            if isinstance(node.op, ast.Mult) and isinstance(left, list) != isinstance(right, list):
+                count = right if isinstance(left, list) else left
+                if count > 10_000:
+                    raise ValueError("repeat count too large")
+                return left * right
+        raise ValueError(ast.dump(node))
+
+    try:
+        result = value(ast.parse(text.strip(), mode="eval").body)
+    except (SyntaxError, ValueError, TypeError, RecursionError):
+        raise ConfigError("--moe-layer-freq", text, "is neither an integer nor a list expression of 0/1 such as "
+                          "([1]*3+[0]*1)*3", "pass N (an MoE layer every N layers) or a list pattern") from None
+    return result
 
 
 def _sequence(known: dict, put) -> None:
@@ -282,6 +375,17 @@ def to_argv(cfg: RunConfig) -> list[str]:
             argv.append(flag)
         else:
             argv += [flag, _number(value)]
+    m, moe = cfg.model, cfg.moe
+    if not m.add_bias_linear:
+        argv.append("--disable-bias-linear")
+    if m.normalization != default.model.normalization:
+        argv += ["--normalization", m.normalization]
+    if m.num_query_groups is not None:
+        argv += ["--group-query-attention", "--num-query-groups", str(m.num_query_groups)]
+    if moe.router_load_balancing_type != default.moe.router_load_balancing_type:
+        argv += ["--moe-router-load-balancing-type", moe.router_load_balancing_type]
+    if moe.layer_freq != default.moe.layer_freq:
+        argv += ["--moe-layer-freq", str(moe.layer_freq).replace(" ", "")]
     if cfg.precision != "fp32":
         argv.append(f"--{cfg.precision}")
     if cfg.loss_scaling.initial_scale_power != default.loss_scaling.initial_scale_power:

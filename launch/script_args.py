@@ -28,7 +28,16 @@ SPECIAL_HELP = {
     "--use-distributed-optimizer": "shard the optimizer state over dp (ZeRO-1)",
     "--recompute-activations": "selective activation recomputation",
     "--deepspeed": "accepted for Megatron-DeepSpeed scripts",
-    "--group-query-attention": "grouped-query attention (with --num-query-groups)",
+    "--group-query-attention": "grouped-query attention: model.num_query_groups = --num-query-groups (default 1)",
+    "--num-query-groups": "key/value heads under --group-query-attention (ignored without it, as in Megatron-LM)",
+    "--num-key-value-heads": "Megatron-DeepSpeed's key/value heads (model.num_query_groups; no switch needed)",
+    "--normalization": "LayerNorm or RMSNorm (also Megatron-DeepSpeed's layernorm / rmsnorm): model.normalization",
+    "--use-rotary-position-embeddings": "Megatron-DeepSpeed's rope switch: model.position_embedding_type rope",
+    "--no-position-embedding": "accepted with rope (no learned position table); refused without it",
+    "--apply-layernorm-1p": "refused: zero-centred norm weights need apex or TransformerEngine",
+    "--no-query-key-layer-scaling": "accepted: Megatron-Core's default (no 1/layer-number scaling of Q K^T)",
+    "--moe-router-load-balancing-type": "moe.router_load_balancing_type (one of Megatron-LM's choices)",
+    "--moe-layer-freq": "moe.layer_freq: N, or a 0/1 list expression such as ([1]*3+[0]*1)*3",
     "--cp-comm-type": "context-parallel attention: p2p (ring), a2a (Ulysses), a2a+p2p (USP)",
     "--hierarchical-context-parallel-sizes": "a2a+p2p: the Ulysses size, then the ring size",
     "--ds-sequence-parallel-size": "Megatron-DeepSpeed's Ulysses size",
@@ -54,7 +63,7 @@ def parser(prog: str, description: str) -> argparse.ArgumentParser:
         extra = {"action": "store_true"} if kind == megatron_args.SWITCH else {"metavar": "V"}
         group.add_argument(flag, help=f"{path}: {describe(path)}".replace("%", "%%"), **extra)
     for flag, path in megatron_args.NEGATIONS.items():
-        groups["logging"].add_argument(flag, action="store_true", help=f"{path} false")
+        groups[path.split(".")[0]].add_argument(flag, action="store_true", help=f"{path} false")
     special = p.add_argument_group("flags with rules of their own")
     for flag, (_, nargs) in megatron_args.SPECIAL.items():
         extra = {"action": "store_true"} if nargs == 0 else {"metavar": "V", "nargs": None if nargs == 1 else nargs}

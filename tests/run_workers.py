@@ -114,3 +114,54 @@ def run_gpt(cfg: dict, shape: dict, data_prefix: str, iters: int, seed: int = 12
     if extra is not None:
         result.update(extra(run))
     return result
+
+
+def run_architecture(argv: list[str]) -> dict[str, Any]:
+    """Train the command line's GPT through zeromega.Run: per-step loss and grad norm, the engine, and this
+    rank's parameters by their 1-process names (name -> shape; tests/test_architectures.py)."""
+    from zeromega.integrations.megatron.model import global_param_names
+    from zeromega.launch import script_args
+    from zeromega.run import Run
+
+    run = Run(script_args.read(argv, "pretrain_gpt.py"), log=lambda line: None)
+    records = run.train()
+    params: dict[str, list[int]] = {}
+    for module in run.engine.modules:
+        chunk = getattr(module, "module", module)
+        names = global_param_names(chunk)
+        for name, param in chunk.named_parameters():
+            params[names[name]] = list(param.shape)
+    return {"loss": [r.loss for r in records], "grad_norm": [r.grad_norm for r in records],
+            "engine": run.engine.name, "params": params}
+
+
+def build_architectures(argvs: list[list[str]]) -> list[dict[str, Any]]:
+    """Each command line's GPT as Run builds it (flags -> config -> shape -> Megatron-Core model) on one
+    process, without training: parameter name -> shape, and the TransformerConfig fields the flags set."""
+    from zeromega.integrations import comm
+    from zeromega.integrations.megatron import model, parallel
+    from zeromega.launch import script_args
+    from zeromega.run import gpt
+
+    comm.install()
+    parallel.initialize(script_args.read(argvs[0], "pretrain_gpt.py"))
+    out = []
+    try:
+        for argv in argvs:
+            cfg = script_args.read(argv, "pretrain_gpt.py")
+            gpt_model = model.build_gpt(gpt.shape(cfg, 257), cfg)
+            c = gpt_model.config
+            rotary = getattr(gpt_model, "rotary_pos_emb", None)
+            out.append({
+                "params": {name: list(p.shape) for name, p in gpt_model.named_parameters()},
+                "norms": sorted({type(m).__name__ for m in gpt_model.modules() if "Norm" in type(m).__name__}),
+                "activation": c.activation_func.__name__, "gated": c.gated_linear_unit,
+                "num_query_groups": c.num_query_groups, "kv_channels": c.kv_channels,
+                "rotary_inv_freq0": None if rotary is None else float(rotary.inv_freq[1]),
+                "rotary_dim": None if rotary is None else 2 * rotary.inv_freq.numel(),
+                "moe_layers": [i for i, layer in enumerate(gpt_model.decoder.layers) if hasattr(layer.mlp, "router")],
+                "load_balancing": c.moe_router_load_balancing_type, "drop_policy": c.moe_token_drop_policy,
+            })
+    finally:
+        parallel.shutdown()
+    return out

@@ -75,6 +75,31 @@ def probe_sp_final_norm():
     assert all(getattr(p, "sequence_parallel", False) for p in norm.parameters())
 
 
+def probe_sp_rms_norm():
+    """--normalization RMSNorm under sequence parallel: the local spec's norm builds a torch RMSNorm, marked."""
+    import dataclasses
+
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    config = dataclasses.replace(_sp_config(), normalization="RMSNorm")
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    norm = spec.submodules.input_layernorm(config=config, hidden_size=8)
+    assert isinstance(norm, torch.nn.RMSNorm)
+    assert all(getattr(p, "sequence_parallel", False) for p in norm.parameters())
+
+
+def probe_sp_moe_block_final_norm():
+    """An MoE model's decoder block spec (--moe-layer-freq) builds its final norm under sequence parallel."""
+    import dataclasses
+
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+    config = dataclasses.replace(_sp_config(), num_moe_experts=2, add_bias_linear=False)
+    block = get_gpt_decoder_block_spec(config, use_transformer_engine=False, pp_rank=0)
+    norm = block.layer_norm(config=config, hidden_size=8)
+    assert all(getattr(p, "sequence_parallel", False) for p in norm.parameters())
+
+
 class _TwoRanks:
     """A stand-in tp group: mappings only ask its size before allocating."""
 
@@ -292,6 +317,8 @@ PROBES = {
     "megatron.core.fusions.fused_softmax.get_default_causal_mask": probe_causal_softmax,
     "megatron.core.models.backends.LNImpl": probe_sp_layer_norm,
     "megatron.core.transformer.transformer_block.LayerNormImpl": probe_sp_final_norm,
+    "megatron.core.models.backends:LocalSpecProvider.layer_norm": probe_sp_rms_norm,
+    "megatron.core.models.gpt.gpt_layer_specs.LNImpl": probe_sp_moe_block_final_norm,
     "megatron.core.tensor_parallel.mappings.torch": probe_sp_gather_buffer,
     "megatron.core.tensor_parallel.mappings._gather_along_first_dim": probe_uneven_gather,
     "megatron.core.tensor_parallel.layers.torch": probe_sp_linear_grad_buffer,

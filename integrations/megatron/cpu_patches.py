@@ -241,6 +241,16 @@ class _SequenceParallelTorchNorm:
         return norm
 
 
+def _local_layer_norm(self: Any, rms_norm: bool = False, for_qk: bool = False) -> Any:
+    """``LocalSpecProvider.layer_norm`` without its side effect: upstream, ``rms_norm=True`` rebinds the
+    module's ``LNImpl`` to ``WrappedTorchNorm`` (for every later spec of the process too) and returns it.
+    The patched ``LNImpl`` already builds the norm ``config.normalization`` names (``WrappedTorchNorm``
+    picks ``torch.nn.RMSNorm`` from it), so it is returned for both kinds."""
+    from megatron.core.models import backends
+
+    return backends.LNImpl
+
+
 @dataclass(frozen=True)
 class Patch:
     """Replace ``module.attribute`` by ``replacement`` on CPU ranks.
@@ -275,6 +285,12 @@ PATCHES: tuple[Patch, ...] = (
           "the layers' norms: without apex, WrappedTorchNorm asserts not sequence_parallel"),
     Patch("megatron.core.transformer.transformer_block", "LayerNormImpl", _SequenceParallelTorchNorm,
           "the final norm of the block: same assert as the layers' norms"),
+    Patch("megatron.core.models.backends:LocalSpecProvider", "layer_norm", _local_layer_norm,
+          "--normalization RMSNorm: the local spec's layer_norm(rms_norm=True) rebinds backends.LNImpl to "
+          "WrappedTorchNorm, undoing the norm patch above (sequence parallel then asserts)"),
+    Patch("megatron.core.models.gpt.gpt_layer_specs", "LNImpl", _SequenceParallelTorchNorm,
+          "MoE models' decoder block spec (get_gpt_decoder_block_spec, for --moe-layer-freq) names its final "
+          "norm from this module's own LNImpl: same assert as the layers' norms"),
     _torch_view("megatron.core.tensor_parallel.mappings",
                 "sequence-parallel all-gather / reduce-scatter outputs are allocated on torch.cuda.current_device()"),
     _torch_view("megatron.core.tensor_parallel.layers",

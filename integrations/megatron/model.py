@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -49,6 +49,34 @@ class GPTShape:
     (``--moe-expert-capacity-factor``; None: dropless)."""
     moe_token_dispatcher_type: str = "alltoall"
     """How tokens reach experts on other ep ranks: ``alltoall`` or ``allgather``."""
+    moe_router_load_balancing_type: str = "aux_loss"
+    """The router's load balancing (``--moe-router-load-balancing-type``)."""
+    moe_layer_freq: Union[int, list] = 1
+    """MoE layer every N layers, or a 0/1 pattern per layer (``--moe-layer-freq``)."""
+    moe_token_drop_policy: str = "probs"
+    """Which tokens an expert over capacity drops: ``probs`` or ``position`` (``--moe-token-drop-policy``)."""
+    swiglu: bool = False
+    """Gated SiLU MLP (``--swiglu``): gated_linear_unit, silu."""
+    normalization: str = "LayerNorm"
+    """``LayerNorm`` or ``RMSNorm`` (``--normalization``)."""
+    add_bias_linear: bool = True
+    """Biases in the linear layers (``--disable-bias-linear`` clears it)."""
+    kv_channels: Optional[int] = None
+    """Head width (``--kv-channels``; None: hidden_size / num_attention_heads)."""
+    rotary_base: int = 10000
+    """Rotary frequencies' base (``--rotary-base``)."""
+    rotary_percent: float = 1.0
+    """Fraction of each head the rotary embeddings rotate (``--rotary-percent``)."""
+
+    @property
+    def resolved_ffn_hidden_size(self) -> int:
+        """The MLP width Megatron-LM builds: ``--ffn-hidden-size``, else ``4 h``, or under ``--swiglu``
+        ``int(4 h x 2/3 / 64) x 64`` (megatron/training/arguments.py, validate_args)."""
+        if self.ffn_hidden_size is not None:
+            return self.ffn_hidden_size
+        if self.swiglu:
+            return int((4 * self.hidden_size * 2 / 3) / 64) * 64
+        return 4 * self.hidden_size
 
 
 def padded_vocab_size(vocab: int, multiple: int, tp: int) -> int:
@@ -72,15 +100,14 @@ def _moe_fields(shape: GPTShape) -> dict:
     return dict(
         num_moe_experts=shape.num_experts,
         moe_router_topk=shape.moe_router_topk,
-        moe_ffn_hidden_size=shape.moe_ffn_hidden_size or shape.ffn_hidden_size,
+        moe_ffn_hidden_size=shape.moe_ffn_hidden_size or shape.resolved_ffn_hidden_size,
         moe_aux_loss_coeff=shape.moe_aux_loss_coeff,
-        moe_router_load_balancing_type="aux_loss" if shape.moe_aux_loss_coeff else "none",
+        moe_router_load_balancing_type=shape.moe_router_load_balancing_type,
+        moe_layer_freq=shape.moe_layer_freq,
+        moe_token_drop_policy=shape.moe_token_drop_policy,
         moe_expert_capacity_factor=shape.moe_expert_capacity_factor,
         moe_token_dispatcher_type=shape.moe_token_dispatcher_type,
         moe_grouped_gemm=False,  # grouped GEMM needs the grouped_gemm package (CUDA)
-        # Megatron's MoE models carry no linear biases (--disable-bias-linear): an expert's
-        # fc2 bias is added in place to the output of a tp reduction, which autograd rejects.
-        add_bias_linear=False,
     )
 
 
@@ -115,6 +142,19 @@ def _recompute_fields(cfg: RunConfig) -> dict:
     return dict(recompute_granularity=r.granularity, recompute_method=r.method, recompute_num_layers=r.num_layers)
 
 
+def _architecture_fields(shape: GPTShape) -> dict:
+    """Llama-class architecture, as Megatron-LM's core_transformer_config_from_args passes it."""
+    # Megatron's MoE models carry no linear biases (--disable-bias-linear): an expert's
+    # fc2 bias is added in place to the output of a tp reduction, which autograd rejects.
+    fields = dict(normalization=shape.normalization, add_bias_linear=shape.add_bias_linear and not shape.num_experts,
+                  kv_channels=shape.kv_channels)
+    if shape.swiglu:
+        import torch.nn.functional as F
+
+        fields.update(gated_linear_unit=True, activation_func=F.silu)
+    return fields
+
+
 def transformer_config(shape: GPTShape, cfg: RunConfig, virtual_stages: Optional[int] = None):
     """Megatron-Core's TransformerConfig for ``shape`` under ``cfg``'s parallel sizes and precision.
 
@@ -128,7 +168,7 @@ def transformer_config(shape: GPTShape, cfg: RunConfig, virtual_stages: Optional
         hidden_size=shape.hidden_size,
         num_attention_heads=shape.num_attention_heads,
         num_query_groups=shape.num_query_groups,
-        ffn_hidden_size=shape.ffn_hidden_size,
+        ffn_hidden_size=shape.resolved_ffn_hidden_size,
         hidden_dropout=shape.hidden_dropout,
         attention_dropout=shape.attention_dropout,
         init_method_std=shape.init_method_std,
@@ -147,17 +187,38 @@ def transformer_config(shape: GPTShape, cfg: RunConfig, virtual_stages: Optional
         masked_softmax_fusion=False,
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
+        **_architecture_fields(shape),
         **_pipeline_fields(cfg, virtual_stages),
         **_moe_fields(shape),
         **_recompute_fields(cfg),
     )
 
 
-def _layer_spec(shape: GPTShape):
-    """Megatron-Core's local spec (no TransformerEngine)."""
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+def _layer_spec(shape: GPTShape, config, vp_stage: Optional[int] = None):
+    """Megatron-Core's local spec (no TransformerEngine), chosen as Megatron-LM's gpt_builders does: an
+    MoE model gets the decoder block spec (dense and MoE layers per ``moe_layer_freq``, this stage's
+    slice), a dense one the layer spec; both build ``shape.normalization``'s norms."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
 
-    return get_gpt_layer_local_spec(num_experts=shape.num_experts, moe_grouped_gemm=False)
+    if shape.num_experts:
+        return get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization=shape.normalization,
+                                          vp_stage=vp_stage)
+    return get_gpt_layer_local_spec(normalization=shape.normalization)
+
+
+def mark_gated_fc1(model) -> None:
+    """Mark the fused gate/up fc1 weights (and biases) of a gated MLP (``--swiglu``).
+
+    Megatron-Core keeps fc1 as one ColumnParallelLinear of ``2 x ffn`` rows and each rank's output splits
+    into its gate and up halves (``torch.chunk(x, 2, -1)`` in ``MLP.forward``): rank r holds rows
+    ``[gate_r; up_r]`` of the 1-process ``[gate; up]``, not the r-th contiguous block (the layout
+    ``apply_swiglu_sharded_factory`` describes for checkpoints). :func:`tp_shard` reads the mark.
+    """
+    if not model.config.gated_linear_unit:
+        return
+    for name, param in model.named_parameters():
+        if ".linear_fc1." in name:
+            param.gated_halves = True
 
 
 def _zero3_ready(config, cfg: RunConfig):
@@ -186,16 +247,20 @@ def build_gpt(shape: GPTShape, cfg: RunConfig, layer_spec=None):
                          "(zeromega.plugins.sequence.megatron.gpt_layer_spec); Megatron-Core's local "
                          "attention would attend within each rank's chunk only")
     config = _zero3_ready(transformer_config(shape, cfg), cfg)
-    return GPTModel(
+    model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec or _layer_spec(shape),
+        transformer_layer_spec=layer_spec or _layer_spec(shape, config),
         vocab_size=padded_vocab_size(shape.vocab_size, shape.make_vocab_size_divisible_by, cfg.parallel.tp),
         max_sequence_length=shape.seq_length,
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
         share_embeddings_and_output_weights=not shape.untie_embeddings_and_output_weights,
         position_embedding_type=shape.position_embedding_type,
+        rotary_base=shape.rotary_base,
+        rotary_percent=shape.rotary_percent,
     )
+    mark_gated_fc1(model)
+    return model
 
 
 def build_gpt_chunks(shape: GPTShape, cfg: RunConfig, virtual_stages: Optional[int] = None) -> list:
@@ -215,21 +280,23 @@ def build_gpt_chunks(shape: GPTShape, cfg: RunConfig, virtual_stages: Optional[i
     parallel_state.set_virtual_pipeline_model_parallel_world_size(v)
     parallel_state.set_virtual_pipeline_model_parallel_rank(0 if v else None)
     config = transformer_config(shape, cfg, v)
-    spec = _layer_spec(shape)
     chunks = []
     for stage in range(v or 1):
         vp_stage = stage if v else None
         chunk = GPTModel(
             config=config,
-            transformer_layer_spec=spec,
+            transformer_layer_spec=_layer_spec(shape, config, vp_stage),
             vocab_size=padded_vocab_size(shape.vocab_size, shape.make_vocab_size_divisible_by, cfg.parallel.tp),
             max_sequence_length=shape.seq_length,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
             share_embeddings_and_output_weights=not shape.untie_embeddings_and_output_weights,
             position_embedding_type=shape.position_embedding_type,
+            rotary_base=shape.rotary_base,
+            rotary_percent=shape.rotary_percent,
             vp_stage=vp_stage,
         )
+        mark_gated_fc1(chunk)
         chunk.model_type = ModelType.encoder_or_decoder
         if cfg.precision != "fp32":
             # What Megatron-LM's Float16Module does at wrap time: ``params_dtype`` reaches the linear
@@ -280,9 +347,14 @@ def tp_split(param: torch.nn.Parameter) -> tuple[int, int, int]:
 
 
 def tp_shard(param: torch.nn.Parameter, full: torch.Tensor) -> torch.Tensor:
-    """This rank's tp shard of ``full``, the parameter's whole 1-process tensor."""
+    """This rank's tp shard of ``full``, the parameter's whole 1-process tensor (a gated fc1: this rank's
+    slice of the gate half, then of the up half; see :func:`mark_gated_fc1`)."""
     dim, tp_size, tp_rank = tp_split(param)
-    return full.chunk(tp_size, dim)[tp_rank] if dim >= 0 else full
+    if dim < 0:
+        return full
+    if getattr(param, "gated_halves", False):
+        return torch.cat([half.chunk(tp_size, dim)[tp_rank] for half in full.chunk(2, dim)], dim)
+    return full.chunk(tp_size, dim)[tp_rank]
 
 
 def init_by_name(chunks: list, shape: GPTShape, seed: int) -> None:

@@ -232,7 +232,21 @@ def _schedule_runs_on_its_class(cfg: "RunConfig") -> None:
                           "set scheduler.deepspeed_type (WarmupLR, WarmupDecayLR, WarmupCosineLR) or use linear")
 
 
+def _moe_pattern(cfg: "RunConfig") -> None:
+    """A per-layer MoE pattern names every layer (Megatron-Core asserts it inside the ranks); sinkhorn
+    routing has no aux loss (Megatron-Core asserts the coefficient is 0)."""
+    m = cfg.moe
+    pattern, layers = m.layer_freq, cfg.model.num_layers
+    if isinstance(pattern, list) and layers is not None and len(pattern) != layers:
+        raise ConfigError("moe.layer_freq", pattern, f"has {len(pattern)} entries for {layers} layers",
+                          "give one 0 (dense) or 1 (MoE) per layer, or an integer frequency")
+    if m.router_load_balancing_type == "sinkhorn" and m.aux_loss_coeff:
+        raise ConfigError("moe.aux_loss_coeff", m.aux_loss_coeff, "sinkhorn routing has no aux loss",
+                          "drop --moe-aux-loss-coeff or use --moe-router-load-balancing-type aux_loss")
+
+
 RULES: list[Callable[["RunConfig"], None]] = [
+    _moe_pattern,
     _hosts_from_launch_flags,
     _schedule_runs_on_its_class,
     _sequence_parallel_needs_tp,

@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import types
 import typing
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import (BaseModel, ConfigDict, Field, PydanticUserError, TypeAdapter, ValidationError,
                       ValidationInfo, field_validator, model_validator)
@@ -101,6 +101,17 @@ class MoEConfig(_Section):
     (``--moe-expert-capacity-factor``; None: dropless)."""
     token_dispatcher_type: Literal["allgather", "alltoall"] = "allgather"
     """How tokens reach experts on other ep ranks (``--moe-token-dispatcher-type``)."""
+    router_load_balancing_type: Literal["aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none"] = "aux_loss"
+    """The router's load balancing (``--moe-router-load-balancing-type``, Megatron-Core's
+    ``moe_router_load_balancing_type``): ``aux_loss`` (GShard / Switch, per micro-batch, weighted by
+    aux_loss_coeff: 0 adds nothing), ``seq_aux_loss`` (per sample), ``global_aux_loss`` (per global batch),
+    ``sinkhorn`` (S-BASE; needs aux_loss_coeff 0) or ``none``."""
+    layer_freq: Union[PositiveInt, list[Literal[0, 1]]] = 1
+    """Which layers are MoE layers (``--moe-layer-freq``): N puts an MoE layer first in every N layers
+    (the others dense); a list of 0/1 per layer gives the pattern (Megatron-Core's ``moe_layer_freq``)."""
+    token_drop_policy: Literal["probs", "position"] = "probs"
+    """Which tokens an expert over capacity drops (``--moe-token-drop-policy``, only with
+    expert_capacity_factor): ``probs`` the lowest-probability ones, ``position`` the last ones."""
 
 
 class OffloadConfig(_Section):
@@ -294,6 +305,21 @@ class ModelConfig(_Section):
     """Learned absolute positions or rotary embeddings."""
     untie_embeddings_and_output_weights: bool = False
     """Separate output layer instead of the word embedding's transpose."""
+    swiglu: bool = False
+    """SwiGLU MLP (``--swiglu``): Megatron-Core's ``gated_linear_unit`` with ``activation_func`` silu; fc1 is
+    one [2 x ffn, hidden] weight (gate and up halves). Unstated ffn_hidden_size is then Megatron-LM's
+    ``int(4 x hidden x 2 / 3 / 64) x 64``."""
+    normalization: Literal["LayerNorm", "RMSNorm"] = "LayerNorm"
+    """The norms' kind (``--normalization``; Megatron-Core's ``normalization``). RMSNorm has no bias."""
+    add_bias_linear: bool = True
+    """Biases in every linear layer (QKV, attention output, both MLP layers); ``--disable-bias-linear``
+    clears it (Megatron-Core's ``add_bias_linear``). MoE models never carry them here."""
+    kv_channels: Optional[PositiveInt] = None
+    """Width of each attention head (``--kv-channels``; None: hidden_size / num_attention_heads)."""
+    rotary_base: PositiveInt = 10000
+    """Base of the rotary embeddings' frequencies (``--rotary-base``; Llama-3: 500000)."""
+    rotary_percent: float = Field(1.0, gt=0, le=1)
+    """Fraction of each head's channels the rotary embeddings rotate (``--rotary-percent``)."""
 
 
 class Layout(_Section):

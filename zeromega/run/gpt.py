@@ -33,6 +33,10 @@ def shape(cfg: RunConfig, vocab_size: int) -> GPTShape:
         num_experts=moe.num_experts, moe_router_topk=moe.topk, moe_ffn_hidden_size=moe.ffn_hidden_size,
         moe_aux_loss_coeff=moe.aux_loss_coeff, moe_expert_capacity_factor=moe.expert_capacity_factor,
         moe_token_dispatcher_type=moe.token_dispatcher_type,
+        moe_router_load_balancing_type=moe.router_load_balancing_type, moe_layer_freq=moe.layer_freq,
+        moe_token_drop_policy=moe.token_drop_policy,
+        swiglu=m.swiglu, normalization=m.normalization, add_bias_linear=m.add_bias_linear,
+        kv_channels=m.kv_channels, rotary_base=m.rotary_base, rotary_percent=m.rotary_percent,
     )
 
 
@@ -90,10 +94,14 @@ def layer_spec(shape: GPTShape, cfg: RunConfig):
     (Megatron's own context parallelism needs TransformerEngine), else None (Megatron-Core's local spec)."""
     if cfg.parallel.cp == 1 or cfg.sequence.mode not in ("ulysses", "ring", "usp"):
         return None
+    if shape.num_experts and shape.moe_layer_freq != 1:
+        raise ConfigError("moe.layer_freq", shape.moe_layer_freq, "the context-parallel attention's layer spec "
+                          "makes every layer an MoE layer", "use --moe-layer-freq 1 with --context-parallel-size")
     from zeromega.plugins.sequence.megatron import gpt_layer_spec, sequence_layout
 
     # Under rope Megatron's rotary table is sliced zigzag per cp rank, so the batch is sharded zigzag
     # (shard_batch) and the attention must read its tokens in that order, Ulysses included.
     layout = sequence_layout(cfg.sequence.mode, rotary=shape.position_embedding_type == "rope")
     return gpt_layer_spec(cfg.sequence.mode, ulysses_size=cfg.sequence.ulysses, layout=layout,
-                          num_experts=shape.num_experts, moe_grouped_gemm=False)
+                          num_experts=shape.num_experts, moe_grouped_gemm=False,
+                          normalization=shape.normalization)

@@ -1,0 +1,179 @@
+"""Megatron-LM's Llama- and Mixtral-class flags build their own architecture (issue 15, item 1).
+
+(a) A Llama-3-shaped and a Mixtral-shaped tiny model, built through zeromega.Run from the flags, have the
+parameter count Megatron's formula gives (written out here from the flags). (b) Each keeps its 1-process
+loss curve under tp2-sp, pp2 and (Mixtral) ep2 with dropout 0 (rel 1e-5 on the loss, 1e-4 on the grad
+norm, as tests/test_hybrid.py). (c) Each architecture flag changes the built model as Megatron-LM says.
+(d) ``--num-query-groups`` without ``--group-query-attention`` is ignored, as in Megatron-LM, with a warning.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+
+from distributed import run_world
+from run_workers import build_architectures, run_architecture
+from zeromega.config import ConfigError
+from zeromega.launch import megatron_args
+
+STEPS = 4
+H, HEADS, GROUPS, LAYERS, SEQ, VOCAB = 64, 4, 2, 2, 32, 257
+EXPERTS, TOPK = 4, 2
+COMMON = ["--num-layers", str(LAYERS), "--hidden-size", str(H), "--num-attention-heads", str(HEADS),
+          "--seq-length", str(SEQ), "--max-position-embeddings", str(SEQ), "--hidden-dropout", "0",
+          "--attention-dropout", "0", "--micro-batch-size", "2", "--global-batch-size", "8", "--split", "1,0,0",
+          "--no-progress", "--lr", "3e-3", "--train-iters", str(STEPS),
+          "--zero-stage", "1"]  # ZeRO-1 (DeepSpeed) / the distributed optimizer (Megatron): both report grad norms
+# examples/llama/train_llama3_8b_h100_fp8.sh's architecture flags, shrunk.
+LLAMA = ["--swiglu", "--normalization", "RMSNorm", "--disable-bias-linear", "--position-embedding-type", "rope",
+         "--rotary-base", "500000", "--group-query-attention", "--num-query-groups", str(GROUPS),
+         "--untie-embeddings-and-output-weights", "--no-query-key-layer-scaling"]
+# examples/mixtral/train_mixtral_8x7b_distributed.sh's, shrunk: Llama's plus experts, top-2, aux loss.
+MIXTRAL = [*LLAMA, "--num-experts", str(EXPERTS), "--moe-router-topk", str(TOPK),
+           "--moe-router-load-balancing-type", "aux_loss", "--moe-aux-loss-coeff", "1e-2",
+           "--moe-token-dispatcher-type", "alltoall"]
+
+
+def megatron_param_count(moe: bool) -> int:
+    """Megatron's count from the flags: padded vocabulary, GQA attention, SwiGLU MLP (ffn from Megatron-LM's
+    rule), RMSNorm (weight only), no biases, untied output layer, rope (no position table)."""
+    vocab = -(-VOCAB // 128) * 128
+    ffn = int((4 * H * 2 / 3) / 64) * 64
+    kv = H // HEADS
+    attention = H * (HEADS * kv + 2 * GROUPS * kv) + HEADS * kv * H
+    mlp = H * 2 * ffn + ffn * H
+    if moe:
+        mlp = EXPERTS * H + EXPERTS * mlp  # router + experts
+    layer = H + attention + H + mlp  # input norm, attention, pre-MLP norm, MLP
+    return vocab * H + LAYERS * layer + H + vocab * H
+
+
+def _count(result) -> int:
+    import math
+
+    return sum(math.prod(shape) for shape in result["params"].values())
+
+
+_references: dict = {}
+
+
+def _reference(name, corpus):
+    if name not in _references:
+        flags = LLAMA if name == "llama" else MIXTRAL
+        _references[name] = run_world(1, run_architecture, [*COMMON, *flags, "--data-path", corpus])[0]
+    return _references[name]
+
+
+@pytest.mark.parametrize("name", ["llama", "mixtral"])
+def test_parameter_count_is_megatrons_formula(name, small_corpus):
+    result = _reference(name, small_corpus)
+    assert result["engine"] == ("megatron" if name == "mixtral" else "deepspeed")
+    assert _count(result) == megatron_param_count(moe=name == "mixtral"), result["params"]
+    assert result["loss"][-1] < result["loss"][0] - 0.1, "the 1-process run must learn"
+
+
+LAYOUTS = {  # name: (world, model, layout flags)
+    "llama-tp2-sp": (2, "llama", ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
+    "llama-pp2": (2, "llama", ["--pipeline-model-parallel-size", "2"]),
+    "mixtral-tp2-sp": (2, "mixtral", ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
+    "mixtral-pp2": (2, "mixtral", ["--pipeline-model-parallel-size", "2"]),
+    "mixtral-ep2": (2, "mixtral", ["--expert-model-parallel-size", "2"]),
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_layout_keeps_the_one_process_curve(layout, small_corpus):
+    world, name, flags = LAYOUTS[layout]
+    reference = _reference(name, small_corpus)
+    argv = [*COMMON, *(LLAMA if name == "llama" else MIXTRAL), *flags, "--data-path", small_corpus]
+    results = run_world(world, run_architecture, argv)
+    for rank, result in enumerate(results):
+        for step, (got, ref) in enumerate(zip(result["loss"], reference["loss"]), 1):
+            assert abs(got - ref) <= 1e-5 * abs(ref), f"{layout} rank {rank} loss step {step}: {got} vs {ref}"
+        for step, (got, ref) in enumerate(zip(result["grad_norm"], reference["grad_norm"]), 1):
+            assert abs(got - ref) <= 1e-4 * abs(ref), f"{layout} rank {rank} grad norm step {step}: {got} vs {ref}"
+
+
+BASE = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
+        "--lr", "1e-3", "--train-iters", "1"]
+FLAG_EFFECTS = {  # flags added to BASE: what Megatron-LM says they do to the model
+    "--swiglu": (["--swiglu"], lambda b, m: m["gated"] and m["activation"] == "silu"
+                 and m["params"]["decoder.layers.0.mlp.linear_fc1.weight"] == [2 * 128, 64]  # ffn: int(4h 2/3 / 64) 64
+                 and m["params"]["decoder.layers.0.mlp.linear_fc2.weight"] == [64, 128]),
+    "--swiglu --ffn-hidden-size": (["--swiglu", "--ffn-hidden-size", "96"],
+                                   lambda b, m: m["params"]["decoder.layers.0.mlp.linear_fc1.weight"] == [192, 64]),
+    "--normalization RMSNorm": (["--normalization", "RMSNorm"], lambda b, m: m["norms"] == ["RMSNorm"]
+                                and "decoder.final_layernorm.bias" not in m["params"]
+                                and "decoder.final_layernorm.bias" in b["params"]),
+    "--normalization rmsnorm": (["--normalization", "rmsnorm"], lambda b, m: m["norms"] == ["RMSNorm"]),
+    "--disable-bias-linear": (["--disable-bias-linear"], lambda b, m: not any(
+        n.endswith("bias") and "layernorm" not in n for n in m["params"])
+        and "decoder.layers.0.self_attention.linear_qkv.bias" in b["params"]),
+    "--group-query-attention --num-query-groups 2": (
+        ["--group-query-attention", "--num-query-groups", "2"], lambda b, m: m["num_query_groups"] == 2
+        and m["params"]["decoder.layers.0.self_attention.linear_qkv.weight"] == [64 + 2 * 2 * 16, 64]
+        and b["params"]["decoder.layers.0.self_attention.linear_qkv.weight"] == [3 * 64, 64]),
+    "--group-query-attention": (["--group-query-attention"], lambda b, m: m["num_query_groups"] == 1  # MQA
+                                and m["params"]["decoder.layers.0.self_attention.linear_qkv.weight"] == [96, 64]),
+    "--num-key-value-heads 2": (["--num-key-value-heads", "2"], lambda b, m: m["num_query_groups"] == 2),
+    "--kv-channels 8": (["--kv-channels", "8"], lambda b, m: m["kv_channels"] == 8
+                        and m["params"]["decoder.layers.0.self_attention.linear_qkv.weight"] == [3 * 4 * 8, 64]
+                        and m["params"]["decoder.layers.0.self_attention.linear_proj.weight"] == [64, 32]),
+    "--position-embedding-type rope --rotary-base 500000": (
+        ["--position-embedding-type", "rope", "--rotary-base", "500000"],
+        lambda b, m: "embedding.position_embeddings.weight" not in m["params"]
+        and abs(m["rotary_inv_freq0"] - 500000 ** (-2 / 16)) < 1e-6 and b["rotary_inv_freq0"] is None),
+    "--use-rotary-position-embeddings --no-position-embedding": (
+        ["--use-rotary-position-embeddings", "--no-position-embedding"],
+        lambda b, m: "embedding.position_embeddings.weight" not in m["params"] and m["rotary_dim"] == 16
+        and abs(m["rotary_inv_freq0"] - 10000 ** (-2 / 16)) < 1e-6),
+    "--rotary-percent 0.5": (["--position-embedding-type", "rope", "--rotary-percent", "0.5"],
+                             lambda b, m: m["rotary_dim"] == 8),
+    "--untie-embeddings-and-output-weights": (["--untie-embeddings-and-output-weights"],
+                                              lambda b, m: "output_layer.weight" in m["params"]
+                                              and "output_layer.weight" not in b["params"]),
+    "--num-experts --moe-layer-freq 2": (["--num-experts", "4", "--moe-layer-freq", "2"],
+                                         lambda b, m: m["moe_layers"] == [0]),
+    "--moe-layer-freq [0,1]": (["--num-experts", "4", "--moe-layer-freq", "([0]*1+[1]*1)"],
+                               lambda b, m: m["moe_layers"] == [1]),
+    "--moe-router-load-balancing-type none / --moe-token-drop-policy position": (
+        ["--num-experts", "4", "--moe-router-load-balancing-type", "none", "--moe-expert-capacity-factor", "1.0",
+         "--moe-token-drop-policy", "position"],
+        lambda b, m: m["load_balancing"] == "none" and m["drop_policy"] == "position" and m["moe_layers"] == [0, 1]),
+}
+
+
+def test_each_flag_changes_the_model_as_megatron_says():
+    names = list(FLAG_EFFECTS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base, *built = run_world(1, build_architectures, [BASE] + [BASE + FLAG_EFFECTS[n][0] for n in names])[0]
+    assert base["norms"] == ["LayerNorm"] and base["activation"] == "gelu" and not base["gated"]
+    wrong = [name for name, model in zip(names, built) if not FLAG_EFFECTS[name][1](base, model)]
+    assert not wrong, wrong
+
+
+def test_num_query_groups_needs_the_switch_as_in_megatron_lm():
+    """Megatron-LM passes num_query_groups only under --group-query-attention (core_transformer_config_from_args);
+    alone it is ignored there, so here too, with a warning naming the switch."""
+    with pytest.warns(UserWarning, match="--group-query-attention"):
+        alone = megatron_args.parse(["--num-query-groups", "2"])
+    assert "num_query_groups" not in alone.partial.get("model", {})
+    gated = megatron_args.parse(["--group-query-attention", "--num-query-groups", "2"])
+    assert gated.partial["model"]["num_query_groups"] == 2
+
+
+@pytest.mark.parametrize("argv, field", [
+    (["--normalization", "L2Norm"], "--normalization"),
+    (["--apply-layernorm-1p"], "--apply-layernorm-1p"),
+    (["--no-position-embedding"], "--no-position-embedding"),
+    (["--moe-layer-freq", "__import__('os')"], "--moe-layer-freq"),
+    (["--moe-router-load-balancing-type", "aux_loss", "seq_aux_loss"], "--moe-router-load-balancing-type"),
+    (["--num-query-groups", "2", "--num-key-value-heads", "4"], "--num-key-value-heads"),
+])
+def test_refused_with_the_flag_named(argv, field):
+    with pytest.raises(ConfigError) as err:
+        megatron_args.parse(argv)
+    assert err.value.field == field
