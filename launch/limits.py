@@ -11,8 +11,9 @@ parsed or walked, each limit with its own message (a :class:`ConfigError`):
 - ``MAX_INT``: the magnitude of an integer (64-bit, what DeepSpeed, torch
   and bash use; Python's own int parsing refuses 4,300 digits with a
   ValueError and a float beyond 1.8e308 reads as infinity);
-- ``MAX_WORD``: one shell word or line of a launch script (Linux refuses a
-  single argument over 128 KiB, ``MAX_ARG_STRLEN``);
+- ``MAX_WORD``: one line of a launch script or argument file, after its
+  variables are expanded (real command lines are a few KiB; Python's shlex
+  is quadratic in the length of a quoted word);
 - ``MAX_WORLD``: ranks in a job, so a layout's process groups stay listable.
 
 Non-finite numbers (``NaN``, ``Infinity``, YAML ``.inf``) are refused with
@@ -30,9 +31,9 @@ from zeromega.config.errors import ConfigError
 
 MAX_BYTES = 1 << 20
 MAX_DEPTH = 32
-MAX_VALUES = 100_000
+MAX_VALUES = 10_000
 MAX_INT = 2**63 - 1
-MAX_WORD = 128 * 1024
+MAX_WORD = 64 * 1024
 MAX_WORLD = 1 << 17
 
 
