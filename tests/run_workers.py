@@ -165,3 +165,12 @@ def build_architectures(argvs: list[list[str]]) -> list[dict[str, Any]]:
     finally:
         parallel.shutdown()
     return out
+
+
+def run_architecture_unshuffled_fc1(argv: list[str]) -> dict[str, Any]:
+    """:func:`run_architecture` with gated fc1 weights cut into contiguous tp blocks (the negative control of
+    ``model.mark_gated_fc1``: rank 0 would get the whole gate half, rank 1 the up half)."""
+    from zeromega.integrations.megatron import model
+
+    model.mark_gated_fc1 = lambda module: None
+    return run_architecture(argv)

@@ -319,7 +319,11 @@ MEGATRON_SUPPORTED = ("same layout; with the distributed optimizer (ZeRO-1+), an
 # routing knobs (capacity, aux loss, dispatcher) may change between runs.
 SHAPE_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
                 "vocab_size", "make_vocab_size_divisible_by", "position_embedding_type",
-                "untie_embeddings_and_output_weights", "num_experts", "moe_ffn_hidden_size", "moe_router_topk")
+                "untie_embeddings_and_output_weights", "num_experts", "moe_ffn_hidden_size", "moe_router_topk",
+                "swiglu", "normalization", "add_bias_linear", "kv_channels", "moe_layer_freq")
+# Shape fields added later: a checkpoint written before them has the value they then had.
+SHAPE_DEFAULTS = {"swiglu": False, "normalization": "LayerNorm", "add_bias_linear": True, "kv_channels": None,
+                  "moe_layer_freq": 1}
 
 
 def check_engine(manifest: dict, engine: str, ckpt: Path) -> None:
@@ -364,10 +368,12 @@ def plan_megatron(saved: dict, now: dict, saved_shape: Optional[dict] = None,
                      f"resume with the saved precision ({saved['precision']})")
     if saved_shape and now_shape:
         for key in SHAPE_FIELDS:
-            if saved_shape.get(key) != now_shape.get(key):
-                raise CheckpointError(f"checkpoint's model has {key} = {saved_shape.get(key)!r}, this run's has "
-                                      f"{now_shape.get(key)!r}: the tensors do not fit",
-                                      f"resume with the saved model shape ({key} = {saved_shape.get(key)!r})")
+            was, now_value = (saved_shape.get(key, SHAPE_DEFAULTS.get(key)),
+                              now_shape.get(key, SHAPE_DEFAULTS.get(key)))
+            if was != now_value:
+                raise CheckpointError(f"checkpoint's model has {key} = {was!r}, this run's has "
+                                      f"{now_value!r}: the tensors do not fit",
+                                      f"resume with the saved model shape ({key} = {was!r})")
     same = (all(saved[k] == now[k] for k in ("tp", "pp", "ep", "cp", "dp"))
             and (saved.get("vpp") or 1) == (now.get("vpp") or 1))
     if saved["zero_stage"] == 0 and saved["ep"] != now["ep"]:
