@@ -111,19 +111,20 @@ def initialize(model: torch.nn.Module, run, ds: dict):
     return engine
 
 
-def model_init_context(cfg: RunConfig, layout: Layout):
+def model_init_context(cfg: RunConfig, layout: Layout, plan_fn=None):
     """Where to build the model: under ZeRO-3, inside ``deepspeed.zero.Init`` so every
     parameter is partitioned over the data-parallel group as soon as its module is
-    built and no rank ever holds the whole model; otherwise a no-op context."""
+    built and no rank ever holds the whole model; otherwise a no-op context.
+    ``plan_fn(ds) -> MemoryPlan`` sizes the corrections from the model (see :func:`zero_config`)."""
     if cfg.zero.stage != 3:
         return contextlib.nullcontext()
     accel.current().deepspeed_accelerator()
     # The same corrected dict build_engine gives DeepSpeed (swap buffers, prefetch, sub-groups).
-    ds_config, _ = zero_config(cfg, layout, accel.current().device_type)
+    ds_config, _ = zero_config(cfg, layout, accel.current().device_type, plan_fn)
     return init_context(ds_config)
 
 
-def build_engine(model: torch.nn.Module, cfg: RunConfig, layout: Layout):
+def build_engine(model: torch.nn.Module, cfg: RunConfig, layout: Layout, plan_fn=None):
     """``deepspeed.initialize`` for ``model`` under ``cfg``; returns the engine.
 
     Without an ``"optimizer"`` block in the DeepSpeed JSON the optimizer is
@@ -134,7 +135,7 @@ def build_engine(model: torch.nn.Module, cfg: RunConfig, layout: Layout):
     accel.current().deepspeed_accelerator()
     # Tuned defaults filled where the config is silent, settings DeepSpeed would silently
     # not honour corrected out loud (preflight).
-    ds_config, notes = zero_config(cfg, layout, accel.current().device_type)
+    ds_config, notes = zero_config(cfg, layout, accel.current().device_type, plan_fn)
     if notes and torch.distributed.get_rank() == 0:
         print("zeromega: " + "; ".join(notes))
     # the client optimizer, swap-read checks, the nvme space guard, the CPU heap trims

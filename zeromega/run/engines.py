@@ -49,10 +49,10 @@ class DeepSpeedEngine:
     name = DEEPSPEED
 
     def __init__(self, module: torch.nn.Module, cfg: RunConfig, layout: Layout,
-                 loss: Callable[[torch.nn.Module, dict], torch.Tensor]):
+                 loss: Callable[[torch.nn.Module, dict], torch.Tensor], plan_fn=None):
         from zeromega.plugins.zero.engine import build_engine
 
-        self.engine = build_engine(module, cfg, layout)
+        self.engine = build_engine(module, cfg, layout, plan_fn)
         self.optimizer = self.engine.optimizer
         self.modules = [self.engine.module]
         self._loss = loss

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from zeromega.integrations import accelerator as accel
 from zeromega.integrations import comm, heartbeat
+from zeromega.plugins.zero.report import proc_io
 
 
 def gpt_loss(model, batch: dict[str, torch.Tensor], sequence_layout: Optional[str] = None) -> torch.Tensor:
@@ -54,6 +55,10 @@ class StepRecord:
     lr: Optional[float] = None
     grad_norm: Optional[float] = None
     consumed_samples: Optional[int] = None
+    storage_read_bytes: int = 0
+    """Bytes this rank read from storage during the step (NVMe offload's swap-ins; /proc/self/io)."""
+    storage_write_bytes: int = 0
+    """Bytes this rank wrote to storage during the step (swap-outs, checkpoints saved after it excluded)."""
 
 
 def _reduce_step_stats(loss_sum: float, peak_mem: int, dp_group) -> tuple[float, int]:
@@ -154,6 +159,7 @@ def train(engine, batches: Iterator[dict], *, iters: int, accumulation: int, glo
             heartbeat.post(step)
             try:
                 device.reset_peak_memory()
+                io_before = proc_io()
                 lr = schedule.lr if schedule is not None else None
                 start = time.perf_counter()
                 micro_batches = [next(batches) for _ in range(accumulation)]
@@ -162,12 +168,15 @@ def train(engine, batches: Iterator[dict], *, iters: int, accumulation: int, glo
                 loss, grad_norm = engine.train_step(micro_batches)
                 device.synchronize()
                 elapsed = time.perf_counter() - start
+                io_after = proc_io()
                 local_comm = comm.take()
                 loss, peak = _reduce_step_stats(loss, device.peak_memory_bytes(), dp_group)
                 record = StepRecord(
                     step=step, loss=loss, tokens_per_s=global_batch * seq_length / elapsed, step_time_s=elapsed,
                     peak_mem_bytes=peak, comm_bytes=comm.summed_over_ranks(local_comm), lr=lr,
                     grad_norm=grad_norm, consumed_samples=start_samples + (step - start_step) * global_batch,
+                    storage_read_bytes=io_after["read_bytes"] - io_before["read_bytes"],
+                    storage_write_bytes=io_after["write_bytes"] - io_before["write_bytes"],
                 )
                 if schedule is not None:
                     schedule.step()

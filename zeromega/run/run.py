@@ -120,7 +120,8 @@ class Run:
             return engine
         from zeromega.plugins.zero.engine import model_init_context
 
-        with model_init_context(cfg, layout):
+        plan_fn = self._memory_plan(cfg, layout)
+        with model_init_context(cfg, layout, plan_fn):
             module = self._model_fn() if self._model_fn is not None else gpt_model.build_gpt(
                 self.shape, cfg, layer_spec=gpt.layer_spec(self.shape, cfg))
         if self._model_fn is None:
@@ -141,7 +142,31 @@ class Run:
         n_params = sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
         self.say(f"{'model' if self._model_fn else f'GPT {self.shape.num_layers}x{self.shape.hidden_size}'}, "
                  f"{n_params / 1e6:.2f}M parameters per tp rank, DeepSpeed engine")
-        return engines.DeepSpeedEngine(module, cfg, layout, loss)
+        return engines.DeepSpeedEngine(module, cfg, layout, loss, plan_fn)
+
+    def _memory_plan(self, cfg: RunConfig, layout):
+        """``plan_fn(ds) -> MemoryPlan`` for zeromega's GPT (None for an own model): the engine's corrections
+        (swap buffers sized from the largest parameter) use it, and with offload rank 0 prints the plan
+        before the model is built, so the run says where its bytes will live."""
+        if self.shape is None:
+            return None
+        from zeromega.plugins.zero import plan as zplan
+        from zeromega.plugins.zero.engine import zero_config
+        from zeromega.integrations import accelerator as accel
+
+        shape = dict(self.shape.__dict__, tied=not self.shape.untie_embeddings_and_output_weights,
+                     learned_positions=self.shape.position_embedding_type == "learned_absolute")
+
+        def plan_fn(ds: dict):
+            return zplan.for_run(ds, layout, shape=shape, sequence_parallel=cfg.parallel.sequence_parallel,
+                                 recompute=cfg.recompute.granularity)
+
+        offload = {cfg.zero.offload_optimizer.device, cfg.zero.offload_param.device} - {"none"}
+        if offload and (not dist.is_initialized() or dist.get_rank() == 0):
+            device = accel.current().device_type
+            ds, _ = zero_config(cfg, layout, device, plan_fn)
+            self._log(plan_fn(ds).table(device))
+        return plan_fn
 
     def _gpt_loss(self):
         if self.layout.cp == 1:
