@@ -417,6 +417,8 @@ def transformer_config(cfg: RunConfig, **fields: Any):
     for name in ("params_dtype", "pipeline_dtype"):
         if isinstance(merged.get(name), str):
             merged[name] = getattr(torch, merged[name])
+    if isinstance(merged.get("activation_func"), str):
+        merged["activation_func"] = getattr(torch.nn.functional, merged["activation_func"])
     return TransformerConfig(**merged)
 
 
@@ -452,8 +454,15 @@ def megatron_core_fields(cfg: RunConfig) -> dict:
         fields["cp_comm_type"] = {mode: kind for kind, mode in CP_COMM_TYPES.items()}[s.mode]
         if s.mode == "usp":
             fields["hierarchical_context_parallel_sizes"] = [s.ulysses, s.ring]
-    if cfg.moe.num_experts:
-        fields.update(num_moe_experts=cfg.moe.num_experts, moe_router_topk=cfg.moe.topk)
+    moe = cfg.moe
+    if moe.num_experts:
+        fields.update(num_moe_experts=moe.num_experts, moe_router_topk=moe.topk,
+                      moe_aux_loss_coeff=moe.aux_loss_coeff, moe_expert_capacity_factor=moe.expert_capacity_factor,
+                      moe_token_dispatcher_type=moe.token_dispatcher_type,
+                      moe_router_load_balancing_type=moe.router_load_balancing_type,
+                      moe_layer_freq=moe.layer_freq, moe_token_drop_policy=moe.token_drop_policy)
+        if moe.ffn_hidden_size:
+            fields["moe_ffn_hidden_size"] = moe.ffn_hidden_size
     r = cfg.recompute
     if r.granularity:
         fields.update(recompute_granularity=r.granularity, recompute_method=r.method,
@@ -466,4 +475,9 @@ def megatron_core_fields(cfg: RunConfig) -> dict:
     for name, value in cfg.model.model_dump().items():
         if value is not None and name in known:
             fields[name] = value
+    m = cfg.model
+    if m.swiglu:  # Megatron-LM's core_transformer_config_from_args, and its ffn rule (validate_args)
+        fields.update(gated_linear_unit=True, activation_func="silu")
+        if m.ffn_hidden_size is None and m.hidden_size:
+            fields["ffn_hidden_size"] = int((4 * m.hidden_size * 2 / 3) / 64) * 64
     return fields
