@@ -75,7 +75,7 @@ def parse(argv=None) -> argparse.Namespace:
     return args
 
 
-def run_config(args) -> dict:
+def run_config(args, corpus: str) -> dict:
     zero: dict = {"stage": 3}
     if args.offload != "none":
         block = {"device": args.offload, "pin_memory": False}
@@ -87,95 +87,68 @@ def run_config(args) -> dict:
         # Release each layer's parameters as soon as it is done, so few swap buffers suffice.
         extra = {"zero_optimization": {"offload_param": {"buffer_count": args.param_buffers},
                                        "stage3_max_reuse_distance": 0}}
+    shape = {k: v for k, v in args.shape.items() if k != "vocab_size"}
     return {"zero": zero, "precision": args.precision, "deepspeed_extra": extra,
             "batch": {"micro": args.micro_batch_size, "global": args.micro_batch_size * args.nproc},
-            "optimizer": {"lr": args.lr, "weight_decay": 0.01, "clip_grad": 1.0}}
+            "optimizer": {"lr": args.lr, "weight_decay": 0.01, "clip_grad": 1.0},
+            # linear warmup from lr / warmup (step 1 learns), then constant
+            "scheduler": {"train_iters": args.steps, "decay_style": "constant", "warmup_iters": args.lr_warmup_steps,
+                          "warmup_init_lr": args.lr / max(1, args.lr_warmup_steps)},
+            "model": shape, "data": {"path": corpus, "split": "1,0,0"}, "seed": 1234,
+            "logging": {"progress": False, "interval": 1}}
+
+
+def same_batch(corpus: str, seq_length: int):
+    """``batches`` for zeromega.Run that repeat this rank's first micro-batch (``--same-batch``)."""
+    def batches(start_sample: int, dp_rank: int, dp_size: int, micro: int):
+        from zeromega.integrations.megatron import data
+
+        train_ds, _, _ = data.build_gpt_datasets(corpus, seq_length, 1234, (micro * dp_size, 0, 0), split="1,0,0")
+        first = next(data.sample_batches(train_ds, micro, dp_rank=dp_rank, dp_size=dp_size))
+        while True:
+            yield first
+
+    return batches
 
 
 def train(args, corpus: str) -> dict:
-    """One rank: plan, pre-flight, build under zero.Init, train, measure."""
+    """One rank: plan and pre-flight (before anything is built), then zeromega.Run, then measure."""
     import torch
-    from megatron.core import parallel_state
 
-    from zeromega.integrations import accelerator as accel
-    from zeromega.integrations.megatron import data, model, parallel
-    from zeromega.config.schema import RunConfig
+    from zeromega.config import validate
     from zeromega.plugins.zero import engine as zengine
     from zeromega.plugins.zero import plan as zplan
     from zeromega.plugins.zero import preflight, report
-    from zeromega.run.loop import gpt_loss
+    from zeromega.run import Run
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.nproc))
-    run = RunConfig.model_validate(run_config(args))
-    layout = parallel.initialize(run, seed=1234)
-    rank = torch.distributed.get_rank()
-    device = accel.current().device_type
+    cfg = validate(run_config(args, corpus))
+    layout = cfg.layout(args.nproc)
 
     def plan_fn(d):
         return zplan.for_run(d, layout, shape=args.shape)
 
-    ds, notes = zengine.zero_config(run, layout, device, plan_fn)
+    ds, notes = zengine.zero_config(cfg, layout, "cpu", plan_fn)
     if args.offload == "nvme":
         os.makedirs(args.nvme_path, exist_ok=True)
-    checked = preflight.preflight(ds, plan_fn, device_type=device, local_ranks=args.nproc)
-    plan = checked.plan
-    if rank == 0:
-        print(plan.table(device))
-        for note in notes:
-            print(f"note: {note}")
-    gpt_shape = model.GPTShape(**args.shape)
-    train_ds, _, _ = data.build_gpt_datasets(corpus, gpt_shape.seq_length, 1234,
-                                             (args.steps * layout.global_batch, 0, 0), split="1,0,0")
+    plan = preflight.preflight(ds, plan_fn, device_type="cpu", local_ranks=args.nproc).plan  # raises on a problem
     io = report.IOWatch().start()
-    t0 = time.time()
-    with zengine.init_context(ds):
-        gpt = model.build_gpt(gpt_shape, run)
-    eng = zengine.initialize(gpt, run, ds)
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
-    scheduler = OptimizerParamScheduler(
-        eng.optimizer, init_lr=0.0, max_lr=args.lr, min_lr=args.lr, lr_warmup_steps=args.lr_warmup_steps,
-        lr_decay_steps=max(args.steps, args.lr_warmup_steps + 1), lr_decay_style="constant", start_wd=0.01,
-        end_wd=0.01, wd_incr_steps=args.steps, wd_incr_style="constant")
-    scheduler.step(1)  # step 1 runs at lr / warmup, not 0
-    init_s, init_rss = time.time() - t0, report.current_rss()
-    init_io = report.IOWatch()
-    init_io._start = io._start
-    init_io.stop()
-    if rank == 0:
-        print(f"built in {init_s:.0f} s; resident {init_rss / 2**30:.2f} GiB; wrote {init_io.write_bytes / 2**30:.2f}"
-              f" GiB during init", flush=True)
-    batches = data.sample_batches(train_ds, layout.micro, dp_rank=parallel_state.get_data_parallel_rank(),
-                                  dp_size=layout.dp)
-    steps = []
-    io.start()
-    for step in range(1, args.steps + 1):
-        t = time.time()
-        step_io = report.IOWatch().start()
-        if step == 1 or not args.same_batch:
-            batch = next(batches)
-        loss = gpt_loss(eng, batch)
-        eng.backward(loss)
-        eng.step()
-        scheduler.step(1)
-        step_io.stop()
-        steps.append({"step": step, "loss": float(loss.item()), "s": time.time() - t,
-                      "read": step_io.read_bytes, "written": step_io.write_bytes})
-        if rank == 0:
-            s = steps[-1]
-            print(f"step {step}: loss {s['loss']:.4f}  {s['s']:.1f} s  read {s['read'] / 2**30:.2f} GiB  "
-                  f"wrote {s['written'] / 2**30:.2f} GiB  rss {report.current_rss() / 2**30:.2f} GiB", flush=True)
+    run = Run(cfg, batches=same_batch(corpus, args.seq_length) if args.same_batch else None)
+    records = run.train()  # prints the memory plan (offload), then a line per step
     io.stop()
+    rank = int(os.environ.get("RANK", 0))
+    steps = [{"step": r.step, "loss": r.loss, "s": r.step_time_s, "read": r.storage_read_bytes,
+              "written": r.storage_write_bytes} for r in records]
     s = zplan.ZeroSetup.from_deepspeed(ds)
     paths = [p for p, d in ((s.optimizer_nvme_path, s.optimizer_device), (s.param_nvme_path, s.param_device))
              if d == "nvme"]
-    measured = report.measure(paths, io, init_rss)
+    measured = report.measure(paths, io)
     total = plan.model.total_params
-    result = {"rank": rank, "params": total, "shape": args.shape, "steps": steps, "init_s": init_s,
-              "measured": report.as_dict(measured), "plan_peak": plan.peak(device), "plan_nvme": plan.nvme_bytes,
-              "model_state_bytes": 16 * total, "init_write_bytes": init_io.write_bytes, "notes": notes}
-    parallel.shutdown()
-    return result
+    if rank == 0:
+        print(f"built in {run.setup_seconds:.0f} s; wrote {run.setup_storage_write_bytes / 2**30:.2f} GiB during init")
+    return {"rank": rank, "params": total, "shape": args.shape, "steps": steps, "init_s": run.setup_seconds,
+            "measured": report.as_dict(measured), "plan_peak": plan.peak("cpu"), "plan_nvme": plan.nvme_bytes,
+            "model_state_bytes": 16 * total, "init_write_bytes": run.setup_storage_write_bytes, "notes": notes}
 
 
 def main(argv=None) -> int:

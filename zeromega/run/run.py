@@ -7,7 +7,7 @@ large-model examples, the benchmarks and a user's own ``train.py`` call::
     zeromega.Run(cfg, model=build_model, batches=my_batches, loss=my_loss).train()
 
 Without ``model`` the run builds Megatron-Core's GPT from ``cfg.model`` and
-reads ``cfg.data``; with it, ``model()`` is called inside zeromega's init
+reads ``cfg.data`` (or ``batches``, when given); with it, ``model()`` is called inside zeromega's init
 context (ZeRO-3 partitions while it builds), ``batches(start_sample,
 dp_rank, dp_size, micro)`` yields this data-parallel rank's micro-batches
 and ``loss(model, batch)`` returns the scalar loss.
@@ -15,6 +15,7 @@ and ``loss(model, batch)`` returns the scalar loss.
 
 from __future__ import annotations
 
+import time
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -24,6 +25,7 @@ from zeromega.config import ConfigError, RunConfig
 from zeromega.integrations import comm
 from zeromega.integrations.megatron import parallel
 from zeromega.integrations.megatron import model as gpt_model
+from zeromega.plugins.zero.report import proc_io
 
 from . import checkpointing, engines, gpt, loop, schedule
 from .loop import StepRecord, gpt_loss
@@ -39,6 +41,9 @@ class Run:
             raise ConfigError("Run(model=...)", "own model", "needs its data and loss too",
                               "pass batches=(start_sample, dp_rank, dp_size, micro) -> iterator and "
                               "loss=(model, batch) -> tensor")
+        if model is None and loss is not None:
+            raise ConfigError("Run(loss=...)", "GPT", "zeromega's GPT brings its own loss",
+                              "drop loss=, or pass your model with model=")
         if cfg.scheduler.train_iters is None:
             raise ConfigError("scheduler.train_iters", None, "the run's length is unstated",
                               "pass --train-iters N (DeepSpeed: the scheduler's total_num_steps)")
@@ -46,6 +51,10 @@ class Run:
         self.cfg, self._model_fn, self._batches_fn, self._loss_fn, self._log = cfg, model, batches, loss, log
         self.layout = self.engine = self.schedule = self.shape = None
         self.records: list[StepRecord] = []
+        self.setup_seconds = 0.0
+        """Seconds spent building the model and the engine (ZeRO-3 partitioning, swap files included)."""
+        self.setup_storage_write_bytes = 0
+        """Bytes this rank wrote to storage meanwhile (NVMe offload's initial swap-out)."""
 
     def say(self, text: str) -> None:
         if not dist.is_initialized() or dist.get_rank() == 0:
@@ -79,7 +88,10 @@ class Run:
         if checkpointing.note(cfg):
             self.say(checkpointing.note(cfg))
         kind = engines.select(cfg, layout, checkpointing.resumes_megatron(cfg), own_model=own)
+        started, written = time.perf_counter(), proc_io()["write_bytes"]
         self.engine = self._build_engine(kind, cfg, layout, weights)
+        self.setup_seconds = time.perf_counter() - started
+        self.setup_storage_write_bytes = proc_io()["write_bytes"] - written
         self.schedule = schedule.build(cfg, self.engine.optimizer)
         ckpt = None
         if cfg.checkpoint.save or cfg.checkpoint.load:
@@ -91,11 +103,10 @@ class Run:
             self.say(f"resumed at step {start_step} ({consumed} samples consumed)")
         dp_rank = parallel_state.get_data_parallel_rank()
         iters = cfg.scheduler.train_iters
-        if own:
+        seq_length = cfg.model.seq_length or 0
+        if self._batches_fn is not None:
             batches = self._batches_fn(consumed, dp_rank, layout.dp, layout.micro)
-            seq_length = cfg.model.seq_length or 0
         else:
-            seq_length = cfg.model.seq_length
             batches = gpt.batches(cfg, prefix, seq_length, iters, layout, consumed, dp_rank)
         self.records = loop.train(  # through the module: tests hook loop.train
             self.engine, batches, iters=iters, accumulation=layout.accumulation, global_batch=layout.global_batch,
