@@ -187,3 +187,26 @@ def test_refused_with_the_flag_named(argv, field):
     with pytest.raises(ConfigError) as err:
         megatron_args.parse(argv)
     assert err.value.field == field
+
+
+SWIGLU_RESHARDS = {  # saved layout -> resumed layout (2 ranks each)
+    "tp2-zero1 -> tp1-dp2-zero1": (["--zero-stage", "1", "--tensor-model-parallel-size", "2"], ["--zero-stage", "1"]),
+    "dp2-zero3 -> tp2-zero1": (["--zero-stage", "3"], ["--zero-stage", "1", "--tensor-model-parallel-size", "2"]),
+    "dp2-zero1 -> tp2-zero3": (["--zero-stage", "1"], ["--zero-stage", "3", "--tensor-model-parallel-size", "2"]),
+}
+
+
+@pytest.mark.parametrize("name", SWIGLU_RESHARDS)
+def test_swiglu_checkpoint_reshards_across_tp(name, tmp_path, small_corpus):
+    """A SwiGLU checkpoint resumed at another tp (DeepSpeed's universal conversion) continues the curve: the
+    fused fc1 is merged and re-cut per half (DeepSpeed's 2-sub-params pattern; ZeRO-3's AutoTP hint with two
+    sub-parameters), not as contiguous tp blocks (tp2 -> tp1 without it: 1.6e-3 off at the first step)."""
+    from test_checkpoint import HALF, STEPS as CKPT_STEPS, full_then_resumed
+
+    saved, resumed_layout = SWIGLU_RESHARDS[name]
+    arch = ["--swiglu", "--disable-bias-linear"]
+    full, resumed = full_then_resumed(tmp_path, small_corpus, 2, [*saved, *arch], dropout=False, resume_world=2,
+                                      resume_layout=[*resumed_layout, *arch])
+    assert sorted(resumed) == list(range(HALF + 1, CKPT_STEPS + 1))
+    for step in resumed:
+        assert abs(resumed[step] - full[step]) <= 1e-5 * abs(full[step]), f"step {step}: {resumed[step]} vs {full[step]}"

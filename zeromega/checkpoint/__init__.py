@@ -217,6 +217,8 @@ def parameter_splits(module: torch.nn.Module) -> dict[str, dict]:
         entry = {"shape": shape}
         if getattr(param, "tensor_model_parallel", False):
             entry["partition_dim"] = int(param.partition_dim)
+            if getattr(param, "gated_halves", False):  # --swiglu's fused [gate; up] fc1 (model.mark_gated_fc1)
+                entry["gated_halves"] = True
         splits[name] = entry
     return splits
 
@@ -224,7 +226,8 @@ def parameter_splits(module: torch.nn.Module) -> dict[str, dict]:
 def universal_info(splits: dict[str, dict]) -> dict:
     """DeepSpeed's universal-checkpoint hints, derived from the tp split of every parameter:
     column-parallel tensors concatenate on dim 0 (its default), row-parallel on dim 1,
-    the rest are replicated on every tp rank."""
+    the rest are replicated on every tp rank; a gated fc1 (``--swiglu``) holds two sub-parameters, each
+    split over tp (each rank's slice is ``[gate_r; up_r]``), which DeepSpeed merges and re-slices per half."""
     import re
 
     from deepspeed.checkpoint import constants as c
@@ -237,6 +240,7 @@ def universal_info(splits: dict[str, dict]) -> dict:
         c.TP_REPLICATED_PARAMETER_PATTERNS: [exact(n) for n, s in splits.items() if "partition_dim" not in s],
         c.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: [exact(n) for n, s in splits.items()
                                                     if s.get("partition_dim") == 1],
+        c.PARAMETER_WITH_2_SUB_PARAMS_CAT_DIM_0: [exact(n) for n, s in splits.items() if s.get("gated_halves")],
     }
 
 
@@ -272,6 +276,8 @@ def _zero3_tp_hints(module: torch.nn.Module, tp: int):
             shape = list(param.ds_shape)
             shape[dim] *= tp
             hint = {"partition_dim": dim, "logical_shape": tuple(shape)}
+            if getattr(param, "gated_halves", False):  # [gate; up]: each half sliced over tp
+                hint["sub_param_sizes"] = (shape[dim] // 2, shape[dim] // 2)
         else:
             hint = {"replicated": True}
         setattr(param, DS_AUTOTP_UC_META, hint)

@@ -253,6 +253,10 @@ def _zero3_per_parameter_states(param_dir: Path, name: str, split: dict, tp: int
             entry = {"param": tensor.detach().reshape(whole).clone()}
             if dim is not None:
                 entry["cat_dim"] = dim
+            if split.get("gated_halves"):  # what the converter writes for its 2-sub-params pattern
+                from deepspeed.checkpoint.constants import PARAM_N_SUB_PARAMS
+
+                entry[PARAM_N_SUB_PARAMS] = 2
             torch.save(entry, path)
     if not (param_dir / "step.pt").exists():
         torch.save(step.clone(), param_dir / "step.pt")
