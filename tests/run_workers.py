@@ -174,3 +174,28 @@ def run_architecture_unshuffled_fc1(argv: list[str]) -> dict[str, Any]:
 
     model.mark_gated_fc1 = lambda module: None
     return run_architecture(argv)
+
+
+def loss_of_exported(path: str, corpus: str, step: int, shape: dict, micro: int = 8) -> float:
+    """A fresh 1-process GPTModel (``shape``: GPTShape keywords) loaded from an exported safetensors file (strict
+    but for Megatron's ``_extra_state``): its loss on the global batch of ``step`` (``micro`` samples)."""
+    import torch
+
+    from zeromega.checkpoint.export import load_safetensors
+    from zeromega.config.schema import RunConfig
+    from zeromega.integrations.megatron import data, model, parallel
+    from zeromega.run.loop import gpt_loss
+
+    cfg = RunConfig.model_validate({"batch": {"micro": micro, "global": micro}})
+    parallel.initialize(cfg, seed=7)  # another seed: every weight must come from the file
+    gpt_shape = model.GPTShape(**shape)
+    gpt = model.build_gpt(gpt_shape, cfg)
+    missing, unexpected = gpt.load_state_dict(load_safetensors(path), strict=False)
+    assert not unexpected and all(k.endswith("_extra_state") for k in missing), (missing, unexpected)
+    train_ds, _, _ = data.build_gpt_datasets(corpus, gpt_shape.seq_length, 1234, (step * micro, 0, 0), split="1,0,0")
+    batch = next(data.sample_batches(train_ds, micro, start_sample=(step - 1) * micro))
+    gpt.eval()
+    with torch.no_grad():
+        loss = float(gpt_loss(gpt, batch))
+    parallel.shutdown()
+    return loss

@@ -210,3 +210,26 @@ def test_swiglu_checkpoint_reshards_across_tp(name, tmp_path, small_corpus):
     assert sorted(resumed) == list(range(HALF + 1, CKPT_STEPS + 1))
     for step in resumed:
         assert abs(resumed[step] - full[step]) <= 1e-5 * abs(full[step]), f"step {step}: {resumed[step]} vs {full[step]}"
+
+
+def test_swiglu_export_merges_the_halves_and_refuses_gpt2_names(tmp_path, small_corpus):
+    """A tp2 ZeRO-0 SwiGLU checkpoint exports whole fc1 tensors in the 1-process layout (a fresh 1-process
+    model scores the next batch as training did), and --to hf (GPT-2 names) is refused for a gated MLP."""
+    from ckpt_workers import read_curve
+    from run_workers import loss_of_exported
+    from test_checkpoint import HALF, argv, run
+    from zeromega.checkpoint import CheckpointError, tag_for
+    from zeromega.checkpoint.export import export
+
+    arch = ["--swiglu", "--disable-bias-linear"]
+    save = tmp_path / "ckpt"
+    run(2, argv(small_corpus, "--zero-stage", "0", "--tensor-model-parallel-size", "2", *arch, "--save", str(save),
+                "--save-interval", str(HALF), "--metrics-out", str(tmp_path / "full.jsonl"), dropout=False))
+    full = read_curve(tmp_path / "full.jsonl")
+    out = export(save / tag_for(HALF), tmp_path / "model.safetensors", "torch")
+    shape = dict(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=64, vocab_size=257,
+                 hidden_dropout=0.0, attention_dropout=0.0, swiglu=True, add_bias_linear=False)
+    loss = run_world(1, loss_of_exported, str(out), small_corpus, HALF + 1, shape)[0]
+    assert abs(loss - full[HALF + 1]) <= 1e-5 * full[HALF + 1], (loss, full[HALF + 1])
+    with pytest.raises(CheckpointError, match="gated"):
+        export(save / tag_for(HALF), tmp_path / "hf", "hf")

@@ -129,7 +129,12 @@ def _merge_module_states(ckpt: Path, manifest: dict) -> dict[str, torch.Tensor]:
     out = {}
     for name, split in manifest["params"].items():
         parts = [s[name].float() for s in shards]
-        out[name] = torch.cat(parts, dim=split["partition_dim"]) if "partition_dim" in split else parts[0]
+        if split.get("gated_halves"):  # --swiglu's fc1: each rank holds [gate_r; up_r]; whole is [gate; up]
+            dim = split["partition_dim"]
+            halves = [part.chunk(2, dim) for part in parts]
+            out[name] = torch.cat([torch.cat([h[i] for h in halves], dim) for i in (0, 1)], dim)
+        else:
+            out[name] = torch.cat(parts, dim=split["partition_dim"]) if "partition_dim" in split else parts[0]
     return out
 
 
@@ -443,6 +448,16 @@ def export(source: str | Path, out: str | Path, to: str = "torch", heads: Option
     hidden = weights["embedding.word_embeddings.weight"].shape[1]
     if weights["decoder.layers.0.self_attention.linear_qkv.weight"].shape[0] != 3 * hidden:
         raise CheckpointError("GPT-2 has no grouped-query attention", "export with --to torch")
+    fc1, fc2 = weights["decoder.layers.0.mlp.linear_fc1.weight"], weights["decoder.layers.0.mlp.linear_fc2.weight"]
+    if fc1.shape[0] != fc2.shape[1]:
+        raise CheckpointError("GPT-2's MLP is not gated; this model's fc1 is a fused gate/up pair (--swiglu)",
+                              "export with --to torch")
+    if "decoder.final_layernorm.bias" not in weights:
+        raise CheckpointError("GPT-2 uses LayerNorm with a bias; this model's norms have none (RMSNorm?)",
+                              "export with --to torch")
+    if "decoder.layers.0.self_attention.linear_qkv.bias" not in weights:
+        raise CheckpointError("GPT-2's linear layers carry biases; this model has none (--disable-bias-linear)",
+                              "export with --to torch")
     out.mkdir(parents=True, exist_ok=True)
     save_safetensors(to_hf_gpt2(weights, heads), out / "model.safetensors", meta)
     write_text_atomic(out / "config.json", json.dumps(hf_config(weights, heads), indent=1))
