@@ -42,7 +42,13 @@ COUNTS: dict[str, int] = {}
 
 @pytest.fixture(scope="module")
 def workdir():
+    """A scratch folder, after one call of each command: the time bound is for reading an input, not for
+    importing Megatron-Core (translate --to megatron-core) or the ZeRO planner (plan) the first time."""
     with tempfile.TemporaryDirectory(prefix="zeromega-fuzz-") as path:
+        warm = Path(path) / "warm.json"
+        warm.write_text('{"train_micro_batch_size_per_gpu": 1}')
+        for argv in (["translate", "--to", "megatron-core"], ["plan", "--params", "1e6"], ["check"]):
+            run_cli(argv[0], str(warm), *argv[1:], "--world-size", "1")
         yield Path(path)
 
 
