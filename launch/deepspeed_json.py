@@ -99,6 +99,8 @@ def load_file(path: str | Path) -> dict:
                           "keep one of them") from None
     if not isinstance(data, dict):
         raise ConfigError("--config", str(path), "top level is not a JSON object", "wrap the keys in {...}")
+    if not data and "{" not in text:  # comments only: as empty as an empty file ({} states it on purpose)
+        raise ConfigError("--config", str(path), "holds no keys (only comments)", "write the config into it")
     return data
 
 

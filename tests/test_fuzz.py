@@ -397,6 +397,7 @@ DEFECTS = {
     "empty JSON file": ("t.json", "", [], "is empty"),
     "empty YAML file": ("t.yaml", "  \n", [], "is empty"),
     "empty argument file": ("t.args", "\n", [], "is empty"),
+    "comment-only Hjson file": ("t.json", "// nothing here\n# nor here\n", [], "holds no keys"),
     "field doc with a line break in the fix": ("u.args", "--lr 0.1 --distributed-timeout-minutes 0\n", [],
                                                "--distributed-timeout-minutes"),
     "world size beyond the rank limit": ("v.json", '{"train_micro_batch_size_per_gpu": 1}',
