@@ -377,6 +377,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         return exit_.code if isinstance(exit_.code, int) else 0
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `zeromega ... | head`: the reader left; end quietly, as a shell tool does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE
 
 
 if __name__ == "__main__":

@@ -345,3 +345,14 @@ def test_ranks_die_with_a_killed_launcher(tmp_path, runner):
     finally:
         for p in survivors(token):
             p.kill()
+
+
+def test_output_cut_short_by_a_pipe_ends_quietly(tmp_path):
+    """`zeromega check ... | head -1`: the reader leaves early; no BrokenPipeError traceback, exit 141."""
+    config = tmp_path / "big.yaml"
+    config.write_text("parallel: {tp: 2}\nbatch: {micro: 1}\n")
+    proc = subprocess.run(f"{sys.executable} -m zeromega check {config} --world-size 65536 | head -1; "
+                          "exit ${PIPESTATUS[0]}", shell=True, executable="/bin/bash", capture_output=True,
+                          text=True, timeout=120)
+    assert proc.stdout.startswith("world 65536"), proc.stdout
+    assert "Traceback" not in proc.stderr and proc.returncode == 141, (proc.returncode, proc.stderr[-500:])
