@@ -88,7 +88,23 @@ def _shape(args: argparse.Namespace, cfg) -> dict | None:
     if missing:
         flags = " ".join(f"--{k.replace('_', '-')}" for k in missing)
         raise UsageError(f"the model shape is incomplete (no {flags})", f"pass {flags}, or --params N")
+    shape.update(_architecture(cfg))
     return {k: v for k, v in shape.items() if v is not None}
+
+
+_ARCH_KEYS = ("swiglu", "normalization", "add_bias_linear", "kv_channels", "position_embedding_type",
+              "untie_embeddings_and_output_weights", "make_vocab_size_divisible_by", "max_position_embeddings")
+
+
+def _architecture(cfg) -> dict:
+    """The config's flags that change the parameter count besides the shape (model and moe sections)."""
+    model = cfg.model.model_dump()
+    arch = {k: model.get(k) for k in _ARCH_KEYS}
+    moe = cfg.moe
+    if moe.num_experts:
+        arch.update(num_experts=moe.num_experts, moe_ffn_hidden_size=moe.ffn_hidden_size,
+                    moe_layer_freq=moe.layer_freq, ep=cfg.parallel.ep, etp=cfg.parallel.etp)
+    return arch
 
 
 def plan_for_args(args: argparse.Namespace):

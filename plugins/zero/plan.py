@@ -122,38 +122,138 @@ def padded_vocab(vocab: int, multiple: int = 128, tp: int = 1) -> int:
     return (vocab + step - 1) // step * step
 
 
-def gpt_size(num_layers: int, hidden_size: int, num_attention_heads: int, seq_length: int, vocab_size: int,
-             tp: int = 1, ffn_hidden_size: Optional[int] = None, num_query_groups: Optional[int] = None,
-             tied: bool = True, learned_positions: bool = True, make_vocab_size_divisible_by: int = 128,
-             **_ignored) -> ModelSize:
-    """Exact parameter count of zeromega's Megatron-Core GPT (local spec, biases on, LayerNorm).
+def _moe_pattern(num_layers: int, num_experts: Optional[int], moe_layer_freq) -> list[bool]:
+    """Which layers are MoE layers: Megatron-Core's ``moe_layer_freq`` (every N-th from layer 0, or a 0/1 list)."""
+    if not num_experts:
+        return [False] * num_layers
+    if isinstance(moe_layer_freq, (list, tuple)):
+        if len(moe_layer_freq) != num_layers:
+            raise ValueError(f"moe_layer_freq has {len(moe_layer_freq)} entries for {num_layers} layers")
+        return [bool(x) for x in moe_layer_freq]
+    return [i % int(moe_layer_freq) == 0 for i in range(num_layers)]
 
-    Per layer: two LayerNorms (2h each, replicated over tp), QKV
-    (h x (h + 2 g h/a) + bias, split over tp), the attention projection
-    (h x h split, bias replicated), fc1 (h x f + f, split) and fc2 (f x h
-    split, bias replicated). Plus the vocab-parallel embedding, learned
-    positions (s x h, replicated), the final LayerNorm and, untied, an output
-    layer. Checked against the built model in tests/test_zero_plan.py.
+
+@dataclass(frozen=True)
+class GPTCount:
+    """Parameters of zeromega's Megatron-Core GPT on one tp (and ep) rank, piece by piece."""
+
+    layers: tuple
+    """Parameters of each transformer layer, in order (dense or MoE)."""
+    expert_layers: tuple
+    """Of which expert parameters (sharded over ep, reduced over expert-dp), per layer."""
+    embedding: int
+    """Word embedding (V h / t) plus learned positions (s h, replicated)."""
+    word_embedding: int
+    """The word embedding alone (V h / t): a tied output layer's copy on the last stage."""
+    output: int
+    """Untied output layer (V h / t), 0 when tied."""
+    final_norm: int
+    tensors_per_layer: tuple
+    largest_tensor: int
+
+    def stage(self, first: int, count: int, is_first: bool, is_last: bool, tied_copy: bool = True) -> int:
+        """Parameters of a pipeline stage holding layers ``first .. first+count-1``."""
+        n = sum(self.layers[first:first + count])
+        if is_first:
+            n += self.embedding
+        if is_last:
+            n += self.final_norm + self.output
+            if tied_copy and not self.output and not is_first:
+                n += self.word_embedding  # Megatron-Core keeps a copy of the tied weight on the last stage
+        return n
+
+    @property
+    def total(self) -> int:
+        return self.stage(0, len(self.layers), True, True)
+
+
+def gpt_count(num_layers: int, hidden_size: int, num_attention_heads: int, seq_length: int, vocab_size: int,
+              tp: int = 1, ffn_hidden_size: Optional[int] = None, num_query_groups: Optional[int] = None,
+              tied: bool = True, learned_positions: bool = True, make_vocab_size_divisible_by: int = 128,
+              swiglu: bool = False, normalization: str = "LayerNorm", add_bias_linear: bool = True,
+              kv_channels: Optional[int] = None, untie_embeddings_and_output_weights: Optional[bool] = None,
+              position_embedding_type: Optional[str] = None, max_position_embeddings: Optional[int] = None,
+              num_experts: Optional[int] = None, moe_ffn_hidden_size: Optional[int] = None,
+              moe_layer_freq=1, ep: int = 1, etp: Optional[int] = None, **_ignored) -> GPTCount:
+    """Megatron-Core's GPT (local spec) counted piece by piece, as zeromega builds it (model.py).
+
+    Per layer (t = tp, d = kv_channels or h/a, q = a d, k = g d, f the MLP width,
+    Megatron-LM's ``int(8h/3 / 64) x 64`` under ``--swiglu`` when unstated):
+    two norms (h each, plus h bias for LayerNorm; RMSNorm has none), QKV
+    ((q + 2k) h / t, bias (q + 2k)/t), the projection (q h / t, bias h),
+    fc1 (g f h / t with g = 2 for SwiGLU's fused [gate; up], bias g f / t) and
+    fc2 (f h / t, bias h); without ``add_bias_linear`` no linear biases. An MoE
+    layer replaces the MLP with a router ([E, h], replicated) and E/ep experts
+    of width ``moe_ffn_hidden_size`` split over etp (no biases: zeromega
+    builds MoE models bias-free, as Megatron-LM requires). Plus the
+    vocab-parallel embedding (V padded to lcm(make_vocab_size_divisible_by, tp)),
+    learned positions (s h, replicated; none under rope), the final norm and,
+    untied, the output layer (V h / t, no bias).
     """
-    h, a, s = hidden_size, num_attention_heads, seq_length
-    f = ffn_hidden_size or 4 * h
+    h, a = hidden_size, num_attention_heads
+    if untie_embeddings_and_output_weights is not None:
+        tied = not untie_embeddings_and_output_weights
+    if position_embedding_type is not None:
+        learned_positions = position_embedding_type == "learned_absolute"
+    s = max_position_embeddings or seq_length
+    if ffn_hidden_size is None:
+        ffn_hidden_size = int((4 * h * 2 / 3) / 64) * 64 if swiglu else 4 * h
+    f = ffn_hidden_size
     g = num_query_groups or a
-    qkv_out = h + 2 * g * (h // a)
+    d = kv_channels or h // a
+    moe_pattern = _moe_pattern(num_layers, num_experts, moe_layer_freq)
+    bias = add_bias_linear and not num_experts
+    etp = etp or tp
     v = padded_vocab(vocab_size, make_vocab_size_divisible_by, tp)
+    norm = h * (2 if normalization == "LayerNorm" else 1)
+    glu = 2 if swiglu else 1
+    qkv = (a + 2 * g) * d
+    attn = qkv * h // tp + q_proj(a * d, h, tp) + (qkv // tp + h if bias else 0)
+    attn_tensors = 2 + (2 if bias else 0)
+    dense = glu * f * h // tp + f * h // tp + (glu * f // tp + h if bias else 0)
+    dense_tensors = 2 + (2 if bias else 0)
+    norm_tensors = 2 * (2 if normalization == "LayerNorm" else 1)
+    layers, experts, tensors = [], [], []
+    mf = moe_ffn_hidden_size or f
+    local = (num_experts or 0) // max(ep, 1)
+    for is_moe in moe_pattern:
+        if is_moe:
+            exp = local * (glu * mf * h // etp + mf * h // etp)
+            mlp, mlp_tensors = num_experts * h + exp, 1 + 2 * local
+        else:
+            exp, mlp, mlp_tensors = 0, dense, dense_tensors
+        layers.append(2 * norm + attn + mlp)
+        experts.append(exp)
+        tensors.append(norm_tensors + attn_tensors + mlp_tensors)
+    word = v * h // tp
+    largest = max([word, qkv * h // tp, glu * f * h // tp] + ([glu * mf * h // etp] if num_experts else []))
+    return GPTCount(layers=tuple(layers), expert_layers=tuple(experts), embedding=word + (s * h if learned_positions else 0),
+                    word_embedding=word, output=0 if tied else word, final_norm=norm, tensors_per_layer=tuple(tensors),
+                    largest_tensor=largest)
 
-    def layer(t: int) -> int:
-        return (2 * 2 * h + (h * qkv_out + qkv_out) // t + (h * h) // t + h + (h * f + f) // t + (f * h) // t + h)
 
-    def model(t: int) -> int:
-        emb = v * h // t + (s * h if learned_positions else 0)
-        return emb + num_layers * layer(t) + 2 * h + (0 if tied else v * h // t)
+def q_proj(q: int, h: int, tp: int) -> int:
+    """The attention output projection's weight on one tp rank ([h, q / t])."""
+    return q * h // tp
 
-    largest = max(v * h // tp, h * qkv_out // tp, h * f // tp)
-    shape = dict(num_layers=num_layers, hidden_size=h, num_attention_heads=a, seq_length=s, vocab_size=v,
-                 ffn_hidden_size=f, tp=tp)
-    return ModelSize(params=model(tp), total_params=model(1) if tp > 1 else model(tp), largest_tensor=largest,
-                     largest_layer=max(layer(tp), v * h // tp), num_tensors=12 * num_layers + 4 + (0 if tied else 1),
-                     shape=shape)
+
+def gpt_size(num_layers: int, hidden_size: int, num_attention_heads: int, seq_length: int, vocab_size: int,
+             tp: int = 1, **arch) -> ModelSize:
+    """Exact parameter count of zeromega's Megatron-Core GPT on one tp rank (every architecture flag the run
+    accepts; see :func:`gpt_count`). Checked against the built model in tests/test_plan_arch.py."""
+    c = gpt_count(num_layers, hidden_size, num_attention_heads, seq_length, vocab_size, tp=tp, **arch)
+    whole = gpt_count(num_layers, hidden_size, num_attention_heads, seq_length, vocab_size, tp=1,
+                      **{**arch, "ep": 1, "etp": 1}) if (tp > 1 or arch.get("ep", 1) > 1) else c
+    ffn = arch.get("ffn_hidden_size") or (int((4 * hidden_size * 2 / 3) / 64) * 64 if arch.get("swiglu")
+                                         else 4 * hidden_size)
+    shape = dict(num_layers=num_layers, hidden_size=hidden_size, num_attention_heads=num_attention_heads,
+                 seq_length=seq_length, vocab_size=padded_vocab(vocab_size, arch.get("make_vocab_size_divisible_by",
+                                                                                      128), tp),
+                 ffn_hidden_size=ffn, tp=tp)
+    outside = 1 + (c.embedding > c.word_embedding) + (1 if c.output else 0) + (2 if c.final_norm > hidden_size else 1)
+    return ModelSize(params=c.total, total_params=whole.total, largest_tensor=c.largest_tensor,
+                     largest_layer=max(max(c.layers, default=0), c.word_embedding),
+                     num_tensors=sum(c.tensors_per_layer) + outside, shape=shape)
 
 
 @dataclass(frozen=True)
@@ -523,4 +623,4 @@ def for_run(ds: dict, layout, shape: Optional[dict] = None, params: Optional[int
 
 
 __all__ = ["Activations", "MemoryPlan", "ModelSize", "Row", "ZeroSetup", "activation_bytes", "for_run",
-           "gpt_size", "padded_vocab", "plan_memory", "replace"]
+           "gpt_count", "gpt_size", "padded_vocab", "plan_memory", "replace"]
