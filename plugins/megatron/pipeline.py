@@ -214,3 +214,31 @@ class MegatronTrainer:
         loss /= ps.get_data_parallel_world_size(with_context_parallel=True)
         return StepResult(loss=float(loss.item()), grad_norm=None if grad_norm is None else float(grad_norm),
                           idle=idle.tolist(), phases=phases)
+
+    def eval_step(self, micro_batches: Iterable[dict]) -> float:
+        """One global batch's loss, forward only (Megatron-LM's ``evaluate``): the chunks in eval mode, no
+        gradients, the last stage's loss sent to every stage and averaged over dp (as ``train_step``'s)."""
+        from megatron.core import parallel_state as ps
+
+        batches = list(micro_batches)
+        for chunk in self.chunks:
+            chunk.eval()
+        try:
+            with torch.no_grad():
+                losses = self._forward_backward(
+                    forward_step_func=self._forward_step,
+                    data_iterator=[iter(batches) for _ in self.chunks] if len(self.chunks) > 1 else iter(batches),
+                    model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
+                    num_microbatches=len(batches), seq_length=batches[0]["tokens"].shape[1],
+                    micro_batch_size=batches[0]["tokens"].shape[0], forward_only=True)
+        finally:
+            for chunk in self.chunks:
+                chunk.train()
+        self.timers.take()
+        loss = torch.tensor([sum(float(x["loss"]) for x in losses) / len(batches) if losses else 0.0],
+                            dtype=torch.float64)
+        with comm.paused():
+            dist.broadcast(loss, src=ps.get_pipeline_model_parallel_last_rank(),
+                           group=ps.get_pipeline_model_parallel_group())
+            dist.all_reduce(loss, group=ps.get_data_parallel_group(with_context_parallel=True))
+        return float(loss.item()) / ps.get_data_parallel_world_size(with_context_parallel=True)

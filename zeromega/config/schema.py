@@ -237,6 +237,10 @@ class CheckpointConfig(_Section):
     """Save and exit after a step divisible by this (``--exit-interval``)."""
     exit_signal_handler: bool = False
     """On SIGTERM, save after the current step and exit (``--exit-signal-handler``)."""
+    exit_duration_in_mins: Optional[float] = Field(None, gt=0)
+    """Save (with save) and exit after the first step that ends past this many minutes of the run's wall time,
+    every rank at the same step (``--exit-duration-in-mins``; Megatron-LM takes whole minutes, fractions are
+    accepted here)."""
     finetune: bool = False
     """Load only the weights from load (any layout, either engine); start at step 0 with a fresh optimizer,
     scheduler, data position and RNGs (``--finetune``)."""
@@ -260,6 +264,12 @@ class LoggingConfig(_Section):
     """JSON-lines file with one record per step, written by rank 0 (``--metrics-out``)."""
     progress: bool = True
     """A progress bar on rank 0 (``--no-progress`` turns it off)."""
+    eval_interval: Optional[PositiveInt] = None
+    """Steps between evaluations on the validation split (``--eval-interval``); None: no evaluation (Megatron-LM
+    0.16 cannot size its validation set without it either). With it, validation also runs after the last step
+    and the test split once at the end, as Megatron-LM's pretrain does."""
+    eval_iters: Annotated[int, Field(ge=0)] = 100
+    """Global batches per evaluation, of the validation and of the test split (``--eval-iters``); 0: none."""
 
 
 class LaunchConfig(_Section):

@@ -80,13 +80,30 @@ def vocab_size(cfg: RunConfig, prefix: Path) -> int:
     return size
 
 
+def num_samples(cfg: RunConfig, iters: int, global_batch: int) -> tuple[int, int, int]:
+    """(train, valid, test) samples to draw, as Megatron-LM's ``get_train_valid_test_num_samples``: every
+    evaluation reads ``eval_iters`` new global batches of the validation split (one per ``eval_interval``
+    steps, one more at the end), the test split is read once. No evaluation: (train, 0, 0)."""
+    log = cfg.logging
+    if not (log.eval_interval and log.eval_iters):
+        return iters * global_batch, 0, 0
+    return (iters * global_batch, (iters // log.eval_interval + 1) * log.eval_iters * global_batch,
+            log.eval_iters * global_batch)
+
+
+def datasets(cfg: RunConfig, prefix: Path, seq_length: int, iters: int, layout) -> list:
+    """(train, valid, test) GPTDatasets of ``cfg.data.split``; a split of weight 0 (or not evaluated) is None."""
+    samples = num_samples(cfg, iters, layout.global_batch)
+    built = data.build_gpt_datasets(prefix, seq_length, cfg.seed, samples, split=cfg.data.split or "969, 30, 1")
+    return [ds if n else None for ds, n in zip(built, samples)]
+
+
 def batches(cfg: RunConfig, prefix: Path, seq_length: int, iters: int, layout, start_sample: int,
-            dp_rank: int) -> Iterator[dict]:
+            dp_rank: int, dataset=None) -> Iterator[dict]:
     """This dp rank's micro-batches from ``start_sample`` on (cp ranks of one dp rank read the same ones)."""
-    samples = iters * layout.global_batch
-    train_ds, _, _ = data.build_gpt_datasets(prefix, seq_length, cfg.seed, (samples, 0, 0),
-                                             split=cfg.data.split or "969, 30, 1")
-    return data.sample_batches(train_ds, layout.micro, start_sample=start_sample, dp_rank=dp_rank, dp_size=layout.dp)
+    if dataset is None:
+        dataset = datasets(cfg, prefix, seq_length, iters, layout)[0]
+    return data.sample_batches(dataset, layout.micro, start_sample=start_sample, dp_rank=dp_rank, dp_size=layout.dp)
 
 
 def layer_spec(shape: GPTShape, cfg: RunConfig):

@@ -11,6 +11,7 @@ then one step of the schedule. Rank 0 writes one JSON object per step: loss
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,6 +113,12 @@ class MetricsWriter:
             self._file.write(json.dumps(record.__dict__) + "\n")
             self._file.flush()
 
+    def write_dict(self, record: dict) -> None:
+        """A record of another kind (an evaluation: ``{"kind": "valid", "step": N, ...}``)."""
+        if self._file:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+
     def close(self) -> None:
         if self._file:
             self._file.close()
@@ -131,11 +138,50 @@ def log_line(record: StepRecord, iters: int, global_batch: int) -> str:
     return " | ".join(parts) + " |"
 
 
+def eval_step(engine, micro_batches: list[dict]) -> float:
+    """One global batch's loss without gradients (this rank's mean over its micro-batches; Megatron-Core's
+    engine: already averaged over dp, the last pipeline stage's loss sent to every stage)."""
+    if hasattr(engine, "trainer"):  # Megatron-Core's engine: its schedule with forward_only=True
+        return engine.trainer.eval_step(micro_batches)
+    module = engine.engine.module
+    was_training = module.training
+    module.eval()  # no dropout, as Megatron-LM's evaluate
+    try:
+        with torch.no_grad():
+            total = sum(float(engine._loss(engine.engine, batch)) for batch in micro_batches)
+    finally:
+        module.train(was_training)
+    return total / len(micro_batches)
+
+
+def evaluate(engine, batches: Iterator[dict], *, iters: int, accumulation: int, dp_group=None) -> float:
+    """Mean loss of ``iters`` global batches (Megatron-LM's ``evaluate``: forward only), averaged over dp."""
+    total = 0.0
+    for _ in range(iters):
+        total += eval_step(engine, [next(batches) for _ in range(accumulation)])
+    loss = torch.tensor([total / iters], dtype=torch.float64)
+    if not hasattr(engine, "trainer") and dist.is_initialized() and dist.get_world_size(dp_group) > 1:
+        with comm.paused():
+            dist.all_reduce(loss, group=dp_group)
+        loss /= dist.get_world_size(dp_group)
+    return float(loss.item())
+
+
+def eval_record(kind: str, step: int, loss: float, label: str) -> tuple[dict, str]:
+    """The metrics record and Megatron-LM's framed log line (``evaluate_and_print_results``) of one evaluation;
+    perplexity is exp(min(20, loss)) as there."""
+    ppl = math.exp(min(20.0, loss))
+    line = f" validation loss at {label} | lm loss value: {loss:.6E} | lm loss PPL: {ppl:.6E} | "
+    rule = "-" * (len(line) + 1)
+    return {"kind": kind, "step": step, "loss": loss, "ppl": ppl}, f"{rule}\n{line}\n{rule}"
+
+
 def train(engine, batches: Iterator[dict], *, iters: int, accumulation: int, global_batch: int, seq_length: int,
           dp_group=None, metrics_out: Optional[str] = None, schedule=None, progress: bool = True,
           log_interval: Optional[int] = None, log=print, start_step: int = 0, start_samples: int = 0,
           on_step: Optional[Callable[[StepRecord], bool]] = None,
-          timeout_minutes: Optional[float] = None) -> list[StepRecord]:
+          timeout_minutes: Optional[float] = None,
+          after_step: Optional[Callable[[StepRecord], list[dict]]] = None) -> list[StepRecord]:
     """Run steps ``start_step + 1 .. iters`` of ``engine`` (:class:`zeromega.run.engines.Engine`).
 
     Returns their records (identical on every rank). ``on_step(record)``
@@ -143,7 +189,8 @@ def train(engine, batches: Iterator[dict], *, iters: int, accumulation: int, glo
     true return ends training after that step. A collective that times out
     (after ``timeout_minutes``, the process groups' setting) raises
     :class:`~zeromega.integrations.heartbeat.CollectiveTimeout` naming the
-    ranks that never reached the step.
+    ranks that never reached the step. ``after_step(record)`` (evaluation) runs before ``on_step`` on
+    every rank; the dicts it returns go to the metrics file after the step's record.
     """
     from tqdm import tqdm
 
@@ -186,6 +233,9 @@ def train(engine, batches: Iterator[dict], *, iters: int, accumulation: int, glo
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record.tokens_per_s:,.0f}")
                 if rank0 and log_interval and step % log_interval == 0:
                     (bar.write if progress else log)(log_line(record, iters, global_batch))
+                if after_step is not None:
+                    for extra in after_step(record):
+                        writer.write_dict(extra)
                 if on_step is not None and on_step(record):
                     break
             except RuntimeError as err:

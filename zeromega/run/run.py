@@ -15,6 +15,7 @@ and ``loss(model, batch)`` returns the scalar loss.
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Callable, Iterator, Optional
 
@@ -55,14 +56,22 @@ class Run:
         """Seconds spent building the model and the engine (ZeRO-3 partitioning, swap files included)."""
         self.setup_storage_write_bytes = 0
         """Bytes this rank wrote to storage meanwhile (NVMe offload's initial swap-out)."""
+        self.evaluations: list[dict] = []
+        """Evaluation records (``{"kind": "valid" | "test", "step", "loss", "ppl"}``), the same on every rank."""
 
     def say(self, text: str) -> None:
         if not dist.is_initialized() or dist.get_rank() == 0:
             self._log(f"zeromega: {text}")
 
+    def say_raw(self, text: str) -> None:
+        """A line in Megatron-LM's own format (no prefix), on rank 0."""
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            self._log(text)
+
     def train(self) -> list[StepRecord]:
         """Set up (device, groups, seeds, model, engine, schedule, checkpoints), train, shut down."""
         cfg = self.cfg
+        self._started = time.time()  # --exit-duration-in-mins counts from here, as Megatron-LM's _TRAIN_START_TIME
         comm.install()
         self.layout = layout = parallel.initialize(cfg, seed=cfg.seed)
         try:
@@ -104,23 +113,60 @@ class Run:
         dp_rank = parallel_state.get_data_parallel_rank()
         iters = cfg.scheduler.train_iters
         seq_length = cfg.model.seq_length or 0
+        evaluation = None
         if self._batches_fn is not None:
             batches = self._batches_fn(consumed, dp_rank, layout.dp, layout.micro)
         else:
-            batches = gpt.batches(cfg, prefix, seq_length, iters, layout, consumed, dp_rank)
+            train_ds, valid_ds, test_ds = gpt.datasets(cfg, prefix, seq_length, iters, layout)
+            batches = gpt.batches(cfg, prefix, seq_length, iters, layout, consumed, dp_rank, dataset=train_ds)
+            evaluation = self._evaluation(valid_ds, test_ds, start_step, dp_rank)
+        dp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+        self._dp_group = dp_group
+
+        def after_step(record) -> bool:
+            stop = policy.after_step(record)
+            if cfg.checkpoint.exit_duration_in_mins and self._out_of_time():
+                policy.save(record.step)
+                self.say(f"exiting after step {record.step}: the run has passed --exit-duration-in-mins "
+                         f"{cfg.checkpoint.exit_duration_in_mins:g}")
+                stop = True
+            return stop
+
         self.records = loop.train(  # through the module: tests hook loop.train
             self.engine, batches, iters=iters, accumulation=layout.accumulation, global_batch=layout.global_batch,
-            seq_length=seq_length, dp_group=parallel_state.get_data_parallel_group(with_context_parallel=True),
+            seq_length=seq_length, dp_group=dp_group,
             metrics_out=cfg.logging.metrics_path, schedule=self.schedule, progress=cfg.logging.progress,
             log_interval=cfg.logging.interval, log=self._log, start_step=start_step, start_samples=consumed,
-            on_step=policy.after_step, timeout_minutes=cfg.launch.distributed_timeout_minutes,
+            on_step=after_step, timeout_minutes=cfg.launch.distributed_timeout_minutes,
+            after_step=evaluation.periodic if evaluation is not None else None,
         )
         policy.finish()
+        if evaluation is not None and self.records and self.records[-1].step == iters:
+            evaluation.final(iters)  # Megatron-LM exits before it on --exit-* stops
         if self.records:
             first, last = self.records[0], self.records[-1]
             self.say(f"loss {first.loss:.4f} -> {last.loss:.4f} over {len(self.records)} steps; last step "
                      f"{last.tokens_per_s:,.0f} tokens/s, peak {last.peak_mem_bytes / 2**20:,.0f} MiB/rank")
         return self.records
+
+    def _out_of_time(self) -> bool:
+        """Whether any rank has passed --exit-duration-in-mins (all-reduced: every rank stops at one step)."""
+        late = time.time() - self._started > 60.0 * self.cfg.checkpoint.exit_duration_in_mins
+        flag = torch.tensor([1.0 if late else 0.0])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            with comm.paused():
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def _evaluation(self, valid_ds, test_ds, start_step: int, dp_rank: int):
+        """The run's evaluations (--eval-interval / --eval-iters), or None when none is asked for."""
+        log = self.cfg.logging
+        if not (log.eval_interval and log.eval_iters):
+            return None
+        if valid_ds is None:
+            self.say(f"note: --split {self.cfg.data.split!r} leaves no validation data: no evaluation during "
+                     "training (Megatron-LM skips it too)")
+        return _Evaluation(self, valid_ds, test_ds, start_step, dp_rank)
 
     def _build_engine(self, kind: str, cfg: RunConfig, layout, weights):
         if kind == engines.MEGATRON:
@@ -194,3 +240,45 @@ def _refuse_model_parallel_without_megatron_layers(module: torch.nn.Module, layo
         raise ConfigError("parallel.tp", layout.tp, "the model has no tensor-parallel layers (Megatron-Core's "
                           "ColumnParallelLinear / RowParallelLinear), so tp ranks would train diverging copies",
                           "use tp 1, or build the model from Megatron-Core's parallel layers")
+
+
+class _Evaluation:
+    """Megatron-LM's evaluation: every ``eval_interval`` steps ``eval_iters`` new global batches of the
+    validation split (a resumed run skips those its earlier evaluations read), after the last step the
+    validation split once more and the test split once; each a framed log line and a metrics record."""
+
+    def __init__(self, run: Run, valid_ds, test_ds, start_step: int, dp_rank: int):
+        from zeromega.integrations.megatron import data
+
+        self.run, self.log = run, run.cfg.logging
+        layout = run.layout
+        per_eval = self.log.eval_iters * layout.global_batch
+        start = (start_step // self.log.eval_interval) * per_eval
+        self.valid = None if valid_ds is None else data.sample_batches(
+            valid_ds, layout.micro, start_sample=start, dp_rank=dp_rank, dp_size=layout.dp)
+        self.test = None if test_ds is None else data.sample_batches(
+            test_ds, layout.micro, start_sample=0, dp_rank=dp_rank, dp_size=layout.dp)
+
+    def _run(self, batches, kind: str, step: int, label: str) -> dict:
+        loss = loop.evaluate(self.run.engine, batches, iters=self.log.eval_iters,
+                             accumulation=self.run.layout.accumulation, dp_group=self.run._dp_group)
+        record, line = loop.eval_record(kind, step, loss, label)
+        self.run.say_raw(line)
+        self.run.evaluations.append(record)
+        return record
+
+    def periodic(self, record) -> list[dict]:
+        if self.valid is None or record.step % self.log.eval_interval:
+            return []
+        return [self._run(self.valid, "valid", record.step, f"iteration {record.step}")]
+
+    def final(self, step: int) -> None:
+        out = []
+        if self.valid is not None:
+            out.append(self._run(self.valid, "valid", step, f"iteration {step} on validation set"))
+        if self.test is not None:
+            out.append(self._run(self.test, "test", step, f"iteration {step} on test set"))
+        path = self.run.cfg.logging.metrics_path
+        if path and out and (not dist.is_initialized() or dist.get_rank() == 0):
+            with open(path, "a") as f:
+                f.writelines(json.dumps(r) + "\n" for r in out)

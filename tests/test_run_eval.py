@@ -1,0 +1,75 @@
+"""Megatron-LM's evaluation and run-length flags on a real run: --eval-interval / --eval-iters (validation
+every N steps, validation and test at the end, forward only, on both engines), --exit-duration-in-mins."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+
+from distributed import run_world
+from eval_workers import run_eval
+
+TINY = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "32",
+        "--hidden-dropout", "0", "--attention-dropout", "0", "--micro-batch-size", "2", "--no-progress",
+        "--lr", "1e-3", "--global-batch-size", "4"]
+EVAL = ["--split", "8,1,1", "--eval-interval", "2", "--eval-iters", "2"]
+
+
+def test_eval_interval_logs_megatrons_validation_lines_and_records_without_touching_training(tmp_path,
+                                                                                             small_corpus):
+    metrics = tmp_path / "m.jsonl"
+    argv = ["--data-path", small_corpus, *TINY, "--train-iters", "4", "--split", "8,1,1"]
+    (plain,) = run_world(1, run_eval, argv)
+    (evaluated,) = run_world(1, run_eval, argv + EVAL[2:] + ["--metrics-out", str(metrics)])
+    # forward only: the training curve is the one of a run without evaluation
+    assert [r["loss"] for r in evaluated["records"]] == [r["loss"] for r in plain["records"]]
+    assert plain["evaluations"] == []
+    kinds = [(e["kind"], e["step"]) for e in evaluated["evaluations"]]
+    assert kinds == [("valid", 2), ("valid", 4), ("valid", 4), ("test", 4)]
+    for e in evaluated["evaluations"]:
+        assert e["ppl"] == pytest.approx(math.exp(e["loss"])) and 0 < e["loss"] < math.log(384) + 1
+    assert evaluated["evaluations"][1]["loss"] < evaluated["evaluations"][0]["loss"]  # it learns
+    framed = [entry.splitlines() for entry in evaluated["lines"] if "validation loss at" in entry]
+    assert all(len(f) == 3 and f[0] == f[2] == "-" * (len(f[1]) + 1) for f in framed)  # Megatron's frame
+    lines = [f[1] for f in framed]
+    assert [line.split("|")[0].strip() for line in lines] == [
+        "validation loss at iteration 2", "validation loss at iteration 4",
+        "validation loss at iteration 4 on validation set", "validation loss at iteration 4 on test set"]
+    assert all("lm loss value:" in line and "lm loss PPL:" in line for line in lines)
+    written = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [(r.get("kind", "train"), r["step"]) for r in written] == [
+        ("train", 1), ("train", 2), ("valid", 2), ("train", 3), ("train", 4), ("valid", 4), ("valid", 4),
+        ("test", 4)]
+
+
+@pytest.mark.parametrize("layout", [["--pipeline-model-parallel-size", "2"], []], ids=["pp2-megatron", "dp2"])
+def test_validation_loss_is_the_same_on_both_engines_and_averaged_over_dp(small_corpus, layout):
+    """pp1 (DeepSpeed's engine, 1 rank), pp2 (Megatron-Core's, forward_only) and dp2 see one model and one
+    validation batch: one loss."""
+    argv = ["--data-path", small_corpus, *TINY, "--train-iters", "2", *EVAL]
+    (single,) = run_world(1, run_eval, argv)
+    other = run_world(2, run_eval, argv + layout)[0]
+    assert other["engine"] == ("megatron" if layout else "deepspeed")
+    ours = [e["loss"] for e in single["evaluations"]]
+    assert len(ours) == 3
+    assert [e["loss"] for e in other["evaluations"]] == pytest.approx(ours, rel=1e-5)
+
+
+def test_a_split_without_validation_data_trains_without_evaluating(small_corpus):
+    (result,) = run_world(1, run_eval, ["--data-path", small_corpus, *TINY, "--train-iters", "2", "--split",
+                                        "1,0,0", "--eval-interval", "1", "--eval-iters", "1"])
+    assert len(result["records"]) == 2 and result["evaluations"] == []
+    assert any("leaves no validation data" in line for line in result["lines"])
+
+
+def test_exit_duration_in_mins_saves_and_stops_every_rank_at_one_step(tmp_path, small_corpus):
+    save = tmp_path / "ckpt"
+    results = run_world(2, run_eval, ["--data-path", small_corpus, *TINY, "--train-iters", "50", "--split",
+                                      "1,0,0", "--exit-duration-in-mins", "1e-6", "--save", str(save),
+                                      "--eval-interval", "1", "--eval-iters", "1"])
+    assert [len(r["records"]) for r in results] == [1, 1]
+    assert any("--exit-duration-in-mins" in line for line in results[0]["lines"])
+    assert os.listdir(save)  # saved before stopping
