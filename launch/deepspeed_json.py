@@ -21,8 +21,10 @@ fill is a ConfigError naming the key.
 from __future__ import annotations
 
 import copy
+import difflib
+import functools
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from pydantic import TypeAdapter, ValidationError
 
@@ -148,6 +150,139 @@ def _object(value: Any, where: str) -> dict:
     return dict(value)
 
 
+# ------------------------------------------------------------------ DeepSpeed's own validation
+
+# Top-level keys DeepSpeed 0.19 reads that its modules spell only inline (the rest is collected from
+# DeepSpeed's own constants and config sources by :func:`deepspeed_names`), and the blocks zeromega adds.
+EXTRA_TOP_LEVEL = ("compile", "tensor_parallel", "weight_quantization", "checkpoint", "zeromega",
+                   "sequence_parallel")
+# DeepSpeed's modules whose constants and config code name its keys (the data for "did you mean").
+_NAME_MODULES = (
+    "deepspeed.runtime.config", "deepspeed.runtime.constants", "deepspeed.runtime.precision_config",
+    "deepspeed.runtime.zero.config", "deepspeed.monitor.config", "deepspeed.profiling.constants",
+    "deepspeed.profiling.config", "deepspeed.runtime.activation_checkpointing.config",
+    "deepspeed.compile.config", "deepspeed.runtime.tensor_parallel.config", "deepspeed.comm.config",
+    "deepspeed.comm.constants", "deepspeed.runtime.swap_tensor.constants", "deepspeed.autotuning.constants",
+    "deepspeed.utils.config", "deepspeed.runtime.model_checkpointing.constants", "deepspeed.datastates.config",
+    "deepspeed.inference.config", "deepspeed.runtime.data_pipeline.constants")
+
+
+@functools.lru_cache(maxsize=1)
+def deepspeed_names() -> frozenset[str]:
+    """Every key name DeepSpeed 0.19 knows: its string constants and the key literals of its config code."""
+    import importlib
+    import inspect
+    import re
+
+    names = set(EXTRA_TOP_LEVEL)
+    for module_name in _NAME_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+            source = inspect.getsource(module)
+        except Exception:  # noqa: BLE001 (a module this DeepSpeed lacks adds no names)
+            continue
+        names |= {value for name, value in vars(module).items() if name.isupper() and isinstance(value, str)
+                  and re.fullmatch(r"[a-z][a-z0-9_]*", value)}
+        names |= set(re.findall(r'"([a-z][a-z0-9_]*)"', source))
+    return frozenset(names)
+
+
+def _did_you_mean(key: str, names) -> Optional[str]:
+    by_lower = {name.lower(): name for name in names}
+    close = difflib.get_close_matches(key.lower(), list(by_lower), n=1, cutoff=0.8)
+    if close:
+        return by_lower[close[0]]
+    words = sorted(key.lower().split("_"))  # the same words in another order (comm_overlap)
+    return next((name for low, name in sorted(by_lower.items()) if sorted(low.split("_")) == words), None)
+
+
+def _model_names(model) -> set[str]:
+    """A pydantic model's field names and their aliases (both spellings DeepSpeed accepts)."""
+    names = set(model.model_fields)
+    names |= {field.alias for field in model.model_fields.values() if field.alias}
+    return names
+
+
+def _submodel(model, name: str):
+    """The DeepSpeed config model of field (or alias) ``name`` of ``model``, if it is one."""
+    import typing
+
+    from pydantic import BaseModel
+
+    for field_name, field in model.model_fields.items():
+        if name in (field_name, field.alias):
+            for candidate in (field.annotation, *typing.get_args(field.annotation)):
+                if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+                    return candidate
+    return None
+
+
+def _deepspeed_models() -> dict[str, Any]:
+    from deepspeed.runtime.precision_config import DeepSpeedBF16Config, DeepSpeedFP16Config
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    return {"zero_optimization": DeepSpeedZeroConfig, "fp16": DeepSpeedFP16Config, "bf16": DeepSpeedBF16Config,
+            "bfloat16": DeepSpeedBF16Config}
+
+
+def check_with_deepspeed(ds: dict) -> None:
+    """Refuse what DeepSpeed 0.19 refuses, and a top-level typo it would silently ignore.
+
+    Blocks DeepSpeed models with pydantic (``zero_optimization`` with its offload
+    sub-blocks, ``fp16``, ``bf16``) are validated by DeepSpeed's own models, so
+    their aliases, deprecated spellings (DeepSpeed warns, and so do they here),
+    types and refusals are the engine's; an unknown key in them is refused with
+    the closest field name or alias. DeepSpeed ignores unknown top-level keys:
+    one close to a key DeepSpeed knows is refused (a ``zero_optimisation``
+    block would otherwise silently mean ZeRO-0), the others pass through.
+    """
+    from deepspeed.runtime import config as ds_config
+
+    for key, message in getattr(ds_config, "_REMOVED_TOP_LEVEL_CONFIG_KEYS", {}).items():
+        if key in ds:
+            raise ConfigError(key, ds[key], f"DeepSpeed 0.19 refuses it: {message}", f"remove {key}")
+    zero = ds.get("zero_optimization")
+    for key, message in getattr(ds_config, "_REMOVED_ZERO_CONFIG_KEYS", {}).items():
+        if isinstance(zero, dict) and key in zero:
+            raise ConfigError(f"zero_optimization.{key}", zero[key], f"DeepSpeed 0.19 refuses it: {message}",
+                              f"remove zero_optimization.{key}")
+    known = deepspeed_names()
+    for key in ds:
+        if key not in known and isinstance(key, str):
+            close = _did_you_mean(key, known)
+            if close is not None:
+                raise ConfigError(key, "{...}" if isinstance(ds[key], dict) else ds[key],
+                                  "not a DeepSpeed key (DeepSpeed ignores unknown top-level keys, so this would "
+                                  "silently have no effect)", f"did you mean {close!r}?")
+    for name, model in _deepspeed_models().items():
+        block = ds.get(name)
+        if isinstance(block, dict):
+            _validate_block(name, block, model)
+
+
+def _validate_block(name: str, block: dict, model) -> None:
+    try:
+        model(**block)
+    except ValidationError as err:
+        first = err.errors()[0]
+        loc = [str(part) for part in first["loc"]]
+        where = ".".join([name, *loc])
+        if first["type"] == "extra_forbidden":
+            owner = model
+            for part in loc[:-1]:
+                owner = _submodel(owner, part) if owner is not None else None
+            names = _model_names(owner) if owner is not None else set()
+            close = _did_you_mean(loc[-1], names) if names else None
+            fix = f"did you mean {close!r}?" if close else f"use one of {sorted(names)}"
+            raise ConfigError(where, first.get("input"), f"not a key of DeepSpeed's {name} block "
+                              "(DeepSpeed 0.19 refuses it)", fix) from None
+        raise ConfigError(where, first.get("input"), f"DeepSpeed 0.19 refuses it: {' '.join(first['msg'].split())}",
+                          f"give {where} a value DeepSpeed accepts") from None
+    except (AssertionError, ValueError) as err:
+        raise ConfigError(name, "{...}", f"DeepSpeed 0.19 refuses the block: {err}",
+                          "fix the block as the message says") from None
+
+
 class _Reader:
     """Collects (unified path, value) from one DeepSpeed dict, per source, checking each value's type."""
 
@@ -164,6 +299,7 @@ def from_deepspeed(ds: dict) -> dict:
     """Partial config from a DeepSpeed JSON dict (with an optional "zeromega" block)."""
     if not isinstance(ds, dict):
         raise ConfigError("config", type(ds).__name__, "top level is not a JSON object", "wrap the keys in {...}")
+    check_with_deepspeed(ds)
     ds, reader = copy.deepcopy(ds), _Reader()
     for key, path in TOP_LEVEL.items():
         reader.put(key, path, ds.pop(key, None))

@@ -1,0 +1,104 @@
+"""A DeepSpeed JSON read as DeepSpeed 0.19 reads it: its own config models validate the blocks it models,
+a top-level typo DeepSpeed would ignore is refused, DeepSpeed's batch arithmetic, the sequence_parallel block."""
+
+from __future__ import annotations
+
+import pytest
+
+from zeromega.config.errors import ConfigError
+from zeromega.launch import deepspeed_json, translate
+
+
+def ds(data: dict):
+    return translate.resolve([("DeepSpeed", translate.from_deepspeed(data))])
+
+
+BATCH = {"train_micro_batch_size_per_gpu": 2}
+
+
+# ------------------------------------------------------------------ keys DeepSpeed refuses (or ignores)
+
+
+@pytest.mark.parametrize("data, field, suggestion", [
+    ({"zero_optimisation": {"stage": 3}}, "zero_optimisation", "zero_optimization"),
+    ({"Zero_Optimization": {"stage": 3}}, "Zero_Optimization", "zero_optimization"),
+    ({"train_micro_batch_size_per_gpus": 2}, "train_micro_batch_size_per_gpus", "train_micro_batch_size_per_gpu"),
+    ({"gradient_clippng": 1.0}, "gradient_clippng", "gradient_clipping"),
+    ({"zero_optimization": {"stage": 3, "stage3_param_persitance_threshold": 1e4}},
+     "zero_optimization.stage3_param_persitance_threshold", "stage3_param_persistence_threshold"),
+    ({"zero_optimization": {"stage": 2, "comm_overlap": True}}, "zero_optimization.comm_overlap", "overlap_comm"),
+    ({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu", "pin_memroy": True}}},
+     "zero_optimization.offload_param.pin_memroy", "pin_memory"),
+    ({"zero_optimization": {"stage": 2, "offload_optimizer": {"devce": "cpu"}}},
+     "zero_optimization.offload_optimizer.devce", "device"),
+    ({"fp16": {"enabled": True, "loss_scale_windw": 500}}, "fp16.loss_scale_windw", "loss_scale_window"),
+    ({"bf16": {"enabeld": True}}, "bf16.enabeld", "enabled"),
+])
+def test_misspelled_key_refused_with_did_you_mean(data, field, suggestion):
+    with pytest.raises(ConfigError) as err:
+        translate.from_deepspeed({**BATCH, **data})
+    assert err.value.field == field
+    assert f"did you mean {suggestion!r}" in str(err.value)
+
+
+def test_misspelled_zero_block_never_silently_means_zero_0():
+    with pytest.raises(ConfigError, match="silently have no effect"):
+        ds({**BATCH, "zero_optimisation": {"stage": 3}})
+
+
+@pytest.mark.parametrize("data, field", [
+    ({"zero_optimization": {"stage": 5}}, "zero_optimization.stage"),
+    ({"zero_optimization": {"stage": 3, "reduce_bucket_size": "big"}}, "zero_optimization.reduce_bucket_size"),
+    ({"zero_optimization": {"offload_optimizer": {"device": "gpu"}}}, "zero_optimization.offload_optimizer.device"),
+    ({"fp16": {"enabled": True, "loss_scale": -1}}, "fp16.loss_scale"),
+])
+def test_wrong_types_and_values_refused_as_deepspeed_refuses_them(data, field):
+    from deepspeed.runtime.precision_config import get_float16_config
+    from deepspeed.runtime.zero.config import get_zero_config
+
+    with pytest.raises(Exception):  # DeepSpeed's own models refuse the block
+        get_zero_config(data) if "zero_optimization" in data else get_float16_config(data)
+    with pytest.raises(ConfigError) as err:
+        translate.from_deepspeed({**BATCH, **data})
+    assert err.value.field == field and "DeepSpeed 0.19 refuses it" in str(err.value)
+
+
+def test_deprecated_and_alias_spellings_accepted_as_deepspeed_accepts_them():
+    cfg = ds({**BATCH, "zero_optimization": {"stage": 3, "cpu_offload_param": True, "prefetch_bucket_size": 1000,
+                                             "stage3_gather_fp16_weights_on_model_save": True}})
+    assert cfg.zero.stage == 3 and cfg.zero.offload_param.device == "cpu"
+    extra = cfg.deepspeed_extra["zero_optimization"]
+    assert extra["stage3_prefetch_bucket_size"] == 1000
+    assert extra["stage3_gather_16bit_weights_on_model_save"] is True
+
+
+def test_deprecated_spelling_together_with_its_replacement_refused():
+    with pytest.raises(ConfigError, match="cpu_offload"):
+        translate.from_deepspeed({**BATCH, "zero_optimization": {"stage": 2, "cpu_offload": True,
+                                                                 "offload_optimizer": {"device": "cpu"}}})
+
+
+def test_auto_values_pass_deepspeed_validation_as_in_the_hf_trainer():
+    # DeepSpeed's models drop "auto" before validating (the HF Trainer fills them): no refusal here
+    deepspeed_json.check_with_deepspeed({"fp16": {"enabled": "auto", "loss_scale_window": "auto"},
+                                         "zero_optimization": {"stage": "auto", "overlap_comm": "auto",
+                                                               "allgather_bucket_size": "auto"}})
+    cfg = ds({**BATCH, "fp16": {"enabled": "auto"}, "zero_optimization": {"stage": 2, "allgather_bucket_size": 5e8}})
+    assert cfg.zero.stage == 2
+
+
+def test_unknown_top_level_keys_deepspeed_ignores_still_pass_through():
+    data = {**BATCH, "my_project_notes": {"owner": "me"}, "wall_clock_breakdown": False,
+            "flops_profiler": {"enabled": False}, "tensorboard": {"enabled": False}}
+    cfg = ds(data)
+    assert cfg.deepspeed_extra["my_project_notes"] == {"owner": "me"}
+    assert cfg.deepspeed_extra["flops_profiler"] == {"enabled": False}
+
+
+def test_top_level_keys_known_to_deepspeed_are_collected_from_deepspeed_itself():
+    names = deepspeed_json.deepspeed_names()
+    for key in ("zero_optimization", "train_batch_size", "train_micro_batch_size_per_gpu", "fp16", "bf16",
+                "bfloat16", "gradient_clipping", "aio", "flops_profiler", "activation_checkpointing",
+                "tensorboard", "wandb", "comms_logger", "data_efficiency", "compile", "tensor_parallel",
+                "sequence_parallel_size", "zero_allow_untested_optimizer", "communication_data_type"):
+        assert key in names, key
