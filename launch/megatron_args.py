@@ -92,6 +92,13 @@ FLAGS: dict[str, tuple[str, Any]] = {
     "--exit-duration-in-mins": ("checkpoint.exit_duration_in_mins", float),
     "--eval-interval": ("logging.eval_interval", int),
     "--eval-iters": ("logging.eval_iters", int),
+    "--tensorboard-dir": ("logging.tensorboard_dir", str),
+    "--tensorboard-log-interval": ("logging.tensorboard_log_interval", int),
+    "--tensorboard-queue-size": ("logging.tensorboard_queue_size", int),
+    "--log-validation-ppl-to-tensorboard": ("logging.log_validation_ppl_to_tensorboard", SWITCH),
+    "--log-memory-to-tensorboard": ("logging.log_memory_to_tensorboard", SWITCH),
+    "--log-timers-to-tensorboard": ("logging.log_timers_to_tensorboard", SWITCH),
+    "--log-world-size-to-tensorboard": ("logging.log_world_size_to_tensorboard", SWITCH),
     "--finetune": ("checkpoint.finetune", SWITCH),
     "--no-load-optim": ("checkpoint.no_load_optim", SWITCH),
     "--no-load-rng": ("checkpoint.no_load_rng", SWITCH),
@@ -101,7 +108,9 @@ ZEROMEGA_FLAGS: dict[str, tuple[str, Any]] = {
     "--metrics-out": ("logging.metrics_path", str),
 }
 # Switches that clear a field.
-NEGATIONS: dict[str, str] = {"--no-progress": "logging.progress", "--disable-bias-linear": "model.add_bias_linear"}
+NEGATIONS: dict[str, str] = {"--no-progress": "logging.progress", "--disable-bias-linear": "model.add_bias_linear",
+                             "--no-log-loss-scale-to-tensorboard": "logging.log_loss_scale_to_tensorboard",
+                             "--disable-log-loss-scale-to-tensorboard": "logging.log_loss_scale_to_tensorboard"}
 # Flags with a rule of their own: flag -> (value kind, number of values: 0, 1 or "+").
 SPECIAL: dict[str, tuple[Any, Any]] = {
     "--bf16": (None, 0),
@@ -381,6 +390,8 @@ def to_argv(cfg: RunConfig) -> list[str]:
     m, moe = cfg.model, cfg.moe
     if not m.add_bias_linear:
         argv.append("--disable-bias-linear")
+    if not cfg.logging.log_loss_scale_to_tensorboard:
+        argv.append("--no-log-loss-scale-to-tensorboard")
     if m.normalization != default.model.normalization:
         argv += ["--normalization", m.normalization]
     if m.num_query_groups is not None:

@@ -73,3 +73,31 @@ def test_exit_duration_in_mins_saves_and_stops_every_rank_at_one_step(tmp_path, 
     assert [len(r["records"]) for r in results] == [1, 1]
     assert any("--exit-duration-in-mins" in line for line in results[0]["lines"])
     assert os.listdir(save)  # saved before stopping
+
+
+def test_tensorboard_dir_writes_megatrons_scalars(tmp_path, small_corpus):
+    """--tensorboard-dir with its switches: the event file read back holds the loss of every step (the same
+    values as the run's records), lr, validation loss and ppl, memory, iteration time and world size."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = tmp_path / "tb"
+    (result,) = run_world(1, run_eval, ["--data-path", small_corpus, *TINY, "--train-iters", "4", *EVAL,
+                                        "--tensorboard-dir", str(board), "--log-validation-ppl-to-tensorboard",
+                                        "--log-memory-to-tensorboard", "--log-timers-to-tensorboard",
+                                        "--log-world-size-to-tensorboard", "--no-log-loss-scale-to-tensorboard"])
+    events = EventAccumulator(str(board))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert ("grad-norm" in tags) == (result["records"][0]["grad_norm"] is not None)
+    assert {"lm loss", "lm loss vs samples", "learning-rate", "batch-size", "world-size",
+            "mem-max-allocated-bytes", "iteration-time", "lm loss validation", "lm loss validation ppl",
+            "lm loss test"} <= tags
+    assert "loss-scale" not in tags
+    loss = [(e.step, e.value) for e in events.Scalars("lm loss")]
+    assert [s for s, _ in loss] == [1, 2, 3, 4]
+    assert [v for _, v in loss] == pytest.approx([r["loss"] for r in result["records"]], rel=1e-6)
+    assert [e.value for e in events.Scalars("learning-rate")] == pytest.approx(
+        [r["lr"] for r in result["records"]], rel=1e-6)
+    valid = [e for e in result["evaluations"] if e["kind"] == "valid"]
+    assert [e.step for e in events.Scalars("lm loss validation")] == [2, 4, 4]
+    assert [e.value for e in events.Scalars("lm loss validation")] == pytest.approx([e["loss"] for e in valid])

@@ -270,6 +270,25 @@ class LoggingConfig(_Section):
     and the test split once at the end, as Megatron-LM's pretrain does."""
     eval_iters: Annotated[int, Field(ge=0)] = 100
     """Global batches per evaluation, of the validation and of the test split (``--eval-iters``); 0: none."""
+    tensorboard_dir: Optional[str] = None
+    """TensorBoard event files go here, written by rank 0 (``--tensorboard-dir``; Megatron-LM writes from the last
+    rank: the values are reduced over ranks, so they are the same): lm loss, learning-rate, batch-size,
+    grad-norm every step, validation loss after each evaluation (test: ``lm loss test``)."""
+    tensorboard_log_interval: PositiveInt = 1
+    """Steps between TensorBoard training scalars (``--tensorboard-log-interval``)."""
+    tensorboard_queue_size: PositiveInt = 1000
+    """Events pending before the writer flushes (``--tensorboard-queue-size``; SummaryWriter's max_queue)."""
+    log_loss_scale_to_tensorboard: bool = True
+    """``loss-scale`` in TensorBoard (``--no-log-loss-scale-to-tensorboard`` turns it off; 1 without fp16)."""
+    log_validation_ppl_to_tensorboard: bool = False
+    """``lm loss validation ppl`` in TensorBoard too (``--log-validation-ppl-to-tensorboard``)."""
+    log_memory_to_tensorboard: bool = False
+    """``mem-max-allocated-bytes`` (peak over ranks in the step; on CUDA also reserved/allocated bytes and
+    allocation count, as Megatron-LM) in TensorBoard (``--log-memory-to-tensorboard``)."""
+    log_timers_to_tensorboard: bool = False
+    """``iteration-time`` (seconds) in TensorBoard (``--log-timers-to-tensorboard``)."""
+    log_world_size_to_tensorboard: bool = False
+    """``world-size`` in TensorBoard (``--log-world-size-to-tensorboard``)."""
 
 
 class LaunchConfig(_Section):

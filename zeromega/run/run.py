@@ -28,7 +28,7 @@ from zeromega.integrations.megatron import parallel
 from zeromega.integrations.megatron import model as gpt_model
 from zeromega.plugins.zero.report import proc_io
 
-from . import checkpointing, engines, gpt, loop, schedule
+from . import checkpointing, engines, gpt, loop, schedule, tensorboard
 from .loop import StepRecord, gpt_loss
 
 
@@ -49,6 +49,7 @@ class Run:
             raise ConfigError("scheduler.train_iters", None, "the run's length is unstated",
                               "pass --train-iters N (DeepSpeed: the scheduler's total_num_steps)")
         checkpointing.check(cfg)
+        tensorboard.check(cfg)
         self.cfg, self._model_fn, self._batches_fn, self._loss_fn, self._log = cfg, model, batches, loss, log
         self.layout = self.engine = self.schedule = self.shape = None
         self.records: list[StepRecord] = []
@@ -132,17 +133,29 @@ class Run:
                 stop = True
             return stop
 
-        self.records = loop.train(  # through the module: tests hook loop.train
-            self.engine, batches, iters=iters, accumulation=layout.accumulation, global_batch=layout.global_batch,
-            seq_length=seq_length, dp_group=dp_group,
-            metrics_out=cfg.logging.metrics_path, schedule=self.schedule, progress=cfg.logging.progress,
-            log_interval=cfg.logging.interval, log=self._log, start_step=start_step, start_samples=consumed,
-            on_step=after_step, timeout_minutes=cfg.launch.distributed_timeout_minutes,
-            after_step=evaluation.periodic if evaluation is not None else None,
-        )
-        policy.finish()
-        if evaluation is not None and self.records and self.records[-1].step == iters:
-            evaluation.final(iters)  # Megatron-LM exits before it on --exit-* stops
+        board = tensorboard.TensorBoard(cfg, layout.global_batch)
+
+        def observe(record) -> list[dict]:  # TensorBoard and evaluation after each step, on every rank
+            board.step(record, self.engine)
+            out = evaluation.periodic(record) if evaluation is not None else []
+            for result in out:
+                board.evaluation(result, record.consumed_samples)
+            return out
+
+        try:
+            self.records = loop.train(  # through the module: tests hook loop.train
+                self.engine, batches, iters=iters, accumulation=layout.accumulation,
+                global_batch=layout.global_batch, seq_length=seq_length, dp_group=dp_group,
+                metrics_out=cfg.logging.metrics_path, schedule=self.schedule, progress=cfg.logging.progress,
+                log_interval=cfg.logging.interval, log=self._log, start_step=start_step, start_samples=consumed,
+                on_step=after_step, timeout_minutes=cfg.launch.distributed_timeout_minutes, after_step=observe,
+            )
+            policy.finish()
+            if evaluation is not None and self.records and self.records[-1].step == iters:
+                for result in evaluation.final(iters):  # Megatron-LM exits before it on --exit-* stops
+                    board.evaluation(result, self.records[-1].consumed_samples)
+        finally:
+            board.close()
         if self.records:
             first, last = self.records[0], self.records[-1]
             self.say(f"loss {first.loss:.4f} -> {last.loss:.4f} over {len(self.records)} steps; last step "
@@ -272,7 +285,7 @@ class _Evaluation:
             return []
         return [self._run(self.valid, "valid", record.step, f"iteration {record.step}")]
 
-    def final(self, step: int) -> None:
+    def final(self, step: int) -> list[dict]:
         out = []
         if self.valid is not None:
             out.append(self._run(self.valid, "valid", step, f"iteration {step} on validation set"))
@@ -282,3 +295,4 @@ class _Evaluation:
         if path and out and (not dist.is_initialized() or dist.get_rank() == 0):
             with open(path, "a") as f:
                 f.writelines(json.dumps(r) + "\n" for r in out)
+        return out
