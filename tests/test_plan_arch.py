@@ -39,7 +39,7 @@ def count_built(cfg: dict, shapes: dict) -> dict[str, int]:
     run = RunConfig.model_validate(cfg)
     parallel.initialize(run, seed=1)
     try:
-        return {name: sum(p.numel() for c in model.build_gpt_chunks(model.GPTShape(**shape), run)
+        return {name: sum(p.numel() for c in model.build_gpt_chunks(model.GPTShape(**shape), run, run.parallel.vpp)
                           for p in c.parameters())
                 for name, shape in shapes.items()}
     finally:
@@ -66,3 +66,75 @@ def test_count_equals_the_built_model_tp2():
     built = run_world(2, count_built, {"precision": "fp32", "parallel": {"tp": 2}}, shapes)
     planned = {name: zplan.gpt_size(tp=2, **shape).params for name, shape in shapes.items()}
     assert built[0] == built[1] == planned
+
+
+def _stage_counts(shape: dict, pp: int, vpp=None, tp: int = 1) -> list[int]:
+    count = zplan.gpt_count(tp=tp, **shape)
+    out = []
+    for r, chunks in enumerate(zplan.stage_layers(shape["num_layers"], pp, vpp)):
+        out.append(sum(count.stage(f, n, r == 0 and i == 0, r == pp - 1 and i == len(chunks) - 1)
+                       for i, (f, n) in enumerate(chunks)))
+    return out
+
+
+PP_SHAPES = {"base": {**BASE, "num_layers": 4}, "llama": {**LLAMA, "num_layers": 4},
+             "mixtral": {**MIXTRAL, "num_layers": 4, "moe_layer_freq": [1, 0, 1, 1]}}
+
+
+@pytest.mark.parametrize("vpp", [None, 2])
+def test_stage_counts_equal_the_built_stages(vpp):
+    """pp 2: embedding on the first stage, output (or the tied copy Megatron-Core keeps) on the last."""
+    parallel = {"pp": 2, **({"vpp": vpp} if vpp else {})}
+    built = run_world(2, count_built, {"precision": "fp32", "parallel": parallel}, PP_SHAPES)
+    for name, shape in PP_SHAPES.items():
+        assert [b[name] for b in built] == _stage_counts(shape, 2, vpp), name
+    # the tied copy: both stages together hold one word embedding more than the 1-process model
+    base = PP_SHAPES["base"]
+    assert sum(_stage_counts(base, 2)) == zplan.gpt_size(**base).params + zplan.gpt_count(**base).word_embedding
+
+
+def test_uneven_split_is_refused():
+    with pytest.raises(ValueError, match="do not split evenly"):
+        zplan.stage_layers(7, 2)
+    assert zplan.stage_layers(8, 2, 2) == [[(0, 2), (4, 2)], [(2, 2), (6, 2)]]
+
+
+def test_in_flight_micro_batches_under_1f1b():
+    assert [zplan.in_flight_chunks(r, 4, 8) for r in range(4)] == [4, 3, 2, 1]
+    assert zplan.in_flight_chunks(0, 4, 2) == 2  # fewer micro-batches than stages
+    # interleaved, first stage: p (1 + (p-1)/(p v)) micro-batches of L/p layers = that many chunks x v
+    p, v = 4, 2
+    assert zplan.in_flight_chunks(0, p, 16, v) / v == p * (1 + (p - 1) / (p * v))
+
+
+def test_megatron_engine_bytes_per_parameter():
+    """bf16: 2 (params) + 4 (fp32 grad buffer) + 12/N (master, m, v) with the distributed optimizer, + 12 without;
+    an fp32 model has no master copy."""
+    P = 1_000_000
+    m = zplan.ModelSize(params=P, total_params=P, largest_tensor=P, largest_layer=P)
+
+    def states(precision, distopt, dp):
+        plan = zplan.plan_megatron(precision, m, dp=dp, distributed_optimizer=distopt)
+        return sum(r.bytes for r in plan.rows if not r.transient)
+
+    assert states("bf16", True, 4) == 2 * P + 4 * P + 12 * P // 4
+    assert states("bf16", False, 4) == 18 * P
+    assert states("fp32", True, 2) == 8 * P + 8 * P // 2
+    # experts shard over expert-dp
+    plan = zplan.plan_megatron("bf16", m, dp=4, expert_params=P // 2, expert_dp=1)
+    assert {r.name: r.bytes for r in plan.rows}["Adam m, v"] == 8 * (P // 2 // 4 + P // 2)
+
+
+def test_pipeline_plan_stages_and_worst():
+    from types import SimpleNamespace
+
+    layout = SimpleNamespace(pp=4, tp=1, dp=2, cp=1, ep=1, etp=None, vpp=None, micro=1, accumulation=8)
+    shape = dict(num_layers=8, hidden_size=256, num_attention_heads=8, seq_length=512, vocab_size=50257)
+    plan = zplan.for_run({"zero_optimization": {"stage": 1}, "bf16": {"enabled": True}}, layout, shape=shape)
+    assert len(plan.stages) == 4 and plan.stages[0].engine == "megatron"
+    acts = [{r.name: r.bytes for r in st.rows}["activations"] for st in plan.stages]
+    assert acts[0] == 4 * acts[3] and acts[1] == 3 * acts[3]  # 4, 3, 2, 1 micro-batches in flight
+    assert "logits + loss" in {r.name for r in plan.stages[3].rows}
+    assert plan.peak() == max(st.peak() for st in plan.stages)
+    text = plan.table()
+    assert "stage 3" in text and "worst" in text

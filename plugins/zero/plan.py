@@ -371,6 +371,10 @@ class MemoryPlan:
     tp: int
     rows: list[Row] = field(default_factory=list)
     baseline: int = PROCESS_BASELINE_BYTES
+    engine: str = "deepspeed"
+    """``deepspeed`` (ZeRO 0-3) or ``megatron`` (Megatron-Core DDP, distributed optimizer or not)."""
+    label: str = ""
+    """What part of the model this rank holds (a pipeline stage's layers), empty for the whole model."""
 
     def rows_on(self, device_type: str) -> list[Row]:
         """The rows that exist on ``device_type`` (``"cpu"`` or ``"cuda"``)."""
@@ -432,14 +436,20 @@ class MemoryPlan:
 
     def table(self, device_type: str = "cpu") -> str:
         s = self.setup
-        head = (f"ZeRO-{s.stage} {s.precision}, offload optimizer: {s.optimizer_device}, params: {s.param_device}; "
-                f"{self.model.total_params / 1e6:,.1f}M params, {self.model.params / 1e6:,.1f}M per tp rank, "
-                f"tp {self.tp} x dp {self.dp}")
+        if self.engine == "megatron":
+            opt = "distributed optimizer (ZeRO-1 over dp)" if s.stage >= 1 else "plain optimizer (no sharding)"
+            head = (f"Megatron-Core DDP + {opt}, {s.precision}; {self.label}{self.model.params / 1e6:,.1f}M params "
+                    f"on this rank, tp {self.tp} x dp {self.dp}")
+        else:
+            head = (f"ZeRO-{s.stage} {s.precision}, offload optimizer: {s.optimizer_device}, params: "
+                    f"{s.param_device}; {self.model.total_params / 1e6:,.1f}M params, {self.model.params / 1e6:,.1f}M "
+                    f"per tp rank, tp {self.tp} x dp {self.dp}")
         lines = [head, f"{'per rank':<34} {'where':<7} {'MiB':>11}  formula"]
         for r in self.rows_on(device_type):
             mark = {"backward": " *", "step": " **", "gather": " ***"}[r.phase] if r.transient else ""
             lines.append(f"{r.name + mark:<34} {r.where:<7} {r.bytes / MiB:>11,.1f}  {r.formula}")
-        lines.append(f"{'ZeRO paper model states':<34} {'':<7} {self.paper_bytes() / MiB:>11,.1f}")
+        if self.engine == "deepspeed":
+            lines.append(f"{'ZeRO paper model states':<34} {'':<7} {self.paper_bytes() / MiB:>11,.1f}")
         for where in ("device", "host", "pinned", "nvme"):
             if any(r.where == where for r in self.rows):
                 lines.append(f"{'total ' + where:<34} {'':<7} {self.total(where, device_type=device_type) / MiB:>11,.1f}")
@@ -609,9 +619,176 @@ def _activations(rows: list, s: ZeroSetup, model: ModelSize, tp: int, act: Optio
                     transient=True))
 
 
+def stage_layers(num_layers: int, pp: int, vpp: Optional[int] = None) -> list[list[tuple[int, int]]]:
+    """Per pipeline stage, its model chunks as (first layer, layer count): zeromega builds ``L / pp`` layers
+    per stage (``L / (pp v)`` per chunk, stage r holding chunks r, r + pp, ... when interleaved).
+
+    Uneven splits (Megatron-LM's ``--decoder-first-pipeline-num-layers`` /
+    ``--decoder-last-pipeline-num-layers``) are not built by zeromega's run, so
+    the plan refuses a layer count the stages do not divide rather than plan
+    a model that would not be built."""
+    v = vpp if vpp and vpp > 1 else 1
+    if num_layers % (pp * v):
+        raise ValueError(f"{num_layers} layers do not split evenly over pp {pp}" + (f" x vpp {v}" if v > 1 else "")
+                         + ": zeromega builds L / pp layers per stage (no --decoder-first/last-pipeline-num-layers)")
+    per_chunk = num_layers // (pp * v)
+    return [[((c * pp + r) * per_chunk, per_chunk) for c in range(v)] for r in range(pp)]
+
+
+def in_flight_chunks(stage: int, pp: int, micro_batches: int, vpp: Optional[int] = None) -> int:
+    """Model-chunk forward passes whose activations a stage holds at once under Megatron's 1F1B.
+
+    Plain 1F1B: stage r runs ``pp - r - 1`` warm-up forwards, then one more
+    before its first backward: ``min(pp - r, m)`` micro-batches. Interleaved
+    (v chunks): ``(pp - r - 1) x 2 + (v - 1) pp`` warm-up chunk-forwards plus
+    one, at most ``m v``; on the first stage that is ``p (1 + (p-1)/(p v))``
+    micro-batches' worth of L/p layers (Narayanan et al. 2021, section 2.2)."""
+    v = vpp if vpp and vpp > 1 else 1
+    if v == 1:
+        return min(pp - stage, micro_batches)
+    return min((pp - stage - 1) * 2 + (v - 1) * pp + 1, micro_batches * v)
+
+
+def plan_megatron(precision: str, model: ModelSize, dp: int, tp: int = 1, distributed_optimizer: bool = True,
+                  expert_params: int = 0, expert_dp: int = 1, activation_rows: tuple = (),
+                  baseline: int = PROCESS_BASELINE_BYTES, label: str = "") -> MemoryPlan:
+    """One rank under Megatron-Core's DDP and optimizer, as zeromega's MegatronTrainer builds them.
+
+    ``model.params`` is what this rank holds (its stage, its tp shard, its
+    experts), ``expert_params`` the part of it that is experts (sharded by the
+    distributed optimizer over ``expert_dp``, the rest over ``dp`` = dp x cp).
+    Per parameter: the model-precision weights (lp), the fp32 gradient buffer
+    (``grad_reduce_in_fp32=True``: 4), and the optimizer: with the distributed
+    optimizer fp32 master (mixed precision only: an fp32 model steps its own
+    weights, the shards are views) and Adam m, v (4 + 8, over dp); without it
+    the same, whole. torch's AdamW is the optimizer on a machine without
+    TransformerEngine or apex (this CPU one): its sqrt(v) temporaries (8 per
+    element stepped) are alive during the step. After the step the
+    distributed optimizer all-gathers the parameters into their buffer; gloo
+    gathers into a new tensor of the whole output first (lp P)."""
+    lp = _LP_BYTES[precision]
+    mixed = precision != "fp32"
+    setup = ZeroSetup(stage=1 if distributed_optimizer else 0, precision=precision)
+    plan = MemoryPlan(setup=setup, model=model, dp=dp, tp=tp, baseline=baseline, engine="megatron", label=label)
+    rows, p = plan.rows, model.params
+    dense = p - expert_params
+    if distributed_optimizer:
+        stepped = math.ceil(dense / max(dp, 1)) + math.ceil(expert_params / max(expert_dp, 1))
+        text = "P/N" if not expert_params else "(P_dense/N + P_expert/N_expert)"
+    else:
+        stepped, text = p, "P"
+    rows.append(Row("parameters", "device", lp * p, f"{lp} P"))
+    rows.append(Row("gradient buffer (fp32)", "device", 4 * p, "4 P (grad_reduce_in_fp32)"))
+    if mixed:
+        rows.append(Row("fp32 master", "device", 4 * stepped, f"4 {text}"))
+    rows.append(Row("Adam m, v", "device", 8 * stepped, f"8 {text}"))
+    rows.append(Row("AdamW sqrt(v) temporaries", "device", 8 * stepped, f"8 {text}", transient=True, phase="step"))
+    if distributed_optimizer and dp > 1:
+        rows.append(Row("all-gather output copy (gloo)", "device", lp * p, f"{lp} P", transient=True,
+                        phase="gather", only_on="cpu"))
+    rows.extend(activation_rows)
+    return plan
+
+
+@dataclass
+class PipelinePlan:
+    """Per pipeline stage plans (one rank of each stage); the worst stage answers for the run."""
+
+    stages: list[MemoryPlan]
+
+    def worst(self, device_type: str = "cpu") -> MemoryPlan:
+        return max(self.stages, key=lambda p: p.peak(device_type))
+
+    def __getattr__(self, name):  # everything else (setup, rows, model, dp, ...) is the worst stage's
+        if name == "stages":
+            raise AttributeError(name)
+        return getattr(self.worst(), name)
+
+    def peak(self, device_type: str = "cpu") -> int:
+        return self.worst(device_type).peak(device_type)
+
+    def table(self, device_type: str = "cpu") -> str:
+        if len(self.stages) == 1:
+            return self.stages[0].table(device_type)
+        worst = self.worst(device_type)
+        lines = [f"{'pipeline stage':<34} {'params':>10} {'MiB states':>11} {'MiB peak':>11}"]
+        for i, st in enumerate(self.stages):
+            states = sum(r.bytes for r in st.rows_on(device_type) if not r.transient)
+            mark = "  <- worst" if st is worst else ""
+            lines.append(f"{'stage ' + str(i) + ' (' + st.label.rstrip('; ') + ')':<34} {st.model.params / 1e6:>9,.1f}M "
+                         f"{states / MiB:>11,.1f} {st.peak(device_type) / MiB:>11,.1f}{mark}")
+        lines.append("")
+        lines.append(f"worst stage ({self.stages.index(worst)}):")
+        lines.append(worst.table(device_type))
+        return "\n".join(lines)
+
+    def as_dict(self, device_type: str = "cpu") -> dict:
+        worst = self.worst(device_type)
+        return {**worst.as_dict(device_type), "worst_stage": self.stages.index(worst),
+                "stages": [{"label": st.label, "params": st.model.params, "peak": st.peak(device_type)}
+                           for st in self.stages]}
+
+
+def _stage_activations(shape: dict, act: Activations, precision: str, tp: int, layers: int, chunks: int,
+                       layers_per_chunk: int, last: bool, lp: int) -> tuple:
+    rows = []
+    if act is None or shape is None:
+        return ()
+    per_layer, formula = activation_bytes({**shape, "num_layers": 1}, act, precision, tp)
+    in_flight = chunks * layers_per_chunk
+    rows.append(Row("activations", "device", per_layer * in_flight,
+                    f"{in_flight} layer-micro-batches in flight x {formula.replace('L x ', '')}", transient=True))
+    if last:
+        v = shape["vocab_size"]
+        tokens = act.seq_length * act.micro_batch
+        rows.append(Row("logits + loss", "device", tokens * v // tp * (lp + 8), f"sb V/t ({lp} + 4 + 4)",
+                        transient=True))
+    return tuple(rows)
+
+
+def plan_pipeline(precision: str, layout, shape: dict, distributed_optimizer: bool = True,
+                  sequence_parallel: bool = False, recompute: Optional[str] = None,
+                  baseline: int = PROCESS_BASELINE_BYTES) -> PipelinePlan:
+    """The Megatron-Core engine's plan per pipeline stage (pp >= 1; MoE models run there at pp 1 too)."""
+    pp, tp = layout.pp, layout.tp
+    vpp = getattr(layout, "vpp", None)
+    cp = getattr(layout, "cp", 1)
+    ep, etp = getattr(layout, "ep", 1) or 1, getattr(layout, "etp", None) or tp
+    count = gpt_count(tp=tp, **{**shape, "ep": ep, "etp": etp})
+    whole = gpt_size(tp=tp, **shape)
+    edp = max(1, tp * cp * layout.dp // (etp * ep))
+    act = Activations(shape["seq_length"], layout.micro, sequence_parallel, recompute)
+    m = getattr(layout, "accumulation", 1) or 1
+    lp = _LP_BYTES[precision]
+    plans = []
+    for r, chunks in enumerate(stage_layers(len(count.layers), pp, vpp)):
+        first, last = r == 0, r == pp - 1
+        params = sum(count.stage(f, n, first and i == 0, last and i == len(chunks) - 1)
+                     for i, (f, n) in enumerate(chunks))
+        experts = sum(sum(count.expert_layers[f:f + n]) for f, n in chunks)
+        layers = [f"{f}-{f + n - 1}" for f, n in chunks]
+        label = (f"layers {', '.join(layers)}" + (" + embedding" if first else "")
+                 + (" + output" if last and (count.output or pp == 1) else "")
+                 + (" + tied output copy" if last and not count.output and pp > 1 else "") + "; ")
+        size = replace(whole, params=params)
+        rows = _stage_activations(whole.shape, act, precision, tp, sum(n for _, n in chunks),
+                                  in_flight_chunks(r, pp, m, vpp), chunks[0][1], last, lp)
+        plans.append(plan_megatron(precision, size, dp=layout.dp * cp, tp=tp,
+                                   distributed_optimizer=distributed_optimizer, expert_params=experts,
+                                   expert_dp=edp, activation_rows=rows, baseline=baseline, label=label))
+    return PipelinePlan(plans)
+
+
 def for_run(ds: dict, layout, shape: Optional[dict] = None, params: Optional[int] = None,
-            sequence_parallel: bool = False, recompute: Optional[str] = None) -> MemoryPlan:
+            sequence_parallel: bool = False, recompute: Optional[str] = None) -> "MemoryPlan | PipelinePlan":
     """The plan for a zeromega run: ``layout`` (tp, dp, micro) and a GPT ``shape`` or a ``params`` count."""
+    megatron = getattr(layout, "pp", 1) > 1 or bool(shape and shape.get("num_experts"))
+    if megatron:  # the engine zeromega.run.engines.select picks: Megatron-Core DDP (+ distributed optimizer)
+        if shape is None:
+            raise ValueError("a pipeline / MoE plan needs the model shape (a parameter count cannot be staged)")
+        zero = ZeroSetup.from_deepspeed(ds)
+        return plan_pipeline(zero.precision, layout, shape, distributed_optimizer=zero.stage >= 1,
+                             sequence_parallel=sequence_parallel, recompute=recompute)
     if shape is not None:
         model = gpt_size(tp=layout.tp, **shape)
         act = Activations(shape["seq_length"], layout.micro, sequence_parallel, recompute)
@@ -622,5 +799,6 @@ def for_run(ds: dict, layout, shape: Optional[dict] = None, params: Optional[int
     return plan_memory(ds, model, dp=layout.dp * getattr(layout, "cp", 1), tp=layout.tp, activations=act)
 
 
-__all__ = ["Activations", "MemoryPlan", "ModelSize", "Row", "ZeroSetup", "activation_bytes", "for_run",
+__all__ = ["Activations", "MemoryPlan", "ModelSize", "PipelinePlan", "in_flight_chunks", "plan_megatron",
+           "plan_pipeline", "stage_layers", "Row", "ZeroSetup", "activation_bytes", "for_run",
            "gpt_count", "gpt_size", "padded_vocab", "plan_memory", "replace"]
