@@ -101,3 +101,30 @@ def test_tensorboard_dir_writes_megatrons_scalars(tmp_path, small_corpus):
     valid = [e for e in result["evaluations"] if e["kind"] == "valid"]
     assert [e.step for e in events.Scalars("lm loss validation")] == [2, 4, 4]
     assert [e.value for e in events.Scalars("lm loss validation")] == pytest.approx([e["loss"] for e in valid])
+
+
+def test_loss_scale_scalar_on_megatron_cores_engine(tmp_path, small_corpus):
+    """loss-scale is on by default (1 without fp16), read from Megatron-Core's optimizer under pp2."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = tmp_path / "tb"
+    run_world(2, run_eval, ["--data-path", small_corpus, *TINY, "--train-iters", "2", "--split", "1,0,0",
+                            "--pipeline-model-parallel-size", "2", "--tensorboard-dir", str(board)])
+    assert len(list(board.iterdir())) == 1  # one writer (rank 0)
+    events = EventAccumulator(str(board))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss-scale")] == [(1, 1.0), (2, 1.0)]
+    assert [e.step for e in events.Scalars("lm loss")] == [1, 2]
+
+
+def test_a_resumed_run_evaluates_the_validation_batches_an_uninterrupted_one_does(tmp_path, small_corpus):
+    """Megatron-LM's rule: a run resumed at step k skips the (k // eval_interval) x eval_iters validation
+    batches its earlier evaluations read, so the curve of validation losses continues unchanged."""
+    argv = ["--data-path", small_corpus, *TINY, "--train-iters", "4", *EVAL]
+    (whole,) = run_world(1, run_eval, argv)
+    save = str(tmp_path / "ckpt")
+    (first,) = run_world(1, run_eval, argv + ["--save", save, "--exit-interval", "2"])
+    (second,) = run_world(1, run_eval, argv + ["--save", save, "--load", save])
+    assert [len(first["records"]), len(second["records"])] == [2, 2]
+    losses = [e["loss"] for e in first["evaluations"] + second["evaluations"]]
+    assert losses == pytest.approx([e["loss"] for e in whole["evaluations"]], rel=1e-6)
