@@ -54,9 +54,51 @@ def _add_plan(subparsers) -> None:
                    "no activation estimate")
     p.add_argument("--micro-batch-size", type=_int_at_least(1), metavar="B", help="override the config's micro batch")
     p.add_argument("--device", choices=("cpu", "cuda"), help="the accelerator (default: the config's, else cpu)")
+    cap = p.add_mutually_exclusive_group()
+    cap.add_argument("--gpu-memory", type=_gib, metavar="GiB", help="memory per GPU: prints whether the worst rank "
+                     "fits (its device bytes under CUDA)")
+    cap.add_argument("--gpu", choices=sorted(GPU_MEMORY_GIB), help="the GPU type, for its published memory size")
     p.add_argument("--check", action="store_true", help="also run the machine checks (nvme path, ops, memory)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(handler=_plan, prog=p.prog)
+
+
+GPU_MEMORY_GIB = {
+    # NVIDIA's published HBM sizes (the stacks are binary-sized, so GB there is GiB here):
+    # A100 datasheet (nvidia.com/content/dam/en-zz/Solutions/Data-Center/a100/pdf/
+    # nvidia-a100-datasheet-us-nvidia-1758950-r4-web.pdf): 40 GB HBM2 / 80 GB HBM2e;
+    # H100 datasheet (resources.nvidia.com/en-us-tensor-core/nvidia-tensor-core-gpu-datasheet): SXM 80 GB;
+    # H200 product page (nvidia.com/en-us/data-center/h200/): 141 GB HBM3e.
+    # CUDA reports a little less (nvidia-smi: H100 SXM 81,559 MiB = 79.6 GiB, H200 143,771 MiB = 140.4 GiB),
+    # and the CUDA context (~0.5 GiB) comes on top of what the plan counts.
+    "a100-40": 40.0, "a100-80": 80.0, "h100": 80.0, "h200": 141.0,
+}
+
+
+def _gib(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of GiB") from None
+    if not 0 < value < 1e6:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1e6 GiB, got {text}")
+    return value
+
+
+def verdict(plan, capacity_gib: float, name: str = "") -> dict:
+    """Whether the worst rank's device bytes (the CUDA rows: what the allocator holds) fit ``capacity_gib``."""
+    need = plan.peak("cuda")
+    stages = getattr(plan, "stages", None)
+    worst = f" (pipeline stage {stages.index(plan.worst('cuda'))})" if stages and len(stages) > 1 else ""
+    cap = capacity_gib * 2**30
+    gpu = f"{name}, " if name else ""
+    if need <= cap:
+        text = (f"fits: the worst rank{worst} needs {need / 2**30:,.1f} GiB of {gpu}{capacity_gib:g} GiB "
+                f"({(cap - need) / 2**30:,.1f} GiB left)")
+    else:
+        text = (f"does not fit by {(need - cap) / 2**30:,.1f} GiB: the worst rank{worst} needs "
+                f"{need / 2**30:,.1f} GiB of {gpu}{capacity_gib:g} GiB")
+    return {"fits": need <= cap, "need_bytes": need, "capacity_bytes": int(cap), "text": text}
 
 
 def _count(text: str) -> int:
@@ -198,10 +240,15 @@ def _cpu_fp16() -> bool:
 
 def _plan(args: argparse.Namespace) -> int:
     plan, corrections, _, device = plan_for_args(args)
+    capacity = args.gpu_memory if args.gpu_memory is not None else GPU_MEMORY_GIB.get(args.gpu)
+    result = verdict(plan, capacity, args.gpu or "") if capacity is not None else None
     if args.json:
-        print(json.dumps({**plan.as_dict(device), "corrections": [str(c) for c in corrections]}, indent=2))
+        extra = {"verdict": result} if result else {}
+        print(json.dumps({**plan.as_dict(device), "corrections": [str(c) for c in corrections], **extra}, indent=2))
     else:
         print(plan.table(device))
+        if result:
+            print(f"verdict: {result['text']}")
     for c in corrections:
         print(f"{args.prog}: note: corrected {c}", file=sys.stderr)
     return 0

@@ -3,6 +3,8 @@ accepts changes the planned count exactly as it changes the built model (1 proce
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from distributed import run_world
@@ -138,3 +140,38 @@ def test_pipeline_plan_stages_and_worst():
     assert plan.peak() == max(st.peak() for st in plan.stages)
     text = plan.table()
     assert "stage 3" in text and "worst" in text
+
+
+def _plan_cli(argv, capsys):
+    from test_zero_plan import _cli
+
+    return _cli(["plan", *argv], capsys)
+
+
+def test_plan_cli_pipeline_rows_and_verdict(tmp_path, capsys):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("zero: {stage: 1}\nparallel: {pp: 2}\nbatch: {micro: 2, global: 8}\nmodel: {num_layers: 8, "
+                   "hidden_size: 512, num_attention_heads: 8, seq_length: 128, vocab_size: 257}\n")
+    code, out = _plan_cli([str(cfg), "--world-size", "2", "--gpu", "h100"], capsys)
+    assert code == 0, out
+    assert "stage 0 (layers 0-3 + embedding)" in out and "stage 1 (layers 4-7 + tied output copy)" in out
+    assert "Megatron-Core DDP + distributed optimizer" in out and "gradient buffer (fp32)" in out
+    assert "verdict: fits: the worst rank (pipeline stage 0)" in out and "h100, 80 GiB" in out
+    code, out = _plan_cli([str(cfg), "--world-size", "2", "--gpu-memory", "0.1"], capsys)
+    assert code == 0 and "verdict: does not fit by 0.2 GiB" in out
+    code, out = _plan_cli([str(cfg), "--world-size", "2", "--gpu-memory", "0.1", "--json"], capsys)
+    result = json.loads(out[:out.rindex("}") + 1])["verdict"]
+    assert result["fits"] is False and result["need_bytes"] > result["capacity_bytes"]
+
+
+def test_plan_cli_reads_architecture_from_the_config(tmp_path, capsys):
+    cfg = tmp_path / "run.yaml"
+    arch = "swiglu: true, normalization: RMSNorm, add_bias_linear: false, untie_embeddings_and_output_weights: true"
+    cfg.write_text(f"batch: {{micro: 1, global: 1}}\nmodel: {{num_layers: 2, hidden_size: 64, num_attention_heads: 4, "
+                   f"seq_length: 32, vocab_size: 257, {arch}}}\n")
+    code, out = _plan_cli([str(cfg), "--world-size", "1", "--json"], capsys)
+    assert code == 0, out
+    shape = dict(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=32, vocab_size=257, swiglu=True,
+                 normalization="RMSNorm", add_bias_linear=False, untie_embeddings_and_output_weights=True)
+    params = {r["name"]: r["bytes"] for r in json.loads(out[:out.rindex("}") + 1])["rows"]}["parameters"] // 4
+    assert params == zplan.gpt_size(**shape).params != zplan.gpt_size(**BASE).params
