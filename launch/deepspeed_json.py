@@ -80,6 +80,10 @@ DEFAULTS = "_deepspeed_defaults"
 ALONE_DEFAULTS = "_deepspeed_alone_defaults"
 """Partial key for DeepSpeed's defaults of what Megatron-LM's flags own when they are present (the
 optimizer and schedule a Megatron-DeepSpeed script builds itself); filled only without Megatron flags."""
+NO_BATCH = "_deepspeed_no_batch"
+"""Partial key: the DeepSpeed file gives neither train_batch_size nor train_micro_batch_size_per_gpu, which
+DeepSpeed refuses; :func:`finish` refuses it too unless another source states a batch size, or Megatron
+flags are among the sources (they own the batch then)."""
 
 
 # ------------------------------------------------------------------ reading
@@ -300,6 +304,7 @@ def from_deepspeed(ds: dict) -> dict:
     if not isinstance(ds, dict):
         raise ConfigError("config", type(ds).__name__, "top level is not a JSON object", "wrap the keys in {...}")
     check_with_deepspeed(ds)
+    no_batch = "train_batch_size" not in ds and "train_micro_batch_size_per_gpu" not in ds  # "auto" is stated
     ds, reader = copy.deepcopy(ds), _Reader()
     for key, path in TOP_LEVEL.items():
         reader.put(key, path, ds.pop(key, None))
@@ -325,6 +330,8 @@ def from_deepspeed(ds: dict) -> dict:
     if ratios:
         partial[RATIOS] = ratios
     partial[DEFAULTS], partial[ALONE_DEFAULTS] = _unstated(had_optimizer, had_scheduler)
+    if no_batch:
+        partial[NO_BATCH] = True
     if ds:
         partial["deepspeed_extra"] = ds
     return partial
@@ -505,6 +512,16 @@ def finish(merged: dict, megatron: bool = False) -> dict:
     sizes, leftover "auto"s."""
     defaults = [merged.pop(DEFAULTS, None)] + [merged.pop(ALONE_DEFAULTS, None) if not megatron else None]
     merged.pop(ALONE_DEFAULTS, None)
+    batch = _section(merged, "batch")
+    # Read alone, the file is DeepSpeed's to size: it asserts a micro or a global batch. With Megatron flags
+    # among the sources (a training script's ARGS, `zeromega launch`), the batch is theirs to state.
+    if merged.pop(NO_BATCH, None) and not megatron and batch.get("micro") is None \
+            and batch.get("global") is None and batch.get("global_") is None:
+        raise ConfigError("train_micro_batch_size_per_gpu", None, "neither it nor train_batch_size is given, "
+                          "and no other source states a batch size (DeepSpeed refuses such a config: 'Either "
+                          "train_batch_size or train_micro_batch_size_per_gpu needs to be provided')",
+                          'add "train_micro_batch_size_per_gpu": N (or "train_batch_size", or "auto" for the '
+                          "HF Trainer), or pass --micro-batch-size / --global-batch-size")
     for tree in filter(None, defaults):
         for path, value in flatten(tree).items():
             section, _, leaf = path.partition(".")

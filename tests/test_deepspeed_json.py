@@ -102,3 +102,97 @@ def test_top_level_keys_known_to_deepspeed_are_collected_from_deepspeed_itself()
                 "tensorboard", "wandb", "comms_logger", "data_efficiency", "compile", "tensor_parallel",
                 "sequence_parallel_size", "zero_allow_untested_optimizer", "communication_data_type"):
         assert key in names, key
+
+
+# ------------------------------------------------------------------ DeepSpeed's batch arithmetic
+
+
+def deepspeed_batch(keys: dict, world: int):
+    """(micro, accumulation, global) as DeepSpeedConfig derives them for a data-parallel world, or None where
+    it refuses: its own _configure_train_batch_size on the three values its reader takes from the dict."""
+    from deepspeed.runtime import config as ds_config
+
+    engine = ds_config.DeepSpeedConfig.__new__(ds_config.DeepSpeedConfig)
+    engine.train_batch_size = ds_config.get_train_batch_size(keys)
+    engine.train_micro_batch_size_per_gpu = ds_config.get_train_micro_batch_size_per_gpu(keys)
+    engine.gradient_accumulation_steps = ds_config.get_gradient_accumulation_steps(keys)
+    engine.world_size = world
+    try:
+        engine._configure_train_batch_size()
+    except AssertionError:
+        return None
+    return engine.train_micro_batch_size_per_gpu, engine.gradient_accumulation_steps, engine.train_batch_size
+
+
+def zeromega_batch(keys: dict, world: int):
+    try:
+        layout = ds(keys).layout(world)
+    except ConfigError:
+        return None
+    return layout.micro, layout.accumulation, layout.global_batch
+
+
+# DeepSpeed's TestBatchConfig, in our words: a world of ranks, a global batch, a micro batch, an accumulation,
+# and whether they fit (global = micro x accumulation x world). Each row is also tried with every subset of
+# the three keys left out, where DeepSpeed derives the missing ones (flooring) and then checks the product.
+BATCH_ROWS = [
+    # world, train_batch_size, micro, accumulation, fits
+    (2, 32, 16, 1, True),
+    (2, 32, 8, 2, True),
+    (2, 33, 17, 2, False),
+    (2, 32, 18, 1, False),
+    (1, 8, 2, 4, True),
+    (4, 64, 4, 4, True),
+    (4, 60, 4, 4, False),
+    (3, 36, 4, 3, True),
+    (3, 35, 4, 3, False),
+    (8, 8, 1, 1, True),
+]
+KEY_NAMES = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+
+
+def _subsets():
+    for world, train, micro, acc, fits in BATCH_ROWS:
+        values = dict(zip(KEY_NAMES, (train, micro, acc)))
+        for mask in range(8):
+            keys = {name: values[name] for i, name in enumerate(KEY_NAMES) if mask >> i & 1}
+            yield pytest.param(keys, world, fits if mask == 7 else None, id=f"w{world}-{keys}")
+
+
+@pytest.mark.parametrize("keys, world, fits", _subsets())
+def test_batch_arithmetic_is_deepspeeds(keys, world, fits):
+    expected = deepspeed_batch(keys, world)
+    if fits is not None:  # all three given: the row's own verdict, which DeepSpeed agrees with
+        assert (expected is not None) == fits
+    assert zeromega_batch(keys, world) == expected
+
+
+@pytest.mark.parametrize("keys", [{}, {"gradient_accumulation_steps": 4}, {"steps_per_print": 5}])
+def test_no_micro_and_no_global_batch_is_refused_as_deepspeed_refuses_it(keys):
+    assert deepspeed_batch(keys, 2) is None
+    with pytest.raises(ConfigError, match="neither it nor train_batch_size") as err:
+        ds(keys)
+    assert "--micro-batch-size" in err.value.fix
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--micro-batch-size", "2"], (2, 4, 16)),
+    (["--global-batch-size", "32"], (4, 4, 32)),
+])
+def test_megatron_flags_state_the_batch_deepspeed_leaves_out(flags, expected):
+    partial = translate.from_deepspeed({"gradient_accumulation_steps": 4, "zero_optimization": {"stage": 1}})
+    cfg = translate.resolve([("ds", partial), ("flags", translate.from_megatron_args(flags)[0])], megatron=True)
+    layout = cfg.layout(2)
+    assert (layout.micro, layout.accumulation, layout.global_batch) == expected
+
+
+def test_auto_batch_keeps_the_hf_trainer_rule():
+    layout = ds({"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto"}).layout(4)
+    assert (layout.micro, layout.accumulation, layout.global_batch) == (1, 1, 4)
+
+
+def test_with_megatron_flags_among_the_sources_the_batch_is_theirs():
+    # a launch or a Megatron-DeepSpeed script: its flags (here none) own the batch, as before
+    partial = translate.from_deepspeed({"zero_optimization": {"stage": 1}})
+    cfg = translate.resolve([("ds", partial)], megatron=True)
+    assert cfg.batch.micro is None and cfg.batch.global_ is None

@@ -30,6 +30,9 @@ def read(path, env=None) -> RunConfig:
     return translate.resolve(translate.sources(path, env)[0])
 
 
+MICRO1 = {"train_micro_batch_size_per_gpu": 1}  # DeepSpeed needs a micro or a global batch
+
+
 def ds(data: dict) -> RunConfig:
     return translate.resolve([("DeepSpeed", translate.from_deepspeed(data))])
 
@@ -67,11 +70,11 @@ def test_auto_batch_filled_from_megatron_flags():
 
 
 def test_auto_lr_and_warmup_max_lr_come_from_one_place():
-    cfg = ds({"optimizer": {"type": "AdamW", "params": {"lr": "auto"}},
+    cfg = ds({**MICRO1, "optimizer": {"type": "AdamW", "params": {"lr": "auto"}},
               "scheduler": {"type": "WarmupLR", "params": {"warmup_max_lr": 3e-4, "warmup_num_steps": 10}}})
     assert cfg.optimizer.lr == 3e-4 and cfg.scheduler.warmup_iters == 10
     with pytest.raises(ConfigError, match="optimizer.lr"):
-        ds({"optimizer": {"type": "AdamW", "params": {"lr": 1e-4}},
+        ds({**MICRO1, "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}},
             "scheduler": {"type": "WarmupLR", "params": {"warmup_max_lr": 3e-4}}})
 
 
@@ -83,12 +86,12 @@ def test_zero3_auto_buckets_from_hidden_size():
     assert zero["stage3_param_persistence_threshold"] == 10 * 1024
     assert cfg.parallel.tp == 2 and cfg.zero.offload_param.device == "cpu"
     with pytest.raises(ConfigError, match="zero_optimization.reduce_bucket_size='auto'.*hidden size"):
-        ds({"zero_optimization": {"stage": 3, "reduce_bucket_size": "auto"}})
+        ds({**MICRO1, "zero_optimization": {"stage": 3, "reduce_bucket_size": "auto"}})
 
 
 def test_auto_nothing_can_fill_is_rejected():
     with pytest.raises(ConfigError, match="flops_profiler.enabled='auto'"):
-        ds({"flops_profiler": {"enabled": "auto"}})
+        ds({**MICRO1, "flops_profiler": {"enabled": "auto"}})
 
 
 def test_nvme_config_with_aio_and_cosine_ratios():
@@ -106,16 +109,17 @@ def test_legacy_spellings():
     assert cfg.zero.offload_optimizer.device == "cpu" and cfg.zero.offload_optimizer.pin_memory is False
     assert cfg.optimizer.clip_grad == 1.0  # optimizer.params.max_grad_norm
     assert "cpu_offload" not in cfg.deepspeed_extra["zero_optimization"]
-    old = ds({"zero_optimization": True, "allgather_size": 100})
+    old = ds({**MICRO1, "zero_optimization": True, "allgather_size": 100})
     assert old.zero.stage == 1 and old.deepspeed_extra["zero_optimization"]["allgather_bucket_size"] == 100
-    alias = ds({"zero_optimization": {"stage": 3, "prefetch_bucket_size": 7,
+    alias = ds({**MICRO1, "zero_optimization": {"stage": 3, "prefetch_bucket_size": 7,
                                       "stage3_gather_fp16_weights_on_model_save": True}})
     zero = alias.deepspeed_extra["zero_optimization"]
     assert zero["stage3_prefetch_bucket_size"] == 7 and zero["stage3_gather_16bit_weights_on_model_save"]
     with pytest.raises(ConfigError, match="prefetch_bucket_size"):
-        ds({"zero_optimization": {"prefetch_bucket_size": 7, "stage3_prefetch_bucket_size": 8}})
+        ds({**MICRO1, "zero_optimization": {"prefetch_bucket_size": 7, "stage3_prefetch_bucket_size": 8}})
     with pytest.raises(ConfigError, match="cpu_offload"):
-        ds({"zero_optimization": {"stage": 2, "cpu_offload": True, "offload_optimizer": {"device": "cpu"}}})
+        ds({**MICRO1, "zero_optimization": {"stage": 2, "cpu_offload": True,
+                                            "offload_optimizer": {"device": "cpu"}}})
 
 
 @pytest.mark.parametrize("text,problem", [
@@ -594,9 +598,9 @@ def test_cli_check_prints_layout_and_groups(capsys):
 def test_cli_bad_input_is_one_line_exit_2(capsys, tmp_path, monkeypatch, argv, problem):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "zero1.json").write_text((EXAMPLES / "zero1.json").read_text())
-    (tmp_path / "tp2.json").write_text('{"zeromega": {"tp": 2}}')
+    (tmp_path / "tp2.json").write_text('{"zeromega": {"tp": 2}, "train_micro_batch_size_per_gpu": 1}')
     (tmp_path / "heads.json").write_text('{"zeromega": {"tp": 2, "model": {"num_attention_heads": 6}},'
-                                         ' "zero_optimization": {"stage": 1}}'.replace('"tp": 2', '"tp": 4'))
+                                         ' "zero_optimization": {"stage": 1}, "train_batch_size": 8}'.replace('"tp": 2', '"tp": 4'))
     (tmp_path / "run.sh").write_text("python train.py --tensor-model-parallel-size $TP\n")
     code, out, err = run_cli(capsys, *argv)
     lines = err.strip().splitlines()
