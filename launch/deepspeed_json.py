@@ -318,10 +318,7 @@ def from_deepspeed(ds: dict) -> dict:
     had_optimizer, had_scheduler = "optimizer" in ds, "scheduler" in ds
     _read_optimizer(ds, reader)
     _read_scheduler(ds, reader)
-    sp = ds.pop("sequence_parallel_size", None)
-    if sp not in (None, AUTO) and coerce("sequence.ulysses", sp, "sequence_parallel_size") > 1:
-        reader.put("sequence_parallel_size", "sequence.ulysses", sp)
-        reader.put("sequence_parallel_size", "sequence.mode", "ulysses")
+    _read_sequence_parallel(ds, reader)
     block = ds.pop("zeromega", None)
     if block is not None:
         reader.sources["zeromega block"] = read_block(block)
@@ -335,6 +332,50 @@ def from_deepspeed(ds: dict) -> dict:
     if ds:
         partial["deepspeed_extra"] = ds
     return partial
+
+
+SEQUENCE_PARALLEL_SIZE_KEYS = ("sequence_parallel_size", "size", "sp_size")
+"""Spellings of the Ulysses size inside a ``sequence_parallel`` block: DeepSpeed's own top-level key (and
+``register_with_transformers``' argument), the short form, and Accelerate's ``sp_size``."""
+
+
+def _read_sequence_parallel(ds: dict, reader: _Reader) -> None:
+    """DeepSpeed Ulysses: the top-level ``sequence_parallel_size`` and a ``sequence_parallel`` block.
+
+    DeepSpeed 0.19's JSON has only the top-level key (it divides the world by it
+    for the data-parallel size); the Ulysses/ALST integrations that put the size
+    in a ``sequence_parallel`` block are read the same way: Ulysses over that
+    many ranks. A block that says anything else is refused, never dropped.
+    """
+    top = ds.pop("sequence_parallel_size", None)
+    if "sequence_parallel" not in ds:
+        size, field = top, "sequence_parallel_size"
+    else:
+        block = _object(ds.pop("sequence_parallel"), "sequence_parallel")
+        given = [key for key in SEQUENCE_PARALLEL_SIZE_KEYS if key in block]
+        for key in set(block) - {"enabled", *SEQUENCE_PARALLEL_SIZE_KEYS}:
+            raise ConfigError(f"sequence_parallel.{key}", block[key], "not a key zeromega reads in the "
+                              "sequence_parallel block (DeepSpeed Ulysses: a size, optionally enabled)",
+                              f"give the Ulysses size as sequence_parallel.sequence_parallel_size, or remove {key}")
+        if len(given) > 1:
+            raise ConfigError(f"sequence_parallel.{given[1]}", block[given[1]], f"given together with {given[0]}, "
+                              "another spelling of the Ulysses size", f"keep sequence_parallel.{given[0]} only")
+        enabled = block.get("enabled", True)
+        if enabled != AUTO and not _flag(enabled, "sequence_parallel.enabled"):
+            size, field = 1, "sequence_parallel.enabled"
+        elif given:
+            size, field = block[given[0]], f"sequence_parallel.{given[0]}"
+        elif top is not None:
+            size, field = top, "sequence_parallel_size"
+        else:
+            raise ConfigError("sequence_parallel", block, "says nothing of the Ulysses size",
+                              'add "sequence_parallel_size": N (the ranks one sequence is split over)')
+        if top not in (None, AUTO) and size != AUTO and top != size:
+            raise ConfigError(field, size, f"disagrees with the top-level sequence_parallel_size={top!r}",
+                              "state the Ulysses size once")
+    if size not in (None, AUTO) and coerce("sequence.ulysses", size, field) > 1:
+        reader.put(field, "sequence.ulysses", size)
+        reader.put(field, "sequence.mode", "ulysses")
 
 
 def _unstated(had_optimizer: bool, had_scheduler: bool) -> tuple[dict, dict]:

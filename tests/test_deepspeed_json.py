@@ -196,3 +196,46 @@ def test_with_megatron_flags_among_the_sources_the_batch_is_theirs():
     partial = translate.from_deepspeed({"zero_optimization": {"stage": 1}})
     cfg = translate.resolve([("ds", partial)], megatron=True)
     assert cfg.batch.micro is None and cfg.batch.global_ is None
+
+
+# ------------------------------------------------------------------ DeepSpeed Ulysses (sequence_parallel)
+
+
+@pytest.mark.parametrize("data", [
+    {"sequence_parallel_size": 4},
+    {"sequence_parallel": {"sequence_parallel_size": 4}},
+    {"sequence_parallel": {"enabled": True, "size": 4}},
+    {"sequence_parallel": {"sp_size": 4}},
+    {"sequence_parallel": {"enabled": True}, "sequence_parallel_size": 4},
+    {"sequence_parallel": {"size": 4}, "sequence_parallel_size": 4},
+])
+def test_sequence_parallel_block_means_ulysses_of_that_size(data):
+    cfg = ds({**BATCH, **data})
+    assert cfg.sequence.mode == "ulysses" and cfg.sequence.ulysses == 4
+    assert "sequence_parallel" not in cfg.deepspeed_extra and "sequence_parallel_size" not in cfg.deepspeed_extra
+    layout = cfg.layout(8)
+    assert layout.cp == 4 and layout.ulysses == 4 and layout.dp == 2
+
+
+@pytest.mark.parametrize("data", [
+    {"sequence_parallel": {"enabled": False, "size": 4}},
+    {"sequence_parallel": {"size": 1}},
+    {"sequence_parallel_size": 1},
+])
+def test_sequence_parallel_off_or_of_size_one_is_none(data):
+    assert ds({**BATCH, **data}).sequence.mode == "none"
+
+
+@pytest.mark.parametrize("data, field", [
+    ({"sequence_parallel": {"enabled": True}}, "sequence_parallel"),
+    ({"sequence_parallel": {"size": 4, "mode": "ring"}}, "sequence_parallel.mode"),
+    ({"sequence_parallel": {"size": 4, "sp_size": 2}}, "sequence_parallel.sp_size"),
+    ({"sequence_parallel": {"size": 2}, "sequence_parallel_size": 4}, "sequence_parallel.size"),
+    ({"sequence_parallel": {"enabled": False}, "sequence_parallel_size": 4}, "sequence_parallel.enabled"),
+    ({"sequence_parallel": 4}, "sequence_parallel"),
+    ({"sequence_parallel": {"size": "four"}}, "sequence_parallel.size"),
+])
+def test_sequence_parallel_block_that_says_something_else_is_refused(data, field):
+    with pytest.raises(ConfigError) as err:
+        ds({**BATCH, **data})
+    assert err.value.field == field
