@@ -663,7 +663,8 @@ def plan_megatron(precision: str, model: ModelSize, dp: int, tp: int = 1, distri
     weights, the shards are views) and Adam m, v (4 + 8, over dp); without it
     the same, whole. torch's AdamW is the optimizer on a machine without
     TransformerEngine or apex (this CPU one): its sqrt(v) temporaries (8 per
-    element stepped) are alive during the step. After the step the
+    element stepped under CUDA's foreach, 8 per element of the largest tensor
+    on CPU; with TE / apex FusedAdam none: not modelled) are alive during the step. After the step the
     distributed optimizer all-gathers the parameters into their buffer; gloo
     gathers into a new tensor of the whole output first (lp P)."""
     lp = _LP_BYTES[precision]
@@ -682,7 +683,14 @@ def plan_megatron(precision: str, model: ModelSize, dp: int, tp: int = 1, distri
     if mixed:
         rows.append(Row("fp32 master", "device", 4 * stepped, f"4 {text}"))
     rows.append(Row("Adam m, v", "device", 8 * stepped, f"8 {text}"))
-    rows.append(Row("AdamW sqrt(v) temporaries", "device", 8 * stepped, f"8 {text}", transient=True, phase="step"))
+    # torch's AdamW runs multi-tensor (foreach) on CUDA: sqrt(v) and its quotient for every element at once;
+    # on CPU it runs per tensor (foreach is CUDA-only by default), and Megatron's shards are per-parameter
+    # views (not DeepSpeed's one flat partition), so only the largest tensor's temporaries are alive.
+    largest = min(stepped, model.largest_tensor)
+    rows.append(Row("AdamW sqrt(v) temporaries", "device", 8 * stepped, f"8 {text} (torch foreach)",
+                    transient=True, phase="step", only_on="cuda"))
+    rows.append(Row("AdamW sqrt(v) temporaries", "device", 8 * largest, "8 x largest tensor (per-tensor AdamW)",
+                    transient=True, phase="step", only_on="cpu"))
     if distributed_optimizer and dp > 1:
         rows.append(Row("all-gather output copy (gloo)", "device", lp * p, f"{lp} P", transient=True,
                         phase="gather", only_on="cpu"))
@@ -711,11 +719,11 @@ class PipelinePlan:
         if len(self.stages) == 1:
             return self.stages[0].table(device_type)
         worst = self.worst(device_type)
-        lines = [f"{'pipeline stage':<34} {'params':>10} {'MiB states':>11} {'MiB peak':>11}"]
+        lines = [f"{'pipeline stage':<44} {'params':>10} {'MiB states':>11} {'MiB peak':>11}"]
         for i, st in enumerate(self.stages):
             states = sum(r.bytes for r in st.rows_on(device_type) if not r.transient)
             mark = "  <- worst" if st is worst else ""
-            lines.append(f"{'stage ' + str(i) + ' (' + st.label.rstrip('; ') + ')':<34} {st.model.params / 1e6:>9,.1f}M "
+            lines.append(f"{'stage ' + str(i) + ' (' + st.label.rstrip('; ') + ')':<44} {st.model.params / 1e6:>9,.1f}M "
                          f"{states / MiB:>11,.1f} {st.peak(device_type) / MiB:>11,.1f}{mark}")
         lines.append("")
         lines.append(f"worst stage ({self.stages.index(worst)}):")
