@@ -117,6 +117,9 @@ class Run:
         evaluation = None
         if self._batches_fn is not None:
             batches = self._batches_fn(consumed, dp_rank, layout.dp, layout.micro)
+            if cfg.logging.eval_interval and cfg.logging.eval_iters:
+                self.say("note: --eval-interval evaluates zeromega's GPT data splits; with batches= there is no "
+                         "validation data, so this run does not evaluate")
         else:
             train_ds, valid_ds, test_ds = gpt.datasets(cfg, prefix, seq_length, iters, layout)
             batches = gpt.batches(cfg, prefix, seq_length, iters, layout, consumed, dp_rank, dataset=train_ds)
