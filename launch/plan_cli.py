@@ -5,7 +5,11 @@
     zeromega plan CFG [--world-size N] [--micro-batch-size B]
         [--num-layers L --hidden-size H --num-attention-heads A --seq-length S --vocab-size V
          [--ffn-hidden-size F] [--num-query-groups G] | --params N]
-        [--device cpu|cuda] [--check] [--json]
+        [--device cpu|cuda] [--gpu-memory GiB | --gpu a100-40|a100-80|h100|h200] [--check] [--json]
+
+With pp > 1 (or an MoE model) the plan is Megatron-Core's engine, per
+pipeline stage, and the worst stage answers; ``--gpu-memory`` / ``--gpu``
+add a verdict for the worst rank's device bytes.
 
 The model shape comes from the flags, else from the config's model section
 (Megatron-LM flags or the ``zeromega`` block). The plan is the one for the
@@ -176,9 +180,13 @@ def plan_for_args(args: argparse.Namespace):
     ds, _ = defaults.tuned(to_deepspeed(cfg, layout, device), device)
 
     def plan_fn(d):
-        return zplan.for_run(d, layout, shape=shape, params=args.params,
-                             sequence_parallel=cfg.parallel.sequence_parallel,
-                             recompute=cfg.recompute.granularity)
+        try:
+            return zplan.for_run(d, layout, shape=shape, params=args.params,
+                                 sequence_parallel=cfg.parallel.sequence_parallel,
+                                 recompute=cfg.recompute.granularity)
+        except ValueError as err:  # a pipeline / MoE layout planned from a bare count, an uneven split
+            raise UsageError(str(err), "give the model shape (--num-layers ... or the config's model section)"
+                             if args.params is not None else "use a layer count the pipeline stages divide") from None
 
     try:
         preflight.check_combinations(ds, device, fp16_supported=device == "cuda" or _cpu_fp16())

@@ -162,6 +162,8 @@ def test_plan_cli_pipeline_rows_and_verdict(tmp_path, capsys):
     code, out = _plan_cli([str(cfg), "--world-size", "2", "--gpu-memory", "0.1", "--json"], capsys)
     result = json.loads(out[:out.rindex("}") + 1])["verdict"]
     assert result["fits"] is False and result["need_bytes"] > result["capacity_bytes"]
+    code, out = _plan_cli([str(cfg), "--world-size", "2", "--params", "1e8"], capsys)
+    assert code == 2 and "cannot be staged" in out
 
 
 def test_plan_cli_reads_architecture_from_the_config(tmp_path, capsys):
