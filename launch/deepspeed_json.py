@@ -200,6 +200,11 @@ def _did_you_mean(key: str, names) -> Optional[str]:
     return next((name for low, name in sorted(by_lower.items()) if sorted(low.split("_")) == words), None)
 
 
+def _shown(key: str) -> str:
+    """A key as an error message names it: itself, or its repr where it holds a newline or the like."""
+    return key if key.isprintable() else repr(key)
+
+
 def _model_names(model) -> set[str]:
     """A pydantic model's field names and their aliases (both spellings DeepSpeed accepts)."""
     names = set(model.model_fields)
@@ -255,7 +260,7 @@ def check_with_deepspeed(ds: dict) -> None:
         if key not in known and isinstance(key, str):
             close = _did_you_mean(key, known)
             if close is not None:
-                raise ConfigError(key, "{...}" if isinstance(ds[key], dict) else ds[key],
+                raise ConfigError(_shown(key), "{...}" if isinstance(ds[key], dict) else ds[key],
                                   "not a DeepSpeed key (DeepSpeed ignores unknown top-level keys, so this would "
                                   "silently have no effect)", f"did you mean {close!r}?")
     for name, model in _deepspeed_models().items():
@@ -269,7 +274,7 @@ def _validate_block(name: str, block: dict, model) -> None:
         model(**block)
     except ValidationError as err:
         first = err.errors()[0]
-        loc = [str(part) for part in first["loc"]]
+        loc = [_shown(str(part)) for part in first["loc"]]
         where = ".".join([name, *loc])
         if first["type"] == "extra_forbidden":
             owner = model
@@ -354,9 +359,9 @@ def _read_sequence_parallel(ds: dict, reader: _Reader) -> None:
         block = _object(ds.pop("sequence_parallel"), "sequence_parallel")
         given = [key for key in SEQUENCE_PARALLEL_SIZE_KEYS if key in block]
         for key in set(block) - {"enabled", *SEQUENCE_PARALLEL_SIZE_KEYS}:
-            raise ConfigError(f"sequence_parallel.{key}", block[key], "not a key zeromega reads in the "
+            raise ConfigError(f"sequence_parallel.{_shown(key)}", block[key], "not a key zeromega reads in the "
                               "sequence_parallel block (DeepSpeed Ulysses: a size, optionally enabled)",
-                              f"give the Ulysses size as sequence_parallel.sequence_parallel_size, or remove {key}")
+                              f"give the Ulysses size as sequence_parallel.sequence_parallel_size, or remove {_shown(key)}")
         if len(given) > 1:
             raise ConfigError(f"sequence_parallel.{given[1]}", block[given[1]], f"given together with {given[0]}, "
                               "another spelling of the Ulysses size", f"keep sequence_parallel.{given[0]} only")
@@ -486,7 +491,7 @@ def _read_scheduler(ds: dict, reader: _Reader) -> None:
     del ds["scheduler"]
     params = _object(scheduler.pop("params", None), "scheduler.params")
     for key in set(scheduler) - {"type"}:
-        raise ConfigError(f"scheduler.{key}", scheduler[key], "not a key of DeepSpeed's scheduler block",
+        raise ConfigError(f"scheduler.{_shown(key)}", scheduler[key], "not a key of DeepSpeed's scheduler block",
                           "move it into scheduler.params or remove it")
 
     def put(key, path, default=None):
@@ -512,7 +517,7 @@ def _read_scheduler(ds: dict, reader: _Reader) -> None:
                        "scheduler block")
             put("total_num_steps", "scheduler.train_iters")
     for key, value in params.items():
-        raise ConfigError(f"scheduler.params.{key}", value, f"not a parameter zeromega reads for {kind}",
+        raise ConfigError(f"scheduler.params.{_shown(key)}", value, f"not a parameter zeromega reads for {kind}",
                           "remove it, or give the schedule in the zeromega block")
 
 
@@ -528,7 +533,7 @@ def read_block(block: Any) -> dict:
         elif key in RunConfig.model_fields:
             part[key] = value
         else:
-            raise ConfigError(f"zeromega.{key}", value, "unknown key in the zeromega block",
+            raise ConfigError(f"zeromega.{_shown(key)}", value, "unknown key in the zeromega block",
                               f"use one of {sorted(BLOCK_KEYS)} or a section of the unified config "
                               f"{sorted(RunConfig.model_fields)}")
         parts.append((f"zeromega.{key}", part))

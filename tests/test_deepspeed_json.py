@@ -239,3 +239,15 @@ def test_sequence_parallel_block_that_says_something_else_is_refused(data, field
     with pytest.raises(ConfigError) as err:
         ds({**BATCH, **data})
     assert err.value.field == field
+
+
+@pytest.mark.parametrize("data", [
+    {"zeromega": {"\n": 1}},
+    {"zero_optimization": {"stage": 1, "a\nb": 1}},
+    {"sequence_parallel": {"size": 2, "\n": 1}},
+    {"scheduler": {"type": "WarmupLR", "params": {"\n": 1}}},
+])
+def test_a_key_with_a_newline_is_named_on_one_line(data):
+    with pytest.raises(ConfigError) as err:
+        ds({**BATCH, **data})
+    assert "\n" not in str(err.value)
