@@ -248,6 +248,7 @@ def test_plan_cli_prints_the_table(tmp_path, capsys):
 
 def test_plan_cli_refuses_nvme_below_stage3(tmp_path, capsys):
     cfg = tmp_path / "ds.json"
-    cfg.write_text('{"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "nvme", "nvme_path": "/x"}}}')
+    cfg.write_text('{"train_micro_batch_size_per_gpu": 1, '
+                   '"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "nvme", "nvme_path": "/x"}}}')
     code, out = _cli(["plan", str(cfg), "--world-size", "2", "--params", "1e8"], capsys)
     assert code == 2 and "set zero_optimization.stage to 3" in out
