@@ -6,7 +6,13 @@ comments and trailing commas are fine; duplicate keys are an error), and
 legacy spellings DeepSpeed still accepts are understood (``cpu_offload``,
 ``cpu_offload_param``, ``cpu_offload_use_pin_memory``, ``bfloat16``,
 ``zero_optimization: true`` with ``allgather_size``, ``max_grad_norm``, and
-the ``stage3_*`` / plain aliases of the ZeRO-3 knobs).
+the ``stage3_*`` / plain aliases of the ZeRO-3 knobs). The blocks DeepSpeed
+models with pydantic (``zero_optimization``, ``fp16``, ``bf16``) are checked
+by DeepSpeed's own models, an unknown key refused with the nearest name
+(:func:`check_with_deepspeed`); a top-level key close to one DeepSpeed knows
+is refused, since DeepSpeed would silently ignore it. A file read alone must
+give ``train_batch_size`` or ``train_micro_batch_size_per_gpu``, as DeepSpeed
+asserts; a ``sequence_parallel`` block is Ulysses of its size.
 
 ``"auto"`` means what it means to the HuggingFace Trainer integration:
 "fill this in from the rest of the configuration". Here the rest is the
