@@ -46,6 +46,7 @@ import json
 import os
 import shlex
 import sys
+import warnings
 from typing import Callable, Optional
 
 from zeromega.config.errors import ConfigError
@@ -363,6 +364,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     """Run the command line; returns the exit code (the console script exits with it)."""
     parser = build_parser()
     args = None
+    warnings.formatwarning = lambda message, *_args, **_kw: f"{PROG}: warning: {message}\n"  # one line each
     try:
         args, unknown = parser.parse_known_args(argv)
         if unknown:  # options before SCRIPT that the subcommand does not know

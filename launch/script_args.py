@@ -15,6 +15,7 @@ import argparse
 import difflib
 import os
 import sys
+import warnings
 from typing import Optional
 
 from zeromega.config import ConfigError, RunConfig
@@ -90,6 +91,7 @@ def _without_ignored(argv: list[str]) -> list[str]:
 def read(argv: list[str], prog: str) -> RunConfig:
     """The RunConfig of a script's command line; bad input: one line naming it, exit code 2."""
     argv = _without_ignored(argv)
+    warnings.formatwarning = lambda message, *_args, **_kw: f"{prog}: warning: {message}\n"  # one line each
     config = os.environ.get("ZEROMEGA_CONFIG") or None
     if "--config" in argv:
         at = argv.index("--config")

@@ -16,6 +16,7 @@ Megatron launch script or argument list.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -154,7 +155,20 @@ def _megatron(argv: list[str], name: str, files: Optional[dict[str, str]] = None
 def resolve(partials: Iterable[tuple[str, dict]], megatron: bool = False) -> RunConfig:
     """The validated RunConfig from (source, partial) pairs: merged, unstated values given their dialect's
     defaults (``megatron``: Megatron-LM flags are among the sources), "auto"s filled, rules checked."""
-    return validate(deepspeed_json.finish(merge(partials), megatron=megatron))
+    merged = deepspeed_json.finish(merge(partials), megatron=megatron)
+    if megatron:
+        _megatron_turns_off_sequence_parallel_without_tp(merged)
+    return validate(merged)
+
+
+def _megatron_turns_off_sequence_parallel_without_tp(merged: dict) -> None:
+    """Megatron-LM's validate_args: ``--sequence-parallel`` at tp 1 is switched off with a warning (so the
+    numerics do not change), not refused; zeromega's own dialect still refuses it (``rules``)."""
+    parallel = merged.get("parallel")
+    if isinstance(parallel, dict) and parallel.get("sequence_parallel") is True and parallel.get("tp", 1) == 1:
+        warnings.warn("--sequence-parallel: disabling sequence parallelism because tensor model parallelism is "
+                      "disabled (tp 1), as Megatron-LM does", UserWarning, stacklevel=3)
+        parallel["sequence_parallel"] = False
 
 
 def build(config_path: Optional[str] = None, megatron_argv: Optional[list[str]] = None,

@@ -607,3 +607,13 @@ def test_cli_bad_input_is_one_line_exit_2(capsys, tmp_path, monkeypatch, argv, p
     assert code == 2 and len(lines) == 1 and out == ""
     assert lines[0].startswith(f"zeromega {argv[0]}: error: ") and "; fix: " in lines[0]
     assert problem in lines[0], lines[0]
+
+
+def test_megatron_sequence_parallel_at_tp1_is_turned_off_with_a_warning():
+    """Megatron-LM warns and disables --sequence-parallel at tp 1; zeromega's own dialect refuses it."""
+    with pytest.warns(UserWarning, match="disabling sequence parallelism"):
+        cfg = translate.build(None, ["--sequence-parallel", "--lr", "1e-4"])
+    assert cfg.parallel.sequence_parallel is False and cfg.sequence.mode == "none"
+    assert translate.build(None, ["--sequence-parallel", "--tensor-model-parallel-size", "2"]).parallel.sequence_parallel
+    with pytest.raises(ConfigError, match="parallel.sequence_parallel"):
+        validate({"parallel": {"sequence_parallel": True}})
