@@ -50,7 +50,6 @@ TOP_LEVEL: dict[str, str] = {
     "train_batch_size": "batch.global",
     "gradient_accumulation_steps": "batch.accumulation",
     "gradient_clipping": "optimizer.clip_grad",
-    "steps_per_print": "logging.interval",
 }
 OFFLOAD_KEYS = ("device", "nvme_path", "pin_memory")
 AIO_KEYS = tuple(AioConfig.model_fields)
@@ -337,7 +336,9 @@ def from_deepspeed(ds: dict) -> dict:
     ratios = reader.sources.get(RATIOS)
     if ratios:
         partial[RATIOS] = ratios
-    partial[DEFAULTS], partial[ALONE_DEFAULTS] = _unstated(had_optimizer, had_scheduler)
+    printing = ds.get("steps_per_print")  # stays for DeepSpeed; also the run's interval when read alone
+    printing = None if printing in (None, AUTO) else coerce("logging.interval", printing, "steps_per_print")
+    partial[DEFAULTS], partial[ALONE_DEFAULTS] = _unstated(had_optimizer, had_scheduler, printing)
     if no_batch:
         partial[NO_BATCH] = True
     if ds:
@@ -389,17 +390,20 @@ def _read_sequence_parallel(ds: dict, reader: _Reader) -> None:
         reader.put(field, "sequence.mode", "ulysses")
 
 
-def _unstated(had_optimizer: bool, had_scheduler: bool) -> tuple[dict, dict]:
+def _unstated(had_optimizer: bool, had_scheduler: bool, steps_per_print=None) -> tuple[dict, dict]:
     """DeepSpeed 0.19's defaults where they differ from the schema's (Megatron-LM's).
 
     Always: ``gradient_clipping`` 0 and ``fp16.initial_scale_power`` 16. An
     ``optimizer`` block's Adam/AdamW decays by 0 unless told (FusedAdam and
     DeepSpeedCPUAdam default ``weight_decay`` 0). Without Megatron flags the
     optimizer and schedule are DeepSpeed's too: no decay, no scheduler block
-    means a constant lr, and ``steps_per_print`` is 10.
+    means a constant lr, and the run logs every ``steps_per_print`` (10)
+    steps. With Megatron flags ``--log-interval`` is the run's and
+    ``steps_per_print`` stays DeepSpeed's own print interval, as in
+    Megatron-DeepSpeed.
     """
     always = {"optimizer": {"clip_grad": 0.0}, "loss_scaling": {"initial_scale_power": 16}}
-    alone = {"optimizer": {"weight_decay": 0.0}, "logging": {"interval": 10}}
+    alone = {"optimizer": {"weight_decay": 0.0}, "logging": {"interval": steps_per_print or 10}}
     if had_optimizer:
         always["optimizer"]["weight_decay"] = 0.0
     if not had_scheduler:
@@ -564,6 +568,8 @@ def finish(merged: dict, megatron: bool = False) -> dict:
     sizes, leftover "auto"s."""
     defaults = [merged.pop(DEFAULTS, None)] + [merged.pop(ALONE_DEFAULTS, None) if not megatron else None]
     merged.pop(ALONE_DEFAULTS, None)
+    if not megatron and isinstance(merged.get("deepspeed_extra"), dict):
+        merged["deepspeed_extra"].pop("steps_per_print", None)  # read alone it is the run's log interval
     batch = _section(merged, "batch")
     # Read alone, the file is DeepSpeed's to size: it asserts a micro or a global batch. With Megatron flags
     # among the sources (a training script's ARGS, `zeromega launch`), the batch is theirs to state.

@@ -251,3 +251,19 @@ def test_a_key_with_a_newline_is_named_on_one_line(data):
     with pytest.raises(ConfigError) as err:
         ds({**BATCH, **data})
     assert "\n" not in str(err.value)
+
+
+def test_steps_per_print_is_deepspeeds_next_to_megatrons_log_interval(tmp_path):
+    """Megatron-DeepSpeed: --log-interval is the run's, steps_per_print stays DeepSpeed's own print interval
+    (they never conflict); read alone, steps_per_print is the run's log interval."""
+    import json
+
+    from zeromega.launch import translate
+    from zeromega.plugins.zero.ds_config import to_deepspeed
+
+    config = tmp_path / "ds.json"
+    config.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, "steps_per_print": 2000}))
+    both = translate.build(str(config), ["--log-interval", "1", "--lr", "1e-4"])
+    assert both.logging.interval == 1 and to_deepspeed(both, both.layout(1))["steps_per_print"] == 2000
+    alone = translate.build(str(config))
+    assert alone.logging.interval == 2000 and to_deepspeed(alone, alone.layout(1))["steps_per_print"] == 10**9

@@ -74,8 +74,9 @@ def to_deepspeed(cfg: RunConfig, layout: Optional[Layout] = None, device_type: s
     if cfg.precision == "fp16" or cfg.loss_scaling != type(cfg.loss_scaling)():
         fp16.update({key: getattr(cfg.loss_scaling, path.split(".")[1]) for key, path in FP16_KEYS.items()})
     ds["fp16"] = fp16
-    # zeromega's run prints its own line every logging.interval steps, so the engine it builds stays quiet.
-    ds["steps_per_print"] = cfg.logging.interval if standalone else 10**9
+    # zeromega's run prints its own line every logging.interval steps, so the engine it builds stays quiet
+    # unless the user's DeepSpeed JSON asked DeepSpeed to print (next to Megatron flags, as in Megatron-DeepSpeed).
+    ds.setdefault("steps_per_print", cfg.logging.interval if standalone else 10**9)
     o = cfg.optimizer
     adam = {"lr": o.lr, "betas": [o.beta1, o.beta2], "eps": o.eps, "weight_decay": o.weight_decay}
     if "optimizer" in ds:
