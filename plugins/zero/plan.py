@@ -359,6 +359,12 @@ class Activations:
     sequence_parallel: bool = False
     recompute: Optional[str] = None
     """None, ``"selective"`` (drops the 5as/h attention term) or ``"full"`` (keeps 2sbh per layer)."""
+    cp: int = 1
+    """Context-parallel size (Ulysses x ring): each rank holds s / cp of the sequence."""
+    flash: bool = False
+    """Fused / flash attention (no s x s scores kept: the 5as/h term is gone, as under selective
+    recompute). zeromega's cp > 1 attention runs torch's flash kernels; Megatron-Core's local attention
+    (cp 1) is unfused and keeps the scores."""
 
 
 @dataclass
@@ -588,18 +594,25 @@ def activation_bytes(shape: dict, act: Activations, precision: str = "bf16", tp:
     Per layer sbh(34 + 5as/h) bytes in 16-bit (Korthikanti et al. 2022); with
     tp the 24 sbh of the tp-split tensors divide by t: sbh(10 + 24/t + 5as/(ht));
     with sequence parallelism everything divides: sbh(34 + 5as/h)/t; selective
-    recompute drops the 5as/h term; full recompute keeps only each layer's
-    input (2 sbh) plus one layer's worth. fp32 doubles every term.
+    recompute, and fused / flash attention, drop the 5as/h term; full
+    recompute keeps only each layer's input (2 sbh) plus one layer's worth.
+    Context parallelism (Ulysses or ring) gives each rank s / cp of the
+    sequence: every term divides by cp (Ulysses' scores are a/cp heads of the
+    whole sequence, the same bytes). fp32 doubles every term.
     """
-    s, b = act.seq_length, act.micro_batch
+    cp = max(getattr(act, "cp", 1) or 1, 1)
+    s, b = act.seq_length / cp, act.micro_batch
     h, a, L = shape["hidden_size"], shape["num_attention_heads"], shape["num_layers"]
-    attn = 0 if act.recompute == "selective" else 5 * a * s / h
+    no_scores = act.recompute == "selective" or getattr(act, "flash", False)
+    attn = 0 if no_scores else 5 * a * act.seq_length / h  # scores: a s^2 b per layer, over cp ranks
     if act.sequence_parallel:
         per_layer, text = s * b * h * (34 + attn) / tp, "sbh(34 + 5as/h)/t"
     else:
         per_layer, text = s * b * h * (10 + 24 / tp + attn / tp), "sbh(10 + 24/t + 5as/(ht))"
-    if act.recompute == "selective":
+    if no_scores:
         text = text.replace(" + 5as/h", "").replace(" + 5as/(ht)", "")
+    if cp > 1:
+        text = text.replace("sbh", "(s/cp)bh")
     scale = 2 if precision == "fp32" else 1
     if act.recompute == "full":
         total = L * 2 * s * b * h / (tp if act.sequence_parallel else 1) + per_layer
@@ -614,25 +627,51 @@ def _activations(rows: list, s: ZeroSetup, model: ModelSize, tp: int, act: Optio
     rows.append(Row("activations", "device", nbytes, formula, transient=True))
     # Logits and the fp32 cross-entropy: lp logits, their fp32 copy (softmax) and its gradient.
     v = model.shape["vocab_size"]
-    tokens = act.seq_length * act.micro_batch
+    tokens = act.seq_length // max(act.cp, 1) * act.micro_batch
     rows.append(Row("logits + loss", "device", tokens * v // tp * (s.lp + 8), f"sb V/t ({s.lp} + 4 + 4)",
                     transient=True))
 
 
-def stage_layers(num_layers: int, pp: int, vpp: Optional[int] = None) -> list[list[tuple[int, int]]]:
-    """Per pipeline stage, its model chunks as (first layer, layer count): zeromega builds ``L / pp`` layers
-    per stage (``L / (pp v)`` per chunk, stage r holding chunks r, r + pp, ... when interleaved).
+def stage_layers(num_layers: int, pp: int, vpp: Optional[int] = None, first: Optional[int] = None,
+                 last: Optional[int] = None) -> list[list[tuple[int, int]]]:
+    """Per pipeline stage, its model chunks as (first layer, layer count).
 
-    Uneven splits (Megatron-LM's ``--decoder-first-pipeline-num-layers`` /
-    ``--decoder-last-pipeline-num-layers``) are not built by zeromega's run, so
-    the plan refuses a layer count the stages do not divide rather than plan
-    a model that would not be built."""
+    Even: ``L / pp`` layers per stage (``L / (pp v)`` per chunk, stage r
+    holding chunks r, r + pp, ... when interleaved). Uneven, as Megatron-LM's
+    ``--decoder-first-pipeline-num-layers`` / ``--decoder-last-pipeline-num-layers``
+    (Megatron-Core's ``num_layers_in_first/last_pipeline_stage``): the first
+    and / or last stage hold the layers given, the stages between split the
+    rest evenly (not with vpp here: Megatron's interleaved uneven rules are
+    not planned)."""
     v = vpp if vpp and vpp > 1 else 1
-    if num_layers % (pp * v):
-        raise ValueError(f"{num_layers} layers do not split evenly over pp {pp}" + (f" x vpp {v}" if v > 1 else "")
-                         + ": zeromega builds L / pp layers per stage (no --decoder-first/last-pipeline-num-layers)")
-    per_chunk = num_layers // (pp * v)
-    return [[((c * pp + r) * per_chunk, per_chunk) for c in range(v)] for r in range(pp)]
+    if first is None and last is None:
+        if num_layers % (pp * v):
+            raise ValueError(f"{num_layers} layers do not split evenly over pp {pp}" + (f" x vpp {v}" if v > 1 else "")
+                             + ": give --decoder-first-pipeline-num-layers / --decoder-last-pipeline-num-layers")
+        per_chunk = num_layers // (pp * v)
+        return [[((c * pp + r) * per_chunk, per_chunk) for c in range(v)] for r in range(pp)]
+    if v > 1:
+        raise ValueError("uneven pipeline stages (--decoder-first/last-pipeline-num-layers) with vpp are not planned: "
+                         "drop the virtual stages or split evenly")
+    if pp < 2 or (first is not None and last is not None and pp < 3 and num_layers != first + last):
+        raise ValueError(f"--decoder-first/last-pipeline-num-layers need pp >= 2 (pp {pp})"
+                         if pp < 2 else f"first {first} + last {last} layers != {num_layers} at pp 2")
+    middle_stages = pp - (first is not None) - (last is not None)
+    rest = num_layers - (first or 0) - (last or 0)
+    if rest < 0 or (middle_stages and (rest % middle_stages or rest == 0)) or (not middle_stages and rest):
+        raise ValueError(f"{num_layers} layers minus first {first or 0} and last {last or 0} leave {rest} for the "
+                         f"{middle_stages} other stage(s): they must split evenly, at least one layer each")
+    per = rest // middle_stages if middle_stages else 0
+    counts = [per] * pp
+    if first is not None:
+        counts[0] = first
+    if last is not None:
+        counts[-1] = last
+    out, at = [], 0
+    for n in counts:
+        out.append([(at, n)])
+        at += n
+    return out
 
 
 def in_flight_chunks(stage: int, pp: int, micro_batches: int, vpp: Optional[int] = None) -> int:
@@ -742,13 +781,21 @@ def _stage_activations(shape: dict, act: Activations, precision: str, tp: int, l
     rows = []
     if act is None or shape is None:
         return ()
-    per_layer, formula = activation_bytes({**shape, "num_layers": 1}, act, precision, tp)
     in_flight = chunks * layers_per_chunk
-    rows.append(Row("activations", "device", per_layer * in_flight,
-                    f"{in_flight} layer-micro-batches in flight x {formula.replace('L x ', '')}", transient=True))
+    if act.recompute == "full":  # each layer-micro-batch keeps its input; one layer's worth is rebuilt at a time
+        whole, _ = activation_bytes({**shape, "num_layers": 1}, replace(act, recompute=None), precision, tp)
+        scale = 2 if precision == "fp32" else 1
+        kept = int(scale * 2 * act.seq_length / max(act.cp, 1) * act.micro_batch * shape["hidden_size"]
+                   / (tp if act.sequence_parallel else 1))
+        rows.append(Row("activations", "device", kept * in_flight + whole,
+                        f"{in_flight} layer-micro-batches in flight x 2sbh + one layer", transient=True))
+    else:
+        per_layer, formula = activation_bytes({**shape, "num_layers": 1}, act, precision, tp)
+        rows.append(Row("activations", "device", per_layer * in_flight,
+                        f"{in_flight} layer-micro-batches in flight x {formula.replace('L x ', '')}", transient=True))
     if last:
         v = shape["vocab_size"]
-        tokens = act.seq_length * act.micro_batch
+        tokens = act.seq_length // max(act.cp, 1) * act.micro_batch
         rows.append(Row("logits + loss", "device", tokens * v // tp * (lp + 8), f"sb V/t ({lp} + 4 + 4)",
                         transient=True))
     return tuple(rows)
@@ -756,7 +803,7 @@ def _stage_activations(shape: dict, act: Activations, precision: str, tp: int, l
 
 def plan_pipeline(precision: str, layout, shape: dict, distributed_optimizer: bool = True,
                   sequence_parallel: bool = False, recompute: Optional[str] = None,
-                  baseline: int = PROCESS_BASELINE_BYTES) -> PipelinePlan:
+                  baseline: int = PROCESS_BASELINE_BYTES, flash: Optional[bool] = None) -> PipelinePlan:
     """The Megatron-Core engine's plan per pipeline stage (pp >= 1; MoE models run there at pp 1 too)."""
     pp, tp = layout.pp, layout.tp
     vpp = getattr(layout, "vpp", None)
@@ -765,11 +812,14 @@ def plan_pipeline(precision: str, layout, shape: dict, distributed_optimizer: bo
     count = gpt_count(tp=tp, **{**shape, "ep": ep, "etp": etp})
     whole = gpt_size(tp=tp, **shape)
     edp = max(1, tp * cp * layout.dp // (etp * ep))
-    act = Activations(shape["seq_length"], layout.micro, sequence_parallel, recompute)
+    act = Activations(shape["seq_length"], layout.micro, sequence_parallel, recompute, cp=cp,
+                      flash=flash if flash is not None else cp > 1)
     m = getattr(layout, "accumulation", 1) or 1
     lp = _LP_BYTES[precision]
     plans = []
-    for r, chunks in enumerate(stage_layers(len(count.layers), pp, vpp)):
+    split = stage_layers(len(count.layers), pp, vpp, getattr(layout, "first_stage_layers", None),
+                         getattr(layout, "last_stage_layers", None))
+    for r, chunks in enumerate(split):
         first, last = r == 0, r == pp - 1
         params = sum(count.stage(f, n, first and i == 0, last and i == len(chunks) - 1)
                      for i, (f, n) in enumerate(chunks))
@@ -788,18 +838,24 @@ def plan_pipeline(precision: str, layout, shape: dict, distributed_optimizer: bo
 
 
 def for_run(ds: dict, layout, shape: Optional[dict] = None, params: Optional[int] = None,
-            sequence_parallel: bool = False, recompute: Optional[str] = None) -> "MemoryPlan | PipelinePlan":
-    """The plan for a zeromega run: ``layout`` (tp, dp, micro) and a GPT ``shape`` or a ``params`` count."""
+            sequence_parallel: bool = False, recompute: Optional[str] = None,
+            flash: Optional[bool] = None) -> "MemoryPlan | PipelinePlan":
+    """The plan for a zeromega run: ``layout`` (tp, dp, micro) and a GPT ``shape`` or a ``params`` count.
+
+    ``flash``: fused / flash attention (no s^2 scores); None: what zeromega runs (flash kernels at cp > 1,
+    Megatron-Core's unfused local attention at cp 1)."""
+    cp = getattr(layout, "cp", 1) or 1
+    flash = cp > 1 if flash is None else flash
     megatron = getattr(layout, "pp", 1) > 1 or bool(shape and shape.get("num_experts"))
     if megatron:  # the engine zeromega.run.engines.select picks: Megatron-Core DDP (+ distributed optimizer)
         if shape is None:
             raise ValueError("a pipeline / MoE plan needs the model shape (a parameter count cannot be staged)")
         zero = ZeroSetup.from_deepspeed(ds)
         return plan_pipeline(zero.precision, layout, shape, distributed_optimizer=zero.stage >= 1,
-                             sequence_parallel=sequence_parallel, recompute=recompute)
+                             sequence_parallel=sequence_parallel, recompute=recompute, flash=flash)
     if shape is not None:
         model = gpt_size(tp=layout.tp, **shape)
-        act = Activations(shape["seq_length"], layout.micro, sequence_parallel, recompute)
+        act = Activations(shape["seq_length"], layout.micro, sequence_parallel, recompute, cp=cp, flash=flash)
     elif params is not None:
         model, act = ModelSize.from_count(params, layout.tp), None
     else:
