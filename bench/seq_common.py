@@ -29,11 +29,11 @@ def mode_fn(name: str) -> Callable:
 
     world = dist.group.WORLD
     if name.startswith("ulysses"):
-        return lambda q, k, v, causal: ulysses_attention(q, k, v, world, causal)
+        return lambda q, k, v, causal: ulysses_attention(q, k, v, world, causal, layout="contiguous")
     if name.startswith("ring"):
-        return lambda q, k, v, causal: ring_attention(q, k, v, world, causal)
+        return lambda q, k, v, causal: ring_attention(q, k, v, world, causal, layout="zigzag")
     groups = build_usp_groups(MODES[name][1])
-    return lambda q, k, v, causal: usp_attention(q, k, v, groups, causal)
+    return lambda q, k, v, causal: usp_attention(q, k, v, groups, causal, layout="zigzag")
 
 
 def full_fn(q, k, v, causal):

@@ -102,10 +102,78 @@ FLAGS: dict[str, tuple[str, Any]] = {
     "--finetune": ("checkpoint.finetune", SWITCH),
     "--no-load-optim": ("checkpoint.no_load_optim", SWITCH),
     "--no-load-rng": ("checkpoint.no_load_rng", SWITCH),
+    "--train-samples": ("scheduler.train_samples", int),
+    "--lr-decay-samples": ("scheduler.decay_samples", int),
+    "--lr-warmup-samples": ("scheduler.warmup_samples", int),
+    "--lr-warmup-fraction": ("scheduler.warmup_fraction", float),
+    "--train-tokens": ("scheduler.train_tokens", int),
+    "--lr-decay-tokens": ("scheduler.decay_tokens", int),
+    "--lr-warmup-tokens": ("scheduler.warmup_tokens", int),
+    "--override-opt_param-scheduler": ("scheduler.override", SWITCH),
+    "--use-checkpoint-opt_param-scheduler": ("scheduler.use_checkpoint", SWITCH),
+    "--decoupled-lr": ("optimizer.decoupled_lr", float),
+    "--decoupled-min-lr": ("optimizer.decoupled_min_lr", float),
+    "--log-throughput": ("logging.log_throughput", SWITCH),
+    "--wandb-project": ("logging.wandb_project", str),
+    "--wandb-exp-name": ("logging.wandb_exp_name", str),
+    "--wandb-save-dir": ("logging.wandb_save_dir", str),
+    "--profile": ("logging.profile", SWITCH),
+    "--profile-step-start": ("logging.profile_step_start", int),
+    "--profile-step-end": ("logging.profile_step_end", int),
 }
+# Megatron-LM's second spellings of the same flags.
+ALIASES: dict[str, str] = {"--override-opt-param-scheduler": "--override-opt_param-scheduler",
+                           "--use-checkpoint-opt-param-scheduler": "--use-checkpoint-opt_param-scheduler"}
 # zeromega's own flags of the same scripts (no Megatron-LM counterpart).
 ZEROMEGA_FLAGS: dict[str, tuple[str, Any]] = {
     "--metrics-out": ("logging.metrics_path", str),
+    "--profile-dir": ("logging.profile_dir", str),
+}
+# Flags of real launch scripts that change speed or plumbing, not what is computed: accepted, and one line
+# before launch says what each does here. flag -> (number of values, what happens here).
+NOTED: dict[str, tuple[Any, str]] = {
+    "--use-flash-attn": (0, "flash attention needs CUDA kernels: Megatron-Core's unfused attention runs"),
+    "--use-flash-attn-v2": (0, "flash attention needs CUDA kernels: Megatron-Core's unfused attention runs"),
+    "--attention-backend": (1, "zeromega builds Megatron-Core's local (unfused) attention, the backend without "
+                               "TransformerEngine"),
+    "--overlap-grad-reduce": (0, "gradients are reduced after the backward pass (same values)"),
+    "--overlap-param-gather": (0, "parameters are gathered after the step (same values)"),
+    "--moe-grouped-gemm": (0, "grouped GEMM needs CUDA's grouped_gemm: experts run one by one (same values)"),
+    "--cross-entropy-loss-fusion": (0, "the unfused cross entropy runs (same values)"),
+    "--fp8-format": (1, "fp8 needs TransformerEngine on Hopper or newer GPUs: the run keeps its bf16/fp16/fp32"),
+    "--fp8-amax-compute-algo": (1, "fp8 is off (see --fp8-format)"),
+    "--fp8-amax-history-len": (1, "fp8 is off (see --fp8-format)"),
+    "--fp8-param-gather": (0, "fp8 is off (see --fp8-format)"),
+    "--bias-gelu-fusion": (0, "the unfused bias + GeLU runs (same values)"),
+    "--no-bias-gelu-fusion": (0, "the unfused bias + GeLU runs, as asked"),
+    "--no-bias-swiglu-fusion": (0, "the unfused bias + SwiGLU runs, as asked"),
+    "--masked-softmax-fusion": (0, "the unfused softmax runs (same values)"),
+    "--no-masked-softmax-fusion": (0, "the unfused softmax runs, as asked"),
+    "--no-bias-dropout-fusion": (0, "the unfused bias + dropout runs, as asked"),
+    "--no-gradient-accumulation-fusion": (0, "gradients accumulate without the fused CUDA kernel, as asked"),
+    "--no-persist-layer-norm": (0, "the torch norm runs, as asked"),
+    "--use-mcore-models": (0, "Megatron-Core's GPTModel is what zeromega builds"),
+    "--transformer-impl": (1, "zeromega builds Megatron-Core's local layer specs (no TransformerEngine)"),
+    "--num-workers": (1, "batches are read in the training process"),
+    "--timing-log-level": (1, "the log line reports the step time; no Megatron timer tree"),
+    "--distributed-backend": (1, "zeromega picks NCCL on CUDA and gloo on CPU"),
+    "--empty-unused-memory-level": (1, "the allocator's cache is not emptied between steps"),
+    "--manual-gc": (0, "Python's garbage collector runs as usual"),
+    "--grad-reduce-in-bf16": (0, "gradients are reduced in fp32"),
+    "--no-create-attention-mask-in-dataloader": (0, "the causal mask is built in attention, as asked"),
+    "--no-mmap-bin-files": (0, ".bin files are memory-mapped"),
+    "--ckpt-format": (1, "checkpoints use zeromega's format (zeromega export converts them)"),
+    "--no-async-tensor-model-parallel-allreduce": (0, "tp all-reduces are synchronous, as asked"),
+    "--use-pytorch-profiler": (0, "--profile always uses torch.profiler here"),
+    "--wandb-entity": (1, "wandb's default entity is used"),
+    "--log-params-norm": (0, "the parameter norm is not logged"),
+    "--log-num-zeros-in-grad": (0, "zeros in the gradients are not counted"),
+    "--log-batch-size-to-tensorboard": (0, "batch-size is always written to TensorBoard"),
+    "--log-optimizer-states-to-tensorboard": (0, "optimizer states are not written to TensorBoard"),
+    "--checkpoint-activations": (0, "Megatron-DeepSpeed's name: use --recompute-activations for recompute"),
+    "--deepspeed-activation-checkpointing": (0, "recompute runs through Megatron-Core (--recompute-*)"),
+    "--partition-activations": (0, "activations are not partitioned across tp ranks"),
+    "--no-pipeline-parallel": (0, "pp 1 runs on DeepSpeed's engine, as asked"),
 }
 # Switches that clear a field.
 NEGATIONS: dict[str, str] = {"--no-progress": "logging.progress", "--disable-bias-linear": "model.add_bias_linear",
@@ -135,6 +203,8 @@ SPECIAL: dict[str, tuple[Any, Any]] = {
     "--data-path": (str, "+"),
     "--deepspeed_config": (str, 1),
     "--deepspeed-config": (str, 1),
+    "--rampup-batch-size": (int, "+"),
+    "--profile-ranks": (int, "+"),
 }
 CP_COMM_TYPES = {"p2p": "ring", "a2a": "ulysses", "a2a+p2p": "usp"}
 # --normalization: Megatron-LM's spellings, and Megatron-DeepSpeed's lowercase ones.
@@ -183,8 +253,11 @@ def _scan(argv: list[str]) -> tuple[dict[str, list[str]], list[str]]:
     while i < len(argv):
         token = argv[i]
         flag, eq, inline = token.partition("=") if token.startswith("--") else (token, "", "")
+        flag = ALIASES.get(flag, flag)
         nargs = 0 if TABLE.get(flag, (None, 1))[1] == SWITCH or flag in NEGATIONS else SPECIAL.get(flag, (None, 1))[1]
-        if flag not in TABLE and flag not in SPECIAL and flag not in NEGATIONS:
+        if flag in NOTED and flag not in TABLE and flag not in SPECIAL and flag not in NEGATIONS:
+            nargs = NOTED[flag][0]
+        if flag not in TABLE and flag not in SPECIAL and flag not in NEGATIONS and flag not in NOTED:
             unknown.append(token)
             i += 1
             continue
@@ -250,8 +323,21 @@ def parse(argv: list[str]) -> MegatronArgs:
             raise ConfigError("--data-path", " ".join(paths), "is a blend of several datasets, which zeromega does "
                               "not read yet", "pass one dataset prefix (merge the corpora into one .bin/.idx)")
         put("--data-path", "data.path", _convert("--data-path", str, paths[0]))
+    if "--rampup-batch-size" in known:
+        values = known["--rampup-batch-size"]
+        if len(values) != 3:
+            raise ConfigError("--rampup-batch-size", " ".join(values), "takes three numbers: the start global "
+                              "batch, the increment and the ramp-up samples", "write --rampup-batch-size 16 16 "
+                              "5859375")
+        put("--rampup-batch-size", "batch.rampup", [_convert("--rampup-batch-size", int, v) for v in values])
+    if "--profile-ranks" in known:
+        put("--profile-ranks", "logging.profile_ranks",
+            [_convert("--profile-ranks", int, v) for v in known["--profile-ranks"]])
     _sequence(known, put)
     _architecture(known, put, partial)
+    _schedule(partial)
+    _note([flag for flag in known if flag in NOTED and flag not in TABLE and flag not in SPECIAL
+           and flag not in NEGATIONS])
     config = known.get("--deepspeed_config", known.get("--deepspeed-config"))
     if config:
         _convert("--deepspeed_config", str, config[0])
@@ -303,6 +389,71 @@ def _architecture(known: dict, put, partial: dict) -> None:
         put("--moe-router-load-balancing-type", "moe.router_load_balancing_type", kinds[0])
     if "--moe-layer-freq" in known:
         put("--moe-layer-freq", "moe.layer_freq", moe_layer_freq(known["--moe-layer-freq"][0]))
+
+
+NOTED_ENV = "ZEROMEGA_NOTED_FLAGS"
+"""Set once the note is printed, so the ranks a launch starts (which inherit it) do not print it again."""
+
+
+def noted_line(flags: list[str]) -> Optional[str]:
+    """The one line that says what each accepted-but-not-applied flag does here (None when there is none)."""
+    if not flags:
+        return None
+    return ("accepted, with a fallback: " + "; ".join(f"{flag}: {NOTED[flag][1]}" for flag in flags))
+
+
+def _note(flags: list[str]) -> None:
+    import os
+    import sys
+
+    line = noted_line(flags)
+    if line is None or os.environ.get(NOTED_ENV) == line:
+        return
+    if os.environ.get("RANK", "0") == "0":
+        prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "zeromega"
+        print(f"{'zeromega' if prog in ('zeromega', '__main__.py', 'cli.py') else prog}: note: {line}",
+              file=sys.stderr)
+    os.environ[NOTED_ENV] = line
+
+
+def _schedule(partial: dict) -> None:
+    """Megatron-LM's validate_args rules between iteration- and sample-based training (core_v0.16.1), and
+    Megatron-DeepSpeed's token-based schedule where zeromega runs it on Megatron-Core's scheduler."""
+    s, rampup = partial.get("scheduler", {}), partial.get("batch", {}).get("rampup")
+    iters = s.get("train_iters")
+    if iters and s.get("train_samples"):
+        raise ConfigError("--train-samples", s["train_samples"], "expected iteration-based training: --train-iters "
+                          "is given too (Megatron-LM asserts)", "give one of --train-iters and --train-samples")
+    if iters:
+        for flag, key in (("--lr-decay-samples", "decay_samples"), ("--lr-warmup-samples", "warmup_samples")):
+            if s.get(key):
+                raise ConfigError(flag, s[key], "expected iteration-based learning-rate schedule with --train-iters "
+                                  "(Megatron-LM asserts)", f"use {flag.replace('samples', 'iters')}, or "
+                                  "--train-samples instead of --train-iters")
+        if rampup:
+            raise ConfigError("--rampup-batch-size", " ".join(map(str, rampup)), "expected no batch-size rampup for "
+                              "iteration-based training (Megatron-LM asserts)", "give --train-samples instead of "
+                              "--train-iters, or drop --rampup-batch-size")
+    if s.get("train_samples"):
+        for flag, key in (("--lr-decay-iters", "decay_iters"), ("--lr-warmup-iters", "warmup_iters")):
+            if s.get(key):
+                raise ConfigError(flag, s[key], "expected sample-based schedule with --train-samples (Megatron-LM "
+                                  "asserts)", f"use {flag.replace('iters', 'samples')}")
+    if s.get("warmup_fraction") is not None:
+        for flag, key in (("--lr-warmup-iters", "warmup_iters"), ("--lr-warmup-samples", "warmup_samples")):
+            if s.get(key):
+                raise ConfigError(flag, s[key], "and --lr-warmup-fraction are both given (Megatron-LM asserts)",
+                                  "give one of them")
+    if s.get("override") and s.get("use_checkpoint"):
+        raise ConfigError("--override-opt_param-scheduler", True, "and --use-checkpoint-opt_param-scheduler are "
+                          "both set (Megatron-Core asserts)", "give one of them")
+    tokens = s.get("decay_tokens") is not None or s.get("warmup_tokens") is not None
+    if tokens and (s.get("decay_tokens") is None or s.get("warmup_tokens") is None) and \
+            (s.get("warmup_iters") or s.get("warmup_samples") or s.get("warmup_fraction") or s.get("warmup_tokens")):
+        flag = "--lr-warmup-tokens" if s.get("decay_tokens") is not None else "--lr-decay-tokens"
+        raise ConfigError(flag, None, "a token-based schedule with warmup needs both --lr-warmup-tokens and "
+                          "--lr-decay-tokens (Megatron-DeepSpeed mixes a step warmup with a token decay in a way "
+                          "zeromega does not reproduce)", f"add {flag}")
 
 
 def moe_layer_freq(text: str):

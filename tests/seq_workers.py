@@ -40,14 +40,14 @@ def attention_fn(mode: str, ulysses_size: int = 2):
     dist = _init_world()
     world = dist.group.WORLD
     if mode == "ulysses":
-        return lambda q, k, v, causal: ulysses_attention(q, k, v, world, causal)
+        return lambda q, k, v, causal: ulysses_attention(q, k, v, world, causal, layout="contiguous")
     if mode == "ulysses-zigzag":
         return lambda q, k, v, causal: ulysses_attention(q, k, v, world, causal, layout="zigzag")
     if mode == "ring":
-        return lambda q, k, v, causal: ring_attention(q, k, v, world, causal)
+        return lambda q, k, v, causal: ring_attention(q, k, v, world, causal, layout="zigzag")
     if mode == "usp":
         groups = build_usp_groups(ulysses_size)
-        return lambda q, k, v, causal: usp_attention(q, k, v, groups, causal)
+        return lambda q, k, v, causal: usp_attention(q, k, v, groups, causal, layout="zigzag")
     raise ValueError(mode)
 
 

@@ -24,7 +24,7 @@ import torch
 from distributed import run_world
 from seq_workers import attention_cases, layout_of, make_inputs, noncontiguous_grads, rejected
 
-from zeromega.plugins.sequence.layout import check_seq_len, gathered_order, shard, token_index, unshard
+from zeromega.plugins.sequence.layout import check_seq_len, gather_plan, shard, token_index, unshard
 
 H = 4
 WORLDS = [("ulysses", 2), ("ulysses", 4), ("ulysses-zigzag", 2), ("ring", 2), ("ring", 4), ("usp", 4)]
@@ -117,7 +117,7 @@ def test_bad_heads_and_lengths_are_rejected():
     assert "num_query_groups=3" in ulysses[1] and "fix:" in ulysses[1]
     assert ulysses[2] == "accepted"  # 2 kv heads over 4 ranks: replicated, not rejected
     ring = run_world(2, rejected, "ring", [(1, 3, 4, 4, 8), (1, 4, 4, 3, 8)])[0]
-    assert "local sequence length 3" in ring[0] and "fix:" in ring[0]
+    assert "local sequence length 3" in ring[0] and "pad the full sequence to 8" in ring[0]
     assert "num_query_groups=3" in ring[1]
 
 
@@ -144,9 +144,9 @@ def test_layouts():
         assert torch.equal(unshard(parts, 1, layout), x)
     # USP (U=2, R=2): ring rank 1 gathers cp ranks 2 and 3, i.e. chunks [2, 5] and [3, 4] of 8;
     # sorted they are big chunks 1 ([2, 3]) and 2 ([4, 5]) of the ring's zigzag over 4
-    order = gathered_order(4, 2, 2, 4)  # s_l=4 -> chunks of 2 tokens
+    order, ring_layout = gather_plan(4, "zigzag", 2, 2, 1, True, "test")  # s_l=4 -> chunks of 2 tokens
     chunk_of_slot = [2, 5, 3, 4]
-    assert [chunk_of_slot[i // 2] for i in order.tolist()[::2]] == [2, 3, 4, 5]
+    assert [chunk_of_slot[i // 2] for i in order.tolist()[::2]] == [2, 3, 4, 5] and ring_layout == "zigzag"
 
 
 def test_zigzag_balances_causal_work():

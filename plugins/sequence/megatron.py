@@ -144,9 +144,9 @@ class ContextParallelAttention(MegatronModule):
         elif self.mode == "ulysses":
             out = ulysses_attention(q, k, v, self.cp_group, causal, self.scale, layout=self.layout)
         elif self.mode == "ring":
-            out = ring_attention(q, k, v, self.cp_group, causal, self.scale)
+            out = ring_attention(q, k, v, self.cp_group, causal, self.scale, layout=self.layout)
         else:
-            out = usp_attention(q, k, v, self.usp_groups, causal, self.scale)
+            out = usp_attention(q, k, v, self.usp_groups, causal, self.scale, layout=self.layout)
         return out.transpose(0, 1).flatten(2).contiguous()
 
 

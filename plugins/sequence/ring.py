@@ -4,16 +4,23 @@ Legend: ``b`` batch, ``s_l`` local tokens (two zigzag chunks of ``c = s_l/2``),
 ``h`` query heads, ``h_kv`` key/value heads, ``d`` head dim, ``P`` ring size,
 ``r`` this rank, ``j`` the rank whose key/value block is held at a step.
 
-Input ``[b, s_l, h, d]`` (keys/values ``[b, s_l, h_kv, d]``) in the zigzag
-layout over the ring (rank ``r`` holds chunks ``r`` and ``2P-1-r``; see
-:mod:`.layout`). With a causal mask each step is one of three blocks, all of
-the same cost after step 0:
+Input ``[b, s_l, h, d]`` (keys/values ``[b, s_l, h_kv, d]``); a causal
+mask needs the layout named (``layout=``, see :mod:`.layout`); any other
+layout than these two is refused, never computed wrongly.
+
+``zigzag`` (rank ``r`` holds chunks ``r`` and ``2P-1-r``): each step is one
+of three blocks, all of the same cost after step 0:
 
 - ``j == r``: the local causal block (its two chunks in order are causal);
 - ``j < r``: every local query sees chunk ``j`` and none of ``2P-1-j``, so
   all queries against the first half of the keys, unmasked;
 - ``j > r``: chunk ``r`` sees nothing of rank ``j``; chunk ``2P-1-r`` sees
   all of it, so the second half of the queries against all keys, unmasked.
+
+``contiguous`` (the classic ring, ring-flash-attention's basic layout):
+step 0 is the local causal block, a block from an earlier rank is seen
+whole, a later rank's block not at all (skipped: rank ``r`` computes ``r+1``
+blocks, exact but unbalanced).
 
 Forward: the next key/value block is sent/received asynchronously while
 the current one is computed. Backward: key/value blocks travel again, and
@@ -33,18 +40,22 @@ import torch
 
 from .collectives import Ring, wait_all
 from .kernels import attention_backward, attention_forward, expand_kv, reduce_kv_grad
-from .layout import check_bshd
+from .layout import HELPER, RING_LAYOUTS, check_bshd, check_layout, missing_layout_error, odd_length_error
 
 _KV_TAG, _DKV_TAG = 11, 12
 
 
-def _block(step: int, src: int, rank: int, causal: bool, s_l: int) -> tuple[slice, slice, bool]:
-    """(query rows, key columns, causal) of the block computed at ``step`` against rank ``src``."""
+def _block(step: int, src: int, rank: int, causal: bool, s_l: int,
+           layout: str = "zigzag") -> Optional[tuple[slice, slice, bool]]:
+    """(query rows, key columns, causal) of the block computed at ``step`` against rank ``src``; None: no
+    query here sees any of those keys (contiguous layout, a later rank's block)."""
     every = slice(0, s_l)
     if step == 0:
         return every, every, causal
     if not causal:
         return every, every, False
+    if layout == "contiguous":
+        return (every, every, False) if src < rank else None
     half = s_l // 2
     if src < rank:
         return every, slice(0, half), False
@@ -63,7 +74,7 @@ class _RingAttention(torch.autograd.Function):
     """Kernel layout ``[b, h, s_l, d]``; k/v ``[b, h_kv, s_l, d]``."""
 
     @staticmethod
-    def forward(ctx, q, k, v, group, causal, scale):
+    def forward(ctx, q, k, v, group, causal, scale, layout):
         ring = Ring(group)
         heads, s_l = q.size(1), q.size(2)
         kv = torch.stack([k, v])  # one message per step
@@ -72,7 +83,13 @@ class _RingAttention(torch.autograd.Function):
             handles = []
             if step + 1 < ring.size:
                 incoming, handles = ring.pass_on(kv, _KV_TAG)
-            rows, cols, masked = _block(step, ring.source(step), ring.rank, causal, s_l)
+            block = _block(step, ring.source(step), ring.rank, causal, s_l, layout)
+            if block is None:
+                wait_all(handles)
+                if handles:
+                    kv = incoming
+                continue
+            rows, cols, masked = block
             block_out, block_lse = attention_forward(
                 q[:, :, rows], expand_kv(kv[0][:, :, cols], heads), expand_kv(kv[1][:, :, cols], heads),
                 masked, scale)
@@ -85,7 +102,7 @@ class _RingAttention(torch.autograd.Function):
                 kv = incoming
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.group, ctx.causal, ctx.scale = group, causal, scale
+        ctx.group, ctx.causal, ctx.scale, ctx.layout = group, causal, scale, layout
         return out
 
     @staticmethod
@@ -101,17 +118,19 @@ class _RingAttention(torch.autograd.Function):
             kv_handles = []
             if step + 1 < ring.size:
                 incoming, kv_handles = ring.pass_on(kv, _KV_TAG)
-            rows, cols, masked = _block(step, ring.source(step), ring.rank, ctx.causal, s_l)
-            dq_b, dk_b, dv_b = attention_backward(
-                dout[:, :, rows], q[:, :, rows], expand_kv(kv[0][:, :, cols], heads),
-                expand_kv(kv[1][:, :, cols], heads), out[:, :, rows], lse[:, :, rows], masked, ctx.scale)
-            dq[:, :, rows] += dq_b
+            block = _block(step, ring.source(step), ring.rank, ctx.causal, s_l, ctx.layout)
             if step == 0:
                 dkv = torch.zeros_like(kv, dtype=torch.float32)
             else:
                 wait_all(dkv_handles)  # dkv now holds ranks r-step .. r-1's shares of this same block
-            dkv[0][:, :, cols] += reduce_kv_grad(dk_b.float(), kv_heads)
-            dkv[1][:, :, cols] += reduce_kv_grad(dv_b.float(), kv_heads)
+            if block is not None:
+                rows, cols, masked = block
+                dq_b, dk_b, dv_b = attention_backward(
+                    dout[:, :, rows], q[:, :, rows], expand_kv(kv[0][:, :, cols], heads),
+                    expand_kv(kv[1][:, :, cols], heads), out[:, :, rows], lse[:, :, rows], masked, ctx.scale)
+                dq[:, :, rows] += dq_b
+                dkv[0][:, :, cols] += reduce_kv_grad(dk_b.float(), kv_heads)
+                dkv[1][:, :, cols] += reduce_kv_grad(dv_b.float(), kv_heads)
             if ring.size > 1:  # to r+1, whose block this becomes one step later (or its own, at the end)
                 dkv, dkv_handles = ring.pass_on(dkv, _DKV_TAG)
             wait_all(kv_handles)
@@ -119,17 +138,44 @@ class _RingAttention(torch.autograd.Function):
                 kv = incoming
         wait_all(dkv_handles)  # now dkv is this rank's own block, with every rank's share
         dk, dv = dkv[0].to(k.dtype), dkv[1].to(v.dtype)
-        return dq.to(q.dtype), dk, dv, None, None, None
+        return dq.to(q.dtype), dk, dv, None, None, None, None
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group, causal: bool = True,
-                   scale: Optional[float] = None) -> torch.Tensor:
-    """Exact attention over the sequence spread (zigzag) across ``group``; ``[b, s_l, h, d]`` in and out."""
+                   scale: Optional[float] = None, layout: Optional[str] = None) -> torch.Tensor:
+    """Exact attention over the sequence spread across ``group``; ``[b, s_l, h, d]`` in and out.
+
+    ``layout`` (which tokens each rank holds, :mod:`.layout`): ``"zigzag"`` or
+    ``"contiguous"``; required for causal attention over several ranks (no
+    default could be right for both), any other is refused.
+    """
     check_bshd(q, k, v)
-    if causal and q.size(1) % 2:
-        raise ValueError(f"local sequence length {q.size(1)} is odd: causal ring attention holds two "
-                         "zigzag chunks per rank; fix: make the sequence length a multiple of 2 x ring size")
+    size = 1 if group is None and not _initialized() else _world(group)
+    if layout is not None:
+        check_layout(layout)
+    if causal and size > 1:
+        if layout is None:
+            raise missing_layout_error("ring_attention", RING_LAYOUTS)
+        if layout not in RING_LAYOUTS:
+            raise ValueError(f"ring_attention: layout={layout!r} is not supported under a causal mask (a ring "
+                             "block would need a mask the fused kernels do not take); fix: use layout='zigzag' "
+                             f"(balanced) or 'contiguous' (the classic ring), and shard with {HELPER}")
+        if layout == "zigzag" and q.size(1) % 2:
+            raise odd_length_error(q.size(1), size, "ring_attention")
     scale = 1.0 / math.sqrt(q.size(-1)) if scale is None else scale
     # the kernels take strided [b, h, s_l, d] views: no copies of q, k, v
-    out = _RingAttention.apply(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), group, causal, scale)
+    out = _RingAttention.apply(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), group, causal, scale,
+                               layout or "contiguous")
     return out.transpose(1, 2)
+
+
+def _initialized() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def _world(group) -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size(group)

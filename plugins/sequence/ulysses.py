@@ -15,9 +15,11 @@ heads read a single kv head, so each kv head is replicated ``U/h_kv`` times
 before the exchange (gradients of the copies sum back through autograd).
 Anything else cannot be split and is rejected.
 
-Layouts: ``contiguous`` (the gathered sequence is already in order) or
-``zigzag`` (pieces are re-sorted after the gather, so Ulysses can share a
-batch layout with ring attention and Megatron's rotary embedding).
+Layouts: any of :mod:`.layout`'s, named by ``layout=`` (required for causal
+attention over several ranks): the gathered sequence is re-sorted into
+natural order before the local kernel (nothing to sort for ``contiguous``),
+so Ulysses can share a batch layout with ring attention and Megatron's rotary
+embedding.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import torch.nn.functional as F
 
 from .collectives import all_to_all
 from .kernels import expand_kv
-from .layout import check_bshd, check_layout, gathered_order
+from .layout import LAYOUTS, check_bshd, check_layout, gather_plan, missing_layout_error
 
 # attention(q, k, v, causal, scale) on [b, s, h', d] (k/v may have fewer heads) -> [b, s, h', d]
 Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool, float], torch.Tensor]
@@ -77,12 +79,21 @@ def ulysses_exchange(q, k, v, group, attend: Callable[[torch.Tensor, torch.Tenso
 
 
 def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group, causal: bool = True,
-                      scale: Optional[float] = None, layout: str = "contiguous",
+                      scale: Optional[float] = None, layout: Optional[str] = None,
                       attention: Attention = local_attention) -> torch.Tensor:
-    """Exact attention over a sequence split across ``group``; ``[b, s_l, h, d]`` in and out."""
+    """Exact attention over a sequence split across ``group``; ``[b, s_l, h, d]`` in and out.
+
+    ``layout``: which tokens each rank holds (:mod:`.layout`); required for
+    causal attention over several ranks.
+    """
     check_bshd(q, k, v)
-    check_layout(layout)
+    if layout is not None:
+        check_layout(layout)
     size = dist.get_world_size(group)
+    if causal and size > 1 and layout is None:
+        raise missing_layout_error("ulysses_attention", LAYOUTS)
     scale = 1.0 / math.sqrt(q.size(-1)) if scale is None else scale
-    order = gathered_order(q.size(1), size, 0, size) if layout == "zigzag" else None
+    order = None
+    if layout is not None and size > 1:
+        order, _ = gather_plan(q.size(1), layout, size, 1, 0, causal, "ulysses_attention")
     return ulysses_exchange(q, k, v, group, lambda q_, k_, v_: attention(q_, k_, v_, causal, scale), order)

@@ -10,12 +10,16 @@ Groups follow Megatron-Core's hierarchical context parallelism
 ``U`` consecutive context-parallel ranks (cheap all-to-alls within a node),
 ring groups take every ``U``-th rank (point-to-point across nodes).
 
-Layout: zigzag over all ``C`` ranks (rank ``c`` holds chunks ``c`` and
-``2C-1-c``), the same as ring attention over ``C`` ranks and as
-Megatron's rotary embedding. After the Ulysses gather, ring rank ``r``
-holds chunks ``rU .. rU+U-1`` and ``2C-U-rU .. 2C-1-rU``: sorted, that is
-exactly the zigzag layout of ``2R`` bigger chunks over the ring, so the
-ring runs unchanged on ``h/U`` heads and ``U x s_l`` tokens.
+Layouts (``layout=``, required for causal attention): ``zigzag`` over all
+``C`` ranks (rank ``c`` holds chunks ``c`` and ``2C-1-c``), the same as ring
+attention over ``C`` ranks and as Megatron's rotary embedding. After the
+Ulysses gather, ring rank ``r`` holds chunks ``rU .. rU+U-1`` and
+``2C-U-rU .. 2C-1-rU``: sorted, that is exactly the zigzag layout of ``2R``
+bigger chunks over the ring, so the ring runs unchanged on ``h/U`` heads and
+``U x s_l`` tokens. yunchang's zigzag (``ring_zigzag``) gathers into that
+same ring layout already sorted; ``contiguous`` gathers into the ring's
+contiguous layout (the classic ring). Other layouts (yunchang's stripe) are
+refused under a causal mask (:func:`.layout.gather_plan`).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .layout import check_bshd, gathered_order
+from .layout import check_bshd, check_layout, gather_plan, missing_layout_error
 from .ring import ring_attention
 from .ulysses import ulysses_exchange
 
@@ -89,12 +93,23 @@ def build_usp_groups(ulysses_size: int, cp_group: Optional[dist.ProcessGroup] = 
 
 
 def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: USPGroups, causal: bool = True,
-                  scale: Optional[float] = None) -> torch.Tensor:
-    """Exact attention over a sequence zigzag-split across ``U x R`` ranks; ``[b, s_l, h, d]`` in and out."""
+                  scale: Optional[float] = None, layout: Optional[str] = None) -> torch.Tensor:
+    """Exact attention over a sequence split across ``U x R`` ranks; ``[b, s_l, h, d]`` in and out.
+
+    ``layout``: which tokens each rank holds (:mod:`.layout`); required for
+    causal attention.
+    """
     check_bshd(q, k, v)
-    scale = 1.0 / math.sqrt(q.size(-1)) if scale is None else scale
+    if layout is not None:
+        check_layout(layout)
     u_size, r_size = groups.ulysses_size, groups.ring_size
-    ring_rank = dist.get_rank(groups.ring)
-    order = gathered_order(q.size(1), u_size, ring_rank * u_size, u_size * r_size)
+    if causal and u_size * r_size > 1 and layout is None:
+        raise missing_layout_error("usp_attention", ("zigzag", "contiguous", "ring_zigzag"))
+    scale = 1.0 / math.sqrt(q.size(-1)) if scale is None else scale
+    order, ring_layout = None, "contiguous"
+    if layout is not None:
+        order, ring_layout = gather_plan(q.size(1), layout, u_size, r_size, dist.get_rank(groups.ring), causal,
+                                         "usp_attention")
     return ulysses_exchange(q, k, v, groups.ulysses,
-                            lambda q_, k_, v_: ring_attention(q_, k_, v_, groups.ring, causal, scale), order)
+                            lambda q_, k_, v_: ring_attention(q_, k_, v_, groups.ring, causal, scale, ring_layout),
+                            order)

@@ -174,6 +174,9 @@ class BatchConfig(_Section):
     """Samples per optimizer step over all ranks (None: micro x accumulation x dp)."""
     accumulation: Optional[PositiveInt] = None
     """Micro-batches per step (None: derived from global, micro and dp)."""
+    rampup: Optional[tuple[PositiveInt, PositiveInt, Annotated[int, Field(ge=0)]]] = None
+    """Batch-size ramp-up START INCREMENT SAMPLES (``--rampup-batch-size``): the global batch grows from START by
+    INCREMENT over SAMPLES samples to global, by Megatron-Core's num_microbatches_calculator."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True,
                               use_attribute_docstrings=True)
@@ -194,6 +197,10 @@ class OptimizerConfig(_Section):
     """Adam denominator epsilon (``--adam-eps``)."""
     clip_grad: float = Field(1.0, ge=0)
     """Global gradient-norm clip, 0 disables (``--clip-grad``; DeepSpeed ``gradient_clipping``)."""
+    decoupled_lr: Optional[float] = Field(None, gt=0)
+    """Peak lr of the input embedding and output layer (``--decoupled-lr``; None: lr)."""
+    decoupled_min_lr: Optional[float] = Field(None, ge=0)
+    """Floor of their decay (``--decoupled-min-lr``; None: min_lr)."""
 
 
 class SchedulerConfig(_Section):
@@ -214,6 +221,27 @@ class SchedulerConfig(_Section):
     """Optimizer steps in the run (Megatron ``--train-iters``, DeepSpeed ``total_num_steps``)."""
     decay_iters: Optional[PositiveInt] = None
     """Steps the decay spans (None: train_iters)."""
+    train_samples: Optional[PositiveInt] = None
+    """Samples in the run, instead of train_iters (``--train-samples``; Megatron-LM: the steps are
+    train_samples // global batch, or counted through the batch-size ramp-up; the schedule runs on samples)."""
+    decay_samples: Optional[PositiveInt] = None
+    """Samples the decay spans under train_samples (``--lr-decay-samples``; None: train_samples)."""
+    warmup_samples: int = Field(0, ge=0)
+    """Samples of warmup under train_samples (``--lr-warmup-samples``)."""
+    warmup_fraction: Optional[float] = Field(None, ge=0, lt=1)
+    """Warmup as a fraction of the decay span (``--lr-warmup-fraction``; excludes warmup_iters/samples)."""
+    train_tokens: Optional[PositiveInt] = None
+    """Megatron-DeepSpeed's ``--train-tokens``: training also stops before a step once this many tokens are
+    consumed."""
+    decay_tokens: Optional[PositiveInt] = None
+    """Megatron-DeepSpeed's ``--lr-decay-tokens``: the decay runs on consumed tokens."""
+    warmup_tokens: Optional[int] = Field(None, ge=0)
+    """Megatron-DeepSpeed's ``--lr-warmup-tokens``: the warmup runs on consumed tokens."""
+    override: bool = False
+    """On resume, this run's schedule values replace the checkpoint's (``--override-opt_param-scheduler``)."""
+    use_checkpoint: bool = False
+    """On resume, the checkpoint's schedule values replace this run's (``--use-checkpoint-opt_param-scheduler``);
+    with neither switch they must agree, as in Megatron-LM."""
 
 
 class RecomputeConfig(_Section):
@@ -289,6 +317,26 @@ class LoggingConfig(_Section):
     """``iteration-time`` (seconds) in TensorBoard (``--log-timers-to-tensorboard``)."""
     log_world_size_to_tensorboard: bool = False
     """``world-size`` in TensorBoard (``--log-world-size-to-tensorboard``)."""
+    log_throughput: bool = False
+    """``throughput per GPU (TFLOP/s/GPU)`` in the log line (``--log-throughput``; the metrics file always has
+    tflops_per_gpu and mfu)."""
+    wandb_project: Optional[str] = None
+    """Weights & Biases project, written by rank 0 (``--wandb-project``; needs the wandb package)."""
+    wandb_exp_name: Optional[str] = None
+    """Weights & Biases run name (``--wandb-exp-name``; required with wandb_project, as in Megatron-LM)."""
+    wandb_save_dir: Optional[str] = None
+    """Where wandb writes (``--wandb-save-dir``; None: <checkpoint.save>/wandb, else ./wandb)."""
+    profile: bool = False
+    """Profile steps profile_step_start..profile_step_end with torch.profiler (``--profile``; Megatron-LM's nsys
+    mode needs CUDA and an nsys launch, so zeromega always runs torch's profiler, as ``--use-pytorch-profiler``)."""
+    profile_step_start: Annotated[int, Field(ge=0)] = 10
+    """First profiled step (``--profile-step-start``)."""
+    profile_step_end: Annotated[int, Field(ge=0)] = 12
+    """Profiling stops at this step (``--profile-step-end``)."""
+    profile_ranks: list[Annotated[int, Field(ge=0)]] = [0]
+    """Global ranks that profile (``--profile-ranks``)."""
+    profile_dir: Optional[str] = None
+    """Where the trace goes (zeromega's ``--profile-dir``; None: tensorboard_dir, as Megatron-LM)."""
 
 
 class LaunchConfig(_Section):
