@@ -1,41 +1,50 @@
-"""The argument lines of a bash launch script, as Megatron-LM and Megatron-DeepSpeed publish them.
+"""The training command of a bash launch script (Megatron-LM, Megatron-DeepSpeed, BigScience), read as
+bash runs it.
 
-Not a shell: enough of bash's expansion for the scripts people actually
-write, in order, line by line: ``\\`` continuations, ``NAME=value`` and
-``export NAME=value``, arrays ``NAME=( ... )`` used as ``${NAME[@]}``,
-``$NAME``, ``${NAME}``, ``${NAME:-default}``, integer ``$(( ... ))``, and
-``cat <<EOT > file`` heredocs (Megatron-DeepSpeed writes its DeepSpeed JSON
-that way). ``env`` values override the script's own assignments. Anything
-else (``$(command)``, unset variables) stays as written, so a flag that
-needs it fails with the variable's name.
+By default the script is *read*, never run: :mod:`.shell_parse` parses it
+with bash's grammar and :mod:`.shell_eval` follows its variables and
+control flow (``if``/``elif``/``else`` on the branch bash would take,
+``+=``, arrays, multi-line strings, heredocs, ``sed`` on a template,
+``$(( ))``, ``${X:-d}``, ``source``, ``eval``), recording every program it
+would start. With ``run=True`` (``--run-script`` on the command line) the
+script runs under bash instead, with the launchers replaced by recorders
+(:mod:`.shell_run`): exact bash, but it executes the user's code.
 
-The training command is the line that runs a ``*.py`` script with the most
-``--`` flags after it; a file with no such line is read as bare arguments
-(every line that starts with ``--``).
+The training command is the recorded command that runs a ``*.py`` script
+with the most ``--`` flags after it (``Script.line`` says which line); a
+file with no such command is read as bare arguments (every command that
+starts with ``-``). ``env`` (``--env NAME=VALUE``) pins a variable over the
+script's own assignments. A value the static read cannot know (a command's
+output, a variable an undecidable ``if`` sets) is refused once the training
+command uses it, with the ``--env`` that supplies it.
 """
 
 from __future__ import annotations
 
-import ast
-import operator
+import os
 import re
 import shlex
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 from zeromega.config.errors import ConfigError
 
 from . import limits
+from .shell_arith import evaluate as _evaluate
+from .shell_arith import wrap as _wrap  # noqa: F401 (tests and older callers)
+from .shell_eval import OPAQUE, UNSET, Evaluator, _unmark_keep
+from .shell_parse import ShellSyntax, parse
 
-_VAR = re.compile(r"\$\{(\w+)(\[@\]|\[\*\])?(?::?-([^}]*))?\}|\$(\w+)")
-_ARITH = re.compile(r"\$\(\(([^()]*(?:\([^()]*\)[^()]*)*)\)\)")
-_HEREDOC = re.compile(r"<<-?\s*(['\"]?)(\w+)\1")
 _LAUNCH_FLAGS = {
     "--nproc_per_node": "launch.nproc_per_node", "--nproc-per-node": "launch.nproc_per_node",
     "--num_gpus": "launch.nproc_per_node", "--num-gpus": "launch.nproc_per_node",
     "--nnodes": "launch.nnodes", "--num_nodes": "launch.nnodes", "--num-nodes": "launch.nnodes",
     "--hostfile": "launch.hostfile", "-H": "launch.hostfile",
 }
+CONFIG_FLAGS = ("--deepspeed_config", "--deepspeed-config", "--config")
+"""Flags of the training command whose value is a config file the script may write itself."""
+_MARKS = re.compile("\x00([^\x00]*)\x00|\x01([^\x01]*)\x01")
 
 
 @dataclass
@@ -47,62 +56,18 @@ class Script:
     launcher: dict[str, str] = field(default_factory=dict)
     """Unified launch-section paths -> values, from the launcher's own flags (torchrun, deepspeed)."""
     files: dict[str, str] = field(default_factory=dict)
-    """Path -> text of files the script writes with a heredoc."""
-
-
-_WORD = 2**64
-
-
-def _wrap(value: int) -> int:
-    """``value`` as bash's signed 64-bit integer (it wraps, it does not overflow)."""
-    value %= _WORD
-    return value - _WORD if value >= _WORD // 2 else value
-
-
-def _c_div(a: int, b: int) -> int:
-    """Division truncating toward zero, as C and bash do (Python's // floors)."""
-    quotient = abs(a) // abs(b)
-    return _wrap(quotient if (a < 0) == (b < 0) else -quotient)
-
-
-def _c_mod(a: int, b: int) -> int:
-    return _wrap(a - _c_div(a, b) * b)
-
-
-def _c_pow(a: int, b: int) -> int:
-    if b < 0:
-        raise ValueError  # bash: "exponent less than 0"
-    return _wrap(pow(a, b, _WORD))
-
-
-_ARITH_MAX = 4096
-"""Characters in one ``$(( ... ))``; longer expressions stay as written."""
+    """Path -> text of files the script writes (heredoc, ``sed`` from a template, ``echo``/``cp``)."""
+    line: int = 0
+    """The script line of the training command (0: bare arguments)."""
+    command: str = ""
+    """The training command as the script writes it (shortened)."""
+    notes: list[str] = field(default_factory=list)
+    """What the reader wants the user to know (which line it read, files it could not source, --run-script)."""
 
 
 def _arith(expr: str) -> Optional[int]:
-    """Integer arithmetic as bash does it (+ - * / % **, parentheses, signed 64-bit wrap-around), or None.
-
-    Bounded: every result wraps to 64 bits (``$((9**9**9))`` is instant, as in bash), and an expression
-    over ``_ARITH_MAX`` characters or nested too deep to evaluate stays as written."""
-    ops = {ast.Add: lambda a, b: _wrap(a + b), ast.Sub: lambda a, b: _wrap(a - b),
-           ast.Mult: lambda a, b: _wrap(a * b), ast.Div: _c_div, ast.FloorDiv: _c_div, ast.Mod: _c_mod,
-           ast.Pow: _c_pow}
-
-    def ev(node):
-        if isinstance(node, ast.Constant) and isinstance(node.value, int) and not isinstance(node.value, bool):
-            return _wrap(node.value)
-        if isinstance(node, ast.BinOp) and type(node.op) in ops:
-            return ops[type(node.op)](ev(node.left), ev(node.right))
-        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
-            return _wrap(-ev(node.operand)) if isinstance(node.op, ast.USub) else ev(node.operand)
-        raise ValueError
-
-    if len(expr) > _ARITH_MAX or not re.fullmatch(r"[\s0-9a-fA-FxX+\-*/%()]*", expr):
-        return None
-    try:
-        return ev(ast.parse(expr.strip(), mode="eval").body)
-    except (ValueError, SyntaxError, ZeroDivisionError, TypeError, RecursionError, MemoryError):
-        return None
+    """Integer arithmetic on literals as bash does it (signed 64-bit wrap-around, C division), or None."""
+    return _evaluate(expr)
 
 
 _PLAIN = re.compile(r"[^'\"\\#]*")
@@ -117,160 +82,202 @@ def _split(text: str) -> list[str]:
     return shlex.split(text, comments=True)
 
 
-class _Expander:
-    def __init__(self, env: dict[str, str], name: str = "script"):
-        self.env, self.vars, self.name = dict(env), {}, name
+def read(text: str, env: Optional[dict[str, str]] = None, name: str = "script", base: Optional[Path] = None,
+         run: bool = False) -> Script:
+    """The training command's arguments (and launcher flags, written files) of a bash script.
 
-    def value(self, name: str) -> Optional[str]:
-        return self.env.get(name, self.vars.get(name))
+    ``base``: the script's directory (``source``, ``sed`` templates and file tests look there).
+    ``run``: run it under bash with recorders for the launchers (:mod:`.shell_run`) instead of reading it."""
+    if run:
+        from . import shell_run
 
-    def expand(self, text: str, limit: int = limits.MAX_WORD) -> str:
-        """``text`` with its variables and arithmetic expanded; refused once it grows past ``limit``
-        characters (``A=$A$A`` repeated doubles a value per line)."""
-        grown = [len(text)]
-
-        def var(match):
-            name = match.group(1) or match.group(4)
-            value = self.value(name)
-            if value is None and match.group(3) is not None:
-                value = self.expand(match.group(3), limit)
-            if value is not None:
-                grown[0] += len(value)
-                if grown[0] > limit:
-                    raise ConfigError(self.name, f"${name}", f"expands to more than {limit:,} characters",
-                                      "a launch script's values are short: check the assignments of the "
-                                      "variables it uses")
-            return match.group(0) if value is None else value
-
-        return _VAR.sub(var, self.arith(text))
-
-    def arith(self, text: str) -> str:
-        """Only the ``$(( ... ))`` parts of ``text`` expanded."""
-
-        def arith(match):
-            inner = re.sub(r"\$?\{?([A-Za-z_]\w*)\}?", lambda m: self.value(m.group(1)) or m.group(0),
-                           match.group(1))
-            result = _arith(inner)
-            return match.group(0) if result is None else str(result)
-
-        return _ARITH.sub(arith, text)
-
-    def assign(self, name: str, raw: str) -> None:
-        raw = raw.strip()
-        if raw.startswith("(") and raw.endswith(")"):  # an array: keep its words, re-quoted
-            self.vars[name] = shlex.join(_split(self.expand(raw[1:-1])))
-            return
-        words = _split(self.expand(raw)) if raw else [""]
-        self.vars[name] = " ".join(words)
-
-
-_ARRAY = re.compile(r"^(?:export\s+)?([A-Za-z_]\w*)=\((.*)\)\s*(?:#.*)?$", re.S)
-_NAME_EQ = re.compile(r"^[A-Za-z_]\w*=")
-
-
-def _assignments(shell: _Expander, line: str) -> bool:
-    """Record the line's assignments if that is all it does (``A=1 B=2``, ``export A``, arrays)."""
-    array = _ARRAY.match(line.strip())
-    if array:
-        shell.assign(array.group(1), f"({array.group(2)})")
-        return True
+        return shell_run.read(text, env or {}, name, base)
+    _check_line_lengths(text, name)
     try:
-        words = _split(shell.arith(line))
-    except ValueError:
-        return False
-    if words and words[0] in ("export", "declare", "local", "readonly"):
-        words = [w for w in words[1:] if not w.startswith("-") and "=" in w]
-        if not words:  # `export NAME` of a name already set
-            return True
-    if not words or not all(_NAME_EQ.match(w) for w in words):
-        return False
-    for word in words:
-        name, value = word.split("=", 1)
-        shell.vars[name] = shell.expand(value)
-    return True
+        tree = parse(text)
+    except ShellSyntax as err:
+        if _bare_arguments(text):
+            return _read_bare(text, name)
+        raise ConfigError(name, f"line {err.line}", f"{err.problem} (bash would refuse the script too)",
+                          "fix the script's syntax there") from None
+    except RecursionError:
+        raise ConfigError(name, "the script", "nests too deep to read", "check the script's brackets") from None
+    evaluator = Evaluator(env or {}, name, base)
+    try:
+        evaluator.run(tree)
+    except RecursionError:
+        raise ConfigError(name, "the script", "nests too deep to read", "check the script's structure") from None
+    except ShellSyntax as err:
+        raise ConfigError(name, f"line {err.line}", err.problem, "fix the script's syntax there") from None
+    return pick(evaluator, name)
 
 
-def _logical_lines(text: str) -> list[tuple[int, str, Optional[tuple[str, bool, str]]]]:
-    """(line number, text, heredoc) with continuations joined, arrays gathered and heredoc bodies cut out.
-
-    Linear in the text: the parts of a logical line are joined once."""
-    lines, out, i = text.splitlines(), [], 0
-    while i < len(lines):
-        start, parts = i + 1, [lines[i]]
-        while parts[-1].rstrip().endswith("\\") and i + 1 < len(lines):
-            i += 1
-            parts[-1] = parts[-1].rstrip()[:-1]
-            parts.append(lines[i])
-        line = " ".join(parts)
-        if re.match(r"^\s*(?:export\s+)?\w+=\($", line.strip()) or (
-                re.match(r"^\s*(?:export\s+)?\w+=\(", line) and ")" not in line):
-            while ")" not in lines[i] or i + 1 == start:
-                if i + 1 >= len(lines):
-                    break
-                i += 1
-                parts.append(lines[i].split("#", 1)[0])
-            line = " ".join(parts)
-        heredoc = None
-        match = _HEREDOC.search(line)
-        if match:
-            body, delimiter = [], match.group(2)
-            while i + 1 < len(lines) and lines[i + 1].strip() != delimiter:
-                i += 1
-                body.append(lines[i])
-            i += 1
-            heredoc = (delimiter, not match.group(1), "\n".join(body))
-        out.append((start, line, heredoc))
-        i += 1
-    return out
+def _check_line_lengths(text: str, name: str) -> None:
+    """Refuse a line (``\\`` continuations joined) over ``MAX_WORD`` before parsing: linear and quick."""
+    start, length = 1, 0
+    for number, line in enumerate(text.split("\n"), 1):
+        length += len(line)
+        if length > limits.MAX_WORD:
+            raise ConfigError(name, f"line {start}", f"is {length:,}+ characters long, over the "
+                              f"{limits.MAX_WORD:,}-character limit of one command line",
+                              "shorten that line; check that the file is a launch script")
+        if not line.endswith("\\"):
+            start, length = number + 1, 0
 
 
-def read(text: str, env: Optional[dict[str, str]] = None, name: str = "script") -> Script:
-    """The training command's arguments (and launcher flags, heredoc files) of a bash script."""
-    shell = _Expander(env or {}, name)
-    commands: list[list[str]] = []
-    files: dict[str, str] = {}
-    for number, line, heredoc in _logical_lines(text):
+def _bare_arguments(text: str) -> bool:
+    """Every logical line is a flag line (an argument file, which need not be valid bash)."""
+    lines = [line.strip() for line in re.sub(r"\\\r?\n", " ", text).splitlines()]
+    lines = [line for line in lines if line and not line.startswith("#")]
+    return bool(lines) and all(line.startswith("-") for line in lines)
+
+
+def _read_bare(text: str, name: str) -> Script:
+    argv = []
+    for number, line in enumerate(re.sub(r"\\\r?\n", " ", text).splitlines(), 1):
         if len(line) > limits.MAX_WORD:
             raise ConfigError(name, f"line {number}", f"is {len(line):,} characters long, over the "
                               f"{limits.MAX_WORD:,}-character limit of one command line",
                               "shorten that line; check that the file is a launch script")
-        expanded = shell.expand(line)
         try:
-            words = _split(expanded)
+            argv += _split(line)
         except ValueError as err:
             raise ConfigError(name, f"line {number}", f"cannot split it into words ({err})",
                               "check the quotes on that line") from None
-        if not words:
-            continue
-        if _assignments(shell, line):
-            continue
-        if heredoc:
-            target = re.search(r">\s*(\S+)", expanded.split("<<", 1)[1] + " " + expanded.split("<<", 1)[0])
-            delimiter, expand, body = heredoc
-            if target:
-                files[target.group(1).strip("\"'")] = shell.expand(body, limits.MAX_BYTES) if expand else body
-            continue
-        commands.append(words)
-    return _pick(commands, files)
+    return Script(argv)
 
 
-def _pick(commands: list[list[str]], files: dict[str, str]) -> Script:
+def _known_flags() -> set[str]:
+    from . import megatron_args
+
+    return {*megatron_args.TABLE, *megatron_args.SPECIAL, *megatron_args.NEGATIONS, *CONFIG_FLAGS}
+
+
+def pick(evaluator: Evaluator, name: str) -> Script:
+    """The training command among the commands the script starts, checked for values nobody can know."""
+    commands = evaluator.commands
     best = None
-    for words in commands:
-        for index, word in enumerate(words):
+    for command in commands:
+        for index, word in enumerate(command.words):
             if word.endswith(".py"):
-                flags = sum(w.startswith("--") for w in words[index + 1:])
+                flags = sum(w.startswith("--") for w in command.words[index + 1:])
                 if best is None or flags > best[0]:
-                    best = (flags, words[:index], words[index + 1:])
+                    best = (flags, command, index)
                 break
-    if best is None:  # bare arguments: every line that starts with a flag
-        argv = [w for words in commands if words[0].startswith("-") for w in words]
-        return Script(argv, {}, files)
-    _, launcher_words, argv = best
+    notes = [f"`source {path}` (line {line}): no such file, so what it sets is unset here"
+             for path, line in evaluator.missing_sources]
+    files = _files(evaluator)
+    if best is None:  # bare arguments: every command that starts with a flag
+        argv = [w for command in commands if command.words[0].startswith("-") for w in command.words]
+        argv = [_clean(evaluator, name, argv, i, None) for i in range(len(argv))]
+        return Script(argv, {}, files, 0, "", notes)
+    _, command, index = best
+    if command.condition:
+        raise ConfigError(name, f"line {command.line}", f"the training command runs only if {command.condition} "
+                          "holds, which a static read cannot decide", "pass the variables it tests with --env "
+                          "NAME=VALUE, or read the script with --run-script (runs it under bash)")
+    argv = [_clean(evaluator, name, command.words, i, command.line) for i in range(index + 1, len(command.words))]
+    launcher_words = command.words[:index]
     launcher = {}
     for i, word in enumerate(launcher_words):
         flag, eq, value = word.partition("=")
         if flag in _LAUNCH_FLAGS:
-            value = value if eq else (launcher_words[i + 1] if i + 1 < len(launcher_words) else "")
-            launcher[_LAUNCH_FLAGS[flag]] = value
-    return Script(argv, launcher, files)
+            if not eq:
+                value = launcher_words[i + 1] if i + 1 < len(launcher_words) else ""
+            launcher[_LAUNCH_FLAGS[flag]] = _value(evaluator, name, flag, value, command.line)
+    _check_config_files(evaluator, name, argv, command.line)
+    others = [c.line for c in commands if c is not command]
+    if others:
+        shown = ", ".join(str(n) for n in others[:6]) + (", ..." if len(others) > 6 else "")
+        notes.insert(0, f"{name}: the training command is line {command.line} ({_shown(evaluator, command.text)}); "
+                        f"other commands not read as it: line{'s' if len(others) > 1 else ''} {shown}")
+    return Script(argv, launcher, files, command.line, _shown(evaluator, command.text), notes)
+
+
+def _files(evaluator: Evaluator) -> dict[str, str]:
+    return {path: _unmark_keep(text) for path, text in evaluator.state.files.items()
+            if text is not None and OPAQUE not in text}
+
+
+def _why(evaluator: Evaluator, text: str) -> tuple[str, str]:
+    """(what cannot be known, the fix) for the first opaque marker in ``text``."""
+    match = re.search("\x01([^\x01]*)\x01", text)
+    opaque = evaluator.opaque.get(match.group(1)) if match else None
+    if opaque is None:
+        return "a value the static read cannot know", "read the script with --run-script (runs it under bash)"
+    if opaque.var:
+        return (f"{opaque.var} comes from {opaque.what} (line {opaque.line}), which a static read does not run",
+                f"pass --env {opaque.var}=VALUE, or read the script with --run-script (runs it under bash)")
+    return (f"it comes from {opaque.what} (line {opaque.line}), which a static read does not run",
+            "put the value in the script or a variable given with --env NAME=VALUE, or read the script with "
+            "--run-script (runs it under bash)")
+
+
+def _value(evaluator: Evaluator, name: str, flag: str, value: str, line: int) -> str:
+    if OPAQUE in value:
+        problem, fix = _why(evaluator, value)
+        raise ConfigError(flag, _shown(evaluator, value), f"{name} line {line}: {problem}", fix)
+    if UNSET in value:
+        var = re.search("\x00([^\x00]*)\x00", value).group(1)
+        raise ConfigError(flag, _unmark_keep(value), f"{name} line {line}: uses the shell variable {var}, which is "
+                          f"not set{_missing(evaluator)}", f"pass --env {var}=VALUE")
+    return value
+
+
+def _missing(evaluator: Evaluator) -> str:
+    if not evaluator.missing_sources:
+        return ""
+    path, line = evaluator.missing_sources[0]
+    return f" (it may come from `source {path}` at line {line}, which is not there)"
+
+
+def _shown(evaluator: Evaluator, text: str) -> str:
+    def show(match):
+        if match.group(1) is not None:
+            return f"${match.group(1)}"
+        opaque = evaluator.opaque.get(match.group(2))
+        return f"${opaque.var}" if opaque and opaque.var else (opaque.what if opaque else "?")
+    return _MARKS.sub(show, text)
+
+
+def _clean(evaluator: Evaluator, name: str, argv: list[str], i: int, line: Optional[int]) -> str:
+    """``argv[i]`` without markers; refused when it carries an unknowable value a known flag would read."""
+    word = argv[i]
+    if OPAQUE in word:
+        flag = word.split("=", 1)[0] if word.startswith("--") and "=" in word else (argv[i - 1] if i else "")
+        whole = _MARKS.fullmatch(word) is not None
+        if whole or flag in _known_flags():
+            problem, fix = _why(evaluator, word)
+            where = f"{name} line {line}" if line else name
+            raise ConfigError(flag if flag.startswith("-") else "arguments", _shown(evaluator, word),
+                              f"{where}: {problem}", fix)
+        return _shown(evaluator, word)
+    if UNSET in word and evaluator.missing_sources:
+        flag = argv[i - 1] if i else "arguments"
+        var = re.search("\x00([^\x00]*)\x00", word).group(1)
+        raise ConfigError(flag, _unmark_keep(word), f"uses the shell variable {var}, which is not set"
+                          f"{_missing(evaluator)}", f"pass --env {var}=VALUE, or put the sourced file next to "
+                          "the script")
+    return _unmark_keep(word)
+
+
+def _check_config_files(evaluator: Evaluator, name: str, argv: list[str], line: int) -> None:
+    """A config file the training command reads that the script writes with something unknowable."""
+    files = evaluator.state.files
+    for i, word in enumerate(argv):
+        flag, eq, value = word.partition("=")
+        if flag not in CONFIG_FLAGS:
+            continue
+        path = value if eq else (argv[i + 1] if i + 1 < len(argv) else "")
+        key = path if path in files else os.path.normpath(path)
+        if key not in files:
+            continue
+        text = files[key]
+        if text is None:
+            raise ConfigError(flag, path, f"{name} line {line}: the script writes it with a program a static read "
+                              "does not run", "read the script with --run-script (runs it under bash), or pass "
+                              "the config file itself")
+        if OPAQUE in text:
+            problem, fix = _why(evaluator, text)
+            raise ConfigError(flag, path, f"{name}: the config the script writes holds a value a static read "
+                              f"cannot know: {problem}", fix)
