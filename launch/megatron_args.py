@@ -30,6 +30,8 @@ FLAGS: dict[str, tuple[str, Any]] = {
     "--pipeline-model-parallel-size": ("parallel.pp", int),
     "--num-virtual-stages-per-pipeline-rank": ("parallel.vpp", int),
     "--num-layers-per-virtual-pipeline-stage": ("parallel.layers_per_virtual_stage", int),
+    "--decoder-first-pipeline-num-layers": ("parallel.first_stage_layers", int),
+    "--decoder-last-pipeline-num-layers": ("parallel.last_stage_layers", int),
     "--context-parallel-size": ("parallel.cp", int),
     "--expert-model-parallel-size": ("parallel.ep", int),
     "--expert-tensor-parallel-size": ("parallel.etp", int),

@@ -70,10 +70,10 @@ def test_count_equals_the_built_model_tp2():
     assert built[0] == built[1] == planned
 
 
-def _stage_counts(shape: dict, pp: int, vpp=None, tp: int = 1) -> list[int]:
+def _stage_counts(shape: dict, pp: int, vpp=None, tp: int = 1, first=None, last=None) -> list[int]:
     count = zplan.gpt_count(tp=tp, **shape)
     out = []
-    for r, chunks in enumerate(zplan.stage_layers(shape["num_layers"], pp, vpp)):
+    for r, chunks in enumerate(zplan.stage_layers(shape["num_layers"], pp, vpp, first, last)):
         out.append(sum(count.stage(f, n, r == 0 and i == 0, r == pp - 1 and i == len(chunks) - 1)
                        for i, (f, n) in enumerate(chunks)))
     return out
@@ -83,22 +83,57 @@ PP_SHAPES = {"base": {**BASE, "num_layers": 4}, "llama": {**LLAMA, "num_layers":
              "mixtral": {**MIXTRAL, "num_layers": 4, "moe_layer_freq": [1, 0, 1, 1]}}
 
 
-@pytest.mark.parametrize("vpp", [None, 2])
-def test_stage_counts_equal_the_built_stages(vpp):
-    """pp 2: embedding on the first stage, output (or the tied copy Megatron-Core keeps) on the last."""
-    parallel = {"pp": 2, **({"vpp": vpp} if vpp else {})}
+@pytest.mark.parametrize("vpp,first", [(None, None), (2, None), (None, 1)])
+def test_stage_counts_equal_the_built_stages(vpp, first):
+    """pp 2: embedding on the first stage, output (or the tied copy Megatron-Core keeps) on the last;
+    first = 1: Megatron-LM's --decoder-first-pipeline-num-layers 1 (1 layer, then 3), built as planned."""
+    parallel = {"pp": 2, **({"vpp": vpp} if vpp else {}), **({"first_stage_layers": first} if first else {})}
     built = run_world(2, count_built, {"precision": "fp32", "parallel": parallel}, PP_SHAPES)
     for name, shape in PP_SHAPES.items():
-        assert [b[name] for b in built] == _stage_counts(shape, 2, vpp), name
+        assert [b[name] for b in built] == _stage_counts(shape, 2, vpp, first=first), name
+    if first:  # not the even split's counts
+        assert _stage_counts(PP_SHAPES["base"], 2, first=1) != _stage_counts(PP_SHAPES["base"], 2)
     # the tied copy: both stages together hold one word embedding more than the 1-process model
     base = PP_SHAPES["base"]
     assert sum(_stage_counts(base, 2)) == zplan.gpt_size(**base).params + zplan.gpt_count(**base).word_embedding
 
 
-def test_uneven_split_is_refused():
+def test_uneven_splits():
     with pytest.raises(ValueError, match="do not split evenly"):
         zplan.stage_layers(7, 2)
     assert zplan.stage_layers(8, 2, 2) == [[(0, 2), (4, 2)], [(2, 2), (6, 2)]]
+    # Megatron-LM's --decoder-first/last-pipeline-num-layers: the stages between split the rest
+    assert zplan.stage_layers(7, 2, first=3) == [[(0, 3)], [(3, 4)]]
+    assert zplan.stage_layers(10, 4, first=2, last=2) == [[(0, 2)], [(2, 3)], [(5, 3)], [(8, 2)]]
+    assert zplan.stage_layers(9, 4, last=3) == [[(0, 2)], [(2, 2)], [(4, 2)], [(6, 3)]]
+    with pytest.raises(ValueError, match="split evenly"):
+        zplan.stage_layers(10, 4, first=3)
+    with pytest.raises(ValueError, match="vpp"):
+        zplan.stage_layers(8, 2, 2, first=3)
+
+
+def test_uneven_split_in_the_config_and_the_cli(tmp_path, capsys):
+    """The flags reach the config (rules check them as Megatron-LM splits) and the plan's stage rows."""
+    from pydantic import ValidationError
+
+    from zeromega.config.schema import RunConfig
+
+    base = {"model": {"num_layers": 7, "hidden_size": 64, "num_attention_heads": 4, "seq_length": 32,
+                      "vocab_size": 257}}
+    with pytest.raises(ValidationError, match="not divisible by pp"):
+        RunConfig.model_validate({**base, "parallel": {"pp": 2}})
+    assert RunConfig.model_validate({**base, "parallel": {"pp": 2, "first_stage_layers": 3}}).parallel.pp == 2
+    with pytest.raises(ValidationError, match="split evenly"):
+        RunConfig.model_validate({**base, "parallel": {"pp": 3, "first_stage_layers": 2}})
+    with pytest.raises(ValidationError, match="virtual stages"):
+        RunConfig.model_validate({**base, "parallel": {"pp": 2, "vpp": 2, "first_stage_layers": 3}})
+    args = tmp_path / "run.args"
+    args.write_text("--num-layers 7 --hidden-size 64 --num-attention-heads 4 --seq-length 32 --vocab-size 257 "
+                    "--micro-batch-size 1 --global-batch-size 4 --pipeline-model-parallel-size 2 "
+                    "--decoder-last-pipeline-num-layers 2 --bf16\n")
+    code, out = _plan_cli([str(args), "--world-size", "2"], capsys)
+    assert code == 0, out
+    assert "stage 0 (layers 0-4 + embedding)" in out and "stage 1 (layers 5-6 + tied output copy)" in out
 
 
 def test_in_flight_micro_batches_under_1f1b():

@@ -125,6 +125,9 @@ def _pipeline_fields(cfg: RunConfig, virtual_stages: Optional[int]) -> dict:
                   batch_p2p_comm=accel.current().is_cuda and not interleaved)
     if interleaved:
         fields.update(virtual_pipeline_model_parallel_size=virtual_stages)
+    p = cfg.parallel  # Megatron-LM's --decoder-first/last-pipeline-num-layers
+    fields.update(num_layers_in_first_pipeline_stage=p.first_stage_layers,
+                  num_layers_in_last_pipeline_stage=p.last_stage_layers)
     return fields
 
 

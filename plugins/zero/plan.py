@@ -167,7 +167,24 @@ class GPTCount:
         return self.stage(0, len(self.layers), True, True)
 
 
-def gpt_count(num_layers: int, hidden_size: int, num_attention_heads: int, seq_length: int, vocab_size: int,
+_COUNTS: dict = {}
+
+
+def gpt_count(*args, **kwargs) -> "GPTCount":
+    """:func:`_gpt_count`, remembered per argument set (the layout search asks for the same counts often)."""
+    key = (args, tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in kwargs.items())))
+    try:
+        hit = _COUNTS.get(key)
+    except TypeError:  # an unhashable argument: count without remembering
+        return _gpt_count(*args, **kwargs)
+    if hit is None:
+        if len(_COUNTS) > 4096:
+            _COUNTS.clear()
+        hit = _COUNTS[key] = _gpt_count(*args, **kwargs)
+    return hit
+
+
+def _gpt_count(num_layers: int, hidden_size: int, num_attention_heads: int, seq_length: int, vocab_size: int,
               tp: int = 1, ffn_hidden_size: Optional[int] = None, num_query_groups: Optional[int] = None,
               tied: bool = True, learned_positions: bool = True, make_vocab_size_divisible_by: int = 128,
               swiglu: bool = False, normalization: str = "LayerNorm", add_bias_linear: bool = True,
@@ -803,7 +820,8 @@ def _stage_activations(shape: dict, act: Activations, precision: str, tp: int, l
 
 def plan_pipeline(precision: str, layout, shape: dict, distributed_optimizer: bool = True,
                   sequence_parallel: bool = False, recompute: Optional[str] = None,
-                  baseline: int = PROCESS_BASELINE_BYTES, flash: Optional[bool] = None) -> PipelinePlan:
+                  baseline: int = PROCESS_BASELINE_BYTES, flash: Optional[bool] = None,
+                  first_stage_layers: Optional[int] = None, last_stage_layers: Optional[int] = None) -> PipelinePlan:
     """The Megatron-Core engine's plan per pipeline stage (pp >= 1; MoE models run there at pp 1 too)."""
     pp, tp = layout.pp, layout.tp
     vpp = getattr(layout, "vpp", None)
@@ -817,8 +835,8 @@ def plan_pipeline(precision: str, layout, shape: dict, distributed_optimizer: bo
     m = getattr(layout, "accumulation", 1) or 1
     lp = _LP_BYTES[precision]
     plans = []
-    split = stage_layers(len(count.layers), pp, vpp, getattr(layout, "first_stage_layers", None),
-                         getattr(layout, "last_stage_layers", None))
+    split = stage_layers(len(count.layers), pp, vpp, first_stage_layers or getattr(layout, "first_stage_layers", None),
+                         last_stage_layers or getattr(layout, "last_stage_layers", None))
     for r, chunks in enumerate(split):
         first, last = r == 0, r == pp - 1
         params = sum(count.stage(f, n, first and i == 0, last and i == len(chunks) - 1)
@@ -839,7 +857,8 @@ def plan_pipeline(precision: str, layout, shape: dict, distributed_optimizer: bo
 
 def for_run(ds: dict, layout, shape: Optional[dict] = None, params: Optional[int] = None,
             sequence_parallel: bool = False, recompute: Optional[str] = None,
-            flash: Optional[bool] = None) -> "MemoryPlan | PipelinePlan":
+            flash: Optional[bool] = None, first_stage_layers: Optional[int] = None,
+            last_stage_layers: Optional[int] = None) -> "MemoryPlan | PipelinePlan":
     """The plan for a zeromega run: ``layout`` (tp, dp, micro) and a GPT ``shape`` or a ``params`` count.
 
     ``flash``: fused / flash attention (no s^2 scores); None: what zeromega runs (flash kernels at cp > 1,
@@ -852,7 +871,8 @@ def for_run(ds: dict, layout, shape: Optional[dict] = None, params: Optional[int
             raise ValueError("a pipeline / MoE plan needs the model shape (a parameter count cannot be staged)")
         zero = ZeroSetup.from_deepspeed(ds)
         return plan_pipeline(zero.precision, layout, shape, distributed_optimizer=zero.stage >= 1,
-                             sequence_parallel=sequence_parallel, recompute=recompute, flash=flash)
+                             sequence_parallel=sequence_parallel, recompute=recompute, flash=flash,
+                             first_stage_layers=first_stage_layers, last_stage_layers=last_stage_layers)
     if shape is not None:
         model = gpt_size(tp=layout.tp, **shape)
         act = Activations(shape["seq_length"], layout.micro, sequence_parallel, recompute, cp=cp, flash=flash)

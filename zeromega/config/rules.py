@@ -148,8 +148,30 @@ def _experts_divisible(cfg):
                           f"use a topk <= {experts}")
 
 
+def _uneven_pipeline(cfg):
+    """Megatron-LM's --decoder-first/last-pipeline-num-layers: the stages between split the rest evenly."""
+    p, layers = cfg.parallel, cfg.model.num_layers
+    first, last = p.first_stage_layers, p.last_stage_layers
+    field, value = ("parallel.first_stage_layers", first) if first else ("parallel.last_stage_layers", last)
+    if p.pp == 1:
+        raise ConfigError(field, value, "uneven pipeline stages need pp > 1", "set pp >= 2 or drop it")
+    if p.vpp or p.layers_per_virtual_stage:
+        raise ConfigError(field, value, "uneven pipeline stages with virtual stages are not built here",
+                          "drop the virtual stages (vpp) or split the layers evenly")
+    if layers is None:
+        return
+    middle = p.pp - (first is not None) - (last is not None)
+    rest = layers - (first or 0) - (last or 0)
+    if rest < 0 or (middle and (rest % middle or rest == 0)) or (not middle and rest):
+        raise ConfigError(field, value, f"{layers} layers minus first {first or 0} and last {last or 0} leave {rest} "
+                          f"for the {middle} other stage(s): they must split evenly, at least one layer each",
+                          "choose first/last layer counts that leave a multiple of the stages between")
+
+
 def _virtual_pipeline(cfg):
     p, layers = cfg.parallel, cfg.model.num_layers
+    if p.first_stage_layers or p.last_stage_layers:
+        return _uneven_pipeline(cfg)
     field, value = ("parallel.vpp", p.vpp) if p.vpp else ("parallel.layers_per_virtual_stage",
                                                          p.layers_per_virtual_stage)
     if value is None:
@@ -194,7 +216,8 @@ def _recompute_chunks(cfg):
     (Megatron-Core's ``TransformerBlock._checkpointed_forward``: ``IndexError`` at the first forward).
     Block recompute takes the first ``num_layers`` of each chunk, all of them when it has fewer."""
     r, p, layers = cfg.recompute, cfg.parallel, cfg.model.num_layers
-    if r.granularity != "full" or r.method != "uniform" or layers is None or layers % p.pp:
+    if r.granularity != "full" or r.method != "uniform" or layers is None or layers % p.pp \
+            or p.first_stage_layers or p.last_stage_layers:
         return
     per_chunk, where = layers // p.pp, f"{layers} layers / pp {p.pp}"
     if p.layers_per_virtual_stage:

@@ -74,6 +74,11 @@ class ParallelConfig(_Section):
     """Virtual pipeline stages (model chunks) per pipeline rank, for the interleaved schedule."""
     layers_per_virtual_stage: Optional[PositiveInt] = None
     """Layers in each virtual stage (Megatron ``--num-layers-per-virtual-pipeline-stage``)."""
+    first_stage_layers: Optional[PositiveInt] = None
+    """Layers on the first pipeline stage (Megatron ``--decoder-first-pipeline-num-layers``); the stages between
+    the first and the last split the rest evenly. None: L / pp."""
+    last_stage_layers: Optional[PositiveInt] = None
+    """Layers on the last pipeline stage (Megatron ``--decoder-last-pipeline-num-layers``). None: L / pp."""
     sequence_parallel: bool = False
     """Megatron's tp sequence parallelism (norms/dropout sharded along the sequence)."""
 
