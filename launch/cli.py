@@ -57,6 +57,7 @@ from .cli_common import UsageError, _add_input, _int_at_least, _layout, _read_in
 from .export import _add_export
 from .partial import flatten
 from .plan_cli import _add_plan, launch_preflight
+from .data_cli import _add_preprocess, _add_train_tokenizer
 
 PROG = "zeromega"
 LAUNCHERS = ("torchrun", "deepspeed")
@@ -348,7 +349,8 @@ def _check(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------ main
 
-SUBCOMMANDS: list[Callable] = [_add_launch, _add_translate, _add_check, _add_plan, _add_export]
+SUBCOMMANDS: list[Callable] = [_add_launch, _add_translate, _add_check, _add_plan, _add_export, _add_preprocess,
+                               _add_train_tokenizer]
 
 
 def build_parser() -> argparse.ArgumentParser:

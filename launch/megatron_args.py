@@ -88,6 +88,12 @@ FLAGS: dict[str, tuple[str, Any]] = {
     "--moe-expert-capacity-factor": ("moe.expert_capacity_factor", float),
     "--moe-token-dispatcher-type": ("moe.token_dispatcher_type", str),
     "--split": ("data.split", str),
+    "--data-cache-path": ("data.cache_path", str),
+    "--mock-data": ("data.mock", SWITCH),
+    "--tokenizer-type": ("data.tokenizer_type", str),
+    "--vocab-file": ("data.vocab_file", str),
+    "--merge-file": ("data.merge_file", str),
+    "--tokenizer-model": ("data.tokenizer_model", str),
     "--seed": ("seed", int),
     "--exit-interval": ("checkpoint.exit_interval", int),
     "--exit-signal-handler": ("checkpoint.exit_signal_handler", SWITCH),
@@ -203,6 +209,9 @@ SPECIAL: dict[str, tuple[Any, Any]] = {
     "--ds-sequence-parallel-size": (int, 1),
     "--initial-loss-scale": (float, 1),
     "--data-path": (str, "+"),
+    "--train-data-path": (str, "+"),
+    "--valid-data-path": (str, "+"),
+    "--test-data-path": (str, "+"),
     "--deepspeed_config": (str, 1),
     "--deepspeed-config": (str, 1),
     "--rampup-batch-size": (int, "+"),
@@ -319,12 +328,13 @@ def parse(argv: list[str]) -> MegatronArgs:
             raise ConfigError("--initial-loss-scale", scale, "is not a power of two (DeepSpeed scales by 2**k)",
                               "use a power of two, e.g. 65536")
         put("--initial-loss-scale", "loss_scaling.initial_scale_power", int(power))
-    if "--data-path" in known:
-        paths = known["--data-path"]
-        if len(paths) > 1:
-            raise ConfigError("--data-path", " ".join(paths), "is a blend of several datasets, which zeromega does "
-                              "not read yet", "pass one dataset prefix (merge the corpora into one .bin/.idx)")
-        put("--data-path", "data.path", _convert("--data-path", str, paths[0]))
+    if "--data-path" in known:  # one prefix, or a blend (weights read by Megatron-Core's get_blend_from_list)
+        paths = [_convert("--data-path", str, path) for path in known["--data-path"]]
+        put("--data-path", "data.path" if len(paths) == 1 else "data.blend", paths[0] if len(paths) == 1 else paths)
+    for name in ("train", "valid", "test"):
+        if f"--{name}-data-path" in known:
+            put(f"--{name}-data-path", f"data.{name}_path",
+                [_convert(f"--{name}-data-path", str, path) for path in known[f"--{name}-data-path"]])
     if "--rampup-batch-size" in known:
         values = known["--rampup-batch-size"]
         if len(values) != 3:

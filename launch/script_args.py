@@ -45,7 +45,11 @@ SPECIAL_HELP = {
     "--initial-loss-scale": "fp16: the first dynamic loss scale (a power of two)",
     "--deepspeed_config": "a DeepSpeed JSON (also --deepspeed-config)",
     "--deepspeed-config": argparse.SUPPRESS,
-    "--data-path": "prefix of a Megatron .bin/.idx dataset (data.path); default: the project's own corpus",
+    "--data-path": "prefix of a Megatron .bin/.idx dataset (data.path), or a blend W1 P1 W2 P2 ... / P1 P2 ... "
+                   "(data.blend); default: the project's own corpus",
+    "--train-data-path": "the train split's own prefix or blend (data.train_path)",
+    "--valid-data-path": "the validation split's own prefix or blend (data.valid_path)",
+    "--test-data-path": "the test split's own prefix or blend (data.test_path)",
 }
 IGNORED = ("--local_rank", "--local-rank")
 """Set by the deepspeed launcher on every rank; zeromega reads LOCAL_RANK from the environment."""

@@ -183,9 +183,9 @@ def test_fuzzed_deepspeed_configs_fail_cleanly(data):
 # ------------------------------------------------------------------ Megatron in
 
 
-def test_a_data_blend_is_refused_not_read_as_one_path():
-    with pytest.raises(ConfigError, match="--data-path"):
-        translate.from_megatron_args(["--data-path", "0.3", "a", "0.7", "b"])
+def test_a_data_blend_is_read_whole_not_as_one_path():
+    partial, unknown = translate.from_megatron_args(["--data-path", "0.3", "a", "0.7", "b", "--split", "9,1,0"])
+    assert unknown == [] and partial["data"] == {"blend": ["0.3", "a", "0.7", "b"], "split": "9,1,0"}
 
 
 def test_megatron_flags_map_and_unknown_are_kept():

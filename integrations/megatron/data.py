@@ -1,8 +1,14 @@
-"""The project's own corpus and the GPT datasets over it.
+"""Tokenizers, the project's own corpus, and the GPT datasets over them.
 
-Runs and tests need real text without a download, so the corpus is the running
-Python's standard library sources, tokenized byte by byte into a Megatron indexed
-dataset; Megatron-Core's own builder turns it into GPT train/valid/test datasets.
+Runs and tests need real text without a download, so the default corpus is the
+running Python's standard library sources, tokenized byte by byte into a Megatron
+indexed dataset. Other data comes tokenized with one of Megatron-LM's
+``--tokenizer-type`` choices, from local files only (:func:`build_tokenizer`), and
+:func:`preprocess` writes it as Megatron-Core's ``IndexedDatasetBuilder`` does for
+Megatron-LM's ``tools/preprocess_data.py``. Megatron-Core's
+``BlendedMegatronDatasetBuilder`` turns single prefixes, weighted blends, per-split
+blends or its ``MockGPTDataset`` into GPT train/valid/test datasets
+(:func:`build_datasets`).
 """
 
 from __future__ import annotations
@@ -21,10 +27,6 @@ import numpy as np
 import torch
 
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-from megatron.core.datasets.blended_megatron_dataset_config import (
-    convert_split_vector_to_split_matrix,
-    parse_and_normalize_split,
-)
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 from megatron.core.tokenizers import MegatronTokenizerBase
@@ -143,49 +145,367 @@ def build_corpus(prefix: str | Path | None = None, max_bytes: int = DEFAULT_MAX_
     return prefix
 
 
-def _fingerprint(prefix: Path) -> str:
+TOKENIZER_TYPES = ("NullTokenizer", "GPT2BPETokenizer", "HuggingFaceTokenizer", "SentencePieceTokenizer",
+                   "GPTSentencePieceTokenizer")
+"""Megatron-LM's ``--tokenizer-type`` choices zeromega builds (core_v0.16.1 names), each from local files."""
+GPT2_EOD = "<|endoftext|>"
+
+
+class DataError(ValueError):
+    """Data or a tokenizer that cannot be used as given: ``field`` names the setting to fix."""
+
+    def __init__(self, field: str, value, problem: str, fix: str) -> None:
+        super().__init__(f"{problem}; fix: {fix}")
+        self.field, self.value, self.problem, self.fix = field, value, problem, fix
+
+
+class RustTokenizer(MegatronTokenizerBase):
+    """A tokenizer of the Rust ``tokenizers`` library, read as Megatron-Core's datasets read a tokenizer.
+
+    Megatron-Core's own wrappers for these files (its ``huggingface`` and ``megatron`` libraries) go through
+    ``transformers``, and for ``GPT2BPETokenizer`` they fetch GPT-2's hub config even when the vocabulary
+    and merges are local; the Rust library reads the same local files and gives the same ids (Megatron's
+    ``text_to_ids`` without special tokens). ``vocab_size`` counts added tokens, as Megatron-Core's
+    ``len(tokenizer)`` does.
+    """
+
+    def __init__(self, tokenizer, eod_token: str, source: str, kind: str) -> None:
+        super().__init__(source, {})
+        self._tokenizer = tokenizer
+        eod = tokenizer.token_to_id(eod_token)
+        if eod is None:
+            raise DataError("data.tokenizer_model" if kind == "HuggingFaceTokenizer" else "data.vocab_file",
+                                 source, f"{source} has no end-of-document token {eod_token!r}",
+                                 "use a vocabulary that holds it (zeromega train-tokenizer adds it)")
+        self._eod = eod
+        self.unique_identifiers = OrderedDict(
+            [("class", kind), ("source", source), ("vocab_size", self.vocab_size), ("eod", eod)])
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def apply_chat_template(self, *args, **kwargs):
+        raise NotImplementedError("zeromega's tokenizers have no chat template")
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def vocab(self) -> dict[str, int]:
+        return self._tokenizer.get_vocab(with_added_tokens=True)
+
+    @property
+    def inv_vocab(self) -> dict[int, str]:
+        return {i: t for t, i in self.vocab.items()}
+
+    @property
+    def eod(self) -> int:
+        return self._eod
+
+    @property
+    def eos(self) -> int:
+        return self._eod
+
+    @property
+    def pad(self) -> int:
+        return -1
+
+
+def _need_file(field: str, flag: str, path: Optional[str], kind: str, what: str) -> str:
+    if not path:
+        raise DataError(field, None, f"--tokenizer-type {kind} needs {flag}", f"pass {flag} {what}")
+    if not Path(path).exists():
+        raise DataError(field, path, f"{flag} {path} does not exist", f"pass {flag} {what} (a local path; "
+                             "zeromega downloads nothing)")
+    return str(path)
+
+
+def _hf_eos(directory: Path) -> str:
+    """The end-of-document token of a Hugging Face tokenizer directory: its ``tokenizer_config.json``'s
+    ``eos_token`` (what ``transformers`` reads), else GPT-2's ``<|endoftext|>``."""
+    config = directory / "tokenizer_config.json"
+    if config.is_file():
+        eos = json.loads(config.read_text()).get("eos_token")
+        if isinstance(eos, dict):
+            eos = eos.get("content")
+        if eos:
+            return str(eos)
+    return GPT2_EOD
+
+
+def build_tokenizer(tokenizer_type: Optional[str] = None, *, vocab_file: Optional[str] = None,
+                    merge_file: Optional[str] = None, tokenizer_model: Optional[str] = None,
+                    vocab_size: Optional[int] = None) -> MegatronTokenizerBase:
+    """The tokenizer Megatron-LM core_v0.16.1's ``--tokenizer-type`` names, from local files only.
+
+    None is zeromega's byte tokenizer (the project's corpus). ``NullTokenizer`` (ids are the text's integers;
+    ``vocab_size`` + 1 with the EOD) and the SentencePiece types are Megatron-Core's own
+    (``MegatronTokenizer.from_pretrained`` with its ``null`` / ``sentencepiece`` libraries, as Megatron-LM's
+    ``build_tokenizer`` calls it). ``GPT2BPETokenizer`` (``vocab_file`` + ``merge_file``, EOD
+    ``<|endoftext|>``) and ``HuggingFaceTokenizer`` (a directory with ``tokenizer.json``; EOD its config's
+    ``eos_token``) are :class:`RustTokenizer`. Bad input raises :class:`DataError`.
+    """
+    if tokenizer_type is None:
+        return ByteTokenizer()
+    from megatron.core.tokenizers import MegatronTokenizer
+
+    if tokenizer_type == "NullTokenizer":
+        if not vocab_size:
+            raise DataError("model.vocab_size", None, "--tokenizer-type NullTokenizer needs --vocab-size",
+                                 "pass --vocab-size N (ids 0..N-1; the EOD is N)")
+        return MegatronTokenizer.from_pretrained(metadata_path={"library": "null"}, vocab_size=vocab_size)
+    if tokenizer_type in ("SentencePieceTokenizer", "GPTSentencePieceTokenizer"):
+        model = _need_file("data.tokenizer_model", "--tokenizer-model", tokenizer_model, tokenizer_type,
+                           "PATH.model (a SentencePiece model file)")
+        return MegatronTokenizer.from_pretrained(tokenizer_path=model, metadata_path={"library": "sentencepiece"},
+                                                 legacy=False, special_tokens=None)
+    if tokenizer_type == "GPT2BPETokenizer":
+        from tokenizers.implementations import ByteLevelBPETokenizer
+
+        vocab = _need_file("data.vocab_file", "--vocab-file", vocab_file, tokenizer_type, "vocab.json")
+        merges = _need_file("data.merge_file", "--merge-file", merge_file, tokenizer_type, "merges.txt")
+        try:
+            tokenizer = ByteLevelBPETokenizer(vocab, merges)
+        except Exception as err:  # the Rust library's parse errors
+            raise DataError("data.vocab_file", vocab, f"{vocab} / {merges} are not a GPT-2 BPE vocabulary "
+                                 f"and merges ({str(err).splitlines()[0]})", "pass GPT-2-style vocab.json and "
+                                 "merges.txt") from None
+        return RustTokenizer(tokenizer, GPT2_EOD, vocab, tokenizer_type)
+    if tokenizer_type == "HuggingFaceTokenizer":
+        from tokenizers import Tokenizer
+
+        directory = Path(_need_file("data.tokenizer_model", "--tokenizer-model", tokenizer_model, tokenizer_type,
+                                    "DIR (a local Hugging Face tokenizer directory)"))
+        if directory.is_file():
+            directory = directory.parent
+        if not (directory / "tokenizer.json").is_file():
+            raise DataError("data.tokenizer_model", str(directory), f"{directory} has no tokenizer.json",
+                                 "pass a directory saved by a fast tokenizer (zeromega train-tokenizer writes one)")
+        tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+        return RustTokenizer(tokenizer, _hf_eos(directory), str(directory), tokenizer_type)
+    raise DataError("data.tokenizer_type", tokenizer_type, "is not a tokenizer zeromega builds",
+                         f"pass one of {', '.join(TOKENIZER_TYPES)} (or none: zeromega's byte tokenizer)")
+
+
+def train_tokenizer(texts, output_dir: str | Path, vocab_size: int, min_frequency: int = 2) -> Path:
+    """Train a GPT-2-style byte-level BPE on ``texts`` (an iterable of documents) with the ``tokenizers``
+    library; writes ``vocab.json`` + ``merges.txt`` (``--tokenizer-type GPT2BPETokenizer``) and
+    ``tokenizer.json`` + ``tokenizer_config.json`` (``--tokenizer-type HuggingFaceTokenizer``) to
+    ``output_dir``. ``<|endoftext|>`` is the EOD (id 0)."""
+    from tokenizers.implementations import ByteLevelBPETokenizer
+
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = ByteLevelBPETokenizer()
+    tokenizer.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=min_frequency,
+                                  special_tokens=[GPT2_EOD], show_progress=False)
+    tokenizer.save_model(str(out))
+    tokenizer.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": GPT2_EOD, "eos_token": GPT2_EOD,
+         "unk_token": GPT2_EOD, "model_max_length": 1 << 30}, indent=1))
+    return out
+
+
+def read_documents(path: str | Path, json_keys: Sequence[str] = ("text",)) -> Iterator[dict[str, str]]:
+    """The documents of one input: a ``.json``/``.jsonl`` (optionally ``.gz``) file holds one JSON object per
+    line, as Megatron-LM's ``preprocess_data.py`` reads it; any other file is one document."""
+    import gzip
+
+    path = Path(path)
+    name = path.name[:-3] if path.name.endswith(".gz") else path.name
+    opener = gzip.open if path.name.endswith(".gz") else open
+    if not name.endswith((".json", ".jsonl")):
+        with opener(path, "rt", encoding="utf-8") as f:
+            yield {key: f.read() for key in json_keys}
+        return
+    with opener(path, "rt", encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                yield {key: record[key] for key in json_keys}
+            except (ValueError, KeyError, TypeError) as err:
+                raise ValueError(f"{path}:{number}: not a JSON object with the key(s) {', '.join(json_keys)} "
+                                 f"({type(err).__name__}: {err})") from None
+
+
+_WORKER_TOKENIZER = None
+
+
+def _init_worker(make_tokenizer) -> None:
+    global _WORKER_TOKENIZER
+    _WORKER_TOKENIZER = make_tokenizer()
+
+
+def _encode(item: tuple[dict[str, str], bool]) -> dict[str, list[int]]:
+    doc, append_eod = item
+    out = {}
+    for key, text in doc.items():
+        ids = list(_WORKER_TOKENIZER.tokenize(text)) if text else []
+        if ids and append_eod:
+            ids.append(_WORKER_TOKENIZER.eod)
+        out[key] = ids
+    return out
+
+
+def preprocess(inputs: Sequence[str | Path], output_prefix: str | Path, make_tokenizer,
+               json_keys: Sequence[str] = ("text",), append_eod: bool = False, workers: int = 1,
+               log=None, log_interval: int = 1000) -> dict[str, Path]:
+    """Tokenize documents into ``{output_prefix}_{key}_document.bin/.idx`` per JSON key (Megatron-LM's names).
+
+    ``make_tokenizer`` (picklable, no arguments) builds the tokenizer in each of ``workers`` processes.
+    Documents keep their order; an empty one stays an empty document, and ``append_eod`` adds the EOD to
+    the others, as ``tools/preprocess_data.py`` does. Ids are stored in Megatron-Core's
+    ``DType.optimal_dtype`` for the vocabulary, through its ``IndexedDatasetBuilder``.
+    """
+    import multiprocessing
+    import time
+
+    from megatron.core.datasets.indexed_dataset import DType
+
+    tokenizer = make_tokenizer()
+    prefixes = {key: Path(f"{output_prefix}_{key}_document") for key in json_keys}
+    for prefix in prefixes.values():
+        prefix.parent.mkdir(parents=True, exist_ok=True)
+    dtype = DType.optimal_dtype(tokenizer.vocab_size)
+    builders = {key: IndexedDatasetBuilder(f"{prefix}.bin", dtype=dtype) for key, prefix in prefixes.items()}
+    docs = ((doc, append_eod) for path in inputs for doc in read_documents(path, json_keys))
+    pool = None
+    if workers > 1:
+        pool = multiprocessing.get_context("fork").Pool(workers, initializer=_init_worker,
+                                                        initargs=(make_tokenizer,))
+        encoded = pool.imap(_encode, docs, 32)
+    else:
+        _init_worker(lambda: tokenizer)
+        encoded = map(_encode, docs)
+    started, count = time.time(), 0
+    try:
+        for count, doc in enumerate(encoded, 1):
+            for key, ids in doc.items():
+                builders[key].add_document(np.asarray(ids, dtype=dtype), [len(ids)] if ids else [])
+            if log is not None and count % log_interval == 0:
+                log(f"processed {count} documents ({count / (time.time() - started):.0f} docs/s)")
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+    for key, prefix in prefixes.items():
+        builders[key].finalize(f"{prefix}.idx")
+    return prefixes
+
+
+def _fingerprint(prefixes: Sequence[str | Path]) -> str:
     """Megatron's cache hash knows the prefix, not the contents; the .idx (every document's
     length) changes whenever a rebuild changes the corpus, so stale indices are never reused."""
-    return hashlib.sha1(Path(f"{prefix}.idx").read_bytes()).hexdigest()[:16]
+    digest = hashlib.sha1()
+    for prefix in prefixes:
+        digest.update(Path(f"{prefix}.idx").read_bytes())
+    return digest.hexdigest()[:16]
 
 
-def build_gpt_datasets(prefix: str | Path, seq_length: int, seed: int,
-                       num_samples: tuple[int, int, int], split: str = "98,1,1",
-                       cache_dir: str | Path | None = None) -> list[Optional[GPTDataset]]:
-    """(train, valid, test) GPTDatasets over the corpus; a split of weight 0 comes back None.
-
-    Call on every rank. Without torch.distributed it just builds. Inside a job, Megatron's
-    builder makes rank 0 build and save the shuffle/sample indices, barriers, and the
-    other ranks load them, so `cache_dir` (default `<prefix>-index-cache`) must be on a
-    filesystem all ranks see. Documents are divided between splits, so each split with
-    weight > 0 needs at least one whole document: checked here, because Megatron would
-    otherwise loop forever looking for tokens in an empty split.
-    """
-    prefix = Path(prefix)
-    cache = Path(cache_dir) if cache_dir is not None else Path(f"{prefix}-index-cache")
+def document_count(prefix: str | Path) -> int:
+    """Sequences in a ``.idx`` (what Megatron's split divides: one per document as zeromega writes them)."""
     with open(f"{prefix}.idx", "rb") as f:  # header: magic 9 B, version 8 B, dtype 1 B, count
         f.seek(18)
-        n_docs = struct.unpack("<Q", f.read(8))[0]  # sequences, which is what splits divide
-    for name, bounds in zip(("train", "valid", "test"),
-                            convert_split_vector_to_split_matrix(parse_and_normalize_split(split))):
-        if bounds is not None and round(bounds[1] * n_docs) <= round(bounds[0] * n_docs):
-            raise ValueError(f"split {split!r} leaves {name} no document of {n_docs}; "
-                             "use a larger corpus or another split")
+        return struct.unpack("<Q", f.read(8))[0]
+
+
+SPLITS = ("train", "valid", "test")
+
+
+def build_datasets(seq_length: int, seed: int, num_samples: tuple[int, int, int], *,
+                   blend: Optional[tuple[list[str], Optional[list[float]]]] = None,
+                   blend_per_split: Optional[list] = None, split: str = "969, 30, 1",
+                   tokenizer: Optional[MegatronTokenizerBase] = None, cache_dir: str | Path | None = None,
+                   mock: bool = False) -> list[Optional[GPTDataset]]:
+    """(train, valid, test) GPTDatasets from Megatron-Core's ``BlendedMegatronDatasetBuilder``; None where
+    no data is asked for or none exists.
+
+    ``blend`` is Megatron-Core's ``(prefixes, weights or None)`` (what ``get_blend_from_list`` makes of
+    ``--data-path``), divided by ``split``; ``blend_per_split`` gives each split its own blend (or None);
+    ``mock`` builds Megatron-Core's ``MockGPTDataset`` (no files). Call on every rank: inside a job the
+    builder makes rank 0 write the shuffle/sample indices to ``cache_dir`` (default
+    ``<first prefix>-index-cache``, on a filesystem all ranks see), barriers, and the others load them.
+
+    Documents are divided between splits, and a split that gets no document of a prefix would make
+    Megatron loop forever looking for tokens. A split nothing reads (0 samples) is therefore not built; a
+    split that is read but gets no document is refused with the document counts (``ValueError``).
+    """
+    tokenizer = tokenizer or ByteTokenizer()
+    prefixes = [p for b in ([blend] if blend else []) + list(blend_per_split or []) if b for p in b[0]]
+    if mock:
+        prefixes = []
+    cache = None
+    if prefixes:
+        cache = Path(cache_dir) if cache_dir is not None else Path(f"{prefixes[0]}-index-cache")
+        cache = cache / _fingerprint(prefixes)
     config = GPTDatasetConfig(
         random_seed=seed,
         sequence_length=seq_length,
-        blend=([str(prefix)], None),
-        split=split,
-        path_to_cache=str(cache / _fingerprint(prefix)),
-        tokenizer=ByteTokenizer(),
+        blend=None if mock else blend,
+        blend_per_split=None if mock or not blend_per_split else list(blend_per_split),
+        split=None if blend_per_split and not mock else split,
+        path_to_cache=None if cache is None else str(cache),
+        tokenizer=tokenizer,
         reset_position_ids=False,
         reset_attention_mask=False,
         eod_mask_loss=False,
         create_attention_mask=False,
         mmap_bin_files=True,
     )
-    builder = BlendedMegatronDatasetBuilder(GPTDataset, list(num_samples), lambda: True, config)
-    return builder.build()
+    if mock:
+        from megatron.core.datasets.gpt_dataset import MockGPTDataset
+
+        config.split_matrix = [b if n else None for b, n in zip(config.split_matrix, num_samples)]
+        return BlendedMegatronDatasetBuilder(MockGPTDataset, list(num_samples), lambda: True, config).build()
+    if blend_per_split:
+        for name, part, n in zip(SPLITS, blend_per_split, num_samples):
+            for prefix in (part[0] if part and n else []):
+                if document_count(prefix) == 0:
+                    raise DataError(f"data.{name}_path", str(prefix), f"{prefix}.idx holds no document, and the "
+                                    f"{name} split reads it", "pass a dataset with documents")
+        sizes = [n if part else 0 for part, n in zip(blend_per_split, num_samples)]
+        config.blend_per_split = [part if n else None for part, n in zip(config.blend_per_split, sizes)]
+        return BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
+    matrix = config.split_matrix
+    for prefix in blend[0]:
+        docs = document_count(prefix)
+        for name, bounds, n in zip(SPLITS, matrix, num_samples):
+            if bounds is not None and n and round(bounds[1] * docs) <= round(bounds[0] * docs):
+                raise _empty_split(prefix, docs, name, split, num_samples)
+    config.split_matrix = [b if n else None for b, n in zip(matrix, num_samples)]
+    return BlendedMegatronDatasetBuilder(GPTDataset, list(num_samples), lambda: True, config).build()
+
+
+def _empty_split(prefix, docs: int, name: str, split: str, num_samples) -> DataError:
+    """The refusal for a read split without a document, with the smallest weights that give each read split
+    one (Megatron rounds ``weight / total * documents`` at each boundary)."""
+    read = [n > 0 for n in num_samples]
+    fix = "use a corpus with more documents"
+    if docs >= sum(read):
+        weights = [0] * 3
+        left = docs
+        for i in (2, 1):
+            if read[i]:
+                weights[i], left = 1, left - 1
+        weights[0] = left
+        fix = f"e.g. --split {','.join(map(str, weights))} (whole documents per split), or more documents"
+    return DataError("data.split", split, f"--split {split!r} leaves the {name} split no document of the {docs} in "
+                     f"{prefix}, and the run reads {dict(zip(SPLITS, num_samples))[name]} {name} samples", fix)
+
+
+def build_gpt_datasets(prefix: str | Path, seq_length: int, seed: int,
+                       num_samples: tuple[int, int, int], split: str = "98,1,1",
+                       cache_dir: str | Path | None = None) -> list[Optional[GPTDataset]]:
+    """(train, valid, test) GPTDatasets over one byte-tokenized prefix (see :func:`build_datasets`)."""
+    return build_datasets(seq_length, seed, num_samples, blend=([str(prefix)], None), split=split,
+                          cache_dir=cache_dir)
 
 
 def sample_batches(dataset, micro_batch_size: int, start_sample: int = 0, dp_rank: int = 0,
@@ -205,4 +525,5 @@ def sample_batches(dataset, micro_batch_size: int, start_sample: int = 0, dp_ran
     for base in range(start_sample, len(dataset) - stride + 1, stride):
         first = base + dp_rank * micro_batch_size
         rows = [dataset[i] for i in range(first, first + micro_batch_size)]
-        yield {key: torch.stack([row[key] for row in rows]) for key in rows[0]}
+        # A blend's samples also carry their dataset's index (a numpy scalar), which training does not read.
+        yield {key: torch.stack([row[key] for row in rows]) for key in rows[0] if torch.is_tensor(rows[0][key])}

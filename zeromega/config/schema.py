@@ -286,8 +286,46 @@ class CheckpointConfig(_Section):
 class DataConfig(_Section):
     path: Optional[str] = None
     """Prefix of a Megatron ``.bin/.idx`` dataset (``--data-path``); None: the project's own corpus."""
+    blend: Optional[list[str]] = None
+    """Several datasets in one ``--data-path``, as Megatron-LM reads it: ``w1 p1 w2 p2 ...`` (weighted) or
+    ``p1 p2 ...`` (weighted by size); divided by ``split``."""
     split: Optional[str] = None
     """Train/valid/test proportions (``--split``); None: Megatron-LM's legacy default "969, 30, 1"."""
+    train_path: Optional[list[str]] = None
+    """The train split's own prefix or blend (``--train-data-path``; ``split`` does not apply)."""
+    valid_path: Optional[list[str]] = None
+    """The validation split's own prefix or blend (``--valid-data-path``)."""
+    test_path: Optional[list[str]] = None
+    """The test split's own prefix or blend (``--test-data-path``)."""
+    cache_path: Optional[str] = None
+    """Directory of Megatron's shuffle/sample index cache (``--data-cache-path``); None: beside the data."""
+    mock: bool = False
+    """Megatron-Core's ``MockGPTDataset`` instead of files (``--mock-data``)."""
+    tokenizer_type: Optional[Literal["NullTokenizer", "GPT2BPETokenizer", "HuggingFaceTokenizer",
+                                     "SentencePieceTokenizer", "GPTSentencePieceTokenizer"]] = None
+    """The tokenizer the data was made with (``--tokenizer-type``, from local files); None: zeromega's byte
+    tokenizer (257 ids), the project's corpus."""
+    vocab_file: Optional[str] = None
+    """GPT-2 BPE ``vocab.json`` (``--vocab-file``)."""
+    merge_file: Optional[str] = None
+    """GPT-2 BPE ``merges.txt`` (``--merge-file``)."""
+    tokenizer_model: Optional[str] = None
+    """A Hugging Face tokenizer directory or a SentencePiece ``.model`` file (``--tokenizer-model``)."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "DataConfig":
+        """Megatron-LM's rules: --data-path excludes the per-split paths; --mock-data reads no files."""
+        per_split = [f"data.{name}_path" for name in ("train", "valid", "test") if getattr(self, f"{name}_path")]
+        whole = [name for name, value in (("data.path", self.path), ("data.blend", self.blend)) if value]
+        if len(whole) == 2:
+            raise ConfigError("data.blend", self.blend, "and data.path both name the data", "state one of them")
+        if whole and per_split:
+            raise ConfigError(per_split[0], getattr(self, per_split[0][5:]), f"cannot go with {whole[0]} "
+                              "(Megatron-LM: --data-path excludes --train/valid/test-data-path)", "pass one of them")
+        if self.mock and (whole or per_split):
+            raise ConfigError("data.mock", True, f"reads no files, but {(whole + per_split)[0]} names some",
+                              "drop --mock-data or the data paths")
+        return self
 
 
 class LoggingConfig(_Section):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator, Optional
 
 import numpy as np
 
@@ -40,20 +42,84 @@ def shape(cfg: RunConfig, vocab_size: int) -> GPTShape:
     )
 
 
-def corpus(cfg: RunConfig, rank0: bool) -> Path:
-    """The dataset prefix: the config's data.path, or the project's corpus (built by rank 0 on first use;
-    the caller barriers)."""
-    if cfg.data.path is not None:
-        prefix = Path(cfg.data.path)
+@dataclass
+class DataSource:
+    """What a run reads: Megatron-Core's blend (or per-split blends, or mock data) and the tokenizer."""
+
+    blend: Optional[tuple[list[str], Optional[list[float]]]] = None
+    blend_per_split: Optional[list] = None
+    mock: bool = False
+    tokenizer: Any = None
+
+    def prefixes(self) -> list[str]:
+        """Every dataset prefix read, once each, in the order given."""
+        parts = [self.blend] if self.blend else list(self.blend_per_split or [])
+        return list(dict.fromkeys(prefix for part in parts if part for prefix in part[0]))
+
+
+def _blend(field: str, flag: str, entries: list[str]):
+    """Megatron-Core's ``(prefixes, weights)`` of a ``--data-path``-style list, each prefix checked."""
+    from megatron.core.datasets.utils import get_blend_from_list
+
+    if len(entries) % 2 == 0 and any(_is_number(e) for e in entries[::2]) and \
+            not all(_is_number(e) for e in entries[::2]):
+        raise ConfigError(field, " ".join(entries), f"{flag} mixes weights and prefixes",
+                          f"write {flag} W1 PREFIX1 W2 PREFIX2 ... (or prefixes only)")
+    prefixes, weights = get_blend_from_list(entries)
+    if weights is not None and (any(w < 0 for w in weights) or not sum(weights) > 0):
+        raise ConfigError(field, " ".join(entries), f"{flag} weights must be >= 0 with a positive sum",
+                          "give each prefix a non-negative weight")
+    for prefix in prefixes:
         for suffix in (".bin", ".idx"):
             if not Path(f"{prefix}{suffix}").is_file():
-                raise ConfigError("data.path", str(prefix), f"{prefix}{suffix} does not exist",
+                raise ConfigError(field, prefix, f"{prefix}{suffix} does not exist",
                                   "pass the prefix of a Megatron .bin/.idx pair (without the suffix)")
-        return prefix
+    return list(prefixes), None if weights is None else list(weights)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def tokenizer(cfg: RunConfig):
+    """The tokenizer ``cfg.data`` names (Megatron-LM's ``--tokenizer-type``), or the byte tokenizer."""
+    d = cfg.data
+    try:
+        return data.build_tokenizer(d.tokenizer_type, vocab_file=d.vocab_file, merge_file=d.merge_file,
+                                    tokenizer_model=d.tokenizer_model, vocab_size=cfg.model.vocab_size)
+    except data.DataError as err:
+        raise ConfigError(err.field, err.value, err.problem, err.fix) from None
+
+
+def corpus(cfg: RunConfig, rank0: bool) -> DataSource:
+    """What the run reads: ``data.path`` / ``data.blend`` / the per-split paths, mock data, or the project's
+    corpus (built by rank 0 on first use; the caller barriers); with the tokenizer of ``cfg.data``."""
+    d = cfg.data
+    source = DataSource(tokenizer=tokenizer(cfg), mock=d.mock)
+    if d.mock:
+        return source
+    per_split = [("train", d.train_path), ("valid", d.valid_path), ("test", d.test_path)]
+    if any(paths for _, paths in per_split):
+        source.blend_per_split = [_blend(f"data.{name}_path", f"--{name}-data-path", paths) if paths else None
+                                  for name, paths in per_split]
+        return source
+    if d.path is not None or d.blend:
+        field, entries = ("data.path", [d.path]) if d.path is not None else ("data.blend", d.blend)
+        source.blend = _blend(field, "--data-path", entries)
+        return source
+    if d.tokenizer_type is not None:
+        raise ConfigError("data.tokenizer_type", d.tokenizer_type, "the project's corpus is byte-tokenized, and "
+                          "no --data-path names data made with this tokenizer", "pass --data-path (zeromega "
+                          "preprocess makes one) or --mock-data, or drop --tokenizer-type")
     prefix = data.default_corpus_prefix()
     if rank0:
         data.build_corpus(prefix)
-    return prefix
+    source.blend = ([str(prefix)], None)
+    return source
 
 
 def largest_token_id(prefix: Path) -> int:
@@ -67,16 +133,33 @@ def largest_token_id(prefix: Path) -> int:
     return int(tokens.max()) if tokens.size else -1
 
 
-def vocab_size(cfg: RunConfig, prefix: Path) -> int:
-    """The model's vocabulary before padding: ``--vocab-size``, or the tokenizer's (bytes: 257); every
-    token id of the data must be below it."""
-    size = cfg.model.vocab_size or data.ByteTokenizer().vocab_size
-    largest = largest_token_id(prefix)
-    if largest >= size:
-        field = "model.vocab_size" if cfg.model.vocab_size else "data.path"
-        raise ConfigError(field, cfg.model.vocab_size or str(prefix), f"{prefix}.bin holds token id {largest}, "
-                          f"outside a vocabulary of {size}", f"pass --vocab-size {largest + 1} or more (or the "
-                          "tokenizer the data was made with)")
+def vocab_size(cfg: RunConfig, source: DataSource) -> int:
+    """The model's vocabulary before padding, as Megatron-LM sizes it: the tokenizer's (``NullTokenizer``:
+    ``--vocab-size`` + 1; the byte tokenizer: ``--vocab-size`` or 257). Every token id of every file read must
+    be below it: checked here, before the first step, naming the file and its largest id."""
+    tok = source.tokenizer
+    if cfg.data.tokenizer_type is None:
+        size = cfg.model.vocab_size or tok.vocab_size
+    else:
+        size = tok.vocab_size
+        if cfg.model.vocab_size and cfg.data.tokenizer_type != "NullTokenizer" and cfg.model.vocab_size != size:
+            warnings.warn(f"--vocab-size {cfg.model.vocab_size} is ignored with --tokenizer-type "
+                          f"{cfg.data.tokenizer_type}, as in Megatron-LM: the vocabulary is the tokenizer's ({size})",
+                          stacklevel=2)
+    for prefix in source.prefixes():
+        largest = largest_token_id(Path(prefix))
+        if largest >= size:
+            if cfg.data.tokenizer_type is None:
+                field, value = ("model.vocab_size", cfg.model.vocab_size) if cfg.model.vocab_size else \
+                    ("data.tokenizer_type", None)
+                fix = (f"pass --tokenizer-type (and its files) the data was made with, or --vocab-size "
+                       f"{largest + 1} or more")
+            else:
+                field, value = "data.tokenizer_type", cfg.data.tokenizer_type
+                fix = "pass the tokenizer the data was made with" + (
+                    f" (or --vocab-size {largest} or more)" if cfg.data.tokenizer_type == "NullTokenizer" else "")
+            raise ConfigError(field, value, f"{prefix}.bin holds token id {largest}, outside the "
+                              f"{type(tok).__name__} vocabulary of {size}", fix)
     return size
 
 
@@ -91,18 +174,24 @@ def num_samples(cfg: RunConfig, iters: int, global_batch: int) -> tuple[int, int
             log.eval_iters * global_batch)
 
 
-def datasets(cfg: RunConfig, prefix: Path, seq_length: int, iters: int, layout) -> list:
-    """(train, valid, test) GPTDatasets of ``cfg.data.split``; a split of weight 0 (or not evaluated) is None."""
+def datasets(cfg: RunConfig, source: DataSource, seq_length: int, iters: int, layout) -> list:
+    """(train, valid, test) GPTDatasets of ``source``; a split not read (or without data) is None."""
     samples = num_samples(cfg, iters, layout.global_batch)
-    built = data.build_gpt_datasets(prefix, seq_length, cfg.seed, samples, split=cfg.data.split or "969, 30, 1")
+    try:
+        built = data.build_datasets(seq_length, cfg.seed, samples, blend=source.blend,
+                                    blend_per_split=source.blend_per_split, mock=source.mock,
+                                    split=cfg.data.split or "969, 30, 1", tokenizer=source.tokenizer,
+                                    cache_dir=cfg.data.cache_path)
+    except data.DataError as err:
+        raise ConfigError(err.field, err.value, err.problem, err.fix) from None
     return [ds if n else None for ds, n in zip(built, samples)]
 
 
-def batches(cfg: RunConfig, prefix: Path, seq_length: int, iters: int, layout, start_sample: int,
+def batches(cfg: RunConfig, source: DataSource, seq_length: int, iters: int, layout, start_sample: int,
             dp_rank: int, dataset=None) -> Iterator[dict]:
     """This dp rank's micro-batches from ``start_sample`` on (cp ranks of one dp rank read the same ones)."""
     if dataset is None:
-        dataset = datasets(cfg, prefix, seq_length, iters, layout)[0]
+        dataset = datasets(cfg, source, seq_length, iters, layout)[0]
     return data.sample_batches(dataset, layout.micro, start_sample=start_sample, dp_rank=dp_rank, dp_size=layout.dp)
 
 
