@@ -509,6 +509,9 @@ class Evaluator:
             if name == "basename" and len(args) > 1 and out.endswith(_unmark(args[1])):
                 out = out[:-len(_unmark(args[1]))]
             return 0, out + "\n"
+        for k in range(len(words) - 2):  # `srun ... bash -c "$LAUNCHER $CMD"`: the launch is the string
+            if _unmark(words[k]) in ("bash", "sh") and _unmark(words[k + 1]) == "-c":
+                return self.eval(_unmark_keep(words[k + 2]), node), None
         if self.output is not None:  # a program's output is what a $( ) reads: not knowable
             self.output.append(self.mark_opaque(_describe(node), node.line))
             return None, None
@@ -696,8 +699,7 @@ class Evaluator:
                 expr = raw[i + 3:end - 1]
                 value = self.arith(expr)
                 if value is None:
-                    text = self.mark_opaque(f"$(({expr}))", self.line) if not self._unset_in(expr) else \
-                        self._unset_marks(expr)
+                    text = self._marks_in(expr) or self.mark_opaque(f"$(({' '.join(expr.split())}))", self.line)
                 else:
                     text = str(value)
                 out.value(text, quoted)
@@ -871,13 +873,13 @@ class Evaluator:
             return None
         return self.arith(expr)
 
-    def _unset_in(self, expr: str) -> bool:
-        return any(isinstance(v, str) and v.startswith(UNSET) for v in
-                   (self.lookup(m) for m in _NAME.findall(expr) if not m.isdigit()))
-
-    def _unset_marks(self, expr: str) -> str:
-        return "".join(v for v in (self.lookup(m) for m in _NAME.findall(expr)) if isinstance(v, str)
-                       and v.startswith(UNSET))
+    def _marks_in(self, expr: str) -> str:
+        """The markers of the unknowable (else unset) variables an expression reads: its value is theirs."""
+        values = [self.lookup(m) for m in dict.fromkeys(_NAME.findall(expr))]
+        values = [v for v in values if isinstance(v, str)]
+        opaque = [m.group(0) for v in values for m in re.finditer("\x01[^\x01]*\x01", v)]
+        unset = [m.group(0) for v in values for m in re.finditer("\x00[^\x00]*\x00", v)]
+        return "".join(dict.fromkeys(opaque)) or "".join(dict.fromkeys(unset))
 
     # ------------------------------------------------------------ [[ ]]
 

@@ -3,12 +3,16 @@
 This executes the user's script (only when asked, and the output says so):
 in a scratch directory holding a copy of the files next to the script,
 with a minimal environment (``PATH``, ``HOME`` in the scratch directory, and
-the ``--env`` values), stdin closed and a time limit. ``torchrun``,
+the ``--env`` values, pinned read-only as the static read pins them, so
+``GPUS=$(nvidia-smi -L | wc -l)`` keeps the ``--env GPUS=8`` given), stdin
+closed and a time limit. ``torchrun``,
 ``deepspeed``, ``srun``, ``mpirun``, ``mpiexec``, ``accelerate`` and
 ``python``/``python3`` running a ``*.py`` file or ``-m
 torch.distributed.run`` are bash functions (and, for child processes,
 executables first on ``PATH``) that record their arguments and the script
-line that called them, then return 0 without starting anything. Every
+line that called them, then return 0 without starting anything (a launcher given ``bash -c STRING``, as
+BigScience's ``srun ... bash -c "$LAUNCHER $CMD"``, runs the string, so the
+launch inside it is what gets recorded). Every
 other command runs as the script says. Files the script writes in the
 scratch directory (a heredoc or ``sed`` DeepSpeed JSON) are kept as
 ``Script.files``; the training command is picked as the static reader picks
@@ -18,6 +22,8 @@ it (:func:`.shell_script.pick`).
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -43,7 +49,17 @@ __zeromega_record() {
   printf '%s\0' "$line" "$@" > "$ZEROMEGA_RECORD/$(printf %06d "$__zeromega_n").$BASHPID"
 }
 '''
-_LAUNCHER_FUNCTION = '{name}() {{ __zeromega_record "${{BASH_LINENO[0]}}" {name} "$@"; }}\n'
+_LAUNCHER_FUNCTION = r'''{name}() {{
+  local i
+  for (( i = 1; i < $#; i++ )); do
+    if [[ "${{!i}}" == bash || "${{!i}}" == sh ]]; then
+      local flag=$(( i + 1 )) body=$(( i + 2 ))
+      if [[ "${{!flag}}" == -c ]]; then bash -c "${{!body}}"; return; fi
+    fi
+  done
+  __zeromega_record "${{BASH_LINENO[0]}}" {name} "$@"
+}}
+'''
 _PYTHON_FUNCTION = r'''{name}() {{
   local a
   for a in "$@"; do
@@ -124,7 +140,9 @@ def read(text: str, env: dict[str, str], name: str, base: Optional[Path]):
             folder.mkdir()
         copied = _copy_siblings(base, work)
         prelude = root / "prelude.sh"
-        prelude.write_text(_prelude())
+        pins = "".join(f"declare -rx {key}={shlex.quote(val)}\n" for key, val in env.items()
+                       if re.fullmatch(r"[A-Za-z_]\w*", key))
+        prelude.write_text(_prelude() + pins)
         for stub in (*LAUNCHERS, *PYTHONS):
             function = (_PYTHON_FUNCTION if stub in PYTHONS else _LAUNCHER_FUNCTION).format(name=stub)
             if stub in PYTHONS:  # the executable's fallback must find the real interpreter, not itself
@@ -166,7 +184,8 @@ def read(text: str, env: dict[str, str], name: str, base: Optional[Path]):
         raise ConfigError("--run-script", name, f"the script exited with status {process.returncode} under bash "
                           f"without starting a launcher or a *.py script (last line on stderr: {last[0][:200]})",
                           "check that the script runs with this environment (pass missing variables with --env "
-                          "NAME=VALUE)")
+                          "NAME=VALUE; an --env value is read-only under --run-script, so a `set -e` script that "
+                          "assigns it stops)")
     evaluator = Evaluator(env, name, base)
     evaluator.commands = commands
     evaluator.state.files = files

@@ -112,14 +112,21 @@ def _unique(pairs):
 
 
 def sources(path: str | Path, env: Optional[dict[str, str]] = None,
-            dialect: Optional[str] = None) -> tuple[list[tuple[str, dict]], list[str]]:
-    """(source name, partial) pairs a file states, and the Megatron arguments nothing mapped."""
+            dialect: Optional[str] = None, run_script: bool = False,
+            notes: Optional[list[str]] = None) -> tuple[list[tuple[str, dict]], list[str]]:
+    """(source name, partial) pairs a file states, and the Megatron arguments nothing mapped.
+
+    A launch script is read statically, or run under bash with its launchers recorded when ``run_script``
+    (:mod:`.shell_script`); what the reader wants said (the line it read) is appended to ``notes``."""
     dialect = dialect or detect(path)
     if dialect == "deepspeed":
         return [(f"DeepSpeed config {path}", read_config_file(path))], []
     if dialect == "zeromega":
         return [(f"config {path}", read_unified(path))], []
-    script = shell_script.read(deepspeed_json.read_text(Path(path), "--config"), env, name=str(path))
+    script = shell_script.read(deepspeed_json.read_text(Path(path), "--config"), env, name=str(path),
+                               base=Path(path).parent, run=run_script)
+    if notes is not None:
+        notes.extend(script.notes)
     launcher: dict = {}
     for field, value in script.launcher.items():
         set_path(launcher, field, coerce(field, value, f"launcher flag for {field}"))
@@ -172,7 +179,8 @@ def _megatron_turns_off_sequence_parallel_without_tp(merged: dict) -> None:
 
 
 def build(config_path: Optional[str] = None, megatron_argv: Optional[list[str]] = None,
-          env: Optional[dict[str, str]] = None) -> RunConfig:
+          env: Optional[dict[str, str]] = None, run_script: bool = False,
+          notes: Optional[list[str]] = None) -> RunConfig:
     """The RunConfig from a config file (any dialect) and/or Megatron arguments (conflicts are errors).
 
     ``megatron_argv`` (even empty) says the run is a Megatron-LM-style script: the optimizer and schedule
@@ -182,7 +190,7 @@ def build(config_path: Optional[str] = None, megatron_argv: Optional[list[str]] 
     megatron = megatron_argv is not None
     if config_path:
         megatron = megatron or detect(config_path) == "megatron"
-        partials += sources(config_path, env)[0]
+        partials += sources(config_path, env, run_script=run_script, notes=notes)[0]
     if megatron_argv:
         partials += _megatron(megatron_argv, "command-line arguments", skip=config_path)[0]
     return resolve(partials, megatron=megatron)
