@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import difflib
 import functools
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -85,6 +86,9 @@ DEFAULTS = "_deepspeed_defaults"
 ALONE_DEFAULTS = "_deepspeed_alone_defaults"
 """Partial key for DeepSpeed's defaults of what Megatron-LM's flags own when they are present (the
 optimizer and schedule a Megatron-DeepSpeed script builds itself); filled only without Megatron flags."""
+AUTOS = "_deepspeed_autos"
+"""Partial key: the DeepSpeed keys the file gives as "auto" (nested like the file), each resolved by
+:func:`finish` from the run's other sources or the dialect's defaults, and reported."""
 NO_BATCH = "_deepspeed_no_batch"
 """Partial key: the DeepSpeed file gives neither train_batch_size nor train_micro_batch_size_per_gpu, which
 DeepSpeed refuses; :func:`finish` refuses it too unless another source states a batch size, or Megatron
@@ -315,6 +319,7 @@ def from_deepspeed(ds: dict) -> dict:
         raise ConfigError("config", type(ds).__name__, "top level is not a JSON object", "wrap the keys in {...}")
     check_with_deepspeed(ds)
     no_batch = "train_batch_size" not in ds and "train_micro_batch_size_per_gpu" not in ds  # "auto" is stated
+    autos = _auto_keys(ds)
     ds, reader = copy.deepcopy(ds), _Reader()
     for key, path in TOP_LEVEL.items():
         reader.put(key, path, ds.pop(key, None))
@@ -341,6 +346,11 @@ def from_deepspeed(ds: dict) -> dict:
     partial[DEFAULTS], partial[ALONE_DEFAULTS] = _unstated(had_optimizer, had_scheduler, printing)
     if no_batch:
         partial[NO_BATCH] = True
+    if autos:
+        tree: dict = {}
+        for key in autos:
+            set_path(tree, key, True)
+        partial[AUTOS] = tree
     if ds:
         partial["deepspeed_extra"] = ds
     return partial
@@ -562,24 +572,33 @@ BLOCK_KEYS: dict[str, str] = {
 }
 
 
-def finish(merged: dict, megatron: bool = False) -> dict:
-    """Resolve what needs every source: DeepSpeed's defaults for what is unstated (``megatron``: Megatron
-    flags are among the sources, and own the optimizer and schedule), cosine ratios into lrs, ZeRO "auto"
-    sizes, leftover "auto"s."""
+def finish(merged: dict, megatron: bool = False, origin: Optional[dict[str, str]] = None,
+           filled: Optional[list[str]] = None) -> dict:
+    """Resolve what needs every source: the file's "auto"s (:func:`resolve_autos`; ``filled`` gets one line
+    per filled auto, ``origin`` names the source of each stated field), DeepSpeed's defaults for what is
+    unstated (``megatron``: Megatron flags are among the sources, and own the optimizer and schedule),
+    cosine ratios into lrs."""
     defaults = [merged.pop(DEFAULTS, None)] + [merged.pop(ALONE_DEFAULTS, None) if not megatron else None]
     merged.pop(ALONE_DEFAULTS, None)
     if not megatron and isinstance(merged.get("deepspeed_extra"), dict):
         merged["deepspeed_extra"].pop("steps_per_print", None)  # read alone it is the run's log interval
     batch = _section(merged, "batch")
+    no_batch = merged.pop(NO_BATCH, None)
     # Read alone, the file is DeepSpeed's to size: it asserts a micro or a global batch. With Megatron flags
-    # among the sources (a training script's ARGS, `zeromega launch`), the batch is theirs to state.
-    if merged.pop(NO_BATCH, None) and not megatron and batch.get("micro") is None \
+    # among the sources (a training script's ARGS, `zeromega launch`), Megatron-LM's rule: its
+    # validate_args asserts --micro-batch-size (the global batch defaults to micro x dp, not the reverse).
+    if no_batch and not megatron and batch.get("micro") is None \
             and batch.get("global") is None and batch.get("global_") is None:
         raise ConfigError("train_micro_batch_size_per_gpu", None, "neither it nor train_batch_size is given, "
                           "and no other source states a batch size (DeepSpeed refuses such a config: 'Either "
                           "train_batch_size or train_micro_batch_size_per_gpu needs to be provided')",
                           'add "train_micro_batch_size_per_gpu": N (or "train_batch_size", or "auto" for the '
                           "HF Trainer), or pass --micro-batch-size / --global-batch-size")
+    if no_batch and megatron and batch.get("micro") is None:
+        raise ConfigError("--micro-batch-size", None, "is not given, and the DeepSpeed JSON states neither "
+                          "train_micro_batch_size_per_gpu nor train_batch_size (Megatron-LM asserts "
+                          "args.micro_batch_size is not None)", "pass --micro-batch-size N")
+    resolve_autos(merged, megatron, origin or {}, filled if filled is not None else [])
     for tree in filter(None, defaults):
         for path, value in flatten(tree).items():
             section, _, leaf = path.partition(".")
@@ -599,31 +618,235 @@ def finish(merged: dict, megatron: bool = False) -> dict:
         merged = merge(sources + [("WarmupCosineLR ratios x lr", scaled)])
         if extra is not None:
             merged["deepspeed_extra"] = extra
-    extra = merged.get("deepspeed_extra") or {}
-    zero = extra.get("zero_optimization")
-    if isinstance(zero, dict):
-        hidden = _section(merged, "model").get("hidden_size")
-        for key, rule in ZERO_AUTO_FROM_HIDDEN.items():
-            if zero.get(key) == AUTO:
-                if hidden is None:
-                    raise ConfigError(f"zero_optimization.{key}", AUTO, "is filled from the model's hidden "
-                                      "size, which no source states",
-                                      "set model.hidden_size (--hidden-size, or the zeromega block) or a number")
-                zero[key] = rule(coerce("model.hidden_size", hidden, "model.hidden_size"))
-    _reject_auto(extra, "")
     return merged
+
+
+# ------------------------------------------------------------------ "auto"
+
+_NO = object()
+"""No default in that dialect: the auto is filled from a source or not at all."""
+DERIVED = "derived"
+"""The value follows from others (the batch arithmetic) and is left for the layout to compute."""
+
+
+@dataclass(frozen=True)
+class AutoRule:
+    """How one DeepSpeed "auto" key is filled: the unified fields it mirrors, the flag that states them,
+    the HF Trainer's (or Accelerate's) default and Megatron-LM's default (``_NO``: none)."""
+
+    paths: tuple[str, ...]
+    flag: str
+    trainer: Any = _NO
+    trainer_name: str = ""
+    megatron: Any = _NO
+
+
+# The keys TrainingArguments / Accelerate's DeepSpeedPlugin fill (transformers' trainer_config_process and
+# trainer_config_finalize, Accelerate's plugin_to_config_mapping), with their defaults (transformers 5.x).
+AUTO_RULES: dict[str, AutoRule] = {
+    "train_micro_batch_size_per_gpu": AutoRule(("batch.micro",), "--micro-batch-size", 8,
+                                               "per_device_train_batch_size"),
+    "gradient_accumulation_steps": AutoRule(("batch.accumulation",), "--global-batch-size", 1,
+                                            "gradient_accumulation_steps", DERIVED),
+    "train_batch_size": AutoRule(("batch.global",), "--global-batch-size", DERIVED, "", DERIVED),
+    "gradient_clipping": AutoRule(("optimizer.clip_grad",), "--clip-grad", 1.0, "max_grad_norm", 1.0),
+    "optimizer.params.lr": AutoRule(("optimizer.lr",), "--lr", 5e-5, "learning_rate"),
+    "optimizer.params.betas": AutoRule(("optimizer.beta1", "optimizer.beta2"), "--adam-beta1/--adam-beta2",
+                                       (0.9, 0.999), "adam_beta1, adam_beta2", (0.9, 0.999)),
+    "optimizer.params.eps": AutoRule(("optimizer.eps",), "--adam-eps", 1e-8, "adam_epsilon", 1e-8),
+    "optimizer.params.weight_decay": AutoRule(("optimizer.weight_decay",), "--weight-decay", 0.0, "weight_decay",
+                                              0.01),
+    "scheduler.params.warmup_min_lr": AutoRule(("scheduler.warmup_init_lr",), "--lr-warmup-init", 0.0,
+                                               "0, not a Trainer argument", 0.0),
+    "scheduler.params.warmup_max_lr": AutoRule(("optimizer.lr",), "--lr", 5e-5, "learning_rate"),
+    "scheduler.params.warmup_num_steps": AutoRule(("scheduler.warmup_iters",), "--lr-warmup-iters", 0,
+                                                  "warmup_steps", 0),
+    "scheduler.params.total_num_steps": AutoRule(("scheduler.train_iters",), "--train-iters"),
+    "fp16.enabled": AutoRule(("precision",), "--fp16/--bf16", "fp32", "fp16", "fp32"),
+    "bf16.enabled": AutoRule(("precision",), "--fp16/--bf16", "fp32", "bf16", "fp32"),
+    "zero_optimization.stage": AutoRule(("zero.stage",), "--zero-stage", 2, "Accelerate's zero_stage"),
+    "zero_optimization.offload_optimizer.device": AutoRule(
+        ("zero.offload_optimizer.device",), "zeromega block zero.offload_optimizer.device", "none",
+        "Accelerate's offload_optimizer_device"),
+    "zero_optimization.offload_param.device": AutoRule(
+        ("zero.offload_param.device",), "zeromega block zero.offload_param.device", "none",
+        "Accelerate's offload_param_device"),
+    "zero_optimization.stage3_gather_16bit_weights_on_model_save": AutoRule(
+        (), "true or false", False, "Accelerate's zero3_save_16bit_model"),
+}
+HIDDEN_RULE_TEXT = {"reduce_bucket_size": "h*h", "stage3_prefetch_bucket_size": "int(0.9*h*h)",
+                    "stage3_param_persistence_threshold": "10*h"}
+
+
+def _auto_keys(ds: dict, where: str = "") -> list[str]:
+    """The dotted keys whose value is "auto" (ZeRO aliases as :data:`ZERO_ALIASES` spells them)."""
+    keys = []
+    for key, value in ds.items():
+        if not isinstance(key, str):
+            continue
+        if where == "zero_optimization." and key in ZERO_ALIASES:
+            key = ZERO_ALIASES[key]
+        if isinstance(value, dict):
+            keys += _auto_keys(value, f"{where}{key}.")
+        elif isinstance(value, str) and value == AUTO:
+            keys.append(f"{where}{key}")
+    return keys
+
+
+def _stated(merged: dict, path: str) -> Any:
+    tree: Any = merged
+    for part in path.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return None
+        tree = tree[part]
+    return tree
+
+
+def _source_of(path: str, origin: dict[str, str]) -> str:
+    """'--lr (command-line arguments)' for a field a Megatron flag stated, else the source's name."""
+    from .megatron_args import TABLE
+
+    source = origin.get(path, "another source")
+    flag = next((flag for flag, (field, _) in TABLE.items() if field == path), None)
+    if flag and ("Megatron" in source or "command-line" in source or "command line" in source):
+        return f"from {flag} ({source})"
+    return f"from {source}"
+
+
+def _shown_value(value: Any) -> str:
+    import json
+
+    return json.dumps(list(value) if isinstance(value, tuple) else value)
+
+
+def resolve_autos(merged: dict, megatron: bool, origin: dict[str, str], filled: list[str]) -> None:
+    """Fill every "auto" the DeepSpeed file gave, as the HF Trainer (with Accelerate) fills it.
+
+    A value another source states (a Megatron flag, the zeromega block, the unified file) fills it. Else,
+    read alone (no Megatron flags: an HF Trainer config), TrainingArguments' defaults (lr 5e-5, betas
+    (0.9, 0.999), eps 1e-8, weight decay 0, max_grad_norm 1, per-device batch 8, accumulation 1, fp32)
+    and Accelerate's (ZeRO stage 2, no offload, no 16-bit gather on save); next to Megatron flags,
+    Megatron-LM's defaults for the flags it has defaults for. The bucket sizes come from the model's
+    hidden size h (h*h; at ZeRO-3 also int(0.9*h*h) and 10*h, as trainer_config_finalize). Each fill is
+    one line in ``filled``; every auto nothing fills goes into one ConfigError, with the flag that fills it.
+    """
+    autos = list(flatten(merged.pop(AUTOS, None) or {}))
+    extra = merged.get("deepspeed_extra") if isinstance(merged.get("deepspeed_extra"), dict) else {}
+    dialect = "Megatron-LM default" if megatron else "HF Trainer default"
+    unfilled: list[tuple[str, str]] = []
+    reasons: dict[str, str] = {}  # fields filled here from a default, for the autos that share them
+
+    def say(key: str, value: Any, why: str) -> None:
+        filled.append(f"{key} = {_shown_value(value)}  <- auto, {why}")
+
+    batch = _section(merged, "batch")
+    ordered = sorted(autos, key=lambda k: (k == "train_batch_size", k.startswith("scheduler.params.warmup_max"), k))
+    for key in ordered:
+        rule = AUTO_RULES.get(key)
+        if rule is None or not rule.paths:
+            continue
+        values = [_stated(merged, path) for path in rule.paths]
+        if key in ("fp16.enabled", "bf16.enabled"):
+            kind = key.split(".")[0]
+            if values[0] is None:
+                set_path(merged, "precision", "fp32")
+                reasons["precision"] = f"no --fp16/--bf16 given ({dialect})"
+            source = origin.get("precision", "")
+            why = reasons.get("precision") or (f"from --{values[0]} ({source})" if values[0] not in (None, "fp32") and
+                                               ("Megatron" in source or "command-line" in source)
+                                               else _source_of("precision", origin))
+            say(key, _stated(merged, "precision") == kind, why)
+            continue
+        if all(v is not None for v in values):
+            shown = values[0] if len(values) == 1 else values
+            if key == "scheduler.params.warmup_num_steps" and values[0] < 1:
+                set_path(merged, rule.paths[0], 1)
+                say(key, 1, f"{_source_of(rule.paths[0], origin)} says {values[0]}; DeepSpeed 0.19.6+ refuses a "
+                    "warmup below 1 step, so 1, as the HF Trainer clamps it")
+                continue
+            say(key, shown, reasons.get(rule.paths[0]) or _source_of(rule.paths[0], origin))
+            continue
+        default = rule.megatron if megatron else rule.trainer
+        if key == "train_micro_batch_size_per_gpu" and not megatron and batch.get("global") is not None:
+            say(key, "global / (accumulation x dp)", "derived from the stated global batch")
+            continue
+        if key == "gradient_accumulation_steps" and not megatron and batch.get("global") is not None \
+                and batch.get("micro") is not None:
+            default = DERIVED
+        if default is DERIVED:
+            what = {"train_batch_size": "micro x accumulation x dp", "gradient_accumulation_steps":
+                    "global / (micro x dp)"}[key]
+            say(key, what, "derived, as DeepSpeed and " + ("Megatron-LM do" if megatron else "the HF Trainer do"))
+            continue
+        if default is _NO:
+            unfilled.append((key, rule.flag))
+            continue
+        if key == "scheduler.params.warmup_num_steps":
+            set_path(merged, rule.paths[0], max(1, default))
+            say(key, max(1, default), f"no {rule.flag} given: {dialect} {default}; DeepSpeed 0.19.6+ refuses a "
+                "warmup below 1 step, so 1, as the HF Trainer clamps it")
+            continue
+        defaults = default if len(rule.paths) > 1 else (default,)
+        name = f" {rule.trainer_name}" if not megatron and rule.trainer_name else ""
+        for path, value in zip(rule.paths, defaults):
+            set_path(merged, path, value)
+            reasons[path] = f"no {rule.flag} given ({dialect}{name})"
+        say(key, default, reasons[rule.paths[0]])
+    zero = extra.get("zero_optimization") if isinstance(extra.get("zero_optimization"), dict) else {}
+    hidden_keys = [key for key in HIDDEN_RULE_TEXT if zero.get(key) == AUTO]
+    if hidden_keys:
+        hidden = _section(merged, "model").get("hidden_size")
+        if hidden is None:
+            unfilled += [(f"zero_optimization.{key}", "--hidden-size") for key in hidden_keys]
+        else:
+            h = coerce("model.hidden_size", hidden, "model.hidden_size")
+            stage = _stated(merged, "zero.stage") or 0
+            for key in hidden_keys:
+                if key != "reduce_bucket_size" and stage != 3:
+                    del zero[key]  # the Trainer fills these at ZeRO-3 only; DeepSpeed drops an "auto" it meets
+                    filled.append(f"zero_optimization.{key} = DeepSpeed's default  <- auto, left unfilled below "
+                                  f"ZeRO-3 as the HF Trainer leaves it")
+                    continue
+                zero[key] = ZERO_AUTO_FROM_HIDDEN[key](h)
+                say(f"zero_optimization.{key}", zero[key], f"{HIDDEN_RULE_TEXT[key]} with the hidden size h = {h} "
+                    f"{_source_of('model.hidden_size', origin)}")
+    gather = "stage3_gather_16bit_weights_on_model_save"
+    if zero.get(gather) == AUTO:
+        if megatron:
+            unfilled.append((f"zero_optimization.{gather}", "true or false"))
+        else:
+            zero[gather] = False
+            say(f"zero_optimization.{gather}", False, "Accelerate's zero3_save_16bit_model default (HF Trainer)")
+    # "auto" anywhere else (a key no rule fills, in a block passed through or read): nothing fills it.
+    handled = {key for key, rule in AUTO_RULES.items() if rule.paths} | {f"zero_optimization.{k}" for k in
+                                                                         (*HIDDEN_RULE_TEXT, gather)}
+    for key in autos:
+        if key not in handled and key not in {k for k, _ in unfilled}:
+            unfilled.append((key, "a value"))
+    if unfilled:
+        keys = [key for key, _ in unfilled]
+        by_fix: dict[str, list[str]] = {}
+        for key, fix in unfilled:
+            by_fix.setdefault(fix, []).append(key)
+        fixes = []
+        for fix, ks in by_fix.items():
+            path = next((rule.paths[0] for k in ks for rule in [AUTO_RULES.get(k)] if rule and rule.paths), None)
+            if fix == "--hidden-size":
+                path = "model.hidden_size"
+            if fix.startswith("--"):
+                block = f" or the zeromega block's {path}" if path else ""
+                what = "the model's hidden size h, which " if fix == "--hidden-size" else ""
+                fixes.append(f"pass {fix}{block} ({what}fills {', '.join(ks)})")
+            else:
+                fixes.append(f"give {', '.join(ks)} {fix}")
+        one = len(keys) == 1
+        raise ConfigError(", ".join(keys), AUTO, f"nothing in the run fills {'this' if one else 'these'} 'auto' "
+                          f"{'value' if one else f'values ({len(keys)})'} (as the HF Trainer, zeromega fills 'auto' "
+                          "from the run: its flags, the zeromega block, the model shape)",
+                          "; ".join(fixes) + f"; or write the value{'' if one else 's'} into the file")
 
 
 def _section(merged: dict, name: str) -> dict:
     """``merged[name]`` when it is a section of keys, else {} (validation reports a section of another type)."""
     value = merged.get(name)
     return value if isinstance(value, dict) else {}
-
-
-def _reject_auto(tree: Any, where: str) -> None:
-    if isinstance(tree, dict):
-        for key, value in tree.items():
-            _reject_auto(value, f"{where}.{key}" if where else key)
-    elif tree == AUTO:
-        raise ConfigError(where, AUTO, "nothing in the config can fill this 'auto'",
-                          "give it a value (zeromega resolves auto only for the keys it models)")

@@ -537,43 +537,166 @@ def _number(value: Any) -> str:
     return repr(value) if isinstance(value, float) else str(value)
 
 
+TARGETS = ("megatron", "megatron-deepspeed")
+TARGET_NAMES = {"megatron": "Megatron-LM", "megatron-deepspeed": "Megatron-DeepSpeed"}
+# zeromega values that mean the target's unset default: a loss scale of 0 is dynamic scaling (Megatron: None).
+SAME_MEANING: dict[str, tuple] = {"--loss-scale": (0.0,)}
+
+
+def target_flags(target: str) -> dict:
+    """The target's flags as data: name -> :class:`~zeromega.launch.targets.flag.Flag`."""
+    if target == "megatron":
+        from .targets.megatron_lm import FLAGS as table
+    elif target == "megatron-deepspeed":
+        from .targets.megatron_deepspeed import FLAGS as table
+    else:
+        raise ValueError(target)
+    return table
+
+
 def to_argv(cfg: RunConfig) -> list[str]:
-    """Megatron-LM arguments for every field that differs from zeromega's default."""
-    default, argv = RunConfig(), []
-    for flag, (path, kind) in FLAGS.items():
-        if path == "parallel.cp" or flag == "--num-layers-per-virtual-pipeline-stage" and cfg.parallel.vpp:
-            continue  # cp follows the sequence sizes; vpp is stated once
-        value, base = _get(cfg, path), _get(default, path)
-        if value is None or value == base:
-            continue
-        if kind == SWITCH:
+    """Megatron-LM arguments for the config (:func:`write_argv` for Megatron-LM core 0.16)."""
+    return write_argv(cfg)[0]
+
+
+def write_argv(cfg: RunConfig, target: str = "megatron", layout=None,
+               deepspeed_config: Optional[str] = None) -> tuple[list[str], list[str]]:
+    """(arguments, what they cannot say) for ``target``: ``megatron`` (NVIDIA Megatron-LM core 0.16) or
+    ``megatron-deepspeed`` (adds ``--deepspeed``, ``--deepspeed_config`` and ``--zero-stage``).
+
+    Every value that differs from the target's own default is written (the target's flag table,
+    :mod:`zeromega.launch.targets`, holds its defaults and kinds), integers as integers, and the micro batch
+    always (Megatron-LM asserts it). A value the target has no flag for, or no flag of that kind (a
+    fraction for an integer flag), is left out and named in the second list, never written wrongly.
+    """
+    table = target_flags(target)
+    name = TARGET_NAMES[target]
+    argv: list[str] = []
+    lost: list[str] = []
+
+    def emit(flag: str, value: Any = None) -> None:
+        if flag not in table:
+            lost.append(f"{flag}{'' if value is None else ' ' + _plain(value)} (no such flag in {name})")
+            return
+        fact = table[flag]
+        if value is None:  # a switch
             argv.append(flag)
-        else:
-            argv += [flag, _number(value)]
-    m, moe = cfg.model, cfg.moe
+            return
+        values = value if isinstance(value, (list, tuple)) and fact.nargs not in (None,) else [value]
+        words = []
+        for item in values:
+            if fact.kind == "int":
+                if isinstance(item, float) and not item.is_integer():
+                    lost.append(f"{flag} {item!r} ({name} takes an integer)")
+                    return
+                item = int(item)
+            elif fact.kind == "float":
+                item = float(item)
+            if fact.choices and item not in fact.choices:
+                lost.append(f"{flag} {item} ({name} accepts {list(fact.choices)})")
+                return
+            words.append(_plain(item))
+        argv.extend([flag, *words])
+
+    def differs(flag: str, value: Any) -> bool:
+        fact = table.get(flag)
+        if fact is None:
+            return True  # named as lost by emit
+        default = fact.default
+        if isinstance(default, list) and len(default) == 1 and not isinstance(value, list):
+            default = default[0]
+        try:
+            return not (value == default or (default is not None and float(value) == float(default)))
+        except (TypeError, ValueError):
+            return True
+
+    handled = {"parallel.cp", "batch.micro", "zero.stage", "batch.global"}
+    zeromega_default = RunConfig()
+    for flag, (path, kind) in FLAGS.items():
+        if path in handled or flag == "--num-layers-per-virtual-pipeline-stage" and cfg.parallel.vpp:
+            continue  # cp follows the sequence sizes; vpp is stated once; the batch and ZeRO below
+        value = _get(cfg, path)
+        if value is None or value is False and kind == SWITCH or SAME_MEANING.get(flag, ()) == (value,):
+            continue
+        if flag not in table and value == _get(zeromega_default, path):
+            continue  # the target lacks the flag, and the config does not state it
+        if kind == SWITCH:
+            if flag not in table or table[flag].default in (False, None):
+                emit(flag)
+            continue
+        if differs(flag, value) or value != _get(zeromega_default, path):  # stated: explicit even at its default
+            emit(flag, value)
+    _write_batch(cfg, layout, emit, lost)
+    m, moe, default = cfg.model, cfg.moe, RunConfig()
     if not m.add_bias_linear:
-        argv.append("--disable-bias-linear")
+        emit("--disable-bias-linear")
     if not cfg.logging.log_loss_scale_to_tensorboard:
-        argv.append("--no-log-loss-scale-to-tensorboard")
-    if m.normalization != default.model.normalization:
-        argv += ["--normalization", m.normalization]
+        emit("--no-log-loss-scale-to-tensorboard")
+    deepspeed = target == "megatron-deepspeed"
+    if m.normalization != "LayerNorm":
+        emit("--normalization", m.normalization.lower() if deepspeed else m.normalization)
     if m.num_query_groups is not None:
-        argv += ["--group-query-attention", "--num-query-groups", str(m.num_query_groups)]
+        if deepspeed:
+            emit("--num-key-value-heads", m.num_query_groups)
+        else:
+            emit("--group-query-attention")
+            emit("--num-query-groups", m.num_query_groups)
     if moe.router_load_balancing_type != default.moe.router_load_balancing_type:
-        argv += ["--moe-router-load-balancing-type", moe.router_load_balancing_type]
+        emit("--moe-router-load-balancing-type", moe.router_load_balancing_type)
     if moe.layer_freq != default.moe.layer_freq:
-        argv += ["--moe-layer-freq", str(moe.layer_freq).replace(" ", "")]
+        emit("--moe-layer-freq", str(moe.layer_freq).replace(" ", ""))
     if cfg.precision != "fp32":
-        argv.append(f"--{cfg.precision}")
-    if cfg.loss_scaling.initial_scale_power != default.loss_scaling.initial_scale_power:
-        argv += ["--initial-loss-scale", str(2 ** cfg.loss_scaling.initial_scale_power)]
+        emit(f"--{cfg.precision}")
+    if differs("--initial-loss-scale", 2 ** cfg.loss_scaling.initial_scale_power):
+        emit("--initial-loss-scale", 2 ** cfg.loss_scaling.initial_scale_power)
+    if cfg.data.path is not None:
+        emit("--data-path", cfg.data.path)
     s = cfg.sequence
-    if s.mode in ("ulysses", "ring", "usp") and cfg.parallel.cp > 1:
+    if deepspeed and s.mode == "ulysses" and cfg.parallel.cp > 1:
+        emit("--ds-sequence-parallel-size", cfg.parallel.cp)
+    elif s.mode in ("ulysses", "ring", "usp") and cfg.parallel.cp > 1:
         comm = {mode: kind for kind, mode in CP_COMM_TYPES.items()}[s.mode]
-        argv += ["--context-parallel-size", str(cfg.parallel.cp), "--cp-comm-type", comm]
+        emit("--context-parallel-size", cfg.parallel.cp)
+        emit("--cp-comm-type", comm)
         if s.mode == "usp":
-            argv += ["--hierarchical-context-parallel-sizes", str(s.ulysses), str(s.ring)]
-    return argv
+            emit("--hierarchical-context-parallel-sizes", [s.ulysses, s.ring])
+    stage = cfg.zero.stage
+    if deepspeed:
+        emit("--deepspeed")
+        if deepspeed_config:
+            emit("--deepspeed_config", deepspeed_config)
+        emit("--zero-stage", stage)
+    elif stage == 1:
+        emit("--use-distributed-optimizer")  # Megatron-LM's sharded optimizer state: ZeRO-1
+    elif stage > 1:
+        lost.append(f"ZeRO stage {stage} (Megatron-LM has no --zero-stage; its --use-distributed-optimizer is "
+                    "ZeRO-1: use --to megatron-deepspeed)")
+    return argv, lost
+
+
+def _write_batch(cfg: RunConfig, layout, emit, lost: list[str]) -> None:
+    """--micro-batch-size always (Megatron-LM asserts it), --global-batch-size where it is not micro x dp."""
+    b = cfg.batch
+    micro = layout.micro if layout is not None else b.micro
+    if micro is None and b.global_ is None:
+        micro = 1  # zeromega's meaning of a config that states no batch (RunConfig.layout)
+    if micro is None:
+        lost.append(f"--micro-batch-size (global batch {b.global_} with no micro batch: pass --world-size to "
+                    "derive it, or state it)")
+    else:
+        emit("--micro-batch-size", micro)
+    if b.global_ is not None:
+        emit("--global-batch-size", b.global_)
+    elif layout is not None and layout.accumulation > 1:
+        emit("--global-batch-size", layout.global_batch)
+    elif b.accumulation not in (None, 1):
+        lost.append(f"gradient accumulation {b.accumulation} (Megatron-LM states it as --global-batch-size: pass "
+                    "--world-size to write it)")
+
+
+def _plain(value: Any) -> str:
+    """A value as a command-line word: integers as integers, floats as Python reads them back."""
+    return repr(value) if isinstance(value, float) else str(value)
 
 
 def _get(cfg: Any, path: str) -> Any:

@@ -159,10 +159,14 @@ def _megatron(argv: list[str], name: str, files: Optional[dict[str, str]] = None
     return found, args.unknown
 
 
-def resolve(partials: Iterable[tuple[str, dict]], megatron: bool = False) -> RunConfig:
+def resolve(partials: Iterable[tuple[str, dict]], megatron: bool = False,
+            filled: Optional[list[str]] = None) -> RunConfig:
     """The validated RunConfig from (source, partial) pairs: merged, unstated values given their dialect's
-    defaults (``megatron``: Megatron-LM flags are among the sources), "auto"s filled, rules checked."""
-    merged = deepspeed_json.finish(merge(partials), megatron=megatron)
+    defaults (``megatron``: Megatron-LM flags are among the sources), "auto"s filled (one line each in
+    ``filled``: the value and where it came from), rules checked."""
+    partials = list(partials)
+    origin = {path: source for source, partial in partials for path in flatten(partial)}
+    merged = deepspeed_json.finish(merge(partials), megatron=megatron, origin=origin, filled=filled)
     if megatron:
         _megatron_turns_off_sequence_parallel_without_tp(merged)
     return validate(merged)
@@ -224,6 +228,32 @@ def to_deepspeed_file(cfg: RunConfig, layout: Optional[Layout] = None) -> dict:
 def to_megatron_argv(cfg: RunConfig) -> list[str]:
     """Megatron-LM arguments for the config (see :func:`lost_fields` for what they cannot carry)."""
     return megatron_args.to_argv(cfg)
+
+
+def to_megatron(cfg: RunConfig, layout: Optional[Layout] = None, target: str = "megatron",
+                deepspeed_config: Optional[str] = None) -> tuple[list[str], Optional[dict], list[str]]:
+    """(arguments, DeepSpeed JSON or None, notes) for ``target`` ``megatron`` (Megatron-LM core 0.16) or
+    ``megatron-deepspeed`` (its arguments, and the DeepSpeed JSON ``--deepspeed_config`` names).
+
+    The notes name what the output cannot say: values the target has no flag for
+    (:func:`~zeromega.launch.megatron_args.write_argv`), and fields a reading of the output back would lose.
+    """
+    argv, lost = megatron_args.write_argv(cfg, target, layout, deepspeed_config)
+    ds = to_deepspeed_file(cfg, layout) if target == "megatron-deepspeed" else None
+    name = megatron_args.TARGET_NAMES[target]
+    notes = [f"not expressible as {name} flags: {', '.join(lost)}"] if lost else []
+    back = [("arguments", megatron_args.parse(argv).partial)] + ([("DeepSpeed", from_deepspeed(ds))] if ds else [])
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            unread = lost_fields(cfg, resolve(back, megatron=True))
+    except ConfigError as err:
+        notes.append(f"the output does not read back: {err}")
+        unread = {}
+    paths = sorted(path for path in flatten(unread) if not path.startswith("batch."))
+    if paths:
+        notes.append(f"not expressible as {name} flags: {', '.join(paths)} (no flag carries them)")
+    return argv, ds, notes
 
 
 def lost_fields(cfg: RunConfig, back: RunConfig) -> dict:

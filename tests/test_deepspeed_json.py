@@ -177,7 +177,7 @@ def test_no_micro_and_no_global_batch_is_refused_as_deepspeed_refuses_it(keys):
 
 @pytest.mark.parametrize("flags, expected", [
     (["--micro-batch-size", "2"], (2, 4, 16)),
-    (["--global-batch-size", "32"], (4, 4, 32)),
+    (["--micro-batch-size", "4", "--global-batch-size", "32"], (4, 4, 32)),
 ])
 def test_megatron_flags_state_the_batch_deepspeed_leaves_out(flags, expected):
     partial = translate.from_deepspeed({"gradient_accumulation_steps": 4, "zero_optimization": {"stage": 1}})
@@ -187,15 +187,18 @@ def test_megatron_flags_state_the_batch_deepspeed_leaves_out(flags, expected):
 
 
 def test_auto_batch_keeps_the_hf_trainer_rule():
+    # TrainingArguments' per_device_train_batch_size defaults to 8, gradient_accumulation_steps to 1
     layout = ds({"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto"}).layout(4)
-    assert (layout.micro, layout.accumulation, layout.global_batch) == (1, 1, 4)
+    assert (layout.micro, layout.accumulation, layout.global_batch) == (8, 1, 32)
 
 
-def test_with_megatron_flags_among_the_sources_the_batch_is_theirs():
-    # a launch or a Megatron-DeepSpeed script: its flags (here none) own the batch, as before
-    partial = translate.from_deepspeed({"zero_optimization": {"stage": 1}})
-    cfg = translate.resolve([("ds", partial)], megatron=True)
-    assert cfg.batch.micro is None and cfg.batch.global_ is None
+@pytest.mark.parametrize("flags", [[], ["--global-batch-size", "32"], ["--tensor-model-parallel-size", "2"]])
+def test_with_megatron_flags_among_the_sources_megatron_requires_the_micro_batch(flags):
+    # Megatron-LM's validate_args asserts args.micro_batch_size is not None; the global batch does not replace it
+    partial = translate.from_deepspeed({"gradient_accumulation_steps": 4, "zero_optimization": {"stage": 1}})
+    with pytest.raises(ConfigError, match="Megatron-LM asserts") as err:
+        translate.resolve([("ds", partial), ("flags", translate.from_megatron_args(flags)[0])], megatron=True)
+    assert err.value.field == "--micro-batch-size" and "--micro-batch-size" in err.value.fix
 
 
 # ------------------------------------------------------------------ DeepSpeed Ulysses (sequence_parallel)

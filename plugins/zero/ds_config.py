@@ -79,15 +79,54 @@ def to_deepspeed(cfg: RunConfig, layout: Optional[Layout] = None, device_type: s
     ds.setdefault("steps_per_print", cfg.logging.interval if standalone else 10**9)
     o = cfg.optimizer
     adam = {"lr": o.lr, "betas": [o.beta1, o.beta2], "eps": o.eps, "weight_decay": o.weight_decay}
+    if standalone:  # a file for DeepSpeed itself: what equals DeepSpeed's default is left to it
+        adam = {key: value for key, value in adam.items() if key == "lr" or value != ADAM_DEFAULTS[key]}
+        if "optimizer" not in ds and any(getattr(o, name) != getattr(type(o)(), name)
+                                         for name in ("lr", "beta1", "beta2", "eps")):
+            ds["optimizer"] = {"type": "AdamW"}  # an optimizer was stated (an lr, betas): DeepSpeed's own block
     if "optimizer" in ds:
         ds["optimizer"]["params"] = {**ds["optimizer"].get("params", {}), **adam}
-    elif standalone:
-        ds["optimizer"] = {"type": "AdamW", "params": adam}
     if standalone and "scheduler" not in ds:
         scheduler = deepspeed_scheduler(cfg)
         if scheduler:
             ds["scheduler"] = scheduler
+    if standalone:
+        _leave_defaults_to_deepspeed(ds)
     return ds
+
+
+# DeepSpeed 0.19's Adam/AdamW defaults (FusedAdam, DeepSpeedCPUAdam): a standalone file leaves these unstated.
+ADAM_DEFAULTS = {"lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0}
+# Top-level values DeepSpeed 0.19 takes when a key is absent (runtime/constants.py), left out of a standalone file.
+DEEPSPEED_DEFAULTS = {"gradient_clipping": 0.0, "steps_per_print": 10}
+
+
+# DeepSpeed 0.19's fp16 block defaults (DeepSpeedFP16Config) and its warmup schedulers' (lr_schedules.py).
+FP16_DEFAULTS = {"loss_scale": 0.0, "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2,
+                 "min_loss_scale": 1.0}
+SCHEDULER_DEFAULTS = {"warmup_min_lr": 0.0, "warmup_type": "log", "warmup_min_ratio": 0.0, "cos_min_ratio": 0.0001}
+
+
+def _leave_defaults_to_deepspeed(ds: dict) -> None:
+    """Drop what a standalone file would only restate of DeepSpeed's defaults (adds nothing the input did not say)."""
+    for key, value in DEEPSPEED_DEFAULTS.items():
+        if key in ds and ds[key] == value:
+            del ds[key]
+    fp16 = ds.get("fp16")
+    if isinstance(fp16, dict):
+        for key, value in FP16_DEFAULTS.items():
+            if key in fp16 and fp16[key] == value:
+                del fp16[key]
+    params = (ds.get("scheduler") or {}).get("params")
+    if isinstance(params, dict):
+        for key, value in SCHEDULER_DEFAULTS.items():
+            if key in params and params[key] == value:
+                del params[key]
+    for name in ("bf16", "fp16"):
+        if ds.get(name) == {"enabled": False}:
+            del ds[name]
+    if ds.get("zero_optimization") == {"stage": 0}:
+        del ds["zero_optimization"]
 
 
 def _batch_keys(cfg: RunConfig, layout: Optional[Layout]) -> dict:
