@@ -78,6 +78,44 @@ def test_activation_formula_variants():
     assert zplan.activation_bytes(shape, zplan.Activations(2048, 1, recompute="full"))[0] < full
 
 
+def test_activations_under_cp_and_fused_attention():
+    """cp (Ulysses or ring) gives each rank s/cp of the sequence: every term divides by cp (the scores too:
+    Ulysses holds a/cp heads of the whole sequence); fused / flash attention keeps no s x s scores, the bytes
+    of selective recomputation (Korthikanti et al. 2022)."""
+    shape = dict(num_layers=4, hidden_size=1024, num_attention_heads=16)
+    s, h, a, L = 131072, 1024, 16, 4
+    whole, _ = zplan.activation_bytes(shape, zplan.Activations(s, 1))
+    cp16, text = zplan.activation_bytes(shape, zplan.Activations(s, 1, cp=16))
+    assert cp16 == pytest.approx(whole / 16, rel=1e-9) and "(s/cp)bh" in text
+    flash, text = zplan.activation_bytes(shape, zplan.Activations(s, 1, cp=16, flash=True))
+    assert flash == pytest.approx(L * s / 16 * h * 34, rel=1e-9) and "5as" not in text
+    assert flash == zplan.activation_bytes(shape, zplan.Activations(s, 1, cp=16, recompute="selective"))[0]
+    assert whole / flash > 1000  # 128K tokens: the s^2 term was 5as/h = 10,240 x sbh per layer
+
+
+def test_pipeline_stage_activations_full_recompute_and_interleaving():
+    """Full recompute on a stage: 2sbh per layer-micro-batch in flight plus one layer rebuilt once; interleaved:
+    the first stage holds p (1 + (p-1)/(p v)) micro-batches' worth of its L/p layers."""
+    from types import SimpleNamespace
+
+    shape = dict(num_layers=16, hidden_size=1024, num_attention_heads=16, seq_length=2048, vocab_size=32000)
+    s, b, h = 2048, 1, 1024
+
+    def first_stage(**kw):
+        layout = SimpleNamespace(pp=4, tp=1, dp=1, cp=1, ep=1, etp=None, micro=1, accumulation=16, **kw)
+        plan = zplan.plan_pipeline("bf16", layout, shape, recompute=kw.pop("recompute", None))
+        return {r.name: r.bytes for r in plan.stages[0].rows}["activations"]
+
+    one_layer, _ = zplan.activation_bytes({**shape, "num_layers": 1}, zplan.Activations(s, b))
+    layout = SimpleNamespace(pp=4, tp=1, dp=1, cp=1, ep=1, etp=None, vpp=None, micro=1, accumulation=16)
+    full = {r.name: r.bytes for r in zplan.plan_pipeline("bf16", layout, shape, recompute="full").stages[0].rows}
+    assert full["activations"] == 4 * 4 * 2 * s * b * h + one_layer  # 4 micro-batches x 4 layers x 2sbh + 1 layer
+    plain = first_stage(vpp=None)
+    inter = first_stage(vpp=2)
+    p, v = 4, 2
+    assert inter / plain == pytest.approx((1 + (p - 1) / (p * v)), rel=1e-9)
+
+
 def test_gpt_size_counts_megatron_core_parameters():
     """Counted against the built models (tests/zero_workers.count_params, tp 1 and 2): exact."""
     shape = dict(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=64, vocab_size=257)
