@@ -372,7 +372,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         if unknown:  # options before SCRIPT that the subcommand does not know
             raise UsageError(f"unrecognized arguments: {' '.join(unknown)}",
                              f"see '{args.prog} --help'; options for SCRIPT go after SCRIPT", prog=args.prog)
-        return args.handler(args)
+        code = args.handler(args)
+        for note in getattr(args, "notes", []):  # what a launch-script reader wants said (which line it read)
+            print(f"{args.prog}: note: {note}", file=sys.stderr)
+        return code
     except UsageError as err:
         prog = err.prog or getattr(args, "prog", PROG)
         print(f"{prog}: error: {err.problem}; fix: {err.fix}", file=sys.stderr)

@@ -52,6 +52,10 @@ def _add_input(p) -> None:
     p.add_argument("--from", dest="dialect", choices=DIALECTS, help="the dialect of IN, when detection guesses wrong")
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                    help="a shell variable the launch script uses but does not set (repeatable)")
+    p.add_argument("--run-script", action="store_true",
+                   help="a launch script: run it under bash (this EXECUTES the script's own commands) in a scratch "
+                        "directory, with torchrun/deepspeed/srun/python *.py recorded instead of started, for "
+                        "bash's exact semantics; default: read it statically, running nothing")
     p.add_argument("--world-size", "--world_size", type=_int_at_least(1), metavar="N",
                    help="ranks in the job: resolves dp and the batch arithmetic")
 
@@ -65,7 +69,8 @@ def _read_input(args: argparse.Namespace):
             raise UsageError(f"--env {item!r} is not NAME=VALUE", "write e.g. --env TP=2")
         env[name] = value
     try:
-        found, unknown = sources(args.input, env, args.dialect)
+        args.notes = []  # printed by cli.main once the command succeeds
+        found, unknown = sources(args.input, env, args.dialect, run_script=args.run_script, notes=args.notes)
         return resolve(found, megatron=(args.dialect or detect(args.input)) == "megatron"), unknown
     except ConfigError as err:
         raise UsageError.from_config(err) from None
