@@ -14,6 +14,8 @@ aio build on a fresh machine; with the op cached they take seconds.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -181,3 +183,29 @@ def test_cpu_ranks_trim_the_heap_after_each_step(monkeypatch):
     engine.backward("loss")
     assert engine.step(1) == "stepped"
     assert calls == [("backward", "loss"), ("trim", 0), ("step", (1,)), ("trim", 0)]
+
+
+@pytest.mark.parametrize("source", ["json", "megatron"])
+def test_initial_scale_power_must_give_a_finite_fp32_scale(source, tmp_path, capsys):
+    """2**128 is inf in fp32: a larger initial_scale_power (DeepSpeed JSON) or --initial-loss-scale is refused
+    in one line naming the field and the bound (exit 2); 127, the largest finite power, is accepted."""
+    from zeromega.launch import cli
+
+    def check(power: int) -> tuple[int, str]:
+        if source == "json":
+            path = tmp_path / f"ds{power}.json"
+            path.write_text(json.dumps({"train_micro_batch_size_per_gpu": 1,
+                                        "fp16": {"enabled": False, "initial_scale_power": power}}))
+            argv = ["check", str(path), "--world-size", "1"]
+        else:
+            path = tmp_path / f"args{power}.txt"  # a Megatron-LM argument file
+            path.write_text(f"--micro-batch-size 1 --initial-loss-scale {float(2 ** power)!r}\n")
+            argv = ["check", str(path), "--world-size", "1"]
+        code = cli.main(argv)
+        return code, capsys.readouterr().err
+
+    code, err = check(400)
+    assert code == 2 and err.count("\n") == 1, err
+    assert "initial_scale_power=400: 2**400 is not a finite fp32 number" in err and "at most 127" in err
+    assert check(128)[0] == 2
+    assert check(127)[0] == 0

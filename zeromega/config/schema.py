@@ -30,6 +30,8 @@ from pydantic_core import PydanticCustomError
 from .errors import ConfigError
 
 PositiveInt = Annotated[int, Field(ge=1)]
+MAX_SCALE_POWER = 127
+"""2**127 is the largest power of two a float32 holds (its exponent reaches 127)."""
 
 
 class _Section(BaseModel):
@@ -164,6 +166,18 @@ class LossScalingConfig(_Section):
     """Static loss scale; 0 selects dynamic scaling."""
     initial_scale_power: int = Field(32, ge=0)
     """Dynamic scaling starts at 2**initial_scale_power (``--initial-loss-scale``)."""
+
+    @field_validator("initial_scale_power")
+    @classmethod
+    def _finite_fp32_scale(cls, value: int) -> int:
+        """The scale multiplies fp32 losses and gradients: 2**128 and above is inf there (largest finite fp32 power
+        of two: 2**127), so every gradient would overflow and every step be skipped."""
+        if value > MAX_SCALE_POWER:
+            raise ConfigError("loss_scaling.initial_scale_power", value, f"2**{value} is not a finite fp32 number "
+                              "(the largest power of two that is: 2**127), so every scaled gradient would overflow",
+                              "use at most 127 (fp16.initial_scale_power in a DeepSpeed JSON, --initial-loss-scale "
+                              "at most 2**127; DeepSpeed's default is 16, Megatron's 2**32)")
+        return value
     window: PositiveInt = 1000
     """Overflow-free steps before the scale is raised."""
     hysteresis: PositiveInt = 2
