@@ -157,3 +157,110 @@ def test_gloo_job_builds_on_rank0_and_matches_single_process(corpus, tmp_path):
     # Not initialized here: this loads the index cache rank 0 wrote.
     train = D.build_gpt_datasets(corpus, 64, 9, (100, 5, 5), split=SPLIT, cache_dir=tmp_path)[0]
     assert got[0] + got[1] == next(D.sample_batches(train, 4))["tokens"].tolist()
+
+
+# ------------------------------------------------------------------ blends, small corpora, mock data (issue 15)
+
+
+def _documents(prefix, count: int, length: int = 300, first: int = 0):
+    """``count`` byte-tokenized documents of ``length`` ids (+ EOD) with a per-document fill value."""
+    builder = D.IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.uint16)
+    for i in range(count):
+        ids = np.full(length + 1, (first + i) % 256, dtype=np.uint16)
+        ids[-1] = D.EOD
+        builder.add_document(ids, [ids.size])
+    builder.finalize(f"{prefix}.idx")
+    return str(prefix)
+
+
+@pytest.fixture
+def one_rank():
+    """A one-rank gloo group (Megatron-Core's BlendedDataset asks for the rank), gone after the test."""
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_a_weighted_blend_draws_megatrons_proportions(tmp_path, one_rank):
+    """--data-path 0.3 A 0.7 B: Megatron-Core's BlendedDataset takes 30% / 70% of the samples from A / B."""
+    a, b = _documents(tmp_path / "a", 20, first=0), _documents(tmp_path / "b", 20, first=100)
+    train, valid, test = D.build_datasets(64, 5, (1000, 0, 0), blend=([a, b], [0.3, 0.7]), split="1,0,0",
+                                          cache_dir=tmp_path / "cache")
+    assert valid is None and test is None and len(train) == 1000
+    counts = np.bincount([int(train[i]["dataset_id"]) for i in range(len(train))], minlength=2)
+    assert abs(counts[0] - 300) <= 1 and abs(counts[1] - 700) <= 1
+    for i in range(0, 1000, 97):  # each sample holds its own dataset's documents
+        values = set(train[i]["tokens"].tolist()) - {D.EOD}
+        assert values <= (set(range(20)) if int(train[i]["dataset_id"]) == 0 else set(range(100, 120)))
+    batch = next(D.sample_batches(train, 4))
+    assert set(batch) == {"tokens", "labels", "loss_mask", "position_ids"}
+
+
+def test_the_flags_blend_and_per_split_paths(tmp_path):
+    from zeromega.config import ConfigError
+    from zeromega.launch import script_args, translate
+    from zeromega.run import gpt
+
+    a, b = _documents(tmp_path / "a", 4), _documents(tmp_path / "b", 4, first=50)
+    base = ["--num-layers", "1", "--hidden-size", "8", "--num-attention-heads", "1", "--seq-length", "16", "--lr", "1"]
+    cfg = script_args.read([*base, "--data-path", "3", a, "1", b], "pretrain_gpt.py")
+    assert gpt.corpus(cfg, True).blend == ([a, b], [3.0, 1.0])
+    cfg = script_args.read([*base, "--data-path", a, b], "pretrain_gpt.py")
+    assert gpt.corpus(cfg, True).blend == ([a, b], None)  # weights from the datasets' sizes, as Megatron
+    cfg = script_args.read([*base, "--train-data-path", a, "--valid-data-path", b], "pretrain_gpt.py")
+    source = gpt.corpus(cfg, True)
+    assert source.blend_per_split == [([a], None), ([b], None), None]
+    train, valid, test = D.build_datasets(16, 1, (8, 4, 0), blend_per_split=source.blend_per_split,
+                                          cache_dir=tmp_path / "cache")
+    assert test is None and set(valid[0]["tokens"].tolist()) <= set(range(50, 54)) | {D.EOD}
+    assert set(train[0]["tokens"].tolist()) <= set(range(4)) | {D.EOD}
+    for argv, field in ((["--data-path", "0.5", a, "0.5", str(tmp_path / "nothing")], "data.blend"),
+                        (["--data-path", "0.5", a, b, "0.5"], "data.blend"),
+                        (["--data-path", a, "--train-data-path", b], "data.train_path"),
+                        (["--mock-data", "--data-path", a], "data.mock")):
+        with pytest.raises(ConfigError) as err:
+            gpt.corpus(translate.build(None, megatron_argv=[*base, *argv]), True)
+        assert err.value.field == field, str(err.value)
+
+
+def test_split_on_a_ten_document_corpus(tmp_path):
+    """Megatron's default 969,30,1 gives 10 documents' valid and test splits none: the run trains when it does
+    not read them (the splits are not built); when it does, the refusal names a split that works."""
+    ten = _documents(tmp_path / "ten", 10)
+    train, valid, test = D.build_datasets(32, 1, (50, 0, 0), blend=([ten], None), split="969, 30, 1",
+                                          cache_dir=tmp_path / "cache")
+    assert len(train) >= 50 and valid is None and test is None
+    with pytest.raises(D.DataError) as err:
+        D.build_datasets(32, 1, (50, 8, 8), blend=([ten], None), split="969, 30, 1", cache_dir=tmp_path / "cache")
+    assert err.value.field == "data.split" and "valid split no document of the 10" in str(err.value)
+    assert "--split 8,1,1" in err.value.fix
+    train, valid, test = D.build_datasets(32, 1, (50, 8, 8), blend=([ten], None), split="8,1,1",
+                                          cache_dir=tmp_path / "cache")
+    assert len(valid) >= 8 and len(test) >= 8
+    assert set(valid[0]["tokens"].tolist()) <= {8, D.EOD} and set(test[0]["tokens"].tolist()) <= {9, D.EOD}
+
+
+def test_mock_data_is_megatrons_mock_dataset():
+    from megatron.core.datasets.gpt_dataset import MockGPTDataset
+
+    train, valid, test = D.build_datasets(64, 3, (20, 0, 0), mock=True)
+    assert isinstance(train, MockGPTDataset) and valid is None and test is None and len(train) >= 20
+    tokens = train[0]["tokens"]
+    steps = (tokens[1:] - tokens[:-1]) % D.ByteTokenizer().vocab_size
+    assert int((steps == 1).sum()) >= 60  # Megatron's mock documents count up: 1, 2, 3, ... then the EOD
+
+
+def test_mock_data_trains_through_the_flags():
+    from distributed import run_world
+    from run_workers import run_logging
+
+    argv = ["--num-layers", "1", "--hidden-size", "16", "--num-attention-heads", "2", "--seq-length", "32",
+            "--micro-batch-size", "2", "--train-iters", "3", "--lr", "1e-3", "--no-progress", "--mock-data"]
+    (result,) = run_world(1, run_logging, argv)
+    losses = [r["loss"] for r in result["records"]]
+    assert len(losses) == 3 and all(np.isfinite(losses)) and result["vocab"] == 257
