@@ -55,16 +55,18 @@ DEVICES = {
     "a100-80": Device("A100 SXM4 80GB", 80.0, 2039.0, {"bf16": 312.0, "fp16": 312.0, "fp32": 156.0}, 300.0, 25.0,
                       32.0, "NVIDIA A100 datasheet; DGX A100 datasheet (8x HDR 200 Gb/s)"),
     # H100 SXM5: NVIDIA H100 Tensor Core GPU datasheet: BF16/FP16 1,979 TFLOPS and FP8 3,958 with sparsity
-    # (989 / 1,979 dense), TF32 989 sparse (494 dense); 80 GB HBM3 3.35 TB/s; NVLink 900 GB/s, PCIe Gen5
-    # 128 GB/s (bidirectional). DGX H100: 8x ConnectX-7 400 Gb/s (one per GPU) = 50 GB/s.
-    "h100": Device("H100 SXM5 80GB", 80.0, 3350.0, {"bf16": 989.0, "fp16": 989.0, "fp8": 1979.0, "fp32": 494.0},
+    # ("1/2 lower without sparsity": 989.4 / 1,978.9 dense, as NVIDIA's Hopper whitepaper tables them), TF32
+    # 494.7 dense; 80 GB HBM3 3.35 TB/s; NVLink 900 GB/s, PCIe Gen5 128 GB/s (bidirectional). DGX H100:
+    # 8x ConnectX-7 400 Gb/s (one per GPU) = 50 GB/s.
+    "h100": Device("H100 SXM5 80GB", 80.0, 3350.0, {"bf16": 989.4, "fp16": 989.4, "fp8": 1978.9, "fp32": 494.7},
                    450.0, 50.0, 64.0, "NVIDIA H100 datasheet; DGX H100 datasheet (8x NDR 400 Gb/s)"),
     # H200 SXM: NVIDIA H200 datasheet / product page: compute as H100 SXM; 141 GB HBM3e 4.8 TB/s; NVLink 900 GB/s.
-    "h200": Device("H200 SXM 141GB", 141.0, 4800.0, {"bf16": 989.0, "fp16": 989.0, "fp8": 1979.0, "fp32": 494.0},
+    "h200": Device("H200 SXM 141GB", 141.0, 4800.0, {"bf16": 989.4, "fp16": 989.4, "fp8": 1978.9, "fp32": 494.7},
                    450.0, 50.0, 64.0, "NVIDIA H200 datasheet; HGX H200 with 400 Gb/s NDR per GPU"),
-    # B200: NVIDIA DGX B200 datasheet: 8 GPUs, 72 PFLOPS FP8 training (with sparsity: 4.5 PF dense FP8 per GPU,
-    # 2.25 PF dense BF16/FP16), 1,440 GB HBM3e total (180 GB per GPU), 64 TB/s total (8 TB/s per GPU),
-    # NVLink 5 1.8 TB/s per GPU (bidirectional), 8x ConnectX-7 400 Gb/s.
+    # B200 (HGX / DGX, 1,000 W): NVIDIA DGX B200 datasheet: 8 GPUs, 72 PFLOPS FP8 training (with sparsity:
+    # 4.5 PF dense FP8 per GPU, 2.25 PF dense BF16/FP16, the HGX B200 figures), 1,440 GB HBM3e total (180 GB
+    # usable per GPU; the chip carries 192 GB), 64 TB/s total (8 TB/s per GPU), NVLink 5 1.8 TB/s per GPU
+    # (bidirectional), 8x ConnectX-7 400 Gb/s.
     "b200": Device("B200 180GB", 180.0, 8000.0, {"bf16": 2250.0, "fp16": 2250.0, "fp8": 4500.0, "fp32": 1100.0},
                    900.0, 50.0, 64.0, "NVIDIA DGX B200 datasheet (per GPU: total / 8, dense = sparse / 2)"),
     # MI300X: AMD Instinct MI300X data sheet: BF16/FP16 1,307.4 TFLOPS, FP8 2,614.9 dense, TF32 653.7;
