@@ -57,6 +57,7 @@ from .cli_common import UsageError, _add_input, _int_at_least, _layout, _read_in
 from .export import _add_export
 from .partial import flatten
 from .plan_cli import _add_plan, launch_preflight
+from .cli_common import _add_shape
 from .data_cli import _add_preprocess, _add_train_tokenizer
 
 PROG = "zeromega"
@@ -264,16 +265,20 @@ def _add_translate(subparsers) -> None:
                     "TransformerConfig fields, or the unified config.",
         epilog="Notes on what the target cannot carry go to stderr. Exit code 2 for bad input.")
     _add_input(p)
-    p.add_argument("--to", required=True, choices=("deepspeed", "megatron", "megatron-core", "zeromega"),
-                   help="the dialect to print")
+    _add_shape(p)
+    p.add_argument("--to", required=True, choices=("deepspeed", "megatron", "megatron-deepspeed", "megatron-core",
+                                                   "zeromega"), help="the dialect to print")
     p.add_argument("--format", choices=("json", "yaml"), default="json", help="zeromega output format")
+    p.add_argument("--deepspeed-out", metavar="FILE", help="--to megatron-deepspeed: where the DeepSpeed JSON "
+                   "that --deepspeed_config names is written (default: IN's name + .deepspeed.json, beside IN)")
     p.set_defaults(handler=_translate, prog=p.prog)
 
 
 def _translate(args: argparse.Namespace) -> int:
-    cfg, unknown = _read_input(args)
+    filled: list[str] = []
+    cfg, unknown = _read_input(args, filled)
     layout = _layout(cfg, args.world_size)
-    notes = []
+    notes = [f"{line}" for line in filled]
     if args.to == "deepspeed":
         out = translate.dumps(translate.to_deepspeed_file(cfg, layout))
     elif args.to == "zeromega":
@@ -281,10 +286,12 @@ def _translate(args: argparse.Namespace) -> int:
     elif args.to == "megatron-core":
         out = translate.dumps(megatron_args.megatron_core_fields(cfg))
     else:
-        argv = translate.to_megatron_argv(cfg)
-        lost = translate.lost_fields(cfg, translate.resolve([("argv", megatron_args.parse(argv).partial)]))
-        if lost:
-            notes.append(f"not expressible as Megatron-LM flags: {', '.join(sorted(_paths(lost)))}")
+        ds_out = _deepspeed_out(args) if args.to == "megatron-deepspeed" else None
+        argv, ds, more = translate.to_megatron(cfg, layout, args.to, ds_out)
+        notes += more
+        if ds is not None:
+            _write_new(ds_out, translate.dumps(ds) + "\n")
+            notes.append(f"wrote {ds_out} (the DeepSpeed JSON --deepspeed_config names)")
         lines, current = [], []
         for word in argv + unknown:
             if word.startswith("--") and current:
@@ -305,6 +312,24 @@ def _paths(tree: dict, prefix: str = "") -> list[str]:
     return list(flatten(tree, prefix))
 
 
+def _deepspeed_out(args: argparse.Namespace) -> str:
+    if args.deepspeed_out:
+        return args.deepspeed_out
+    base = os.path.splitext(args.input)[0]
+    return f"{base}.deepspeed.json"
+
+
+def _write_new(path: str, text: str) -> None:
+    """Write ``path``; an existing file with other content is refused (never overwritten)."""
+    if os.path.exists(path):
+        with open(path) as handle:
+            if handle.read() == text:
+                return
+        raise UsageError(f"{path} exists with other content", "pass --deepspeed-out FILE (a new file), or remove it")
+    with open(path, "w") as handle:
+        handle.write(text)
+
+
 def _add_check(subparsers) -> None:
     p = subparsers.add_parser(
         "check", allow_abbrev=False, help="validate a config and print its layout and process groups",
@@ -313,12 +338,14 @@ def _add_check(subparsers) -> None:
         epilog="The world size defaults to the config's launch section (nproc_per_node x nnodes). "
                "Exit code 2 for bad input.")
     _add_input(p)
+    _add_shape(p)
     p.add_argument("--json", action="store_true", help="print the layout and groups as JSON")
     p.set_defaults(handler=_check, prog=p.prog)
 
 
 def _check(args: argparse.Namespace) -> int:
-    cfg, unknown = _read_input(args)
+    filled: list[str] = []
+    cfg, unknown = _read_input(args, filled)
     world = args.world_size
     if world is None and cfg.launch.nproc_per_node:
         world = cfg.launch.nproc_per_node * cfg.launch.nnodes
@@ -328,7 +355,8 @@ def _check(args: argparse.Namespace) -> int:
     layout = _layout(cfg, world)
     groups = rank_groups(layout)
     if args.json:
-        print(json.dumps({"layout": layout.model_dump(), "groups": groups, "order": ORDER}, indent=2))
+        print(json.dumps({"layout": layout.model_dump(), "groups": groups, "order": ORDER, "autos": filled},
+                         indent=2))
         return 0
     s = cfg.sequence
     print(f"world {layout.world} = tp {layout.tp} x pp {layout.pp} x cp {layout.cp} x dp {layout.dp}"
@@ -339,6 +367,10 @@ def _check(args: argparse.Namespace) -> int:
           f"x dp {layout.dp}")
     print(f"ZeRO-{cfg.zero.stage}, {cfg.precision}; offload optimizer: {cfg.zero.offload_optimizer.device}, "
           f"params: {cfg.zero.offload_param.device}")
+    if filled:
+        print(f'"auto" filled ({len(filled)}):')
+        for line in filled:
+            print(f"  {line}")
     print(f"groups (Megatron-Core order {ORDER}):")
     for kind, ranks in groups.items():
         print(f"  {kind:<10} {' '.join(str(r).replace(' ', '') for r in ranks)}   # {DESCRIPTIONS[kind]}")

@@ -60,8 +60,37 @@ def _add_input(p) -> None:
                    help="ranks in the job: resolves dp and the batch arithmetic")
 
 
-def _read_input(args: argparse.Namespace):
-    """(RunConfig, unmapped Megatron arguments) for IN, or a UsageError."""
+# The model-shape flags (Megatron-LM's names) that fill a DeepSpeed JSON's bucket-size "auto"s.
+SHAPE_FLAGS = {"--num-layers": "model.num_layers", "--hidden-size": "model.hidden_size",
+               "--num-attention-heads": "model.num_attention_heads", "--seq-length": "model.seq_length",
+               "--vocab-size": "model.vocab_size", "--ffn-hidden-size": "model.ffn_hidden_size",
+               "--num-query-groups": "model.num_query_groups"}
+
+
+def _add_shape(p) -> None:
+    """The model-shape flags, for subcommands that have none of their own (translate, check)."""
+    shape = p.add_argument_group("model (Megatron-LM names; fill the bucket-size \"auto\"s of a DeepSpeed JSON)")
+    for flag in SHAPE_FLAGS:
+        shape.add_argument(flag, type=_int_at_least(1), metavar="N")
+    p.set_defaults(shape_is_a_source=True)
+
+
+def _shape_source(args: argparse.Namespace, found: list) -> list:
+    """The shape flags as one more source. Where a subcommand's own flags override the config (plan), only
+    the fields no source states, so they fill "auto"s without clashing."""
+    from .partial import flatten, set_path
+
+    stated = {path for _, partial in found for path in flatten(partial)}
+    tree: dict = {}
+    for flag, path in SHAPE_FLAGS.items():
+        value = getattr(args, flag[2:].replace("-", "_"), None)
+        if value is not None and (getattr(args, "shape_is_a_source", False) or path not in stated):
+            set_path(tree, path, value)
+    return [("the command line", tree)] if tree else []
+
+
+def _read_input(args: argparse.Namespace, filled: Optional[list] = None):
+    """(RunConfig, unmapped Megatron arguments) for IN, or a UsageError; ``filled`` gets the "auto"s filled."""
     env = {}
     for item in args.env:
         name, eq, value = item.partition("=")
@@ -71,7 +100,8 @@ def _read_input(args: argparse.Namespace):
     try:
         args.notes = []  # printed by cli.main once the command succeeds
         found, unknown = sources(args.input, env, args.dialect, run_script=args.run_script, notes=args.notes)
-        return resolve(found, megatron=(args.dialect or detect(args.input)) == "megatron"), unknown
+        found = found + _shape_source(args, found)
+        return resolve(found, megatron=(args.dialect or detect(args.input)) == "megatron", filled=filled), unknown
     except ConfigError as err:
         raise UsageError.from_config(err) from None
 

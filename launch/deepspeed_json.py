@@ -811,12 +811,10 @@ def resolve_autos(merged: dict, megatron: bool, origin: dict[str, str], filled: 
                 say(f"zero_optimization.{key}", zero[key], f"{HIDDEN_RULE_TEXT[key]} with the hidden size h = {h} "
                     f"{_source_of('model.hidden_size', origin)}")
     gather = "stage3_gather_16bit_weights_on_model_save"
-    if zero.get(gather) == AUTO:
-        if megatron:
-            unfilled.append((f"zero_optimization.{gather}", "true or false"))
-        else:
-            zero[gather] = False
-            say(f"zero_optimization.{gather}", False, "Accelerate's zero3_save_16bit_model default (HF Trainer)")
+    if zero.get(gather) == AUTO:  # only the HF Trainer's save_model reads it
+        zero[gather] = False
+        say(f"zero_optimization.{gather}", False, "DeepSpeed's default (its config model drops an 'auto')"
+            if megatron else "Accelerate's zero3_save_16bit_model default (HF Trainer)")
     # "auto" anywhere else (a key no rule fills, in a block passed through or read): nothing fills it.
     handled = {key for key, rule in AUTO_RULES.items() if rule.paths} | {f"zero_optimization.{k}" for k in
                                                                          (*HIDDEN_RULE_TEXT, gather)}
