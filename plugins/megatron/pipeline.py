@@ -154,7 +154,9 @@ class MegatronTrainer:
                             loss_scale=scaling.loss_scale or None,
                             initial_loss_scale=2.0 ** scaling.initial_scale_power,
                             min_loss_scale=scaling.min_scale, loss_scale_window=scaling.window,
-                            hysteresis=scaling.hysteresis),
+                            hysteresis=scaling.hysteresis,
+                            # --decoupled-lr: the embedding and output weights' own max_lr / min_lr groups
+                            decoupled_lr=o.decoupled_lr, decoupled_min_lr=o.decoupled_min_lr),
             self.chunks, use_gloo_process_groups=False)
         for group in self.optimizer.param_groups:  # Megatron's scheduler would do this each step
             group["weight_decay"] = o.weight_decay * group.get("wd_mult", 1.0)

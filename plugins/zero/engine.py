@@ -16,6 +16,7 @@ on 2 cores, once per machine).
 from __future__ import annotations
 
 import contextlib
+from typing import Optional
 
 import torch
 
@@ -34,7 +35,8 @@ def offloads_optimizer(ds: dict) -> bool:
     return ZeroSetup.from_deepspeed(ds).optimizer_device in ("cpu", "nvme")
 
 
-def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+def decay_groups(model: torch.nn.Module, weight_decay: float, decoupled_lr: Optional[float] = None,
+                 decoupled_min_lr: Optional[float] = None) -> list[dict]:
     """Megatron's AdamW groups (no decay on 1-D parameters), also for ZeRO-3-partitioned parameters.
 
     Under ``deepspeed.zero.Init`` a parameter's ``data`` is an empty 1-D
@@ -47,8 +49,22 @@ def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     for param in model.parameters():
         if param.requires_grad:
             (no_decay if len(getattr(param, "ds_shape", param.shape)) < 2 else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0, "wd_mult": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": no_decay, "weight_decay": 0.0, "wd_mult": 0.0}]
+    if decoupled_lr is None:
+        return groups
+    # --decoupled-lr: Megatron-Core's own groups put the embedding and output weights apart with their max_lr /
+    # min_lr, which its OptimizerParamScheduler reads per group; the same split here.
+    out = []
+    for group in groups:
+        apart = [p for p in group["params"] if getattr(p, "is_embedding_or_output_parameter", False)]
+        rest = [p for p in group["params"] if not getattr(p, "is_embedding_or_output_parameter", False)]
+        out.append({**group, "params": rest})
+        if apart:
+            extra = {"max_lr": decoupled_lr} if decoupled_min_lr is None else \
+                {"max_lr": decoupled_lr, "min_lr": decoupled_min_lr}
+            out.append({**group, "params": apart, **extra})
+    return [g for g in out if g["params"]]
 
 
 def client_optimizer(param_groups: list[dict], ds: dict, lr: float, betas: tuple[float, float], eps: float):
@@ -101,7 +117,8 @@ def initialize(model: torch.nn.Module, run, ds: dict):
     o = run.optimizer
     optimizer = None
     if "optimizer" not in ds:
-        optimizer = client_optimizer(decay_groups(model, o.weight_decay), ds, o.lr, (o.beta1, o.beta2), o.eps)
+        optimizer = client_optimizer(decay_groups(model, o.weight_decay, o.decoupled_lr, o.decoupled_min_lr), ds,
+                                     o.lr, (o.beta1, o.beta2), o.eps)
     check_swap_reads(ds)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds, mpu=MegatronMPU(),
                                            dist_init_required=False)

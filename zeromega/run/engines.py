@@ -56,16 +56,45 @@ class DeepSpeedEngine:
         self.optimizer = self.engine.optimizer
         self.modules = [self.engine.module]
         self._loss = loss
+        self._clipped_norm = None
+        self._keep_clipping_norm()
+
+    def _keep_clipping_norm(self) -> None:
+        """Without ZeRO or mixed precision DeepSpeed clips through ``clip_fp32_gradients``, which drops the norm
+        its ``clip_grad_norm_`` returns (``get_global_grad_norm()`` is then None); the same call, norm kept."""
+        engine = self.engine
+        if not hasattr(engine, "clip_fp32_gradients"):
+            return
+        from deepspeed.runtime.utils import clip_grad_norm_
+
+        def clip_and_keep() -> None:
+            self._clipped_norm = clip_grad_norm_(parameters=engine.module.parameters(),
+                                                 max_norm=engine.gradient_clipping(), mpu=engine.mpu)
+
+        engine.clip_fp32_gradients = clip_and_keep
+
+    last_step_skipped = False
+    """Whether the last step's update was skipped (an fp16 overflow: DeepSpeed's ``skipped_steps`` grew)."""
 
     def train_step(self, micro_batches: list[dict]) -> tuple[float, Optional[float]]:
         total = 0.0
+        skipped = getattr(self.engine, "skipped_steps", 0)
         for batch in micro_batches:
             loss = self._loss(self.engine, batch)
             self.engine.backward(loss)
             self.engine.step()
             total += loss.item()
+        self.last_step_skipped = getattr(self.engine, "skipped_steps", 0) > skipped
         norm = self.engine.get_global_grad_norm()
+        if norm is None:
+            norm, self._clipped_norm = self._clipped_norm, None
         return total / len(micro_batches), None if norm is None else float(norm)
+
+    def set_global_batch(self, samples: int) -> None:
+        """A ramp-up step's global batch: DeepSpeed's accumulation boundary moves with it (as Megatron-DeepSpeed
+        calls ``set_train_batch_size``)."""
+        if self.engine.train_batch_size() != samples:
+            self.engine.set_train_batch_size(samples)
 
     def checkpointer(self, layout: Layout, cfg: RunConfig, schedule, model_meta: dict):
         from zeromega.checkpoint import Checkpointer
@@ -92,8 +121,13 @@ class MegatronEngine:
         self.modules = [chunk.module for chunk in self.trainer.chunks]
         self.engine = None
 
+    last_step_skipped = False
+    """Whether the last step's update was skipped: under fp16 Megatron-Core's optimizer returns no grad norm
+    when it finds inf/NaN gradients and skips the update."""
+
     def train_step(self, micro_batches: list[dict]) -> tuple[float, Optional[float]]:
         result = self.trainer.train_step(micro_batches)
+        self.last_step_skipped = self.trainer.cfg.precision == "fp16" and result.grad_norm is None
         return result.loss, result.grad_norm
 
     def checkpointer(self, layout: Layout, cfg: RunConfig, schedule, model_meta: dict):

@@ -60,6 +60,18 @@ class StepRecord:
     """Bytes this rank read from storage during the step (NVMe offload's swap-ins; /proc/self/io)."""
     storage_write_bytes: int = 0
     """Bytes this rank wrote to storage during the step (swap-outs, checkpoints saved after it excluded)."""
+    global_batch: Optional[int] = None
+    """Samples in this step over all dp ranks (grows under --rampup-batch-size)."""
+    tflops_per_gpu: Optional[float] = None
+    """Model TFLOP/s per rank by Megatron-LM's num_floating_point_operations (:mod:`zeromega.run.flops`)."""
+    mfu: Optional[float] = None
+    """tflops_per_gpu over the device's dense bf16/fp16 peak (:func:`zeromega.run.flops.peak_flops`)."""
+    loss_scale: Optional[float] = None
+    """fp16 loss scale after the step (1 without fp16)."""
+    skipped: bool = False
+    """The optimizer skipped this step (fp16 overflow)."""
+    nan: bool = False
+    """The step's loss is NaN or infinite."""
 
 
 def _reduce_step_stats(loss_sum: float, peak_mem: int, dp_group) -> tuple[float, int]:
@@ -124,17 +136,25 @@ class MetricsWriter:
             self._file.close()
 
 
-def log_line(record: StepRecord, iters: int, global_batch: int) -> str:
-    """Megatron-LM's training log line (``training_log``), with the fields zeromega measures."""
+def log_line(record: StepRecord, iters: int, global_batch: int, skipped: int = 0, nan: int = 0,
+             elapsed_ms: Optional[float] = None) -> str:
+    """Megatron-LM's training log line (``training_log``), with the fields zeromega measures: ``skipped`` and
+    ``nan`` count the interval's skipped and NaN iterations, ``elapsed_ms`` is its mean time per iteration."""
     parts = [f" iteration {record.step:8d}/{iters:8d}",
              f"consumed samples: {record.consumed_samples:12d}",
-             f"elapsed time per iteration (ms): {record.step_time_s * 1000:.1f}",
-             f"learning rate: {record.lr:.6E}" if record.lr is not None else "learning rate: n/a",
-             f"global batch size: {global_batch:5d}",
-             f"lm loss: {record.loss:.6E}"]
+             f"elapsed time per iteration (ms): "
+             f"{record.step_time_s * 1000 if elapsed_ms is None else elapsed_ms:.1f}"]
+    if record.tflops_per_gpu is not None:
+        parts.append(f"throughput per GPU (TFLOP/s/GPU): {record.tflops_per_gpu:.1f}")
+    parts += [f"learning rate: {record.lr:.6E}" if record.lr is not None else "learning rate: n/a",
+              f"global batch size: {record.global_batch or global_batch:5d}",
+              f"lm loss: {record.loss:.6E}"]
+    if record.loss_scale is not None:
+        parts.append(f"loss scale: {record.loss_scale:.1f}")
     if record.grad_norm is not None:
         parts.append(f"grad norm: {record.grad_norm:.3f}")
-    parts += [f"tokens/s: {record.tokens_per_s:,.0f}", f"peak memory (MiB): {record.peak_mem_bytes / 2**20:,.0f}"]
+    parts += [f"number of skipped iterations: {skipped:3d}", f"number of nan iterations: {nan:3d}",
+              f"tokens/s: {record.tokens_per_s:,.0f}", f"peak memory (MiB): {record.peak_mem_bytes / 2**20:,.0f}"]
     return " | ".join(parts) + " |"
 
 
@@ -181,7 +201,9 @@ def train(engine, batches: Iterator[dict], *, iters: int, accumulation: int, glo
           log_interval: Optional[int] = None, log=print, start_step: int = 0, start_samples: int = 0,
           on_step: Optional[Callable[[StepRecord], bool]] = None,
           timeout_minutes: Optional[float] = None,
-          after_step: Optional[Callable[[StepRecord], list[dict]]] = None) -> list[StepRecord]:
+          after_step: Optional[Callable[[StepRecord], list[dict]]] = None, batching=None,
+          flops_per_sample: Optional[float] = None, peak_flops: Optional[float] = None,
+          profiler=None, observers: tuple = (), log_throughput: bool = False) -> list[StepRecord]:
     """Run steps ``start_step + 1 .. iters`` of ``engine`` (:class:`zeromega.run.engines.Engine`).
 
     Returns their records (identical on every rank). ``on_step(record)``
@@ -191,6 +213,12 @@ def train(engine, batches: Iterator[dict], *, iters: int, accumulation: int, glo
     :class:`~zeromega.integrations.heartbeat.CollectiveTimeout` naming the
     ranks that never reached the step. ``after_step(record)`` (evaluation) runs before ``on_step`` on
     every rank; the dicts it returns go to the metrics file after the step's record.
+
+    ``batching`` (:class:`zeromega.run.schedule.Batching`) gives each step's global batch and micro-batches
+    (a ramp-up); ``flops_per_sample`` (Megatron-LM's count) and ``peak_flops`` (per rank) give TFLOP/s and
+    MFU (``log_throughput`` puts TFLOP/s in the log line, as Megatron-LM's ``--log-throughput``); ``profiler``
+    is stepped before each step, as Megatron-LM steps it; ``observers`` get ``write(record)`` and ``close()``
+    on rank 0 (Weights & Biases).
     """
     from tqdm import tqdm
 
@@ -201,6 +229,9 @@ def train(engine, batches: Iterator[dict], *, iters: int, accumulation: int, glo
     records = []
     bar = tqdm(total=iters, initial=start_step, disable=not (progress and rank0), unit="step", dynamic_ncols=True)
     comm.take()
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    consumed = start_samples
+    interval = {"skipped": 0, "nan": 0, "seconds": 0.0, "steps": 0}  # Megatron-LM's counts per log interval
     try:
         for step in range(start_step + 1, iters + 1):
             heartbeat.post(step)
@@ -208,8 +239,15 @@ def train(engine, batches: Iterator[dict], *, iters: int, accumulation: int, glo
                 device.reset_peak_memory()
                 io_before = proc_io()
                 lr = schedule.lr if schedule is not None else None
+                if profiler is not None:
+                    profiler.step()
+                step_batch, step_micro = global_batch, accumulation
+                if batching is not None:
+                    step_batch, step_micro = batching.at(consumed)
+                    if hasattr(engine, "set_global_batch"):
+                        engine.set_global_batch(step_batch)
                 start = time.perf_counter()
-                micro_batches = [next(batches) for _ in range(accumulation)]
+                micro_batches = [next(batches) for _ in range(step_micro)]
                 if not seq_length and "tokens" in micro_batches[0]:  # an own model's data: tokens per sample
                     seq_length = micro_batches[0]["tokens"].shape[-1]
                 loss, grad_norm = engine.train_step(micro_batches)
@@ -218,21 +256,39 @@ def train(engine, batches: Iterator[dict], *, iters: int, accumulation: int, glo
                 io_after = proc_io()
                 local_comm = comm.take()
                 loss, peak = _reduce_step_stats(loss, device.peak_memory_bytes(), dp_group)
+                consumed += step_batch
+                tflops = None if not flops_per_sample else flops_per_sample * step_batch / elapsed / world / 1e12
                 record = StepRecord(
-                    step=step, loss=loss, tokens_per_s=global_batch * seq_length / elapsed, step_time_s=elapsed,
+                    step=step, loss=loss, tokens_per_s=step_batch * seq_length / elapsed, step_time_s=elapsed,
                     peak_mem_bytes=peak, comm_bytes=comm.summed_over_ranks(local_comm), lr=lr,
-                    grad_norm=grad_norm, consumed_samples=start_samples + (step - start_step) * global_batch,
+                    grad_norm=grad_norm, consumed_samples=consumed,
                     storage_read_bytes=io_after["read_bytes"] - io_before["read_bytes"],
                     storage_write_bytes=io_after["write_bytes"] - io_before["write_bytes"],
+                    global_batch=step_batch, tflops_per_gpu=tflops,
+                    mfu=tflops * 1e12 / peak_flops if tflops is not None and peak_flops else None,
+                    loss_scale=_loss_scale(engine), skipped=bool(getattr(engine, "last_step_skipped", False)),
+                    nan=not math.isfinite(loss),
                 )
-                if schedule is not None:
-                    schedule.step()
+                if schedule is not None and not record.skipped:  # Megatron-LM: no schedule step on a skipped one
+                    schedule.step(step_batch)
                 records.append(record)
                 writer.write(record)
+                if rank0:
+                    for observer in observers:
+                        observer.write(record)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record.tokens_per_s:,.0f}")
-                if rank0 and log_interval and step % log_interval == 0:
-                    (bar.write if progress else log)(log_line(record, iters, global_batch))
+                interval["skipped"] += record.skipped
+                interval["nan"] += record.nan and not record.skipped
+                interval["seconds"] += elapsed
+                interval["steps"] += 1
+                if log_interval and step % log_interval == 0:
+                    if rank0:
+                        shown = record if log_throughput else StepRecord(**{**record.__dict__, "tflops_per_gpu": None})
+                        (bar.write if progress else log)(log_line(
+                            shown, iters, global_batch, skipped=interval["skipped"], nan=interval["nan"],
+                            elapsed_ms=1000 * interval["seconds"] / interval["steps"]))
+                    interval = {"skipped": 0, "nan": 0, "seconds": 0.0, "steps": 0}
                 if after_step is not None:
                     for extra in after_step(record):
                         writer.write_dict(extra)
@@ -245,4 +301,17 @@ def train(engine, batches: Iterator[dict], *, iters: int, accumulation: int, glo
     finally:
         bar.close()
         writer.close()
+        if profiler is not None:
+            profiler.stop()
+        for observer in observers:
+            observer.close()
     return records
+
+
+def _loss_scale(engine) -> Optional[float]:
+    from .tensorboard import loss_scale
+
+    try:
+        return loss_scale(engine)
+    except (AttributeError, TypeError):
+        return None

@@ -28,7 +28,8 @@ from zeromega.integrations.megatron import parallel
 from zeromega.integrations.megatron import model as gpt_model
 from zeromega.plugins.zero.report import proc_io
 
-from . import checkpointing, engines, gpt, loop, schedule, tensorboard
+from . import checkpointing, engines, flops, gpt, loop, schedule, tensorboard
+from . import wandb as wandb_log
 from .loop import StepRecord, gpt_loss
 
 
@@ -45,11 +46,7 @@ class Run:
         if model is None and loss is not None:
             raise ConfigError("Run(loss=...)", "GPT", "zeromega's GPT brings its own loss",
                               "drop loss=, or pass your model with model=")
-        if cfg.scheduler.train_iters is None:
-            raise ConfigError("scheduler.train_iters", None, "the run's length is unstated",
-                              "pass --train-iters N (DeepSpeed: the scheduler's total_num_steps)")
-        checkpointing.check(cfg)
-        tensorboard.check(cfg)
+        before_launch(cfg)
         self.cfg, self._model_fn, self._batches_fn, self._loss_fn, self._log = cfg, model, batches, loss, log
         self.layout = self.engine = self.schedule = self.shape = None
         self.records: list[StepRecord] = []
@@ -102,7 +99,13 @@ class Run:
         self.engine = self._build_engine(kind, cfg, layout, weights)
         self.setup_seconds = time.perf_counter() - started
         self.setup_storage_write_bytes = proc_io()["write_bytes"] - written
-        self.schedule = schedule.build(cfg, self.engine.optimizer)
+        seq_length = cfg.model.seq_length or 0
+        batching = schedule.Batching(cfg, layout.global_batch, layout.micro, layout.dp)
+        iters = batching.iterations(cfg)
+        if iters != cfg.scheduler.train_iters:
+            self.say(f"setting training iterations to {iters}" + (
+                f" (--train-tokens {cfg.scheduler.train_tokens})" if cfg.scheduler.train_tokens else ""))
+        self.schedule = schedule.build(cfg, self.engine.optimizer, layout.global_batch, seq_length)
         ckpt = None
         if cfg.checkpoint.save or cfg.checkpoint.load:
             meta = self.shape.__dict__ if self.shape is not None else {"own_model": True}
@@ -112,8 +115,6 @@ class Run:
         if start_step:
             self.say(f"resumed at step {start_step} ({consumed} samples consumed)")
         dp_rank = parallel_state.get_data_parallel_rank()
-        iters = cfg.scheduler.train_iters
-        seq_length = cfg.model.seq_length or 0
         evaluation = None
         if self._batches_fn is not None:
             batches = self._batches_fn(consumed, dp_rank, layout.dp, layout.micro)
@@ -136,14 +137,24 @@ class Run:
                 stop = True
             return stop
 
+        if cfg.batch.rampup is not None:  # checkpoints record the samples each step really consumed
+            consumed_at = {start_step: consumed}
+            policy.consumed = lambda step: consumed_at[step]  # noqa: E731
         board = tensorboard.TensorBoard(cfg, layout.global_batch)
+        wandb_run = wandb_log.WandB(cfg)
 
         def observe(record) -> list[dict]:  # TensorBoard and evaluation after each step, on every rank
+            if cfg.batch.rampup is not None:
+                consumed_at[record.step] = record.consumed_samples
             board.step(record, self.engine)
             out = evaluation.periodic(record) if evaluation is not None else []
             for result in out:
                 board.evaluation(result, record.consumed_samples)
+                wandb_run.evaluation(result)
             return out
+
+        flops_per_sample, peak = self._flops(seq_length)
+        profiler = tensorboard.profiler(cfg, start_step)
 
         try:
             self.records = loop.train(  # through the module: tests hook loop.train
@@ -152,18 +163,44 @@ class Run:
                 metrics_out=cfg.logging.metrics_path, schedule=self.schedule, progress=cfg.logging.progress,
                 log_interval=cfg.logging.interval, log=self._log, start_step=start_step, start_samples=consumed,
                 on_step=after_step, timeout_minutes=cfg.launch.distributed_timeout_minutes, after_step=observe,
+                batching=batching if cfg.batch.rampup is not None else None, flops_per_sample=flops_per_sample,
+                peak_flops=peak, profiler=profiler, observers=(wandb_run,) if wandb_run.run is not None else (),
+                log_throughput=cfg.logging.log_throughput,
             )
             policy.finish()
             if evaluation is not None and self.records and self.records[-1].step == iters:
                 for result in evaluation.final(iters):  # Megatron-LM exits before it on --exit-* stops
                     board.evaluation(result, self.records[-1].consumed_samples)
+                    wandb_run.evaluation(result)
         finally:
             board.close()
+            wandb_run.close()
         if self.records:
             first, last = self.records[0], self.records[-1]
             self.say(f"loss {first.loss:.4f} -> {last.loss:.4f} over {len(self.records)} steps; last step "
                      f"{last.tokens_per_s:,.0f} tokens/s, peak {last.peak_mem_bytes / 2**20:,.0f} MiB/rank")
         return self.records
+
+    def _flops(self, seq_length: int) -> tuple:
+        """(model FLOPs per sample, peak FLOP/s per rank) for TFLOP/s and MFU; (None, None) for an own model.
+        The peak comes from rank 0 (a CPU's is measured once and cached) and is the same on every rank."""
+        if self.shape is None or not seq_length:
+            return None, None
+        from zeromega.integrations import accelerator as accel
+
+        padded = gpt_model.padded_vocab_size(self.shape.vocab_size, self.shape.make_vocab_size_divisible_by,
+                                             self.cfg.parallel.tp)
+        per_sample = flops.flops_per_sample(self.shape, seq_length, padded)
+        value = torch.zeros(1, dtype=torch.float64)
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            peak, source = flops.peak_flops(accel.current().device_type)
+            value[0] = peak or 0.0
+            self.say(f"MFU against {peak / 1e12:,.2f} TFLOP/s per rank ({source})" if peak else
+                     f"note: no MFU: {source}")
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            with comm.paused():
+                dist.broadcast(value, src=0)
+        return per_sample, float(value.item()) or None
 
     def _out_of_time(self) -> bool:
         """Whether any rank has passed --exit-duration-in-mins (all-reduced: every rank stops at one step)."""
@@ -248,6 +285,19 @@ class Run:
 
         layout = sequence_layout(self.cfg.sequence.mode, rotary=self.shape.position_embedding_type == "rope")
         return lambda model, batch: gpt_loss(model, batch, layout)
+
+
+def before_launch(cfg: RunConfig) -> None:
+    """The checks a run makes before any rank trains (``zeromega launch`` runs them too): the run's length,
+    checkpoint directories, TensorBoard, wandb and the profiler's span."""
+    s = cfg.scheduler
+    if s.train_iters is None and s.train_samples is None:
+        raise ConfigError("scheduler.train_iters", None, "the run's length is unstated",
+                          "pass --train-iters N or --train-samples N (DeepSpeed: the scheduler's total_num_steps)")
+    checkpointing.check(cfg)
+    tensorboard.check(cfg)
+    tensorboard.check_profile(cfg)
+    wandb_log.check(cfg)
 
 
 def _refuse_model_parallel_without_megatron_layers(module: torch.nn.Module, layout) -> None:

@@ -99,3 +99,44 @@ class TensorBoard:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+
+def profiler(cfg: RunConfig, start_step: int = 0):
+    """``--profile``: torch.profiler on the ranks of ``--profile-ranks`` over steps profile_step_start ..
+    profile_step_end, with Megatron-LM's schedule (wait start - 1, warm up 1, active end - start; stepped
+    before each step) and trace handler (TensorBoard's, into --tensorboard-dir or zeromega's --profile-dir).
+    None when not asked for here. Megatron-LM's plain ``--profile`` means nsys over CUDA; zeromega always runs
+    torch's profiler (``--use-pytorch-profiler``), which works on CPU too."""
+    log = cfg.logging
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if not log.profile or rank not in log.profile_ranks:
+        return None
+    directory = log.profile_dir or log.tensorboard_dir
+    begin, end = log.profile_step_start - start_step, log.profile_step_end - start_step
+    if end <= 0:
+        return None
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    prof = torch.profiler.profile(
+        activities=activities,
+        schedule=torch.profiler.schedule(wait=max(begin - 1, 0), warmup=1 if begin > 0 else 0,
+                                         active=log.profile_step_end - max(log.profile_step_start, start_step),
+                                         repeat=1),
+        on_trace_ready=torch.profiler.tensorboard_trace_handler(directory, worker_name=f"rank{rank}"),
+        record_shapes=True, with_stack=True)
+    prof.start()
+    return prof
+
+
+def check_profile(cfg: RunConfig) -> None:
+    """--profile needs a place for its trace and a span of at least one step."""
+    log = cfg.logging
+    if not log.profile:
+        return
+    if not (log.profile_dir or log.tensorboard_dir):
+        raise ConfigError("logging.profile", True, "has nowhere to write its trace (Megatron-LM writes it to "
+                          "--tensorboard-dir)", "pass --tensorboard-dir DIR (or zeromega's --profile-dir DIR)")
+    if log.profile_step_end <= log.profile_step_start:
+        raise ConfigError("logging.profile_step_end", log.profile_step_end, f"is not after --profile-step-start "
+                          f"{log.profile_step_start}", "profile at least one step: end > start")
