@@ -309,6 +309,25 @@ def probe_dist_checkpoint_finalize():
     _save_dist_checkpoint()
 
 
+def probe_fp16_grad_scaler():
+    from megatron.core.optimizer.grad_scaler import DynamicGradScaler
+
+    scaler = DynamicGradScaler(initial_scale=2.0 ** 16, min_scale=1.0, growth_factor=2.0, backoff_factor=0.5,
+                               growth_interval=1000, hysteresis=1)
+    scaler.update(found_inf=True)
+    assert scaler.scale.device.type == "cpu" and float(scaler.scale) == 2.0 ** 15
+
+
+def probe_fp16_grad_scaler_resume():
+    from megatron.core.optimizer.grad_scaler import DynamicGradScaler
+
+    scaler = DynamicGradScaler(initial_scale=2.0 ** 16, min_scale=1.0, growth_factor=2.0, backoff_factor=0.5,
+                               growth_interval=1000, hysteresis=2)
+    state = {"scale": torch.tensor([8.0]), "growth_tracker": 3, "hysteresis_tracker": 1}
+    scaler.load_state_dict(state)
+    assert float(scaler.scale) == 8.0 and scaler.scale.device.type == "cpu"
+
+
 PROBES = {
     "megatron.core.utils.torch": probe_memory_buffer,
     "megatron.core.tensor_parallel.random.torch": probe_seed_tracker,
@@ -328,6 +347,8 @@ PROBES = {
     "megatron.core.optimizer.optimizer.clip_grad_by_total_norm_fp32": probe_clip_type_check,
     "megatron.core.optimizer.distrib_optimizer:DistributedOptimizer.__init__": probe_distributed_optimizer,
     "megatron.core.optimizer.optimizer:Float16OptimizerWithFloat16Params.__init__": probe_bf16_optimizer_params,
+    "megatron.core.optimizer.grad_scaler.torch": probe_fp16_grad_scaler,
+    "megatron.core.optimizer.grad_scaler:DynamicGradScaler.load_state_dict": probe_fp16_grad_scaler_resume,
     "megatron.core.pipeline_parallel.schedules.torch": probe_schedule_token_count,
     "megatron.core.pipeline_parallel.p2p_communication.torch": probe_pipeline_p2p,
     "megatron.core.models.common.language_module.language_module:LanguageModule."

@@ -316,6 +316,13 @@ PATCHES: tuple[Patch, ...] = (
           "bf16 / fp16 without the distributed optimizer: the mixed-precision optimizer makes fp32 main params "
           "of the params whose type() is 'torch.cuda.BFloat16Tensor' / 'HalfTensor' and raises TypeError for "
           "a CPU tensor"),
+    # fp16 loss scaling (--fp16 on the Megatron engine: pp > 1 or MoE).
+    _torch_view("megatron.core.optimizer.grad_scaler",
+                "fp16's ConstantGradScaler / DynamicGradScaler create their scale, min-scale and growth / backoff "
+                "factors with device='cuda'"),
+    Patch("megatron.core.optimizer.grad_scaler:DynamicGradScaler", "load_state_dict",
+          _with_cuda_tensor_methods("megatron.core.optimizer.grad_scaler:DynamicGradScaler", "load_state_dict"),
+          "resuming fp16: the scaler moves the checkpoint's scale with .cuda(torch.cuda.current_device())"),
     # Pipeline parallel: the schedules and their p2p.
     _torch_view("megatron.core.pipeline_parallel.schedules",
                 "each schedule counts tokens in a device='cuda' tensor"),
