@@ -57,6 +57,7 @@ from .cli_common import UsageError, _add_input, _int_at_least, _layout, _read_in
 from .export import _add_export
 from .partial import flatten
 from .plan_cli import _add_plan, launch_preflight
+from .plot_cli import _add_plot
 from .cli_common import _add_shape
 from .data_cli import _add_preprocess, _add_train_tokenizer
 
@@ -233,6 +234,9 @@ def _check_layout(job: launcher.Job, kind: str, config) -> None:
     with _config_errors(job.config):
         layout = config.layout(world)
         summary = launch_preflight(config, layout, local_ranks=min(world, job.nproc_per_node or world))
+        from zeromega.run.run import before_launch  # the run's own checks (length, wandb, profiler), once
+
+        before_launch(config)
     if summary:
         print(f"zeromega launch: {summary}", file=sys.stderr)
 
@@ -383,6 +387,7 @@ def _check(args: argparse.Namespace) -> int:
 
 SUBCOMMANDS: list[Callable] = [_add_launch, _add_translate, _add_check, _add_plan, _add_export, _add_preprocess,
                                _add_train_tokenizer]
+SUBCOMMANDS.append(_add_plot)
 
 
 def build_parser() -> argparse.ArgumentParser:
