@@ -395,7 +395,7 @@ class Evaluator:
     def redirect_file(self, redirect: Redirect, out: Optional[str]) -> None:
         if redirect.op not in (">", ">>", ">|", "&>", "&>>") or redirect.fd not in (None, 1):
             return
-        path = _unmark(self.string(redirect.target))
+        path = _unmark_keep(self.string(redirect.target))
         if redirect.op in (">>", "&>>") and out is not None:
             old = self.state.files.get(path, "")
             out = None if old is None else old + out
@@ -412,7 +412,7 @@ class Evaluator:
 
     def read_file(self, path: str) -> Optional[str]:
         """A file's text: written earlier by the script, else on disk (next to the script); None if unknown."""
-        if OPAQUE in path or UNSET in path:
+        if OPAQUE in path:
             return None
         for key in (path, os.path.normpath(path)):
             if key in self.state.files:
@@ -499,7 +499,7 @@ class Evaluator:
         if name == "cp":
             files = [a for a in args if not a.startswith("-")]
             if len(files) == 2:
-                self.write(_unmark(files[1]), self.read_file(_unmark(files[0])))
+                self.write(_unmark_keep(files[1]), self.read_file(_unmark_keep(files[0])))
             return 0, None
         if name == "sed":
             return self.sed(args, stdin, node)
@@ -519,11 +519,11 @@ class Evaluator:
             self.commands.append(Command(words, node.line, _describe(node), self.condition))
         for redirect in node.redirects:  # what a program writes is unknown
             if redirect.op in (">", ">>", ">|", "&>", "&>>") and redirect.fd in (None, 1):
-                self.write(_unmark(self.string(redirect.target)), None)
+                self.write(_unmark_keep(self.string(redirect.target)), None)
         return (0 if name in _STATUS_ZERO else None), None
 
     def cat(self, name: str, args: list[str], stdin: Optional[str]) -> tuple[Optional[int], Optional[str]]:
-        files = [_unmark(a) for a in args if not a.startswith("-") or a == "-"]
+        files = [_unmark_keep(a) for a in args if not a.startswith("-") or a == "-"]
         if name == "tee":
             text = stdin
             for path in files:
@@ -562,7 +562,7 @@ class Evaluator:
             elif not scripts and not files and i == _first_operand(args):
                 scripts.append(arg)
             else:
-                files.append(_unmark(arg))
+                files.append(_unmark_keep(arg))
             i += 1
         edits = []
         for script in scripts:
@@ -583,7 +583,7 @@ class Evaluator:
     def source(self, args: list[str], node: Simple) -> Optional[int]:
         if not args:
             return 2
-        path = _unmark(args[0])
+        path = _unmark_keep(args[0])
         text = self.read_file(path)
         if text is None:
             self.missing_sources.append((path, node.line))
@@ -1270,6 +1270,7 @@ def _unary(op: str, arg: str, ev: Evaluator) -> Optional[bool]:
     path = _unmark(arg)
     if UNSET in arg and not path:
         return False
+    path = _unmark_keep(arg)
     if op in ("-e", "-a", "-f", "-s", "-r") and path in ev.state.files:
         return ev.state.files[path] is not None or None
     text = ev.read_file(path)
