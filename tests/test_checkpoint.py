@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import shutil
 from pathlib import Path
 
@@ -214,6 +215,56 @@ def test_bad_load_paths_are_refused_with_a_fix(tmp_path):
     (tmp_path / "dangling" / "latest").write_text(tag_for(9))
     with pytest.raises(CheckpointError, match="iter_0000009.*not a directory"):
         resolve_load(tmp_path / "dangling")
+
+
+def _manifest(**change) -> dict:
+    good = {"format": files.FORMAT, "tag": tag_for(4), "step": 4, "consumed_samples": 32,
+            "layout": {"world": 2, "tp": 1, "pp": 1, "cp": 1, "ep": 1, "dp": 2, "micro": 2, "accumulation": 2,
+                       "global_batch": 8, "zero_stage": 1, "precision": "fp32"},
+            "params": {}, "files": {"a.pt": {"size": 3, "sha256": "00"}}}
+    return {**good, **change}
+
+
+@pytest.mark.parametrize("damage,says", [
+    (b"\xff\xfe{not text", r"damaged \(byte 0 is not UTF-8 text\)"),
+    (b'{"format": "zeromega-checkpoint/1", "files": {', r"damaged \(not valid JSON"),
+    (b"[1, 2]", r"damaged \(a JSON list, not an object\)"),
+    (json.dumps(_manifest(files=None)).encode(), r"damaged \(no 'files' table\)"),
+    (json.dumps(_manifest(files={"a.pt": {"size": "3"}})).encode(), r"entry for 'a\.pt' lacks"),
+    (json.dumps(_manifest(step=None)).encode(), r"'step' is None, not a count"),
+    (json.dumps({k: v for k, v in _manifest().items() if k != "consumed_samples"}).encode(), "consumed_samples"),
+    (json.dumps(_manifest(layout={"tp": 1})).encode(), r"layout 'world' is None"),
+])
+def test_a_damaged_manifest_is_one_line_naming_the_file_and_the_fix(damage, says, tmp_path):
+    """A manifest with bytes that are not text, broken JSON or a field of the wrong kind: one CheckpointError
+    naming the file and what to do (it used to surface as UnicodeDecodeError / KeyError / TypeError)."""
+    ckpt = tmp_path / tag_for(4)
+    ckpt.mkdir()
+    (ckpt / files.MANIFEST).write_bytes(json.dumps(_manifest()).encode())
+    assert files.read_manifest(ckpt)["step"] == 4  # the undamaged one reads
+    (ckpt / files.MANIFEST).write_bytes(damage)
+    with pytest.raises(CheckpointError) as err:
+        files.read_manifest(ckpt)
+    line = str(err.value)
+    assert "\n" not in line and str(ckpt / files.MANIFEST) in line and "; fix: " in line
+    assert re.search(says, line), line
+
+
+def test_a_damaged_latest_file_is_one_line_naming_it_and_the_fix(tmp_path):
+    """'latest' holding bytes that are not text (UnicodeDecodeError before) or a NUL-bearing tag is refused,
+    naming the file and the tag of a checkpoint that exists."""
+    good = tmp_path / tag_for(4)
+    good.mkdir()
+    (good / files.MANIFEST).write_text(json.dumps(_manifest()))
+    (tmp_path / "latest").write_bytes(b"\x89iter\xff\x00")
+    with pytest.raises(CheckpointError, match=r"latest is damaged \(7 bytes, not a UTF-8 tag\).*fix: .*"
+                                              r"echo iter_0000004 > "):
+        resolve_load(tmp_path)
+    (tmp_path / "latest").write_bytes(b"iter_0000004\x00")
+    with pytest.raises(CheckpointError, match=r"names 'iter_0000004\\x00', which is not a directory"):
+        resolve_load(tmp_path)
+    (tmp_path / "latest").write_text(tag_for(4) + "\n")
+    assert resolve_load(tmp_path) == good
 
 
 def test_foreign_load_dir_fails_the_run_and_is_left_untouched(tmp_path, small_corpus):

@@ -142,9 +142,16 @@ def find_latest(directory: Path) -> Optional[Path]:
     """The checkpoint ``directory/latest`` names, ``directory`` itself if it is one, or None if empty."""
     latest = directory / LATEST
     if latest.is_file():
-        tag = latest.read_text().strip()
+        raw = latest.read_bytes()
+        try:
+            tag = raw.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            tags = sorted(p.name for p in directory.glob("iter_*") if (p / MANIFEST).is_file())
+            raise CheckpointError(f"{latest} is damaged ({len(raw)} bytes, not a UTF-8 tag)",
+                                  "write the tag of an existing checkpoint into it, e.g. "
+                                  f"echo {tags[-1] if tags else 'iter_0000010'} > {latest}") from None
         ckpt = directory / tag
-        if not tag or "/" in tag or not ckpt.is_dir():
+        if not tag or "/" in tag or "\0" in tag or "\n" in tag or not ckpt.is_dir():
             raise CheckpointError(f"{latest} names {tag!r}, which is not a directory in {directory}",
                                   "restore that checkpoint, or write the tag of an existing one into 'latest'")
         return ckpt
@@ -395,8 +402,10 @@ class Checkpointer:
             self.engine._config.load_universal_checkpoint = True
         hints = _zero3_tp_hints(self.engine.module, self.layout.tp) if plan.universal and self.zero_stage == 3 \
             else contextlib.nullcontext()
+        from zeromega.plugins.zero import resume as nvme_resume
+
         try:
-            with weights_only_loads(), hints:
+            with weights_only_loads(), hints, nvme_resume.restoring(self.engine, str(source.parent), source.name):
                 path, _ = self.engine.load_checkpoint(str(source.parent), tag=source.name,
                                                       load_optimizer_states=True, load_lr_scheduler_states=False)
         finally:

@@ -172,14 +172,46 @@ def read_manifest(ckpt: Path) -> dict:
         raise CheckpointError(f"{ckpt}: no {MANIFEST}, so it is not a complete zeromega checkpoint "
                               "(a save that did not finish, or a directory written by something else)",
                               "point --load at the directory holding 'latest', or at a complete checkpoint")
+    damaged = "restore the file from a copy, or load an older checkpoint (write its tag into 'latest')"
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise CheckpointError(f"{path}: damaged (byte {err.start} is not UTF-8 text)", damaged) from None
     except ValueError as err:
-        raise CheckpointError(f"{path}: not valid JSON ({err})", "restore the file or load another checkpoint") from None
+        raise CheckpointError(f"{path}: damaged (not valid JSON: {err})", damaged) from None
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot be read ({err.strerror})", damaged) from None
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"{path}: damaged (a JSON {type(manifest).__name__}, not an object)", damaged)
     if manifest.get("format") != FORMAT:
         raise CheckpointError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}",
                               "load it with the zeromega version that wrote it")
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise CheckpointError(f"{path}: damaged ({problem})", damaged)
     return manifest
+
+
+def _manifest_problem(manifest: dict) -> Optional[str]:
+    """What is wrong with the fields every load reads (a hand edit, a bit flip in a key), or None."""
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        return "no 'files' table"
+    for rel, want in files.items():
+        if not (isinstance(want, dict) and isinstance(want.get("size"), int) and isinstance(want.get("sha256"), str)):
+            return f"the entry for {rel!r} lacks an integer size and a sha256"
+    for key in ("step", "consumed_samples"):
+        if not isinstance(manifest.get(key), int) or isinstance(manifest.get(key), bool) or manifest[key] < 0:
+            return f"{key!r} is {manifest.get(key)!r}, not a count"
+    layout = manifest.get("layout")
+    if not isinstance(layout, dict):
+        return "no 'layout' table"
+    for key in ("world", "tp", "pp", "cp", "ep", "dp", "micro", "accumulation", "global_batch", "zero_stage"):
+        if not isinstance(layout.get(key), int) or isinstance(layout.get(key), bool):
+            return f"layout {key!r} is {layout.get(key)!r}, not an integer"
+    if not isinstance(manifest.get("params", {}), dict):
+        return "'params' is not a table"
+    return None
 
 
 def verify_files(ckpt: Path, manifest: dict, share: Optional[tuple[int, int]] = None) -> list[str]:
