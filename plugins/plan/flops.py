@@ -61,7 +61,8 @@ def model_flops(shape: dict, batch: int, seq_length: Optional[int] = None, vocab
 
 def layer_forward_flops(shape: dict, tokens: float, seq_length: int, moe: bool, causal_half: bool) -> dict:
     """Forward FLOPs of one layer over ``tokens`` tokens of sequences of ``seq_length`` (the whole model, no tp):
-    ``gemm`` (projections and MLP), ``attention`` (QK^T and scores x V; half under causal flash kernels)."""
+    ``proj`` (QKV and output projections), ``mlp`` (dense MLP, or the router and top-k experts),
+    ``attention`` (QK^T and scores x V; half under causal flash kernels)."""
     h, a, d, g, f, swiglu = _dims(shape)
     q, k = d * a, d * g
     ffx = 3 if swiglu else 2
@@ -72,7 +73,7 @@ def layer_forward_flops(shape: dict, tokens: float, seq_length: int, moe: bool, 
         mlp = 2 * tokens * h * f * ffx
     proj = 2 * tokens * (h * (q + 2 * k) + q * h)
     core = 2 * 2 * tokens * seq_length * q * (0.5 if causal_half else 1.0)
-    return {"gemm": proj + mlp, "attention": core}
+    return {"proj": proj, "mlp": mlp, "attention": core}
 
 
 def narayanan_flops(batch: int, seq: int, layers: int, hidden: int, vocab: int) -> float:

@@ -31,7 +31,11 @@ bubble ``(p-1)/(v m)``), plus the data-parallel gradient reduction (Megatron's
 fp32 gradient buffer: reduce-scatter 4 P + all-gather lp P with the
 distributed optimizer, all-reduce 4 P without; zeromega builds Megatron-Core's
 DDP with ``overlap_grad_reduce=False``, so it is not hidden; DeepSpeed's
-``overlap_comm`` hides it behind the backward pass), the optimizer step
+``overlap_comm``: ZeRO-0/1 reduce at the accumulation boundary behind the last
+micro-batch's backward, ZeRO-2 reduce-scatters every micro-batch's gradients
+behind its backward, ZeRO-3 also gathers the parameters for every forward and
+backward; what a micro-batch's compute does not cover is exposed; ZeRO-1/2
+all-gather the updated parameters after the step), the optimizer step
 (memory-bound: ~32 bytes per stepped element) and offload transfers (bytes per
 step over PCIe / NVMe bandwidth, CPU Adam at :data:`CPU_ADAM_ELEMENTS_PER_S`).
 
@@ -233,10 +237,8 @@ def _layer_activation_bytes(shape: dict, layout: PlanLayout, lp: int, flash: boo
     s, b, h, a, t, c = shape["seq_length"], layout.micro, shape["hidden_size"], shape["num_attention_heads"], \
         layout.tp, layout.cp
     sl = s / c
-    split = t if layout.sequence_parallel else 1
     base = sl * b * h * ((34 / t) if layout.sequence_parallel else (10 + 24 / t)) * lp / 2
     scores = 0.0 if flash else sl * b * h * (5 * a * s / h) / t * lp / 2
-    del split
     return base + scores, scores
 
 
@@ -262,7 +264,7 @@ def step_time(shape: dict, layout: PlanLayout, cluster: Cluster, eff: Efficiency
 
     def layer_time(is_moe: bool) -> dict:
         fl = layer_forward_flops(shape, tokens, s, is_moe, causal_half=flash)
-        gemm = fl["gemm"] / (etp if is_moe else t) if is_moe else fl["gemm"] / t
+        gemm = fl["proj"] / t + fl["mlp"] / (etp if is_moe else t)
         core = fl["attention"] / t
         passes = 3 + (1 if recompute == "full" else 0)
         flops = gemm * passes + core * (passes + (1 if recompute == "selective" else 0))
@@ -290,7 +292,6 @@ def step_time(shape: dict, layout: PlanLayout, cluster: Cluster, eff: Efficiency
         micro_parts.append(parts)
     slowest = max(micro_parts, key=lambda x: sum(x.values()))
     m = layout.accumulation
-    scale = m + (p - 1) / v
     total = {k: x * m for k, x in slowest.items()}
     total["bubble"] = sum(slowest.values()) * (p - 1) / v
 
@@ -310,6 +311,8 @@ def step_time(shape: dict, layout: PlanLayout, cluster: Cluster, eff: Efficiency
     edp = max(1, t * c * d // (etp * e))
     dpc = d * c
     notes = []
+    micro = slowest["compute"] + slowest["memory-bound"]
+    fwd, bwd = micro / 3, micro * 2 / 3
     if layout.engine == "megatron":
         dp_bw = bw["dp"]
         if layout.zero_stage >= 1:
@@ -319,19 +322,28 @@ def step_time(shape: dict, layout: PlanLayout, cluster: Cluster, eff: Efficiency
         else:
             grad = _ring_allreduce(4 * dense, dpc, dp_bw) + _ring_allreduce(4 * experts, edp, dp_bw)
             stepped = params
-        overlap = False if dp_overlap is None else dp_overlap
+        if dp_overlap:  # --overlap-grad-reduce: buckets reduce during the last micro-batch's backward
+            grad = max(0.0, grad - bwd)
         offload = 0.0
     else:
+        # DeepSpeed: ZeRO-0/1 reduce at the accumulation boundary (overlapping the last backward only), ZeRO-2
+        # reduce-scatters every micro-batch's gradients during its backward, ZeRO-3 also gathers the parameters
+        # for every forward and backward (prefetched behind compute); ZeRO-1/2 all-gather the updated
+        # parameters after the step. Exposed: what a micro-batch's compute does not cover.
         dp_bw = bw["dp"]
         z = layout.zero_stage
+        part = _ring_gather(lp * params, dpc, dp_bw)  # one reduce-scatter or all-gather of the model
         if z == 0:
-            grad = _ring_allreduce(lp * params, dpc, dp_bw)
-        elif z in (1, 2):
-            grad = _ring_gather(lp * params, dpc, dp_bw) * 2
-        else:  # ZeRO-3: parameters gathered for forward and backward of every micro-batch, grads reduce-scattered
-            grad = m * 3 * _ring_gather(lp * params, dpc, dp_bw)
+            grad = max(0.0, _ring_allreduce(lp * params, dpc, dp_bw) - bwd)
+        elif z == 1:
+            grad = max(0.0, part - bwd) + part
+        elif z == 2:
+            grad = m * max(0.0, part - bwd) + part
+        else:
+            grad = m * (max(0.0, part - fwd) + max(0.0, 2 * part - bwd))
+        if dp_overlap is False:
+            grad = {0: 2 * part, 1: 2 * part, 2: (m + 1) * part}.get(z, 3 * m * part)
         stepped = params / dpc if z >= 1 else params
-        overlap = True if dp_overlap is None else dp_overlap
         offload = 0.0
         if layout.offload in ("cpu", "nvme"):
             host = dev.host_gbs * 1e9
@@ -341,11 +353,9 @@ def step_time(shape: dict, layout: PlanLayout, cluster: Cluster, eff: Efficiency
             if layout.offload == "nvme":
                 offload += 2 * 16 * stepped / (NVME_GBS * 1e9)
             notes.append("offload: optimizer steps on the CPU (CPU Adam), states cross PCIe every step")
-    backward = (total["compute"] + total["memory-bound"]) * 2 / 3
-    total["dp"] = max(0.0, grad - backward) if overlap else grad
+    total["dp"] = grad
     total["optimizer"] = 0.0 if layout.offload != "none" else OPTIMIZER_BYTES_PER_ELEMENT * stepped / hbm
     total["offload"] = offload
-    del scale
     step = sum(total.values())
     world = layout.world
     return StepTime(parts=total, model_flops=model_flops(shape, layout.global_batch), tokens=layout.global_batch * s,
