@@ -123,3 +123,17 @@ def test_fit_reproduces_the_stated_factors_and_holds_out_rows():
     assert max(abs(e) for e in calibration.errors(fitted, held)) <= 0.15
     # a factor far from the fit breaks the agreement (the test can fail)
     assert max(abs(e) for e in calibration.errors(Efficiency(0.5, 1.6))) > 0.15
+
+
+def test_deepspeed_communication_per_zero_stage():
+    """ZeRO-2 reduce-scatters every micro-batch's gradients, ZeRO-1 once per step, ZeRO-3 also gathers the
+    parameters for every forward and backward: with many small micro-batches the order is 1 < 2 < 3, and
+    turning the overlap off charges every byte."""
+    shape = {**GPT, "num_layers": 48, "hidden_size": 4096, "num_attention_heads": 32, "seq_length": 512}
+
+    def dp(z, overlap=None):
+        layout = PlanLayout(tp=1, pp=1, dp=16, global_batch=256, micro=1, engine="deepspeed", zero_stage=z)
+        return step_time(shape, layout, Cluster(devices.DEVICES["h100"], 16, 8), EFF, dp_overlap=overlap).parts["dp"]
+
+    assert 0 < dp(1) < dp(2) < dp(3)
+    assert dp(2, overlap=False) > dp(2)
