@@ -10,7 +10,9 @@ TP_SIZE=4
 PP_SIZE=12
 MICRO_BATCH_SIZE=2
 GLOBAL_BATCH_SIZE=2048
-NLAYERS=70
+# tr11 ran 70 layers over pp 12, Megatron-DeepSpeed's --pp-partition-method counting the two embedding
+# stages as layers; zeromega splits transformer layers only, so this example has 72.
+NLAYERS=72
 NHIDDEN=14336
 NHEADS=112
 SEQ_LEN=2048
