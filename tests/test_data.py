@@ -212,11 +212,14 @@ def test_the_flags_blend_and_per_split_paths(tmp_path):
     assert gpt.corpus(cfg, True).blend == ([a, b], [3.0, 1.0])
     cfg = script_args.read([*base, "--data-path", a, b], "pretrain_gpt.py")
     assert gpt.corpus(cfg, True).blend == ([a, b], None)  # weights from the datasets' sizes, as Megatron
-    cfg = script_args.read([*base, "--train-data-path", a, "--valid-data-path", b], "pretrain_gpt.py")
+    cfg = script_args.read([*base, "--train-data-path", a, "--valid-data-path", b, "--data-cache-path",
+                            str(tmp_path / "cache")], "pretrain_gpt.py")
     source = gpt.corpus(cfg, True)
     assert source.blend_per_split == [([a], None), ([b], None), None]
     train, valid, test = D.build_datasets(16, 1, (8, 4, 0), blend_per_split=source.blend_per_split,
-                                          cache_dir=tmp_path / "cache")
+                                          cache_dir=cfg.data.cache_path)
+    (fingerprint,) = (tmp_path / "cache").iterdir()  # Megatron's index files, under the data's fingerprint
+    assert len(list(fingerprint.glob("*.npy"))) == 6  # document, sample, shuffle indices of train and valid
     assert test is None and set(valid[0]["tokens"].tolist()) <= set(range(50, 54)) | {D.EOD}
     assert set(train[0]["tokens"].tolist()) <= set(range(4)) | {D.EOD}
     for argv, field in ((["--data-path", "0.5", a, "0.5", str(tmp_path / "nothing")], "data.blend"),
