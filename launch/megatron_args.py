@@ -423,8 +423,9 @@ def _note(flags: list[str]) -> None:
         return
     if os.environ.get("RANK", "0") == "0":
         prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "zeromega"
+        # the process's own stderr: zeromega launch reads the flags with sys.stderr captured (argparse's errors)
         print(f"{'zeromega' if prog in ('zeromega', '__main__.py', 'cli.py') else prog}: note: {line}",
-              file=sys.stderr)
+              file=sys.__stderr__ or sys.stderr, flush=True)
     os.environ[NOTED_ENV] = line
 
 

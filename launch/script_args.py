@@ -73,11 +73,21 @@ def parser(prog: str, description: str) -> argparse.ArgumentParser:
     for flag, (_, nargs) in megatron_args.SPECIAL.items():
         extra = {"action": "store_true"} if nargs == 0 else {"metavar": "V", "nargs": None if nargs == 1 else nargs}
         special.add_argument(flag, help=SPECIAL_HELP.get(flag, ""), **extra)
+    noted = p.add_argument_group("accepted with a fallback (one line before launch says what runs instead)")
+    for flag, (nargs, note) in megatron_args.NOTED.items():
+        if flag not in known_flags():
+            extra = {"action": "store_true"} if nargs == 0 else {"metavar": "V", "nargs": None if nargs == 1 else nargs}
+            noted.add_argument(flag, help=note.replace("%", "%%"), **extra)
     return p
 
 
 def known_flags() -> list[str]:
     return ["--config", *megatron_args.TABLE, *megatron_args.NEGATIONS, *megatron_args.SPECIAL]
+
+
+def all_flags() -> list[str]:
+    """Every flag the script accepts, the noted ones and Megatron-LM's second spellings included."""
+    return [*known_flags(), *megatron_args.NOTED, *megatron_args.ALIASES]
 
 
 def _without_ignored(argv: list[str]) -> list[str]:
@@ -107,7 +117,7 @@ def read(argv: list[str], prog: str) -> RunConfig:
         _, unknown = translate.from_megatron_args(argv)
         if unknown:
             flag = next((t for t in unknown if t.startswith("-")), unknown[0]).split("=")[0]
-            close = difflib.get_close_matches(flag, known_flags(), n=1)
+            close = difflib.get_close_matches(flag, all_flags(), n=1)
             fix = f"did you mean {close[0]}?" if close else f"see `{prog} --help`"
             raise ConfigError("arguments", " ".join(unknown), "not a flag this script or zeromega knows", fix)
         cfg = translate.build(config, megatron_argv=argv)
