@@ -1,6 +1,6 @@
 #!/bin/bash
-# MoE in the shape of Megatron-DeepSpeed's MoE examples: the DeepSpeed JSON is written by sed from
-# ds_config_moe_TEMPLATE.json.tmpl next to this script; zeromega follows it to --deepspeed_config.
+# MoE in the shape of Megatron-DeepSpeed's MoE examples: the DeepSpeed JSON is written by sed from a
+# template; zeromega follows it to --deepspeed_config.
 MODEL_SIZE=0.125
 NUM_LAYERS=12
 HIDDEN_SIZE=768
@@ -19,7 +19,33 @@ if [[ $EP_SIZE -gt $NUM_GPUS ]]; then
 else
     EP_PARALLEL_SIZE=$EP_SIZE
 fi
-template_json="ds_config_moe_TEMPLATE.json.tmpl"
+template_json="ds_config_gpt_TEMPLATE.json"
+# Megatron-DeepSpeed keeps the template next to the script; here the script writes it (quoted heredoc:
+# nothing expanded) so the example is one file.
+cat > ${template_json} <<'EOT'
+{
+  "train_batch_size" : CONFIG_BATCH_SIZE,
+  "train_micro_batch_size_per_gpu": CONFIG_MBSIZE,
+  "steps_per_print": LOG_INTERVAL,
+  "zero_optimization": {
+    "stage": ZERO_STAGE
+  },
+  "gradient_clipping": 1.0,
+  "prescale_gradients": PRESCALE_GRAD,
+  "fp16": {
+    "enabled": CONFIG_FP16_ENABLED,
+    "loss_scale": 0,
+    "loss_scale_window": 500,
+    "hysteresis": 2,
+    "min_loss_scale": 1,
+    "initial_scale_power": 11
+  },
+  "bf16": {
+    "enabled": CONFIG_BF16_ENABLED
+  },
+  "wall_clock_breakdown" : false
+}
+EOT
 config_json="ds_config_gpt_${NAME:-moe}.json"
 sed "s/CONFIG_BATCH_SIZE/${GLOBAL_BATCH_SIZE}/" ${template_json} \
     | sed "s/CONFIG_MBSIZE/${BATCH_SIZE}/" \
