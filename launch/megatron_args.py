@@ -32,6 +32,8 @@ FLAGS: dict[str, tuple[str, Any]] = {
     "--num-layers-per-virtual-pipeline-stage": ("parallel.layers_per_virtual_stage", int),
     "--decoder-first-pipeline-num-layers": ("parallel.first_stage_layers", int),
     "--decoder-last-pipeline-num-layers": ("parallel.last_stage_layers", int),
+    "--account-for-embedding-in-pipeline-split": ("parallel.embedding_in_split", SWITCH),
+    "--account-for-loss-in-pipeline-split": ("parallel.loss_in_split", SWITCH),
     "--context-parallel-size": ("parallel.cp", int),
     "--expert-model-parallel-size": ("parallel.ep", int),
     "--expert-tensor-parallel-size": ("parallel.etp", int),

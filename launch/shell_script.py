@@ -261,6 +261,16 @@ def _clean(evaluator: Evaluator, name: str, argv: list[str], i: int, line: Optio
     return _unmark_keep(word)
 
 
+def config_flag(argv: list[str]) -> tuple[list[str], Optional[str]]:
+    """``argv`` without its ``--config FILE`` (or ``--config=FILE``), and that FILE (None when absent)."""
+    for i, word in enumerate(argv):
+        if word == "--config" and i + 1 < len(argv):
+            return argv[:i] + argv[i + 2:], argv[i + 1]
+        if word.startswith("--config="):
+            return argv[:i] + argv[i + 1:], word.split("=", 1)[1]
+    return list(argv), None
+
+
 def _check_config_files(evaluator: Evaluator, name: str, argv: list[str], line: int) -> None:
     """A config file the training command reads that the script writes with something unknowable."""
     files = evaluator.state.files

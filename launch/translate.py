@@ -131,8 +131,36 @@ def sources(path: str | Path, env: Optional[dict[str, str]] = None,
     for field, value in script.launcher.items():
         set_path(launcher, field, coerce(field, value, f"launcher flag for {field}"))
     found = [(f"launcher flags in {path}", launcher)] if launcher else []
-    more, unknown = _megatron(script.argv, f"Megatron arguments in {path}", script.files, Path(path).parent)
+    argv, config = shell_script.config_flag(script.argv)
+    more, unknown = _megatron(argv, f"Megatron arguments in {path}", script.files, Path(path).parent)
+    if config:
+        more += _script_config(config, script.files, Path(path).parent, env)
     return found + more, unknown
+
+
+def _script_config(config: str, files: dict[str, str], base: Path, env: Optional[dict[str, str]]) -> list:
+    """The ``--config FILE`` a launch script passes its training script (zeromega's pretrain_gpt.py reads it):
+    a file the script writes (JSON: unified or DeepSpeed) or one on disk (DeepSpeed JSON or unified file)."""
+    if files.get(config) is not None:
+        try:
+            data = limits.load_json(files[config], config, field="--config", hjson=True)
+        except ConfigError:
+            raise
+        except Exception as err:  # hjson raises several kinds
+            raise ConfigError("--config", config, f"the file the script writes is not valid JSON ({err})",
+                              "fix the JSON the script writes") from None
+        if _is_unified(data):
+            check_keys(data)
+            return [(f"config {config} (written by the script)", data)]
+        return [(f"DeepSpeed config {config} (written by the script)", from_deepspeed(data))]
+    existing = next((p for p in (Path(config), base / config) if p.is_file()), None)
+    if existing is None:
+        raise ConfigError("--config", config, "no such file (the launch script passes it to the training script)",
+                          "pass the path of the config file, or write it in the script")
+    if detect(existing) == "megatron":
+        raise ConfigError("--config", config, "is itself a launch script or argument list",
+                          "pass a DeepSpeed JSON or a unified config with --config")
+    return sources(existing, env)[0]
 
 
 def _megatron(argv: list[str], name: str, files: Optional[dict[str, str]] = None,

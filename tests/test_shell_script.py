@@ -940,3 +940,22 @@ def test_cli_check_and_translate_read_scripts_statically_unless_asked(tmp_path, 
     code = cli.main(["translate", str(folder / "bad.sh"), "--to", "zeromega", "--env", "GPUS=4"])
     out, err = capsys.readouterr()
     assert code == 0 and '"nproc_per_node": 4' in out, (out, err)
+
+
+def test_a_heredoc_json_passed_as_config_is_followed(tmp_path):
+    """zeromega's own pretrain_gpt.py takes --config: a unified or DeepSpeed JSON the script writes is read."""
+    script = tmp_path / "run.sh"
+    script.write_text("""
+STAGE=3
+cat > run.json <<EOF
+{"zero": {"stage": $STAGE}, "batch": {"micro": 2, "global": 16}, "optimizer": {"lr": 0.001}}
+EOF
+torchrun --nproc_per_node 2 pretrain_gpt.py --config run.json --num-layers 2
+""")
+    found, _ = translate.sources(script)
+    cfg = translate.resolve(found, megatron=True)
+    assert (cfg.zero.stage, cfg.batch.micro, cfg.batch.global_, cfg.model.num_layers) == (3, 2, 16, 2)
+    assert any("run.json (written by the script)" in name for name, _ in found)
+    script.write_text("torchrun --nproc_per_node 2 pretrain_gpt.py --config missing.json\n")
+    with pytest.raises(ConfigError, match="--config='missing.json': no such file"):
+        translate.sources(script)

@@ -81,6 +81,12 @@ class ParallelConfig(_Section):
     the first and the last split the rest evenly. None: L / pp."""
     last_stage_layers: Optional[PositiveInt] = None
     """Layers on the last pipeline stage (Megatron ``--decoder-last-pipeline-num-layers``). None: L / pp."""
+    embedding_in_split: bool = False
+    """Count the embedding as one layer when splitting the layers over pp (Megatron
+    ``--account-for-embedding-in-pipeline-split``): the first stage gets one transformer layer fewer."""
+    loss_in_split: bool = False
+    """Count the output layer and loss as one layer when splitting over pp (Megatron
+    ``--account-for-loss-in-pipeline-split``): the last stage gets one transformer layer fewer."""
     sequence_parallel: bool = False
     """Megatron's tp sequence parallelism (norms/dropout sharded along the sequence)."""
 

@@ -20,6 +20,8 @@ APPLIED: dict[str, tuple[str, ...]] = {
     "parallel.layers_per_virtual_stage": ("zeromega/config/schema.py",),
     "parallel.first_stage_layers": ("integrations/megatron/model.py",),
     "parallel.last_stage_layers": ("integrations/megatron/model.py",),
+    "parallel.embedding_in_split": ("integrations/megatron/model.py",),
+    "parallel.loss_in_split": ("integrations/megatron/model.py",),
     "parallel.sequence_parallel": ("integrations/megatron/model.py", "zeromega/run/run.py"),
     "sequence.mode": ("zeromega/run/gpt.py", "zeromega/run/run.py"),
     "sequence.ulysses": ("zeromega/run/gpt.py", "zeromega/config/schema.py"),
