@@ -110,7 +110,7 @@ def test_bpe_data_with_the_byte_vocabulary_is_refused_by_file_and_id(bpe, small_
 
 def test_tokenizer_flags_need_their_files(tmp_path):
     from zeromega.config import ConfigError
-    from zeromega.launch import script_args
+    from zeromega.launch import translate
     from zeromega.run import gpt
 
     cases = {
@@ -121,10 +121,9 @@ def test_tokenizer_flags_need_their_files(tmp_path):
             ("data.tokenizer_model", "has no tokenizer.json"),
         ("--tokenizer-type", "NullTokenizer"): ("model.vocab_size", "needs --vocab-size"),
     }
-    for flags, (field, words) in cases.items():
-        cfg = script_args.read([*TINY, *flags], "pretrain_gpt.py")
+    for flags, (field, words) in cases.items():  # missing files: from the flags, before any rank starts
         with pytest.raises(ConfigError) as err:
-            gpt.tokenizer(cfg)
+            gpt.tokenizer(translate.build(None, megatron_argv=[*TINY, *flags]))
         assert err.value.field == field and words in str(err.value), str(err.value)
     assert cli.main(["preprocess", "--input", str(tmp_path / "none.jsonl"), "--output-prefix", str(tmp_path / "x"),
                      "--tokenizer-type", "NullTokenizer", "--vocab-size", "9"]) == 2

@@ -345,6 +345,13 @@ class DataConfig(_Section):
         if self.mock and (whole or per_split):
             raise ConfigError("data.mock", True, f"reads no files, but {(whole + per_split)[0]} names some",
                               "drop --mock-data or the data paths")
+        needs = {"GPT2BPETokenizer": ("vocab_file", "merge_file"), "HuggingFaceTokenizer": ("tokenizer_model",),
+                 "SentencePieceTokenizer": ("tokenizer_model",), "GPTSentencePieceTokenizer": ("tokenizer_model",)}
+        for name in needs.get(self.tokenizer_type, ()):  # Megatron-LM's build_tokenizer asserts them
+            if getattr(self, name) is None:
+                flag = "--" + name.replace("_", "-")
+                raise ConfigError(f"data.{name}", None, f"--tokenizer-type {self.tokenizer_type} needs {flag}",
+                                  f"pass {flag} (a local file; zeromega downloads nothing)")
         return self
 
 
