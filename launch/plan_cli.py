@@ -211,7 +211,9 @@ def plan_for_args(args: argparse.Namespace):
                                  sequence_parallel=cfg.parallel.sequence_parallel,
                                  recompute=cfg.recompute.granularity, flash=_flash(args),
                                  first_stage_layers=cfg.parallel.first_stage_layers,
-                                 last_stage_layers=cfg.parallel.last_stage_layers)
+                                 last_stage_layers=cfg.parallel.last_stage_layers,
+                                 embedding_in_split=cfg.parallel.embedding_in_split,
+                                 loss_in_split=cfg.parallel.loss_in_split)
         except ValueError as err:  # a pipeline / MoE layout planned from a bare count, an uneven split
             raise UsageError(str(err), "give the model shape (--num-layers ... or the config's model section)"
                              if args.params is not None else "use a layer count the pipeline stages divide") from None
@@ -270,9 +272,8 @@ def launch_preflight(cfg, layout, local_ranks: int) -> Optional[str]:
     from zeromega.plugins.zero.ds_config import to_deepspeed
 
     device = cfg.device if cfg.device in ("cpu", "cuda") else ("cuda" if torch.cuda.is_available() else "cpu")
-    model = cfg.model.model_dump()
-    shape = {k: model.get(k) for k in _SHAPE_KEYS if model.get(k) is not None}
-    complete = all(k in shape for k in _SHAPE_KEYS[:5])
+    shape = run_shape(cfg)
+    complete = shape is not None
     ds, _ = defaults.tuned(to_deepspeed(cfg, layout, device), device)
     os.environ.setdefault("DS_ACCELERATOR", device)  # else DeepSpeed warns that it guessed
 
@@ -286,7 +287,21 @@ def launch_preflight(cfg, layout, local_ranks: int) -> Optional[str]:
     gib = 2**30
     sized = (f"plan {report.plan.peak(device) / gib:.2f} GiB/rank, {report.plan.nvme_bytes / gib:.2f} GiB on nvme"
              if complete else "model shape unknown: space and RAM not sized")
-    return f"pre-flight passed ({sized}; {len(report.corrections)} correction(s) the ranks will apply)"
+    notes = "".join(f"; {note}" for note in report.notes)
+    return f"pre-flight passed ({sized}; {len(report.corrections)} correction(s) the ranks will apply{notes})"
+
+
+def run_shape(cfg) -> Optional[dict]:
+    """The GPT the run will build, as the planner takes it: the config's shape over the vocabulary the run
+    uses (``--vocab-size``, else its tokenizer's, as zeromega.run.gpt resolves it); None when the config does
+    not give the shape (a script that builds its own model)."""
+    from zeromega.run import gpt
+
+    if any(getattr(cfg.model, name) is None for name in gpt.REQUIRED):
+        return None
+    shape = gpt.shape(cfg, cfg.model.vocab_size or gpt.tokenizer(cfg).vocab_size)
+    return dict(shape.__dict__, tied=not shape.untie_embeddings_and_output_weights,
+                learned_positions=shape.position_embedding_type == "learned_absolute")
 
 
 def _cpu_fp16() -> bool:
@@ -319,7 +334,8 @@ def _plan_layout(cfg, layout, ds: dict, args: argparse.Namespace):
                       engine="megatron" if layout.pp > 1 or cfg.moe.num_experts else "deepspeed",
                       zero_stage=zero.stage, offload=zero.optimizer_device,
                       flash=layout.cp > 1 if flash is None else flash,
-                      first_stage_layers=p.first_stage_layers, last_stage_layers=p.last_stage_layers)
+                      first_stage_layers=p.first_stage_layers, last_stage_layers=p.last_stage_layers,
+                      embedding_in_split=p.embedding_in_split, loss_in_split=p.loss_in_split)
 
 
 def _time_line(st, tokens: Optional[int]) -> str:

@@ -70,10 +70,10 @@ def test_count_equals_the_built_model_tp2():
     assert built[0] == built[1] == planned
 
 
-def _stage_counts(shape: dict, pp: int, vpp=None, tp: int = 1, first=None, last=None) -> list[int]:
+def _stage_counts(shape: dict, pp: int, vpp=None, tp: int = 1, first=None, last=None, emb=False) -> list[int]:
     count = zplan.gpt_count(tp=tp, **shape)
     out = []
-    for r, chunks in enumerate(zplan.stage_layers(shape["num_layers"], pp, vpp, first, last)):
+    for r, chunks in enumerate(zplan.stage_layers(shape["num_layers"], pp, vpp, first, last, emb)):
         out.append(sum(count.stage(f, n, r == 0 and i == 0, r == pp - 1 and i == len(chunks) - 1)
                        for i, (f, n) in enumerate(chunks)))
     return out
@@ -83,16 +83,23 @@ PP_SHAPES = {"base": {**BASE, "num_layers": 4}, "llama": {**LLAMA, "num_layers":
              "mixtral": {**MIXTRAL, "num_layers": 4, "moe_layer_freq": [1, 0, 1, 1]}}
 
 
-@pytest.mark.parametrize("vpp,first", [(None, None), (2, None), (None, 1)])
-def test_stage_counts_equal_the_built_stages(vpp, first):
+@pytest.mark.parametrize("vpp,first,emb", [(None, None, False), (2, None, False), (None, 1, False),
+                                           (None, None, True)])
+def test_stage_counts_equal_the_built_stages(vpp, first, emb):
     """pp 2: embedding on the first stage, output (or the tied copy Megatron-Core keeps) on the last;
-    first = 1: Megatron-LM's --decoder-first-pipeline-num-layers 1 (1 layer, then 3), built as planned."""
-    parallel = {"pp": 2, **({"vpp": vpp} if vpp else {}), **({"first_stage_layers": first} if first else {})}
-    built = run_world(2, count_built, {"precision": "fp32", "parallel": parallel}, PP_SHAPES)
-    for name, shape in PP_SHAPES.items():
-        assert [b[name] for b in built] == _stage_counts(shape, 2, vpp, first=first), name
+    first = 1: Megatron-LM's --decoder-first-pipeline-num-layers 1 (1 layer, then 3); emb: 5 layers with
+    --account-for-embedding-in-pipeline-split (the embedding counts as a layer: 2, then 3); built as planned."""
+    parallel = {"pp": 2, **({"vpp": vpp} if vpp else {}), **({"first_stage_layers": first} if first else {}),
+                **({"embedding_in_split": True} if emb else {})}
+    shapes = {k: {**v, "num_layers": 5, "moe_layer_freq": [1, 0, 1, 1, 0]} if "moe_layer_freq" in v
+              else {**v, "num_layers": 5} for k, v in PP_SHAPES.items()} if emb else PP_SHAPES
+    built = run_world(2, count_built, {"precision": "fp32", "parallel": parallel}, shapes)
+    for name, shape in shapes.items():
+        assert [b[name] for b in built] == _stage_counts(shape, 2, vpp, first=first, emb=emb), name
     if first:  # not the even split's counts
         assert _stage_counts(PP_SHAPES["base"], 2, first=1) != _stage_counts(PP_SHAPES["base"], 2)
+    if emb:
+        assert zplan.stage_layers(5, 2, embedding_in_split=True) == [[(0, 2)], [(2, 3)]]
     # the tied copy: both stages together hold one word embedding more than the 1-process model
     base = PP_SHAPES["base"]
     assert sum(_stage_counts(base, 2)) == zplan.gpt_size(**base).params + zplan.gpt_count(**base).word_embedding
@@ -110,6 +117,11 @@ def test_uneven_splits():
         zplan.stage_layers(10, 4, first=3)
     with pytest.raises(ValueError, match="vpp"):
         zplan.stage_layers(8, 2, 2, first=3)
+    # --account-for-embedding/loss-in-pipeline-split: (L + 1 + 1) / pp, one layer fewer on the first and last
+    assert zplan.stage_layers(6, 4, embedding_in_split=True, loss_in_split=True) == [[(0, 1)], [(1, 2)], [(3, 2)],
+                                                                                     [(5, 1)]]
+    with pytest.raises(ValueError, match="do not split evenly"):
+        zplan.stage_layers(8, 4, embedding_in_split=True)
 
 
 def test_uneven_split_in_the_config_and_the_cli(tmp_path, capsys):
@@ -127,6 +139,11 @@ def test_uneven_split_in_the_config_and_the_cli(tmp_path, capsys):
         RunConfig.model_validate({**base, "parallel": {"pp": 3, "first_stage_layers": 2}})
     with pytest.raises(ValidationError, match="virtual stages"):
         RunConfig.model_validate({**base, "parallel": {"pp": 2, "vpp": 2, "first_stage_layers": 3}})
+    assert RunConfig.model_validate({**base, "parallel": {"pp": 2, "loss_in_split": True}}).parallel.loss_in_split
+    with pytest.raises(ValidationError, match="split evenly"):
+        RunConfig.model_validate({**base, "parallel": {"pp": 3, "embedding_in_split": True}})
+    with pytest.raises(ValidationError, match="cannot be combined"):
+        RunConfig.model_validate({**base, "parallel": {"pp": 2, "embedding_in_split": True, "first_stage_layers": 3}})
     args = tmp_path / "run.args"
     args.write_text("--num-layers 7 --hidden-size 64 --num-attention-heads 4 --seq-length 32 --vocab-size 257 "
                     "--micro-batch-size 1 --global-batch-size 4 --pipeline-model-parallel-size 2 "

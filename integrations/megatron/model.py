@@ -127,7 +127,9 @@ def _pipeline_fields(cfg: RunConfig, virtual_stages: Optional[int]) -> dict:
         fields.update(virtual_pipeline_model_parallel_size=virtual_stages)
     p = cfg.parallel  # Megatron-LM's --decoder-first/last-pipeline-num-layers
     fields.update(num_layers_in_first_pipeline_stage=p.first_stage_layers,
-                  num_layers_in_last_pipeline_stage=p.last_stage_layers)
+                  num_layers_in_last_pipeline_stage=p.last_stage_layers,
+                  account_for_embedding_in_pipeline_split=p.embedding_in_split,
+                  account_for_loss_in_pipeline_split=p.loss_in_split)
     return fields
 
 

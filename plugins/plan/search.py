@@ -214,6 +214,9 @@ def to_unified(shape: dict, layout: PlanLayout, cluster: Cluster) -> dict:
         parallel["first_stage_layers"] = layout.first_stage_layers
     if layout.last_stage_layers:
         parallel["last_stage_layers"] = layout.last_stage_layers
+    for key in ("embedding_in_split", "loss_in_split"):
+        if getattr(layout, key):
+            parallel[key] = True
     cfg = {"parallel": parallel, "batch": {"micro": layout.micro, "global": layout.global_batch},
            "precision": cluster.precision, "device": "cuda",
            "zero": {"stage": layout.zero_stage},

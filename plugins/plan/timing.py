@@ -111,6 +111,8 @@ class PlanLayout:
     """DeepSpeed optimizer (and at ZeRO-3 parameter) offload: ``none``, ``cpu``, ``nvme``."""
     flash: bool = False
     first_stage_layers: Optional[int] = None
+    embedding_in_split: bool = False
+    loss_in_split: bool = False
     last_stage_layers: Optional[int] = None
 
     @property
@@ -222,7 +224,7 @@ def _stage_layers(shape: dict, layout: PlanLayout) -> list[list[int]]:
     from zeromega.plugins.zero.plan import stage_layers
 
     split = stage_layers(shape["num_layers"], layout.pp, layout.vpp, layout.first_stage_layers,
-                         layout.last_stage_layers)
+                         layout.last_stage_layers, layout.embedding_in_split, layout.loss_in_split)
     return [[i for f, n in chunks for i in range(f, f + n)] for chunks in split]
 
 

@@ -650,7 +650,8 @@ def _activations(rows: list, s: ZeroSetup, model: ModelSize, tp: int, act: Optio
 
 
 def stage_layers(num_layers: int, pp: int, vpp: Optional[int] = None, first: Optional[int] = None,
-                 last: Optional[int] = None) -> list[list[tuple[int, int]]]:
+                 last: Optional[int] = None, embedding_in_split: bool = False,
+                 loss_in_split: bool = False) -> list[list[tuple[int, int]]]:
     """Per pipeline stage, its model chunks as (first layer, layer count).
 
     Even: ``L / pp`` layers per stage (``L / (pp v)`` per chunk, stage r
@@ -659,8 +660,24 @@ def stage_layers(num_layers: int, pp: int, vpp: Optional[int] = None, first: Opt
     (Megatron-Core's ``num_layers_in_first/last_pipeline_stage``): the first
     and / or last stage hold the layers given, the stages between split the
     rest evenly (not with vpp here: Megatron's interleaved uneven rules are
-    not planned)."""
+    not planned). ``--account-for-embedding-in-pipeline-split`` /
+    ``--account-for-loss-in-pipeline-split`` count the embedding / the loss as
+    one more layer: ``(L + e + l) / pp`` per stage, one transformer layer fewer
+    on the first / last stage."""
     v = vpp if vpp and vpp > 1 else 1
+    if embedding_in_split or loss_in_split:
+        total = num_layers + embedding_in_split + loss_in_split
+        if v > 1 or first is not None or last is not None or total % pp:
+            raise ValueError(f"{num_layers} layers + embedding / loss = {total} do not split evenly over pp {pp}"
+                             if not total % pp == 0 else "the embedding / loss accounting switches are planned "
+                             "without vpp and without first / last stage layer counts")
+        per = total // pp
+        counts = [per] * pp
+        counts[0] -= int(embedding_in_split)
+        counts[-1] -= int(loss_in_split)
+        if min(counts) < 1:
+            raise ValueError(f"{num_layers} layers over pp {pp}: a stage would hold no transformer layer")
+        first, last = counts[0], counts[-1]
     if first is None and last is None:
         if num_layers % (pp * v):
             raise ValueError(f"{num_layers} layers do not split evenly over pp {pp}" + (f" x vpp {v}" if v > 1 else "")
@@ -821,7 +838,8 @@ def _stage_activations(shape: dict, act: Activations, precision: str, tp: int, l
 def plan_pipeline(precision: str, layout, shape: dict, distributed_optimizer: bool = True,
                   sequence_parallel: bool = False, recompute: Optional[str] = None,
                   baseline: int = PROCESS_BASELINE_BYTES, flash: Optional[bool] = None,
-                  first_stage_layers: Optional[int] = None, last_stage_layers: Optional[int] = None) -> PipelinePlan:
+                  first_stage_layers: Optional[int] = None, last_stage_layers: Optional[int] = None,
+                  embedding_in_split: bool = False, loss_in_split: bool = False) -> PipelinePlan:
     """The Megatron-Core engine's plan per pipeline stage (pp >= 1; MoE models run there at pp 1 too)."""
     pp, tp = layout.pp, layout.tp
     vpp = getattr(layout, "vpp", None)
@@ -836,7 +854,9 @@ def plan_pipeline(precision: str, layout, shape: dict, distributed_optimizer: bo
     lp = _LP_BYTES[precision]
     plans = []
     split = stage_layers(len(count.layers), pp, vpp, first_stage_layers or getattr(layout, "first_stage_layers", None),
-                         last_stage_layers or getattr(layout, "last_stage_layers", None))
+                         last_stage_layers or getattr(layout, "last_stage_layers", None),
+                         embedding_in_split or bool(getattr(layout, "embedding_in_split", False)),
+                         loss_in_split or bool(getattr(layout, "loss_in_split", False)))
     for r, chunks in enumerate(split):
         first, last = r == 0, r == pp - 1
         params = sum(count.stage(f, n, first and i == 0, last and i == len(chunks) - 1)
@@ -858,7 +878,8 @@ def plan_pipeline(precision: str, layout, shape: dict, distributed_optimizer: bo
 def for_run(ds: dict, layout, shape: Optional[dict] = None, params: Optional[int] = None,
             sequence_parallel: bool = False, recompute: Optional[str] = None,
             flash: Optional[bool] = None, first_stage_layers: Optional[int] = None,
-            last_stage_layers: Optional[int] = None) -> "MemoryPlan | PipelinePlan":
+            last_stage_layers: Optional[int] = None, embedding_in_split: bool = False,
+            loss_in_split: bool = False) -> "MemoryPlan | PipelinePlan":
     """The plan for a zeromega run: ``layout`` (tp, dp, micro) and a GPT ``shape`` or a ``params`` count.
 
     ``flash``: fused / flash attention (no s^2 scores); None: what zeromega runs (flash kernels at cp > 1,
@@ -872,7 +893,8 @@ def for_run(ds: dict, layout, shape: Optional[dict] = None, params: Optional[int
         zero = ZeroSetup.from_deepspeed(ds)
         return plan_pipeline(zero.precision, layout, shape, distributed_optimizer=zero.stage >= 1,
                              sequence_parallel=sequence_parallel, recompute=recompute, flash=flash,
-                             first_stage_layers=first_stage_layers, last_stage_layers=last_stage_layers)
+                             first_stage_layers=first_stage_layers, last_stage_layers=last_stage_layers,
+                             embedding_in_split=embedding_in_split, loss_in_split=loss_in_split)
     if shape is not None:
         model = gpt_size(tp=layout.tp, **shape)
         act = Activations(shape["seq_length"], layout.micro, sequence_parallel, recompute, cp=cp, flash=flash)

@@ -153,12 +153,24 @@ def _uneven_pipeline(cfg):
     p, layers = cfg.parallel, cfg.model.num_layers
     first, last = p.first_stage_layers, p.last_stage_layers
     field, value = ("parallel.first_stage_layers", first) if first else ("parallel.last_stage_layers", last)
+    if p.embedding_in_split or p.loss_in_split:
+        field, value = ("parallel.embedding_in_split", True) if p.embedding_in_split else ("parallel.loss_in_split", True)
+        if first or last:
+            raise ConfigError(field, value, "cannot be combined with first/last stage layer counts (Megatron-Core "
+                              "refuses both at once)", "give either the layer counts or the accounting switches")
     if p.pp == 1:
         raise ConfigError(field, value, "uneven pipeline stages need pp > 1", "set pp >= 2 or drop it")
     if p.vpp or p.layers_per_virtual_stage:
         raise ConfigError(field, value, "uneven pipeline stages with virtual stages are not built here",
                           "drop the virtual stages (vpp) or split the layers evenly")
     if layers is None:
+        return
+    if p.embedding_in_split or p.loss_in_split:
+        total = layers + p.embedding_in_split + p.loss_in_split
+        if total % p.pp or total // p.pp <= max(p.embedding_in_split, p.loss_in_split):
+            raise ConfigError(field, value, f"{layers} layers + embedding / loss = {total} do not split evenly over "
+                              f"pp {p.pp} with at least one transformer layer per stage",
+                              f"use a layer count that makes {total} a multiple of {p.pp}")
         return
     middle = p.pp - (first is not None) - (last is not None)
     rest = layers - (first or 0) - (last or 0)
@@ -170,7 +182,7 @@ def _uneven_pipeline(cfg):
 
 def _virtual_pipeline(cfg):
     p, layers = cfg.parallel, cfg.model.num_layers
-    if p.first_stage_layers or p.last_stage_layers:
+    if p.first_stage_layers or p.last_stage_layers or p.embedding_in_split or p.loss_in_split:
         return _uneven_pipeline(cfg)
     field, value = ("parallel.vpp", p.vpp) if p.vpp else ("parallel.layers_per_virtual_stage",
                                                          p.layers_per_virtual_stage)
