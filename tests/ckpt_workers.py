@@ -58,11 +58,56 @@ def pretrain(argv: list[str], fault_point: Optional[str] = None, fault_rank: int
     try:
         pretrain_main(argv)
     except BaseException as err:  # the test wants the message, not the traceback
+        from zeromega.config import ConfigError
         from zeromega.integrations.megatron import parallel
 
         parallel.shutdown()
+        cause = err.__context__
+        if isinstance(err, SystemExit) and err.code == 2 and cause is not None and not isinstance(cause, ConfigError):
+            err = cause  # a refusal the script turned into one line and exit code 2 (script_args._refuse_in_rank)
         return {"error": f"{type(err).__name__}: {err}"}
     return {"error": None}
+
+
+def pretrain_without_nvme_resume_patch(argv: list[str]) -> Any:
+    """:func:`pretrain` with zeromega's completion of DeepSpeed's nvme-optimizer load switched off
+    (``zeromega.plugins.zero.resume``): the probe that shows the patch is still needed."""
+    from zeromega.plugins.zero import resume
+
+    resume.ENABLED = False
+    try:
+        return pretrain(argv)
+    finally:
+        resume.ENABLED = True
+
+
+def pretrain_on_a_full_disk(argv: list[str], fill_after_saves: int) -> Any:
+    """:func:`pretrain` where, after ``fill_after_saves`` complete checkpoint saves, every checkpoint write fails
+    with ENOSPC on every rank, as on a drive that filled up (what zeromega's hashed writer hands the bytes to)."""
+    import errno
+
+    from zeromega import checkpoint
+    from zeromega.checkpoint import files
+
+    saves = []
+    original_save, original_write = checkpoint.Checkpointer.save, files._HashingWriter.write
+
+    def save(self, *args, **kwargs):
+        try:
+            return original_save(self, *args, **kwargs)
+        finally:
+            saves.append(1)
+
+    def write(self, data):
+        if len(saves) >= fill_after_saves:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original_write(self, data)
+
+    checkpoint.Checkpointer.save, files._HashingWriter.write = save, write
+    try:
+        return pretrain(argv)
+    finally:
+        checkpoint.Checkpointer.save, files._HashingWriter.write = original_save, original_write
 
 
 def pretrain_sigterm_at(argv: list[str], rank: int, step: int) -> Any:

@@ -334,6 +334,53 @@ def install_verified_io(engine):
     return verified
 
 
+def _no_space(err: BaseException) -> bool:
+    """Whether ``err`` (or what it was raised from) is ENOSPC / EDQUOT; torch's zip writer reports a failed
+    write as ``unexpected pos N vs M``, with the OSError as its context when it came from a Python file."""
+    import errno
+
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(err) or "Disk quota exceeded" in str(err):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def disk_full(err: BaseException, stage: Path) -> Optional[dict]:
+    """What a failed write tells about space: None unless the drive is full (ENOSPC in the chain, or torch's
+    ``unexpected pos`` with under 1 MiB free there); else the bytes this rank had written and the bytes free."""
+    free = shutil.disk_usage(stage).free if stage.exists() else 0
+    if not (_no_space(err) or ("unexpected pos" in str(err) and free < (1 << 20))):
+        return None
+    written = sum(p.stat().st_size for p in stage.rglob("*") if p.is_file()) if stage.exists() else 0
+    return {"rank": _rank(), "written": written, "free": free, "error": f"{type(err).__name__}: {err}"}
+
+
+def save_failed_for_space(save_dir: Path, stage: Path, tag: str, full: dict) -> CheckpointError:
+    """The one-line refusal for a checkpoint that did not fit: the path, bytes needed and free, and which
+    checkpoint is still the latest (rank 0 clears the half-written staging directory)."""
+    need, what = full["written"], "at least"
+    previous = None
+    with contextlib.suppress(CheckpointError, OSError):
+        previous = find_latest(save_dir)
+    if previous is not None and (previous / MANIFEST).is_file():
+        with contextlib.suppress(CheckpointError):
+            need, what = sum(f["size"] for f in read_manifest(previous)["files"].values()), "about"
+    if _rank() == 0:
+        shutil.rmtree(stage, ignore_errors=True)
+    kept = (f"the previous checkpoint {previous} is intact and still 'latest'" if previous is not None
+            else "no earlier checkpoint exists there")
+    return CheckpointError(f"--save {save_dir}: the disk filled up while rank {full['rank']} wrote checkpoint {tag} "
+                           f"(No space left on device): it needs {what} {need} bytes, {full['free']} bytes were free "
+                           f"there when the write failed; {kept}; the partial {tag} was removed",
+                           f"free space on that drive or point --save at a drive with room, then resume "
+                           f"{'from ' + previous.name if previous is not None else 'the run'} with --load {save_dir}")
+
+
 class Checkpointer:
     """Saves and resumes one DeepSpeed engine's run: collective, every rank calls every method.
 
@@ -365,9 +412,19 @@ class Checkpointer:
         start = time.perf_counter()
         self.io.root, self.io.written = stage, []
         client_state = {"iteration": step, "universal_checkpoint_info": universal_info(self.splits)}
-        self.engine.save_checkpoint(str(stage.parent), tag=tag, client_state=client_state, save_latest=False)
-        mine = list(self.io.written)
-        mine.append(torch_save(rng.capture(), stage / RNG_FILE.format(_rank()), stage))
+        mine, full = [], None
+        try:
+            self.engine.save_checkpoint(str(stage.parent), tag=tag, client_state=client_state, save_latest=False)
+            mine = list(self.io.written)
+            mine.append(torch_save(rng.capture(), stage / RNG_FILE.format(_rank()), stage))
+        except Exception as err:
+            full = disk_full(err, stage)
+            if full is None:
+                raise
+        # A full disk seen by any rank stops every rank with the same message (none waits in the gather).
+        fulls = [f for f in _gather(full) if f is not None]
+        if fulls:
+            raise save_failed_for_space(save_dir, stage, tag, fulls[0])
         self.fault("after_write")
         records = [r for rank_records in _gather(records_as_dicts(mine)) for r in records_from_dicts(rank_records)]
         meta = {
@@ -397,6 +454,12 @@ class Checkpointer:
         now = self._layout_meta()
         plan = reshard.plan(saved, now)  # raises CheckpointError for a pair that cannot work
         source = ckpt
+        if plan.universal and getattr(self.engine, "zero_nvme_offload_optimizer", lambda: False)():
+            raise CheckpointError(f"{ckpt} was saved as {saved['world']} ranks (tp {saved['tp']}, dp {saved['dp']}, "
+                                  f"ZeRO-{saved['zero_stage']}); DeepSpeed's nvme optimizer offload loads only the "
+                                  "layout it saved (it copies each rank's swap files back)",
+                                  f"resume with that layout, or with offload_optimizer.device cpu / none; or "
+                                  f"{reshard.WEIGHTS_ONLY_FIX}")
         if plan.universal:
             source = _agree(lambda: reshard.universal_copy(ckpt, manifest))
             self.engine._config.load_universal_checkpoint = True

@@ -141,7 +141,7 @@ def _merge_module_states(ckpt: Path, manifest: dict) -> dict[str, torch.Tensor]:
 def _universal_weights(ckpt: Path, manifest: dict, scratch: Path) -> dict[str, torch.Tensor]:
     """ZeRO 1-3: the fp32 master weights from DeepSpeed's universal conversion."""
     out_dir = scratch / "universal"
-    convert(ckpt, out_dir)
+    convert(ckpt, out_dir, manifest)
     return universal_folder_weights(out_dir, manifest)
 
 

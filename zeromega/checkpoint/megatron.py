@@ -413,6 +413,18 @@ def _load_optimizer(optimizer, merged: dict) -> None:
         optimizer._synchronize_steps()  # as ChainedOptimizer.load_state_dict does
 
 
+def _first_failure(err, ckpt: Path) -> CheckpointError:
+    """The CheckpointError inside a torch.distributed.checkpoint ``CheckpointException`` (lowest rank first), or
+    one made from the first rank's exception."""
+    failures = sorted(err.failures.items())
+    for _, (exc, _trace) in failures:
+        if isinstance(exc, CheckpointError):
+            return exc
+    rank, (exc, _trace) = failures[0] if failures else (0, (err, None))
+    first = (str(exc).splitlines() or [""])[0][:400]
+    return CheckpointError(f"Megatron-Core could not load {ckpt} (rank {rank}): {type(exc).__name__}: {first}",
+                           "resume with the layout and model it was saved with")
+
 class MegatronCheckpointer:
     """Saves and resumes one MegatronTrainer's run; collective, every rank calls every method.
 
@@ -488,11 +500,18 @@ class MegatronCheckpointer:
         across = saved_distributed != (self.zero_stage >= 1)  # plan_megatron allowed it for one optimizer only
         if across:
             _retarget_masters(request, saved_distributed, self.precision)
+        from torch.distributed.checkpoint.api import CheckpointException
+
         try:
             with dist_checkpoint_loads():
                 state = dist_checkpointing.load(request, str(ckpt), sharded_strategy=TorchDistLoadShardedStrategy())
         except CheckpointError:
             raise
+        except CheckpointException as err:
+            # torch.distributed.checkpoint gathers every rank's exception into this BaseException (not an
+            # Exception: @record would not record it, and the launcher saw "no exception recorded"); the first
+            # rank's own error, a refusal of unsafe content above all, is what the user needs.
+            raise _first_failure(err, ckpt) from None
         except Exception as err:  # a key or shape Megatron cannot find: the message names it
             raise CheckpointError(f"Megatron-Core could not load {ckpt}: {type(err).__name__}: "
                                   f"{str(err).splitlines()[0][:400]}",

@@ -134,7 +134,7 @@ def universal_copy(ckpt: Path, manifest: dict) -> Path:
         return final
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".{ckpt.name}.tmp-{uuid.uuid4().hex[:8]}"
-    convert(ckpt, tmp)
+    convert(ckpt, tmp, manifest)
     try:
         bridge_zero_families(tmp, manifest)
     except BaseException:
@@ -290,15 +290,101 @@ def _tensors_only_module(obj):
     return obj
 
 
-def convert(ckpt: Path, out: Path) -> None:
-    """Run DeepSpeed's ``ds_to_universal`` on ``ckpt`` into ``out`` with weights-only reads, quietly."""
+OFFLOADED = "offloaded_tensors"
+"""DeepSpeed's copy of each rank's nvme optimizer swap folder inside a checkpoint (``rankNN/``)."""
+
+
+def _swap_file(folder: Path, name: str, numel: int) -> torch.Tensor:
+    """The first ``numel`` fp32 values of a DeepSpeed swap file (raw, padded to the aio alignment)."""
+    path = folder / name
+    if not path.is_file() or path.stat().st_size < 4 * numel:
+        have = path.stat().st_size if path.is_file() else "no"
+        raise CheckpointError(f"{path}: {have} bytes, the optimizer partition needs {4 * numel}",
+                              "load an older checkpoint; this one's offloaded optimizer state is incomplete")
+    return torch.from_file(str(path), shared=False, size=numel, dtype=torch.float32).clone()
+
+
+def fill_offloaded(state: dict, param_shapes: list, rank_folder: Path, dp: int) -> int:
+    """Put the nvme-offloaded sub-groups of one ZeRO-3 optimizer file (``state``, as DeepSpeed saved it) back
+    in place from the swap files DeepSpeed copied into the checkpoint; returns how many were filled.
+
+    Under ``offload_optimizer: nvme`` DeepSpeed saves each swapped sub-group's fp32 master weights and Adam
+    moments as empty tensors; their values are the files ``A_B.tensor.swp``, ``exp_avg-A_B.tensor.swp`` and
+    ``exp_avg_sq-A_B.tensor.swp`` in ``offloaded_tensors/rankNN`` (A, B: the sub-group's first and last
+    parameter ids, so sorting by A gives the sub-groups' order). A sub-group holds ceil(numel / dp) values of
+    each of its parameters (DeepSpeed's ZeRO-3 partition)."""
+    from deepspeed.checkpoint.constants import FP32_FLAT_GROUPS, OPTIMIZER_STATE_DICT
+
+    optim = state[OPTIMIZER_STATE_DICT]
+    flats, states = optim[FP32_FLAT_GROUPS], optim["optimizer_state_dict"]["state"]
+    empty = [i for i, flat in enumerate(flats) if flat.numel() == 0]
+    if not empty:
+        return 0
+    ids = sorted((p.name[:-len(".tensor.swp")] for p in rank_folder.glob("*.tensor.swp")
+                  if "-" not in p.name and "_gradient_" not in p.name and "_param." not in p.name),
+                 key=lambda name: int(name.split("_")[0]))
+    if len(ids) != len(empty):
+        raise CheckpointError(f"{rank_folder}: {len(ids)} offloaded optimizer partitions for {len(empty)} "
+                              "swapped sub-groups", "load an older checkpoint; this one is incomplete")
+    for index, swap_id in zip(empty, ids):
+        numel = sum(-(-_numel(shape) // dp) for shape in param_shapes[index].values())
+        flats[index] = _swap_file(rank_folder, f"{swap_id}.tensor.swp", numel)
+        for key, value in states.get(index, {}).items():
+            if torch.is_tensor(value) and value.numel() == 0:
+                states[index][key] = _swap_file(rank_folder, f"{key}-{swap_id}.tensor.swp", numel)
+    return len(empty)
+
+
+def _numel(shape) -> int:
+    out = 1
+    for size in shape:
+        out *= int(size)
+    return out
+
+
+@contextlib.contextmanager
+def _offload_filled(ckpt: Path, manifest: Optional[dict]):
+    """``ckpt`` itself, or, when it holds ``offloaded_tensors/`` (ZeRO-3 with nvme optimizer offload), a
+    scratch copy whose ZeRO files carry those values (:func:`fill_offloaded`); other files are hard links."""
+    if not (ckpt / OFFLOADED).is_dir():
+        yield ckpt
+        return
+    layout = (manifest or {}).get("layout") or {}
+    tp, dp = int(layout.get("tp", 1)), int(layout.get("dp", 1))
+    scratch = ckpt.parent / UNIVERSAL_DIR / f".{ckpt.name}.filled-{uuid.uuid4().hex[:8]}"
+    scratch.mkdir(parents=True)
+    try:
+        model_files = sorted(ckpt.glob("*mp_rank_*_model_states.pt"))
+        for path in ckpt.iterdir():
+            if path.is_file() and not path.name.endswith("_optim_states.pt"):
+                os.link(path, scratch / path.name)
+        for path in sorted(ckpt.glob("*_optim_states.pt")):
+            # zero_pp_rank_{dp}_mp_rank_{tp}_optim_states.pt (bf16_ prefixed under bf16)
+            parts = path.name.split("_")
+            dp_rank, tp_rank = int(parts[parts.index("pp") + 2]), int(parts[parts.index("mp") + 2])
+            model = next(p for p in model_files if f"mp_rank_{tp_rank:02d}" in p.name)
+            shapes = safe_load(model)["param_shapes"]
+            state = safe_load(path)
+            rank_folder = ckpt / OFFLOADED / f"rank{dp_rank * tp + tp_rank:02d}"
+            fill_offloaded(state, shapes, rank_folder, dp)
+            torch.save(state, scratch / path.name)
+        yield scratch
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def convert(ckpt: Path, out: Path, manifest: Optional[dict] = None) -> None:
+    """Run DeepSpeed's ``ds_to_universal`` on ``ckpt`` into ``out`` with weights-only reads, quietly
+    (nvme-offloaded optimizer state first put back into the ZeRO files: :func:`fill_offloaded`)."""
     from deepspeed.checkpoint import ds_to_universal
 
-    args = argparse.Namespace(input_folder=str(ckpt), output_folder=str(out), num_extract_workers=1,
-                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=False)
     chatter = io.StringIO()
     try:
-        with weights_only_loads(_tensors_only_module), contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+        with _offload_filled(ckpt, manifest) as source, weights_only_loads(_tensors_only_module), \
+                contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+            args = argparse.Namespace(input_folder=str(source), output_folder=str(out), num_extract_workers=1,
+                                      num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                      inject_missing_state=False)
             ds_to_universal.main(args)
     except CheckpointError:
         raise
