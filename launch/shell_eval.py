@@ -1071,7 +1071,23 @@ def _printf(args: list[str]) -> Optional[str]:
                 return "%"
             value = values[k] if k < len(values) else ""
             k += 1
-            return value
+            spec = match.group(0)
+            kind = spec[-1]
+            if kind in "di":  # bash reads 0x10, 010 and 'c as numbers
+                from .shell_arith import _number
+                try:
+                    number = _number(value.strip()) if value.strip() else 0
+                except Exception:  # noqa: BLE001 - bash: "invalid number", prints 0
+                    number = 0
+                return (spec[:-1] + "d") % number
+            if kind in "fg":
+                try:
+                    return spec % float(value or 0)
+                except ValueError:
+                    return spec % 0.0
+            if kind in "qb":
+                return value
+            return spec % value
         out.append(re.sub(r"%%|%[-+ 0#]*\d*(?:\.\d+)?[sdifgqb]", field, fmt))
         if k == 0 or k >= len(values):
             break

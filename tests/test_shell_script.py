@@ -249,9 +249,10 @@ def test_case_and_functions():
 size() { case "$1" in 7B) echo 4096;; 13B|14B) echo 5120;; *) echo 0;; esac; }
 MODEL=13B
 HIDDEN=$(size $MODEL)
-python pretrain_gpt.py --hidden-size $HIDDEN --lr 0.1
+SEED=$(printf '%d' 0x10)
+python pretrain_gpt.py --hidden-size $HIDDEN --lr 0.1 --seed $SEED
 """
-    assert read(script).argv == ["--hidden-size", "5120", "--lr", "0.1"]
+    assert read(script).argv == ["--hidden-size", "5120", "--lr", "0.1", "--seed", "16"]
 
 
 def test_a_value_from_a_program_is_named_with_the_env_that_supplies_it():
