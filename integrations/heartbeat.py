@@ -12,16 +12,32 @@ step). A rank whose collective times out reads every rank's post and raises
 slower), or, when all did, that they are stuck inside it. The store is
 served by a thread of rank 0 or of the torchrun agent, so it answers while a
 rank's Python is blocked.
+
+Every store call here has a deadline of its own (:data:`STORE_DEADLINE_S`),
+enforced by waiting on a helper thread, not by the store's timeout: a
+``TCPStore`` client's timeout bounds how long the *server* waits for a key,
+but a request whose peer is unreachable (a network partition: no reset, no
+answer) waits in the socket until TCP gives up, minutes later. A rank on
+the far side of a partition then says that node 0's store did not answer,
+instead of hanging in its explanation.
 """
 
 from __future__ import annotations
 
+import os
+import threading
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import torch.distributed as dist
 
 KEY = "zeromega/heartbeat/{rank}"
+STORE_DEADLINE_S = 10.0
+"""Longest wait for one store call (a healthy store answers in milliseconds)."""
+
+
+class StoreUnreachable(RuntimeError):
+    """The job's store did not answer within the deadline."""
 
 
 class CollectiveTimeout(RuntimeError):
@@ -37,52 +53,114 @@ def _store():
         return None
 
 
+def bounded(call: Callable, seconds: float = STORE_DEADLINE_S):
+    """``call()``'s result, or :class:`StoreUnreachable` when it has not returned after ``seconds``.
+
+    The call runs on a daemon thread (store calls release the GIL), which is left behind if it hangs.
+    """
+    result: dict = {}
+
+    def run():
+        try:
+            result["value"] = call()
+        except BaseException as err:  # handed to the caller
+            result["error"] = err
+
+    thread = threading.Thread(target=run, name="zeromega-store-call", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise StoreUnreachable(f"the store did not answer within {seconds:g} s")
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+_unreachable = threading.Event()  # set once a call timed out: later posts do not wait again
+
+
 def post(step: int) -> None:
     """Record that this rank begins ``step`` (best effort: a store that is gone must not fail the step)."""
     store = _store()
-    if store is None or dist.get_world_size() == 1:
+    if store is None or dist.get_world_size() == 1 or _unreachable.is_set():
         return
     try:
-        store.set(KEY.format(rank=dist.get_rank()), f"{step} {time.time():.3f}")
+        bounded(lambda: store.set(KEY.format(rank=dist.get_rank()), f"{step} {time.time():.3f}"))
+    except StoreUnreachable:
+        _unreachable.set()
     except (RuntimeError, OSError):
         pass
 
 
-def posts() -> dict[int, Optional[tuple[int, float]]]:
-    """rank -> (last step begun, seconds since), None for a rank that posted nothing."""
-    store, now, seen = _store(), time.time(), {}
-    for rank in range(dist.get_world_size()):
-        key = KEY.format(rank=rank)
-        try:
-            if store is None or not store.check([key]):
+def posts(deadline_s: float = STORE_DEADLINE_S) -> dict[int, Optional[tuple[int, float]]]:
+    """rank -> (last step begun, seconds since), None for a rank that posted nothing.
+
+    Raises :class:`StoreUnreachable` when the store does not answer within ``deadline_s`` in all.
+    """
+    store, now, world = _store(), time.time(), dist.get_world_size()
+    if store is None:
+        return {rank: None for rank in range(world)}
+
+    def read_all():
+        seen = {}
+        for rank in range(world):
+            key = KEY.format(rank=rank)
+            try:
+                if not store.check([key]):
+                    seen[rank] = None
+                    continue
+                step, stamp = store.get(key).decode().split()
+                seen[rank] = (int(step), now - float(stamp))
+            except (RuntimeError, OSError, ValueError):
                 seen[rank] = None
-                continue
-            step, stamp = store.get(key).decode().split()
-            seen[rank] = (int(step), now - float(stamp))
-        except (RuntimeError, OSError, ValueError):
-            seen[rank] = None
-    return seen
+        return seen
+
+    return bounded(read_all, deadline_s)
+
+
+def _node(rank: int) -> Optional[int]:
+    """The node a rank runs on (launchers number ranks node by node), when the launcher said how many per node."""
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0)
+    return rank // per_node if per_node > 0 else None
+
+
+def _who(rank: int) -> str:
+    node = _node(rank)
+    return f"rank {rank}" + (f" (node {node})" if node is not None and _node(dist.get_world_size() - 1) else "")
+
+
+_PEER_LOST = ("timed out", "timeout", "connection closed by peer", "connection reset by peer", "broken pipe")
 
 
 def is_timeout(err: BaseException) -> bool:
-    """Whether ``err`` is a collective's timeout (gloo and NCCL word it differently)."""
+    """Whether ``err`` is a collective that failed for want of a peer: it timed out, or a peer's
+    connection closed or reset (a node that died; gloo and NCCL word these differently)."""
     text = str(err).lower()
-    return isinstance(err, RuntimeError) and ("timed out" in text or "timeout" in text)
+    return isinstance(err, RuntimeError) and any(words in text for words in _PEER_LOST)
 
 
 def explain(err: BaseException, step: int, timeout_minutes: Optional[float] = None) -> CollectiveTimeout:
     """The :class:`CollectiveTimeout` for ``err``, raised by this rank during ``step``."""
-    seen = posts()
-    behind = {r: p for r, p in seen.items() if p is None or p[0] < step}
-    limit = f" after {timeout_minutes * 60:g} s (launch.distributed_timeout_minutes)" if timeout_minutes else ""
-    if behind:
-        who = "; ".join(f"rank {r} " + ("never began a step" if p is None else
-                                        f"last began step {p[0]}, {p[1]:.0f} s ago")
-                        for r, p in sorted(behind.items()))
-        cause = (f"rank(s) {', '.join(map(str, sorted(behind)))} never reached step {step}: {who} "
-                 "(hung, dead or far slower)")
+    lost = "timed out" not in str(err).lower() and "timeout" not in str(err).lower()
+    what = "lost a peer" if lost else "timed out"
+    limit = "" if lost or not timeout_minutes else f" after {timeout_minutes * 60:g} s (launch.distributed_timeout_minutes)"
+    try:
+        seen = posts()
+    except StoreUnreachable as unreachable:
+        where = os.environ.get("MASTER_ADDR")
+        node0 = "node 0" + (f" ({where})" if where else "")
+        cause = (f"{unreachable}: this node lost {node0}, which holds rank 0 and the job's store "
+                 "(network partition, or node 0 is down)")
     else:
-        cause = f"every rank began step {step}, so one is stuck inside it or the ranks called different collectives"
+        behind = {r: p for r, p in seen.items() if p is None or p[0] < step}
+        if behind:
+            who = "; ".join(f"{_who(r)} " + ("never began a step" if p is None else
+                                            f"last began step {p[0]}, {p[1]:.0f} s ago")
+                            for r, p in sorted(behind.items()))
+            cause = (f"rank(s) {', '.join(map(str, sorted(behind)))} never reached step {step}: {who} "
+                     "(hung, dead or far slower)")
+        else:
+            cause = f"every rank began step {step}, so one is stuck inside it or the ranks called different collectives"
     first_line = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-    return CollectiveTimeout(f"rank {dist.get_rank()}: a collective of step {step} timed out{limit}; {cause}. "
+    return CollectiveTimeout(f"{_who(dist.get_rank())}: a collective of step {step} {what}{limit}; {cause}. "
                              f"({first_line})")

@@ -114,3 +114,54 @@ def _layout(cfg, world_size: Optional[int]):
         return None if world_size is None else cfg.layout(world_size)
     except ConfigError as err:
         raise UsageError.from_config(err) from None
+
+
+# ------------------------------------------------------------------ nodes
+
+# Group kinds whose traffic is on every layer's critical path: across nodes they run at the network's speed.
+_LATENCY_BOUND = {"tp": "tensor parallel", "expert-tp": "expert tensor parallel"}
+# Kinds whose all-to-all / ring traffic grows with their size: warned about when large and across nodes.
+_LARGE_AT = {"cp": 4, "ep": 4, "ulysses": 4, "ring": 4}
+
+
+def node_of(rank: int, per_node: int) -> int:
+    """The node a global rank runs on: torchrun and deepspeed number ranks node by node."""
+    return rank // per_node
+
+
+def crossing(groups: dict[str, list[list[int]]], per_node: int) -> dict[str, list[list[int]]]:
+    """Group kind -> the groups of that kind whose ranks sit on more than one node."""
+    return {kind: [g for g in found if len({node_of(r, per_node) for r in g}) > 1] for kind, found in groups.items()}
+
+
+def topology_warnings(groups: dict[str, list[list[int]]], per_node: int) -> list[str]:
+    """One line for each group kind that should stay inside a node but does not."""
+    lines = []
+    for kind, across in crossing(groups, per_node).items():
+        if not across:
+            continue
+        size = len(across[0])
+        if kind in _LATENCY_BOUND or size >= _LARGE_AT.get(kind, 10**9):
+            lines.append(f"{len(across)} of {len(groups[kind])} {kind} groups (size {size}) span nodes "
+                         f"({per_node} ranks per node), e.g. ranks {across[0]}: their collectives run every layer "
+                         f"over the network; make {kind} divide the processes per node ({per_node})")
+    return lines
+
+
+def node_map(groups: dict[str, list[list[int]]], per_node: int, nodes: int) -> list[str]:
+    """Lines of ``zeromega check --nodes``: each node's ranks, then each group kind's groups per node."""
+    lines = [f"node {n}: ranks {n * per_node}-{(n + 1) * per_node - 1}" for n in range(nodes)]
+    spans = crossing(groups, per_node)
+    for kind, found in groups.items():
+        if all(len(g) == 1 for g in found):
+            continue
+        inside = len(found) - len(spans[kind])
+        where = []
+        for g in found:
+            by_node: dict[int, list[int]] = {}
+            for r in g:
+                by_node.setdefault(node_of(r, per_node), []).append(r)
+            where.append("+".join(f"n{n}:{','.join(map(str, rs))}" for n, rs in by_node.items()))
+        verdict = "inside nodes" if not spans[kind] else f"{len(spans[kind])} of {len(found)} span nodes"
+        lines.append(f"  {kind:<10} {verdict:<22} {' '.join(where)}")
+    return lines

@@ -55,6 +55,8 @@ STOP_GRACE_S = 35.0
 _MESSAGE_LIMIT = 500
 # The hostfile the deepspeed runner reads when given none (its DLTS_HOSTFILE).
 DEEPSPEED_DEFAULT_HOSTFILE = "/job/hostfile"
+# torchrun's and deepspeed's port when none is given (TORCH_DISTRIBUTED_DEFAULT_PORT).
+DEFAULT_PORT = 29500
 
 
 def config_path_from_env() -> Optional[str]:
@@ -70,6 +72,7 @@ class Job:
     script_args: list[str] = field(default_factory=list)
     nproc_per_node: Optional[int] = 1
     nnodes: int = 1
+    """Nodes in the job (the largest count when elastic)."""
     node_rank: int = 0
     master_addr: Optional[str] = None
     master_port: Optional[int] = None
@@ -79,6 +82,26 @@ class Job:
     hostfile: Optional[str] = None
     include: str = ""
     exclude: str = ""
+    min_nodes: Optional[int] = None
+    """Elastic ``--nnodes MIN:MAX``: the fewest nodes the job runs on (None: exactly ``nnodes``)."""
+    rdzv_backend: Optional[str] = None
+    rdzv_endpoint: Optional[str] = None
+    rdzv_id: Optional[str] = None
+    rdzv_conf: str = ""
+    torchrun_args: list[str] = field(default_factory=list)
+    """Further torchrun flags, verbatim (``--log-dir``, ``-m``, ``--redirects``, ...)."""
+    deepspeed_args: list[str] = field(default_factory=list)
+    """Further deepspeed runner flags, verbatim in its spelling (``--launcher openmpi``, ``--no_ssh_check``, ...)."""
+    rank_env: dict = field(default_factory=dict)
+    """Variables every rank gets unless already set (the network interface)."""
+    local_rank_flag: Optional[str] = None
+    """``--local_rank`` (or ``--local-rank``): append ``FLAG=N`` to the script's arguments, as deepspeed does."""
+    module: bool = False
+    """Run SCRIPT as ``python -m SCRIPT`` (torchrun's ``-m``, deepspeed's ``--module``)."""
+    no_python: bool = False
+    """Run SCRIPT as an executable, without python (torchrun's and deepspeed's ``--no-python``)."""
+    num_nodes: int = -1
+    """deepspeed's ``--num_nodes``: the first N hosts of the hostfile (-1: all)."""
 
 
 @dataclass(frozen=True)
@@ -91,10 +114,19 @@ class RankFailure:
     """The rank's exit code; negative: killed by that signal."""
     error: Optional[str] = None
     """``Type: message`` of the exception the rank recorded, if it recorded one."""
+    unresponsive: Optional[str] = None
+    """``"stopped"`` (SIGSTOP) or ``"hung"``: alive when the job was being stopped, it did not exit on torchrun's
+    SIGTERM, and torchrun's SIGKILL after its grace is what ended it (:func:`_note_unresponsive_ranks`)."""
 
     def describe(self) -> str:
         who = "a rank" if self.rank is None else f"rank {self.rank}"
+        if self.unresponsive:
+            state = "stopped (SIGSTOP)" if self.unresponsive == "stopped" else "not responding"
+            return (f"{who} hung: it was {state} while the other ranks failed waiting for it, did not exit on "
+                    "torchrun's SIGTERM and was killed by SIGKILL after the grace period")
         how = f"killed by {_signal_name(-self.exitcode)}" if self.exitcode < 0 else f"exit code {self.exitcode}"
+        if -self.exitcode in _CRASH_SIGNALS:
+            how = f"crashed: {_signal_name(-self.exitcode)}"
         if self.error:
             return f"{who} failed ({how}): {self.error}"
         if self.exitcode > 0:
@@ -118,6 +150,48 @@ class LaunchError(Exception):
     def __init__(self, message: str, exit_status: int = 1):
         super().__init__(message)
         self.exit_status = exit_status
+
+
+_CRASH_SIGNALS = {signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGABRT}
+"""Signals a process raises on itself when it crashes (as opposed to being killed)."""
+
+
+def _proc_state(pid: int) -> str:
+    """The one-letter state in /proc/PID/stat (``T``: stopped), or ``""``."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
+
+
+@contextlib.contextmanager
+def _note_unresponsive_ranks():
+    """Meanwhile, note each rank (pid -> ``"stopped"`` / ``"hung"``) that torchrun's agent has to SIGKILL when it
+    stops the job: alive at the start of ``SubprocessContext._close``, still alive after the SIGTERM grace.
+    Without this a stopped or hung rank reads as "killed by SIGKILL", which is only torchrun's clean-up."""
+    from torch.distributed.elastic.multiprocessing.api import SubprocessContext
+
+    original = SubprocessContext._close
+    noted: dict[int, str] = {}
+
+    def _close(self, death_sig, timeout=30):
+        alive = {h.proc.pid: _proc_state(h.proc.pid) for h in self.subprocess_handlers.values()
+                 if h.proc.poll() is None}
+        try:
+            return original(self, death_sig, timeout)
+        finally:
+            if death_sig != signal.SIGKILL:
+                for handler in self.subprocess_handlers.values():
+                    pid = handler.proc.pid
+                    if pid in alive and handler.proc.poll() == -signal.SIGKILL:
+                        noted[pid] = "stopped" if alive[pid] in ("T", "t") else "hung"
+
+    SubprocessContext._close = _close
+    try:
+        yield noted
+    finally:
+        SubprocessContext._close = original
 
 
 def _signal_name(signum: int) -> str:
@@ -211,6 +285,7 @@ def rank_settings(job: Job, base: dict[str, str]) -> dict:
         settings["drop"].append(CONFIG_ENV)
     if (job.nproc_per_node or 1) > 1:
         settings["default"]["OMP_NUM_THREADS"] = "1"
+    settings["default"].update(job.rank_env)
     return settings
 
 
@@ -226,20 +301,77 @@ def apply_settings(env, settings: dict) -> None:
 # ----------------------------------------------------------------- torchrun
 
 
+def rendezvous_id(job: Job) -> str:
+    """The same id on every node without anyone choosing one: SLURM's job id, else the master's address and port."""
+    return os.environ.get("SLURM_JOB_ID") or f"zeromega-{job.master_addr}-{job.master_port or DEFAULT_PORT}"
+
+
+def _is_rendezvous_host(job: Job, host: str) -> bool:
+    """Whether this machine owns ``host``'s address, so it serves the c10d rendezvous store.
+
+    Otherwise torch decides (its hostname match, then trying to serve and falling back to a client).
+    """
+    from .network import interface_addresses, resolve
+
+    address = resolve(host)
+    return address is not None and any(address in found for found in interface_addresses().values())
+
+
 def torchrun_argv(job: Job) -> list[str]:
-    """torchrun's own command line for this job (parsed by torchrun's parser, so its defaults hold)."""
-    argv = ["--nnodes", str(job.nnodes), "--nproc-per-node", str(job.nproc_per_node),
+    """torchrun's own command line for this job (parsed by torchrun's parser, so its defaults hold).
+
+    One node without an address: ``--standalone`` (the agent's store picks a free port).
+    More nodes: torch's c10d rendezvous, not its static one: a static rendezvous keeps one
+    store across restarts, so ``--max-restarts`` never recovers across nodes. The endpoint is
+    ``--master-addr:--master-port``; node 0 (or the machine owning that address) serves it.
+    """
+    nnodes = f"{job.min_nodes}:{job.nnodes}" if job.min_nodes is not None else str(job.nnodes)
+    argv = ["--nnodes", nnodes, "--nproc-per-node", str(job.nproc_per_node),
             "--max-restarts", str(job.max_restarts)]
-    if job.nnodes == 1 and job.master_addr is None and job.master_port is None:
+    backend = job.rdzv_backend
+    if backend is None and job.nnodes == 1 and job.master_addr is None and job.master_port is None \
+            and job.rdzv_endpoint is None:
         # Rendezvous on a port the agent's store picks itself: no port races.
         argv.append("--standalone")
-    else:
+    elif backend is None and job.nnodes == 1 and job.rdzv_endpoint is None:
         argv += ["--node-rank", str(job.node_rank)]
         if job.master_addr is not None:
             argv += ["--master-addr", job.master_addr]
         if job.master_port is not None:
             argv += ["--master-port", str(job.master_port)]
+    else:
+        backend = backend or "c10d"
+        endpoint = job.rdzv_endpoint or f"{job.master_addr}:{job.master_port or DEFAULT_PORT}"
+        argv += ["--rdzv-backend", backend, "--rdzv-endpoint", endpoint, "--rdzv-id", job.rdzv_id or rendezvous_id(job)]
+        conf = job.rdzv_conf
+        host = endpoint.rsplit(":", 1)[0].strip("[]") if ":" in endpoint else endpoint
+        if backend == "c10d" and "is_host" not in conf and _is_rendezvous_host(job, host):
+            conf = ",".join(filter(None, [conf, "is_host=1"]))
+        if conf:
+            argv += ["--rdzv-conf", conf]
+        if not {"--local-addr", "--local_addr"} & {a.split("=", 1)[0] for a in job.torchrun_args}:
+            # What this node tells the others to reach it (its store, rank 0's MASTER_ADDR): by default
+            # torch's getfqdn(), which is 127.0.0.1 where the hostname resolves to it.
+            from .network import local_address_to
+
+            local = local_address_to(host)
+            if local is not None and not local.startswith("127."):
+                argv += ["--local-addr", local]
+    argv += list(job.torchrun_args)
+    if job.local_rank_flag:
+        # torchrun gives LOCAL_RANK only in the environment; the rank entry appends it as deepspeed does.
+        blob = _settings_blob({"local_rank_flag": job.local_rank_flag, "module": job.module,
+                               "no_python": job.no_python})
+        return argv + ["-m", __name__, "--local_rank=env", blob, job.script, *job.script_args]
+    if job.module:
+        argv.append("-m")
+    if job.no_python:
+        argv.append("--no-python")
     return argv + [job.script, *job.script_args]
+
+
+def _settings_blob(settings: dict) -> str:
+    return base64.urlsafe_b64encode(json.dumps(settings).encode()).decode()
 
 
 def root_cause(failures: dict) -> tuple[int, object]:
@@ -272,11 +404,11 @@ def run_torchrun(job: Job) -> Optional[RankFailure]:
         # prefix: restarted ranks read the dead attempt's gloo addresses ("Connection refused").
         os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     try:
-        with _children_die_with_us():
+        with _children_die_with_us(), _note_unresponsive_ranks() as unresponsive:
             run(parse_args(torchrun_argv(job)))
     except ChildFailedError as err:
         rank, failure = root_cause(err.failures)
-        return RankFailure(rank, failure.exitcode, _recorded_error(failure.error_file))
+        return RankFailure(rank, failure.exitcode, _recorded_error(failure.error_file), unresponsive.get(failure.pid))
     except SignalException as err:
         raise LaunchError(f"stopped by {_signal_name(err.sigval)}; torchrun stopped every rank",
                           128 + int(err.sigval)) from None
@@ -300,7 +432,7 @@ def _deepspeed_resources(job: Job) -> dict:
 
         pool = {"localhost": get_accelerator().device_count()}
     active = parse_inclusion_exclusion(pool, job.include, job.exclude)
-    return apply_num_nodes_and_gpus(active, -1, job.nproc_per_node or -1)
+    return apply_num_nodes_and_gpus(active, job.num_nodes, job.nproc_per_node or -1)
 
 
 def deepspeed_world_size(job: Job) -> int:
@@ -309,7 +441,8 @@ def deepspeed_world_size(job: Job) -> int:
     Only a hostfile or a slot filter needs deepspeed's own parsing (and its slow import);
     otherwise the runner starts ``--num_gpus`` ranks on this node.
     """
-    if not (job.hostfile or job.include or job.exclude or os.path.isfile(DEEPSPEED_DEFAULT_HOSTFILE)):
+    if not (job.hostfile or job.include or job.exclude or job.num_nodes > 0
+            or os.path.isfile(DEEPSPEED_DEFAULT_HOSTFILE)):
         return job.nproc_per_node or 0
     _default_accelerator(os.environ)
     return sum(len(slots) for slots in _deepspeed_resources(job).values())
@@ -337,8 +470,11 @@ def deepspeed_command(job: Job, port: int, rank_settings: dict) -> list[str]:
         cmd += ["--exclude", job.exclude]
     if job.nproc_per_node:
         cmd += ["--num_gpus", str(job.nproc_per_node)]
-    blob = base64.urlsafe_b64encode(json.dumps(rank_settings).encode()).decode()
-    return cmd + ["--module", __name__, blob, job.script, *job.script_args]
+    if job.num_nodes > 0:
+        cmd += ["--num_nodes", str(job.num_nodes)]
+    cmd += list(job.deepspeed_args)
+    settings = dict(rank_settings, module=job.module, no_python=job.no_python, local_rank_flag=job.local_rank_flag)
+    return cmd + ["--module", __name__, _settings_blob(settings), job.script, *job.script_args]
 
 
 def _group_alive(pgid: int) -> bool:
@@ -462,22 +598,35 @@ def launch(job: Job, launcher: str = "torchrun") -> Optional[RankFailure]:
 def _rank_entry(argv: list[str]) -> None:
     """Become the user's script as the deepspeed launcher would have run it.
 
-    It runs ``python -u -m zeromega.launch.launcher --local_rank=N SETTINGS
-    SCRIPT ARGS...``; this sets the rank's environment (with its own error
-    file), then execs ``python -u SCRIPT --local_rank=N ARGS...`` in the same
-    process, so the launcher still sees the script's exit status and signals.
+    The deepspeed runner runs ``python -u -m zeromega.launch.launcher --local_rank=N SETTINGS
+    SCRIPT ARGS...`` (without ``--local_rank=N`` under its ``--no_local_rank``); torchrun runs
+    the same with ``--local_rank=env`` when the script expects the flag (N is then torchrun's
+    ``LOCAL_RANK``). This sets the rank's environment (with its own error file), then execs
+    ``python -u SCRIPT --local_rank=N ARGS...`` in the same process, so the launcher still sees
+    the script's exit status and signals. SETTINGS may ask for ``python -u -m SCRIPT``
+    (``module``), SCRIPT run directly (``no_python``) or the flag's other spelling
+    (``local_rank_flag``: ``--local-rank``).
     """
-    if len(argv) < 3:
-        sys.exit("zeromega.launch.launcher is the per-rank entry of `zeromega launch --launcher deepspeed`; "
-                 "run that instead")
-    local_rank_flag, blob, script, *args = argv
+    local_rank = None
+    if argv and argv[0].startswith("--local_rank="):
+        local_rank, argv = argv[0].split("=", 1)[1], argv[1:]
+    if len(argv) < 2:
+        sys.exit("zeromega.launch.launcher is the per-rank entry of `zeromega launch`; run that instead")
+    blob, script, *args = argv
     settings = json.loads(base64.urlsafe_b64decode(blob.encode()))
     apply_settings(os.environ, settings)
     error_dir = settings.get("error_dir")
     if error_dir and os.path.isdir(error_dir):
         os.environ["TORCHELASTIC_ERROR_FILE"] = os.path.join(error_dir, f"rank{os.environ.get('RANK', '0')}.json")
-    die_with_parent()  # the deepspeed runner that started this rank
-    os.execv(sys.executable, [sys.executable, "-u", script, local_rank_flag, *args])
+    if local_rank == "env":
+        local_rank = os.environ.get("LOCAL_RANK", "0")
+    flag = settings.get("local_rank_flag") or "--local_rank"
+    extra = [f"{flag}={local_rank}"] if local_rank is not None else []
+    die_with_parent()  # the launcher that started this rank
+    if settings.get("no_python"):
+        os.execv(script, [script, *extra, *args])
+    python = [sys.executable, "-u", *(["-m"] if settings.get("module") else [])]
+    os.execv(sys.executable, [*python, script, *extra, *args])
 
 
 if __name__ == "__main__":

@@ -77,7 +77,8 @@ def test_torchrun_allreduce_and_config(tmp_path):
         assert "world=2 sum=3 " in line  # (0 + 1) + (1 + 1): the all_reduce ran
         assert f"config={config}" in line  # absolute, though given relative to cwd
         assert "omp=1" in line  # set because it was unset
-        assert "local_rank_arg=None" in line  # torchrun passes LOCAL_RANK in the environment
+    for rank, line in lines.items():  # the worker declares --local_rank: passed as deepspeed passes it
+        assert f"local_rank_arg={rank}" in line
 
 
 def test_config_launch_section_sets_the_processes_per_node(tmp_path):
@@ -182,8 +183,16 @@ BAD_INPUTS = {
                            "invalid int value: 'x'"),
     "unknown option": (["--nproc-per-node", "2", "--bogus", WORKER], "unrecognized arguments: --bogus"),
     "bad number": (["--nproc-per-node", "0", WORKER], "must be >= 1"),
-    "hostfile with torchrun": (["--nproc-per-node", "2", "--hostfile", "hosts", WORKER],
+    "hostfile with torchrun": (["--launcher", "torchrun", "--nproc-per-node", "2", "--hostfile", "hosts", WORKER],
                                "deepspeed launcher flags"),
+    "deepspeed flag with torchrun": (["--launcher", "torchrun", "--num_gpus", "2", WORKER], "--num_gpus: deepspeed"),
+    "elastic nodes backwards": (["--nproc-per-node", "1", "--nnodes", "3:2", "--master-addr", "127.0.0.1", WORKER],
+                                "--nnodes 3:2"),
+    "no such interface": (["--nproc-per-node", "1", "--network-interface", "nosuch0", WORKER],
+                          "--network-interface nosuch0: no such interface"),
+    "torchrun flag with deepspeed": (["--launcher", "deepspeed", "--nproc-per-node", "1", "--log-dir", "d", WORKER],
+                                     "--log-dir is a torchrun flag"),
+    "nproc and num_gpus disagree": (["--nproc-per-node", "2", "--num_gpus", "1", WORKER], "disagree"),
     "hostfile with nnodes": (["--launcher", "deepspeed", "--hostfile", "hosts", "--nnodes", "2",
                               "--nproc-per-node", "1", WORKER], "--hostfile is given together with --nnodes"),
     "node rank": (["--nproc-per-node", "1", "--nnodes", "2", "--node-rank", "2", "--master-addr", "127.0.0.1",
@@ -356,3 +365,211 @@ def test_output_cut_short_by_a_pipe_ends_quietly(tmp_path):
                           text=True, timeout=120)
     assert proc.stdout.startswith("world 65536"), proc.stdout
     assert "Traceback" not in proc.stderr and proc.returncode == 141, (proc.returncode, proc.stderr[-500:])
+
+
+# ------------------------------------------------------------------ torchrun's and deepspeed's flags (issue 17)
+
+
+@pytest.fixture
+def started(monkeypatch):
+    """Run `zeromega launch` in this process with the launch itself replaced: returns (exit code, Job, kind)."""
+    from zeromega.launch import cli
+
+    seen = {}
+
+    def fake_launch(job, kind="torchrun"):
+        seen.update(job=job, kind=kind)
+        return None
+
+    monkeypatch.setattr(launcher, "launch", fake_launch)
+    for name in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "SLURM_JOB_ID", "SLURM_NNODES", "SLURM_NODEID",
+                 "SLURM_JOB_NODELIST", "SLURM_JOB_NUM_NODES", "SLURM_NODELIST"):
+        monkeypatch.delenv(name, raising=False)
+
+    def run(*argv):
+        seen.clear()
+        code = cli.main(["launch", *argv])
+        return code, seen.get("job"), seen.get("kind")
+
+    return run
+
+
+def test_torchrun_flags_are_read_by_torchruns_parser(started, tmp_path):
+    from torch.distributed.run import config_from_args, parse_args
+
+    code, job, kind = started("--nnodes", "1:2", "--nproc_per_node", "2", "--rdzv-backend", "c10d",
+                              "--rdzv-endpoint", "10.0.0.1:29400", "--rdzv-id", "job7", "--rdzv-conf",
+                              "join_timeout=30", "--log-dir", str(tmp_path / "logs"), "--redirects", "3",
+                              "--monitor-interval", "0.5", WORKER, "--x")
+    assert code == 0 and kind == "torchrun"
+    assert (job.min_nodes, job.nnodes, job.nproc_per_node) == (1, 2, 2)
+    assert job.torchrun_args == ["--log-dir", str(tmp_path / "logs"), "--redirects", "3", "--monitor-interval", "0.5"]
+    config, entry, args = config_from_args(parse_args(launcher.torchrun_argv(job)))
+    assert (config.min_nodes, config.max_nodes, config.nproc_per_node) == (1, 2, 2)
+    assert (config.rdzv_backend, config.rdzv_endpoint, config.run_id) == ("c10d", "10.0.0.1:29400", "job7")
+    assert config.rdzv_configs["join_timeout"] == "30" and config.monitor_interval == 0.5
+    assert args[-1] == "--x" and WORKER in args  # the worker declares --local_rank: through the rank entry
+    assert config.logs_specs.root_log_dir == str(tmp_path / "logs")
+
+
+def test_multi_node_uses_c10d_rendezvous_not_static(started):
+    code, job, _ = started("--nnodes", "2", "--node-rank", "1", "--master-addr", "10.9.8.7", "--master-port", "2345",
+                           "--nproc-per-node", "1", WORKER)
+    assert code == 0
+    argv = launcher.torchrun_argv(job)
+    from torch.distributed.run import parse_args
+
+    ns = parse_args(argv)
+    assert (ns.rdzv_backend, ns.rdzv_endpoint) == ("c10d", "10.9.8.7:2345")
+    assert ns.rdzv_id == "zeromega-10.9.8.7-2345"  # the same on every node
+    assert "is_host=1" not in ns.rdzv_conf  # 10.9.8.7 is not this machine's
+
+
+def test_module_and_no_python_and_standalone(started):
+    code, job, _ = started("--nproc-per-node", "1", "-m", "json.tool", "--help")
+    assert code == 0 and job.module and job.script == "json.tool" and job.script_args == ["--help"]
+    argv = launcher.torchrun_argv(job)
+    assert argv[-3:] == ["-m", "json.tool", "--help"]
+
+
+def test_deepspeed_flags_are_read_by_deepspeeds_parser(started, tmp_path):
+    from deepspeed.launcher.runner import parse_args as deepspeed_parse
+
+    hosts = tmp_path / "hosts"
+    hosts.write_text("localhost slots=3\n")
+    code, job, kind = started("-H", str(hosts), "--launcher", "openmpi", "--no_ssh_check", "--enable_each_rank_log",
+                              str(tmp_path / "logs"), "--master_port", "29511", WORKER, "--y")
+    assert code == 0 and kind == "deepspeed"
+    assert job.hostfile == str(hosts) and job.master_port == 29511
+    assert launcher.deepspeed_world_size(job) == 3  # the hostfile's slots
+    cmd = launcher.deepspeed_command(job, 29511, {})
+    ns = deepspeed_parse(cmd[cmd.index("deepspeed.launcher.runner") + 1:])
+    assert (ns.launcher, ns.no_ssh_check, ns.enable_each_rank_log) == ("openmpi", True, str(tmp_path / "logs"))
+    assert ns.hostfile == str(hosts) and ns.module and ns.user_script == "zeromega.launch.launcher"
+    assert ns.user_args[-2:] == [WORKER, "--y"]
+
+
+def test_hostfile_slots_include_exclude_and_num_nodes(started, tmp_path):
+    hosts = tmp_path / "hosts"
+    hosts.write_text("localhost slots=4\n")
+    for flags, world in ((["-i", "localhost:1,3"], 2), (["-e", "localhost:0"], 3), (["--num_gpus", "2"], 2),
+                         (["--num_nodes", "1"], 4)):
+        code, job, kind = started("--hostfile", str(hosts), *flags, WORKER)
+        assert code == 0 and kind == "deepspeed", flags
+        assert launcher.deepspeed_world_size(job) == world, flags
+
+
+def test_a_scripts_own_arguments_are_left_alone(started, tmp_path, capsys):
+    """Megatron pre-flight reads the arguments of zeromega's own scripts only: a plain script's --lr or
+    --tensor-model-parallel-size is its own business."""
+    plain = tmp_path / "train.py"
+    plain.write_text("import argparse\np = argparse.ArgumentParser()\np.add_argument('--lr')\n")
+    config = tmp_path / "ds.json"
+    config.write_text(json.dumps({"train_micro_batch_size_per_gpu": 1,
+                                  "optimizer": {"type": "AdamW", "params": {"lr": 0.001}}}))
+    code, job, _ = started("--nproc-per-node", "2", "--config", str(config), str(plain), "--lr", "0.5",
+                           "--tensor-model-parallel-size", "4")
+    assert code == 0 and job.script_args == ["--lr", "0.5", "--tensor-model-parallel-size", "4"]
+    assert job.local_rank_flag is None  # it declares no --local_rank
+    code, job, _ = started("--nproc-per-node", "2", WORKER, "--tensor-model-parallel-size", "4")  # zeromega's
+    assert code == 2 and job is None
+    assert "not divisible by tp" in capsys.readouterr().err
+
+
+def test_local_rank_is_passed_the_way_the_script_declares_it(tmp_path):
+    from zeromega.launch import launch_flags
+
+    assert launch_flags.local_rank_flag('p.add_argument("--local_rank", type=int)') == "--local_rank"
+    assert launch_flags.local_rank_flag("p.add_argument('--local-rank', type=int)") == "--local-rank"
+    assert launch_flags.local_rank_flag("p.add_argument('--lr')") is None
+    script = tmp_path / "show.py"
+    script.write_text("import sys; print(sys.argv[1:])\n")
+    blob = launcher._settings_blob({"local_rank_flag": "--local-rank"})
+    out = subprocess.run([sys.executable, "-m", "zeromega.launch.launcher", "--local_rank=env", blob, str(script),
+                          "--a"], env=dict(os.environ, LOCAL_RANK="3"), capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "['--local-rank=3', '--a']", out.stderr
+
+
+def test_slurm_variables_give_nodes_rank_and_master(started, monkeypatch):
+    from zeromega.launch import launch_flags
+
+    monkeypatch.setattr(launch_flags.shutil, "which", lambda name: None)  # the small parser, not scontrol
+    assert launch_flags.expand_nodelist("gpu[01-03,7],login5,x[2]") == ["gpu01", "gpu02", "gpu03", "gpu7",
+                                                                         "login5", "x2"]
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_NNODES", "2")
+    monkeypatch.setenv("SLURM_NODEID", "1")
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "node[07-08]")
+    code, job, _ = started("--nproc-per-node", "1", WORKER)
+    assert code == 0
+    assert (job.nnodes, job.node_rank, job.master_addr, job.rdzv_id) == (2, 1, "node07", "4242")
+    from torch.distributed.run import parse_args
+
+    ns = parse_args(launcher.torchrun_argv(job))
+    assert (ns.rdzv_backend, ns.rdzv_endpoint, ns.rdzv_id) == ("c10d", "node07:29500", "4242")
+
+
+def test_version():
+    out = subprocess.run([sys.executable, "-m", "zeromega", "--version"], capture_output=True, text=True, timeout=60)
+    from zeromega.version import __version__
+
+    assert out.returncode == 0 and out.stdout.startswith(f"zeromega {__version__} (torch 2.13"), out.stdout
+
+
+def test_network_interface_choice(monkeypatch):
+    from zeromega.launch import network
+
+    assert network.socket_ifname_settings("127.0.0.1", None, {}) == ({}, None)  # one machine
+    assert network.socket_ifname_settings("127.0.0.1", "eth9", {})[0] == {"GLOO_SOCKET_IFNAME": "eth9",
+                                                                          "NCCL_SOCKET_IFNAME": "eth9"}
+    # the interface routing to an address of this machine's is the one that owns it
+    lo = network.interface_to("127.0.0.1")
+    assert lo is not None and "127.0.0.1" in network.interface_addresses()[lo]
+    monkeypatch.setattr(network, "interface_to", lambda host: "ib0")
+    monkeypatch.setattr(network, "is_loopback", lambda host: False)
+    assert network.socket_ifname_settings("10.1.1.1", None, {"GLOO_SOCKET_IFNAME": "mine"})[0] == {
+        "NCCL_SOCKET_IFNAME": "ib0"}  # the user's own setting stays
+
+
+def test_topology_warnings_name_groups_that_span_nodes():
+    from zeromega.config.groups import rank_groups
+    from zeromega.config.schema import Layout  # noqa: F401
+    from zeromega.launch import cli_common, translate
+
+    cfg = translate.build(None, megatron_argv=["--tensor-model-parallel-size", "4", "--micro-batch-size", "1"])
+    groups = rank_groups(cfg.layout(8))
+    warned = cli_common.topology_warnings(groups, per_node=2)
+    assert any(line.startswith("2 of 2 tp groups (size 4) span nodes") for line in warned), warned
+    assert cli_common.topology_warnings(groups, per_node=4) == []  # tp 4 inside each 4-process node
+    lines = cli_common.node_map(groups, per_node=4, nodes=2)
+    assert lines[:2] == ["node 0: ranks 0-3", "node 1: ranks 4-7"]
+    assert any(line.split()[:3] == ["tp", "inside", "nodes"] for line in lines), lines
+
+
+def test_heartbeat_store_read_has_a_deadline():
+    """A store that never answers (a partition: TCP waits minutes) ends the read at the deadline."""
+    from zeromega.integrations import heartbeat
+
+    start = time.monotonic()
+    with pytest.raises(heartbeat.StoreUnreachable):
+        heartbeat.bounded(lambda: time.sleep(30), 0.5)
+    assert time.monotonic() - start < 5
+    assert heartbeat.bounded(lambda: 7, 0.5) == 7
+
+
+def test_unmodified_deepspeed_script_runs_under_zeromega_launch(tmp_path):
+    """A DeepSpeed tutorial-style train.py (--local_rank, its own --lr, --deepspeed_config) runs as it is."""
+    config = tmp_path / "ds.json"
+    config.write_text(json.dumps({"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 1},
+                                  "optimizer": {"type": "AdamW", "params": {"lr": 0.001}}}))
+    script = str(Path(__file__).parent / "scripts" / "ds_style_train.py")
+    proc, token, _, _ = zeromega("launch", "--nproc-per-node", "2", "--config", str(config), script,
+                                 "--deepspeed_config", str(config), "--lr", "0.5", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shown = sorted((json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"rank"')),
+                   key=lambda r: r["rank"])
+    assert [r["rank"] for r in shown] == [0, 1], proc.stdout
+    for r in shown:
+        assert r["local_rank_arg"] == r["LOCAL_RANK"] == r["rank"]
+        assert r["lr"] == 0.5 and r["optimizer_lr"] == 0.001  # its own --lr, the JSON's optimizer
+    assert survivors(token) == []

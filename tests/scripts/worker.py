@@ -4,7 +4,9 @@
 script covers success, an exception, a signal death and a plain non-zero
 exit; the other ranks wait in a barrier, or (``--wait sleep``) somewhere only
 the launcher can end them. It accepts ``--local_rank`` because the deepspeed
-launcher appends it, and Megatron flags because the launcher's checks read them.
+launcher appends it, and Megatron flags because the launcher's checks read them (it imports
+``zeromega.launch.script_args``, which tells ``zeromega launch`` that its arguments are Megatron
+flags, as examples/pretrain_gpt.py's are).
 If ``ZEROMEGA_TEST_MARKER`` names a file, the rank creates it first: tests of
 bad input check that no rank ever started.
 """
@@ -18,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import record
 
+from zeromega.launch import script_args  # noqa: F401  (Megatron flags as zeromega's scripts read them)
 from zeromega.launch.launcher import config_path_from_env
 
 

@@ -1,0 +1,297 @@
+"""Two nodes on one machine: ``zeromega launch --nnodes 2`` in two network namespaces joined by a veth pair.
+
+The fixture :func:`two_nodes` makes the namespaces, each with its own
+private address on the pair (10.231.N.1 and .2; nothing outside the test
+can reach them), and removes them afterwards, also when a test fails. Each
+"node" runs a real ``zeromega launch`` through ``ip netns exec``. Where the
+machine does not allow namespaces (not root, no ``ip``, a kernel or sandbox
+that refuses them) the tests are skipped, saying so.
+
+Nothing here sets ``GLOO_SOCKET_IFNAME``: finding the interface that reaches
+the master is the launcher's job. On a machine whose hostname resolves to
+127.0.0.1 (this one's /etc/hosts) gloo would otherwise advertise 127.0.0.1
+to the other node.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKER = str(Path(__file__).parent / "scripts" / "worker.py")
+GPT = str(ROOT / "examples" / "pretrain_gpt.py")
+CKPT_WORKER = str(Path(__file__).resolve().parent / "ckpt_workers.py")
+JOB_DEADLINE_S = 240
+
+
+@dataclass
+class Bed:
+    """Two namespaces ``ns[0]``, ``ns[1]`` with addresses ``addr[0]``, ``addr[1]`` on a veth pair."""
+
+    ns: tuple[str, str]
+    addr: tuple[str, str]
+    link: tuple[str, str]
+
+    def link_down(self) -> None:
+        for node in (0, 1):
+            subprocess.run(["ip", "-n", self.ns[node], "link", "set", self.link[node], "down"], check=False)
+
+    def link_up(self) -> None:
+        for node in (0, 1):
+            subprocess.run(["ip", "-n", self.ns[node], "link", "set", self.link[node], "up"], check=False)
+
+
+def _ip(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+
+
+@pytest.fixture
+def two_nodes():
+    """Two network namespaces joined by a veth pair; skipped where the machine forbids them."""
+    if sys.platform != "linux" or shutil.which("ip") is None:
+        pytest.skip("two-node test bed: needs Linux and iproute2's `ip`")
+    if os.geteuid() != 0:
+        pytest.skip("two-node test bed: creating network namespaces needs root")
+    tag = f"{os.getpid() % 10000}{uuid.uuid4().hex[:3]}"
+    net = random.Random(tag).randrange(1, 254)
+    bed = Bed(ns=(f"zmn{tag}a", f"zmn{tag}b"), addr=(f"10.231.{net}.1", f"10.231.{net}.2"),
+              link=(f"zmv{tag}a", f"zmv{tag}b"))
+    made = []
+    try:
+        for name in bed.ns:
+            done = _ip("netns", "add", name)
+            if done.returncode:
+                pytest.skip(f"two-node test bed: this machine forbids network namespaces (`ip netns add`: "
+                            f"{done.stderr.strip()})")
+            made.append(name)
+        steps = [("link", "add", bed.link[0], "type", "veth", "peer", "name", bed.link[1])]
+        for node in (0, 1):
+            steps += [("link", "set", bed.link[node], "netns", bed.ns[node]),
+                      ("-n", bed.ns[node], "addr", "add", f"{bed.addr[node]}/24", "dev", bed.link[node]),
+                      ("-n", bed.ns[node], "link", "set", bed.link[node], "up"),
+                      ("-n", bed.ns[node], "link", "set", "lo", "up")]
+        for step in steps:
+            done = _ip(*step)
+            if done.returncode:
+                pytest.skip(f"two-node test bed: `ip {' '.join(step)}` failed: {done.stderr.strip()}")
+        yield bed
+    finally:
+        for name in made:  # removing a namespace removes its end of the pair, and so the pair
+            _ip("netns", "del", name)
+
+
+@dataclass
+class Node:
+    proc: subprocess.Popen
+    token: str
+    out: str = ""
+    err: str = ""
+    seconds: float = 0.0
+
+    @property
+    def last(self) -> str:
+        lines = self.err.strip().splitlines()
+        return lines[-1] if lines else ""
+
+
+def start_node(bed: Bed, node: int, port: int, launch_args: list[str], script: str, args: list[str],
+               env: dict | None = None) -> Node:
+    token = uuid.uuid4().hex
+    full_env = {k: v for k, v in os.environ.items()
+                if k not in ("OMP_NUM_THREADS", "ZEROMEGA_CONFIG", "GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME",
+                             "TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "MASTER_ADDR", "MASTER_PORT")}
+    full_env.update(env or {}, ZEROMEGA_TEST_TOKEN=token)
+    cmd = ["ip", "netns", "exec", bed.ns[node], sys.executable, "-m", "zeromega", "launch", "--nnodes", "2",
+           "--node-rank", str(node), "--master-addr", bed.addr[0], "--master-port", str(port), *launch_args,
+           script, *args]
+    proc = subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    return Node(proc, token)
+
+
+def finish(nodes: list[Node], started: float, timeout: float = JOB_DEADLINE_S) -> list[Node]:
+    """Wait for every node; kill what is left at ``timeout`` (and fail)."""
+    try:
+        for node in nodes:
+            left = max(1.0, timeout - (time.monotonic() - started))
+            node.out, node.err = node.proc.communicate(timeout=left)
+            node.seconds = time.monotonic() - started
+    except subprocess.TimeoutExpired:
+        for node in nodes:
+            kill_node(node)
+        pytest.fail(f"a node still ran after {timeout:.0f} s")
+    return nodes
+
+
+def kill_node(node: Node) -> None:
+    """SIGKILL everything of this node: the launcher's session and any process carrying its token."""
+    try:
+        os.killpg(node.proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    for proc in survivors(node.token):
+        proc.kill()
+
+
+def survivors(token: str) -> list[psutil.Process]:
+    alive = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get("ZEROMEGA_TEST_TOKEN") == token and proc.status() != psutil.STATUS_ZOMBIE:
+                alive.append(proc)
+        except psutil.Error:
+            continue
+    return alive
+
+
+def port() -> int:
+    return random.randrange(20000, 40000)
+
+
+# ------------------------------------------------------------------ fast: in CI
+
+
+def test_two_nodes_allreduce_without_an_interface_named(two_nodes):
+    """`zeromega launch --nnodes 2` on two hosts whose hostname resolves to 127.0.0.1: the launcher picks
+    the interface that routes to the master (the veth), so gloo connects; c10d rendezvous."""
+    started = time.monotonic()
+    p = port()
+    nodes = [start_node(two_nodes, n, p, ["--nproc-per-node", "1"], WORKER, []) for n in (0, 1)]
+    finish(nodes, started, timeout=120)
+    for n, node in enumerate(nodes):
+        assert node.proc.returncode == 0, f"node {n}: {node.err[-3000:]}"
+        assert f"network interface {two_nodes.link[n]} (the route to {two_nodes.addr[0]})" in node.err, node.err
+    lines = sorted(line for node in nodes for line in node.out.splitlines() if line.startswith("rank="))
+    assert [line.split()[0] for line in lines] == ["rank=0", "rank=1"], lines
+    assert all("world=2 sum=3 " in line for line in lines), lines
+    print(f"two nodes x 1 rank, allreduce: {max(n.seconds for n in nodes):.1f} s")
+
+
+# ------------------------------------------------------------------ slow: GPT runs
+
+GPT_ARGS = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "64",
+            "--micro-batch-size", "2", "--global-batch-size", "8", "--lr", "3e-3", "--no-progress",
+            "--split", "1,0,0", "--hidden-dropout", "0.0", "--attention-dropout", "0.0"]
+
+
+def curve(path: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, path.read_text().splitlines()) if "loss" in r}
+
+
+def one_node(tmp: Path, args: list[str]) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "ZEROMEGA_CONFIG")}
+    return subprocess.run([sys.executable, "-m", "zeromega", "launch", "--nproc-per-node", "2", GPT, *args],
+                          env=env, capture_output=True, text=True, timeout=JOB_DEADLINE_S, cwd=tmp)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [[], ["--tensor-model-parallel-size", "2"]], ids=["dp2", "tp2"])
+def test_gpt_across_two_nodes_matches_one_node(two_nodes, tmp_path, small_corpus, layout):
+    args = GPT_ARGS + ["--data-path", small_corpus, "--train-iters", "4", *layout]
+    one = one_node(tmp_path, args + ["--metrics-out", str(tmp_path / "one.jsonl")])
+    assert one.returncode == 0, one.stderr[-3000:]
+    started, p = time.monotonic(), port()
+    nodes = [start_node(two_nodes, n, p, ["--nproc-per-node", "1"], GPT,
+                        args + ["--metrics-out", str(tmp_path / "two.jsonl")]) for n in (0, 1)]
+    finish(nodes, started)
+    for n, node in enumerate(nodes):
+        assert node.proc.returncode == 0, f"node {n}: {node.err[-3000:]}"
+    if layout:
+        assert "tp groups (size 2) span nodes" in nodes[0].err, nodes[0].err[-2000:]
+    want, got = curve(tmp_path / "one.jsonl"), curve(tmp_path / "two.jsonl")
+    assert sorted(got) == [1, 2, 3, 4] and got == want, (got, want)
+
+
+def _train(bed, tmp_path, corpus, iters, extra=(), env=None, launch_args=("--nproc-per-node", "1")):
+    args = GPT_ARGS + ["--data-path", corpus, "--train-iters", str(iters), "--distributed-timeout-minutes", "0.25",
+                       "--metrics-out", str(tmp_path / "run.jsonl"), *extra]
+    p = port()
+    return [start_node(bed, n, p, list(launch_args), GPT if env is None else CKPT_WORKER, args, env=env)
+            for n in (0, 1)], time.monotonic()
+
+
+TIMEOUT_S = 15  # --distributed-timeout-minutes 0.25
+GRACE_S = 60  # the store's deadline (10 s), the agent's stop, interpreter exit: measured well under this
+
+
+def _wait_for(path: Path, deadline_s: float = 150) -> None:
+    end = time.monotonic() + deadline_s
+    while not path.exists() or not path.read_text().strip():
+        assert time.monotonic() < end, f"{path} never appeared"
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_killed_node_ends_the_job_naming_it(two_nodes, tmp_path, small_corpus):
+    """SIGKILL of node 1's launcher and ranks mid-run: node 0 ends within the timeout plus a grace, naming rank 1
+    on node 1."""
+    nodes, started = _train(two_nodes, tmp_path, small_corpus, 200)
+    _wait_for(tmp_path / "run.jsonl")
+    kill_node(nodes[1])
+    killed = time.monotonic()
+    finish(nodes, started)
+    took = nodes[0].seconds - (killed - started)
+    print(f"node killed -> node 0 over in {took:.1f} s: {nodes[0].last}")
+    assert nodes[0].proc.returncode not in (0, None)
+    assert took < TIMEOUT_S + GRACE_S, took
+    assert "rank 1 (node 1)" in nodes[0].last or "node 1" in nodes[0].last, nodes[0].err[-3000:]
+    assert survivors(nodes[0].token) == []
+
+
+@pytest.mark.slow
+def test_partition_ends_both_nodes(two_nodes, tmp_path, small_corpus):
+    """The link goes down mid-run: both nodes end within the timeout plus a grace; node 0 names rank 1 on
+    node 1, node 1 says it lost node 0."""
+    nodes, started = _train(two_nodes, tmp_path, small_corpus, 200)
+    _wait_for(tmp_path / "run.jsonl")
+    two_nodes.link_down()
+    cut = time.monotonic()
+    try:
+        finish(nodes, started)
+    finally:
+        two_nodes.link_up()
+    for n, node in enumerate(nodes):
+        took = node.seconds - (cut - started)
+        print(f"partition -> node {n} over in {took:.1f} s: {node.last}")
+        assert node.proc.returncode not in (0, None)
+        assert took < TIMEOUT_S + GRACE_S, (n, took, node.err[-3000:])
+        assert survivors(node.token) == []
+    assert "rank 1 (node 1)" in nodes[0].err, nodes[0].err[-3000:]
+    assert "lost node 0" in nodes[1].err, nodes[1].err[-3000:]
+
+
+@pytest.mark.slow
+def test_killed_rank_restarts_across_nodes_to_the_same_curve(two_nodes, tmp_path, small_corpus):
+    """--max-restarts 1 with --save/--load: rank 1 (node 1) is SIGKILLed after step 3; both nodes re-rendezvous
+    (c10d), resume from step 2's checkpoint and end with the uninterrupted run's curve."""
+    steps = ["--save-interval", "2"]
+    clean_dir, faulty_dir = tmp_path / "clean", tmp_path / "faulty"
+    clean_dir.mkdir()
+    faulty_dir.mkdir()
+    nodes, started = _train(two_nodes, clean_dir, small_corpus, 6,
+                            extra=steps + ["--save", str(clean_dir / "ck"), "--load", str(clean_dir / "ck")],
+                            launch_args=("--nproc-per-node", "1", "--max-restarts", "1"))
+    finish(nodes, started)
+    assert all(n.proc.returncode == 0 for n in nodes), nodes[0].err[-3000:] + nodes[1].err[-3000:]
+    mark = faulty_dir / "killed"
+    nodes, started = _train(two_nodes, faulty_dir, small_corpus, 6,
+                            extra=steps + ["--save", str(faulty_dir / "ck"), "--load", str(faulty_dir / "ck")],
+                            env={"ZEROMEGA_TEST_KILL": "1:3", "ZEROMEGA_TEST_KILL_MARK": str(mark)},
+                            launch_args=("--nproc-per-node", "1", "--max-restarts", "1"))
+    finish(nodes, started)
+    assert all(n.proc.returncode == 0 for n in nodes), nodes[0].err[-3000:] + nodes[1].err[-3000:]
+    assert mark.read_text().startswith("1:3:")
+    assert curve(faulty_dir / "run.jsonl") == curve(clean_dir / "run.jsonl")
