@@ -120,9 +120,10 @@ def _preprocess(args: argparse.Namespace) -> int:
     except ValueError as err:  # a bad JSON line, named by file and line
         raise UsageError(str(err), "fix the input file or --json-keys") from None
     for key, prefix in written.items():
-        docs = data.document_count(prefix)
-        print(f"{prefix}.bin/.idx: {docs} documents of {key!r} ({args.tokenizer_type}); train with --data-path "
-              f"{prefix}")
+        docs = data.document_count(prefix, documents=True)
+        empty = docs - data.document_count(prefix)
+        print(f"{prefix}.bin/.idx: {docs} documents of {key!r} ({empty} empty), {args.tokenizer_type}; train "
+              f"with --data-path {prefix}")
     return 0
 
 

@@ -92,6 +92,8 @@ FLAGS: dict[str, tuple[str, Any]] = {
     "--split": ("data.split", str),
     "--data-cache-path": ("data.cache_path", str),
     "--mock-data": ("data.mock", SWITCH),
+    "--eod-mask-loss": ("data.eod_mask_loss", SWITCH),
+    "--reset-position-ids": ("data.reset_position_ids", SWITCH),
     "--tokenizer-type": ("data.tokenizer_type", str),
     "--vocab-file": ("data.vocab_file", str),
     "--merge-file": ("data.merge_file", str),

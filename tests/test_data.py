@@ -267,3 +267,34 @@ def test_mock_data_trains_through_the_flags():
     (result,) = run_world(1, run_logging, argv)
     losses = [r["loss"] for r in result["records"]]
     assert len(losses) == 3 and all(np.isfinite(losses)) and result["vocab"] == 257
+
+
+def test_eod_mask_loss_and_reset_position_ids_are_megatrons(tmp_path):
+    from zeromega.launch import translate
+
+    short = _documents(tmp_path / "short", 12, length=20)  # 21 ids per document: every sample crosses an EOD
+    kw = dict(blend=([short], None), split="1,0,0", cache_dir=tmp_path / "cache")
+    plain = D.build_datasets(32, 1, (10, 0, 0), **kw)[0][0]
+    cfg = translate.build(None, megatron_argv=["--eod-mask-loss", "--reset-position-ids"])
+    assert cfg.data.eod_mask_loss and cfg.data.reset_position_ids
+    sample = D.build_datasets(32, 1, (10, 0, 0), eod_mask_loss=cfg.data.eod_mask_loss,
+                              reset_position_ids=cfg.data.reset_position_ids, **kw)[0][0]
+    tokens = sample["tokens"]
+    assert torch.equal(tokens, plain["tokens"]) and bool((tokens == D.EOD).any())
+    assert torch.equal(sample["loss_mask"], (tokens != D.EOD).float()) and bool((plain["loss_mask"] == 1).all())
+    eod = int(torch.nonzero(tokens == D.EOD)[0])
+    assert sample["position_ids"][eod + 1] == 0 and sample["position_ids"][eod] == plain["position_ids"][eod]
+
+
+def test_a_ten_document_corpus_trains_with_megatrons_default_split(tmp_path):
+    """Before: refused ('split leaves valid no document of 10') although the run read no validation data."""
+    from distributed import run_world
+    from run_workers import run_logging, run_refused
+
+    ten = _documents(tmp_path / "ten", 10)
+    argv = ["--num-layers", "1", "--hidden-size", "16", "--num-attention-heads", "2", "--seq-length", "32",
+            "--micro-batch-size", "2", "--train-iters", "2", "--lr", "1e-3", "--no-progress", "--data-path", ten]
+    (result,) = run_world(1, run_logging, argv)
+    assert len(result["records"]) == 2
+    (line,) = run_world(1, run_refused, argv + ["--eval-interval", "1", "--eval-iters", "1"])
+    assert line.startswith("data.split='969, 30, 1'") and "--split 8,1,1" in line and "\n" not in line, line

@@ -75,6 +75,7 @@ def test_preprocess_writes_megatron_documents_with_eod(bpe, tmp_path):
     gpt2 = D.build_tokenizer("GPT2BPETokenizer", vocab_file=str(tok / "vocab.json"), merge_file=str(tok / "merges.txt"))
     written = IndexedDataset(str(prefix))
     assert len(written.document_indices) - 1 == len(docs) and len(written) == len(docs) - 1  # empty: no sequence
+    assert D.document_count(prefix, documents=True) == len(docs) and D.document_count(prefix) == len(docs) - 1
     for i in (0, 7, len(docs) - 2):
         assert written[i].tolist() == gpt2.tokenize(docs[i]) + [gpt2.eod]
     assert written[0].dtype == np.uint16

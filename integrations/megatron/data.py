@@ -409,11 +409,13 @@ def _fingerprint(prefixes: Sequence[str | Path]) -> str:
     return digest.hexdigest()[:16]
 
 
-def document_count(prefix: str | Path) -> int:
-    """Sequences in a ``.idx`` (what Megatron's split divides: one per document as zeromega writes them)."""
-    with open(f"{prefix}.idx", "rb") as f:  # header: magic 9 B, version 8 B, dtype 1 B, count
+def document_count(prefix: str | Path, documents: bool = False) -> int:
+    """Sequences in a ``.idx`` (what Megatron's split divides: one per non-empty document as zeromega and
+    preprocess_data.py write them), or with ``documents`` the documents, empty ones included."""
+    with open(f"{prefix}.idx", "rb") as f:  # header: magic 9 B, version 8 B, dtype 1 B, sequences, documents
         f.seek(18)
-        return struct.unpack("<Q", f.read(8))[0]
+        sequences, docs = struct.unpack("<QQ", f.read(16))
+    return docs - 1 if documents else sequences  # the document index starts with a 0
 
 
 SPLITS = ("train", "valid", "test")
@@ -423,13 +425,16 @@ def build_datasets(seq_length: int, seed: int, num_samples: tuple[int, int, int]
                    blend: Optional[tuple[list[str], Optional[list[float]]]] = None,
                    blend_per_split: Optional[list] = None, split: str = "969, 30, 1",
                    tokenizer: Optional[MegatronTokenizerBase] = None, cache_dir: str | Path | None = None,
-                   mock: bool = False) -> list[Optional[GPTDataset]]:
+                   mock: bool = False, eod_mask_loss: bool = False,
+                   reset_position_ids: bool = False) -> list[Optional[GPTDataset]]:
     """(train, valid, test) GPTDatasets from Megatron-Core's ``BlendedMegatronDatasetBuilder``; None where
     no data is asked for or none exists.
 
     ``blend`` is Megatron-Core's ``(prefixes, weights or None)`` (what ``get_blend_from_list`` makes of
     ``--data-path``), divided by ``split``; ``blend_per_split`` gives each split its own blend (or None);
-    ``mock`` builds Megatron-Core's ``MockGPTDataset`` (no files). Call on every rank: inside a job the
+    ``mock`` builds Megatron-Core's ``MockGPTDataset`` (no files). ``eod_mask_loss`` and ``reset_position_ids``
+    are Megatron-Core's (``--eod-mask-loss``: loss mask 0 on EOD tokens; ``--reset-position-ids``: positions
+    restart after each EOD). Call on every rank: inside a job the
     builder makes rank 0 write the shuffle/sample indices to ``cache_dir`` (default
     ``<first prefix>-index-cache``, on a filesystem all ranks see), barriers, and the others load them.
 
@@ -453,9 +458,9 @@ def build_datasets(seq_length: int, seed: int, num_samples: tuple[int, int, int]
         split=None if blend_per_split and not mock else split,
         path_to_cache=None if cache is None else str(cache),
         tokenizer=tokenizer,
-        reset_position_ids=False,
+        reset_position_ids=reset_position_ids,
         reset_attention_mask=False,
-        eod_mask_loss=False,
+        eod_mask_loss=eod_mask_loss,
         create_attention_mask=False,
         mmap_bin_files=True,
     )

@@ -321,6 +321,10 @@ class DataConfig(_Section):
     """Directory of Megatron's shuffle/sample index cache (``--data-cache-path``); None: beside the data."""
     mock: bool = False
     """Megatron-Core's ``MockGPTDataset`` instead of files (``--mock-data``)."""
+    eod_mask_loss: bool = False
+    """No loss on end-of-document tokens (``--eod-mask-loss``; Megatron-Core's GPTDataset sets the mask)."""
+    reset_position_ids: bool = False
+    """Position ids restart after each end-of-document token (``--reset-position-ids``)."""
     tokenizer_type: Optional[Literal["NullTokenizer", "GPT2BPETokenizer", "HuggingFaceTokenizer",
                                      "SentencePieceTokenizer", "GPTSentencePieceTokenizer"]] = None
     """The tokenizer the data was made with (``--tokenizer-type``, from local files); None: zeromega's byte

@@ -148,6 +148,8 @@ APPLIED: dict[str, tuple[str, ...]] = {
     "data.test_path": ("zeromega/run/gpt.py",),
     "data.cache_path": ("zeromega/run/gpt.py",),
     "data.mock": ("zeromega/run/gpt.py",),
+    "data.eod_mask_loss": ("zeromega/run/gpt.py",),
+    "data.reset_position_ids": ("zeromega/run/gpt.py",),
     "data.tokenizer_type": ("zeromega/run/gpt.py",),
     "data.vocab_file": ("zeromega/run/gpt.py",),
     "data.merge_file": ("zeromega/run/gpt.py",),

@@ -181,7 +181,8 @@ def datasets(cfg: RunConfig, source: DataSource, seq_length: int, iters: int, la
         built = data.build_datasets(seq_length, cfg.seed, samples, blend=source.blend,
                                     blend_per_split=source.blend_per_split, mock=source.mock,
                                     split=cfg.data.split or "969, 30, 1", tokenizer=source.tokenizer,
-                                    cache_dir=cfg.data.cache_path)
+                                    cache_dir=cfg.data.cache_path, eod_mask_loss=cfg.data.eod_mask_loss,
+                                    reset_position_ids=cfg.data.reset_position_ids)
     except data.DataError as err:
         raise ConfigError(err.field, err.value, err.problem, err.fix) from None
     return [ds if n else None for ds, n in zip(built, samples)]
