@@ -186,6 +186,11 @@ NOTED: dict[str, tuple[Any, str]] = {
     "--deepspeed-activation-checkpointing": (0, "recompute runs through Megatron-Core (--recompute-*)"),
     "--partition-activations": (0, "activations are not partitioned across tp ranks"),
     "--no-pipeline-parallel": (0, "pp 1 runs on DeepSpeed's engine, as asked"),
+    "--use-flash-attn-v1": (0, "flash attention needs CUDA kernels: Megatron-Core's unfused attention runs"),
+    "--use-flash-attn-triton": (0, "flash attention needs CUDA kernels: Megatron-Core's unfused attention runs"),
+    "--data-impl": (1, "Megatron's mmap .bin/.idx is the format zeromega reads"),
+    "--calculate-per-token-loss": (0, "every micro-batch has seq-length loss tokens (no --eod-mask-loss here), so "
+                                      "the per-token mean is the mean of the micro-batch means: same values"),
 }
 # Switches that clear a field.
 NEGATIONS: dict[str, str] = {"--no-progress": "logging.progress", "--disable-bias-linear": "model.add_bias_linear",
@@ -220,6 +225,7 @@ SPECIAL: dict[str, tuple[Any, Any]] = {
     "--deepspeed-config": (str, 1),
     "--rampup-batch-size": (int, "+"),
     "--profile-ranks": (int, "+"),
+    "--optimizer": (str, 1),
 }
 CP_COMM_TYPES = {"p2p": "ring", "a2a": "ulysses", "a2a+p2p": "usp"}
 # --normalization: Megatron-LM's spellings, and Megatron-DeepSpeed's lowercase ones.
@@ -335,6 +341,11 @@ def parse(argv: list[str]) -> MegatronArgs:
     if "--data-path" in known:  # one prefix, or a blend (weights read by Megatron-Core's get_blend_from_list)
         paths = [_convert("--data-path", str, path) for path in known["--data-path"]]
         put("--data-path", "data.path" if len(paths) == 1 else "data.blend", paths[0] if len(paths) == 1 else paths)
+    if "--vocab-file" in known and "--merge-file" in known and "--tokenizer-type" not in known:
+        # Megatron-LM's own GPT-3 script gives the files alone; 0.16.1 then stops (no tokenizer for None)
+        warnings.warn("--vocab-file and --merge-file without --tokenizer-type: read as GPT2BPETokenizer, the "
+                      "tokenizer of these files (Megatron-LM 0.16.1 stops with NotImplementedError)", stacklevel=2)
+        put("--vocab-file", "data.tokenizer_type", "GPT2BPETokenizer")
     for name in ("train", "valid", "test"):
         if f"--{name}-data-path" in known:
             put(f"--{name}-data-path", f"data.{name}_path",
@@ -346,6 +357,10 @@ def parse(argv: list[str]) -> MegatronArgs:
                               "batch, the increment and the ramp-up samples", "write --rampup-batch-size 16 16 "
                               "5859375")
         put("--rampup-batch-size", "batch.rampup", [_convert("--rampup-batch-size", int, v) for v in values])
+    if "--optimizer" in known and known["--optimizer"][0] not in ("adam", "adamw"):
+        raise ConfigError("--optimizer", known["--optimizer"][0], "zeromega trains with Adam with decoupled weight "
+                          "decay (Megatron's 'adam'; DeepSpeed's optimizer block may name another)",
+                          "pass --optimizer adam, or an optimizer block in the DeepSpeed JSON")
     if "--profile-ranks" in known:
         put("--profile-ranks", "logging.profile_ranks",
             [_convert("--profile-ranks", int, v) for v in known["--profile-ranks"]])

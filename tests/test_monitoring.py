@@ -204,7 +204,8 @@ GPU_FLAGS = ["--use-flash-attn", "--attention-backend", "auto", "--overlap-grad-
              "1024", "--bias-gelu-fusion", "--no-bias-gelu-fusion", "--masked-softmax-fusion",
              "--no-gradient-accumulation-fusion", "--use-mcore-models", "--transformer-impl", "local",
              "--num-workers", "2", "--timing-log-level", "2", "--distributed-backend", "nccl",
-             "--log-timers-to-tensorboard", "--use-distributed-optimizer"]
+             "--log-timers-to-tensorboard", "--use-distributed-optimizer", "--calculate-per-token-loss",
+             "--data-impl", "mmap", "--optimizer", "adam"]
 
 
 def test_speed_only_flags_are_accepted_with_one_line(tmp_path):

@@ -169,6 +169,7 @@ def test_train_tokens_ends_the_run_before_the_step_that_would_pass_it():
     (["--train-iters", "10", "--override-opt_param-scheduler", "--use-checkpoint-opt-param-scheduler"],
      "--override-opt_param-scheduler"),
     (["--train-iters", "10", "--lr-decay-tokens", "100", "--lr-warmup-iters", "2"], "--lr-warmup-tokens"),
+    (["--train-iters", "10", "--optimizer", "sgd"], "--optimizer"),
 ])
 def test_megatrons_asserts_are_one_line_refusals(argv, flag):
     with pytest.raises(ConfigError) as err:
