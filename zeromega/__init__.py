@@ -5,6 +5,9 @@ The public entry points, imported lazily so ``zeromega --help`` stays fast::
     cfg = zeromega.load_config("ds_config.json")    # any dialect; megatron_argv=... adds Megatron flags
     zeromega.Run(cfg, model=build_model, batches=my_batches, loss=my_loss).train()
     zeromega.Run(cfg).train()                         # Megatron-Core GPT from cfg.model on cfg.data
+
+Long sequences in your own loss (docs/own-models.md): ``shard_batch(batch, mode)``, ``cp_loss``,
+``sequence_group()``; ``register_hf_attention()`` adds attn_implementation="zeromega_ulysses|ring|usp".
 """
 
 from zeromega.version import __version__
@@ -20,6 +23,10 @@ _EXPORTS = {
     "build_engine": ("zeromega.plugins.zero.engine", "build_engine"),
     "model_init_context": ("zeromega.plugins.zero.engine", "model_init_context"),
     "Run": ("zeromega.run", "Run"),
+    "sequence_group": ("zeromega.plugins.sequence.batch", "sequence_group"),
+    "shard_batch": ("zeromega.plugins.sequence.batch", "shard_batch"),
+    "cp_loss": ("zeromega.plugins.sequence.megatron", "cp_loss"),
+    "register_hf_attention": ("zeromega.plugins.sequence.hf", "register_hf_attention"),
 }
 
 __all__ = ["__version__", *_EXPORTS]
