@@ -126,6 +126,12 @@ def test_tokenizer_flags_need_their_files(tmp_path):
         with pytest.raises(ConfigError) as err:
             gpt.tokenizer(translate.build(None, megatron_argv=[*TINY, *flags]))
         assert err.value.field == field and words in str(err.value), str(err.value)
+    with pytest.raises(ConfigError, match="no --tokenizer-type says which tokenizer reads it"):
+        translate.build(None, megatron_argv=[*TINY, "--vocab-file", "v.json"])
+    # Megatron-LM's GPT-3 175B script gives the two files alone (0.16.1 stops there): read as GPT-2 BPE
+    with pytest.warns(UserWarning, match="read as GPT2BPETokenizer"):
+        cfg = translate.build(None, megatron_argv=[*TINY, "--vocab-file", "v.json", "--merge-file", "m.txt"])
+    assert cfg.data.tokenizer_type == "GPT2BPETokenizer"
     assert cli.main(["preprocess", "--input", str(tmp_path / "none.jsonl"), "--output-prefix", str(tmp_path / "x"),
                      "--tokenizer-type", "NullTokenizer", "--vocab-size", "9"]) == 2
 

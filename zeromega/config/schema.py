@@ -351,6 +351,12 @@ class DataConfig(_Section):
                               "drop --mock-data or the data paths")
         needs = {"GPT2BPETokenizer": ("vocab_file", "merge_file"), "HuggingFaceTokenizer": ("tokenizer_model",),
                  "SentencePieceTokenizer": ("tokenizer_model",), "GPTSentencePieceTokenizer": ("tokenizer_model",)}
+        if self.tokenizer_type is None:
+            given = [name for name in ("vocab_file", "merge_file", "tokenizer_model") if getattr(self, name)]
+            if given:  # the byte tokenizer would leave them unread
+                raise ConfigError(f"data.{given[0]}", getattr(self, given[0]), "names a tokenizer file, but no "
+                                  "--tokenizer-type says which tokenizer reads it", "add --tokenizer-type "
+                                  "(GPT2BPETokenizer for vocab.json + merges.txt)")
         for name in needs.get(self.tokenizer_type, ()):  # Megatron-LM's build_tokenizer asserts them
             if getattr(self, name) is None:
                 flag = "--" + name.replace("_", "-")
