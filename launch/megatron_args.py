@@ -346,6 +346,10 @@ def parse(argv: list[str]) -> MegatronArgs:
         warnings.warn("--vocab-file and --merge-file without --tokenizer-type: read as GPT2BPETokenizer, the "
                       "tokenizer of these files (Megatron-LM 0.16.1 stops with NotImplementedError)", stacklevel=2)
         put("--vocab-file", "data.tokenizer_type", "GPT2BPETokenizer")
+    if "--eod-mask-loss" in known and "--calculate-per-token-loss" in known:
+        raise ConfigError("--calculate-per-token-loss", True, "with --eod-mask-loss micro-batches hold different "
+                          "numbers of loss tokens, and zeromega averages the micro-batch means, not the tokens",
+                          "drop one of them")
     for name in ("train", "valid", "test"):
         if f"--{name}-data-path" in known:
             put(f"--{name}-data-path", f"data.{name}_path",

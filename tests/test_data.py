@@ -270,6 +270,7 @@ def test_mock_data_trains_through_the_flags():
 
 
 def test_eod_mask_loss_and_reset_position_ids_are_megatrons(tmp_path):
+    from zeromega.config import ConfigError
     from zeromega.launch import translate
 
     short = _documents(tmp_path / "short", 12, length=20)  # 21 ids per document: every sample crosses an EOD
@@ -277,6 +278,8 @@ def test_eod_mask_loss_and_reset_position_ids_are_megatrons(tmp_path):
     plain = D.build_datasets(32, 1, (10, 0, 0), **kw)[0][0]
     cfg = translate.build(None, megatron_argv=["--eod-mask-loss", "--reset-position-ids"])
     assert cfg.data.eod_mask_loss and cfg.data.reset_position_ids
+    with pytest.raises(ConfigError, match="micro-batch means, not the tokens"):  # the mean would change
+        translate.build(None, megatron_argv=["--eod-mask-loss", "--calculate-per-token-loss"])
     sample = D.build_datasets(32, 1, (10, 0, 0), eod_mask_loss=cfg.data.eod_mask_loss,
                               reset_position_ids=cfg.data.reset_position_ids, **kw)[0][0]
     tokens = sample["tokens"]
