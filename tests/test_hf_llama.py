@@ -148,3 +148,15 @@ def test_sequence_parallel_attention_matches_one_process(one_process, tmp_path, 
     # the same batch sharded for another mode was refused on every rank, naming the helper
     for result in results:
         assert f"zeromega.shard_batch(batch, '{mode}')" in result["refused"][0], result["refused"]
+
+
+def test_readme_quick_start_is_the_example_code():
+    """README's "my own train.py" block is the example's code: every code line of it is a line of train.py."""
+    root = EXAMPLE.parent.parent
+    readme = (root / "README.md").read_text()
+    block = readme.split("## Quick start 1", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    example_lines = {line.strip() for line in (EXAMPLE / "train.py").read_text().splitlines()}
+    code = [line.strip() for line in block.splitlines() if line.strip() and not line.strip().startswith("#")]
+    assert len(code) >= 10
+    missing = [line for line in code if line not in example_lines]
+    assert not missing, f"README lines not in examples/hf_llama/train.py: {missing}"
