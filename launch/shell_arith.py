@@ -102,7 +102,7 @@ class _Parser:
         value = value.strip()
         if not value:
             return 0
-        if re.fullmatch(r"-?\d+", value):
+        if re.fullmatch(r"-?(?:0|[1-9]\d*)", value):  # 012 is octal: evaluated below
             return wrap(int(value))
         if self.depth > 8:
             raise _Bad("expression recursion level exceeded")

@@ -960,3 +960,80 @@ torchrun --nproc_per_node 2 pretrain_gpt.py --config run.json --num-layers 2
     script.write_text("torchrun --nproc_per_node 2 pretrain_gpt.py --config missing.json\n")
     with pytest.raises(ConfigError, match="--config='missing.json': no such file"):
         translate.sources(script)
+
+
+def _random_program(rng) -> str:
+    """A launch-script-shaped program: variables (decimal, octal, hex, text), arithmetic, expansions, if/elif
+    on [ ] [[ ]] (( )), for, case, arrays and +=; then a training command reading them all."""
+    names = ["A", "B", "TP", "N"]
+
+    def atom():
+        name = rng.choice(names)
+        return rng.choice([str(rng.randint(0, 9)), name, f"${name}", f"${{{name}:-3}}"])
+
+    def arith(depth=0):
+        if depth > 2 or rng.random() < 0.4:
+            return atom()
+        op = rng.choice(["+", "-", "*", "/", "%", "**", "<", "==", "&&", "||"])
+        return f"({arith(depth + 1)} {op} {arith(depth + 1)})"
+
+    def word():
+        name = rng.choice(names)
+        return rng.choice([f"$(( {arith()} ))", f"${name}", f'"${name} x"', "'lit'", f"${{{name}:-d}}",
+                           f"${{#{name}}}", f"${{{name}%1}}", '"${ARR[@]}"', "${ARR[@]}", "${#ARR[@]}",
+                           f"a{rng.randint(0, 9)}"])
+
+    def statement(depth=0):
+        r, name = rng.random(), rng.choice(names)
+        if r < 0.25:
+            return f"{name}={word()}"
+        if r < 0.35:
+            return f"{name}+={word()}"
+        if r < 0.45:
+            return f"ARR+=({word()} {word()})"
+        if r < 0.55:
+            return f": ${{{name}:={rng.randint(0, 9)}}}"
+        if r < 0.75 and depth < 2:
+            cond = rng.choice([f'[ "${name}" = {rng.randint(0, 9)} ]', f"[[ ${name} -gt {rng.randint(0, 9)} ]]",
+                               f'[ -z "${name}" ]', f'[[ -n "${name}" && ${rng.choice(names)} == 1* ]]',
+                               f"(( {arith()} ))"])
+            return (f"if {cond}; then\n  {statement(depth + 1)}\nelif {cond}; then {statement(depth + 1)}\n"
+                    f"else\n  {statement(depth + 1)}\nfi")
+        if r < 0.85:
+            return f"for i in 1 2; do {name}=$(( ${{{name}:-0}} + i )); done"
+        return f"case ${name} in 1*) {name}=x;; *) {name}=y;; esac"
+
+    lines = ["ARR=(p q)"] + [f"{n}={rng.choice([str(rng.randint(0, 12)), '1x', '012', '0x1f', '-3'])}" for n in names]
+    lines += [statement() for _ in range(rng.randint(1, 6))]
+    lines.append("python pretrain_gpt.py --a " + " --b ".join(word() for _ in range(3)) +
+                 ' --c "${ARR[@]}" --d $A$B$TP$N')
+    return "\n".join(lines) + "\n"
+
+
+@needs_bash
+def test_static_read_equals_bash_on_random_programs():
+    """Wherever the static read gives a value (it refuses, or leaves $NAME, where it cannot know one), bash
+    gives the same words. 40 programs, seeded."""
+    import random
+
+    rng = random.Random(14)
+    compared = 0
+    for _ in range(40):
+        text = _random_program(rng)
+        try:
+            static = read(text).argv
+        except ConfigError:
+            continue
+        if any("$" in w for w in static):
+            continue
+        try:
+            ran = read(text, run=True).argv
+        except ConfigError as err:
+            raise AssertionError(f"bash refused what the static read gave {static}: {err}\n{text}") from None
+        assert static == ran, text
+        compared += 1
+    assert compared >= 20
+
+
+def test_octal_and_hex_variables_in_arithmetic_are_bash_s():
+    assert read("A=012\nB=0x10\npython p.py --seed $((A + B)) --x $((A ** 2))\n").argv == ["--seed", "26", "--x", "100"]
