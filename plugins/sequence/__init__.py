@@ -13,7 +13,11 @@ goes through :mod:`.megatron`, whose core attention routes to these.
 - :func:`ring_attention` (:mod:`.ring`): key/value blocks around a ring,
   zigzag for causal balance, fused kernels with log-sum-exp (:mod:`.kernels`).
 - :func:`usp_attention` (:mod:`.usp`): Ulysses inside ring.
-- :mod:`.layout`: which tokens a rank holds (contiguous / zigzag).
+- :mod:`.layout`: which tokens a rank holds (contiguous, zigzag, stripe and
+  yunchang's ring_zigzag / ring_stripe); causal attention over several
+  ranks takes it as ``layout=`` and refuses what it cannot compute exactly.
+- :mod:`.batch`: ``shard_batch(batch, mode)``, ``sequence_group()`` for a
+  user's own loss; :mod:`.hf`: the modes in transformers' attention registry.
 """
 
 from .layout import shard, unshard
