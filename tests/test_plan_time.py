@@ -137,3 +137,17 @@ def test_deepspeed_communication_per_zero_stage():
 
     assert 0 < dp(1) < dp(2) < dp(3)
     assert dp(2, overlap=False) > dp(2)
+
+
+def test_docs_calibration_table_is_what_the_model_predicts():
+    """docs/planning.md's published-vs-planned table, row by row, against the code (so the page cannot drift)."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "planning.md").read_text()
+    rows = [line.split("|")[1:-1] for line in text.splitlines() if line.startswith("| ") and " TFLOP/s/GPU" in line
+            or line.startswith("| ") and "| MFU " in line]
+    assert len(rows) == len(calibration.RUNS)
+    for cells, run in zip(rows, calibration.RUNS):
+        published, planned = float(cells[4]), float(cells[5])
+        assert published == pytest.approx(run.step_s, abs=0.006), run.name
+        assert planned == pytest.approx(calibration.predict(run, calibration.FITTED), abs=0.006), run.name
