@@ -19,6 +19,15 @@ class _Bad(Exception):
     pass
 
 
+class _Unknown(_Bad):
+    """A variable the expression reads is unset or unknowable: no value, and no error either."""
+
+
+class ArithError(Exception):
+    """An expression bash itself refuses (division by 0, a syntax error, a negative exponent): bash prints the
+    error and stops the command."""
+
+
 def wrap(value: int) -> int:
     """``value`` as bash's signed 64-bit integer (it wraps, it does not overflow)."""
     value %= _WORD
@@ -93,12 +102,12 @@ class _Parser:
 
     def variable(self, name: str) -> int:
         if self.ev is None:
-            raise _Bad("no variables")
+            raise _Unknown("no variables")
         value = self.ev.lookup(name)
         if isinstance(value, list):
             value = value[0] if value else ""
         if "\x00" in value or "\x01" in value:
-            raise _Bad("unknown")
+            raise _Unknown("unknown")
         value = value.strip()
         if not value:
             return 0
@@ -108,12 +117,12 @@ class _Parser:
             raise _Bad("expression recursion level exceeded")
         result = evaluate(value, self.ev, self.depth + 1)
         if result is None:
-            raise _Bad("unknown")
+            raise _Unknown("unknown")
         return result
 
     def assign(self, name: str, value: int) -> int:
         if self.ev is None:
-            raise _Bad("no variables")
+            raise _Unknown("no variables")
         self.ev.set(name, str(value))
         return value
 
@@ -203,8 +212,8 @@ class _Parser:
 
 
 def evaluate(expr: str, ev=None, depth: int = 0) -> Optional[int]:
-    """The value of a bash arithmetic expression, or None (bad syntax, division by 0, an unset or unknown
-    variable, over ``MAX_LENGTH`` characters). ``ev`` (a :class:`~.shell_eval.Evaluator`) expands ``$``
+    """The value of a bash arithmetic expression; None when it reads an unset or unknown variable or is over
+    ``MAX_LENGTH`` characters; :class:`ArithError` where bash refuses it (bad syntax, division by 0). ``ev`` (a :class:`~.shell_eval.Evaluator`) expands ``$``
     parameters and holds the variables; without it only literals are allowed."""
     if len(expr) > MAX_LENGTH:
         return None
@@ -220,7 +229,7 @@ def evaluate(expr: str, ev=None, depth: int = 0) -> Optional[int]:
         if not match or match.end() == pos:
             if expr[pos:].strip() == "":
                 break
-            return None
+            raise ArithError(f"syntax error: operand expected (error token is {expr[pos:].strip()[:20]!r})")
         pos = match.end()
         number, name, op = match.groups()
         tokens.append(("num", number) if number else ("name", name) if name else ("op", op))
@@ -229,8 +238,10 @@ def evaluate(expr: str, ev=None, depth: int = 0) -> Optional[int]:
     parser = _Parser(tokens, ev, depth)
     try:
         value = parser.comma()
-        if parser.i != len(tokens):
-            return None
-        return value
-    except (_Bad, RecursionError, ValueError, MemoryError):
+    except (_Unknown, RecursionError, MemoryError):
         return None
+    except (_Bad, ValueError) as err:
+        raise ArithError(str(err) or "syntax error") from None
+    if parser.i != len(tokens):
+        raise ArithError(f"syntax error in expression (error token is {parser.tokens[parser.i][1]!r})")
+    return value

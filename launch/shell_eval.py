@@ -36,6 +36,7 @@ from typing import Callable, Optional, Union
 from zeromega.config.errors import ConfigError
 
 from . import limits
+from .shell_arith import ArithError, evaluate
 from .shell_parse import (AndOr, ArrayWord, Case, CondExpr, Function, Group, If, Loop, Op, Pipeline, Redirect,
                           Sequence, ShellSyntax, Simple, Word, parse)
 
@@ -623,7 +624,10 @@ class Evaluator:
             self.state.positional = saved
 
     def arith_command(self, expr: str) -> Optional[int]:
-        value = self.arith(expr)
+        try:
+            value = self.arith(expr)
+        except ArithError:
+            return 1  # bash prints the error; the (( )) fails
         if value is None:
             return None
         return int(value == 0)
@@ -697,7 +701,11 @@ class Evaluator:
             end = _balanced(raw, i + 2, "(", ")")
             if end < len(raw) and raw[end - 1] == ")":
                 expr = raw[i + 3:end - 1]
-                value = self.arith(expr)
+                try:
+                    value = self.arith(expr)
+                except ArithError as err:
+                    raise ConfigError(self.name, f"line {self.line}", f"$(({' '.join(expr.split())[:60]})): {err} "
+                                      "(bash stops the command there)", "fix the arithmetic") from None
                 if value is None:
                     text = self._marks_in(expr) or self.mark_opaque(f"$(({' '.join(expr.split())}))", self.line)
                 else:
@@ -823,6 +831,10 @@ class Evaluator:
         if is_unset:
             out.value(text, quoted)
             return
+        if OPAQUE in text or UNSET in text:  # trimming or replacing inside a marker would forge another one
+            marks = re.findall("\x01[^\x01]*\x01", text) or re.findall("\x00[^\x00]*\x00", text)
+            out.value("".join(dict.fromkeys(marks)), quoted)
+            return
         if op in ("#", "##", "%", "%%"):
             pattern = _unmark(self.string(word))
             out.value(_trim(text, pattern, op), quoted)
@@ -865,13 +877,20 @@ class Evaluator:
     # ------------------------------------------------------------ arithmetic
 
     def arith(self, expr: str) -> Optional[int]:
-        from .shell_arith import evaluate
+        """``expr``'s value (None: it reads an unset or unknowable variable); bash's own refusals
+        (division by 0, bad syntax) raise :class:`~.shell_arith.ArithError`."""
         return evaluate(expr, self)
+
+    def arith_or_none(self, expr: str) -> Optional[int]:
+        try:
+            return self.arith(expr)
+        except ArithError:
+            return None
 
     def arith_int(self, expr: str) -> Optional[int]:
         if OPAQUE in expr or UNSET in expr:
             return None
-        return self.arith(expr)
+        return self.arith_or_none(expr)
 
     def _marks_in(self, expr: str) -> str:
         """The markers of the unknowable (else unset) variables an expression reads: its value is theirs."""
@@ -1261,7 +1280,10 @@ def _compare(op: str, left: str, right: str, ev: Evaluator, pattern: bool = Fals
     if op in ("-nt", "-ot"):
         return None
     if arithmetic:
-        a, b = ev.arith(left or "0"), ev.arith(right or "0")
+        try:
+            a, b = ev.arith(left or "0"), ev.arith(right or "0")
+        except ArithError:
+            return False
         if a is None or b is None:
             return None
     else:

@@ -31,6 +31,7 @@ from typing import Optional
 from zeromega.config.errors import ConfigError
 
 from . import limits
+from .shell_arith import ArithError
 from .shell_arith import evaluate as _evaluate
 from .shell_arith import wrap as _wrap  # noqa: F401 (tests and older callers)
 from .shell_eval import OPAQUE, UNSET, Evaluator, _unmark_keep
@@ -67,7 +68,10 @@ class Script:
 
 def _arith(expr: str) -> Optional[int]:
     """Integer arithmetic on literals as bash does it (signed 64-bit wrap-around, C division), or None."""
-    return _evaluate(expr)
+    try:
+        return _evaluate(expr)
+    except ArithError:
+        return None
 
 
 _PLAIN = re.compile(r"[^'\"\\#]*")

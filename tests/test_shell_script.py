@@ -1037,3 +1037,11 @@ def test_static_read_equals_bash_on_random_programs():
 
 def test_octal_and_hex_variables_in_arithmetic_are_bash_s():
     assert read("A=012\nB=0x10\npython p.py --seed $((A + B)) --x $((A ** 2))\n").argv == ["--seed", "26", "--x", "100"]
+
+
+def test_editing_an_unknowable_value_keeps_it_unknowable_and_bash_errors_stop():
+    for edit in ("${G/1/z}", "${G%0}", "${G#?}", "${G:1:3}", "${G^^}"):
+        with pytest.raises(ConfigError, match=r"G comes from \$\(nvidia-smi -L\)"):
+            read(f"G=$(nvidia-smi -L)\nX={edit}\npython p.py --lr 0.1 --num-layers $X\n")
+    with pytest.raises(ConfigError, match=r"division by 0 \(bash stops the command there\)"):
+        read("N=0\npython p.py --lr 0.1 --num-layers $(( 8 / N ))\n")
