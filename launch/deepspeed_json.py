@@ -594,7 +594,8 @@ def finish(merged: dict, megatron: bool = False, origin: Optional[dict[str, str]
                           "train_batch_size or train_micro_batch_size_per_gpu needs to be provided')",
                           'add "train_micro_batch_size_per_gpu": N (or "train_batch_size", or "auto" for the '
                           "HF Trainer), or pass --micro-batch-size / --global-batch-size")
-    if no_batch and megatron and batch.get("micro") is None:
+    flags_given = any("Megatron" in source or "command-line" in source for source in (origin or {}).values())
+    if no_batch and megatron and flags_given and batch.get("micro") is None:
         raise ConfigError("--micro-batch-size", None, "is not given, and the DeepSpeed JSON states neither "
                           "train_micro_batch_size_per_gpu nor train_batch_size (Megatron-LM asserts "
                           "args.micro_batch_size is not None)", "pass --micro-batch-size N")

@@ -195,9 +195,72 @@ def resolve(partials: Iterable[tuple[str, dict]], megatron: bool = False,
     partials = list(partials)
     origin = {path: source for source, partial in partials for path in flatten(partial)}
     merged = deepspeed_json.finish(merge(partials), megatron=megatron, origin=origin, filled=filled)
+    _static_scale_against_a_dynamic_one(merged, origin)
+    _rampup_ends_at_the_global_batch(merged)
     if megatron:
         _megatron_turns_off_sequence_parallel_without_tp(merged)
+        _megatron_checkpoint_flags(merged)
     return validate(merged)
+
+
+DYNAMIC_SCALE = {"initial_scale_power": "fp16.initial_scale_power", "window": "fp16.loss_scale_window",
+                 "hysteresis": "fp16.hysteresis", "min_scale": "fp16.min_loss_scale"}
+
+
+def _static_scale_against_a_dynamic_one(merged: dict, origin: dict) -> None:
+    """``--loss-scale N`` (static) next to a config that sets up dynamic scaling: a conflict, not a silent
+    replacement (with a static scale every dynamic setting is dead)."""
+    scaling = merged.get("loss_scaling")
+    if not isinstance(scaling, dict) or not scaling.get("loss_scale"):
+        return
+    static_from = origin.get("loss_scaling.loss_scale", "")
+    for leaf, key in DYNAMIC_SCALE.items():
+        source = origin.get(f"loss_scaling.{leaf}")
+        if source and source != static_from and leaf in scaling:
+            flag = "--loss-scale" if "Megatron" in static_from or "command-line" in static_from else \
+                "loss_scaling.loss_scale"
+            raise ConfigError(flag, scaling["loss_scale"], f"sets a static loss scale, but {source} sets up dynamic "
+                              f"scaling ({key if 'DeepSpeed' in source else 'loss_scaling.' + leaf}="
+                              f"{scaling[leaf]!r}), which a static scale would silently switch off",
+                              f"drop {flag} to keep the dynamic scale, or state the static scale in {source} "
+                              "(fp16.loss_scale) and drop its dynamic keys")
+
+
+def _rampup_ends_at_the_global_batch(merged: dict) -> None:
+    """Megatron-Core's ramp-up calculator asserts the schedule ends at the global batch: start <= global and
+    the increment divides global - start (num_microbatches_calculator.py)."""
+    batch = merged.get("batch")
+    if not isinstance(batch, dict) or not batch.get("rampup") or batch.get("global") is None:
+        return
+    try:
+        start, increment, _ = (int(v) for v in batch["rampup"])
+        glob = int(batch["global"])
+    except (TypeError, ValueError):
+        return  # validation names the field
+    if start > glob or increment <= 0 or (glob - start) % increment:
+        raise ConfigError("--rampup-batch-size", f"{start} {increment} {batch['rampup'][2]}",
+                          f"ramps from {start} by {increment}, which never ends at the global batch {glob} "
+                          "(Megatron-Core asserts global - start >= 0 and divisible by the increment)",
+                          f"choose a start <= {glob} whose difference to {glob} the increment divides, or another "
+                          "--global-batch-size")
+
+
+def _megatron_checkpoint_flags(merged: dict) -> None:
+    """Megatron-LM's semantics of --save / --save-interval. --save-interval without --save: Megatron-LM
+    never saves (save_checkpoint needs args.save), so the interval is dropped with a warning where
+    zeromega's own dialect refuses it. --save without --save-interval: Megatron-LM's validate_args asserts;
+    zeromega saves at the end (and at --exit-* stops), and says so."""
+    c = merged.get("checkpoint")
+    if not isinstance(c, dict):
+        return
+    if c.get("interval") is not None and not c.get("save"):
+        warnings.warn(f"--save-interval {c['interval']} without --save: nothing is saved, as in Megatron-LM; add "
+                      "--save DIR to save", UserWarning, stacklevel=3)
+        del c["interval"]
+    elif c.get("save") and c.get("interval") is None:
+        warnings.warn(f"--save {c['save']} without --save-interval: Megatron-LM refuses this (validate_args asserts "
+                      "a save interval); zeromega saves once at the end and at --exit-* stops. Add "
+                      "--save-interval N to save every N steps", UserWarning, stacklevel=3)
 
 
 def _megatron_turns_off_sequence_parallel_without_tp(merged: dict) -> None:

@@ -192,13 +192,22 @@ def test_auto_batch_keeps_the_hf_trainer_rule():
     assert (layout.micro, layout.accumulation, layout.global_batch) == (8, 1, 32)
 
 
-@pytest.mark.parametrize("flags", [[], ["--global-batch-size", "32"], ["--tensor-model-parallel-size", "2"]])
+@pytest.mark.parametrize("flags", [["--global-batch-size", "32"], ["--tensor-model-parallel-size", "2"]])
 def test_with_megatron_flags_among_the_sources_megatron_requires_the_micro_batch(flags):
     # Megatron-LM's validate_args asserts args.micro_batch_size is not None; the global batch does not replace it
     partial = translate.from_deepspeed({"gradient_accumulation_steps": 4, "zero_optimization": {"stage": 1}})
     with pytest.raises(ConfigError, match="Megatron-LM asserts") as err:
-        translate.resolve([("ds", partial), ("flags", translate.from_megatron_args(flags)[0])], megatron=True)
+        translate.resolve([("ds", partial), ("command-line arguments", translate.from_megatron_args(flags)[0])],
+                          megatron=True)
     assert err.value.field == "--micro-batch-size" and "--micro-batch-size" in err.value.fix
+
+
+def test_a_launch_with_no_megatron_flags_leaves_the_batch_to_the_script():
+    # zeromega launch --config ds.json SCRIPT with no arguments: no Megatron flag, so no Megatron rule (the
+    # script's own engine sizes the batch), as before
+    partial = translate.from_deepspeed({"zero_optimization": {"stage": 1}})
+    cfg = translate.resolve([("ds", partial), ("command-line arguments", {})], megatron=True)
+    assert cfg.batch.micro is None and cfg.batch.global_ is None
 
 
 # ------------------------------------------------------------------ DeepSpeed Ulysses (sequence_parallel)

@@ -631,3 +631,82 @@ def test_megatron_sequence_parallel_at_tp1_is_turned_off_with_a_warning():
     assert translate.build(None, ["--sequence-parallel", "--tensor-model-parallel-size", "2"]).parallel.sequence_parallel
     with pytest.raises(ConfigError, match="parallel.sequence_parallel"):
         validate({"parallel": {"sequence_parallel": True}})
+
+
+# ------------------------------------------------------------------ Megatron-LM's semantics (core_v0.16.1)
+
+
+def megatron(*argv: str, ds: dict | None = None) -> RunConfig:
+    found = [("command-line arguments", translate.from_megatron_args(list(argv))[0])]
+    if ds is not None:
+        found.insert(0, ("DeepSpeed config ds.json", translate.from_deepspeed(ds)))
+    return translate.resolve(found, megatron=True)
+
+
+def test_save_interval_without_save_saves_nothing_as_megatron_lm():
+    with pytest.warns(UserWarning, match="without --save: nothing is saved"):
+        cfg = megatron("--micro-batch-size", "1", "--save-interval", "10")
+    assert cfg.checkpoint.interval is None and cfg.checkpoint.save is None
+    with pytest.raises(ConfigError, match="checkpoint.interval"):  # zeromega's own dialect still refuses it
+        validate({"checkpoint": {"interval": 10}})
+
+
+def test_save_without_save_interval_is_named_as_megatron_lm_refuses_it():
+    with pytest.warns(UserWarning, match="Megatron-LM refuses this"):
+        cfg = megatron("--micro-batch-size", "1", "--save", "ckpt")
+    assert cfg.checkpoint.save == "ckpt" and cfg.checkpoint.interval is None
+
+
+def test_static_loss_scale_next_to_a_configs_dynamic_scale_is_a_conflict():
+    dynamic = {"train_micro_batch_size_per_gpu": 1, "fp16": {"enabled": True, "initial_scale_power": 12}}
+    with pytest.raises(ConfigError) as err:
+        megatron("--fp16", "--loss-scale", "128", ds=dynamic)
+    assert err.value.field == "--loss-scale" and "fp16.initial_scale_power=12" in str(err.value)
+    assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="loss_scaling.loss_scale"):  # the JSON's explicit dynamic 0 disagrees
+        megatron("--fp16", "--loss-scale", "128", ds={**dynamic, "fp16": {"enabled": True, "loss_scale": 0}})
+    assert megatron("--fp16", "--loss-scale", "128", ds={"train_micro_batch_size_per_gpu": 1}).loss_scaling.loss_scale \
+        == 128.0  # no dynamic setting stated: no conflict
+
+
+@pytest.mark.parametrize("rampup, ok", [(["16", "16", "1000"], True), (["16", "20", "1000"], False),
+                                        (["128", "16", "1000"], False)])
+def test_rampup_that_does_not_end_at_the_global_batch_is_refused(rampup, ok):
+    from megatron.core.num_microbatches_calculator import RampupBatchsizeNumMicroBatchesCalculator
+
+    start, increment, samples = map(int, rampup)
+    try:  # Megatron-Core's own calculator is the reference
+        RampupBatchsizeNumMicroBatchesCalculator(64, 1, 1, False, 0, start, increment, samples)
+        accepted = True
+    except AssertionError:
+        accepted = False
+    assert accepted == ok
+    argv = ["--micro-batch-size", "1", "--global-batch-size", "64", "--rampup-batch-size", *rampup,
+            "--train-samples", "10000"]
+    if ok:
+        assert megatron(*argv).batch.rampup == (start, increment, samples)
+    else:
+        with pytest.raises(ConfigError, match="never ends at the global batch 64"):
+            megatron(*argv)
+
+
+def test_load_of_a_directory_without_a_checkpoint_starts_fresh_with_a_warning(tmp_path):
+    from zeromega.checkpoint import CheckpointError, resolve_load
+    from zeromega.run.checkpointing import CheckpointPolicy
+
+    class Checkpointer:  # the engines' load: the directory as zeromega.checkpoint resolves it
+        def load(self, load_dir, allow_empty=False, load_rng=True):
+            assert resolve_load(load_dir, allow_empty) is None
+            return None
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for where in (empty, tmp_path / "missing"):
+        cfg = validate({"checkpoint": {"load": str(where), "save": str(tmp_path / "out")}})
+        with pytest.warns(UserWarning, match="no checkpoint there; starting from random weights"):
+            assert CheckpointPolicy(cfg, Checkpointer(), 8).resume() == (0, 0)
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "notes.txt").write_text("not a checkpoint")
+    cfg = validate({"checkpoint": {"load": str(tmp_path / "foreign")}})
+    with pytest.raises(CheckpointError, match="no zeromega checkpoint"):  # never started over silently
+        CheckpointPolicy(cfg, Checkpointer(), 8).resume()

@@ -2,9 +2,11 @@
 
 ``checkpoint.save`` + ``interval``: save every N steps and once more at
 the end. ``load``: resume from the newest (model, optimizer partitions,
-schedule, every rank's RNGs, data position); with ``load == save`` a run
-that finds nothing there starts fresh, so one command line serves the
-first attempt and every restart. ``finetune`` / ``no_load_optim`` load the
+schedule, every rank's RNGs, data position); a run that finds nothing
+there (a missing or empty directory) starts fresh, with a warning as in
+Megatron-LM unless ``load == save`` (one command line serves the first
+attempt and every restart); a directory holding other files is refused.
+``finetune`` / ``no_load_optim`` load the
 weights only, from either engine's checkpoint into any layout
 (:mod:`zeromega.checkpoint.weights`); ``no_load_rng`` keeps this run's
 seeds. ``exit_interval`` and ``exit_signal_handler`` (SIGTERM) save after
@@ -58,8 +60,20 @@ def read_weights(cfg: RunConfig):
 
     if not weights_only(cfg):
         return None
-    found = open_verified(cfg.checkpoint.load, allow_empty=saves_where_it_loads(cfg))
+    found = open_verified(cfg.checkpoint.load, allow_empty=True)
+    if found is None:
+        _starting_fresh(cfg)
     return None if found is None else weights_io.read(*found)
+
+
+def _starting_fresh(cfg: RunConfig) -> None:
+    """Megatron-LM's load_checkpoint: a --load with no checkpoint (missing or empty directory) starts from
+    random with a warning; zeromega says so too, except for the first attempt of --load == --save."""
+    if not saves_where_it_loads(cfg) and (not dist.is_initialized() or dist.get_rank() == 0):
+        import warnings
+
+        warnings.warn(f"--load {cfg.checkpoint.load}: no checkpoint there; starting from random weights at step 0, "
+                      "as Megatron-LM does", UserWarning, stacklevel=2)
 
 
 class CheckpointPolicy:
@@ -84,9 +98,9 @@ class CheckpointPolicy:
             return self._resume_without_optimizer()
         if weights_only(self.cfg):  # finetune / no_load_optim with nothing saved yet
             return 0, 0
-        resumed = self.ckpt.load(self.c.load, allow_empty=saves_where_it_loads(self.cfg),
-                                 load_rng=not self.c.no_load_rng)
+        resumed = self.ckpt.load(self.c.load, allow_empty=True, load_rng=not self.c.no_load_rng)
         if resumed is None:
+            _starting_fresh(self.cfg)
             return 0, 0
         self.start_step, self.start_samples = resumed.step, resumed.consumed_samples
         self.saved_step = resumed.step
