@@ -184,8 +184,10 @@ def _note_unresponsive_ranks():
             if death_sig != signal.SIGKILL:
                 for handler in self.subprocess_handlers.values():
                     pid = handler.proc.pid
-                    if pid in alive and handler.proc.poll() == -signal.SIGKILL:
-                        noted[pid] = "stopped" if alive[pid] in ("T", "t") else "hung"
+                    if pid in alive and alive[pid] in ("T", "t"):
+                        noted[pid] = "stopped"  # whichever signal ended it, it was frozen
+                    elif pid in alive and handler.proc.poll() == -signal.SIGKILL:
+                        noted[pid] = "hung"
 
     SubprocessContext._close = _close
     try:
@@ -408,6 +410,9 @@ def run_torchrun(job: Job) -> Optional[RankFailure]:
             run(parse_args(torchrun_argv(job)))
     except ChildFailedError as err:
         rank, failure = root_cause(err.failures)
+        frozen = [(r, f) for r, f in sorted(err.failures.items()) if unresponsive.get(f.pid)]
+        if frozen:  # the others failed waiting for it
+            rank, failure = frozen[0]
         return RankFailure(rank, failure.exitcode, _recorded_error(failure.error_file), unresponsive.get(failure.pid))
     except SignalException as err:
         raise LaunchError(f"stopped by {_signal_name(err.sigval)}; torchrun stopped every rank",

@@ -147,10 +147,34 @@ def parse(argv: Optional[list[str]], prog: str, description: str) -> RunConfig:
 def run(argv: Optional[list[str]] = None, prog: str = "pretrain_gpt.py", description: str = "") -> list:
     """Read the command line and train :class:`zeromega.Run` on it (what ``examples/pretrain_gpt.py`` does);
     a ConfigError raised once the ranks run is one line and exit code 2 as well."""
+    from zeromega.checkpoint import CheckpointError
+    from zeromega.plugins.zero.space_guard import OffloadSpaceError
     from zeromega.run import Run
 
     cfg = parse(argv, prog, description)
     try:
         return Run(cfg).train()
-    except ConfigError as err:
-        _fail(prog, str(err))
+    except (ConfigError, CheckpointError, OffloadSpaceError) as err:
+        _refuse_in_rank(prog, str(err))
+
+
+def _refuse_in_rank(prog: str, message: str) -> None:
+    """A refusal inside a rank (bad config, a checkpoint that cannot load or save, a full nvme drive): exit code
+    2 and one line, not a traceback per rank. Under a launcher that reads error files (zeromega launch,
+    torchrun: ``TORCHELASTIC_ERROR_FILE``) the line goes there and the launcher shows it once; alone, it is
+    printed."""
+    import json
+    import time
+
+    line = f"{prog}: error: {' '.join(message.split())}"
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        try:
+            with open(path, "w") as f:  # the layout torch.distributed.elastic's @record writes
+                json.dump({"message": {"message": line, "extraInfo": {"py_callstack": "",
+                                                                       "timestamp": str(int(time.time()))}}}, f)
+        except OSError:
+            print(line, file=sys.stderr)
+    else:
+        print(line, file=sys.stderr)
+    raise SystemExit(2)

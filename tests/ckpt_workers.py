@@ -137,9 +137,9 @@ def pretrain_sigterm_at(argv: list[str], rank: int, step: int) -> Any:
 
 
 def _fault_during_first_attempt() -> None:
-    """Script entry: ZEROMEGA_TEST_KILL='RANK:STEP' SIGKILLs that rank after that step, and
-    ZEROMEGA_TEST_HANG='RANK:STEP' makes it sleep there while the others wait in the next step's
-    collectives; first attempt only."""
+    """Script entry: ZEROMEGA_TEST_KILL='RANK:STEP' SIGKILLs that rank after that step,
+    ZEROMEGA_TEST_STOP='RANK:STEP' SIGSTOPs it, and ZEROMEGA_TEST_HANG='RANK:STEP' makes it sleep there
+    while the others wait in the next step's collectives; first attempt only."""
     import signal
     import time
 
@@ -148,7 +148,8 @@ def _fault_during_first_attempt() -> None:
     import zeromega.run.loop as train_module
 
     kill = os.environ.get("ZEROMEGA_TEST_KILL")
-    rank, step = (int(x) for x in (kill or os.environ["ZEROMEGA_TEST_HANG"]).split(":"))
+    stop = os.environ.get("ZEROMEGA_TEST_STOP")  # SIGSTOP: the rank is frozen, not even SIGTERM ends it
+    rank, step = (int(x) for x in (kill or stop or os.environ["ZEROMEGA_TEST_HANG"]).split(":"))
     first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
     original = train_module.train
 
@@ -161,6 +162,8 @@ def _fault_during_first_attempt() -> None:
                         mark.write(f"{rank}:{step}:{os.getpid()}")
                 if kill:
                     os.kill(os.getpid(), signal.SIGKILL)
+                if stop:
+                    os.kill(os.getpid(), signal.SIGSTOP)
                 time.sleep(3600)
             return stop
 

@@ -130,6 +130,111 @@ def test_save_that_dies_halfway_leaves_the_previous_checkpoint_latest(point, ran
     assert (save / "latest").read_text().strip() == tag_for(4)
 
 
+def test_a_full_disk_during_a_save_names_the_path_the_bytes_and_the_intact_checkpoint(tmp_path, small_corpus):
+    """ENOSPC while writing the second checkpoint (every rank): one CheckpointError naming the --save path, the
+    bytes needed and free, and that the previous checkpoint is intact; 'latest' still names it, the partial
+    save is gone. Before: torch's "unexpected pos" or the raw OSError from deep inside DeepSpeed's save."""
+    from ckpt_workers import pretrain_on_a_full_disk
+
+    save = tmp_path / "ckpt"
+    args = argv(small_corpus, "--zero-stage", "1", "--train-iters", "4", "--save", str(save), "--save-interval", "2",
+                dropout=False)
+    errors = [r["error"] for r in run_world(2, pretrain_on_a_full_disk, args, 1) if r["error"]]
+    assert errors, "the run was expected to fail"
+    error = errors[0]
+    assert error.startswith("CheckpointError: ") and "\n" not in error, error
+    assert f"--save {save}: the disk filled up while rank " in error and f"checkpoint {tag_for(4)}" in error, error
+    assert re.search(r"it needs about \d+ bytes, \d+ bytes were free", error), error
+    assert f"the previous checkpoint {save / tag_for(2)} is intact and still 'latest'" in error, error
+    assert "fix: free space on that drive" in error, error
+    assert (save / "latest").read_text().strip() == tag_for(2)
+    assert not (save / files.STAGING / tag_for(4)).exists() and not (save / tag_for(4)).exists()
+
+
+def test_a_refusal_inside_a_rank_is_one_line_shown_once_by_the_launcher(tmp_path, monkeypatch, capsys):
+    """A CheckpointError / ConfigError inside a rank: exit code 2 and no traceback. Under a launcher (torchrun's
+    TORCHELASTIC_ERROR_FILE) the line goes to the error file only, and zeromega launch shows it once; alone,
+    the rank prints it (before, every rank printed a full traceback, then the launcher the last line)."""
+    from zeromega.launch import script_args
+    from zeromega.launch.launcher import RankFailure, _recorded_error
+
+    message = f"checkpoint {tmp_path} failed verification: a.pt: sha256 differs\n(corrupted); fix: load an older one"
+    error_file = tmp_path / "error.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+    with pytest.raises(SystemExit) as stop:
+        script_args._refuse_in_rank("pretrain_gpt.py", message)
+    assert stop.value.code == 2 and capsys.readouterr().err == ""
+    line = f"pretrain_gpt.py: error: checkpoint {tmp_path} failed verification: a.pt: sha256 differs (corrupted); " \
+           "fix: load an older one"
+    assert _recorded_error(str(error_file)) == line
+    assert RankFailure(1, 2, _recorded_error(str(error_file))).describe() == f"rank 1 failed (exit code 2): {line}"
+    monkeypatch.delenv("TORCHELASTIC_ERROR_FILE")
+    with pytest.raises(SystemExit):
+        script_args._refuse_in_rank("pretrain_gpt.py", message)
+    assert capsys.readouterr().err == line + "\n"
+
+
+def test_a_stopped_rank_is_reported_as_hung_not_as_killed():
+    """torchrun's agent stops a job by SIGTERM, then SIGKILL after its grace; a SIGSTOPped (or hung) rank only
+    dies of that SIGKILL. The launcher notes such ranks while the agent closes them and says "hung", keeps
+    "killed by SIGKILL" for a kill from outside, and "crashed" for a fatal signal of the rank's own."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    import types
+
+    from torch.distributed.elastic.multiprocessing.api import SubprocessContext
+
+    from zeromega.launch.launcher import RankFailure, _note_unresponsive_ranks, _proc_state
+
+    # A rank with a SIGTERM handler (a default-action SIGTERM would end even a stopped process): stopped,
+    # the signal stays pending, and only the SIGKILL after the grace ends it.
+    stopped = subprocess.Popen([sys.executable, "-c", "import signal, sys, time\n"
+                                "signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))\nprint('ready', flush=True)\n"
+                                "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    polite = subprocess.Popen(["sleep", "60"])
+    assert stopped.stdout.readline() == "ready\n"
+    os.kill(stopped.pid, signal.SIGSTOP)
+    for _ in range(600):  # on a loaded machine the stop takes effect once the process is scheduled
+        if _proc_state(stopped.pid) == "T":
+            break
+        time.sleep(0.05)
+
+    def handler(proc):
+        return types.SimpleNamespace(proc=proc, close=lambda death_sig: proc.send_signal(death_sig))
+
+    context = types.SimpleNamespace(subprocess_handlers={0: handler(stopped), 1: handler(polite)})
+    with _note_unresponsive_ranks() as noted:
+        SubprocessContext._close(context, signal.SIGTERM, timeout=1)
+    assert stopped.returncode == -signal.SIGKILL and polite.returncode == -signal.SIGTERM
+    assert noted == {stopped.pid: "stopped"}
+    hung = RankFailure(1, -9, None, noted[stopped.pid]).describe()
+    assert hung.startswith("rank 1 hung: it was stopped (SIGSTOP)") and "killed by SIGKILL after the grace" in hung
+    assert RankFailure(1, -9).describe() == "rank 1 failed (killed by SIGKILL)"
+    assert RankFailure(0, -11).describe() == "rank 0 failed (crashed: SIGSEGV)"
+
+
+@pytest.mark.slow
+def test_zeromega_launch_names_a_sigstopped_rank_hung(tmp_path, small_corpus):
+    """End to end: rank 1 SIGSTOPs itself after step 2; rank 0's collective times out (6 s), torchrun
+    SIGTERMs the job and SIGKILLs the frozen rank after its grace. The launcher's last line says rank 1 hung
+    (it said "rank 1 failed (killed by SIGKILL)")."""
+    import subprocess
+    import sys
+
+    worker = str(Path(__file__).resolve().parent / "ckpt_workers.py")
+    config = tmp_path / "ds.json"
+    config.write_text(json.dumps({"zero_optimization": {"stage": 1}, "zeromega": {"distributed_timeout_minutes": 0.1}}))
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "ZEROMEGA_CONFIG")}
+    env.update(ZEROMEGA_TEST_STOP="1:2", ZEROMEGA_TEST_KILL_MARK=str(tmp_path / "mark"))
+    proc = subprocess.run([sys.executable, "-m", "zeromega", "launch", "--nproc-per-node", "2", "--config", str(config),
+                           worker, *argv(small_corpus)], env=env, capture_output=True, text=True, timeout=400)
+    assert (tmp_path / "mark").read_text().startswith("1:2:"), proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("zeromega launch: rank 1 hung: it was stopped (SIGSTOP)"), last
+
+
 @pytest.fixture(scope="module")
 def checkpoint_dir(tmp_path_factory, small_corpus) -> Path:
     """A 3-step dp2 ZeRO-1 run's --save directory, shared by the read-only tests below."""
@@ -265,6 +370,23 @@ def test_a_damaged_latest_file_is_one_line_naming_it_and_the_fix(tmp_path):
         resolve_load(tmp_path)
     (tmp_path / "latest").write_text(tag_for(4) + "\n")
     assert resolve_load(tmp_path) == good
+
+
+def test_a_refusal_inside_torch_distributed_checkpoint_comes_out_as_itself(tmp_path):
+    """torch.distributed.checkpoint wraps every rank's error in CheckpointException, a BaseException that
+    torch's @record does not record (the launcher said "no exception recorded" for a refused malicious
+    .metadata); the load unwraps it to the refusal itself."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from zeromega.checkpoint.megatron import _first_failure
+
+    refusal = CheckpointError(f"{tmp_path}/.metadata: cannot be loaded safely (UnpicklingError: global "
+                              "'builtins.exec' is not allowed in a checkpoint's metadata)", "load an older one")
+    wrapped = CheckpointException("load", {1: (refusal, None), 0: (RuntimeError("peer gone\nmore"), None)})
+    assert not isinstance(wrapped, Exception)
+    assert _first_failure(wrapped, tmp_path) is refusal
+    other = _first_failure(CheckpointException("load", {0: (KeyError("decoder.x"), None)}), tmp_path)
+    assert "(rank 0): KeyError: 'decoder.x'" in str(other) and "fix: " in str(other)
 
 
 def test_foreign_load_dir_fails_the_run_and_is_left_untouched(tmp_path, small_corpus):
