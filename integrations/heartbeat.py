@@ -25,6 +25,7 @@ instead of hanging in its explanation.
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 from typing import Callable, Optional
@@ -32,6 +33,9 @@ from typing import Callable, Optional
 import torch.distributed as dist
 
 KEY = "zeromega/heartbeat/{rank}"
+NODE_ADDR_ENV = "ZEROMEGA_NODE_ADDR"
+"""This node's address, set by ``zeromega launch`` for multi-node jobs: posted with each step, so a peer that
+closed its connection (an address in gloo's error) is named as its ranks and node."""
 STORE_DEADLINE_S = 10.0
 """Longest wait for one store call (a healthy store answers in milliseconds)."""
 
@@ -85,15 +89,16 @@ def post(step: int) -> None:
     if store is None or dist.get_world_size() == 1 or _unreachable.is_set():
         return
     try:
-        bounded(lambda: store.set(KEY.format(rank=dist.get_rank()), f"{step} {time.time():.3f}"))
+        host = os.environ.get(NODE_ADDR_ENV, "")
+        bounded(lambda: store.set(KEY.format(rank=dist.get_rank()), f"{step} {time.time():.3f} {host}".rstrip()))
     except StoreUnreachable:
         _unreachable.set()
     except (RuntimeError, OSError):
         pass
 
 
-def posts(deadline_s: float = STORE_DEADLINE_S) -> dict[int, Optional[tuple[int, float]]]:
-    """rank -> (last step begun, seconds since), None for a rank that posted nothing.
+def posts(deadline_s: float = STORE_DEADLINE_S) -> dict[int, Optional[tuple]]:
+    """rank -> (last step begun, seconds since, node address or ""), None for a rank that posted nothing.
 
     Raises :class:`StoreUnreachable` when the store does not answer within ``deadline_s`` in all.
     """
@@ -109,8 +114,8 @@ def posts(deadline_s: float = STORE_DEADLINE_S) -> dict[int, Optional[tuple[int,
                 if not store.check([key]):
                     seen[rank] = None
                     continue
-                step, stamp = store.get(key).decode().split()
-                seen[rank] = (int(step), now - float(stamp))
+                step, stamp, *host = store.get(key).decode().split()
+                seen[rank] = (int(step), now - float(stamp), host[0] if host else "")
             except (RuntimeError, OSError, ValueError):
                 seen[rank] = None
         return seen
@@ -144,6 +149,7 @@ def explain(err: BaseException, step: int, timeout_minutes: Optional[float] = No
     lost = "timed out" not in str(err).lower() and "timeout" not in str(err).lower()
     what = "lost a peer" if lost else "timed out"
     limit = "" if lost or not timeout_minutes else f" after {timeout_minutes * 60:g} s (launch.distributed_timeout_minutes)"
+    seen = None
     try:
         seen = posts()
     except StoreUnreachable as unreachable:
@@ -161,6 +167,13 @@ def explain(err: BaseException, step: int, timeout_minutes: Optional[float] = No
                      "(hung, dead or far slower)")
         else:
             cause = f"every rank began step {step}, so one is stuck inside it or the ranks called different collectives"
+            if _node(dist.get_world_size() - 1):
+                cause += ", or the network between the nodes is cut"
+    peer = re.search(r"peer \[?([0-9A-Za-z_.:-]+?)\]?:\d+", str(err))
+    if lost and peer:
+        there = sorted(r for r, p in (seen or {}).items() if p and p[2] == peer.group(1))
+        ranks = f" ({', '.join(_who(r) for r in there)})" if there else ""
+        cause = f"the connection to {peer.group(1)}{ranks} closed (that node died or its ranks did); " + cause
     first_line = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
     return CollectiveTimeout(f"{_who(dist.get_rank())}: a collective of step {step} {what}{limit}; {cause}. "
                              f"({first_line})")

@@ -2,22 +2,25 @@
 
 ::
 
-    zeromega launch [--nproc-per-node N] [--launcher torchrun|deepspeed]
-        [--nnodes M --node-rank R --master-addr A --master-port P | --hostfile F [--include S | --exclude S]]
-        [--max-restarts K] [--config CFG] SCRIPT [ARGS...]
+    zeromega launch [--launcher torchrun|deepspeed|pdsh|openmpi|slurm|...] [--config CFG]
+        [--network-interface IFACE] [torchrun's flags | deepspeed's flags] SCRIPT [ARGS...]
+    zeromega --version
 
     zeromega translate IN --to deepspeed|megatron|megatron-core|zeromega [--world-size N] [--format json|yaml]
-    zeromega check IN [--world-size N] [--json]
+    zeromega check IN [--world-size N | --nodes N --nproc-per-node G] [--json]
 
-Everything after SCRIPT goes to the script untouched. Flag names are
-torchrun's (underscore spellings accepted too) and the deepspeed launcher's.
+Everything after SCRIPT goes to the script untouched. The launch flags are
+torchrun's and the deepspeed runner's, taken from their own parsers
+(:mod:`zeromega.launch.launch_flags`); more than one node:
+:mod:`zeromega.launch.network` and docs/multinode.md.
 
 The processes per node come from ``--nproc-per-node`` or, without it, the
 config's ``launch.nproc_per_node``; both given and different is bad input.
 
 Before any process starts, ``launch`` checks the flags, that SCRIPT exists,
 the config file (``--config``, any dialect), and that the parallel sizes
-(from the config and from Megatron-LM flags among ARGS, e.g.
+(from the config and, for a script that reads them through zeromega, from
+Megatron-LM flags among ARGS, e.g.
 ``--tensor-model-parallel-size 4``) divide the world size. Bad input is one
 line on stderr, ``zeromega launch: error: <problem>; fix: <fix>``, and exit
 code 2, so scripts and CI can tell it from a failed run.
@@ -378,6 +381,10 @@ def _job(args: argparse.Namespace, nproc_per_node: Optional[int]) -> launcher.Jo
             dict(os.environ))
         if note:
             print(f"zeromega launch: {note}", file=sys.stderr)
+        master = args.master_addr or (args.rdzv_endpoint or "").rsplit(":", 1)[0]
+        local = network.local_address_to(master) if master else None
+        if local:  # posted with each step's heartbeat: a lost peer's address then names its ranks
+            rank_env["ZEROMEGA_NODE_ADDR"] = local
     elif args.network_interface:
         rank_env = {name: args.network_interface for name in network.SOCKET_IFNAME_VARS}
     if args.network_interface:  # the flag wins over the environment

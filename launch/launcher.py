@@ -44,6 +44,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -246,6 +247,70 @@ def _children_die_with_us():
         handler.SubprocessHandler._popen = original
 
 
+RDZV_CALL_DEADLINE_S = 10.0
+"""Longest wait for one of the torchrun agent's rendezvous-store calls while it monitors or shuts down."""
+
+
+@contextlib.contextmanager
+def _rendezvous_calls_bounded():
+    """Give the agent's periodic and final rendezvous calls a deadline (torch 2.13 gives them none that holds).
+
+    While its ranks run, torchrun's agent asks the c10d rendezvous store every monitor interval how many
+    nodes wait to join (``DynamicRendezvousHandler.num_nodes_waiting``), and closes the rendezvous on the way
+    out (``shutdown``). Across a network partition a store request waits in the socket until the link
+    returns or TCP gives up (minutes; the store's timeout does not bound it), so the node cut off from the
+    store never notices that its ranks failed: measured on the two-node test bed, its agent was still
+    blocked 2 min after its rank had exited, until the link came back, and then reported a rendezvous
+    error instead of its rank's failure. Here each call runs on a helper thread; after
+    :data:`RDZV_CALL_DEADLINE_S` (or on a store error, for ``num_nodes_waiting``) the agent goes on as if
+    no node waits (or the close failed), and while that call is still blocked later calls return at once.
+    """
+    from torch.distributed.elastic.rendezvous.dynamic_rendezvous import DynamicRendezvousHandler as handler
+
+    originals = {"num_nodes_waiting": (handler.num_nodes_waiting, 0), "shutdown": (handler.shutdown, False)}
+    blocked: dict = {}
+
+    def bounded(name):
+        original, fallback = originals[name]
+
+        def call(self, *args, **kwargs):
+            if blocked.get(name) is not None and blocked[name].is_alive():
+                return fallback
+            box: dict = {}
+
+            def run():
+                try:
+                    box["value"] = original(self, *args, **kwargs)
+                except BaseException as err:  # handed to the agent
+                    box["error"] = err
+
+            thread = threading.Thread(target=run, name=f"zeromega-rdzv-{name}", daemon=True)
+            thread.start()
+            thread.join(RDZV_CALL_DEADLINE_S)
+            if thread.is_alive():
+                blocked[name] = thread
+                if not blocked.get("said"):
+                    blocked["said"] = True
+                    print(f"zeromega launch: the rendezvous store did not answer within {RDZV_CALL_DEADLINE_S:g} s "
+                          "(this node lost node 0: network partition, or node 0 is down)", file=sys.stderr)
+                return fallback
+            if "error" in box:
+                if name == "num_nodes_waiting" and isinstance(box["error"], Exception):
+                    return fallback  # the store is gone: this node's ranks end by their own timeouts
+                raise box["error"]
+            return box.get("value")
+
+        return call
+
+    for name in originals:
+        setattr(handler, name, bounded(name))
+    try:
+        yield
+    finally:
+        for name, (original, _) in originals.items():
+            setattr(handler, name, original)
+
+
 def free_port() -> int:
     """A TCP port free right now (the deepspeed launcher needs one named up front)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -398,6 +463,7 @@ def run_torchrun(job: Job) -> Optional[RankFailure]:
     """Run the job under torchrun's elastic agent; None when every rank succeeded."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError
     from torch.distributed.run import parse_args, run
 
     apply_settings(os.environ, rank_settings(job, dict(os.environ)))  # the agent passes it on
@@ -406,7 +472,7 @@ def run_torchrun(job: Job) -> Optional[RankFailure]:
         # prefix: restarted ranks read the dead attempt's gloo addresses ("Connection refused").
         os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     try:
-        with _children_die_with_us(), _note_unresponsive_ranks() as unresponsive:
+        with _children_die_with_us(), _rendezvous_calls_bounded(), _note_unresponsive_ranks() as unresponsive:
             run(parse_args(torchrun_argv(job)))
     except ChildFailedError as err:
         rank, failure = root_cause(err.failures)
@@ -417,7 +483,12 @@ def run_torchrun(job: Job) -> Optional[RankFailure]:
     except SignalException as err:
         raise LaunchError(f"stopped by {_signal_name(err.sigval)}; torchrun stopped every rank",
                           128 + int(err.sigval)) from None
-    except Exception as err:  # rendezvous timeouts, ports in use, ...
+    except RendezvousError as err:
+        where = job.rdzv_endpoint or (f"{job.master_addr}:{job.master_port or DEFAULT_PORT}" if job.master_addr else "")
+        raise LaunchError(f"rendezvous{' at ' + where if where else ''} failed: {type(err).__name__}: {err} "
+                          "(not a rank's failure; every node must reach it and give the same --nnodes, "
+                          "--master-addr/--master-port or --rdzv-endpoint and --rdzv-id)") from None
+    except Exception as err:  # ports in use, ...
         raise LaunchError(f"torchrun could not run the job: {type(err).__name__}: {err}") from None
     return None
 
@@ -587,6 +658,11 @@ def run_deepspeed(job: Job) -> Optional[RankFailure]:
                               128 + stopped_by)
         if returncode == 0:
             return None
+        if not any(name.startswith("started") for name in os.listdir(error_dir)):
+            remote = " on this machine" if job.hostfile or job.num_nodes > 0 else ""
+            raise LaunchError(f"the deepspeed runner failed (exit code {returncode}) before any rank started{remote}: "
+                              "not a rank's failure; its ssh check, pdsh / mpirun / srun, or the hostfile (see its "
+                              "output above)", returncode if 0 < returncode < 256 else 1)
         return _deepspeed_failure(returncode, error_dir)
 
 
@@ -621,8 +697,10 @@ def _rank_entry(argv: list[str]) -> None:
     settings = json.loads(base64.urlsafe_b64decode(blob.encode()))
     apply_settings(os.environ, settings)
     error_dir = settings.get("error_dir")
-    if error_dir and os.path.isdir(error_dir):
+    if error_dir and os.path.isdir(error_dir):  # not on a remote node without this machine's /tmp
         os.environ["TORCHELASTIC_ERROR_FILE"] = os.path.join(error_dir, f"rank{os.environ.get('RANK', '0')}.json")
+        with contextlib.suppress(OSError):  # so the launcher can tell a runner failure from a rank's
+            open(os.path.join(error_dir, f"started{os.environ.get('RANK', '0')}"), "w").close()
     if local_rank == "env":
         local_rank = os.environ.get("LOCAL_RANK", "0")
     flag = settings.get("local_rank_flag") or "--local_rank"

@@ -67,7 +67,8 @@ def rank_lines(stdout: str) -> dict[int, str]:
 
 def test_torchrun_allreduce_and_config(tmp_path):
     config = tmp_path / "run.json"
-    config.write_text(json.dumps({"zeromega": {"tp": 2}}))
+    # a micro batch: next to Megatron flags, Megatron-LM requires one (and DeepSpeed a batch size)
+    config.write_text(json.dumps({"train_micro_batch_size_per_gpu": 1, "zeromega": {"tp": 2}}))
     proc, _, _, _ = zeromega("launch", "--nproc-per-node", "2", "--config", "run.json", WORKER,
                              "--tensor-model-parallel-size", "2", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -572,4 +573,28 @@ def test_unmodified_deepspeed_script_runs_under_zeromega_launch(tmp_path):
     for r in shown:
         assert r["local_rank_arg"] == r["LOCAL_RANK"] == r["rank"]
         assert r["lr"] == 0.5 and r["optimizer_lr"] == 0.001  # its own --lr, the JSON's optimizer
+    assert survivors(token) == []
+
+
+def test_rendezvous_failure_is_reported_as_such():
+    """A node alone where two are expected: the rendezvous times out, and the line says so (no rank 'failed')."""
+    proc, token, seconds, _ = zeromega("launch", "--nnodes", "2", "--node-rank", "0", "--master-addr", "127.0.0.1",
+                                       "--master-port", str(free_port()), "--rdzv-conf", "join_timeout=3",
+                                       "--nproc-per-node", "1", WORKER)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 1 and last.startswith("zeromega launch: rendezvous at 127.0.0.1:"), last
+    assert "RendezvousTimeoutError" in last and "not a rank's failure" in last, last
+    assert survivors(token) == []
+
+
+def test_deepspeed_runner_failure_is_not_a_rank_failure(tmp_path):
+    """The deepspeed runner cannot reach a host (its ssh check): no rank started, and the line says so."""
+    hosts = tmp_path / "hosts"
+    hosts.write_text("zeromega-no-such-host.invalid slots=1\n")
+    marker = tmp_path / "a-rank-started"
+    proc, token, _, _ = zeromega("launch", "--hostfile", str(hosts), "--master_addr", "127.0.0.1", WORKER,
+                                 env={"ZEROMEGA_TEST_MARKER": str(marker)})
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode != 0 and not marker.exists()
+    assert last.startswith("zeromega launch: the deepspeed runner failed (exit code 1) before any rank started"), last
     assert survivors(token) == []

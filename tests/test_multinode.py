@@ -204,8 +204,11 @@ def test_gpt_across_two_nodes_matches_one_node(two_nodes, tmp_path, small_corpus
     one = one_node(tmp_path, args + ["--metrics-out", str(tmp_path / "one.jsonl")])
     assert one.returncode == 0, one.stderr[-3000:]
     started, p = time.monotonic(), port()
+    # One thread per rank on both sides: with one process per node torchrun leaves OMP_NUM_THREADS unset, and
+    # two threads sum a matmul in another order than one (losses then differ in the 7th digit).
     nodes = [start_node(two_nodes, n, p, ["--nproc-per-node", "1"], GPT,
-                        args + ["--metrics-out", str(tmp_path / "two.jsonl")]) for n in (0, 1)]
+                        args + ["--metrics-out", str(tmp_path / "two.jsonl")], env={"OMP_NUM_THREADS": "1"})
+             for n in (0, 1)]
     finish(nodes, started)
     for n, node in enumerate(nodes):
         assert node.proc.returncode == 0, f"node {n}: {node.err[-3000:]}"
