@@ -209,3 +209,69 @@ def test_initial_scale_power_must_give_a_finite_fp32_scale(source, tmp_path, cap
     assert "initial_scale_power=400: 2**400 is not a finite fp32 number" in err and "at most 127" in err
     assert check(128)[0] == 2
     assert check(127)[0] == 0
+
+
+def _nvme_run(nvme: str, **model):
+    from zeromega.config.schema import RunConfig
+
+    return RunConfig.model_validate({
+        "zero": {"stage": 3, "offload_optimizer": {"device": "nvme", "nvme_path": nvme}},
+        "batch": {"micro": 1, "global": 2}, "optimizer": {"lr": 1e-3},
+        "model": {"num_layers": 2, "hidden_size": 1024, "num_attention_heads": 8, "seq_length": 64, **model}})
+
+
+def test_launch_preflight_sizes_the_nvme_drive_from_the_run_vocabulary(tmp_path, monkeypatch):
+    """No --vocab-size: the run's tokenizer gives the vocabulary (bytes: 257), so the launcher's pre-flight
+    sizes the swap files before any rank starts and refuses a drive too small (it used to pass with "model
+    shape unknown" and the ranks failed minutes later)."""
+    import shutil
+    from collections import namedtuple
+
+    from zeromega.config import ConfigError
+    from zeromega.launch.plan_cli import launch_preflight, run_shape
+
+    from zeromega.plugins.zero import preflight
+
+    # the op check is not what this test is about (async_io may still be building on this machine)
+    monkeypatch.setattr(preflight, "op_status", lambda name: preflight.OpStatus(name, True, True, "assumed"))
+    cfg = _nvme_run(str(tmp_path))
+    assert cfg.model.vocab_size is None and run_shape(cfg)["vocab_size"] == 257
+    layout = cfg.layout(2)
+    assert "GiB on nvme" in launch_preflight(cfg, layout, local_ranks=2)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2**30, 2**30 - 2**20, 2**20))
+    with pytest.raises(ConfigError, match=r"offload_optimizer\.nvme_path=.*has 0\.0 GiB free, the run writes 0\.\d+ GiB"):
+        launch_preflight(cfg, layout, local_ranks=2)
+    assert run_shape(_nvme_run(str(tmp_path), num_layers=None)) is None  # an own model: not sized, not refused
+
+
+def test_swap_files_of_a_dead_run_are_removed_and_not_counted(tmp_path, monkeypatch):
+    """A crashed run's swap folder (its recorded ranks all dead) is removed by the next pre-flight, so its
+    bytes do not count against the drive; one a live rank uses is left alone and not counted as free."""
+    import shutil
+    import socket
+    import subprocess
+    from collections import namedtuple
+
+    from zeromega.config import ConfigError
+    from zeromega.plugins.zero.preflight import check_nvme_path
+    from zeromega.plugins.zero.space_guard import OWNERS, SWAP_FOLDER, mark_swap_owner
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    folder = tmp_path / SWAP_FOLDER
+    (folder / "optimizer" / "rank0").mkdir(parents=True)
+    (folder / "optimizer" / "rank0" / "1_9.tensor.swp").write_bytes(b"\0" * (8 << 20))
+    (folder / OWNERS).mkdir()
+    (folder / OWNERS / f"{socket.gethostname()}-{dead.pid}").touch()
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(1, 1, 4 << 20 if folder.exists() else 12 << 20))
+    notes = []
+    check_nvme_path(str(tmp_path), "zero_optimization.offload_optimizer.nvme_path", 10 << 20, notes)
+    assert not folder.exists() and notes and "removed 8388608 bytes of swap files" in notes[0], notes
+    mark_swap_owner([str(tmp_path)])  # a live rank (this process) now uses the path
+    (folder / "optimizer" / "rank0").mkdir(parents=True)
+    (folder / "optimizer" / "rank0" / "1_9.tensor.swp").write_bytes(b"\0" * (8 << 20))
+    with pytest.raises(ConfigError, match=r"has 0\.0 GiB free"):
+        check_nvme_path(str(tmp_path), "zero_optimization.offload_optimizer.nvme_path", 10 << 20)
+    assert (folder / "optimizer" / "rank0" / "1_9.tensor.swp").exists()

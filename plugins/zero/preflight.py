@@ -271,8 +271,11 @@ def correct(ds: dict, plan: MemoryPlan) -> tuple[dict, list[Correction]]:
 # ------------------------------------------------------------------ machine checks
 
 
-def check_nvme_path(path: str, field_name: str, needed_bytes: int) -> None:
-    """The nvme path exists, is a writable directory that takes O_DIRECT writes, and has room."""
+def check_nvme_path(path: str, field_name: str, needed_bytes: int, notes: Optional[list] = None) -> None:
+    """The nvme path exists, is a writable directory that takes O_DIRECT writes, and has room (swap files a
+    dead run left there are removed first, ones DeepSpeed will overwrite counted as free; ``notes`` gets
+    a line for each)."""
+    notes = [] if notes is None else notes
     if not os.path.exists(path):
         raise ConfigError(field_name, path, "does not exist", f"create it (mkdir -p {path}) or point {field_name} "
                           "at an existing directory on a local disk")
@@ -295,7 +298,12 @@ def check_nvme_path(path: str, field_name: str, needed_bytes: int) -> None:
                           "choose a directory on a local disk (ext4/xfs)") from None
     finally:
         os.unlink(probe)
-    free = shutil.disk_usage(path).free
+    from .space_guard import stale_swap
+
+    reclaimed, note = stale_swap(path)  # a crashed run's swap files are neither counted nor kept
+    if note:
+        notes.append(note)
+    free = shutil.disk_usage(path).free + (reclaimed if os.path.isdir(os.path.join(path, "zero_stage_3")) else 0)
     if free < needed_bytes:
         raise ConfigError(field_name, path, f"has {free / GiB:.1f} GiB free, the run writes "
                           f"{needed_bytes / GiB:.1f} GiB there",
@@ -359,6 +367,8 @@ class Report:
     ds: dict
     corrections: list[Correction]
     plan: MemoryPlan
+    notes: list = field(default_factory=list)
+    """What the checks did on the machine (stale swap files removed or counted as free)."""
 
 
 def preflight(ds: dict, plan_fn: Callable[[dict], MemoryPlan], machine: Optional[Machine] = None,
@@ -377,6 +387,7 @@ def preflight(ds: dict, plan_fn: Callable[[dict], MemoryPlan], machine: Optional
     ds, corrections = correct(ds, plan_fn(ds))
     plan = plan_fn(ds)
     s = plan.setup
+    notes: list[str] = []
     paths: dict[str, int] = {}
     per_device = {"optimizer": 0, "param": 0}
     for row in plan.rows:
@@ -389,10 +400,10 @@ def preflight(ds: dict, plan_fn: Callable[[dict], MemoryPlan], machine: Optional
     for path, nbytes in paths.items():
         name = ("zero_optimization.offload_optimizer.nvme_path" if str(s.optimizer_nvme_path) == path
                 else "zero_optimization.offload_param.nvme_path")
-        check_nvme_path(path, name, int(nbytes * machine.local_ranks * NVME_HEADROOM))
+        check_nvme_path(path, name, int(nbytes * machine.local_ranks * NVME_HEADROOM), notes)
     check_ops(ops_needed(ds), machine)
     check_host_memory(plan, machine)
-    return Report(ds, corrections, plan)
+    return Report(ds, corrections, plan, notes)
 
 
 __all__ = ["Correction", "Machine", "OpStatus", "Report", "check_combinations", "check_host_memory",

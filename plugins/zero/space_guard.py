@@ -103,10 +103,85 @@ def _checked_swap_in(original: Callable, free_bytes: Callable[[str], int] = _fre
     return swap_in_tensors
 
 
+SWAP_FOLDER = "zero_stage_3"
+"""What DeepSpeed 0.19.8 creates under an nvme_path (``optimizer/rankN``, ``<dtype>params/rankN``)."""
+OWNERS = ".zeromega-owners"
+"""Inside it: one empty file ``HOST-PID`` per rank process of zeromega that swaps there."""
+
+
+def mark_swap_owner(paths) -> None:
+    """Record this process as a user of each nvme path's swap folder (the pre-flight of a later run tells a
+    crashed run's leftovers from a live run's files by these)."""
+    import socket
+
+    for path in paths:
+        owners = os.path.join(path, SWAP_FOLDER, OWNERS)
+        try:
+            os.makedirs(owners, exist_ok=True)
+            open(os.path.join(owners, f"{socket.gethostname()}-{os.getpid()}"), "w").close()
+        except OSError:
+            pass  # the pre-flight names an unwritable path; a rank does not stop for its bookkeeping
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _tree_bytes(path: str) -> int:
+    total = 0
+    for root, _, names in os.walk(path):
+        for name in names:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def stale_swap(path: str, remove: bool = True) -> tuple[int, str]:
+    """Swap files under ``path`` that the next run may take: (bytes, what was done) for the pre-flight.
+
+    - written by zeromega ranks that are all dead (a crashed or killed run): removed (with ``remove``) and
+      counted as free;
+    - written by a process zeromega did not record (DeepSpeed alone, an older zeromega): not removed, but
+      counted as free, since DeepSpeed's ranks overwrite the same ``rankN`` files (and clear the parameter
+      folder) when they start;
+    - a live zeromega rank on this host still uses them: (0, note), nothing touched.
+    """
+    import shutil
+    import socket
+
+    folder = os.path.join(path, SWAP_FOLDER)
+    if not os.path.isdir(folder):
+        return 0, ""
+    nbytes = _tree_bytes(folder)
+    owners_dir = os.path.join(folder, OWNERS)
+    owners = sorted(os.listdir(owners_dir)) if os.path.isdir(owners_dir) else []
+    host = socket.gethostname()
+    pids = [int(name.rsplit("-", 1)[1]) for name in owners
+            if name.rsplit("-", 1)[0] == host and name.rsplit("-", 1)[-1].isdigit()]
+    live = [pid for pid in pids if _alive(pid)]
+    if live:
+        return 0, f"{folder} is in use by live rank(s) {live[:4]} (another run on this nvme path)"
+    if owners and len(pids) == len(owners) and remove:
+        shutil.rmtree(folder, ignore_errors=True)
+        return nbytes, f"removed {nbytes} bytes of swap files that a run which is no longer alive left in {folder}"
+    return nbytes, f"{nbytes} bytes of earlier swap files in {folder} counted as free (the run overwrites them)"
+
+
 def check_swap_reads(ds: dict) -> None:
-    """Before ``deepspeed.initialize``: when ``ds`` swaps to nvme, check every swap read (see module doc)."""
-    if SwapSpaceGuard.for_deepspeed(ds) is None:
+    """Before ``deepspeed.initialize``: when ``ds`` swaps to nvme, check every swap read (see module doc), and
+    record this rank as the user of the swap folders (:func:`mark_swap_owner`)."""
+    guard = SwapSpaceGuard.for_deepspeed(ds)
+    if guard is None:
         return
+    mark_swap_owner(guard.paths)
     import importlib
 
     for name in _SWAP_IN_USERS:
@@ -125,4 +200,5 @@ def guard_engine(engine, ds: dict, needed_bytes: int = 0) -> None:
         guard.wrap_step(engine)
 
 
-__all__ = ["LOW_WATER_BYTES", "OffloadSpaceError", "SwapSpaceGuard", "check_swap_reads", "guard_engine"]
+__all__ = ["LOW_WATER_BYTES", "OffloadSpaceError", "SwapSpaceGuard", "check_swap_reads", "guard_engine",
+           "mark_swap_owner", "stale_swap"]
