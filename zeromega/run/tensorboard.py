@@ -2,8 +2,8 @@
 
 Tags are Megatron-LM's: ``lm loss``, ``learning-rate``, ``batch-size``, ``grad-norm`` (each also ``... vs
 samples``), ``loss-scale`` (on unless ``--no-log-loss-scale-to-tensorboard``), ``world-size``,
-``iteration-time`` and ``mem-*`` behind their switches, ``lm loss validation`` (and ``... ppl``) after each
-evaluation. The test split goes to ``lm loss test`` (Megatron-LM writes it under the validation tag, at the
+``iteration-time`` (and ``throughput`` with ``--log-throughput``) and ``mem-*`` behind their switches,
+``lm loss validation`` (and ``... ppl``) after each evaluation. The test split goes to ``lm loss test`` (Megatron-LM writes it under the validation tag, at the
 same iteration as the last validation). Written by rank 0 (Megatron-LM: the last rank); the values are
 reduced over ranks first, so every rank holds the same ones.
 """
@@ -81,6 +81,8 @@ class TensorBoard:
                 w.add_scalar("mem-allocated-count", stats.get("allocation.all.current", 0), it)
         if log.log_timers_to_tensorboard:
             w.add_scalar("iteration-time", record.step_time_s, it)
+            if log.log_throughput and record.tflops_per_gpu is not None:  # Megatron-LM: both switches
+                w.add_scalar("throughput", record.tflops_per_gpu, it)
 
     def evaluation(self, record: dict, samples: Optional[int] = None) -> None:
         """An evaluation's loss (``{"kind": "valid" | "test", "step", "loss", "ppl"}``)."""
