@@ -3,9 +3,10 @@
 Tags are Megatron-LM's: ``lm loss``, ``learning-rate``, ``batch-size``, ``grad-norm`` (each also ``... vs
 samples``), ``loss-scale`` (on unless ``--no-log-loss-scale-to-tensorboard``), ``world-size``,
 ``iteration-time`` (and ``throughput`` with ``--log-throughput``) and ``mem-*`` behind their switches,
-``lm loss validation`` (and ``... ppl``) after each evaluation. The test split goes to ``lm loss test`` (Megatron-LM writes it under the validation tag, at the
-same iteration as the last validation). Written by rank 0 (Megatron-LM: the last rank); the values are
-reduced over ranks first, so every rank holds the same ones.
+``lm loss validation`` (and ``... ppl``) after each evaluation. The test split goes to ``lm loss test``
+(Megatron-LM writes it under the validation tag, at the same iteration as the last validation). Written by
+rank 0 (Megatron-LM: the last rank); the values are reduced over ranks first, so every rank holds the same
+ones.
 """
 
 from __future__ import annotations
