@@ -131,7 +131,7 @@ def _node(rank: int) -> Optional[int]:
 
 def _who(rank: int) -> str:
     node = _node(rank)
-    return f"rank {rank}" + (f" (node {node})" if node is not None and _node(dist.get_world_size() - 1) else "")
+    return f"rank {rank}" + (f" on node {node}" if node is not None and _node(dist.get_world_size() - 1) else "")
 
 
 _PEER_LOST = ("timed out", "timeout", "connection closed by peer", "connection reset by peer", "broken pipe")
@@ -173,7 +173,8 @@ def explain(err: BaseException, step: int, timeout_minutes: Optional[float] = No
     if lost and peer:
         there = sorted(r for r, p in (seen or {}).items() if p and p[2] == peer.group(1))
         ranks = f" ({', '.join(_who(r) for r in there)})" if there else ""
-        cause = f"the connection to {peer.group(1)}{ranks} closed (that node died or its ranks did); " + cause
+        lost_line = f"the connection to {peer.group(1)}{ranks} closed: that node died or its ranks did"
+        cause = lost_line if cause.startswith("every rank began") else f"{lost_line}; {cause}"
     first_line = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
     return CollectiveTimeout(f"{_who(dist.get_rank())}: a collective of step {step} {what}{limit}; {cause}. "
                              f"({first_line})")
