@@ -201,15 +201,24 @@ def test_a_train_samples_run_trains_its_steps_on_the_sample_schedule(small_corpu
     assert [r["lr"] for r in records] == pytest.approx(expected, rel=1e-12)
 
 
-def test_rampup_trains_growing_batches_on_the_deepspeed_engine(small_corpus):
+def test_rampup_trains_the_same_growing_batches_on_both_engines(small_corpus):
+    """DeepSpeed's engine (pp 1) follows the ramp with set_train_batch_size and explicit accumulation boundaries
+    (its micro_steps % gas would misplace them once gas changes); Megatron-Core's (pp 2) takes each step's
+    micro-batch count. Same samples, same losses."""
     argv = ["--data-path", small_corpus, *TINY, "--train-samples", "20", "--global-batch-size", "6",
-            "--rampup-batch-size", "2", "2", "4", "--lr-decay-style", "constant"]
-    (result,) = run_world(1, run_logging, argv)
-    sizes = [r["global_batch"] for r in result["records"]]
-    consumed = [r["consumed_samples"] for r in result["records"]]
+            "--rampup-batch-size", "2", "2", "4", "--lr-decay-style", "linear"]
+    (deepspeed,) = run_world(1, run_logging, argv)
+    megatron = run_world(2, run_logging, argv + ["--pipeline-model-parallel-size", "2"])[0]
+    assert (deepspeed["engine"], megatron["engine"]) == ("deepspeed", "megatron")
+    sizes = [r["global_batch"] for r in deepspeed["records"]]
+    consumed = [r["consumed_samples"] for r in deepspeed["records"]]
     assert sizes == [2, 4, 6, 6], sizes  # Megatron-Core: +2 every 2 of the 4 ramp-up samples
     assert consumed == [sum(sizes[:i + 1]) for i in range(len(sizes))]
-    assert result["engine"] == "deepspeed"
+    assert [r["global_batch"] for r in megatron["records"]] == sizes
+    assert [r["loss"] for r in deepspeed["records"]] == pytest.approx([r["loss"] for r in megatron["records"]],
+                                                                      rel=1e-5)
+    assert [r["lr"] for r in deepspeed["records"]] == pytest.approx(
+        megatron_lrs(sizes, warmup=0, decay=20, style="linear"), rel=1e-12)
 
 
 def run_groups(argv: list[str]) -> dict:

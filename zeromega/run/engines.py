@@ -57,6 +57,7 @@ class DeepSpeedEngine:
         self.modules = [self.engine.module]
         self._loss = loss
         self._clipped_norm = None
+        self._ramping = False
         self._keep_clipping_norm()
 
     def _keep_clipping_norm(self) -> None:
@@ -79,7 +80,9 @@ class DeepSpeedEngine:
     def train_step(self, micro_batches: list[dict]) -> tuple[float, Optional[float]]:
         total = 0.0
         skipped = getattr(self.engine, "skipped_steps", 0)
-        for batch in micro_batches:
+        for i, batch in enumerate(micro_batches):
+            if self._ramping:  # the step's last micro-batch is the boundary, whatever micro_steps % gas says
+                self.engine.set_gradient_accumulation_boundary(i == len(micro_batches) - 1)
             loss = self._loss(self.engine, batch)
             self.engine.backward(loss)
             self.engine.step()
@@ -93,6 +96,7 @@ class DeepSpeedEngine:
     def set_global_batch(self, samples: int) -> None:
         """A ramp-up step's global batch: DeepSpeed's accumulation boundary moves with it (as Megatron-DeepSpeed
         calls ``set_train_batch_size``)."""
+        self._ramping = True  # DeepSpeed finds boundaries by micro_steps % gas, which a changed gas misplaces
         if self.engine.train_batch_size() != samples:
             self.engine.set_train_batch_size(samples)
 
