@@ -28,6 +28,11 @@ RAM-resident sub-groups), before the load's epilogue gathers the persistent
 parameters. :func:`needed` is the probe: whether this engine takes the path
 above; ``ENABLED = False`` turns the patch off so a test can show the
 resumed run departs without it.
+
+Parameters offloaded to nvme with the optimizer on the CPU take DeepSpeed's
+ordinary load, which fails on sub-groups that have no CPU buffer; for
+those :func:`rigid_load` runs in its place (same steps, the parameters
+written to their swap files).
 """
 
 from __future__ import annotations
@@ -99,9 +104,46 @@ def complete_load(engine, load_dir: str, tag: str) -> None:
             opt._reassign_or_swap_out_partitioned_parameters(sid)  # into the model's partition (or its swap file)
 
 
+def params_swapped(engine) -> bool:
+    """Whether some ZeRO-3 sub-group's parameters live only in nvme swap files (``offload_param: nvme``
+    with ``max_in_cpu`` below the partition): DeepSpeed keeps no flat CPU buffer for them (None)."""
+    flats = getattr(getattr(engine, "optimizer", None), "fp16_partitioned_groups_flat", None)
+    return bool(flats) and any(flat is None for flat in flats)
+
+
+def rigid_load(opt, state_dict: dict, load_optimizer_states: bool = True) -> None:
+    """DeepSpeed 0.19.8's ZeRO-3 ``_rigid_load_state_dict`` for sub-groups whose parameters are swapped to
+    nvme: DeepSpeed copies the fp32 partitions into each sub-group's flat CPU buffer, which such sub-groups
+    do not have (``None.data``: AttributeError). The same steps, each sub-group's parameters written through
+    DeepSpeed's own ``_reassign_or_swap_out_partitioned_parameters`` (its flat buffer, or its swap files)."""
+    from deepspeed.checkpoint.constants import FP32_FLAT_GROUPS, LOSS_SCALER, OPTIMIZER_STATE_DICT
+
+    opt.loss_scaler = state_dict[LOSS_SCALER]
+    opt.dynamic_loss_scale = state_dict["dynamic_loss_scale"]
+    opt.overflow = state_dict["overflow"]
+    if load_optimizer_states:
+        opt._set_fp32_optimizer_param_groups()
+        opt.optimizer.load_state_dict(state_dict[OPTIMIZER_STATE_DICT])
+        opt._clear_fp32_optimizer_param_groups()
+    for current, saved in zip(opt.fp32_partitioned_groups_flat, state_dict[FP32_FLAT_GROUPS]):
+        current.data.copy_(saved.data)
+    for sid in range(len(opt.fp32_partitioned_groups_flat)):
+        opt._reassign_or_swap_out_partitioned_parameters(sid)
+
+
 @contextlib.contextmanager
 def restoring(engine, load_dir: str, tag: str) -> Iterator[None]:
-    """While DeepSpeed's ``load_checkpoint(load_dir, tag)`` runs: complete its nvme-optimizer load (module doc)."""
+    """While DeepSpeed's ``load_checkpoint(load_dir, tag)`` runs: complete its nvme-optimizer load (module doc),
+    or load sub-groups whose parameters are swapped to nvme (:func:`rigid_load`)."""
+    if ENABLED and not needed(engine) and params_swapped(engine):
+        opt = engine.optimizer
+        opt._rigid_load_state_dict = lambda state_dict, load_optimizer_states=True: rigid_load(
+            opt, state_dict, load_optimizer_states)
+        try:
+            yield
+        finally:
+            del opt._rigid_load_state_dict
+        return
     if not (ENABLED and needed(engine)):
         yield
         return
@@ -119,4 +161,4 @@ def restoring(engine, load_dir: str, tag: str) -> Iterator[None]:
         del opt.reset_swap_buffers  # the class's method again
 
 
-__all__ = ["ENABLED", "complete_load", "needed", "restoring"]
+__all__ = ["ENABLED", "complete_load", "needed", "params_swapped", "restoring", "rigid_load"]
