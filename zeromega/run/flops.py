@@ -110,7 +110,7 @@ def cpu_peak(measure=measure_cpu_peak) -> tuple[float, str]:
     except (OSError, ValueError):
         known = {}
     if isinstance(known, dict) and isinstance(known.get(key), (int, float)) and known[key] > 0:
-        return float(known[key]), f"measured matmul peak, cached in {path}"
+        return float(known[key]), f"the matmul peak measured before, cached in {path}"
     value = measure()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -121,7 +121,7 @@ def cpu_peak(measure=measure_cpu_peak) -> tuple[float, str]:
         tmp.replace(path)
     except OSError:
         pass  # a read-only home: measured again next time
-    return value, "measured matmul peak (just now)"
+    return value, "a matmul peak measured just now, cached for next time"
 
 
 def gpu_peak(name: str) -> Optional[tuple[float, str]]:
