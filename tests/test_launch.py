@@ -560,13 +560,16 @@ def test_heartbeat_store_read_has_a_deadline():
     assert heartbeat.bounded(lambda: 7, 0.5) == 7
 
 
-def test_unmodified_deepspeed_script_runs_under_zeromega_launch(tmp_path):
-    """A DeepSpeed tutorial-style train.py (--local_rank, its own --lr, --deepspeed_config) runs as it is."""
+@pytest.mark.parametrize("runner", ["torchrun", pytest.param("deepspeed", marks=pytest.mark.slow)])
+def test_unmodified_deepspeed_script_runs_under_zeromega_launch(tmp_path, runner):
+    """A DeepSpeed tutorial-style train.py (--local_rank, its own --lr, --deepspeed_config) runs as it is,
+    under torchrun (zeromega appends --local_rank) and under the deepspeed runner (which does)."""
     config = tmp_path / "ds.json"
     config.write_text(json.dumps({"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 1},
                                   "optimizer": {"type": "AdamW", "params": {"lr": 0.001}}}))
     script = str(Path(__file__).parent / "scripts" / "ds_style_train.py")
-    proc, token, _, _ = zeromega("launch", "--nproc-per-node", "2", "--config", str(config), script,
+    extra = ["--launcher", "deepspeed", "--master_port", str(free_port())] if runner == "deepspeed" else []
+    proc, token, _, _ = zeromega("launch", "--nproc-per-node", "2", *extra, "--config", str(config), script,
                                  "--deepspeed_config", str(config), "--lr", "0.5", timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     shown = sorted((json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"rank"')),
