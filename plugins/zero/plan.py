@@ -73,10 +73,16 @@ from typing import Optional
 GiB = 1024**3
 MiB = 1024**2
 
-PROCESS_BASELINE_BYTES = 600 * MiB
+PROCESS_BASELINE_BYTES = 400 * MiB
 """Resident bytes of a rank before the model: torch, DeepSpeed and Megatron-Core
-imported, gloo initialised (measured ~560-620 MB/rank on this CPU machine with
-bench/zero_memory.py's empty run; CUDA ranks add the CUDA context on the host)."""
+imported, gloo initialised, the data set opened. Measured on this CPU machine
+(``/proc/self/status`` just before the model is built, examples/pretrain_gpt.py
+under ``zeromega launch``, 2 and 4 ranks, either engine): VmRSS 388-390 MiB,
+VmHWM 404-405 MiB (the data set's set-up peaks a little above what stays).
+It was 600 MiB here before: bench/zero_memory.py's empty rank, whose
+pytest-spawned worker imports more than a training script does, and that
+over-charged every CPU plan by ~200 MiB (plan/measured 1.17-1.21 at pp 1).
+CUDA ranks add the CUDA context on the host."""
 
 AIO_ALIGN_BYTES = 1024
 """DeepSpeed's swap files are written in multiples of 1 KiB (``AIO_ALIGNED_BYTES``)."""
@@ -540,14 +546,30 @@ def plan_memory(ds: dict, model: ModelSize, dp: int, tp: int = 1, activations: O
         rows.append(Row("param swap-out buffer", "pinned", lp * n * min(s.sub_group_size, part),
                         f"{lp} x N x min(sub_group_size, P/N)"))
     # --- gradients
-    if s.stage == 1:
+    if s.stage == 1 and s.optimizer_device == "none":
+        # ZeRO-1 measured (fp32, 8 x 1024 GPT, 2 ranks, /proc/self/status around every micro-batch): the
+        # full gradients appear with the first backward, stay while micro-batches accumulate, and are freed
+        # at the accumulation boundary once reduced into this rank's partition; after the step the resident
+        # set is back to parameters + master, m, v (4 P + 12 P/N), with no gradient left.
+        rows.append(Row("gradients (accumulated)", "device", lp * p, f"{lp} P", transient=True))
+    elif s.stage == 1:
         rows.append(Row("gradients", "device", lp * p, f"{lp} P"))
     elif s.stage == 2:
         rows.append(Row("gradient partition", "device", lp * part, f"{lp} P/N"))
     else:  # ZeRO-3 accumulates in the model dtype, on the host when the optimizer is offloaded
         where = "device" if s.optimizer_device == "none" else "host"
         rows.append(Row("gradient partition", where, lp * part, f"{lp} P/N"))
-    if s.stage < 3 or s.optimizer_device == "cpu":
+    if s.stage == 1 and s.optimizer_device == "none":
+        # The reduced partition exists from the boundary's reduce to the end of the update; step() then
+        # flattens it into a new fp32 tensor (``flatten(averaged_gradients)``, ``.to(fp32)``) that the
+        # optimizer reads, while the reduced one is still allocated: 16 P/N above the resident states
+        # during the step (lp + 4 + AdamW's 8), measured 772 MiB at P/N = 50.6M, fp32.
+        rows.append(Row("reduced gradient partition", "device", lp * part, f"{lp} P/N", transient=True))
+        rows.append(Row("reduced gradient partition", "device", lp * part, f"{lp} P/N", transient=True,
+                        phase="step"))
+        rows.append(Row("flattened fp32 gradient partition", "device", 4 * part, "4 P/N", transient=True,
+                        phase="step"))
+    elif s.stage < 3 or s.optimizer_device == "cpu":
         rows.append(Row("fp32 gradient partition (optimizer)", opt_where, 4 * part, "4 P/N"))
     elif s.optimizer_device == "none":
         rows.append(Row("fp32 gradients of the sub-group stepped", "device", 4 * min(s.sub_group_size, part),
