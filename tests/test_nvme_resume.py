@@ -63,7 +63,7 @@ def full_then_resumed(tmp: Path, corpus: str, stage: int, optimizer: str, param:
                       resume_worker=pretrain):
     """(curve of the 6-step run that saved after step 3, curve of the run resumed from that save, save dir)."""
     nvme = tmp / "nvme"
-    nvme.mkdir(exist_ok=True)
+    nvme.mkdir(parents=True, exist_ok=True)
     ds = ["--deepspeed_config", str(_ds_json(tmp / "ds.json", stage, optimizer, param, nvme))]
     save = tmp / "ckpt"
     if not save.exists():
