@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
+from pathlib import Path
 
 import pytest
 
@@ -206,3 +207,13 @@ def test_check_lists_the_filled_autos_and_translate_plan_take_the_shape_flags(tm
 @pytest.fixture(autouse=True)
 def _quiet_deepspeed():
     logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
+
+
+def test_a_warmupdecaylr_block_of_autos_keeps_its_type():
+    # before: the block's autos went unfilled, warmup 0 dropped the scheduler from the DeepSpeed output
+    example = Path(__file__).resolve().parent.parent / "examples" / "configs" / "hf_zero2_auto.json"
+    found = translate.sources(example)[0]
+    cfg = translate.resolve(found + [("the command line", {"scheduler": {"train_iters": 1000}})])
+    scheduler = translate.to_deepspeed_file(cfg, cfg.layout(2))["scheduler"]
+    assert scheduler == {"type": "WarmupDecayLR", "params": {"warmup_num_steps": 1, "warmup_max_lr": 5e-5,
+                                                             "total_num_steps": 1000}}
