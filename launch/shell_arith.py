@@ -180,7 +180,9 @@ class _Parser:
         if kind == "op" and text in ("-", "+", "!", "~"):
             self.i += 1
             value = self.unary()
-            return {"-": lambda v: wrap(-v), "+": lambda v: v, "!": lambda v: int(not v), "~": lambda v: ~v}[text](value)
+            if text == "-":
+                return wrap(-value)
+            return value if text == "+" else int(not value) if text == "!" else ~value
         if kind == "op" and text in ("++", "--"):
             self.i += 1
             name_kind, name = self.peek()
@@ -213,8 +215,10 @@ class _Parser:
 
 def evaluate(expr: str, ev=None, depth: int = 0) -> Optional[int]:
     """The value of a bash arithmetic expression; None when it reads an unset or unknown variable or is over
-    ``MAX_LENGTH`` characters; :class:`ArithError` where bash refuses it (bad syntax, division by 0). ``ev`` (a :class:`~.shell_eval.Evaluator`) expands ``$``
-    parameters and holds the variables; without it only literals are allowed."""
+    ``MAX_LENGTH`` characters; :class:`ArithError` where bash refuses it (bad syntax, division by 0).
+
+    ``ev`` (a :class:`~.shell_eval.Evaluator`) expands ``$`` parameters and holds the variables; without it
+    only literals are allowed."""
     if len(expr) > MAX_LENGTH:
         return None
     if "$" in expr or "`" in expr:

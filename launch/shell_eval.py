@@ -355,8 +355,6 @@ class Evaluator:
                 if decl:
                     self.assign(word)
                 continue
-            if i == 0 or decl:
-                pass
             if decl and re.match(r"[A-Za-z_]\w*(\[[^\]]*\])?\+?=", word.raw):
                 self.assign(word)
                 words.append(word.raw.split("=", 1)[0])

@@ -78,6 +78,7 @@ _REDIRECTS = {"<<<", "<<-", "<<", ">>", ">&", "<&", ">|", "<>", "<", ">", "&>", 
 _META = set(" \t\n;&|()<>")
 _PLAIN = re.compile(r"[^\s;&|()<>'\"\\$`]+")
 _ASSIGN_HEAD = re.compile(r"[A-Za-z_]\w*(\+?)=$")
+_DQ_PLAIN = re.compile(r'[^"\\$`]+')
 
 
 class _Lexer:
@@ -240,7 +241,7 @@ class _Lexer:
             elif ch == "`":
                 i = self._backquote(i + 1) + 1
             else:
-                match = re.compile(r'[^"\\$`]+').match(text, i)
+                match = _DQ_PLAIN.match(text, i)
                 i = match.end() if match else i + 1
         raise ShellSyntax(self.line, 'a double quote (") is never closed')
 

@@ -33,7 +33,6 @@ from zeromega.config.errors import ConfigError
 from . import limits
 from .shell_arith import ArithError
 from .shell_arith import evaluate as _evaluate
-from .shell_arith import wrap as _wrap  # noqa: F401 (tests and older callers)
 from .shell_eval import OPAQUE, UNSET, Evaluator, _unmark_keep
 from .shell_parse import ShellSyntax, parse
 

@@ -825,7 +825,7 @@ CORPUS = {
         "--global-batch-size": "256", "--lr": "4.5e-4", "--deepspeed_config": "ds_config_gpt_moe.json"},
         {"launch.nproc_per_node": "8"},
         {"zero_optimization": {"stage": 0}, "train_batch_size": 256, "prescale_gradients": True}),
-    "bigscience_tr11": (BIGSCIENCE, {"start-tr11-176B-ml": "export HF_DATASETS_OFFLINE=1\nexport TRANSFORMERS_OFFLINE=1\n"},
+    "bigscience_tr11": (BIGSCIENCE, {"start-tr11-176B-ml": "export HF_DATASETS_OFFLINE=1\n"},
                         {"SLURM_NNODES": "48", "SLURM_JOBID": "17", "six_ALL_CCFRWORK": "."}, {
         "--tensor-model-parallel-size": "4", "--pipeline-model-parallel-size": "12", "--micro-batch-size": "2",
         "--global-batch-size": "2048", "--lr": "6e-5", "--zero-stage": "0", "--exit-duration-in-mins": "5990",
