@@ -603,3 +603,18 @@ def test_deepspeed_runner_failure_is_not_a_rank_failure(tmp_path):
     assert proc.returncode != 0 and not marker.exists()
     assert last.startswith("zeromega launch: the deepspeed runner failed (exit code 1) before any rank started"), last
     assert survivors(token) == []
+
+
+def test_check_prints_the_group_map_per_node(tmp_path, capsys):
+    from zeromega.launch import cli
+
+    config = tmp_path / "tp4.json"
+    config.write_text(json.dumps({"train_micro_batch_size_per_gpu": 1, "zeromega": {"tp": 4}}))
+    assert cli.main(["check", str(config), "--nodes", "2", "--nproc-per-node", "2"]) == 0
+    out, err = capsys.readouterr()
+    assert "nodes: 2 x 2 processes\nnode 0: ranks 0-1\nnode 1: ranks 2-3\n" in out
+    assert "  tp         1 of 1 span nodes      n0:0,1+n1:2,3" in out
+    assert "warning: 1 of 1 tp groups (size 4) span nodes" in err
+    assert cli.main(["check", str(config), "--nodes", "1", "--nproc-per-node", "4", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["nodes"] == {"count": 1, "nproc_per_node": 4, "spanning": {}}
+    assert cli.main(["check", str(config), "--nodes", "3"]) == 2  # processes per node unknown
