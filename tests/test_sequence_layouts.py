@@ -143,9 +143,12 @@ EXACT = [(w, i) for w, i in EXACT if not (WORLDS[w][i]["cut"] == "rfa_basic" and
          and WORLDS[w][i]["s"] != 6]
 
 
-@pytest.mark.parametrize("world,index", EXACT, ids=[f"{w[0]}{w[1]}-{WORLDS[w][i]['cut']}-{WORLDS[w][i]['layout']}-"
-                                                    f"{'causal' if WORLDS[w][i]['causal'] else 'full'}-s{WORLDS[w][i]['s']}"
-                                                    for w, i in EXACT])
+def _case_id(world, index):
+    c = WORLDS[world][index]
+    return f"{world[0]}{world[1]}-{c['cut']}-{c['layout']}-{'causal' if c['causal'] else 'full'}-s{c['s']}"
+
+
+@pytest.mark.parametrize("world,index", EXACT, ids=[_case_id(w, i) for w, i in EXACT])
 def test_other_libraries_layouts_are_exact(world, index):
     mode, ranks, ulysses = world
     c = WORLDS[world][index]
