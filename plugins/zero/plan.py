@@ -25,9 +25,12 @@ the engine, because the plan is checked against what a run measures:
   ``tensor.device`` with a device *name* string, which is never equal, so it
   clones (live-tensor census of a 57M-parameter fp32 ZeRO-3 run: one master
   per sub-group beside the partition).
-- ZeRO-1/2 (and ZeRO-3 with CPU optimizer offload) keep an fp32 gradient
-  partition for the optimizer (4 P / N) beside the model-precision
-  gradients; ZeRO-3 otherwise flattens one sub-group's fp32 gradients at a
+- ZeRO-2 (and ZeRO-1 / ZeRO-3 with CPU optimizer offload) keep an fp32
+  gradient partition for the optimizer (4 P / N) beside the model-precision
+  gradients. ZeRO-1 without offload holds none between steps: the full
+  gradients live while micro-batches accumulate, the reduced partition from
+  the boundary to the end of the update, and its flattened fp32 copy during
+  the step (measured phase by phase; see :func:`plan_memory`); ZeRO-3 otherwise flattens one sub-group's fp32 gradients at a
   time during the step, and keeps its reduce bucket (``reduce_bucket_size``
   elements, allocated once at that size) for the whole run. ZeRO-3
   accumulates gradients in the model dtype (``grad_accum_dtype`` unset), in
@@ -59,9 +62,13 @@ The peak is the resident part plus the largest phase (measured per phase
 with ``/proc/self/status`` VmHWM on this machine: they do not overlap).
 Not modelled: on a CPU rank, glibc keeps the pages of freed tensors under
 the mmap threshold (1 MiB, :mod:`zeromega.integrations.accelerator`) until
-``malloc_trim``, which zeromega runs after every step; within a step they
-add up (ZeRO-2, 57M parameters, fp32: live tensors 656 MiB, resident set
-777 MiB at the end of backward). bench/zero_memory.py shows the effect.
+``malloc_trim``, which zeromega runs after every DeepSpeed backward and
+step; within a step they add up (ZeRO-2, 57M parameters, fp32: live tensors
+656 MiB, resident set 777 MiB at the end of backward). Under Megatron-Core's
+1F1B with activations below 1 MiB the heap fragments and grows from step to
+step (pp 2, 8 x 512: 805 MiB measured at step 3, 716 with a 64 KiB mmap
+threshold, 684 planned; docs/planning.md). bench/zero_memory.py shows the
+effect.
 """
 
 from __future__ import annotations
