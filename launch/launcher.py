@@ -476,9 +476,13 @@ def run_torchrun(job: Job) -> Optional[RankFailure]:
             run(parse_args(torchrun_argv(job)))
     except ChildFailedError as err:
         rank, failure = root_cause(err.failures)
-        frozen = [(r, f) for r, f in sorted(err.failures.items()) if unresponsive.get(f.pid)]
+        frozen = [(r, f) for r, f in sorted(err.failures.items()) if unresponsive.get(f.pid) == "stopped"]
         if frozen:  # the others failed waiting for it
             rank, failure = frozen[0]
+        elif unresponsive.get(failure.pid) == "hung":  # it only outlived SIGTERM: a rank that died first started it
+            others = {r: f for r, f in err.failures.items() if not unresponsive.get(f.pid)}
+            if others:
+                rank, failure = root_cause(others)
         return RankFailure(rank, failure.exitcode, _recorded_error(failure.error_file), unresponsive.get(failure.pid))
     except SignalException as err:
         raise LaunchError(f"stopped by {_signal_name(err.sigval)}; torchrun stopped every rank",
