@@ -298,3 +298,30 @@ def test_killed_rank_restarts_across_nodes_to_the_same_curve(two_nodes, tmp_path
     assert all(n.proc.returncode == 0 for n in nodes), nodes[0].err[-3000:] + nodes[1].err[-3000:]
     assert mark.read_text().startswith("1:3:")
     assert curve(faulty_dir / "run.jsonl") == curve(clean_dir / "run.jsonl")
+
+
+@pytest.mark.slow
+def test_node_that_dies_and_comes_back_resumes_to_the_same_curve(two_nodes, tmp_path, small_corpus):
+    """--max-restarts 1: node 1 (launcher and ranks) is SIGKILLed after a checkpoint, then started again; node 0's
+    agent waits in a new c10d round, both resume from the checkpoint and the curve equals one node's."""
+    args = GPT_ARGS + ["--data-path", small_corpus, "--train-iters", "8", "--save-interval", "2",
+                       "--distributed-timeout-minutes", "0.5"]
+    one = one_node(tmp_path, args + ["--metrics-out", str(tmp_path / "one.jsonl")])
+    assert one.returncode == 0, one.stderr[-3000:]
+    ck, metrics = tmp_path / "ck", tmp_path / "two.jsonl"
+    run_args = args + ["--save", str(ck), "--load", str(ck), "--metrics-out", str(metrics)]
+    launch = ["--nproc-per-node", "1", "--max-restarts", "1"]
+    env = {"OMP_NUM_THREADS": "1"}  # as the one-node run's ranks (see test_gpt_across_two_nodes_matches_one_node)
+    p, started = port(), time.monotonic()
+    nodes = [start_node(two_nodes, n, p, launch, GPT, run_args, env=env) for n in (0, 1)]
+    end = time.monotonic() + 200
+    while not (ck / "latest").exists() or len(metrics.read_text().splitlines()) < 3:
+        assert time.monotonic() < end and nodes[0].proc.poll() is None, "no checkpoint was written"
+        time.sleep(0.2)
+    kill_node(nodes[1])
+    nodes[1].proc.wait()
+    nodes[1] = start_node(two_nodes, 1, p, launch, GPT, run_args, env=env)
+    finish(nodes, started, timeout=JOB_DEADLINE_S + 120)
+    for n, node in enumerate(nodes):
+        assert node.proc.returncode == 0, f"node {n}: {node.err[-3000:]}"
+    assert curve(metrics) == curve(tmp_path / "one.jsonl")
