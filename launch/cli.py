@@ -429,7 +429,7 @@ def _check_layout(job: launcher.Job, kind: str, config, script_text: str = "") -
         layout = config.layout(world)
         summary = launch_preflight(config, layout, local_ranks=min(world, job.nproc_per_node or world))
         if launch_flags.runs_zeromega_run(script_text):
-            from zeromega.run.run import before_launch  # the run's own checks (length, wandb, profiler), once
+            from zeromega.run.prelaunch import before_launch  # the run's own checks (length, wandb, profiler)
 
             before_launch(config)
     if summary:

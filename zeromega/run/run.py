@@ -288,16 +288,11 @@ class Run:
 
 
 def before_launch(cfg: RunConfig) -> None:
-    """The checks a run makes before any rank trains (``zeromega launch`` runs them too): the run's length,
-    checkpoint directories, TensorBoard, wandb and the profiler's span."""
-    s = cfg.scheduler
-    if s.train_iters is None and s.train_samples is None:
-        raise ConfigError("scheduler.train_iters", None, "the run's length is unstated",
-                          "pass --train-iters N or --train-samples N (DeepSpeed: the scheduler's total_num_steps)")
-    checkpointing.check(cfg)
-    tensorboard.check(cfg)
-    tensorboard.check_profile(cfg)
-    wandb_log.check(cfg)
+    """The checks a run makes before any rank trains (``zeromega launch`` runs them too, through
+    :mod:`zeromega.run.prelaunch`)."""
+    from .prelaunch import before_launch as checks
+
+    checks(cfg)
 
 
 def _refuse_model_parallel_without_megatron_layers(module: torch.nn.Module, layout) -> None:

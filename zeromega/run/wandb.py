@@ -21,8 +21,6 @@ import os
 import sys
 from typing import Optional
 
-import torch.distributed as dist
-
 from zeromega.config import ConfigError, RunConfig
 
 
@@ -61,6 +59,8 @@ class WandB:
     """A wandb run on rank 0 (nothing elsewhere, or without --wandb-project); ``write(record)`` per step."""
 
     def __init__(self, cfg: RunConfig, module=None):
+        import torch.distributed as dist
+
         self.run = None
         self._log = cfg.logging
         if not self._log.wandb_project or (dist.is_initialized() and dist.get_rank() != 0):
