@@ -119,7 +119,7 @@ APPLIED: dict[str, tuple[str, ...]] = {
     "model.kv_channels": ("zeromega/run/gpt.py",),
     "model.rotary_base": ("zeromega/run/gpt.py",),
     "model.rotary_percent": ("zeromega/run/gpt.py",),
-    "scheduler.train_samples": ("zeromega/run/schedule.py", "zeromega/run/run.py"),
+    "scheduler.train_samples": ("zeromega/run/schedule.py", "zeromega/run/prelaunch.py"),
     "scheduler.decay_samples": ("zeromega/run/schedule.py",),
     "scheduler.warmup_samples": ("zeromega/run/schedule.py",),
     "scheduler.warmup_fraction": ("zeromega/run/schedule.py",),
