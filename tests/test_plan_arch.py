@@ -194,6 +194,24 @@ def test_pipeline_plan_stages_and_worst():
     assert "stage 3" in text and "worst" in text
 
 
+def test_pipeline_stage_backward_working_set():
+    """Backward holds one layer-micro-batch's activation gradients beside its saved activations, and the largest
+    weight's gradient until DDP's hook adds it into the fp32 buffer: one layer's bytes + lp x largest tensor."""
+    from types import SimpleNamespace
+
+    layout = SimpleNamespace(pp=2, tp=2, dp=1, cp=1, ep=1, etp=None, vpp=None, micro=2, accumulation=4)
+    shape = dict(num_layers=8, hidden_size=256, num_attention_heads=8, seq_length=128, vocab_size=257)
+    for precision, lp in (("fp32", 4), ("bf16", 2)):
+        ds = {"zero_optimization": {"stage": 1}, "bf16": {"enabled": precision == "bf16"}}
+        plan = zplan.for_run(ds, layout, shape=shape)
+        one_layer, _ = zplan.activation_bytes({**shape, "num_layers": 1}, zplan.Activations(128, 2), precision, tp=2)
+        largest = zplan.gpt_size(tp=2, **shape).largest_tensor
+        for st in plan.stages:
+            rows = {r.name: r for r in st.rows}
+            assert rows["backward working set"].bytes == one_layer + lp * largest
+            assert rows["backward working set"].transient and rows["backward working set"].phase == "backward"
+
+
 def _plan_cli(argv, capsys):
     from test_zero_plan import _cli
 
@@ -241,10 +259,10 @@ def test_plan_against_the_measured_peak(tmp_path, small_corpus, name, hidden, ra
     """examples/pretrain_gpt.py under zeromega launch, fp32, ZeRO-1 config, 8 layers, seq 128, micro 2, global 8,
     3 steps: the plan's worst rank within 10% of the peak resident set the run measures (max over ranks).
     Measured 2026-12-07 (plan / measured MiB): pp1 dp2 8 x 512 954 / 956-974 (0.98-1.00; 8 x 1024: 2,179 /
-    2,173-2,175); pp2 8 x 1024 1,333 / 1,393-1,415 (0.94-0.96); tp2 x pp2 8 x 1024 888 / 957-971 (0.91-0.93).
-    Not held, and not tested here: pp2 at 8 x 512 (684 / 795-805, 0.85), where every activation is a 512 KiB
-    tensor below glibc's 1 MiB mmap threshold and the heap fragments under 1F1B (716 MiB, 0.96, with
-    MALLOC_MMAP_THRESHOLD_=65536); docs/zero-offload.md. ~2-5 min each on 2 busy cores."""
+    2,173-2,175); pp2 8 x 1024 1,368 / 1,393-1,415 (0.97-0.98); tp2 x pp2 8 x 1024 908 / 957-971 (0.94-0.95).
+    Not held, and not tested here: pp2 at 8 x 512 (699 / 795-805, 0.87), where every activation is a 512 KiB
+    tensor below glibc's 1 MiB mmap threshold and the heap fragments under 1F1B (716 MiB, 0.98, with
+    MALLOC_MMAP_THRESHOLD_=65536); docs/planning.md. ~2-5 min each on 2 busy cores."""
     import os
     import subprocess
     import sys

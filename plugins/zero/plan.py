@@ -67,7 +67,7 @@ step; within a step they add up (ZeRO-2, 57M parameters, fp32: live tensors
 656 MiB, resident set 777 MiB at the end of backward). Under Megatron-Core's
 1F1B with activations below 1 MiB the heap fragments and grows from step to
 step (pp 2, 8 x 512: 805 MiB measured at step 3, 716 with a 64 KiB mmap
-threshold, 684 planned; docs/planning.md). bench/zero_memory.py shows the
+threshold, 699 planned; docs/planning.md). bench/zero_memory.py shows the
 effect.
 """
 
@@ -840,7 +840,7 @@ class PipelinePlan:
 
 
 def _stage_activations(shape: dict, act: Activations, precision: str, tp: int, layers: int, chunks: int,
-                       layers_per_chunk: int, last: bool, lp: int) -> tuple:
+                       layers_per_chunk: int, last: bool, lp: int, largest_tensor: int = 0) -> tuple:
     rows = []
     if act is None or shape is None:
         return ()
@@ -852,10 +852,19 @@ def _stage_activations(shape: dict, act: Activations, precision: str, tp: int, l
                    / (tp if act.sequence_parallel else 1))
         rows.append(Row("activations", "device", kept * in_flight + whole,
                         f"{in_flight} layer-micro-batches in flight x 2sbh + one layer", transient=True))
+        one_layer = whole
     else:
         per_layer, formula = activation_bytes({**shape, "num_layers": 1}, act, precision, tp)
         rows.append(Row("activations", "device", per_layer * in_flight,
                         f"{in_flight} layer-micro-batches in flight x {formula.replace('L x ', '')}", transient=True))
+        one_layer = per_layer
+    # Backward through a layer allocates the gradients of its activations while that layer's saved
+    # activations are still held, and autograd's gradient of a weight (lp bytes) exists until DDP's hook
+    # adds it into the fp32 buffer and drops it: one layer's activation bytes plus the largest weight.
+    # Measured as live bytes (64 KiB mmap threshold, fp32, first stage): pp2 8 x 512 105 MiB over the
+    # resident states for 88 of activations (+11 + 4 here); tp2 x pp2 8 x 1024 123.5 for 98 (+12.3 + 8).
+    rows.append(Row("backward working set", "device", one_layer + lp * largest_tensor,
+                    f"one layer-micro-batch's activations + {lp} x largest tensor", transient=True))
     if last:
         v = shape["vocab_size"]
         tokens = act.seq_length // max(act.cp, 1) * act.micro_batch
@@ -897,7 +906,7 @@ def plan_pipeline(precision: str, layout, shape: dict, distributed_optimizer: bo
                  + (" + tied output copy" if last and not count.output and pp > 1 else "") + "; ")
         size = replace(whole, params=params)
         rows = _stage_activations(whole.shape, act, precision, tp, sum(n for _, n in chunks),
-                                  in_flight_chunks(r, pp, m, vpp), chunks[0][1], last, lp)
+                                  in_flight_chunks(r, pp, m, vpp), chunks[0][1], last, lp, whole.largest_tensor)
         plans.append(plan_megatron(precision, size, dp=layout.dp * cp, tp=tp,
                                    distributed_optimizer=distributed_optimizer, expert_params=experts,
                                    expert_dp=edp, activation_rows=rows, baseline=baseline, label=label))
