@@ -30,8 +30,9 @@ the engine, because the plan is checked against what a run measures:
   gradients. ZeRO-1 without offload holds none between steps: the full
   gradients live while micro-batches accumulate, the reduced partition from
   the boundary to the end of the update, and its flattened fp32 copy during
-  the step (measured phase by phase; see :func:`plan_memory`); ZeRO-3 otherwise flattens one sub-group's fp32 gradients at a
-  time during the step, and keeps its reduce bucket (``reduce_bucket_size``
+  the step (measured phase by phase; see :func:`plan_memory`). ZeRO-3
+  otherwise flattens one sub-group's fp32 gradients at a time during the
+  step, and keeps its reduce bucket (``reduce_bucket_size``
   elements, allocated once at that size) for the whole run. ZeRO-3
   accumulates gradients in the model dtype (``grad_accum_dtype`` unset), in
   host memory when the optimizer is offloaded, also to nvme: that buffer
