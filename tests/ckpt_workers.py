@@ -148,8 +148,8 @@ def _fault_during_first_attempt() -> None:
     import zeromega.run.loop as train_module
 
     kill = os.environ.get("ZEROMEGA_TEST_KILL")
-    stop = os.environ.get("ZEROMEGA_TEST_STOP")  # SIGSTOP: the rank is frozen, not even SIGTERM ends it
-    rank, step = (int(x) for x in (kill or stop or os.environ["ZEROMEGA_TEST_HANG"]).split(":"))
+    freeze = os.environ.get("ZEROMEGA_TEST_STOP")  # SIGSTOP: the rank is frozen
+    rank, step = (int(x) for x in (kill or freeze or os.environ["ZEROMEGA_TEST_HANG"]).split(":"))
     first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
     original = train_module.train
 
@@ -162,7 +162,7 @@ def _fault_during_first_attempt() -> None:
                         mark.write(f"{rank}:{step}:{os.getpid()}")
                 if kill:
                     os.kill(os.getpid(), signal.SIGKILL)
-                if stop:
+                if freeze:
                     os.kill(os.getpid(), signal.SIGSTOP)
                 time.sleep(3600)
             return stop

@@ -228,8 +228,11 @@ def test_zeromega_launch_names_a_sigstopped_rank_hung(tmp_path, small_corpus):
     config.write_text(json.dumps({"zero_optimization": {"stage": 1}, "zeromega": {"distributed_timeout_minutes": 0.1}}))
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "ZEROMEGA_CONFIG")}
     env.update(ZEROMEGA_TEST_STOP="1:2", ZEROMEGA_TEST_KILL_MARK=str(tmp_path / "mark"))
+    args = argv(small_corpus)
+    at = args.index("--distributed-timeout-minutes")  # the config's 6 s timeout instead
+    args = args[:at] + args[at + 2:]
     proc = subprocess.run([sys.executable, "-m", "zeromega", "launch", "--nproc-per-node", "2", "--config", str(config),
-                           worker, *argv(small_corpus)], env=env, capture_output=True, text=True, timeout=400)
+                           worker, *args], env=env, capture_output=True, text=True, timeout=400)
     assert (tmp_path / "mark").read_text().startswith("1:2:"), proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("zeromega launch: rank 1 hung: it was stopped (SIGSTOP)"), last
