@@ -186,14 +186,6 @@ BAD_INPUTS = {
     "bad number": (["--nproc-per-node", "0", WORKER], "must be >= 1"),
     "hostfile with torchrun": (["--launcher", "torchrun", "--nproc-per-node", "2", "--hostfile", "hosts", WORKER],
                                "deepspeed launcher flags"),
-    "deepspeed flag with torchrun": (["--launcher", "torchrun", "--num_gpus", "2", WORKER], "--num_gpus: deepspeed"),
-    "elastic nodes backwards": (["--nproc-per-node", "1", "--nnodes", "3:2", "--master-addr", "127.0.0.1", WORKER],
-                                "--nnodes 3:2"),
-    "no such interface": (["--nproc-per-node", "1", "--network-interface", "nosuch0", WORKER],
-                          "--network-interface nosuch0: no such interface"),
-    "torchrun flag with deepspeed": (["--launcher", "deepspeed", "--nproc-per-node", "1", "--log-dir", "d", WORKER],
-                                     "--log-dir is a torchrun flag"),
-    "nproc and num_gpus disagree": (["--nproc-per-node", "2", "--num_gpus", "1", WORKER], "disagree"),
     "hostfile with nnodes": (["--launcher", "deepspeed", "--hostfile", "hosts", "--nnodes", "2",
                               "--nproc-per-node", "1", WORKER], "--hostfile is given together with --nnodes"),
     "node rank": (["--nproc-per-node", "1", "--nnodes", "2", "--node-rank", "2", "--master-addr", "127.0.0.1",
@@ -618,3 +610,27 @@ def test_check_prints_the_group_map_per_node(tmp_path, capsys):
     assert cli.main(["check", str(config), "--nodes", "1", "--nproc-per-node", "4", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["nodes"] == {"count": 1, "nproc_per_node": 4, "spanning": {}}
     assert cli.main(["check", str(config), "--nodes", "3"]) == 2  # processes per node unknown
+
+
+# Launcher-flag refusals, checked in this process (no rank could start: the launch itself is replaced).
+FLAG_REFUSALS = {
+    "deepspeed flag with torchrun": (["--launcher", "torchrun", "--num_gpus", "2", WORKER], "--num_gpus: deepspeed"),
+    "elastic nodes backwards": (["--nproc-per-node", "1", "--nnodes", "3:2", "--master-addr", "127.0.0.1", WORKER],
+                                "--nnodes 3:2"),
+    "no such interface": (["--nproc-per-node", "1", "--network-interface", "nosuch0", WORKER],
+                          "--network-interface nosuch0: no such interface"),
+    "torchrun flag with deepspeed": (["--launcher", "deepspeed", "--nproc-per-node", "1", "--log-dir", "d", WORKER],
+                                     "--log-dir is a torchrun flag"),
+    "nproc and num_gpus disagree": (["--nproc-per-node", "2", "--num_gpus", "1", WORKER], "disagree"),
+    "misspelt deepspeed flag": (["--num_gpu", "2", WORKER], "unrecognized arguments: --num_gpu"),
+}
+
+
+@pytest.mark.parametrize("case", list(FLAG_REFUSALS))
+def test_launcher_flag_refusals_are_one_line(started, capsys, case):
+    argv, problem = FLAG_REFUSALS[case]
+    code, job, _ = started(*argv)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and job is None
+    assert len(lines) == 1 and lines[0].startswith("zeromega launch: error: ") and "; fix: " in lines[0], lines
+    assert problem in lines[0], lines
