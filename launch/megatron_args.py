@@ -38,7 +38,6 @@ FLAGS: dict[str, tuple[str, Any]] = {
     "--expert-model-parallel-size": ("parallel.ep", int),
     "--expert-tensor-parallel-size": ("parallel.etp", int),
     "--sequence-parallel": ("parallel.sequence_parallel", SWITCH),
-    "--num-experts": ("moe.num_experts", int),
     "--moe-router-topk": ("moe.topk", int),
     "--micro-batch-size": ("batch.micro", int),
     "--global-batch-size": ("batch.global", int),
@@ -213,6 +212,19 @@ SPECIAL: dict[str, tuple[Any, Any]] = {
     "--no-query-key-layer-scaling": (None, 0),
     "--moe-router-load-balancing-type": (str, "+"),
     "--moe-layer-freq": (str, 1),
+    # Megatron-DeepSpeed's MoE dialect (its megatron/arguments.py): read by _deepspeed_moe
+    "--num-experts": (int, "+"),
+    "--expert-interval": (int, 1),
+    "--topk": (int, 1),
+    "--moe-expert-parallel-size": (int, 1),
+    "--moe-train-capacity-factor": (float, 1),
+    "--moe-eval-capacity-factor": (float, 1),
+    "--moe-min-capacity": (int, 1),
+    "--moe-loss-coeff": (float, 1),
+    "--disable-moe-token-dropping": (None, 0),
+    "--mlp-type": (str, 1),
+    "--create-moe-param-group": (None, 0),
+    "--use-tutel": (None, 0),
     "--cp-comm-type": (str, "+"),
     "--hierarchical-context-parallel-sizes": (int, "+"),
     "--ds-sequence-parallel-size": (int, 1),
@@ -370,6 +382,7 @@ def parse(argv: list[str]) -> MegatronArgs:
             [_convert("--profile-ranks", int, v) for v in known["--profile-ranks"]])
     _sequence(known, put)
     _architecture(known, put, partial)
+    _deepspeed_moe(known, put)
     _schedule(partial)
     _note([flag for flag in known if flag in NOTED and flag not in TABLE and flag not in SPECIAL
            and flag not in NEGATIONS])
@@ -424,6 +437,88 @@ def _architecture(known: dict, put, partial: dict) -> None:
         put("--moe-router-load-balancing-type", "moe.router_load_balancing_type", kinds[0])
     if "--moe-layer-freq" in known:
         put("--moe-layer-freq", "moe.layer_freq", moe_layer_freq(known["--moe-layer-freq"][0]))
+
+
+# Megatron-DeepSpeed's own MoE spellings: any of them (or --deepspeed / --deepspeed_config / --zero-stage) makes
+# --num-experts mean what it means there.
+DS_MOE_FLAGS = ("--expert-interval", "--topk", "--moe-expert-parallel-size", "--moe-train-capacity-factor",
+                "--moe-eval-capacity-factor", "--moe-min-capacity", "--moe-loss-coeff", "--disable-moe-token-dropping",
+                "--mlp-type", "--create-moe-param-group", "--use-tutel")
+DS_MARKERS = ("--deepspeed", "--deepspeed_config", "--deepspeed-config", "--zero-stage")
+
+
+def _deepspeed_moe(known: dict, put) -> None:
+    """--num-experts in Megatron-LM's meaning, or in Megatron-DeepSpeed's (its arguments.py defaults: experts
+    on every --expert-interval-th layer, interval 2, --topk 1, capacity factor 1.0 with token dropping,
+    --moe-loss-coeff 0.1), mapped onto Megatron-Core's MoE."""
+    values = [_convert("--num-experts", int, v) for v in known.get("--num-experts", [])]
+    ds_flags = [flag for flag in DS_MOE_FLAGS if flag in known]
+    if not ds_flags and not any(flag in known for flag in DS_MARKERS):
+        if len(values) > 1:
+            raise ConfigError("--num-experts", " ".join(map(str, values)), "takes one number in Megatron-LM "
+                              "(a list is Megatron-DeepSpeed's spelling, read as such with --deepspeed)",
+                              "pass one number")
+        if values:
+            put("--num-experts", "moe.num_experts", values[0])
+        return
+    if "--use-tutel" in known:
+        raise ConfigError("--use-tutel", True, "Tutel's MoE kernels are not part of Megatron-Core, which runs "
+                          "zeromega's experts", "drop --use-tutel (same values without it)")
+    mlp_type = known.get("--mlp-type", ["standard"])[0]
+    if mlp_type != "standard":
+        raise ConfigError("--mlp-type", mlp_type, "residual MoE (a dense MLP beside the experts) has no "
+                          "Megatron-Core equivalent", "pass --mlp-type standard")
+    if len(set(values)) > 1:
+        raise ConfigError("--num-experts", " ".join(map(str, values)), "gives MoE layers different expert "
+                          "counts, which Megatron-Core cannot build (one num_moe_experts)", "pass one number")
+    experts = values[0] if values else 1  # Megatron-DeepSpeed's default [1]: dense
+    if experts <= 1:
+        unused = [flag for flag in ds_flags if flag != "--mlp-type"]
+        if unused:
+            warnings.warn(f"{', '.join(unused)} without --num-experts > 1: a dense model, as in "
+                          "Megatron-DeepSpeed", stacklevel=3)
+        return
+    interval = _convert("--expert-interval", int, known.get("--expert-interval", ["2"])[0])
+    if interval < 1:
+        raise ConfigError("--expert-interval", interval, "must be at least 1", "pass e.g. --expert-interval 2")
+    put("--num-experts", "moe.num_experts", experts)
+    if interval > 1:
+        # Megatron-DeepSpeed: layer n (1-based) is MoE when n % interval == 0; Megatron-Core's integer
+        # moe_layer_freq puts MoE first in each group instead, so the pattern goes as a 0/1 list.
+        layers = known.get("--num-layers")
+        if not layers:
+            raise ConfigError("--expert-interval", interval, "needs --num-layers to place the MoE layers",
+                              "pass --num-layers")
+        n = _convert("--num-layers", int, layers[0])
+        if "--moe-layer-freq" in known:
+            raise ConfigError("--moe-layer-freq", known["--moe-layer-freq"][0], "contradicts Megatron-DeepSpeed's "
+                              f"--expert-interval {interval}", "pass one of them")
+        put("--expert-interval", "moe.layer_freq", [1 if (i + 1) % interval == 0 else 0 for i in range(n)])
+    if "--moe-router-topk" not in known:
+        put("--topk", "moe.topk", _convert("--topk", int, known.get("--topk", ["1"])[0]))
+    if "--expert-model-parallel-size" not in known and "--moe-expert-parallel-size" in known:
+        put("--moe-expert-parallel-size", "parallel.ep",
+            _convert("--moe-expert-parallel-size", int, known["--moe-expert-parallel-size"][0]))
+    if "--moe-aux-loss-coeff" not in known:
+        put("--moe-loss-coeff", "moe.aux_loss_coeff",
+            _convert("--moe-loss-coeff", float, known.get("--moe-loss-coeff", ["0.1"])[0]))
+    train = _convert("--moe-train-capacity-factor", float, known.get("--moe-train-capacity-factor", ["1.0"])[0])
+    evaluation = _convert("--moe-eval-capacity-factor", float, known.get("--moe-eval-capacity-factor", ["1.0"])[0])
+    if "--disable-moe-token-dropping" in known:
+        return  # dropless: Megatron-Core's default (no capacity factor)
+    if evaluation != train:
+        raise ConfigError("--moe-eval-capacity-factor", evaluation, f"differs from --moe-train-capacity-factor "
+                          f"{train}; Megatron-Core uses one capacity factor in training and evaluation",
+                          f"pass --moe-eval-capacity-factor {train}")
+    if "--moe-expert-capacity-factor" not in known:
+        put("--moe-train-capacity-factor", "moe.expert_capacity_factor", train)
+    minimum = _convert("--moe-min-capacity", int, known.get("--moe-min-capacity", ["4"])[0])
+    if minimum != 4:
+        raise ConfigError("--moe-min-capacity", minimum, "Megatron-Core has no minimum expert capacity (only "
+                          "Megatron-DeepSpeed's default 4 is accepted)", "drop --moe-min-capacity")
+    warnings.warn("Megatron-DeepSpeed MoE: --moe-min-capacity 4 is not applied (Megatron-Core has no minimum; "
+                  "capacity is the factor times the even share), and over-capacity tokens are dropped by lowest "
+                  "router probability, not DeepSpeed's random token selection", stacklevel=3)
 
 
 NOTED_ENV = "ZEROMEGA_NOTED_FLAGS"
@@ -583,6 +678,32 @@ def to_argv(cfg: RunConfig) -> list[str]:
     return write_argv(cfg)[0]
 
 
+DS_MOE_PATHS = {"moe.topk", "moe.aux_loss_coeff", "moe.expert_capacity_factor", "parallel.ep"}
+
+
+def _write_deepspeed_moe(cfg: RunConfig, emit, lost: list) -> None:
+    """Megatron-Core's MoE in Megatron-DeepSpeed's spellings, every value stated (its defaults differ)."""
+    moe, n = cfg.moe, cfg.model.num_layers
+    freq = moe.layer_freq
+    pattern = [1] * n if freq == 1 else list(freq) if isinstance(freq, list) else None
+    interval = next((k for k in range(1, n + 1) if pattern == [1 if (i + 1) % k == 0 else 0 for i in range(n)]),
+                    None) if pattern else None
+    if interval is None:
+        lost.append(f"moe.layer_freq {freq} (Megatron-DeepSpeed places experts on every --expert-interval-th "
+                    "layer only)")
+    else:
+        emit("--expert-interval", interval)
+    emit("--topk", moe.topk)
+    emit("--moe-loss-coeff", moe.aux_loss_coeff)
+    if cfg.parallel.ep > 1:
+        emit("--moe-expert-parallel-size", cfg.parallel.ep)
+    if moe.expert_capacity_factor is None:
+        emit("--disable-moe-token-dropping")
+    else:
+        emit("--moe-train-capacity-factor", moe.expert_capacity_factor)
+        emit("--moe-eval-capacity-factor", moe.expert_capacity_factor)
+
+
 def write_argv(cfg: RunConfig, target: str = "megatron", layout=None,
                deepspeed_config: Optional[str] = None) -> tuple[list[str], list[str]]:
     """(arguments, what they cannot say) for ``target``: ``megatron`` (NVIDIA Megatron-LM core 0.16) or
@@ -635,6 +756,8 @@ def write_argv(cfg: RunConfig, target: str = "megatron", layout=None,
             return True
 
     handled = {"parallel.cp", "batch.micro", "zero.stage", "batch.global"}
+    if target == "megatron-deepspeed" and cfg.moe.num_experts:
+        handled |= DS_MOE_PATHS  # written in Megatron-DeepSpeed's MoE spellings by _write_deepspeed_moe
     zeromega_default = RunConfig()
     for flag, (path, kind) in FLAGS.items():
         if path in handled or flag == "--num-layers-per-virtual-pipeline-stage" and cfg.parallel.vpp:
@@ -652,6 +775,10 @@ def write_argv(cfg: RunConfig, target: str = "megatron", layout=None,
             emit(flag, value)
     _write_batch(cfg, layout, emit, lost)
     m, moe, default = cfg.model, cfg.moe, RunConfig()
+    if moe.num_experts:
+        emit("--num-experts", moe.num_experts)
+        if target == "megatron-deepspeed":
+            _write_deepspeed_moe(cfg, emit, lost)
     if not m.add_bias_linear:
         emit("--disable-bias-linear")
     if not cfg.logging.log_loss_scale_to_tensorboard:
@@ -675,6 +802,13 @@ def write_argv(cfg: RunConfig, target: str = "megatron", layout=None,
         emit("--initial-loss-scale", 2 ** cfg.loss_scaling.initial_scale_power)
     if cfg.data.path is not None:
         emit("--data-path", cfg.data.path)
+    if cfg.data.blend:
+        emit("--data-path", list(cfg.data.blend))
+    for split in ("train", "valid", "test"):
+        if getattr(cfg.data, f"{split}_path"):
+            emit(f"--{split}-data-path", list(getattr(cfg.data, f"{split}_path")))
+    if cfg.batch.rampup:
+        emit("--rampup-batch-size", list(cfg.batch.rampup))
     s = cfg.sequence
     if deepspeed and s.mode == "ulysses" and cfg.parallel.cp > 1:
         emit("--ds-sequence-parallel-size", cfg.parallel.cp)

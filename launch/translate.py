@@ -248,8 +248,8 @@ def _rampup_ends_at_the_global_batch(merged: dict) -> None:
 def _megatron_checkpoint_flags(merged: dict) -> None:
     """Megatron-LM's semantics of --save / --save-interval. --save-interval without --save: Megatron-LM
     never saves (save_checkpoint needs args.save), so the interval is dropped with a warning where
-    zeromega's own dialect refuses it. --save without --save-interval: Megatron-LM's validate_args asserts;
-    zeromega saves at the end (and at --exit-* stops), and says so."""
+    zeromega's own dialect refuses it. --save without --save-interval: Megatron-LM's validate_args asserts
+    a save interval, so it is refused here too, before any rank starts."""
     c = merged.get("checkpoint")
     if not isinstance(c, dict):
         return
@@ -258,9 +258,11 @@ def _megatron_checkpoint_flags(merged: dict) -> None:
                       "--save DIR to save", UserWarning, stacklevel=3)
         del c["interval"]
     elif c.get("save") and c.get("interval") is None:
-        warnings.warn(f"--save {c['save']} without --save-interval: Megatron-LM refuses this (validate_args asserts "
-                      "a save interval); zeromega saves once at the end and at --exit-* stops. Add "
-                      "--save-interval N to save every N steps", UserWarning, stacklevel=3)
+        iters = (merged.get("scheduler") or {}).get("train_iters")
+        raise ConfigError("--save", c["save"], "is given without --save-interval, which Megatron-LM refuses "
+                          "(validate_args asserts a save interval)",
+                          f"add --save-interval N (N = --train-iters{'' if iters is None else f', {iters},'} "
+                          "saves only at the end)")
 
 
 def _megatron_turns_off_sequence_parallel_without_tp(merged: dict) -> None:

@@ -95,7 +95,7 @@ def test_a_run_told_to_stop_saves_and_the_same_command_line_finishes_it(how, tmp
     layout = ["--zero-stage", "1", "--train-iters", "4"]
     run(2, argv(small_corpus, *layout, "--metrics-out", str(tmp_path / "full.jsonl")))
     save = tmp_path / "ckpt"
-    common = [*layout, "--save", str(save), "--load", str(save), "--metrics-out", str(tmp_path / "stopped.jsonl")]
+    common = [*layout, "--save-interval", "1000", "--save", str(save), "--load", str(save), "--metrics-out", str(tmp_path / "stopped.jsonl")]
     if how == "--exit-interval":
         run(2, argv(small_corpus, *common, "--exit-interval", "2"))
     else:
@@ -242,7 +242,7 @@ def test_zeromega_launch_names_a_sigstopped_rank_hung(tmp_path, small_corpus):
 def checkpoint_dir(tmp_path_factory, small_corpus) -> Path:
     """A 3-step dp2 ZeRO-1 run's --save directory, shared by the read-only tests below."""
     save = tmp_path_factory.mktemp("shared") / "ckpt"
-    run(2, argv(small_corpus, "--zero-stage", "1", "--train-iters", "3", "--save", str(save), dropout=False))
+    run(2, argv(small_corpus, "--zero-stage", "1", "--train-iters", "3", "--save-interval", "1000", "--save", str(save), dropout=False))
     return save
 
 
@@ -576,7 +576,7 @@ def test_weights_only_loads_refuse_what_cannot_work(zero1_run, tmp_path, small_c
     assert "this model's is [384, 128]" in error and "fix: " in error, error
     capfd.readouterr()
     same = tmp_path / "ckpt"
-    assert run_expecting_error(1, argv(small_corpus, "--load", str(same), "--save", str(same), "--finetune")) \
+    assert run_expecting_error(1, argv(small_corpus, "--load", str(same), "--save-interval", "1000", "--save", str(same), "--finetune")) \
         == "SystemExit: 2"
     assert "every restart would fine-tune again from step 0" in capfd.readouterr().err
 

@@ -152,7 +152,7 @@ def test_nvme_offloaded_run_resumes_and_exports_bit_for_bit(name, cpu_adam, asyn
     cpu_run.mkdir()
     ds = ["--deepspeed_config", str(_ds_json(cpu_run / "ds.json", stage, "cpu", "cpu" if param != "none" else "none",
                                              cpu_run))]
-    _run(_argv(small_corpus, SWAPPED, *ds, "--train-iters", str(HALF), "--save", str(cpu_run / "ckpt")))
+    _run(_argv(small_corpus, SWAPPED, *ds, "--train-iters", str(HALF), "--save-interval", "1000", "--save", str(cpu_run / "ckpt")))
     got = _exported(save / tag_for(HALF), tmp_path / "nvme.safetensors")
     want = _exported(cpu_run / "ckpt" / tag_for(HALF), tmp_path / "cpu.safetensors")
     assert sorted(got) == sorted(want)

@@ -68,7 +68,7 @@ def test_a_split_without_validation_data_trains_without_evaluating(small_corpus)
 def test_exit_duration_in_mins_saves_and_stops_every_rank_at_one_step(tmp_path, small_corpus):
     save = tmp_path / "ckpt"
     results = run_world(2, run_eval, ["--data-path", small_corpus, *TINY, "--train-iters", "50", "--split",
-                                      "1,0,0", "--exit-duration-in-mins", "1e-6", "--save", str(save),
+                                      "1,0,0", "--exit-duration-in-mins", "1e-6", "--save-interval", "1000", "--save", str(save),
                                       "--eval-interval", "1", "--eval-iters", "1"])
     assert [len(r["records"]) for r in results] == [1, 1]
     assert any("--exit-duration-in-mins" in line for line in results[0]["lines"])
@@ -123,8 +123,8 @@ def test_a_resumed_run_evaluates_the_validation_batches_an_uninterrupted_one_doe
     argv = ["--data-path", small_corpus, *TINY, "--train-iters", "4", *EVAL]
     (whole,) = run_world(1, run_eval, argv)
     save = str(tmp_path / "ckpt")
-    (first,) = run_world(1, run_eval, argv + ["--save", save, "--exit-interval", "2"])
-    (second,) = run_world(1, run_eval, argv + ["--save", save, "--load", save])
+    (first,) = run_world(1, run_eval, argv + ["--save-interval", "1000", "--save", save, "--exit-interval", "2"])
+    (second,) = run_world(1, run_eval, argv + ["--save-interval", "1000", "--save", save, "--load", save])
     assert [len(first["records"]), len(second["records"])] == [2, 2]
     losses = [e["loss"] for e in first["evaluations"] + second["evaluations"]]
     assert losses == pytest.approx([e["loss"] for e in whole["evaluations"]], rel=1e-6)

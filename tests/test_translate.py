@@ -651,10 +651,13 @@ def test_save_interval_without_save_saves_nothing_as_megatron_lm():
         validate({"checkpoint": {"interval": 10}})
 
 
-def test_save_without_save_interval_is_named_as_megatron_lm_refuses_it():
-    with pytest.warns(UserWarning, match="Megatron-LM refuses this"):
-        cfg = megatron("--micro-batch-size", "1", "--save", "ckpt")
-    assert cfg.checkpoint.save == "ckpt" and cfg.checkpoint.interval is None
+def test_save_without_save_interval_is_refused_as_megatron_lm_refuses_it():
+    with pytest.raises(ConfigError) as err:
+        megatron("--micro-batch-size", "1", "--train-iters", "6", "--save", "ckpt")
+    assert err.value.field == "--save" and "--save-interval" in err.value.fix and "6" in err.value.fix
+    assert "\n" not in str(err.value)
+    cfg = megatron("--micro-batch-size", "1", "--save", "ckpt", "--save-interval", "3")
+    assert cfg.checkpoint.save == "ckpt" and cfg.checkpoint.interval == 3
 
 
 def test_static_loss_scale_next_to_a_configs_dynamic_scale_is_a_conflict():

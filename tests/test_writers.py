@@ -181,6 +181,8 @@ def megatron_argvs(draw) -> list[str]:
                          "--initial-loss-scale": ["65536"]}.items():
         if draw(st.booleans()):
             argv += [flag, draw(st.sampled_from(values))]
+    if "--save" in argv and "--save-interval" not in argv:  # Megatron-LM asserts an interval next to --save
+        argv += ["--save-interval", "10"]
     for switch in ("--bf16", "--swiglu", "--use-distributed-optimizer", "--disable-bias-linear",
                    "--untie-embeddings-and-output-weights"):
         if draw(st.booleans()):
@@ -434,3 +436,19 @@ def test_translate_to_megatron_deepspeed_writes_the_deepspeed_json_beside(tmp_pa
     code = cli.main(["translate", str(script), "--to", "megatron"])
     out, err = capsys.readouterr()
     assert code == 0 and "--zero-stage" not in out and "ZeRO stage 3" in err
+
+
+@pytest.mark.parametrize("data", [["--data-path", "0.3", "a", "0.7", "b"],
+                                  ["--train-data-path", "t", "--valid-data-path", "v", "--test-data-path", "x"]])
+def test_data_blends_ramp_up_and_sample_schedules_survive_the_megatron_writer(data):
+    """Fields other helpers' flags fill (blends, per-split paths, the batch ramp-up, sample schedules, tokenizer
+    files) are written back, not dropped: the written argv reads back to the same config."""
+    argv = ["--micro-batch-size", "2", "--global-batch-size", "16", "--lr", "3e-4", "--num-layers", "4",
+            "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "128", *data,
+            "--rampup-batch-size", "4", "4", "100", "--train-samples", "1000", "--lr-warmup-samples", "10",
+            "--lr-decay-samples", "900", "--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", "v.json",
+            "--merge-file", "m.txt", "--split", "90,5,5", "--save", "ck", "--save-interval", "5"]
+    cfg = read_megatron(argv)
+    written, lost = megatron_args.write_argv(cfg)
+    assert lost == []
+    assert read_megatron(written).model_dump() == cfg.model_dump()
