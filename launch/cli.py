@@ -51,6 +51,7 @@ import shlex
 import socket
 import sys
 import warnings
+from pathlib import Path
 from typing import Callable, Optional
 
 from zeromega.config.errors import ConfigError
@@ -341,7 +342,16 @@ def _run_config(args: argparse.Namespace):
     do, the Megatron-LM flags among ARGS (any other script's arguments are its own)."""
     megatron = args.script_args if launch_flags.reads_megatron_flags(args.script_text) else []
     with _config_errors(args.config):
-        return translate.build(args.config, megatron_argv=list(megatron))
+        if launch_flags.parses_with_script_args(args.script_text):  # the script refuses what it does not know
+            from . import script_args
+
+            script_args.check_flags(list(megatron), Path(args.script).name)
+        config = translate.build(args.config, megatron_argv=list(megatron))
+        if launch_flags.parses_with_script_args(args.script_text):
+            from . import script_args
+
+            script_args.check_config(config)
+        return config
 
 
 def _nproc_per_node(args: argparse.Namespace, config) -> Optional[int]:

@@ -227,6 +227,12 @@ def reads_megatron_flags(text: str) -> bool:
     return bool(re.search(r"zeromega\.launch(\.script_args\b|\s+import\s+[^\n]*\bscript_args\b)", text))
 
 
+def parses_with_script_args(text: str) -> bool:
+    """Whether the script parses its whole command line with zeromega's parser (``script_args.run/parse/read``,
+    as examples/pretrain_gpt.py): then a flag it would refuse is refused by the launcher, before any rank."""
+    return reads_megatron_flags(text) and bool(re.search(r"\bscript_args\.(run|parse|read)\(", text))
+
+
 def runs_zeromega_run(text: str) -> bool:
     """Whether the script trains through zeromega's Run (``script_args.run(...)`` as examples/pretrain_gpt.py,
     or ``Run(...)``): only then do the run's own checks (its length, ...) apply before launch."""

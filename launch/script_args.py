@@ -114,20 +114,35 @@ def read(argv: list[str], prog: str) -> RunConfig:
         config = argv[at + 1]
         argv = argv[:at] + argv[at + 2:]
     try:
-        _, unknown = translate.from_megatron_args(argv)
-        if unknown:
-            flag = next((t for t in unknown if t.startswith("-")), unknown[0]).split("=")[0]
-            close = difflib.get_close_matches(flag, all_flags(), n=1)
-            fix = f"did you mean {close[0]}?" if close else f"see `{prog} --help`"
-            raise ConfigError("arguments", " ".join(unknown), "not a flag this script or zeromega knows", fix)
+        check_flags(argv, prog)
         cfg = translate.build(config, megatron_argv=argv)
-        if "lr" not in cfg.optimizer.model_fields_set:
-            raise ConfigError("optimizer.lr", None, "no source states the learning rate, and Megatron-LM has no "
-                              "default for it", "pass --lr (or an optimizer block with params.lr in the DeepSpeed "
-                              "JSON)")
+        check_config(cfg)
         return cfg
     except ConfigError as err:
         _fail(prog, str(err))
+
+
+def check_flags(argv: list[str], prog: str) -> None:
+    """Refuse a flag neither the script nor zeromega knows, with the closest known flag. ``zeromega launch``
+    calls it too, so a typo stops the job before any rank starts."""
+    argv = _without_ignored(argv)
+    if "--config" in argv:
+        at = argv.index("--config")
+        argv = argv[:at] + argv[at + 2:]
+    _, unknown = translate.from_megatron_args(argv)
+    if unknown:
+        flag = next((t for t in unknown if t.startswith("-")), unknown[0]).split("=")[0]
+        close = difflib.get_close_matches(flag, all_flags(), n=1)
+        fix = f"did you mean {close[0]}?" if close else f"see `{prog} --help`"
+        raise ConfigError("arguments", " ".join(unknown), "not a flag this script or zeromega knows", fix)
+
+
+def check_config(cfg: RunConfig) -> None:
+    """What the script needs beyond a valid config: a learning rate (Megatron-LM has no default)."""
+    if "lr" not in cfg.optimizer.model_fields_set:
+        raise ConfigError("optimizer.lr", None, "no source states the learning rate, and Megatron-LM has no "
+                          "default for it", "pass --lr (or an optimizer block with params.lr in the DeepSpeed "
+                          "JSON)")
 
 
 def _fail(prog: str, message: str) -> None:

@@ -26,6 +26,7 @@ from zeromega.launch import launcher
 from zeromega.launch.launcher import RankFailure
 
 WORKER = str(Path(__file__).parent / "scripts" / "worker.py")
+PRETRAIN = str(Path(__file__).parent.parent / "examples" / "pretrain_gpt.py")
 FAILURE_DEADLINE_S = 60
 
 
@@ -623,6 +624,11 @@ FLAG_REFUSALS = {
                                      "--log-dir is a torchrun flag"),
     "nproc and num_gpus disagree": (["--nproc-per-node", "2", "--num_gpus", "1", WORKER], "disagree"),
     "misspelt deepspeed flag": (["--num_gpu", "2", WORKER], "unrecognized arguments: --num_gpu"),
+    # zeromega's own scripts: what the script would refuse in every rank is refused before any rank starts
+    "misspelt flag of pretrain_gpt.py": (["--nproc-per-node", "2", PRETRAIN, "--num-layer", "2", "--lr", "1e-3"],
+                                         "did you mean --num-layers?"),
+    "pretrain_gpt.py without a learning rate": (["--nproc-per-node", "2", PRETRAIN, "--num-layers", "2"],
+                                                "optimizer.lr=None"),
 }
 
 
