@@ -39,6 +39,7 @@ FLAGS: dict[str, tuple[str, Any]] = {
     "--expert-tensor-parallel-size": ("parallel.etp", int),
     "--sequence-parallel": ("parallel.sequence_parallel", SWITCH),
     "--moe-router-topk": ("moe.topk", int),
+    "--moe-router-pre-softmax": ("moe.router_pre_softmax", SWITCH),
     "--micro-batch-size": ("batch.micro", int),
     "--global-batch-size": ("batch.global", int),
     "--zero-stage": ("zero.stage", int),
@@ -496,6 +497,9 @@ def _deepspeed_moe(known: dict, put) -> None:
         put("--expert-interval", "moe.layer_freq", [1 if (i + 1) % interval == 0 else 0 for i in range(n)])
     if "--moe-router-topk" not in known:
         put("--topk", "moe.topk", _convert("--topk", int, known.get("--topk", ["1"])[0]))
+    topk = _convert("--topk", int, known.get("--moe-router-topk", known.get("--topk", ["1"]))[0])
+    if topk == 1:  # DeepSpeed's top-1 gate is the full softmax's probability (Megatron-Core asks for this)
+        put("--topk", "moe.router_pre_softmax", True)
     if "--expert-model-parallel-size" not in known and "--moe-expert-parallel-size" in known:
         put("--moe-expert-parallel-size", "parallel.ep",
             _convert("--moe-expert-parallel-size", int, known["--moe-expert-parallel-size"][0]))
@@ -678,22 +682,24 @@ def to_argv(cfg: RunConfig) -> list[str]:
     return write_argv(cfg)[0]
 
 
-DS_MOE_PATHS = {"moe.topk", "moe.aux_loss_coeff", "moe.expert_capacity_factor", "parallel.ep"}
+DS_MOE_PATHS = {"moe.topk", "moe.aux_loss_coeff", "moe.expert_capacity_factor", "parallel.ep", "moe.router_pre_softmax"}
 
 
 def _write_deepspeed_moe(cfg: RunConfig, emit, lost: list) -> None:
     """Megatron-Core's MoE in Megatron-DeepSpeed's spellings, every value stated (its defaults differ)."""
-    moe, n = cfg.moe, cfg.model.num_layers
-    freq = moe.layer_freq
-    pattern = [1] * n if freq == 1 else list(freq) if isinstance(freq, list) else None
-    interval = next((k for k in range(1, n + 1) if pattern == [1 if (i + 1) % k == 0 else 0 for i in range(n)]),
-                    None) if pattern else None
+    moe, freq = cfg.moe, cfg.moe.layer_freq
+    n = len(freq) if isinstance(freq, list) else 0
+    interval = 1 if freq == 1 else next((k for k in range(1, n + 1) if list(freq) == [
+        1 if (i + 1) % k == 0 else 0 for i in range(n)]), None)
     if interval is None:
         lost.append(f"moe.layer_freq {freq} (Megatron-DeepSpeed places experts on every --expert-interval-th "
                     "layer only)")
     else:
         emit("--expert-interval", interval)
     emit("--topk", moe.topk)
+    if moe.router_pre_softmax != (moe.topk == 1):
+        lost.append(f"moe.router_pre_softmax {moe.router_pre_softmax} (Megatron-DeepSpeed's gate takes the full "
+                    "softmax for top-1 only)")
     emit("--moe-loss-coeff", moe.aux_loss_coeff)
     if cfg.parallel.ep > 1:
         emit("--moe-expert-parallel-size", cfg.parallel.ep)
@@ -794,7 +800,7 @@ def write_argv(cfg: RunConfig, target: str = "megatron", layout=None,
             emit("--num-query-groups", m.num_query_groups)
     if moe.router_load_balancing_type != default.moe.router_load_balancing_type:
         emit("--moe-router-load-balancing-type", moe.router_load_balancing_type)
-    if moe.layer_freq != default.moe.layer_freq:
+    if moe.layer_freq != default.moe.layer_freq and not (deepspeed and moe.num_experts):  # --expert-interval there
         emit("--moe-layer-freq", str(moe.layer_freq).replace(" ", ""))
     if cfg.precision != "fp32":
         emit(f"--{cfg.precision}")
@@ -918,7 +924,8 @@ def megatron_core_fields(cfg: RunConfig) -> dict:
                       moe_aux_loss_coeff=moe.aux_loss_coeff, moe_expert_capacity_factor=moe.expert_capacity_factor,
                       moe_token_dispatcher_type=moe.token_dispatcher_type,
                       moe_router_load_balancing_type=moe.router_load_balancing_type,
-                      moe_layer_freq=moe.layer_freq, moe_token_drop_policy=moe.token_drop_policy)
+                      moe_layer_freq=moe.layer_freq, moe_token_drop_policy=moe.token_drop_policy,
+                      moe_router_pre_softmax=moe.router_pre_softmax)
         if moe.ffn_hidden_size:
             fields["moe_ffn_hidden_size"] = moe.ffn_hidden_size
     r = cfg.recompute

@@ -54,6 +54,7 @@ class GPTShape:
     moe_layer_freq: Union[int, list] = 1
     """MoE layer every N layers, or a 0/1 pattern per layer (``--moe-layer-freq``)."""
     moe_token_drop_policy: str = "probs"
+    moe_router_pre_softmax: bool = False
     """Which tokens an expert over capacity drops: ``probs`` or ``position`` (``--moe-token-drop-policy``)."""
     swiglu: bool = False
     """Gated SiLU MLP (``--swiglu``): gated_linear_unit, silu."""
@@ -105,6 +106,7 @@ def _moe_fields(shape: GPTShape) -> dict:
         moe_router_load_balancing_type=shape.moe_router_load_balancing_type,
         moe_layer_freq=shape.moe_layer_freq,
         moe_token_drop_policy=shape.moe_token_drop_policy,
+        moe_router_pre_softmax=shape.moe_router_pre_softmax,
         moe_expert_capacity_factor=shape.moe_expert_capacity_factor,
         moe_token_dispatcher_type=shape.moe_token_dispatcher_type,
         moe_grouped_gemm=False,  # grouped GEMM needs the grouped_gemm package (CUDA)

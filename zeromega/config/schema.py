@@ -122,6 +122,9 @@ class MoEConfig(_Section):
     layer_freq: Union[PositiveInt, list[Literal[0, 1]]] = 1
     """Which layers are MoE layers (``--moe-layer-freq``): N puts an MoE layer first in every N layers
     (the others dense); a list of 0/1 per layer gives the pattern (Megatron-Core's ``moe_layer_freq``)."""
+    router_pre_softmax: bool = False
+    """Softmax over all experts before choosing the top k (``--moe-router-pre-softmax``); Megatron-Core needs it
+    for top-1, and Megatron-DeepSpeed's top-1 gating is this."""
     token_drop_policy: Literal["probs", "position"] = "probs"
     """Which tokens an expert over capacity drops (``--moe-token-drop-policy``, only with
     expert_capacity_factor): ``probs`` the lowest-probability ones, ``position`` the last ones."""

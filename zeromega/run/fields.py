@@ -35,6 +35,7 @@ APPLIED: dict[str, tuple[str, ...]] = {
     "moe.router_load_balancing_type": ("zeromega/run/gpt.py",),
     "moe.layer_freq": ("zeromega/run/gpt.py", "zeromega/config/rules.py"),
     "moe.token_drop_policy": ("zeromega/run/gpt.py",),
+    "moe.router_pre_softmax": ("zeromega/run/gpt.py",),
     "zero.stage": ("plugins/zero/ds_config.py", "zeromega/run/engines.py"),
     "zero.offload_optimizer.device": ("plugins/zero/ds_config.py",),
     "zero.offload_optimizer.nvme_path": ("plugins/zero/ds_config.py",),

@@ -36,7 +36,7 @@ def shape(cfg: RunConfig, vocab_size: int) -> GPTShape:
         moe_aux_loss_coeff=moe.aux_loss_coeff, moe_expert_capacity_factor=moe.expert_capacity_factor,
         moe_token_dispatcher_type=moe.token_dispatcher_type,
         moe_router_load_balancing_type=moe.router_load_balancing_type, moe_layer_freq=moe.layer_freq,
-        moe_token_drop_policy=moe.token_drop_policy,
+        moe_token_drop_policy=moe.token_drop_policy, moe_router_pre_softmax=moe.router_pre_softmax,
         swiglu=m.swiglu, normalization=m.normalization, add_bias_linear=m.add_bias_linear,
         kv_channels=m.kv_channels, rotary_base=m.rotary_base, rotary_percent=m.rotary_percent,
     )
