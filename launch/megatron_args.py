@@ -440,12 +440,13 @@ def _architecture(known: dict, put, partial: dict) -> None:
         put("--moe-layer-freq", "moe.layer_freq", moe_layer_freq(known["--moe-layer-freq"][0]))
 
 
-# Megatron-DeepSpeed's own MoE spellings: any of them (or --deepspeed / --deepspeed_config / --zero-stage) makes
-# --num-experts mean what it means there.
+# Megatron-DeepSpeed's own MoE spellings: any of them (or --deepspeed / --deepspeed_config) makes --num-experts
+# mean what it means there. --zero-stage alone is not a marker: zeromega's own scripts take it too, next to
+# Megatron-LM's MoE flags.
 DS_MOE_FLAGS = ("--expert-interval", "--topk", "--moe-expert-parallel-size", "--moe-train-capacity-factor",
                 "--moe-eval-capacity-factor", "--moe-min-capacity", "--moe-loss-coeff", "--disable-moe-token-dropping",
                 "--mlp-type", "--create-moe-param-group", "--use-tutel")
-DS_MARKERS = ("--deepspeed", "--deepspeed_config", "--deepspeed-config", "--zero-stage")
+DS_MARKERS = ("--deepspeed", "--deepspeed_config", "--deepspeed-config")
 
 
 def _deepspeed_moe(known: dict, put) -> None:

@@ -52,6 +52,14 @@ def test_a_megatron_lm_script_keeps_megatron_lms_meaning():
         (4, 2, 1, None, 0.0)
 
 
+def test_zero_stage_alone_does_not_switch_the_moe_dialect():
+    """zeromega's own scripts take --zero-stage next to Megatron-LM's MoE flags (tests/test_architectures.py's
+    Mixtral does): only --deepspeed / --deepspeed_config or Megatron-DeepSpeed's MoE spellings switch it."""
+    moe = _resolve(["--zero-stage", "1", "--num-experts", "4"]).moe
+    assert (moe.num_experts, moe.topk, moe.layer_freq, moe.expert_capacity_factor, moe.aux_loss_coeff) == \
+        (4, 2, 1, None, 0.0)
+
+
 def test_a_dense_megatron_deepspeed_script_stays_dense():
     assert _resolve(["--deepspeed", "--num-experts", "1"]).moe.num_experts is None
 

@@ -248,8 +248,11 @@ def train(engine, batches: Iterator[dict], *, iters: int, accumulation: int, glo
                         engine.set_global_batch(step_batch)
                 start = time.perf_counter()
                 micro_batches = [next(batches) for _ in range(step_micro)]
-                if not seq_length and "tokens" in micro_batches[0]:  # an own model's data: tokens per sample
-                    seq_length = micro_batches[0]["tokens"].shape[-1]
+                if not seq_length:  # an own model's data: tokens per sample from its token ids
+                    ids = next((micro_batches[0][k] for k in ("tokens", "input_ids")
+                                if isinstance(micro_batches[0], dict) and hasattr(micro_batches[0].get(k), "shape")),
+                               None)
+                    seq_length = ids.shape[-1] if ids is not None else 0
                 loss, grad_norm = engine.train_step(micro_batches)
                 device.synchronize()
                 elapsed = time.perf_counter() - start
