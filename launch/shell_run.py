@@ -124,10 +124,11 @@ def _written(work: Path, copied: dict[str, bytes]) -> dict[str, str]:
     return files
 
 
-def read(text: str, env: dict[str, str], name: str, base: Optional[Path]):
-    """The training command of the script as bash runs it (see the module docstring)."""
+def read(text: str, env: dict[str, str], name: str, base: Optional[Path], pick):
+    """The training command of the script as bash runs it (see the module docstring); ``pick`` is the
+    static reader's choice of the training command (:func:`.shell_script.pick`, passed in so the two
+    modules do not import each other)."""
     from .shell_eval import Command, Evaluator
-    from .shell_script import pick
 
     bash = shutil.which("bash")
     if bash is None:

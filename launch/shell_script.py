@@ -94,7 +94,7 @@ def read(text: str, env: Optional[dict[str, str]] = None, name: str = "script", 
     if run:
         from . import shell_run
 
-        return shell_run.read(text, env or {}, name, base)
+        return shell_run.read(text, env or {}, name, base, pick)
     _check_line_lengths(text, name)
     try:
         tree = parse(text)

@@ -62,13 +62,19 @@ def _state_order(opt) -> list[int]:
     return order
 
 
+class MissingZeroFiles(RuntimeError):
+    """A checkpoint without this rank's ZeRO optimizer files: ``problem`` and ``fix``."""
+
+    def __init__(self, problem: str, fix: str):
+        super().__init__(problem)
+        self.problem, self.fix = problem, fix
+
+
 def _zero_state_dict(engine, load_dir: str, tag: str) -> dict:
     """This rank's ZeRO optimizer file, read through the engine's (verified) checkpoint engine."""
     states = engine._get_all_zero_checkpoints(load_dir, tag)
-    if states is None:
-        from zeromega.checkpoint.files import CheckpointError
-
-        raise CheckpointError(f"{load_dir}/{tag}: no ZeRO optimizer files", "load a complete checkpoint")
+    if states is None:  # zeromega.checkpoint turns it into its one-line CheckpointError
+        raise MissingZeroFiles(f"{load_dir}/{tag}: no ZeRO optimizer files", "load a complete checkpoint")
     return states[torch.distributed.get_rank(group=engine.optimizer.dp_process_group)]
 
 

@@ -471,6 +471,8 @@ class Checkpointer:
             with weights_only_loads(), hints, nvme_resume.restoring(self.engine, str(source.parent), source.name):
                 path, _ = self.engine.load_checkpoint(str(source.parent), tag=source.name,
                                                       load_optimizer_states=True, load_lr_scheduler_states=False)
+        except nvme_resume.MissingZeroFiles as err:
+            raise CheckpointError(err.problem, err.fix) from None
         finally:
             self.engine._config.load_universal_checkpoint = False
         if plan.universal:
