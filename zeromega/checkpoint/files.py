@@ -207,6 +207,8 @@ def _manifest_problem(manifest: dict) -> Optional[str]:
     if not isinstance(layout, dict):
         return "no 'layout' table"
     for key in ("world", "tp", "pp", "cp", "ep", "dp", "micro", "accumulation", "global_batch", "zero_stage"):
+        if key in ("micro", "accumulation", "global_batch") and layout.get(key) is None:
+            continue  # not recorded by every writer (the batch may ramp up); nothing loads it as a count
         if not isinstance(layout.get(key), int) or isinstance(layout.get(key), bool):
             return f"layout {key!r} is {layout.get(key)!r}, not an integer"
     if not isinstance(manifest.get("params", {}), dict):
