@@ -341,15 +341,14 @@ def _run_config(args: argparse.Namespace):
     """The run config: the --config file (any dialect) and, for a script that reads them as zeromega's
     do, the Megatron-LM flags among ARGS (any other script's arguments are its own)."""
     megatron = args.script_args if launch_flags.reads_megatron_flags(args.script_text) else []
+    own_parser = launch_flags.parses_with_script_args(args.script_text)  # it refuses what it does not know
     with _config_errors(args.config):
-        if launch_flags.parses_with_script_args(args.script_text):  # the script refuses what it does not know
+        if own_parser:
             from . import script_args
 
             script_args.check_flags(list(megatron), Path(args.script).name)
         config = translate.build(args.config, megatron_argv=list(megatron))
-        if launch_flags.parses_with_script_args(args.script_text):
-            from . import script_args
-
+        if own_parser:
             script_args.check_config(config)
         return config
 
