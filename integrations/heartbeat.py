@@ -24,6 +24,7 @@ instead of hanging in its explanation.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import threading
@@ -144,6 +145,29 @@ def is_timeout(err: BaseException) -> bool:
     return isinstance(err, RuntimeError) and any(words in text for words in _PEER_LOST)
 
 
+EVIDENCE_SUFFIX = ".evidence.json"
+"""Beside the rank's ``TORCHELASTIC_ERROR_FILE``: what :func:`explain` saw, for the launcher to name the lost node."""
+
+
+def _write_evidence(step: int, seen: Optional[dict], peer: Optional[str], store_unreachable: bool,
+                    lost: bool) -> None:
+    """Leave the launcher the facts behind the explanation (best effort): every rank's last post with its node's
+    address, the peer whose connection closed, whether the store answered."""
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not error_file:
+        return
+    facts = {"rank": dist.get_rank(), "world": dist.get_world_size(), "step": step,
+             "local_world_size": int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0),
+             "node_addr": os.environ.get(NODE_ADDR_ENV, ""), "master_addr": os.environ.get("MASTER_ADDR", ""),
+             "peer": peer, "lost_peer": lost, "store_unreachable": store_unreachable,
+             "posts": None if seen is None else {str(r): (list(p) if p else None) for r, p in seen.items()}}
+    try:
+        with open(error_file + EVIDENCE_SUFFIX, "w") as fp:
+            json.dump(facts, fp)
+    except OSError:
+        pass
+
+
 def explain(err: BaseException, step: int, timeout_minutes: Optional[float] = None) -> CollectiveTimeout:
     """The :class:`CollectiveTimeout` for ``err``, raised by this rank during ``step``."""
     lost = "timed out" not in str(err).lower() and "timeout" not in str(err).lower()
@@ -175,6 +199,7 @@ def explain(err: BaseException, step: int, timeout_minutes: Optional[float] = No
         ranks = f" ({', '.join(_who(r) for r in there)})" if there else ""
         lost_line = f"the connection to {peer.group(1)}{ranks} closed: that node died or its ranks did"
         cause = lost_line if cause.startswith("every rank began") else f"{lost_line}; {cause}"
+    _write_evidence(step, seen, peer.group(1) if lost and peer else None, seen is None, lost)
     first_line = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
     return CollectiveTimeout(f"{_who(dist.get_rank())}: a collective of step {step} {what}{limit}; {cause}. "
                              f"({first_line})")

@@ -118,9 +118,15 @@ class RankFailure:
     unresponsive: Optional[str] = None
     """``"stopped"`` (SIGSTOP) or ``"hung"``: alive when the job was being stopped, it did not exit on torchrun's
     SIGTERM, and torchrun's SIGKILL after its grace is what ended it (:func:`_note_unresponsive_ranks`)."""
+    lost: Optional[str] = None
+    """Another node this rank lost first (:func:`lost_node`): the line then leads with it."""
 
     def describe(self) -> str:
         who = "a rank" if self.rank is None else f"rank {self.rank}"
+        if self.lost:
+            how = f"killed by {_signal_name(-self.exitcode)}" if self.exitcode < 0 else f"exit code {self.exitcode}"
+            return (f"{self.lost}; this node's {who} stopped because of it ({how})"
+                    + (f": {self.error}" if self.error else ""))
         if self.unresponsive:
             state = "stopped (SIGSTOP)" if self.unresponsive == "stopped" else "not responding"
             return (f"{who} hung: it was {state} while the other ranks failed waiting for it, did not exit on "
@@ -335,6 +341,95 @@ def _recorded_error(path: Optional[str]) -> Optional[str]:
     return text if len(text) <= _MESSAGE_LIMIT else text[: _MESSAGE_LIMIT - 3] + "..."
 
 
+EVIDENCE_SUFFIX = ".evidence.json"  # zeromega.integrations.heartbeat.EVIDENCE_SUFFIX (not imported: it imports torch)
+
+
+def _evidence(error_file: Optional[str]) -> Optional[dict]:
+    """What a rank's collective-timeout explanation saw (written beside its error file), or None."""
+    try:
+        with open(f"{error_file}{EVIDENCE_SUFFIX}") as fp:
+            facts = json.load(fp)
+    except (OSError, ValueError, TypeError):
+        return None
+    return facts if isinstance(facts, dict) else None
+
+
+def _ranks_text(ranks: list[int]) -> str:
+    if len(ranks) == 1:
+        return f"rank {ranks[0]}"
+    if ranks == list(range(ranks[0], ranks[-1] + 1)):
+        return f"ranks {ranks[0]}-{ranks[-1]}"
+    return "ranks " + ", ".join(map(str, ranks))
+
+
+def lost_node(facts: dict, answers=None) -> Optional[str]:
+    """The other node a rank lost first, as the failure line's lead (``lost node 1 (ADDR) with rank 1: why``), from
+    what the rank's heartbeat saw when its collective failed; None when the evidence names no other node.
+
+    In order: node 0's store did not answer (this node is cut off from node 0); the connection to a peer's
+    address closed (a node that died); ranks of another node never reached the step; every rank reached it, so
+    the other nodes' addresses are asked whether they answer at all (``answers(addr)``, a partition).
+    Ranks are numbered node by node, ``local_world_size`` per node.
+    """
+    per, world, step = facts.get("local_world_size") or 0, facts.get("world") or 0, facts.get("step")
+    if per <= 0 or world <= per or not isinstance(facts.get("rank"), int):
+        return None
+    mine = facts["rank"] // per
+    posts = {int(r): p for r, p in (facts.get("posts") or {}).items()}
+    hosts = {r: p[2] for r, p in posts.items() if p and len(p) > 2 and p[2]}
+
+    def ranks_on(node: int) -> list[int]:
+        return list(range(node * per, min(world, (node + 1) * per)))
+
+    def address(node: int) -> str:
+        found = [hosts[r] for r in ranks_on(node) if r in hosts]
+        return found[0] if found else (facts.get("master_addr") or "" if node == 0 else "")
+
+    def node_text(node: int, ranks: Optional[list[int]] = None) -> str:
+        where = address(node)
+        return f"node {node}" + (f" ({where})" if where else "") + f" with {_ranks_text(ranks or ranks_on(node))}"
+
+    if facts.get("store_unreachable") and mine != 0:
+        return (f"lost {node_text(0)}: the job's store there did not answer this node (a network partition, "
+                "or node 0 is down)")
+    peer = facts.get("peer")
+    if facts.get("lost_peer") and peer:
+        nodes = sorted({r // per for r, host in hosts.items() if host == peer} - {mine})
+        if nodes:
+            return f"lost {node_text(nodes[0])}: the connection to {peer} closed (that node died or its ranks did)"
+        return None
+    if not posts or step is None:
+        return None
+    behind = sorted(r for r, p in posts.items() if p is None or p[0] < step)
+    if behind:
+        nodes = sorted({r // per for r in behind})
+        if mine in nodes or len(nodes) > 1:
+            return None
+        return f"{node_text(nodes[0], behind)} held the job up: never reached step {step} (hung, dead or far slower)"
+    if answers is None:
+        from zeromega.launch.network import answers
+    silent = [node for node in range(world // per) if node != mine and address(node) and not answers(address(node))]
+    if silent:
+        return (f"lost {node_text(silent[0])}: it does not answer from this node (a network partition, or that "
+                "node is down)")
+    return None
+
+
+def attribute(failure: "RankFailure", error_files: list[Optional[str]], answers=None) -> "RankFailure":
+    """``failure`` led by the node its rank lost (:func:`lost_node`), from the evidence beside the root cause's
+    error file (``error_files[0]``) or, when it wrote none, beside another of this node's ranks' files; unchanged
+    when a rank of this node died by itself (a signal, a hang), or nothing names another node."""
+    own = _evidence(error_files[0]) if error_files else None
+    if failure.unresponsive or (own is None and (failure.error or failure.exitcode < 0)):
+        return failure  # the root cause is this node's own rank
+    for path in error_files:
+        facts = _evidence(path)
+        lost = lost_node(facts, answers) if facts else None
+        if lost:
+            return RankFailure(failure.rank, failure.exitcode, failure.error, failure.unresponsive, lost)
+    return failure
+
+
 def _mtime_ns(path: Optional[str]) -> Optional[int]:
     try:
         return os.stat(path).st_mtime_ns if path else None
@@ -483,7 +578,8 @@ def run_torchrun(job: Job) -> Optional[RankFailure]:
             others = {r: f for r, f in err.failures.items() if not unresponsive.get(f.pid)}
             if others:
                 rank, failure = root_cause(others)
-        return RankFailure(rank, failure.exitcode, _recorded_error(failure.error_file), unresponsive.get(failure.pid))
+        found = RankFailure(rank, failure.exitcode, _recorded_error(failure.error_file), unresponsive.get(failure.pid))
+        return attribute(found, [failure.error_file] + [f.error_file for _, f in sorted(err.failures.items())])
     except SignalException as err:
         raise LaunchError(f"stopped by {_signal_name(err.sigval)}; torchrun stopped every rank",
                           128 + int(err.sigval)) from None
@@ -638,14 +734,75 @@ def _deepspeed_failure(returncode: int, error_dir: str) -> RankFailure:
         if name.startswith("rank") and name.endswith(".json") and name[4:-5].isdigit():
             path = os.path.join(error_dir, name)
             written.append((_mtime_ns(path) or 0, int(name[4:-5]), path))
-    if exitcode < 0 or not written:
+    if not written:
         return RankFailure(None, exitcode)
     _, rank, path = min(written)
-    return RankFailure(rank, exitcode, _recorded_error(path))
+    if exitcode < 0:  # a signal, maybe on another node: only the evidence of this node's ranks can name it
+        found = attribute(RankFailure(rank, 1, _recorded_error(path)), [path for _, _, path in sorted(written)])
+        return found if found.lost else RankFailure(None, exitcode)
+    return attribute(RankFailure(rank, exitcode, _recorded_error(path)), [path for _, _, path in sorted(written)])
+
+
+SSH_CHECK_TIMEOUT_S = 20.0
+
+
+def _flag_value(args: list[str], flag: str) -> Optional[str]:
+    for i, arg in enumerate(args):
+        if arg == flag and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def unreachable_hosts(job: Job) -> list[tuple[str, str]]:
+    """(host, why) for each host of a deepspeed job with a hostfile that ``ssh`` does not reach.
+
+    The deepspeed runner checks only the hostfile's first host (``ssh -o PasswordAuthentication=no HOST
+    hostname``, skipped under ``--no_ssh_check`` / ``--no_ssh``); a later host that ssh cannot reach leaves
+    the ranks that did start waiting for it until their timeout. This runs the same check on every host, at
+    once, each with a deadline, before anything starts.
+    """
+    from deepspeed.launcher.runner import DLTS_HOSTFILE, fetch_hostfile
+
+    args = job.deepspeed_args
+    path = job.hostfile or DLTS_HOSTFILE
+    if "--no_ssh_check" in args or "--no_ssh" in args or not os.path.isfile(path) or not fetch_hostfile(path):
+        return []  # no hostfile: the runner starts this machine's ranks itself, without ssh
+    hosts = list(_deepspeed_resources(job))
+    port = _flag_value(args, "--ssh_port")
+
+    def check(host: str) -> Optional[str]:
+        cmd = ["ssh", "-o", "PasswordAuthentication=no", "-o", "BatchMode=yes", "-o",
+               f"ConnectTimeout={int(SSH_CHECK_TIMEOUT_S // 2)}", *(["-p", port] if port else []), host, "hostname"]
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=SSH_CHECK_TIMEOUT_S,
+                                  stdin=subprocess.DEVNULL)
+        except FileNotFoundError:
+            return "no ssh on this machine"
+        except subprocess.TimeoutExpired:
+            return f"no answer within {SSH_CHECK_TIMEOUT_S:g} s"
+        if done.returncode == 0:
+            return None
+        said = done.stderr.strip().splitlines()
+        return f"`ssh {host} hostname`: exit code {done.returncode}" + (f": {said[-1][:200]}" if said else "")
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(32, len(hosts))) as pool:
+        found = list(zip(hosts, pool.map(check, hosts)))
+    return [(host, why) for host, why in found if why]
 
 
 def run_deepspeed(job: Job) -> Optional[RankFailure]:
     """Run the job under the deepspeed launcher; None when every rank succeeded."""
+    lost = unreachable_hosts(job)
+    if lost:
+        names = ", ".join(host for host, _ in lost)
+        raise LaunchError(f"the deepspeed runner cannot reach {names} over ssh ({lost[0][1]}): not a rank's "
+                          "failure, no rank was started; make `ssh HOST hostname` work without a password from "
+                          f"this machine, or leave {'it' if len(lost) == 1 else 'them'} out (--exclude "
+                          f"{','.join(host for host, _ in lost)})")
     env = dict(os.environ)
     settings = rank_settings(job, env)
     apply_settings(env, settings)
@@ -680,6 +837,27 @@ def launch(job: Job, launcher: str = "torchrun") -> Optional[RankFailure]:
 # ------------------------------------------------------ deepspeed rank entry
 
 
+def _this_node(env) -> None:
+    """What the torchrun path sets per node, for a deepspeed rank (whose settings are the same on every node):
+    the processes per node, this node's address toward the master (heartbeat posts name it) and, unless set,
+    gloo's / NCCL's interface toward the master (the hostname may resolve to 127.0.0.1)."""
+    if "LOCAL_SIZE" in env:
+        env.setdefault("LOCAL_WORLD_SIZE", env["LOCAL_SIZE"])
+    master = env.get("MASTER_ADDR")
+    if not master or int(env.get("CROSS_SIZE", "1") or 1) <= 1:
+        return
+    from zeromega.launch import network
+
+    if network.is_loopback(master):
+        return
+    local = network.local_address_to(master)
+    if local:
+        env.setdefault("ZEROMEGA_NODE_ADDR", local)
+    settings, _ = network.socket_ifname_settings(master, None, dict(env))
+    for name, value in settings.items():
+        env.setdefault(name, value)
+
+
 def _rank_entry(argv: list[str]) -> None:
     """Become the user's script as the deepspeed launcher would have run it.
 
@@ -700,6 +878,7 @@ def _rank_entry(argv: list[str]) -> None:
     blob, script, *args = argv
     settings = json.loads(base64.urlsafe_b64decode(blob.encode()))
     apply_settings(os.environ, settings)
+    _this_node(os.environ)
     error_dir = settings.get("error_dir")
     if error_dir and os.path.isdir(error_dir):  # not on a remote node without this machine's /tmp
         os.environ["TORCHELASTIC_ERROR_FILE"] = os.path.join(error_dir, f"rank{os.environ.get('RANK', '0')}.json")

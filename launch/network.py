@@ -111,3 +111,26 @@ def socket_ifname_settings(master_addr: Optional[str], chosen: Optional[str], en
         return {}, (f"no interface found that reaches --master-addr {master_addr}; gloo will advertise the address "
                     "the hostname resolves to (pass --network-interface IFACE if ranks cannot connect)")
     return {var: name for var in missing}, f"network interface {name} (the route to {master_addr})"
+
+
+def answers(host: str, timeout_s: float = 3.0) -> bool:
+    """Whether ``host`` answers a TCP connection attempt from this machine within ``timeout_s``.
+
+    Any answer counts, a refusal included (a host up with nothing on the port sends a reset); silence (the
+    attempt times out) or no route (a link that is down) does not. Port 9 (discard) is used, normally closed.
+    A firewall that drops such packets makes a live host look silent, so callers say "does not answer", not
+    "is down".
+    """
+    address = resolve(host)
+    if address is None:
+        return False
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout_s)
+        try:
+            sock.connect((address, 9))
+        except (ConnectionRefusedError, ConnectionResetError):
+            return True
+        except OSError:  # timed out, no route to host, network unreachable
+            return False
+    return True

@@ -5,6 +5,11 @@ are imported once (a spawned child pays ~7 s to import them again). The test
 process itself never joins a process group, which keeps forking safe.
 Results travel as plain Python objects (tensors from a forked child do not
 outlive it).
+
+Also the helpers of the tests that run ``zeromega launch`` as a subprocess
+(tests/test_launch.py, tests/test_multinode.py): :func:`launch_env` gives a
+job a token in its environment, :func:`survivors` finds any process of that
+job still alive.
 """
 
 from __future__ import annotations
@@ -56,3 +61,29 @@ def run_world(world: int, fn: Callable, *args: Any, timeout: float = 240.0) -> l
             if p.is_alive():
                 p.kill()
     return [results[r] for r in range(world)]
+
+
+LAUNCH_ENV_DROPPED = ("OMP_NUM_THREADS", "ZEROMEGA_CONFIG")
+"""What a launched job must not inherit from the test's environment (the launcher sets or checks them)."""
+
+
+def launch_env(token: str, extra: dict | None = None, drop: tuple = ()) -> dict:
+    """The environment of a ``zeromega launch`` subprocess: this one's, less :data:`LAUNCH_ENV_DROPPED` and
+    ``drop``, plus ``extra`` and ``ZEROMEGA_TEST_TOKEN=token``."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV_DROPPED + tuple(drop)}
+    env.update(extra or {}, ZEROMEGA_TEST_TOKEN=token)
+    return env
+
+
+def survivors(token: str) -> list:
+    """Processes (psutil) still alive that carry the job's token in their environment."""
+    import psutil
+
+    alive = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get("ZEROMEGA_TEST_TOKEN") == token and proc.status() != psutil.STATUS_ZOMBIE:
+                alive.append(proc)
+        except psutil.Error:
+            continue
+    return alive

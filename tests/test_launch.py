@@ -19,9 +19,9 @@ import uuid
 from pathlib import Path
 from types import SimpleNamespace
 
-import psutil
 import pytest
 
+from distributed import launch_env, survivors
 from zeromega.launch import launcher
 from zeromega.launch.launcher import RankFailure
 
@@ -39,24 +39,11 @@ def free_port() -> int:
 def zeromega(*argv: str, env: dict | None = None, cwd: Path | None = None, timeout: float = 150):
     """Run ``python -m zeromega ARGV``; returns (completed process, token, seconds, end time)."""
     token = uuid.uuid4().hex
-    full_env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", launcher.CONFIG_ENV)}
-    full_env.update(env or {}, ZEROMEGA_TEST_TOKEN=token)
+    full_env = launch_env(token, env)
     start = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "zeromega", *argv], env=full_env, cwd=cwd,
                           capture_output=True, text=True, timeout=timeout)
     return proc, token, time.monotonic() - start, time.time()
-
-
-def survivors(token: str) -> list[psutil.Process]:
-    """Processes still alive that carry the job's token in their environment."""
-    alive = []
-    for proc in psutil.process_iter():
-        try:
-            if proc.environ().get("ZEROMEGA_TEST_TOKEN") == token and proc.status() != psutil.STATUS_ZOMBIE:
-                alive.append(proc)
-        except psutil.Error:
-            continue
-    return alive
 
 
 def rank_lines(stdout: str) -> dict[int, str]:
@@ -586,7 +573,8 @@ def test_rendezvous_failure_is_reported_as_such():
 
 
 def test_deepspeed_runner_failure_is_not_a_rank_failure(tmp_path):
-    """The deepspeed runner cannot reach a host (its ssh check): no rank started, and the line says so."""
+    """The deepspeed runner cannot reach a host (its ssh check): no rank started, and the line says so, naming
+    the host."""
     hosts = tmp_path / "hosts"
     hosts.write_text("zeromega-no-such-host.invalid slots=1\n")
     marker = tmp_path / "a-rank-started"
@@ -594,7 +582,9 @@ def test_deepspeed_runner_failure_is_not_a_rank_failure(tmp_path):
                                  env={"ZEROMEGA_TEST_MARKER": str(marker)})
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode != 0 and not marker.exists()
-    assert last.startswith("zeromega launch: the deepspeed runner failed (exit code 1) before any rank started"), last
+    assert last.startswith("zeromega launch: the deepspeed runner cannot reach zeromega-no-such-host.invalid over "
+                           "ssh (`ssh zeromega-no-such-host.invalid hostname`: exit code 255"), last
+    assert "not a rank's failure, no rank was started" in last, last
     assert survivors(token) == []
 
 

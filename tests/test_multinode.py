@@ -15,6 +15,7 @@ to the other node.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -27,8 +28,9 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
 import pytest
+
+from distributed import launch_env, survivors
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = str(Path(__file__).parent / "scripts" / "worker.py")
@@ -107,13 +109,14 @@ class Node:
         return lines[-1] if lines else ""
 
 
+NODE_ENV_DROPPED = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "MASTER_ADDR",
+                    "MASTER_PORT")
+
+
 def start_node(bed: Bed, node: int, port: int, launch_args: list[str], script: str, args: list[str],
                env: dict | None = None) -> Node:
     token = uuid.uuid4().hex
-    full_env = {k: v for k, v in os.environ.items()
-                if k not in ("OMP_NUM_THREADS", "ZEROMEGA_CONFIG", "GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME",
-                             "TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "MASTER_ADDR", "MASTER_PORT")}
-    full_env.update(env or {}, ZEROMEGA_TEST_TOKEN=token)
+    full_env = launch_env(token, env, drop=NODE_ENV_DROPPED)
     cmd = ["ip", "netns", "exec", bed.ns[node], sys.executable, "-m", "zeromega", "launch", "--nnodes", "2",
            "--node-rank", str(node), "--master-addr", bed.addr[0], "--master-port", str(port), *launch_args,
            script, *args]
@@ -146,17 +149,6 @@ def kill_node(node: Node) -> None:
         proc.kill()
 
 
-def survivors(token: str) -> list[psutil.Process]:
-    alive = []
-    for proc in psutil.process_iter():
-        try:
-            if proc.environ().get("ZEROMEGA_TEST_TOKEN") == token and proc.status() != psutil.STATUS_ZOMBIE:
-                alive.append(proc)
-        except psutil.Error:
-            continue
-    return alive
-
-
 def port() -> int:
     return random.randrange(20000, 40000)
 
@@ -178,6 +170,84 @@ def test_two_nodes_allreduce_without_an_interface_named(two_nodes):
     assert [line.split()[0] for line in lines] == ["rank=0", "rank=1"], lines
     assert all("world=2 sum=3 " in line for line in lines), lines
     print(f"two nodes x 1 rank, allreduce: {max(n.seconds for n in nodes):.1f} s")
+
+
+# ------------------------------------------------------------------ fast: who is blamed (in process)
+
+
+def _torchrun_failure(monkeypatch, tmp_path, rank: int, exitcode: int, error: str | None, evidence: dict | None):
+    """Run ``launcher.run_torchrun`` with torchrun's agent replaced by one that reports ``rank`` failed as the
+    agent does (ChildFailedError with the rank's error file and, beside it, what its heartbeat saw)."""
+    import torch.distributed.run as torch_run
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from zeromega.launch import launcher
+
+    error_file = tmp_path / f"rank{rank}" / "error.json"
+    error_file.parent.mkdir()
+    if error is not None:
+        error_file.write_text(json.dumps({"message": {"message": error, "extraInfo": {"timestamp": "1"}}}))
+    if evidence is not None:
+        Path(f"{error_file}{launcher.EVIDENCE_SUFFIX}").write_text(json.dumps(evidence))
+
+    def agent(_args):
+        raise ChildFailedError("script", {rank: ProcessFailure(rank, 4242, exitcode, str(error_file))})
+
+    monkeypatch.setattr(torch_run, "run", agent)
+    monkeypatch.setattr(launcher, "_rendezvous_calls_bounded", contextlib.nullcontext)
+    return launcher.run_torchrun(launcher.Job(script="train.py", nnodes=2, master_addr="10.0.0.1"))
+
+
+def _posts(world: int, step: int, per_node: int, late: tuple = ()) -> dict:
+    return {str(r): [step - 1 if r in late else step, 1.0, f"10.0.0.{r // per_node + 1}"] for r in range(world)}
+
+
+TIMEOUT_ERROR = "CollectiveTimeout: rank 0 on node 0: a collective of step 5 lost a peer; ..."
+
+
+def test_lost_node_leads_the_survivors_line(monkeypatch, tmp_path):
+    """A killed node seen from node 0: torchrun reports rank 0 (the survivor) failed; the line leads with node 1,
+    its address and ranks, and says this node's rank stopped because of it."""
+    facts = {"rank": 0, "world": 4, "step": 5, "local_world_size": 2, "node_addr": "10.0.0.1",
+             "master_addr": "10.0.0.1", "peer": "10.0.0.2", "lost_peer": True, "store_unreachable": False,
+             "posts": _posts(4, 5, 2)}
+    line = _torchrun_failure(monkeypatch, tmp_path, 0, 1, TIMEOUT_ERROR, facts).describe()
+    assert line.startswith("lost node 1 (10.0.0.2) with ranks 2-3: the connection to 10.0.0.2 closed"), line
+    assert "; this node's rank 0 stopped because of it (exit code 1): CollectiveTimeout: rank 0 on node 0" in line
+
+
+def test_partition_blames_the_node_across_it(monkeypatch, tmp_path):
+    """A partition: node 1 cannot reach node 0's store (names node 0); node 0 sees every rank in the step and
+    asks node 1's address, which does not answer (names node 1)."""
+    from zeromega.launch import launcher, network
+
+    far = {"rank": 1, "world": 2, "step": 7, "local_world_size": 1, "node_addr": "10.0.0.2",
+           "master_addr": "10.0.0.1", "peer": None, "lost_peer": False, "store_unreachable": True, "posts": None}
+    line = _torchrun_failure(monkeypatch, tmp_path, 1, 1, "CollectiveTimeout: ...", far).describe()
+    assert line.startswith("lost node 0 (10.0.0.1) with rank 0: the job's store there did not answer"), line
+    assert "this node's rank 1 stopped because of it" in line
+
+    asked = []
+    monkeypatch.setattr(network, "answers", lambda host, timeout_s=3.0: asked.append(host) or False)
+    near = dict(far, rank=0, node_addr="10.0.0.1", store_unreachable=False, posts=_posts(2, 7, 1))
+    line = launcher.lost_node(near)
+    assert asked == ["10.0.0.2"] and line.startswith("lost node 1 (10.0.0.2) with rank 1: it does not answer"), line
+    monkeypatch.setattr(network, "answers", lambda host, timeout_s=3.0: True)
+    assert launcher.lost_node(near) is None  # both nodes up: nothing to blame on node 1
+    behind = dict(near, posts=_posts(2, 7, 1, late=(1,)))
+    assert launcher.lost_node(behind).startswith("node 1 (10.0.0.2) with rank 1 held the job up: never reached step 7")
+
+
+def test_own_rank_dying_is_not_blamed_on_another_node(monkeypatch, tmp_path):
+    """A rank of this node killed by a signal (no evidence beside its error file) stays the cause; so does a
+    one-node job's timeout."""
+    line = _torchrun_failure(monkeypatch, tmp_path, 1, -9, None, None).describe()
+    assert line.startswith("rank 1 failed (killed by SIGKILL)"), line
+    from zeromega.launch import launcher
+
+    one_node = {"rank": 0, "world": 2, "step": 5, "local_world_size": 2, "peer": "127.0.0.1", "lost_peer": True,
+                "posts": _posts(2, 5, 2)}
+    assert launcher.lost_node(one_node) is None
 
 
 # ------------------------------------------------------------------ slow: GPT runs
@@ -239,8 +309,8 @@ def _wait_for(path: Path, deadline_s: float = 150) -> None:
 
 @pytest.mark.slow
 def test_killed_node_ends_the_job_naming_it(two_nodes, tmp_path, small_corpus):
-    """SIGKILL of node 1's launcher and ranks mid-run: node 0 ends within the timeout plus a grace, naming node 1's
-    address and rank 1 on it."""
+    """SIGKILL of node 1's launcher and ranks mid-run: node 0 ends within the timeout plus a grace; its line leads
+    with node 1 (address, rank 1 on it) and says its own rank stopped because of it."""
     nodes, started = _train(two_nodes, tmp_path, small_corpus, 200)
     _wait_for(tmp_path / "run.jsonl")
     kill_node(nodes[1])
@@ -250,14 +320,16 @@ def test_killed_node_ends_the_job_naming_it(two_nodes, tmp_path, small_corpus):
     print(f"node killed -> node 0 over in {took:.1f} s: {nodes[0].last}")
     assert nodes[0].proc.returncode not in (0, None)
     assert took < TIMEOUT_S + GRACE_S, took
-    assert f"the connection to {two_nodes.addr[1]} (rank 1 on node 1) closed" in nodes[0].last, nodes[0].err[-3000:]
+    lead = f"zeromega launch: lost node 1 ({two_nodes.addr[1]}) with rank 1: the connection to {two_nodes.addr[1]} closed"
+    assert nodes[0].last.startswith(lead), nodes[0].err[-3000:]
+    assert "; this node's rank 0 stopped because of it (exit code 1): CollectiveTimeout" in nodes[0].last
     assert survivors(nodes[0].token) == []
 
 
 @pytest.mark.slow
 def test_partition_ends_both_nodes(two_nodes, tmp_path, small_corpus):
-    """The link goes down mid-run: both nodes end within the timeout plus a grace; node 0 says every rank began
-    the step (or the network is cut), node 1 says it lost node 0 and names its address."""
+    """The link goes down mid-run: both nodes end within the timeout plus a grace, each line leading with the node
+    across the cut: node 0's with node 1 (its address does not answer), node 1's with node 0 (its store did not)."""
     nodes, started = _train(two_nodes, tmp_path, small_corpus, 200)
     _wait_for(tmp_path / "run.jsonl")
     two_nodes.link_down()
@@ -272,8 +344,12 @@ def test_partition_ends_both_nodes(two_nodes, tmp_path, small_corpus):
         assert node.proc.returncode not in (0, None)
         assert took < TIMEOUT_S + GRACE_S, (n, took, node.err[-3000:])
         assert survivors(node.token) == []
-    assert "or the network between the nodes is cut" in nodes[0].last, nodes[0].err[-3000:]
-    assert f"this node lost node 0 ({two_nodes.addr[0]})" in nodes[1].last, nodes[1].err[-3000:]
+    near = f"zeromega launch: lost node 1 ({two_nodes.addr[1]}) with rank 1: it does not answer from this node"
+    assert nodes[0].last.startswith(near), nodes[0].err[-3000:]
+    far = f"zeromega launch: lost node 0 ({two_nodes.addr[0]}) with rank 0: the job's store there did not answer"
+    assert nodes[1].last.startswith(far), nodes[1].err[-3000:]
+    for n in (0, 1):
+        assert f"this node's rank {n} stopped because of it" in nodes[n].last
 
 
 @pytest.mark.slow
