@@ -30,6 +30,10 @@ Three kinds of swap cover every site reached so far:
    :func:`cuda_tensor_methods_on_cpu`, which answers those two methods for
    CPU tensors only for the duration of that call. A patch target may name
    a class attribute as ``"module:Class"``.
+
+One DeepSpeed patch lives here too, :data:`DEEPSPEED_FP16` (fp16 on DeepSpeed's
+engine on CPU): installed only for an fp16 run on the CPU accelerator, and only
+while its probe, :func:`deepspeed_refuses_cpu_fp16`, finds the refusal upstream.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import copy
 import functools
 import importlib
 import logging
+import math
 import types
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -408,3 +413,71 @@ def revert() -> None:
         else:
             setattr(_owner(target), attribute, original)
     _originals.clear()
+
+
+# ------------------------------------------------------------------ DeepSpeed's engine on a CPU rank: fp16
+#
+# Not a Megatron-Core site, but the same kind of swap, kept in this one table of what zeromega changes
+# upstream on CPU. Applied only by the ZeRO engine builder (zeromega.plugins.zero.engine) for an fp16 run
+# on the CPU accelerator, never at import, and only while the probe says DeepSpeed still refuses.
+
+
+def _fp16_supported_on_cpu(self: Any) -> bool:
+    """What DeepSpeed's CPU accelerator should answer: torch's CPU build computes every op zeromega trains
+    with in fp16 (without AVX512-FP16 / AMX-FP16, oneDNN and ATen widen to fp32 inside the kernel)."""
+    return True
+
+
+DEEPSPEED_FP16 = Patch(
+    "deepspeed.accelerator.cpu_accelerator:CPU_Accelerator", "is_fp16_supported", _fp16_supported_on_cpu,
+    "DeepSpeed 0.19's CPU accelerator answers 'fp16 unsupported' unless oneDNN has native fp16 kernels "
+    "(torch.ops.mkldnn._is_mkldnn_fp16_supported(), False without AVX512-FP16 / AMX-FP16), so "
+    "DeepSpeedEngine._do_sanity_check raises 'Type fp16 is not supported on your device.' and ZeRO-0's "
+    "gradient all-reduce (split_half_float_double_sparse) asserts on fp16 gradients; torch computes them anyway")
+
+
+def _accelerator_says_fp16() -> bool:
+    """DeepSpeed's own (unpatched) answer on this machine."""
+    from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+
+    method = _originals.get((DEEPSPEED_FP16.module, DEEPSPEED_FP16.attribute), CPU_Accelerator.is_fp16_supported)
+    return bool(method(CPU_Accelerator.__new__(CPU_Accelerator)))
+
+
+def torch_computes_fp16() -> bool:
+    """torch's CPU build runs an fp16 matmul, its backward and a log-softmax, with the right numbers."""
+    try:
+        a = torch.full((4, 4), 0.5, dtype=torch.float16, requires_grad=True)
+        out = torch.log_softmax(a @ a, dim=-1)
+        out.sum().backward()
+    except (RuntimeError, NotImplementedError):
+        return False
+    return out.dtype == torch.float16 and abs(float(out.detach()[0, 0]) + math.log(4)) < 1e-3 and a.grad is not None
+
+
+def deepspeed_refuses_cpu_fp16() -> bool:
+    """The probe: DeepSpeed's CPU accelerator still says fp16 is unsupported on this machine (the behaviour
+    :data:`DEEPSPEED_FP16` works around). False on a CPU with native fp16 kernels, or once DeepSpeed stops
+    asking oneDNN; then the patch is not installed."""
+    return not _accelerator_says_fp16()
+
+
+def deepspeed_fp16_on_cpu() -> bool:
+    """Whether fp16 trains on DeepSpeed's engine on this CPU: natively, or with :data:`DEEPSPEED_FP16`."""
+    return not deepspeed_refuses_cpu_fp16() or torch_computes_fp16()
+
+
+def apply_deepspeed_fp16(skip: tuple[str, ...] = ()) -> bool:
+    """Install :data:`DEEPSPEED_FP16` where it is needed and works (the probe says DeepSpeed refuses, torch
+    computes fp16) and ``skip`` does not name it; returns whether it is installed. ``revert()`` removes it."""
+    key = (DEEPSPEED_FP16.module, DEEPSPEED_FP16.attribute)
+    if key in _originals:
+        return True
+    if f"{DEEPSPEED_FP16.module}.{DEEPSPEED_FP16.attribute}" in skip:
+        return False
+    if not deepspeed_refuses_cpu_fp16() or not torch_computes_fp16():
+        return False
+    owner = _owner(DEEPSPEED_FP16.module)
+    _originals[key] = getattr(owner, DEEPSPEED_FP16.attribute)
+    setattr(owner, DEEPSPEED_FP16.attribute, DEEPSPEED_FP16.replacement)
+    return True

@@ -16,6 +16,7 @@ on 2 cores, once per machine).
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Optional
 
 import torch
@@ -23,6 +24,7 @@ import torch
 from zeromega.config.schema import Layout, RunConfig
 from zeromega.integrations import accelerator as accel
 from zeromega.integrations.deepspeed import MegatronMPU, _deepspeed_comm
+from zeromega.integrations.megatron import cpu_patches
 
 from . import defaults, preflight
 from .ds_config import to_deepspeed
@@ -93,7 +95,17 @@ def zero_config(run, layout, device_type: str, plan_fn=None) -> tuple[dict, list
 
 
 def _cpu_fp16() -> bool:
-    return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    """fp16 trains on DeepSpeed's engine on this CPU (natively, or with zeromega's accelerator patch)."""
+    return cpu_patches.deepspeed_fp16_on_cpu()
+
+
+def _fp16_on_cpu(ds: dict) -> None:
+    """For an fp16 ``ds`` on the CPU accelerator: DeepSpeed's CPU accelerator told that torch computes fp16
+    (``cpu_patches.DEEPSPEED_FP16``; without it ``deepspeed.initialize`` raises 'Type fp16 is not supported
+    on your device.'). A no-op on CUDA, for bf16 / fp32, and where DeepSpeed already says yes."""
+    if accel.current().device_type == "cpu" and ZeroSetup.from_deepspeed(ds).precision == "fp16":
+        skip = tuple(filter(None, os.environ.get("ZEROMEGA_SKIP_PATCH", "").split(",")))
+        cpu_patches.apply_deepspeed_fp16(skip=skip)
 
 
 def init_context(ds: dict):
@@ -103,6 +115,7 @@ def init_context(ds: dict):
     import deepspeed
 
     _deepspeed_comm()
+    _fp16_on_cpu(ds)
     check_swap_reads(ds)  # zero.Init already swaps parameters out to nvme
     return deepspeed.zero.Init(data_parallel_group=MegatronMPU().get_data_parallel_group(), config_dict_or_path=ds,
                                mpu=MegatronMPU())
@@ -120,6 +133,7 @@ def initialize(model: torch.nn.Module, run, ds: dict):
         optimizer = client_optimizer(decay_groups(model, o.weight_decay, o.decoupled_lr, o.decoupled_min_lr), ds,
                                      o.lr, (o.beta1, o.beta2), o.eps)
     check_swap_reads(ds)
+    _fp16_on_cpu(ds)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds, mpu=MegatronMPU(),
                                            dist_init_required=False)
 

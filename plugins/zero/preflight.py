@@ -58,7 +58,7 @@ class Machine:
     can_lock_any: bool
     """CAP_IPC_LOCK (root): mlock is not bounded by the limit."""
     fp16_supported: bool
-    """The accelerator computes in fp16 (DeepSpeed's ``is_fp16_supported``)."""
+    """fp16 trains on the accelerator (DeepSpeed's ``is_fp16_supported``, or on CPU zeromega's patch of it)."""
     device_type: str = "cpu"
     local_ranks: int = 1
     """Ranks on this host: they share its RAM, locked memory and nvme path."""
@@ -131,9 +131,9 @@ def machine_facts(device_type: str = "cpu", local_ranks: int = 1, ops: tuple = (
     if device_type == "cuda":
         fp16 = True
     else:
-        import torch
+        from zeromega.integrations.megatron import cpu_patches
 
-        fp16 = bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+        fp16 = cpu_patches.deepspeed_fp16_on_cpu()  # natively, or with zeromega's accelerator patch
     return Machine(available_ram=_meminfo("MemAvailable"),
                    memlock_limit=None if soft == resource.RLIM_INFINITY else soft,
                    can_lock_any=_has_cap_ipc_lock(), fp16_supported=fp16, device_type=device_type,
