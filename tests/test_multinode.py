@@ -113,16 +113,51 @@ NODE_ENV_DROPPED = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "TORCH_DISABLE_S
                     "MASTER_PORT")
 
 
+# Run as `bash -c MOUNT node DIR CMD...` inside a new mount namespace: a tmpfs of its own over DIR, then CMD.
+MOUNT = 'mount -t tmpfs zeromega-node "$1" && mkdir -p "$1/tmp" "$1/data" && shift && exec "$@"'
+
+
+def on_node(bed: Bed, node: int, argv: list[str], private: Path | None = None) -> list[str]:
+    """``argv`` run on ``node``: in its network namespace and, with ``private``, in a mount namespace of its own
+    where ``private`` is a fresh tmpfs (the node's own /tmp and data cache: ``private/tmp``, ``private/data``).
+    Only that directory is covered, not /tmp itself: the checkout and the test's other files may live under it."""
+    cmd = ["ip", "netns", "exec", bed.ns[node]]
+    if private is None:
+        return cmd + argv
+    return cmd + ["unshare", "--mount", "--propagation", "private", "bash", "-c", MOUNT, "node", str(private), *argv]
+
+
+def private_env(private: Path | None) -> dict:
+    return {} if private is None else {"TMPDIR": str(private / "tmp"), "ZEROMEGA_DATA": str(private / "data")}
+
+
 def start_node(bed: Bed, node: int, port: int, launch_args: list[str], script: str, args: list[str],
-               env: dict | None = None) -> Node:
+               env: dict | None = None, private: Path | None = None) -> Node:
     token = uuid.uuid4().hex
-    full_env = launch_env(token, env, drop=NODE_ENV_DROPPED)
-    cmd = ["ip", "netns", "exec", bed.ns[node], sys.executable, "-m", "zeromega", "launch", "--nnodes", "2",
-           "--node-rank", str(node), "--master-addr", bed.addr[0], "--master-port", str(port), *launch_args,
-           script, *args]
+    full_env = launch_env(token, {**private_env(private), **(env or {})}, drop=NODE_ENV_DROPPED)
+    cmd = on_node(bed, node, [sys.executable, "-m", "zeromega", "launch", "--nnodes", "2", "--node-rank", str(node),
+                              "--master-addr", bed.addr[0], "--master-port", str(port), *launch_args, script, *args],
+                  private)
     proc = subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     return Node(proc, token)
+
+
+@pytest.fixture
+def per_node_fs(two_nodes, tmp_path):
+    """A directory each node sees as its own empty tmpfs (see :func:`on_node`); skipped where mount namespaces
+    cannot be made."""
+    if shutil.which("unshare") is None:
+        pytest.skip("per-node filesystems: needs util-linux's `unshare`")
+    private = tmp_path / "node-private"
+    private.mkdir()
+    probe = subprocess.run(on_node(two_nodes, 0, ["touch", str(private / "probe")], private),
+                           capture_output=True, text=True, timeout=30)
+    if probe.returncode:
+        pytest.skip(f"per-node filesystems: this machine forbids a mount namespace with a tmpfs "
+                    f"(`unshare --mount` + `mount -t tmpfs`: {probe.stderr.strip()})")
+    assert not (private / "probe").exists(), "the node's tmpfs leaked into the shared filesystem"
+    return private
 
 
 def finish(nodes: list[Node], started: float, timeout: float = JOB_DEADLINE_S) -> list[Node]:
@@ -248,6 +283,55 @@ def test_own_rank_dying_is_not_blamed_on_another_node(monkeypatch, tmp_path):
     one_node = {"rank": 0, "world": 2, "step": 5, "local_world_size": 2, "peer": "127.0.0.1", "lost_peer": True,
                 "posts": _posts(2, 5, 2)}
     assert launcher.lost_node(one_node) is None
+
+
+def _check_shared(directory: str, private_on_rank1: bool) -> str:
+    """On one of two gloo ranks posing as two nodes (LOCAL_WORLD_SIZE=1): rank 1 may first cover ``directory``
+    with a tmpfs of its own (a mount namespace of its own, as another node's disk); then zeromega's check."""
+    import ctypes
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from zeromega.config import ConfigError
+    from zeromega.run import shared_fs
+
+    os.environ["LOCAL_WORLD_SIZE"] = "1"
+    if private_on_rank1 and os.environ["RANK"] == "1":
+        libc = ctypes.CDLL(None, use_errno=True)
+        ms_rec, ms_private = 16384, 1 << 18
+        if (libc.unshare(0x00020000) or libc.mount(None, b"/", None, ms_rec | ms_private, None)
+                or libc.mount(b"tmpfs", directory.encode(), b"tmpfs", 0, None)):
+            return f"skip: {os.strerror(ctypes.get_errno())}"
+    dist.init_process_group("gloo")
+    cfg = SimpleNamespace(data=SimpleNamespace(cache_path=None), checkpoint=SimpleNamespace(save=directory,
+                                                                                          load=directory))
+    try:
+        shared_fs.check(cfg, [])
+        return "ok"
+    except ConfigError as err:
+        return str(err)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_directory_not_shared_by_every_node_is_refused(tmp_path):
+    """--save that node 1 sees as a directory of its own: every rank refuses in one line naming node 1, the field
+    and the fix; the same directory shared by both passes."""
+    if os.geteuid() != 0:
+        pytest.skip("a mount namespace of one rank's own needs root")
+    from distributed import run_world
+
+    shared = str(tmp_path / "ck")
+    assert run_world(2, _check_shared, shared, False, timeout=120) == ["ok", "ok"]
+    apart = run_world(2, _check_shared, str(tmp_path), True, timeout=120)
+    if apart[1].startswith("skip:"):
+        pytest.skip(f"this machine forbids a mount namespace with a tmpfs ({apart[1]})")
+    want = (f"checkpoint.save='{tmp_path}': node 1 does not see the files rank 0 writes there (no filesystem shared "
+            "by every node): each rank writes its shard there and resumes from the 'latest' rank 0 writes; fix: put "
+            "--save on a filesystem every node mounts")
+    assert apart == [want, want]
+    assert not list(tmp_path.glob(".zeromega-shared-*"))
 
 
 # ------------------------------------------------------------------ slow: GPT runs
@@ -401,3 +485,243 @@ def test_node_that_dies_and_comes_back_resumes_to_the_same_curve(two_nodes, tmp_
     for n, node in enumerate(nodes):
         assert node.proc.returncode == 0, f"node {n}: {node.err[-3000:]}"
     assert curve(metrics) == curve(tmp_path / "one.jsonl")
+
+
+# ------------------------------------------------------------------ slow: per-node filesystems
+
+
+@pytest.mark.slow
+def test_per_node_data_builds_the_corpus_on_each_node(two_nodes, per_node_fs, tmp_path):
+    """Each node has its own ZEROMEGA_DATA (nothing shared): each node's first rank builds the project's corpus
+    there; with --data-cache-path on the shared filesystem the losses equal one node x 2 processes (whose corpus is
+    shared). Without it, Megatron's index cache (rank 0 builds, every rank reads) would be beside each node's data:
+    refused on every node in one line, naming the directory and --data-cache-path, instead of a missing-file error."""
+    shared = tmp_path / "shared-data"
+    args = GPT_ARGS + ["--train-iters", "3", "--distributed-timeout-minutes", "0.5"]
+    env = {"OMP_NUM_THREADS": "1"}  # as the one-node run's ranks (see test_gpt_across_two_nodes_matches_one_node)
+    one = subprocess.run([sys.executable, "-m", "zeromega", "launch", "--nproc-per-node", "2", GPT, *args,
+                          "--metrics-out", str(tmp_path / "one.jsonl")],
+                         env=launch_env("one", {"ZEROMEGA_DATA": str(shared)}), capture_output=True, text=True,
+                         timeout=JOB_DEADLINE_S, cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+
+    started, p = time.monotonic(), port()
+    nodes = [start_node(two_nodes, n, p, ["--nproc-per-node", "1"], GPT, args, env=env, private=per_node_fs)
+             for n in (0, 1)]
+    finish(nodes, started)
+    print(f"per-node data, index cache per node -> refused in {max(n.seconds for n in nodes):.1f} s: {nodes[0].last}")
+    for node in nodes:
+        assert node.proc.returncode not in (0, None)
+        assert "does not see the files rank 0 writes there (no filesystem shared by every node)" in node.err, \
+            node.err[-3000:]
+        assert "--data-cache-path on a filesystem every node mounts" in node.err
+        assert survivors(node.token) == []
+
+    started, p = time.monotonic(), port()
+    cache = ["--data-cache-path", str(tmp_path / "index-cache"), "--metrics-out", str(tmp_path / "two.jsonl")]
+    nodes = [start_node(two_nodes, n, p, ["--nproc-per-node", "1"], GPT, args + cache, env=env, private=per_node_fs)
+             for n in (0, 1)]
+    finish(nodes, started)
+    for n, node in enumerate(nodes):
+        assert node.proc.returncode == 0, f"node {n}: {node.err[-3000:]}"
+    assert not list(per_node_fs.iterdir()), "a node's corpus landed on the shared filesystem"
+    want, got = curve(tmp_path / "one.jsonl"), curve(tmp_path / "two.jsonl")
+    assert sorted(got) == [1, 2, 3] and got == want, (got, want)
+
+
+@pytest.mark.slow
+def test_checkpoint_on_per_node_filesystems_is_refused(two_nodes, per_node_fs, tmp_path, small_corpus):
+    """--save on a directory each node has its own copy of: each rank would write its shard on its own node and
+    only node 0 would hold 'latest', so a resume would start the nodes from different steps. Refused on every node
+    before training, in one line naming the directory and the fix; no node hangs."""
+    ck = per_node_fs / "data" / "ck"
+    started, p = time.monotonic(), port()
+    nodes = [start_node(two_nodes, n, p, ["--nproc-per-node", "1"], GPT,
+                        GPT_ARGS + ["--data-path", small_corpus, "--train-iters", "4", "--save", str(ck), "--load",
+                                    str(ck), "--save-interval", "2", "--distributed-timeout-minutes", "0.25"],
+                        private=per_node_fs) for n in (0, 1)]
+    finish(nodes, started, timeout=TIMEOUT_S + GRACE_S + 120)
+    print(f"checkpoint on per-node filesystems -> refused in {max(n.seconds for n in nodes):.1f} s: {nodes[0].last}")
+    for node in nodes:
+        assert node.proc.returncode not in (0, None)
+        assert f"checkpoint.save='{ck}': node 1 does not see the files rank 0 writes there" in node.err, \
+            node.err[-3000:]
+        assert "fix: put --save on a filesystem every node mounts" in node.err
+        assert survivors(node.token) == []
+
+
+# ------------------------------------------------------------------ slow: the deepspeed runner across nodes
+
+REMOTE = '''#!{python}
+"""Stand-in for ssh and pdsh on the two-node test bed (which one: this file's name).
+
+Hosts are the test's nodes, read from $ZEROMEGA_TEST_HOSTS: {{host: {{"ns", "env", "private", "down"}}}}. A remote
+command runs as a login would: in the host's network namespace (and, with "private", its own tmpfs over that
+directory), with a fresh environment (PATH, HOME, the test's token, plus the host's "env"), through bash -c.
+The caller's own host ($ZEROMEGA_TEST_NODE) runs it in the caller's namespaces, as ssh to itself would.
+"""
+import json, os, shlex, signal, subprocess, sys
+
+HOSTS = json.load(open(os.environ["ZEROMEGA_TEST_HOSTS"]))
+MOUNT = "mount -t tmpfs zeromega-node {{d}} && mkdir -p {{d}}/tmp {{d}}/data && "
+
+
+def start(host, command):
+    node = HOSTS[host]
+    env = {{k: os.environ[k] for k in ("PATH", "HOME", "LANG", "ZEROMEGA_TEST_TOKEN", "ZEROMEGA_TEST_HOSTS")
+           if k in os.environ}}
+    env.update(node.get("env", {{}}), ZEROMEGA_TEST_NODE=host)
+    if host == os.environ.get("ZEROMEGA_TEST_NODE"):
+        argv = ["bash", "-c", command]
+    elif node.get("private"):
+        argv = ["ip", "netns", "exec", node["ns"], "unshare", "--mount", "--propagation", "private", "bash", "-c",
+                MOUNT.format(d=shlex.quote(node["private"])) + command]
+    else:
+        argv = ["ip", "netns", "exec", node["ns"], "bash", "-c", command]
+    return subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+def refused(host):
+    if host not in HOSTS:
+        return f"ssh: Could not resolve hostname {{host}}: Name or service not known"
+    if HOSTS[host].get("down"):
+        return f"ssh: connect to host {{host}} port 22: No route to host"
+    return None
+
+
+def wait_all(procs):
+    def stop(signum, _frame):
+        for proc in procs:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    return [proc.wait() for proc in procs]
+
+
+args = sys.argv[1:]
+if os.path.basename(sys.argv[0]) == "ssh":
+    while args and args[0].startswith("-"):
+        args = args[2:] if args[0] in ("-o", "-p", "-i", "-l", "-F") else args[1:]
+    host, command = args[0], " ".join(args[1:])
+    if refused(host):
+        sys.exit(print(refused(host), file=sys.stderr) or 255)
+    sys.exit(wait_all([start(host, command)])[0])
+# pdsh -S -f FANOUT -w host1,host2 COMMAND...: %n is the host's index in the list
+hosts = []
+while args and args[0].startswith("-"):
+    if args[0] == "-w":
+        hosts = args[1].split(",")
+    args = args[2:] if args[0] in ("-w", "-f", "-R", "-l", "-u") else args[1:]
+command, procs, codes = " ".join(args), [], []
+for index, host in enumerate(hosts):
+    if refused(host):
+        print(f"pdsh@stand-in: {{host}}: ssh exited with exit code 255", file=sys.stderr)
+        codes.append(255)
+        continue
+    procs.append(start(host, command.replace("%n", str(index))))
+codes += wait_all(procs)
+sys.exit(max([c if c >= 0 else 128 - c for c in codes] or [0]))
+'''
+
+
+@pytest.fixture
+def remote_shell(two_nodes, tmp_path):
+    """Stand-in ``ssh`` and ``pdsh`` (a bin directory to put first on PATH) that reach the test bed's nodes by the
+    host names node0 and node1; ``write(**per_host)`` writes the host map (a host's env, its private directory,
+    ``down``) and returns the environment a deepspeed runner on node0 needs."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in ("ssh", "pdsh"):
+        (bin_dir / name).write_text(REMOTE.format(python=sys.executable))
+        (bin_dir / name).chmod(0o755)
+    hosts_file = tmp_path / "hosts.json"
+
+    def write(**per_host) -> dict:
+        hosts = {f"node{n}": {"ns": two_nodes.ns[n], "env": {}} for n in (0, 1)}
+        for host, extra in per_host.items():
+            hosts.setdefault(host, {"ns": two_nodes.ns[0], "env": {}}).update(extra)
+        hosts_file.write_text(json.dumps({h: dict(v, private=str(v["private"]) if v.get("private") else None)
+                                          for h, v in hosts.items()}))
+        return {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "ZEROMEGA_TEST_HOSTS": str(hosts_file),
+                "ZEROMEGA_TEST_NODE": "node0"}
+
+    return write
+
+
+def start_deepspeed(bed: Bed, hostfile: Path, script: str, args: list[str], env: dict, port: int,
+                    private: Path | None = None, cwd: Path | None = None) -> Node:
+    """``zeromega launch --hostfile`` (the deepspeed runner, through the stand-in pdsh) on node 0."""
+    token = uuid.uuid4().hex
+    full_env = launch_env(token, {**private_env(private), **env}, drop=NODE_ENV_DROPPED)
+    cmd = on_node(bed, 0, [sys.executable, "-m", "zeromega", "launch", "--hostfile", str(hostfile), "--master_addr",
+                           bed.addr[0], "--master_port", str(port), script, *args], private)
+    proc = subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, cwd=cwd)
+    return Node(proc, token)
+
+
+@pytest.mark.slow
+def test_deepspeed_runner_across_nodes_matches_one_node(two_nodes, remote_shell, tmp_path, small_corpus):
+    """`zeromega launch --hostfile` with node0 and node1 (1 slot each): the deepspeed runner's pdsh backend starts
+    node 1's rank in the other namespace (environment not inherited: the settings ride in the rank's argv, the
+    rank finds its interface toward the master itself); the losses equal one node x 2 processes."""
+    args = GPT_ARGS + ["--data-path", small_corpus, "--train-iters", "4"]
+    one = one_node(tmp_path, args + ["--metrics-out", str(tmp_path / "one.jsonl")])
+    assert one.returncode == 0, one.stderr[-3000:]
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+    one_thread = {"env": {"OMP_NUM_THREADS": "1"}}
+    env = remote_shell(node0=one_thread, node1=one_thread)
+    started = time.monotonic()
+    node = start_deepspeed(two_nodes, hostfile, GPT, args + ["--metrics-out", str(tmp_path / "two.jsonl")], env,
+                           port(), cwd=tmp_path)
+    finish([node], started)
+    print(f"deepspeed runner, 2 nodes x 1 rank: {node.seconds:.1f} s")
+    assert node.proc.returncode == 0, node.err[-3000:] + node.out[-2000:]
+    want, got = curve(tmp_path / "one.jsonl"), curve(tmp_path / "two.jsonl")
+    assert sorted(got) == [1, 2, 3, 4] and got == want, (got, want)
+
+
+@pytest.mark.slow
+def test_deepspeed_runner_unreachable_host_is_named(two_nodes, remote_shell, tmp_path):
+    """A hostfile whose second host ssh cannot reach (the runner's own check asks only the first): one line naming
+    the host, as the runner's failure, before any rank starts (none waits for the missing one)."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+    env = remote_shell(node1={"down": True})
+    marker = tmp_path / "a-rank-started"
+    started = time.monotonic()
+    node = start_deepspeed(two_nodes, hostfile, WORKER, [], {**env, "ZEROMEGA_TEST_MARKER": str(marker)}, port())
+    finish([node], started, timeout=120)
+    print(f"unreachable host -> over in {node.seconds:.1f} s: {node.last}")
+    assert node.proc.returncode not in (0, None) and not marker.exists()
+    assert node.last.startswith("zeromega launch: the deepspeed runner cannot reach node1 over ssh (`ssh node1 "
+                                "hostname`: exit code 255: ssh: connect to host node1 port 22: No route to host): "
+                                "not a rank's failure, no rank was started"), node.err[-3000:]
+    assert survivors(node.token) == []
+
+
+@pytest.mark.slow
+def test_deepspeed_runner_blames_the_lost_node_without_a_shared_tmp(two_nodes, per_node_fs, remote_shell, tmp_path,
+                                                                    small_corpus):
+    """Per-node /tmp (TMPDIR on each node's own tmpfs): node 1's rank cannot write into the launcher's error
+    directory, so only rank 0's error (it lost its peer) reaches the launcher. Rank 1 is SIGKILLed after step 2:
+    the line leads with node 1 and rank 1, and says rank 0 stopped because of it (was: rank 0 blamed)."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+    fault = {"ZEROMEGA_TEST_KILL": "1:2", "OMP_NUM_THREADS": "1", **private_env(per_node_fs)}
+    env = remote_shell(node0={"env": fault, "private": per_node_fs}, node1={"env": fault, "private": per_node_fs})
+    args = GPT_ARGS + ["--data-path", small_corpus, "--train-iters", "200", "--distributed-timeout-minutes", "0.25"]
+    started = time.monotonic()
+    node = start_deepspeed(two_nodes, hostfile, CKPT_WORKER, args, {**env, **fault}, port(), private=per_node_fs,
+                           cwd=tmp_path)
+    finish([node], started)
+    print(f"deepspeed runner, rank 1 killed on node 1 -> over in {node.seconds:.1f} s: {node.last}")
+    assert node.proc.returncode not in (0, None)
+    lead = f"zeromega launch: lost node 1 ({two_nodes.addr[1]}) with rank 1: the connection to {two_nodes.addr[1]}"
+    assert node.last.startswith(lead), node.err[-3000:] + node.out[-3000:]
+    assert "this node's rank 0 stopped because of it" in node.last
+    assert survivors(node.token) == []

@@ -16,6 +16,7 @@ and ``loss(model, batch)`` returns the scalar loss.
 from __future__ import annotations
 
 import json
+import os
 import time
 from typing import Callable, Iterator, Optional
 
@@ -28,9 +29,15 @@ from zeromega.integrations.megatron import parallel
 from zeromega.integrations.megatron import model as gpt_model
 from zeromega.plugins.zero.report import proc_io
 
-from . import checkpointing, engines, flops, gpt, loop, schedule, tensorboard
+from . import checkpointing, engines, flops, gpt, loop, schedule, shared_fs, tensorboard
 from . import wandb as wandb_log
 from .loop import StepRecord, gpt_loss
+
+
+def _first_prefixes(source) -> list[str]:
+    """The data prefixes a GPT run reads (their directory holds Megatron's index cache by default)."""
+    blends = ([source.blend] if source.blend else []) + [b for b in (source.blend_per_split or []) if b]
+    return [str(p) for blend in blends for p in blend[0]]
 
 
 class Run:
@@ -86,8 +93,11 @@ class Run:
         own = self._model_fn is not None
         prefix = None
         if not own:
-            prefix = gpt.corpus(cfg, dist.get_rank() == 0)
+            # the project's corpus is built by each node's first rank: nodes need not share ZEROMEGA_DATA
+            prefix = gpt.corpus(cfg, int(os.environ.get("LOCAL_RANK", dist.get_rank())) == 0)
             dist.barrier()
+        shared_fs.check(cfg, [] if own or prefix.mock else _first_prefixes(prefix))
+        if not own:
             self.shape = gpt.shape(cfg, gpt.vocab_size(cfg, prefix))
         weights = checkpointing.read_weights(cfg)
         if weights is not None:
