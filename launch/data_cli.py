@@ -3,9 +3,11 @@
 ::
 
     zeromega train-tokenizer --input FILE [FILE ...] --output-dir DIR --vocab-size N [--json-keys K ...]
+        [--kind bpe|sentencepiece]
     zeromega preprocess --input FILE [FILE ...] --output-prefix P --tokenizer-type T
-        [--vocab-file V --merge-file M | --tokenizer-model DIR_OR_MODEL | --vocab-size N]
-        [--json-keys text ...] [--append-eod] [--workers N] [--log-interval N]
+        [--vocab-file V --merge-file M | --tokenizer-model DIR_OR_FILE | --vocab-size N]
+        [--tiktoken-pattern v1|v2 --tiktoken-num-special-tokens N --tokenizer-special-tokens T ...]
+        [--legacy-tokenizer] [--json-keys text ...] [--append-eod] [--workers N] [--log-interval N]
 
 ``preprocess`` takes Megatron-LM core_v0.16.1's ``tools/preprocess_data.py``
 flags and writes what it writes: ``P_<key>_document.bin/.idx`` per JSON key,
@@ -13,9 +15,12 @@ through Megatron-Core's ``IndexedDatasetBuilder``; train with
 ``--data-path P_text_document`` and the same tokenizer flags. Inputs are JSON
 lines (``.json``/``.jsonl``, also ``.gz``), or any other file as one document.
 ``train-tokenizer`` trains a GPT-2-style byte-level BPE with the ``tokenizers``
-library on local text and writes both forms a run reads: ``vocab.json`` +
-``merges.txt`` (``GPT2BPETokenizer``) and ``tokenizer.json`` +
-``tokenizer_config.json`` (``HuggingFaceTokenizer``). Nothing is downloaded.
+library on local text and writes every form a run reads: ``vocab.json`` +
+``merges.txt`` (``GPT2BPETokenizer``), ``tokenizer.json`` +
+``tokenizer_config.json`` (``HuggingFaceTokenizer``) and ``tiktoken.json``
+(``TikTokenizer``); ``--kind sentencepiece`` trains a Llama-2-style
+SentencePiece BPE instead (``tokenizer.model``: ``SentencePieceTokenizer``,
+``GPTSentencePieceTokenizer``, ``Llama2Tokenizer``). Nothing is downloaded.
 
 Registered in :mod:`zeromega.launch.cli` by listing :func:`_add_preprocess`
 and :func:`_add_train_tokenizer` in ``SUBCOMMANDS``.
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import sys
 from pathlib import Path
 
@@ -39,18 +45,37 @@ REFUSED = {
 
 def _add_tokenizer_flags(p) -> None:
     g = p.add_argument_group("tokenizer (Megatron-LM names; local files only)")
-    g.add_argument("--tokenizer-type", required=True, choices=_tokenizer_types(), help="the tokenizer")
+    g.add_argument("--tokenizer-type", required=True, metavar="TYPE", help=f"one of {', '.join(_tokenizer_types())}")
     g.add_argument("--vocab-file", metavar="FILE", help="GPT2BPETokenizer: vocab.json")
     g.add_argument("--merge-file", metavar="FILE", help="GPT2BPETokenizer: merges.txt")
     g.add_argument("--tokenizer-model", metavar="PATH", help="HuggingFaceTokenizer: a directory with "
-                   "tokenizer.json; SentencePiece: the .model file")
-    g.add_argument("--vocab-size", type=_int_at_least(1), metavar="N", help="NullTokenizer: ids 0..N-1")
+                   "tokenizer.json; SentencePiece types and Llama2Tokenizer: the .model file; TikTokenizer: the "
+                   "tiktoken .json")
+    g.add_argument("--vocab-size", type=_int_at_least(1), metavar="N", help="NullTokenizer: ids 0..N-1; "
+                   "TikTokenizer: the vocabulary, special tokens included (default 131072)")
+    g.add_argument("--tiktoken-pattern", choices=("v1", "v2"), help="TikTokenizer's split regex (default v2, as "
+                   "Megatron-Core's)")
+    g.add_argument("--tiktoken-num-special-tokens", type=_int_at_least(1), default=1000, metavar="N",
+                   help="TikTokenizer: special ids 0..N-1 before the file's ranks (default 1000)")
+    g.add_argument("--tokenizer-special-tokens", nargs="+", metavar="TOKEN", help="TikTokenizer's named special "
+                   "tokens (must hold <unk> <s> </s> <mask> <pad> <cls> <sep>)")
+    g.add_argument("--tiktoken-special-tokens", nargs="+", metavar="TOKEN", help="Megatron-LM's deprecated "
+                   "spelling of --tokenizer-special-tokens (used when that is not given)")
+    g.add_argument("--legacy-tokenizer", action="store_true", help="Llama2Tokenizer: Megatron-LM's legacy "
+                   "tokenizer, which puts the BOS before each document")
 
 
 def _tokenizer_types() -> tuple[str, ...]:
     from zeromega.integrations.megatron.data import TOKENIZER_TYPES
 
     return TOKENIZER_TYPES
+
+
+FLAG_OF = {"data.vocab_file": "--vocab-file", "data.merge_file": "--merge-file",
+           "data.tokenizer_model": "--tokenizer-model", "model.vocab_size": "--vocab-size",
+           "data.tokenizer_type": "--tokenizer-type", "data.tiktoken_pattern": "--tiktoken-pattern",
+           "data.tiktoken_num_special_tokens": "--tiktoken-num-special-tokens",
+           "data.tokenizer_special_tokens": "--tokenizer-special-tokens", "data.legacy_tokenizer": "--legacy-tokenizer"}
 
 
 def _add_preprocess(subparsers) -> None:
@@ -83,14 +108,19 @@ def _add_preprocess(subparsers) -> None:
 def _make_tokenizer(args: argparse.Namespace):
     from zeromega.integrations.megatron import data
 
+    if args.tokenizer_type not in _tokenizer_types() and args.tokenizer_type not in data.NOT_BUILT:
+        raise UsageError(f"--tokenizer-type {args.tokenizer_type} is not a Megatron-LM tokenizer type",
+                         f"pass one of {', '.join(_tokenizer_types())}")
     make = functools.partial(data.build_tokenizer, args.tokenizer_type, vocab_file=args.vocab_file,
                              merge_file=args.merge_file, tokenizer_model=args.tokenizer_model,
-                             vocab_size=args.vocab_size)
+                             vocab_size=args.vocab_size, tiktoken_pattern=args.tiktoken_pattern,
+                             tiktoken_num_special_tokens=args.tiktoken_num_special_tokens,
+                             special_tokens=args.tokenizer_special_tokens or args.tiktoken_special_tokens,
+                             legacy=args.legacy_tokenizer)
     try:
         make()
     except data.DataError as err:
-        flag = {"data.vocab_file": "--vocab-file", "data.merge_file": "--merge-file",
-                "data.tokenizer_model": "--tokenizer-model", "model.vocab_size": "--vocab-size"}.get(err.field)
+        flag = FLAG_OF.get(err.field)
         raise UsageError(err.problem if flag is None or flag in err.problem else f"{flag}: {err.problem}",
                          err.fix) from None
     return make
@@ -129,16 +159,22 @@ def _preprocess(args: argparse.Namespace) -> int:
 
 def _add_train_tokenizer(subparsers) -> None:
     p = subparsers.add_parser(
-        "train-tokenizer", allow_abbrev=False, help="train a GPT-2-style BPE tokenizer on local text",
+        "train-tokenizer", allow_abbrev=False, help="train a BPE tokenizer (GPT-2's or SentencePiece) on local text",
         description="Train a byte-level BPE (GPT-2's kind) with the tokenizers library on local files; writes "
-                    "vocab.json + merges.txt and tokenizer.json + tokenizer_config.json to DIR.",
-        epilog="Use DIR/vocab.json and DIR/merges.txt with --tokenizer-type GPT2BPETokenizer, or DIR with "
-               "--tokenizer-type HuggingFaceTokenizer --tokenizer-model DIR.")
+                    "vocab.json + merges.txt, tokenizer.json + tokenizer_config.json and tiktoken.json to DIR. "
+                    "--kind sentencepiece trains a Llama-2-style SentencePiece BPE (DIR/tokenizer.model) instead.",
+        epilog="Use DIR/vocab.json and DIR/merges.txt with --tokenizer-type GPT2BPETokenizer, DIR with "
+               "--tokenizer-type HuggingFaceTokenizer --tokenizer-model DIR, DIR/tiktoken.json with --tokenizer-type "
+               "TikTokenizer (and --vocab-size its ranks + --tiktoken-num-special-tokens), DIR/tokenizer.model with "
+               "--tokenizer-type SentencePieceTokenizer, GPTSentencePieceTokenizer or Llama2Tokenizer.")
     p.add_argument("--input", nargs="+", required=True, metavar="FILE", help="JSON lines or plain text files")
     p.add_argument("--json-keys", nargs="+", default=["text"], metavar="KEY", help="keys read from JSON lines")
     p.add_argument("--output-dir", required=True, metavar="DIR", help="where the tokenizer files go")
+    p.add_argument("--kind", choices=("bpe", "sentencepiece"), default="bpe", help="bpe (default): GPT-2's "
+                   "byte-level BPE; sentencepiece: a SentencePiece BPE with <unk> <s> </s> and byte fallback")
     p.add_argument("--vocab-size", type=_int_at_least(258), required=True, metavar="N",
-                   help="vocabulary size: the 256 bytes, <|endoftext|> and the merges")
+                   help="vocabulary size: bpe: the 256 bytes, <|endoftext|> and the merges; sentencepiece: "
+                        "<unk> <s> </s>, the 256 byte pieces and the learned ones (at least 300 or so)")
     p.add_argument("--min-frequency", type=_int_at_least(1), default=2, metavar="N",
                    help="a pair is merged when seen at least N times (default 2)")
     p.set_defaults(handler=_train_tokenizer, prog=p.prog)
@@ -154,10 +190,21 @@ def _train_tokenizer(args: argparse.Namespace) -> int:
             for doc in data.read_documents(path, args.json_keys):
                 yield from (text for text in doc.values() if text)
 
+    if args.kind == "sentencepiece":
+        try:
+            model = data.train_sentencepiece(texts(), args.output_dir, args.vocab_size)
+        except ValueError as err:
+            raise UsageError(str(err), "fix the input files, --json-keys or --vocab-size") from None
+        size = data.build_tokenizer("Llama2Tokenizer", tokenizer_model=str(model)).vocab_size
+        print(f"{model} ({size} pieces): --tokenizer-type SentencePieceTokenizer, GPTSentencePieceTokenizer or "
+              f"Llama2Tokenizer --tokenizer-model {model}")
+        return 0
     try:
         out = data.train_tokenizer(texts(), args.output_dir, args.vocab_size, min_frequency=args.min_frequency)
     except ValueError as err:
         raise UsageError(str(err), "fix the input file or --json-keys") from None
     size = data.build_tokenizer("HuggingFaceTokenizer", tokenizer_model=str(out)).vocab_size
-    print(f"{out}: vocab.json, merges.txt, tokenizer.json, tokenizer_config.json ({size} tokens)")
+    ranks = len(json.loads((out / "tiktoken.json").read_text()))
+    print(f"{out}: vocab.json, merges.txt, tokenizer.json, tokenizer_config.json ({size} tokens); tiktoken.json "
+          f"({ranks} ranks: TikTokenizer with --vocab-size {ranks} + --tiktoken-num-special-tokens)")
     return 0

@@ -98,6 +98,8 @@ FLAGS: dict[str, tuple[str, Any]] = {
     "--vocab-file": ("data.vocab_file", str),
     "--merge-file": ("data.merge_file", str),
     "--tokenizer-model": ("data.tokenizer_model", str),
+    "--tiktoken-pattern": ("data.tiktoken_pattern", str),
+    "--tiktoken-num-special-tokens": ("data.tiktoken_num_special_tokens", int),
     "--seed": ("seed", int),
     "--exit-interval": ("checkpoint.exit_interval", int),
     "--exit-signal-handler": ("checkpoint.exit_signal_handler", SWITCH),
@@ -239,6 +241,8 @@ SPECIAL: dict[str, tuple[Any, Any]] = {
     "--rampup-batch-size": (int, "+"),
     "--profile-ranks": (int, "+"),
     "--optimizer": (str, 1),
+    "--tokenizer-special-tokens": (str, "+"),
+    "--tiktoken-special-tokens": (str, "+"),
 }
 CP_COMM_TYPES = {"p2p": "ring", "a2a": "ulysses", "a2a+p2p": "usp"}
 # --normalization: Megatron-LM's spellings, and Megatron-DeepSpeed's lowercase ones.
@@ -378,6 +382,10 @@ def parse(argv: list[str]) -> MegatronArgs:
         raise ConfigError("--optimizer", known["--optimizer"][0], "zeromega trains with Adam with decoupled weight "
                           "decay (Megatron's 'adam'; DeepSpeed's optimizer block may name another)",
                           "pass --optimizer adam, or an optimizer block in the DeepSpeed JSON")
+    special = known.get("--tokenizer-special-tokens", known.get("--tiktoken-special-tokens"))
+    if special:  # Megatron-LM's validate_args: the tiktoken spelling is the deprecated one, used when alone
+        put("--tokenizer-special-tokens", "data.tokenizer_special_tokens",
+            [_convert("--tokenizer-special-tokens", str, token) for token in special])
     if "--profile-ranks" in known:
         put("--profile-ranks", "logging.profile_ranks",
             [_convert("--profile-ranks", int, v) for v in known["--profile-ranks"]])
@@ -816,6 +824,8 @@ def write_argv(cfg: RunConfig, target: str = "megatron", layout=None,
             emit(f"--{split}-data-path", list(getattr(cfg.data, f"{split}_path")))
     if cfg.batch.rampup:
         emit("--rampup-batch-size", list(cfg.batch.rampup))
+    if cfg.data.tokenizer_special_tokens:
+        emit("--tokenizer-special-tokens", list(cfg.data.tokenizer_special_tokens))
     s = cfg.sequence
     if deepspeed and s.mode == "ulysses" and cfg.parallel.cp > 1:
         emit("--ds-sequence-parallel-size", cfg.parallel.cp)

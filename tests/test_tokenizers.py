@@ -55,8 +55,8 @@ def _gpt2(tok: Path) -> list[str]:
 
 def test_a_trained_bpe_reads_back_in_both_forms(bpe):
     tok, _, docs = bpe
-    assert sorted(p.name for p in tok.iterdir()) == ["merges.txt", "tokenizer.json", "tokenizer_config.json",
-                                                      "vocab.json"]
+    assert sorted(p.name for p in tok.iterdir()) == ["merges.txt", "tiktoken.json", "tokenizer.json",
+                                                      "tokenizer_config.json", "vocab.json"]
     gpt2 = D.build_tokenizer("GPT2BPETokenizer", vocab_file=str(tok / "vocab.json"), merge_file=str(tok / "merges.txt"))
     hf = D.build_tokenizer("HuggingFaceTokenizer", tokenizer_model=str(tok))
     assert gpt2.vocab_size == hf.vocab_size == VOCAB
@@ -172,3 +172,143 @@ def test_sentencepiece_model_through_megatron_core(tmp_path):
         text = _texts(12)[11][:500]
         assert tok.tokenize(text) == reference.encode(text)
         assert (tok.vocab_size, tok.eod) == (300, reference.eos_id())
+
+
+# Llama2Tokenizer and TikTokenizer (Megatron-Core's sentencepiece and tiktoken libraries, as Megatron-LM 0.16.1's
+# non-legacy build_tokenizer calls them), from files zeromega train-tokenizer writes.
+SPECIALS = 10  # --tiktoken-num-special-tokens: ids 0..9, the tiktoken.json ranks from 10 on
+
+
+@pytest.fixture(scope="module")
+def spm(bpe, tmp_path_factory):
+    """A SentencePiece BPE trained by ``train-tokenizer --kind sentencepiece`` and the corpus preprocessed with
+    Llama2Tokenizer, without and with --legacy-tokenizer (Megatron-LM's legacy one puts the BOS first)."""
+    root = tmp_path_factory.mktemp("spm")
+    corpus = bpe[1].parent / "corpus.jsonl"
+    assert cli.main(["train-tokenizer", "--kind", "sentencepiece", "--input", str(corpus), "--output-dir",
+                     str(root / "tok"), "--vocab-size", str(VOCAB)]) == 0
+    model = root / "tok" / "tokenizer.model"
+    for name, extra in (("core", []), ("legacy", ["--legacy-tokenizer"])):
+        assert cli.main(["preprocess", "--input", str(corpus), "--output-prefix", str(root / name), "--tokenizer-type",
+                         "Llama2Tokenizer", "--tokenizer-model", str(model), "--append-eod", *extra]) == 0
+    return model, root / "core_text_document", root / "legacy_text_document"
+
+
+def _tiktoken_flags(tok: Path, pattern: str = "v2") -> list[str]:
+    ranks = len(json.loads((tok / "tiktoken.json").read_text()))
+    return ["--tokenizer-type", "TikTokenizer", "--tokenizer-model", str(tok / "tiktoken.json"), "--tiktoken-pattern",
+            pattern, "--tiktoken-num-special-tokens", str(SPECIALS), "--vocab-size", str(ranks + SPECIALS)]
+
+
+def test_llama2_tokenizer_is_sentencepiece_with_its_bos_and_eos(bpe, spm):
+    import sentencepiece
+
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    model, core, legacy = spm
+    _, _, docs = bpe
+    reference = sentencepiece.SentencePieceProcessor(model_file=str(model))
+    tok = D.build_tokenizer("Llama2Tokenizer", tokenizer_model=str(model))
+    # Megatron's sizes and special ids: the model's pieces, <s> 1, </s> 2 (the EOD), no pad
+    assert (tok.vocab_size, tok.bos, tok.eod) == (reference.get_piece_size(), reference.bos_id(), reference.eos_id())
+    assert (tok.vocab_size, tok.bos, tok.eod) == (VOCAB, 1, 2)
+    text = docs[5][:800] + " héllo → wörld"
+    ids = tok.tokenize(text)
+    assert ids == reference.encode(text) and tok.detokenize(ids) == reference.decode(ids) == text
+    # preprocess: Megatron-LM 0.16.1's default tokenizer adds no BOS, its legacy one does; --append-eod adds </s>
+    core_docs, legacy_docs = IndexedDataset(str(core)), IndexedDataset(str(legacy))  # kept: rows view their maps
+    for i in (0, 9):
+        assert core_docs[i].tolist() == reference.encode(docs[i]) + [2]
+        assert legacy_docs[i].tolist() == [1] + reference.encode(docs[i]) + [2]
+
+
+def test_tiktokenizer_is_megatron_cores_over_a_local_json(bpe, tmp_path):
+    """TikTokenizer ids against the tiktoken library itself: the file's ranks shifted past the special ids."""
+    import base64
+
+    import tiktoken
+    from megatron.core.tokenizers.text.libraries import tiktoken_tokenizer as megatron_tiktoken
+
+    tok_dir, _, docs = bpe
+    entries = json.loads((tok_dir / "tiktoken.json").read_text())
+    ranks = {base64.b64decode(e["token_bytes"]): e["rank"] + SPECIALS for e in entries}
+    text = docs[4][:1500] + "\n# héllo → wörld 🐍 </s>"
+    corpus = tmp_path / "one.jsonl"
+    corpus.write_text(json.dumps({"text": text}) + "\n")
+    for pattern, regex in (("v1", megatron_tiktoken._PATTERN_TIKTOKEN_V1),
+                           ("v2", megatron_tiktoken._PATTERN_TIKTOKEN_V2)):
+        flags = _tiktoken_flags(tok_dir, pattern)
+        tok = D.build_tokenizer("TikTokenizer", tokenizer_model=flags[3], tiktoken_pattern=pattern,
+                                vocab_size=int(flags[-1]), tiktoken_num_special_tokens=SPECIALS)
+        specials = {t: i for i, t in enumerate(list(D.TIKTOKEN_SPECIAL) + [f"<SPECIAL_{i}>" for i in range(7, 10)])}
+        reference = tiktoken.Encoding("ref", pat_str=regex, mergeable_ranks=ranks, special_tokens=specials)
+        ids = tok.tokenize(text)
+        assert ids == reference.encode(text, allowed_special="all") and ids[-1] == 2  # "</s>" is the special id
+        assert (tok.vocab_size, tok.bos, tok.eod, tok.pad) == (len(entries) + SPECIALS, 1, 2, 4)
+        ascii_ids = tok.tokenize(docs[4][:1500])
+        assert tok.detokenize(ascii_ids) == reference.decode(ascii_ids) == docs[4][:1500]
+        # preprocess with the same flags writes those ids, then the EOD
+        assert cli.main(["preprocess", "--input", str(corpus), "--output-prefix", str(tmp_path / pattern),
+                         *flags, "--append-eod"]) == 0
+        written = np.fromfile(tmp_path / f"{pattern}_text_document.bin", dtype=np.uint16)
+        assert written.tolist() == ids + [2]
+    assert D.build_tokenizer("TikTokenizer", tokenizer_model=flags[3], tiktoken_pattern="v1", vocab_size=300,
+                             tiktoken_num_special_tokens=SPECIALS).tokenize(" the") == [ranks[b" the"]]  # cut at 300
+
+
+def test_llama2_and_tiktoken_data_train(bpe, spm):
+    """Both vocabularies (400 and 399 ranks + 10 special ids) pad to 512: a random model's first loss is ln 512."""
+    tok, _, _ = bpe
+    model, core, _ = spm
+    assert cli.main(["preprocess", "--input", str(bpe[1].parent / "corpus.jsonl"), "--output-prefix",
+                     str(core.parent / "tik"), *_tiktoken_flags(tok), "--append-eod"]) == 0
+    runs = {"llama2": [*TINY, "--data-path", str(core), "--tokenizer-type", "Llama2Tokenizer", "--tokenizer-model",
+                       str(model)],
+            "tiktoken": [*TINY, "--data-path", str(core.parent / "tik_text_document"), *_tiktoken_flags(tok)]}
+    for name, argv in runs.items():
+        (result,) = run_world(1, run_logging, argv)
+        assert result["vocab"] == (VOCAB if name == "llama2" else VOCAB - 1 + SPECIALS), name
+        losses = [r["loss"] for r in result["records"]]
+        assert abs(losses[0] - math.log(512)) < 0.1 and all(math.isfinite(x) for x in losses), (name, losses)
+
+
+def test_llama2_and_tiktoken_refusals_are_one_line(bpe, spm, tmp_path):
+    from zeromega.config import ConfigError
+    from zeromega.launch import translate
+    from zeromega.run import gpt
+
+    tok, _, _ = bpe
+    model = str(spm[0])
+    tik = _tiktoken_flags(tok)
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text(json.dumps([{"rank": 0, "token_bytes": "AA==", "token_str": ""}, {"rank": 5}]))
+    cases = {  # flags -> (field, words), checked from the flags before any rank starts
+        ("--tokenizer-type", "TikTokenizer", "--tokenizer-model", tik[3]): ("data.tiktoken_pattern",
+                                                                           "needs --tiktoken-pattern"),
+        tuple(tik[:-2]): ("model.vocab_size", f"needs 131062 ranks, and {tik[3]} holds 399; fix: pass --vocab-size 409"),
+        (*tik, "--tokenizer-special-tokens", "<unk>", "<s>", "</s>"): ("data.tokenizer_special_tokens",
+                                                                      "must be unique and hold"),
+        (*tik[:3], str(bad_json), *tik[4:]): ("data.tokenizer_model", "entry 1 needs exactly"),
+        (*tik[:3], model, *tik[4:]): ("data.tokenizer_model", "reads a .json vocabulary"),
+        ("--tokenizer-type", "Llama2Tokenizer", "--tokenizer-model", tik[3]): ("data.tokenizer_model",
+                                                                              "is not a SentencePiece model"),
+        ("--tokenizer-type", "Llama2Tokenizer", "--tokenizer-model", model, "--tokenizer-special-tokens", "<x>"):
+            ("data.tokenizer_special_tokens", "read for TikTokenizer only"),
+        ("--tokenizer-type", "Llama2Tokenizer"): ("data.tokenizer_model", "needs --tokenizer-model"),
+        ("--tokenizer-type", "TikTokenizer", "--tokenizer-model", tik[3], "--tiktoken-pattern", "v3"):
+            ("--tiktoken-pattern", "'v1' or 'v2'"),
+        ("--tokenizer-type", "BertWordPieceCase", "--vocab-file", "vocab.txt"): ("--tokenizer-type",
+                                                                                 "'Llama2Tokenizer' or 'TikTokenizer'"),
+    }
+    for flags, (field, words) in cases.items():
+        with pytest.raises(ConfigError) as err:
+            gpt.tokenizer(translate.build(None, megatron_argv=[*TINY, *flags]))
+        assert err.value.field == field and words in str(err.value) and "\n" not in str(err.value), str(err.value)
+    # Megatron-LM's deprecated --tiktoken-special-tokens is read when --tokenizer-special-tokens is not given
+    cfg = translate.build(None, megatron_argv=[*TINY, *tik, "--tiktoken-special-tokens", *D.TIKTOKEN_SPECIAL, "<x>"])
+    assert cfg.data.tokenizer_special_tokens[-1] == "<x>" and gpt.tokenizer(cfg).tokenize("<x>") == [7]
+    corpus = str(bpe[1].parent / "corpus.jsonl")
+    for flags in (["--tokenizer-type", "BertWordPieceLowerCase", "--vocab-file", "v.txt"],
+                  ["--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", model, "--legacy-tokenizer"],
+                  ["--tokenizer-type", "MultimodalTokenizer"]):
+        assert cli.main(["preprocess", "--input", corpus, "--output-prefix", str(tmp_path / "x"), *flags]) == 2

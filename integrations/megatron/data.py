@@ -146,9 +146,26 @@ def build_corpus(prefix: str | Path | None = None, max_bytes: int = DEFAULT_MAX_
 
 
 TOKENIZER_TYPES = ("NullTokenizer", "GPT2BPETokenizer", "HuggingFaceTokenizer", "SentencePieceTokenizer",
-                   "GPTSentencePieceTokenizer")
+                   "GPTSentencePieceTokenizer", "Llama2Tokenizer", "TikTokenizer")
 """Megatron-LM's ``--tokenizer-type`` choices zeromega builds (core_v0.16.1 names), each from local files."""
+NOT_BUILT = {
+    "BertWordPieceLowerCase": "Megatron-LM 0.16.1 sizes the model with its legacy BERT tokenizer ([BOS], [EOS] "
+                              "added) and tokenizes data with Megatron-Core's, through transformers: no one "
+                              "vocabulary to match",
+    "BertWordPieceCase": "Megatron-LM 0.16.1 sizes the model with its legacy BERT tokenizer ([BOS], [EOS] added) "
+                         "and tokenizes data with Megatron-Core's, through transformers (100 <extra_id_i> added): "
+                         "no one vocabulary to match",
+    "MultimodalTokenizer": "multimodal prompt formats need transformers' AutoTokenizer and an image model",
+    "NullMultimodalTokenizer": "multimodal runs are not built",
+    "SFTTokenizer": "supervised fine-tuning prompt formats are not built",
+}
+"""The other core_v0.16.1 ``--tokenizer-type`` choices, refused with the reason."""
 GPT2_EOD = "<|endoftext|>"
+TIKTOKEN_PATTERNS = ("v1", "v2")
+TIKTOKEN_SPECIAL = ("<unk>", "<s>", "</s>", "<mask>", "<pad>", "<cls>", "<sep>")
+"""The special tokens Megatron-Core's tiktoken wrapper requires (ids 0.. in this order by default)."""
+TIKTOKEN_DEFAULT_VOCAB = 2**17
+"""Megatron's vocabulary for ``TikTokenizer`` without ``--vocab-size`` (special tokens included)."""
 
 
 class DataError(ValueError):
@@ -239,18 +256,33 @@ def _hf_eos(directory: Path) -> str:
 
 def build_tokenizer(tokenizer_type: Optional[str] = None, *, vocab_file: Optional[str] = None,
                     merge_file: Optional[str] = None, tokenizer_model: Optional[str] = None,
-                    vocab_size: Optional[int] = None) -> MegatronTokenizerBase:
+                    vocab_size: Optional[int] = None, tiktoken_pattern: Optional[str] = None,
+                    tiktoken_num_special_tokens: int = 1000, special_tokens: Optional[Sequence[str]] = None,
+                    legacy: bool = False) -> MegatronTokenizerBase:
     """The tokenizer Megatron-LM core_v0.16.1's ``--tokenizer-type`` names, from local files only.
 
     None is zeromega's byte tokenizer (the project's corpus). ``NullTokenizer`` (ids are the text's integers;
-    ``vocab_size`` + 1 with the EOD) and the SentencePiece types are Megatron-Core's own
-    (``MegatronTokenizer.from_pretrained`` with its ``null`` / ``sentencepiece`` libraries, as Megatron-LM's
-    ``build_tokenizer`` calls it). ``GPT2BPETokenizer`` (``vocab_file`` + ``merge_file``, EOD
-    ``<|endoftext|>``) and ``HuggingFaceTokenizer`` (a directory with ``tokenizer.json``; EOD its config's
-    ``eos_token``) are :class:`RustTokenizer`. Bad input raises :class:`DataError`.
+    ``vocab_size`` + 1 with the EOD), the SentencePiece types (``Llama2Tokenizer`` among them) and
+    ``TikTokenizer`` are Megatron-Core's own (``MegatronTokenizer.from_pretrained`` with its ``null`` /
+    ``sentencepiece`` / ``tiktoken`` libraries, as Megatron-LM's non-legacy ``build_tokenizer`` calls it).
+    ``GPT2BPETokenizer`` (``vocab_file`` + ``merge_file``, EOD ``<|endoftext|>``) and ``HuggingFaceTokenizer``
+    (a directory with ``tokenizer.json``; EOD its config's ``eos_token``) are :class:`RustTokenizer`.
+    ``legacy`` is ``--legacy-tokenizer``, read for ``Llama2Tokenizer`` only: its legacy ``tokenize`` puts the
+    BOS first. Bad input raises :class:`DataError`.
     """
     if tokenizer_type is None:
         return ByteTokenizer()
+    if tokenizer_type in NOT_BUILT:
+        raise DataError("data.tokenizer_type", tokenizer_type, f"--tokenizer-type {tokenizer_type} is not built "
+                        f"({NOT_BUILT[tokenizer_type]})",
+                        f"pass one of {', '.join(TOKENIZER_TYPES)}")
+    if legacy and tokenizer_type != "Llama2Tokenizer":
+        raise DataError("data.legacy_tokenizer", True, f"--legacy-tokenizer with --tokenizer-type {tokenizer_type}: "
+                        "zeromega reads it for Llama2Tokenizer only (its BOS first)", "drop --legacy-tokenizer")
+    if special_tokens and tokenizer_type != "TikTokenizer":
+        raise DataError("data.tokenizer_special_tokens", " ".join(special_tokens), "--tokenizer-special-tokens is "
+                        f"read for TikTokenizer only, not {tokenizer_type} (Megatron-Core's SentencePiece wrapper "
+                        "refuses them without its legacy mode)", "drop --tokenizer-special-tokens")
     from megatron.core.tokenizers import MegatronTokenizer
 
     if tokenizer_type == "NullTokenizer":
@@ -258,11 +290,23 @@ def build_tokenizer(tokenizer_type: Optional[str] = None, *, vocab_file: Optiona
             raise DataError("model.vocab_size", None, "--tokenizer-type NullTokenizer needs --vocab-size",
                                  "pass --vocab-size N (ids 0..N-1; the EOD is N)")
         return MegatronTokenizer.from_pretrained(metadata_path={"library": "null"}, vocab_size=vocab_size)
-    if tokenizer_type in ("SentencePieceTokenizer", "GPTSentencePieceTokenizer"):
+    if tokenizer_type in ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer"):
         model = _need_file("data.tokenizer_model", "--tokenizer-model", tokenizer_model, tokenizer_type,
-                           "PATH.model (a SentencePiece model file)")
-        return MegatronTokenizer.from_pretrained(tokenizer_path=model, metadata_path={"library": "sentencepiece"},
-                                                 legacy=False, special_tokens=None)
+                           "PATH.model (a SentencePiece model file; zeromega train-tokenizer --kind sentencepiece "
+                           "writes one)")
+        try:
+            tokenizer = MegatronTokenizer.from_pretrained(tokenizer_path=model,
+                                                          metadata_path={"library": "sentencepiece"},
+                                                          legacy=False, special_tokens=None)
+        except Exception as err:  # sentencepiece's parse errors
+            raise DataError("data.tokenizer_model", model, f"{model} is not a SentencePiece model "
+                            f"({str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__})",
+                            "pass a .model file written by sentencepiece") from None
+        return BosFirst(tokenizer) if legacy else tokenizer
+    if tokenizer_type == "TikTokenizer":
+        path = _need_file("data.tokenizer_model", "--tokenizer-model", tokenizer_model, tokenizer_type,
+                          "FILE.json (a tiktoken-format vocabulary; zeromega train-tokenizer writes tiktoken.json)")
+        return _tiktoken(path, tiktoken_pattern or "v2", vocab_size, tiktoken_num_special_tokens, special_tokens)
     if tokenizer_type == "GPT2BPETokenizer":
         from tokenizers.implementations import ByteLevelBPETokenizer
 
@@ -291,11 +335,85 @@ def build_tokenizer(tokenizer_type: Optional[str] = None, *, vocab_file: Optiona
                          f"pass one of {', '.join(TOKENIZER_TYPES)} (or none: zeromega's byte tokenizer)")
 
 
+class BosFirst:
+    """``Llama2Tokenizer`` under ``--legacy-tokenizer``: Megatron-LM's legacy ``_Llama2Tokenizer.tokenize`` puts
+    the BOS before every text (its default ``bos=True, eos=False``); everything else is the wrapped tokenizer's."""
+
+    def __init__(self, tokenizer) -> None:
+        self._wrapped = tokenizer
+
+    def tokenize(self, text: str) -> list[int]:
+        return [self._wrapped.bos, *self._wrapped.tokenize(text)]
+
+    def __getattr__(self, name):
+        return getattr(self._wrapped, name)
+
+
+def _tiktoken(path: str, pattern: str, vocab_size: Optional[int], num_special: int,
+              special_tokens: Optional[Sequence[str]]):
+    """Megatron-Core's ``TikTokenizer`` over a local vocabulary, its assertions turned into one-line refusals.
+
+    The file is Megatron's tiktoken JSON: a list of ``{"rank", "token_bytes" (base64), "token_str"}``, rank i
+    at position i, the 256 single bytes first. Ids 0..``num_special``-1 are the special tokens (``<unk>``,
+    ``<s>``, ``</s>``, ... then ``<SPECIAL_i>`` fillers), the file's ranks follow; the vocabulary is
+    ``vocab_size`` (Megatron: ``--vocab-size``, else 131072), and the file must hold at least ``vocab_size -
+    num_special`` ranks (the rest are cut)."""
+    import base64
+    import binascii
+
+    if pattern not in TIKTOKEN_PATTERNS:
+        raise DataError("data.tiktoken_pattern", pattern, "is not a tiktoken pattern Megatron-LM knows",
+                        "pass --tiktoken-pattern v1 or v2")
+    if not path.endswith(".json"):
+        raise DataError("data.tokenizer_model", path, "TikTokenizer reads a .json vocabulary (Megatron-Core asserts "
+                        "the suffix)", "pass Megatron's tiktoken JSON (zeromega train-tokenizer writes tiktoken.json)")
+    try:
+        ranks = json.loads(Path(path).read_text(encoding="utf-8"))
+        assert isinstance(ranks, list)
+        for i, entry in enumerate(ranks):
+            assert isinstance(entry, dict) and set(entry) == {"rank", "token_bytes", "token_str"}, \
+                f"entry {i} needs exactly rank, token_bytes, token_str"
+            assert entry["rank"] == i, f"entry {i} has rank {entry['rank']}"
+            token = base64.b64decode(entry["token_bytes"], validate=True)
+            assert i >= 256 or token == bytes([i]), f"entry {i} is not the byte {i}"
+    except (OSError, ValueError, AssertionError, binascii.Error, TypeError) as err:
+        raise DataError("data.tokenizer_model", path, f"{path} is not a tiktoken vocabulary of Megatron's form "
+                        f"({err or 'not a JSON list'})", "pass a list of {rank, token_bytes, token_str} (zeromega "
+                        "train-tokenizer writes one)") from None
+    specials = list(special_tokens) if special_tokens else list(TIKTOKEN_SPECIAL)
+    missing = [t for t in TIKTOKEN_SPECIAL if t not in specials]
+    if missing or len(set(specials)) != len(specials):
+        raise DataError("data.tokenizer_special_tokens", " ".join(specials), "must be unique and hold "
+                        f"{' '.join(TIKTOKEN_SPECIAL)} (Megatron-Core's tiktoken wrapper asserts it)",
+                        f"add {' '.join(missing) or 'each token once'}")
+    vocab = vocab_size or TIKTOKEN_DEFAULT_VOCAB
+    if not len(specials) <= num_special < vocab:
+        raise DataError("data.tiktoken_num_special_tokens", num_special, f"must be at least the {len(specials)} "
+                        f"special tokens and below the vocabulary of {vocab}", f"pass --tiktoken-num-special-tokens "
+                        f"between {len(specials)} and {vocab - 1}")
+    if len(ranks) < vocab - num_special:
+        raise DataError("model.vocab_size", vocab_size, f"a TikTokenizer vocabulary of {vocab} with {num_special} "
+                        f"special tokens needs {vocab - num_special} ranks, and {path} holds {len(ranks)}",
+                        f"pass --vocab-size {len(ranks) + num_special} (the file's ranks plus "
+                        "--tiktoken-num-special-tokens)")
+    try:
+        import tiktoken  # noqa: F401  (Megatron-Core imports it quietly and fails later without it)
+    except ImportError:
+        raise DataError("data.tokenizer_type", "TikTokenizer", "needs the tiktoken package",
+                        "pip install tiktoken (zeromega's install_requires has it)") from None
+    from megatron.core.tokenizers import MegatronTokenizer
+
+    return MegatronTokenizer.from_pretrained(tokenizer_path=path, metadata_path={"library": "tiktoken"},
+                                             pattern=pattern, vocab_size=vocab, num_special_tokens=num_special,
+                                             special_tokens=specials if special_tokens else None)
+
+
 def train_tokenizer(texts, output_dir: str | Path, vocab_size: int, min_frequency: int = 2) -> Path:
     """Train a GPT-2-style byte-level BPE on ``texts`` (an iterable of documents) with the ``tokenizers``
-    library; writes ``vocab.json`` + ``merges.txt`` (``--tokenizer-type GPT2BPETokenizer``) and
-    ``tokenizer.json`` + ``tokenizer_config.json`` (``--tokenizer-type HuggingFaceTokenizer``) to
-    ``output_dir``. ``<|endoftext|>`` is the EOD (id 0)."""
+    library; writes ``vocab.json`` + ``merges.txt`` (``--tokenizer-type GPT2BPETokenizer``),
+    ``tokenizer.json`` + ``tokenizer_config.json`` (``--tokenizer-type HuggingFaceTokenizer``) and the same
+    merges as Megatron's tiktoken JSON, ``tiktoken.json`` (``--tokenizer-type TikTokenizer``; see
+    :func:`write_tiktoken`) to ``output_dir``. ``<|endoftext|>`` is the EOD (id 0)."""
     from tokenizers.implementations import ByteLevelBPETokenizer
 
     out = Path(output_dir)
@@ -308,7 +426,63 @@ def train_tokenizer(texts, output_dir: str | Path, vocab_size: int, min_frequenc
     (out / "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": GPT2_EOD, "eos_token": GPT2_EOD,
          "unk_token": GPT2_EOD, "model_max_length": 1 << 30}, indent=1))
+    write_tiktoken(json.loads(tokenizer._tokenizer.to_str())["model"]["merges"], out / "tiktoken.json")
     return out
+
+
+def _gpt2_byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet back to bytes: printable Latin-1 bytes stand for themselves, the other 68
+    bytes, in byte order, for the characters from U+0100 on."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+                 *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    decoder = {chr(b): b for b in printable}
+    others = [b for b in range(256) if b not in decoder.values()]
+    decoder.update({chr(256 + n): b for n, b in enumerate(others)})
+    return decoder
+
+
+def write_tiktoken(merges, path: str | Path) -> Path:
+    """Megatron's tiktoken JSON for a byte-level BPE's ``merges`` (pairs, or ``"a b"`` strings, in GPT-2's
+    byte alphabet): the 256 bytes are ranks 0..255, each merge's token the next rank in merge order (tiktoken
+    merges by lowest rank), a token made twice keeping its first rank."""
+    import base64
+
+    decode = _gpt2_byte_decoder()
+    tokens = [bytes([b]) for b in range(256)]
+    seen = set(tokens)
+    for merge in merges:
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        token = bytes(decode[c] for c in left + right)
+        if token not in seen:
+            seen.add(token)
+            tokens.append(token)
+    entries = [{"rank": i, "token_bytes": base64.b64encode(t).decode("ascii"),
+                "token_str": t.decode("utf-8", errors="replace")} for i, t in enumerate(tokens)]
+    Path(path).write_text(json.dumps(entries))
+    return Path(path)
+
+
+def train_sentencepiece(texts, output_dir: str | Path, vocab_size: int) -> Path:
+    """Train a Llama-2-style SentencePiece BPE (``<unk>`` 0, ``<s>`` 1, ``</s>`` 2, no pad, unknown characters
+    as bytes, text kept as written: no normalization, spaces not collapsed, digits split) on ``texts`` with
+    the ``sentencepiece`` library, so decoding gives the text back; writes ``tokenizer.model`` (for
+    ``SentencePieceTokenizer``, ``GPTSentencePieceTokenizer`` and ``Llama2Tokenizer``). Documents are fed line
+    by line (SentencePiece skips sentences over 4,192 bytes). A ``ValueError`` names what the trainer refused."""
+    import sentencepiece as spm
+
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = (line for text in texts for line in text.splitlines() if line.strip())
+    try:
+        spm.SentencePieceTrainer.train(sentence_iterator=lines, model_prefix=str(out / "tokenizer"),
+                                       vocab_size=vocab_size, model_type="bpe", byte_fallback=True,
+                                       character_coverage=1.0, normalization_rule_name="identity",
+                                       remove_extra_whitespaces=False, split_digits=True,
+                                       allow_whitespace_only_pieces=True, minloglevel=2)
+    except RuntimeError as err:
+        raise ValueError(f"sentencepiece: {str(err).strip().splitlines()[-1]}") from None
+    (out / "tokenizer.vocab").unlink(missing_ok=True)
+    return out / "tokenizer.model"
 
 
 def read_documents(path: str | Path, json_keys: Sequence[str] = ("text",)) -> Iterator[dict[str, str]]:
@@ -416,6 +590,53 @@ def document_count(prefix: str | Path, documents: bool = False) -> int:
         f.seek(18)
         sequences, docs = struct.unpack("<QQ", f.read(16))
     return docs - 1 if documents else sequences  # the document index starts with a 0
+
+
+def token_id_cache_dir() -> Path:
+    """Where :func:`largest_token_id` keeps what it found (beside the project's corpus, ``ZEROMEGA_DATA``)."""
+    return default_corpus_prefix().parent / "largest-token-id"
+
+
+def largest_token_id(prefix: str | Path, cache: bool = True, chunk_bytes: int = 64 * 2**20) -> int:
+    """The largest token id in ``<prefix>.bin`` (read with its ``.idx``'s dtype), -1 for no token.
+
+    The scan reads the file once, ``chunk_bytes`` at a time through a memory map (a multi-GB file never
+    becomes one array). With ``cache`` the answer is kept in :func:`token_id_cache_dir`, keyed by the
+    ``.bin``'s real path, size, modification time and inode and the ``.idx``'s size and time: a rewritten
+    file is scanned again, an unchanged one costs one ``stat`` and a small read. A cache that cannot be
+    written is skipped."""
+    from megatron.core.datasets.indexed_dataset import DType
+
+    bin_path, idx_path = Path(f"{prefix}.bin").resolve(), Path(f"{prefix}.idx").resolve()
+    b, i = bin_path.stat(), idx_path.stat()
+    key = [str(bin_path), b.st_size, b.st_mtime_ns, b.st_ino, i.st_size, i.st_mtime_ns]
+    entry = token_id_cache_dir() / f"{hashlib.sha1(str(bin_path).encode()).hexdigest()[:20]}.json"
+    if cache:
+        try:
+            found = json.loads(entry.read_text())
+            if found.get("key") == key:
+                return int(found["largest"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    with open(idx_path, "rb") as f:
+        f.seek(17)  # after the magic (9 B) and the version (8 B)
+        dtype = np.dtype(DType.dtype_from_code(f.read(1)[0]))
+    largest = -1
+    if b.st_size >= dtype.itemsize:
+        tokens = np.memmap(bin_path, dtype=dtype, mode="r")
+        step = max(1, chunk_bytes // dtype.itemsize)
+        for start in range(0, tokens.size, step):
+            largest = max(largest, int(tokens[start:start + step].max()))
+        del tokens
+    if cache:
+        try:
+            entry.parent.mkdir(parents=True, exist_ok=True)
+            tmp = entry.with_name(f"{entry.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+            tmp.write_text(json.dumps({"key": key, "largest": largest}))
+            os.replace(tmp, entry)
+        except OSError:
+            pass
+    return largest
 
 
 SPLITS = ("train", "valid", "test")

@@ -329,7 +329,8 @@ class DataConfig(_Section):
     reset_position_ids: bool = False
     """Position ids restart after each end-of-document token (``--reset-position-ids``)."""
     tokenizer_type: Optional[Literal["NullTokenizer", "GPT2BPETokenizer", "HuggingFaceTokenizer",
-                                     "SentencePieceTokenizer", "GPTSentencePieceTokenizer"]] = None
+                                     "SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer",
+                                     "TikTokenizer"]] = None
     """The tokenizer the data was made with (``--tokenizer-type``, from local files); None: zeromega's byte
     tokenizer (257 ids), the project's corpus."""
     vocab_file: Optional[str] = None
@@ -337,7 +338,15 @@ class DataConfig(_Section):
     merge_file: Optional[str] = None
     """GPT-2 BPE ``merges.txt`` (``--merge-file``)."""
     tokenizer_model: Optional[str] = None
-    """A Hugging Face tokenizer directory or a SentencePiece ``.model`` file (``--tokenizer-model``)."""
+    """A Hugging Face tokenizer directory, a SentencePiece ``.model`` file or a tiktoken ``.json``
+    (``--tokenizer-model``)."""
+    tiktoken_pattern: Optional[Literal["v1", "v2"]] = None
+    """TikTokenizer's pre-tokenizing regex (``--tiktoken-pattern``; Megatron-LM's training asserts one is given)."""
+    tiktoken_num_special_tokens: PositiveInt = 1000
+    """TikTokenizer's special ids 0..N-1, before the file's ranks (``--tiktoken-num-special-tokens``)."""
+    tokenizer_special_tokens: Optional[list[str]] = None
+    """TikTokenizer's named special tokens (``--tokenizer-special-tokens``; ``--tiktoken-special-tokens`` is
+    Megatron-LM's deprecated spelling); None: ``<unk> <s> </s> <mask> <pad> <cls> <sep>``."""
 
     @model_validator(mode="after")
     def _one_source(self) -> "DataConfig":
@@ -353,7 +362,8 @@ class DataConfig(_Section):
             raise ConfigError("data.mock", True, f"reads no files, but {(whole + per_split)[0]} names some",
                               "drop --mock-data or the data paths")
         needs = {"GPT2BPETokenizer": ("vocab_file", "merge_file"), "HuggingFaceTokenizer": ("tokenizer_model",),
-                 "SentencePieceTokenizer": ("tokenizer_model",), "GPTSentencePieceTokenizer": ("tokenizer_model",)}
+                 "SentencePieceTokenizer": ("tokenizer_model",), "GPTSentencePieceTokenizer": ("tokenizer_model",),
+                 "Llama2Tokenizer": ("tokenizer_model",), "TikTokenizer": ("tokenizer_model", "tiktoken_pattern")}
         if self.tokenizer_type is None:
             given = [name for name in ("vocab_file", "merge_file", "tokenizer_model") if getattr(self, name)]
             if given:  # the byte tokenizer would leave them unread
@@ -364,6 +374,7 @@ class DataConfig(_Section):
             if getattr(self, name) is None:
                 flag = "--" + name.replace("_", "-")
                 raise ConfigError(f"data.{name}", None, f"--tokenizer-type {self.tokenizer_type} needs {flag}",
+                                  f"pass {flag} v1 or v2" if name == "tiktoken_pattern" else
                                   f"pass {flag} (a local file; zeromega downloads nothing)")
         return self
 

@@ -7,8 +7,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-import numpy as np
-
 from zeromega.config import ConfigError, RunConfig
 from zeromega.integrations.megatron import data
 from zeromega.integrations.megatron.model import GPTShape
@@ -90,14 +88,27 @@ def tokenizer(cfg: RunConfig):
     d = cfg.data
     try:
         return data.build_tokenizer(d.tokenizer_type, vocab_file=d.vocab_file, merge_file=d.merge_file,
-                                    tokenizer_model=d.tokenizer_model, vocab_size=cfg.model.vocab_size)
+                                    tokenizer_model=d.tokenizer_model, vocab_size=cfg.model.vocab_size,
+                                    tiktoken_pattern=d.tiktoken_pattern,
+                                    tiktoken_num_special_tokens=d.tiktoken_num_special_tokens,
+                                    special_tokens=d.tokenizer_special_tokens)
     except data.DataError as err:
         raise ConfigError(err.field, err.value, err.problem, err.fix) from None
 
 
 def corpus(cfg: RunConfig, rank0: bool) -> DataSource:
     """What the run reads: ``data.path`` / ``data.blend`` / the per-split paths, mock data, or the project's
-    corpus (built by rank 0 on first use; the caller barriers); with the tokenizer of ``cfg.data``."""
+    corpus (built by rank 0 on first use; the caller barriers); with the tokenizer of ``cfg.data``. Rank 0
+    also scans each file for :func:`vocab_size`'s check, so after the barrier the other ranks find the
+    answer in the cache."""
+    source = _corpus(cfg, rank0)
+    if rank0:
+        for prefix in source.prefixes():
+            data.largest_token_id(prefix)
+    return source
+
+
+def _corpus(cfg: RunConfig, rank0: bool) -> DataSource:
     d = cfg.data
     source = DataSource(tokenizer=tokenizer(cfg), mock=d.mock)
     if d.mock:
@@ -122,15 +133,7 @@ def corpus(cfg: RunConfig, rank0: bool) -> DataSource:
     return source
 
 
-def largest_token_id(prefix: Path) -> int:
-    """The largest token id in a ``.bin`` (read through its ``.idx``'s dtype, one pass over the file)."""
-    from megatron.core.datasets.indexed_dataset import DType
-
-    with open(f"{prefix}.idx", "rb") as f:
-        f.seek(17)
-        dtype = DType.dtype_from_code(f.read(1)[0])
-    tokens = np.memmap(f"{prefix}.bin", dtype=dtype, mode="r")
-    return int(tokens.max()) if tokens.size else -1
+largest_token_id = data.largest_token_id  # scanned once per file version, then cached
 
 
 def vocab_size(cfg: RunConfig, source: DataSource) -> int:
@@ -157,7 +160,8 @@ def vocab_size(cfg: RunConfig, source: DataSource) -> int:
             else:
                 field, value = "data.tokenizer_type", cfg.data.tokenizer_type
                 fix = "pass the tokenizer the data was made with" + (
-                    f" (or --vocab-size {largest} or more)" if cfg.data.tokenizer_type == "NullTokenizer" else "")
+                    f" (or --vocab-size {largest} or more)" if cfg.data.tokenizer_type == "NullTokenizer" else
+                    f" (or --vocab-size {largest + 1} or more)" if cfg.data.tokenizer_type == "TikTokenizer" else "")
             raise ConfigError(field, value, f"{prefix}.bin holds token id {largest}, outside the "
                               f"{type(tok).__name__} vocabulary of {size}", fix)
     return size
