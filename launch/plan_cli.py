@@ -99,28 +99,27 @@ H100 SXM 81,559 MiB = 79.6 GiB, H200 143,771 MiB = 140.4 GiB), and the CUDA cont
 of what the plan counts."""
 
 
-def _gbs(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a bandwidth in GB/s") from None
-    if not 0 < value < 1e6:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1e6 GB/s, got {text}")
-    return value
+def _positive_below_1e6(unit: str, noun: str):
+    """An argparse type: a float in (0, 1e6) of ``unit``; ``noun`` names it in the refusal."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {noun}") from None
+        if not 0 < value < 1e6:
+            raise argparse.ArgumentTypeError(f"must be between 0 and 1e6 {unit}, got {text}")
+        return value
+
+    return parse
+
+
+_gbs = _positive_below_1e6("GB/s", "a bandwidth in GB/s")
+_gib = _positive_below_1e6("GiB", "a number of GiB")
 
 
 def _flash(args) -> Optional[bool]:
     return None if getattr(args, "attention", None) is None else args.attention == "flash"
-
-
-def _gib(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of GiB") from None
-    if not 0 < value < 1e6:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1e6 GiB, got {text}")
-    return value
 
 
 def verdict(plan, capacity_gib: float, name: str = "") -> dict:
