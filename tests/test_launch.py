@@ -546,7 +546,8 @@ def test_unmodified_deepspeed_script_runs_under_zeromega_launch(tmp_path, runner
     under torchrun (zeromega appends --local_rank) and under the deepspeed runner (which does)."""
     config = tmp_path / "ds.json"
     config.write_text(json.dumps({"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 1},
-                                  "optimizer": {"type": "AdamW", "params": {"lr": 0.001}}}))
+                                  "optimizer": {"type": "AdamW", "params": {"lr": 0.001, "torch_adam": True}}}))
+    # torch_adam: without it DeepSpeed JIT-builds its fused Adam op for the CPU (minutes on a fresh machine)
     script = str(Path(__file__).parent / "scripts" / "ds_style_train.py")
     extra = ["--launcher", "deepspeed", "--master_port", str(free_port())] if runner == "deepspeed" else []
     proc, token, _, _ = zeromega("launch", "--nproc-per-node", "2", *extra, "--config", str(config), script,
