@@ -105,6 +105,9 @@ def _add_launch(subparsers) -> None:
     own.add_argument("--config", metavar="CFG",
                      help="the run config (DeepSpeed JSON, unified YAML/JSON, or Megatron-LM launch script), passed "
                           "to ranks as ZEROMEGA_CONFIG")
+    own.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                     help="pin a variable of a launch-script --config over its own assignments, as check --env does "
+                          "(e.g. NUM_GPUS=2 for NUM_GPUS=$(nvidia-smi ...)); every rank reads the script with it")
     own.add_argument("--network-interface", "--network_interface", metavar="IFACE",
                      help="the interface ranks talk on across nodes (sets GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME; "
                           "default: the interface that routes to --master-addr)")
@@ -347,7 +350,7 @@ def _run_config(args: argparse.Namespace):
             from . import script_args
 
             script_args.check_flags(list(megatron), Path(args.script).name)
-        config = translate.build(args.config, megatron_argv=list(megatron))
+        config = translate.build(args.config, megatron_argv=list(megatron), env=args.script_env or None)
         if own_parser:
             script_args.check_config(config)
         return config
@@ -455,6 +458,14 @@ def _launch(args: argparse.Namespace) -> int:
     _check_flags(args)
     _check_script(args)
     args.script_text = "" if args.module or args.no_python else launch_flags.script_text(args.script)
+    args.script_env = {}
+    for item in args.env:
+        name, eq, value = item.partition("=")
+        if not eq or not name:
+            raise UsageError(f"--env {item!r} is not NAME=VALUE", "write e.g. --env NUM_GPUS=2")
+        args.script_env[name] = value
+    if args.script_env:  # the ranks read the launch script again, with the same pins
+        os.environ[translate.CONFIG_ENV] = json.dumps(args.script_env)
     config = _run_config(args)
     job = _job(args, _nproc_per_node(args, config))
     _check_layout(job, args.launcher, config, args.script_text)

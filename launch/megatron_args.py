@@ -534,6 +534,19 @@ def _deepspeed_moe(known: dict, put) -> None:
                   "router probability, not DeepSpeed's random token selection", stacklevel=3)
 
 
+def unknown_flags_error(unknown: list[str], source: str) -> ConfigError:
+    """The one-line refusal of arguments no table knows, with the closest known flag (a typo, or a Megatron
+    flag zeromega does not read)."""
+    import difflib
+
+    flag = next((t for t in unknown if t.startswith("-")), unknown[0]).split("=")[0]
+    known = [*TABLE, *NEGATIONS, *SPECIAL, *NOTED, *ALIASES]
+    close = difflib.get_close_matches(flag, known, n=1)
+    fix = f"did you mean {close[0]}?" if close else f"drop {flag} (zeromega does not read it)"
+    return ConfigError(flag, " ".join(unknown), f"in {source}: not a flag Megatron-LM's reader in zeromega knows",
+                       fix)
+
+
 NOTED_ENV = "ZEROMEGA_NOTED_FLAGS"
 """Set once the note is printed, so the ranks a launch starts (which inherit it) do not print it again."""
 

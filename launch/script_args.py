@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import json
 import os
 import sys
 import warnings
@@ -115,7 +116,8 @@ def read(argv: list[str], prog: str) -> RunConfig:
         argv = argv[:at] + argv[at + 2:]
     try:
         check_flags(argv, prog)
-        cfg = translate.build(config, megatron_argv=argv)
+        pins = os.environ.get(translate.CONFIG_ENV)  # zeromega launch --env: the launch script's pinned variables
+        cfg = translate.build(config, megatron_argv=argv, env=json.loads(pins) if pins else None)
         check_config(cfg)
         return cfg
     except ConfigError as err:

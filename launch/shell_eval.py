@@ -115,6 +115,8 @@ class Evaluator:
         self.state = State()
         self.opaque: dict[str, Opaque] = {}
         self.commands: list[Command] = []
+        self.exited = 0
+        """The line of an ``exit`` the read took (0: none)."""
         self.missing_sources: list[tuple[str, int]] = []
         self.steps = 0
         self.depth = 0
@@ -124,6 +126,8 @@ class Evaluator:
         self.line = 0
 
     # ------------------------------------------------------------ values
+        if "PWD" not in self.pinned:  # bash sets PWD at start-up, whatever the environment: the directory it runs in
+            self.state.vars["PWD"] = os.getcwd()
 
     def get(self, name: str) -> Union[str, list, None]:
         if name in self.pinned:
@@ -482,6 +486,7 @@ class Evaluator:
                 return 0, None
             raise _Exit()
         if name == "return":
+            self.exited = self.line  # a script that exits before its training command is named, not read as empty
             raise _Return(int(args[0]) if args and args[0].isdigit() else 0)
         if name in ("break", "continue") and self.loop_depth:
             if name == "break":
@@ -506,6 +511,9 @@ class Evaluator:
             path = _unmark_keep(args[0])
             out = os.path.dirname(path.rstrip("/")) or "." if name == "dirname" else os.path.basename(path.rstrip("/"))
             if name == "basename" and len(args) > 1 and out.endswith(_unmark(args[1])):
+        if name == "pwd":  # the builtin: the directory bash runs in (as $PWD)
+            pwd = self.get("PWD")
+            return 0, (pwd if isinstance(pwd, str) else os.getcwd()) + "\n"
                 out = out[:-len(_unmark(args[1]))]
             return 0, out + "\n"
         for k in range(len(words) - 2):  # `srun ... bash -c "$LAUNCHER $CMD"`: the launch is the string
@@ -1327,6 +1335,12 @@ def _test(args: list[str], ev: Evaluator) -> Optional[bool]:
     """``test``/``[``: POSIX's rules by argument count, then ``!``, ``-a``, ``-o`` and parentheses."""
     words = [_unmark(a) if OPAQUE not in a else a for a in args]
 
+    if not Path(path).is_absolute() and OPAQUE not in path:  # bash looks in the current directory first
+        try:
+            if Path(path).is_dir() if op == "-d" else Path(path).exists():
+                return True
+        except OSError:
+            pass
     def simple(ws: list[str], raw: list[str]) -> Optional[bool]:
         if not ws:
             return False

@@ -33,7 +33,7 @@ from zeromega.config.errors import ConfigError
 from . import limits
 from .shell_arith import ArithError
 from .shell_arith import evaluate as _evaluate
-from .shell_eval import OPAQUE, UNSET, Evaluator, _unmark_keep
+from .shell_eval import OPAQUE, UNSET, Evaluator, _unmark, _unmark_keep
 from .shell_parse import ShellSyntax, parse
 
 _LAUNCH_FLAGS = {
@@ -170,6 +170,11 @@ def pick(evaluator: Evaluator, name: str) -> Script:
     notes = [f"`source {path}` (line {line}): no such file, so what it sets is unset here"
              for path, line in evaluator.missing_sources]
     files = _files(evaluator)
+    if best is None and evaluator.exited:
+        raise ConfigError(name, f"line {evaluator.exited}", "the script exits there, before it starts any training "
+                          "command (as bash would, run from this directory)", "make what it tests hold (run from "
+                          "the directory it expects: file tests look here, then next to the script), or pass the "
+                          "variables it tests with --env NAME=VALUE")
     if best is None:  # bare arguments: every command that starts with a flag
         argv = [w for command in commands if command.words[0].startswith("-") for w in command.words]
         argv = [_clean(evaluator, name, argv, i, None) for i in range(len(argv))]
@@ -261,6 +266,8 @@ def _clean(evaluator: Evaluator, name: str, argv: list[str], i: int, line: Optio
         raise ConfigError(flag, _unmark_keep(word), f"uses the shell variable {var}, which is not set"
                           f"{_missing(evaluator)}", f"pass --env {var}=VALUE, or put the sourced file next to "
                           "the script")
+    if UNSET in word and _unmark(word):  # bash: an unset variable inside a longer word expands to nothing
+        return _unmark(word)
     return _unmark_keep(word)
 
 

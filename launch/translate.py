@@ -276,6 +276,10 @@ def _megatron_turns_off_sequence_parallel_without_tp(merged: dict) -> None:
 
 
 def build(config_path: Optional[str] = None, megatron_argv: Optional[list[str]] = None,
+CONFIG_ENV = "ZEROMEGA_CONFIG_ENV"
+"""JSON {name: value}: the variables ``zeromega launch --env`` pins in a launch-script config, for the ranks."""
+
+
           env: Optional[dict[str, str]] = None, run_script: bool = False,
           notes: Optional[list[str]] = None) -> RunConfig:
     """The RunConfig from a config file (any dialect) and/or Megatron arguments (conflicts are errors).
@@ -287,7 +291,10 @@ def build(config_path: Optional[str] = None, megatron_argv: Optional[list[str]] 
     megatron = megatron_argv is not None
     if config_path:
         megatron = megatron or detect(config_path) == "megatron"
-        partials += sources(config_path, env, run_script=run_script, notes=notes)[0]
+        found, unknown = sources(config_path, env, run_script=run_script, notes=notes)
+        if unknown:  # a launch script that trains: each of its flags is read or refused, never dropped
+            raise megatron_args.unknown_flags_error(unknown, str(config_path))
+        partials += found
     if megatron_argv:
         partials += _megatron(megatron_argv, "command-line arguments", skip=config_path)[0]
     return resolve(partials, megatron=megatron)

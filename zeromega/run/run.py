@@ -107,6 +107,11 @@ class Run:
         kind = engines.select(cfg, layout, checkpointing.resumes_megatron(cfg), own_model=own)
         started, written = time.perf_counter(), proc_io()["write_bytes"]
         self.engine = self._build_engine(kind, cfg, layout, weights)
+        if self._model_fn is None:  # Megatron-LM prints each rank's count; this is the whole model's
+            from .params import model_parameter_count
+
+            with comm.paused():
+                self.say(f"model parameters: {model_parameter_count(self.engine.modules):,}")
         self.setup_seconds = time.perf_counter() - started
         self.setup_storage_write_bytes = proc_io()["write_bytes"] - written
         seq_length = cfg.model.seq_length or 0
