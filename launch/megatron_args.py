@@ -227,6 +227,7 @@ SPECIAL: dict[str, tuple[Any, Any]] = {
     "--disable-moe-token-dropping": (None, 0),
     "--mlp-type": (str, 1),
     "--create-moe-param-group": (None, 0),
+    "--disable-moe-top2-2nd-expert-sampling": (None, 0),
     "--use-tutel": (None, 0),
     "--cp-comm-type": (str, "+"),
     "--hierarchical-context-parallel-sizes": (int, "+"),
@@ -453,7 +454,12 @@ def _architecture(known: dict, put, partial: dict) -> None:
 # Megatron-LM's MoE flags.
 DS_MOE_FLAGS = ("--expert-interval", "--topk", "--moe-expert-parallel-size", "--moe-train-capacity-factor",
                 "--moe-eval-capacity-factor", "--moe-min-capacity", "--moe-loss-coeff", "--disable-moe-token-dropping",
-                "--mlp-type", "--create-moe-param-group", "--use-tutel")
+                "--mlp-type", "--create-moe-param-group", "--use-tutel", "--disable-moe-top2-2nd-expert-sampling")
+# --create-moe-param-group: Megatron-DeepSpeed puts expert parameters in optimizer groups of their own so that
+# DeepSpeed's ZeRO reduces and partitions them over the expert-data-parallel group, not the data-parallel one.
+# zeromega always does so: experts are Megatron-Core's, whose engine reduces (and, with the distributed
+# optimizer, shards) expert parameters over the expert-data-parallel group; with ep 1 that group is the
+# data-parallel group. So the switch is accepted with nothing to set.
 DS_MARKERS = ("--deepspeed", "--deepspeed_config", "--deepspeed-config")
 
 
@@ -509,6 +515,12 @@ def _deepspeed_moe(known: dict, put) -> None:
     topk = _convert("--topk", int, known.get("--moe-router-topk", known.get("--topk", ["1"]))[0])
     if topk == 1:  # DeepSpeed's top-1 gate is the full softmax's probability (Megatron-Core asks for this)
         put("--topk", "moe.router_pre_softmax", True)
+    if topk == 2 and "--disable-moe-top2-2nd-expert-sampling" not in known:
+        # DeepSpeed's top2gating draws the 2nd expert from the logits plus Gumbel noise unless told not to;
+        # Megatron-Core never samples. Same gate values and capacity rule, another choice of 2nd expert: a note.
+        warnings.warn("Megatron-DeepSpeed MoE: --topk 2 takes the 2nd most probable expert (Megatron-Core's top-k), "
+                      "not one sampled with Gumbel noise as DeepSpeed's top2gating does by default; "
+                      "--disable-moe-top2-2nd-expert-sampling says the same without this note", stacklevel=3)
     if "--expert-model-parallel-size" not in known and "--moe-expert-parallel-size" in known:
         put("--moe-expert-parallel-size", "parallel.ep",
             _convert("--moe-expert-parallel-size", int, known["--moe-expert-parallel-size"][0]))

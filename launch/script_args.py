@@ -40,6 +40,10 @@ SPECIAL_HELP = {
     "--no-query-key-layer-scaling": "accepted: Megatron-Core's default (no 1/layer-number scaling of Q K^T)",
     "--moe-router-load-balancing-type": "moe.router_load_balancing_type (one of Megatron-LM's choices)",
     "--moe-layer-freq": "moe.layer_freq: N, or a 0/1 list expression such as ([1]*3+[0]*1)*3",
+    "--create-moe-param-group": "Megatron-DeepSpeed: expert parameters reduced and sharded over the expert-data-"
+                                "parallel group (what Megatron-Core's experts always get here)",
+    "--disable-moe-top2-2nd-expert-sampling": "Megatron-DeepSpeed: top-2 takes the 2nd most probable expert "
+                                              "(without it: the same, with a note that DeepSpeed would sample it)",
     "--cp-comm-type": "context-parallel attention: p2p (ring), a2a (Ulysses), a2a+p2p (USP)",
     "--hierarchical-context-parallel-sizes": "a2a+p2p: the Ulysses size, then the ring size",
     "--ds-sequence-parallel-size": "Megatron-DeepSpeed's Ulysses size",

@@ -255,3 +255,20 @@ def test_launch_env_pins_reach_the_ranks(tmp_path, monkeypatch):
     monkeypatch.setenv(translate.CONFIG_ENV, launched[0][translate.CONFIG_ENV])
     monkeypatch.setenv("ZEROMEGA_CONFIG", str(script))
     assert script_args.read([], "pretrain_gpt.py").model.num_layers == 3
+
+
+def test_megatron_deepspeed_top2_second_expert_sampling():
+    """--disable-moe-top2-2nd-expert-sampling (was an unknown flag): top-2 as Megatron-Core computes it, silently;
+    --topk 2 without it is accepted with one note that the 2nd expert is not sampled; top-1 ignores it as
+    DeepSpeed's top1gating does."""
+    from zeromega.launch import megatron_args
+
+    base = ["--deepspeed", "--num-layers", "4", "--num-experts", "4", "--topk"]
+    for argv, noted in ((base + ["2", "--disable-moe-top2-2nd-expert-sampling"], False), (base + ["2"], True),
+                        (base + ["1", "--disable-moe-top2-2nd-expert-sampling"], False)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            args = megatron_args.parse(argv)
+        assert args.unknown == [], argv
+        assert args.partial["moe"]["topk"] == int(argv[argv.index("--topk") + 1])
+        assert any("Gumbel" in str(w.message) for w in caught) == noted, argv
