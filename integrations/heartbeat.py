@@ -193,7 +193,9 @@ def explain(err: BaseException, step: int, timeout_minutes: Optional[float] = No
             cause = f"every rank began step {step}, so one is stuck inside it or the ranks called different collectives"
             if _node(dist.get_world_size() - 1):
                 cause += ", or the network between the nodes is cut"
-    peer = re.search(r"peer \[?([0-9A-Za-z_.:-]+?)\]?:\d+", str(err))
+    # gloo: "Connection closed by peer [ADDR]:PORT", "Read error [ADDR]:PORT: Connection reset by peer"
+    peer = (re.search(r"peer \[?([0-9A-Za-z_.:-]+?)\]?:\d+", str(err))
+            or re.search(r"\[([0-9A-Za-z_.:-]+?)\]:\d+", str(err)))
     if lost and peer:
         there = sorted(r for r, p in (seen or {}).items() if p and p[2] == peer.group(1))
         ranks = f" ({', '.join(_who(r) for r in there)})" if there else ""

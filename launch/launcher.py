@@ -397,7 +397,8 @@ def lost_node(facts: dict, answers=None) -> Optional[str]:
         nodes = sorted({r // per for r, host in hosts.items() if host == peer} - {mine})
         if nodes:
             return f"lost {node_text(nodes[0])}: the connection to {peer} closed (that node died or its ranks did)"
-        return None
+        if peer == facts.get("node_addr") or any(host == peer for host in hosts.values()):
+            return None  # a rank of this node
     if not posts or step is None:
         return None
     behind = sorted(r for r, p in posts.items() if p is None or p[0] < step)
@@ -405,6 +406,9 @@ def lost_node(facts: dict, answers=None) -> Optional[str]:
         nodes = sorted({r // per for r in behind})
         if mine in nodes or len(nodes) > 1:
             return None
+        if facts.get("lost_peer"):  # a connection broke and only that node is behind: it died
+            return (f"lost {node_text(nodes[0], behind)}: its connection closed and it never reached step {step} "
+                    "(that node died or its ranks did)")
         return f"{node_text(nodes[0], behind)} held the job up: never reached step {step} (hung, dead or far slower)"
     if answers is None:
         from zeromega.launch.network import answers

@@ -249,6 +249,11 @@ def test_lost_node_leads_the_survivors_line(monkeypatch, tmp_path):
     line = _torchrun_failure(monkeypatch, tmp_path, 0, 1, TIMEOUT_ERROR, facts).describe()
     assert line.startswith("lost node 1 (10.0.0.2) with ranks 2-3: the connection to 10.0.0.2 closed"), line
     assert "; this node's rank 0 stopped because of it (exit code 1): CollectiveTimeout: rank 0 on node 0" in line
+    from zeromega.launch import launcher
+
+    unnamed = dict(facts, peer=None, posts=_posts(4, 5, 2, late=(2, 3)))  # a reset whose address was not read
+    assert launcher.lost_node(unnamed).startswith("lost node 1 (10.0.0.2) with ranks 2-3: its connection closed and "
+                                                  "it never reached step 5")
 
 
 def test_partition_blames_the_node_across_it(monkeypatch, tmp_path):
@@ -712,15 +717,21 @@ def test_deepspeed_runner_blames_the_lost_node_without_a_shared_tmp(two_nodes, p
     the line leads with node 1 and rank 1, and says rank 0 stopped because of it (was: rank 0 blamed)."""
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
-    fault = {"ZEROMEGA_TEST_KILL": "1:2", "OMP_NUM_THREADS": "1", **private_env(per_node_fs)}
+    mark = tmp_path / "killed"  # on the shared filesystem: written by rank 1 just before its SIGKILL
+    fault = {"ZEROMEGA_TEST_KILL": "1:2", "ZEROMEGA_TEST_KILL_MARK": str(mark), "OMP_NUM_THREADS": "1",
+             **private_env(per_node_fs)}
     env = remote_shell(node0={"env": fault, "private": per_node_fs}, node1={"env": fault, "private": per_node_fs})
     args = GPT_ARGS + ["--data-path", small_corpus, "--train-iters", "200", "--distributed-timeout-minutes", "0.25"]
     started = time.monotonic()
     node = start_deepspeed(two_nodes, hostfile, CKPT_WORKER, args, {**env, **fault}, port(), private=per_node_fs,
                            cwd=tmp_path)
+    _wait_for(mark)
+    killed = time.monotonic()
     finish([node], started)
-    print(f"deepspeed runner, rank 1 killed on node 1 -> over in {node.seconds:.1f} s: {node.last}")
+    took = node.seconds - (killed - started)
+    print(f"deepspeed runner, rank 1 killed on node 1 -> over in {took:.1f} s: {node.last}")
     assert node.proc.returncode not in (0, None)
+    assert took < TIMEOUT_S + GRACE_S, took
     lead = f"zeromega launch: lost node 1 ({two_nodes.addr[1]}) with rank 1: the connection to {two_nodes.addr[1]}"
     assert node.last.startswith(lead), node.err[-3000:] + node.out[-3000:]
     assert "this node's rank 0 stopped because of it" in node.last
