@@ -66,7 +66,7 @@ def _add_tokenizer_flags(p) -> None:
 
 
 def _tokenizer_types() -> tuple[str, ...]:
-    from zeromega.integrations.megatron.data import TOKENIZER_TYPES
+    from zeromega.integrations.megatron.tokenizer_types import TOKENIZER_TYPES
 
     return TOKENIZER_TYPES
 

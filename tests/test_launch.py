@@ -223,6 +223,17 @@ def test_python_m_zeromega_help():
         assert flag in sub.stdout
 
 
+def test_a_command_line_refusal_imports_neither_engine():
+    """Reading the command line must not import Megatron-Core or DeepSpeed (each costs seconds on 2 cores):
+    a typo is answered at once. The parser of every subcommand is built, as ``zeromega`` builds it."""
+    code = ("import sys; from zeromega.launch import cli\n"
+            "try:\n    cli.main(['launch', '--nproc-per-node', '0', 'x.py'])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('megatron.core', 'deepspeed', 'transformers') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "--nproc-per-node 0: must be >= 1" in proc.stderr, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout
+
+
 # ------------------------------------------------------------------ units
 
 

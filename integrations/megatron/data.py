@@ -31,6 +31,8 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 from megatron.core.tokenizers import MegatronTokenizerBase
 
+from zeromega.integrations.megatron.tokenizer_types import NOT_BUILT, TOKENIZER_TYPES  # re-exported
+
 EOD = 256
 DEFAULT_MAX_BYTES = 8 * 2**20
 # Test suites and third-party code are not "the standard library" and would make
@@ -145,21 +147,6 @@ def build_corpus(prefix: str | Path | None = None, max_bytes: int = DEFAULT_MAX_
     return prefix
 
 
-TOKENIZER_TYPES = ("NullTokenizer", "GPT2BPETokenizer", "HuggingFaceTokenizer", "SentencePieceTokenizer",
-                   "GPTSentencePieceTokenizer", "Llama2Tokenizer", "TikTokenizer")
-"""Megatron-LM's ``--tokenizer-type`` choices zeromega builds (core_v0.16.1 names), each from local files."""
-NOT_BUILT = {
-    "BertWordPieceLowerCase": "Megatron-LM 0.16.1 sizes the model with its legacy BERT tokenizer ([BOS], [EOS] "
-                              "added) and tokenizes data with Megatron-Core's, through transformers: no one "
-                              "vocabulary to match",
-    "BertWordPieceCase": "Megatron-LM 0.16.1 sizes the model with its legacy BERT tokenizer ([BOS], [EOS] added) "
-                         "and tokenizes data with Megatron-Core's, through transformers (100 <extra_id_i> added): "
-                         "no one vocabulary to match",
-    "MultimodalTokenizer": "multimodal prompt formats need transformers' AutoTokenizer and an image model",
-    "NullMultimodalTokenizer": "multimodal runs are not built",
-    "SFTTokenizer": "supervised fine-tuning prompt formats are not built",
-}
-"""The other core_v0.16.1 ``--tokenizer-type`` choices, refused with the reason."""
 GPT2_EOD = "<|endoftext|>"
 TIKTOKEN_PATTERNS = ("v1", "v2")
 TIKTOKEN_SPECIAL = ("<unk>", "<s>", "</s>", "<mask>", "<pad>", "<cls>", "<sep>")
