@@ -301,3 +301,52 @@ def test_a_ten_document_corpus_trains_with_megatrons_default_split(tmp_path):
     assert len(result["records"]) == 2
     (line,) = run_world(1, run_refused, argv + ["--eval-interval", "1", "--eval-iters", "1"])
     assert line.startswith("data.split='969, 30, 1'") and "--split 8,1,1" in line and "\n" not in line, line
+
+
+def _ids_file(prefix, ids, dtype=np.uint16):
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=dtype)
+    for doc in np.array_split(np.asarray(ids, dtype=dtype), 7):
+        builder.add_document(doc, [doc.size])
+    builder.finalize(f"{prefix}.idx")
+    return prefix
+
+
+def test_largest_token_id_is_scanned_in_chunks_and_cached(tmp_path, monkeypatch):
+    """The vocabulary check's scan: chunk by chunk through a memory map, once per version of the file."""
+    monkeypatch.setenv("ZEROMEGA_DATA", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 40_000, 100_003)
+    ids[77_777] = 65_000
+    prefix = _ids_file(tmp_path / "d", ids)
+    assert D.largest_token_id(prefix, chunk_bytes=4096) == 65_000 == D.largest_token_id(prefix, cache=False)
+    (entry,) = D.token_id_cache_dir().iterdir()
+    assert D.token_id_cache_dir().parent == tmp_path / "cache"
+    real_memmap = np.memmap
+    monkeypatch.setattr(np, "memmap", None)  # a cached answer reads no token
+    assert D.largest_token_id(prefix) == 65_000
+    monkeypatch.setattr(np, "memmap", real_memmap)
+    _ids_file(prefix, ids[:500], dtype=np.int32)  # rewritten: another size, time, inode, dtype
+    assert D.largest_token_id(prefix) == int(ids[:500].max())
+    assert list(D.token_id_cache_dir().iterdir()) == [entry]
+    empty = tmp_path / "empty"
+    _ids_file(empty, [])
+    assert D.largest_token_id(empty) == -1
+
+
+def test_rank0_scans_before_the_barrier_and_the_others_read_the_cache(tmp_path, monkeypatch):
+    """gpt.corpus on rank 0 fills the cache; vocab_size on another rank then reads no token (the refusal too)."""
+    from zeromega.config import ConfigError
+    from zeromega.launch import translate
+    from zeromega.run import gpt
+
+    monkeypatch.setenv("ZEROMEGA_DATA", str(tmp_path / "cache"))
+    prefix = _ids_file(tmp_path / "d", np.arange(300) % 257)
+    other = _ids_file(tmp_path / "e", np.arange(400))
+    cfg = translate.build(None, megatron_argv=["--data-path", "0.5", str(prefix), "0.5", str(other)])
+    gpt.corpus(cfg, rank0=True)
+    monkeypatch.setattr(np, "memmap", None)
+    source = gpt.corpus(cfg, rank0=False)
+    with pytest.raises(ConfigError, match=f"{other}.bin holds token id 399, outside the ByteTokenizer vocabulary"):
+        gpt.vocab_size(cfg, source)

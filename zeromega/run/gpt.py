@@ -98,9 +98,9 @@ def tokenizer(cfg: RunConfig):
 
 def corpus(cfg: RunConfig, rank0: bool) -> DataSource:
     """What the run reads: ``data.path`` / ``data.blend`` / the per-split paths, mock data, or the project's
-    corpus (built by rank 0 on first use; the caller barriers); with the tokenizer of ``cfg.data``. Rank 0
-    also scans each file for :func:`vocab_size`'s check, so after the barrier the other ranks find the
-    answer in the cache."""
+    corpus (built by rank 0 on first use; the caller barriers); with the tokenizer of ``cfg.data``. The
+    ``rank0`` rank also scans each file for :func:`vocab_size`'s check, so after the barrier the other
+    ranks find the answer in the cache."""
     source = _corpus(cfg, rank0)
     if rank0:
         for prefix in source.prefixes():
