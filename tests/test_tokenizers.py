@@ -312,3 +312,19 @@ def test_llama2_and_tiktoken_refusals_are_one_line(bpe, spm, tmp_path):
                   ["--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", model, "--legacy-tokenizer"],
                   ["--tokenizer-type", "MultimodalTokenizer"]):
         assert cli.main(["preprocess", "--input", corpus, "--output-prefix", str(tmp_path / "x"), *flags]) == 2
+
+
+def test_tiktoken_flags_translate_back():
+    """zeromega translate writes the TikTokenizer flags back in Megatron-LM's spelling (the deprecated
+    --tiktoken-special-tokens becomes --tokenizer-special-tokens) and reads them again to the same fields."""
+    from zeromega.launch import megatron_args, translate
+
+    flags = ["--tokenizer-type", "TikTokenizer", "--tokenizer-model", "t.json", "--tiktoken-pattern", "v1",
+             "--tiktoken-num-special-tokens", "10", "--vocab-size", "409", "--tiktoken-special-tokens",
+             *D.TIKTOKEN_SPECIAL, "<x>"]
+    cfg = translate.build(None, megatron_argv=[*TINY, *flags])
+    argv, lost = megatron_args.write_argv(cfg)
+    assert not lost and "--tokenizer-special-tokens" in argv and "--tiktoken-special-tokens" not in argv
+    again = translate.build(None, megatron_argv=argv)
+    assert again.data == cfg.data and again.model.vocab_size == 409
+    assert (cfg.data.tiktoken_pattern, cfg.data.tiktoken_num_special_tokens) == ("v1", 10)
