@@ -131,6 +131,9 @@ FLAGS: dict[str, tuple[str, Any]] = {
     "--wandb-project": ("logging.wandb_project", str),
     "--wandb-exp-name": ("logging.wandb_exp_name", str),
     "--wandb-save-dir": ("logging.wandb_save_dir", str),
+    "--wandb-entity": ("logging.wandb_entity", str),
+    "--manual-gc": ("scheduler.manual_gc", SWITCH),
+    "--manual-gc-interval": ("scheduler.manual_gc_interval", int),
     "--profile": ("logging.profile", SWITCH),
     "--profile-step-start": ("logging.profile_step_start", int),
     "--profile-step-end": ("logging.profile_step_end", int),
@@ -172,14 +175,11 @@ NOTED: dict[str, tuple[Any, str]] = {
     "--timing-log-level": (1, "the log line reports the step time; no Megatron timer tree"),
     "--distributed-backend": (1, "zeromega picks NCCL on CUDA and gloo on CPU"),
     "--empty-unused-memory-level": (1, "the allocator's cache is not emptied between steps"),
-    "--manual-gc": (0, "Python's garbage collector runs as usual"),
     "--grad-reduce-in-bf16": (0, "gradients are reduced in fp32"),
     "--no-create-attention-mask-in-dataloader": (0, "the causal mask is built in attention, as asked"),
-    "--no-mmap-bin-files": (0, ".bin files are memory-mapped"),
     "--ckpt-format": (1, "checkpoints use zeromega's format (zeromega export converts them)"),
     "--no-async-tensor-model-parallel-allreduce": (0, "tp all-reduces are synchronous, as asked"),
     "--use-pytorch-profiler": (0, "--profile always uses torch.profiler here"),
-    "--wandb-entity": (1, "wandb's default entity is used"),
     "--log-params-norm": (0, "the parameter norm is not logged"),
     "--log-num-zeros-in-grad": (0, "zeros in the gradients are not counted"),
     "--log-batch-size-to-tensorboard": (0, "batch-size is always written to TensorBoard"),
@@ -196,6 +196,9 @@ NOTED: dict[str, tuple[Any, str]] = {
 }
 # Switches that clear a field.
 NEGATIONS: dict[str, str] = {"--no-progress": "logging.progress", "--disable-bias-linear": "model.add_bias_linear",
+                             "--no-mmap-bin-files": "data.mmap_bin_files",
+                             "--no-manual-gc-eval": "scheduler.manual_gc_eval",
+                             "--disable-manual-gc-eval": "scheduler.manual_gc_eval",
                              "--no-log-loss-scale-to-tensorboard": "logging.log_loss_scale_to_tensorboard",
                              "--disable-log-loss-scale-to-tensorboard": "logging.log_loss_scale_to_tensorboard"}
 # Flags with a rule of their own: flag -> (value kind, number of values: 0, 1 or "+").
@@ -823,6 +826,10 @@ def write_argv(cfg: RunConfig, target: str = "megatron", layout=None,
         emit("--disable-bias-linear")
     if not cfg.logging.log_loss_scale_to_tensorboard:
         emit("--no-log-loss-scale-to-tensorboard")
+    if not cfg.data.mmap_bin_files:
+        emit("--no-mmap-bin-files")
+    if not cfg.scheduler.manual_gc_eval:
+        emit("--no-manual-gc-eval")
     deepspeed = target == "megatron-deepspeed"
     if m.normalization != "LayerNorm":
         emit("--normalization", m.normalization.lower() if deepspeed else m.normalization)

@@ -350,3 +350,21 @@ def test_rank0_scans_before_the_barrier_and_the_others_read_the_cache(tmp_path, 
     source = gpt.corpus(cfg, rank0=False)
     with pytest.raises(ConfigError, match=f"{other}.bin holds token id 399, outside the ByteTokenizer vocabulary"):
         gpt.vocab_size(cfg, source)
+
+
+def test_no_mmap_bin_files_reads_with_file_reads_and_the_same_tokens(tmp_path):
+    """``--no-mmap-bin-files`` reaches Megatron-Core's dataset config (before: accepted with a note and
+    ignored): its .bin reader is the file reader, and the samples are the same."""
+    from zeromega.launch import translate
+
+    assert translate.build(None, megatron_argv=["--no-mmap-bin-files"]).data.mmap_bin_files is False
+    assert translate.build(None, megatron_argv=[]).data.mmap_bin_files is True
+    ten = _documents(tmp_path / "ten", 10)
+    built = {}
+    for mmap in (True, False):
+        train, _, _ = D.build_datasets(32, 1, (20, 0, 0), blend=([ten], None), split="1,0,0",
+                                       cache_dir=tmp_path / f"cache{mmap}", mmap_bin_files=mmap)
+        built[mmap] = train
+    assert type(built[True].dataset.bin_reader).__name__ == "_MMapBinReader"
+    assert type(built[False].dataset.bin_reader).__name__ == "_FileBinReader"
+    assert all(torch.equal(built[True][i]["tokens"], built[False][i]["tokens"]) for i in range(20))

@@ -10,6 +10,7 @@ of causal attention's scores, and the MoE router's small GEMM).
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 import types
@@ -94,14 +95,16 @@ class FakeWandb(types.ModuleType):
     def __init__(self):
         super().__init__("wandb")
         self.calls = []
+        self.gc_enabled = []  # Python's automatic collector, at each log call (during training)
 
     def init(self, **kwargs):
-        self.calls.append(("init", {k: kwargs[k] for k in ("dir", "name", "project")}))
+        self.calls.append(("init", {k: kwargs[k] for k in ("dir", "name", "project", "entity") if k in kwargs}))
         module = self
 
         class Run:
             def log(self, values, step=None):
                 module.calls.append(("log", step, dict(values)))
+                module.gc_enabled.append(gc.isenabled())
 
             def finish(self):
                 module.calls.append(("finish",))
@@ -118,7 +121,8 @@ def run_monitored(argv: list[str]) -> dict:
     sys.modules["wandb"] = fake
     lines: list[str] = []
     records = Run(script_args.read(argv, "pretrain_gpt.py"), log=lines.append).train()
-    return {"lines": lines, "records": [r.__dict__ for r in records], "wandb": fake.calls}
+    return {"lines": lines, "records": [r.__dict__ for r in records], "wandb": fake.calls,
+            "gc_in_training": fake.gc_enabled, "gc_after": gc.isenabled()}
 
 
 def test_log_line_metrics_wandb_and_profiler(small_corpus, tmp_path, monkeypatch):
@@ -127,7 +131,7 @@ def test_log_line_metrics_wandb_and_profiler(small_corpus, tmp_path, monkeypatch
     argv = ["--data-path", small_corpus, *TINY, "--train-iters", "4", "--log-interval", "2", "--log-throughput",
             "--metrics-out", str(metrics), "--wandb-project", "p", "--wandb-exp-name", "e", "--wandb-save-dir",
             str(tmp_path / "wb"), "--profile", "--profile-step-start", "2", "--profile-step-end", "3",
-            "--tensorboard-dir", str(board)]
+            "--tensorboard-dir", str(board), "--wandb-entity", "team", "--manual-gc", "--manual-gc-interval", "2"]
     (result,) = run_world(1, run_monitored, argv)
     logged = [line for line in result["lines"] if line.startswith(" iteration")]
     assert len(logged) == 2
@@ -136,7 +140,9 @@ def test_log_line_metrics_wandb_and_profiler(small_corpus, tmp_path, monkeypatch
         assert all(field in line for line in logged), (field, logged[0])
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert all(r["tflops_per_gpu"] > 0 and 0 < r["mfu"] and r["grad_norm"] > 0 for r in rows)
-    assert result["wandb"][0] == ("init", {"dir": str(tmp_path / "wb"), "name": "e", "project": "p"})
+    assert result["wandb"][0] == ("init", {"dir": str(tmp_path / "wb"), "name": "e", "project": "p", "entity": "team"})
+    # --manual-gc: the automatic collector is off while training and back on after it
+    assert result["gc_in_training"] and not any(result["gc_in_training"]) and result["gc_after"]
     logs = [c for c in result["wandb"] if c[0] == "log"]
     assert [c[1] for c in logs] == [1, 2, 3, 4] and logs[0][2]["lm loss"] == rows[0]["loss"]
     assert "learning-rate" in logs[0][2] and "throughput" in logs[0][2] and result["wandb"][-1] == ("finish",)

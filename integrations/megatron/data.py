@@ -634,7 +634,7 @@ def build_datasets(seq_length: int, seed: int, num_samples: tuple[int, int, int]
                    blend_per_split: Optional[list] = None, split: str = "969, 30, 1",
                    tokenizer: Optional[MegatronTokenizerBase] = None, cache_dir: str | Path | None = None,
                    mock: bool = False, eod_mask_loss: bool = False,
-                   reset_position_ids: bool = False) -> list[Optional[GPTDataset]]:
+                   reset_position_ids: bool = False, mmap_bin_files: bool = True) -> list[Optional[GPTDataset]]:
     """(train, valid, test) GPTDatasets from Megatron-Core's ``BlendedMegatronDatasetBuilder``; None where
     no data is asked for or none exists.
 
@@ -670,7 +670,7 @@ def build_datasets(seq_length: int, seed: int, num_samples: tuple[int, int, int]
         reset_attention_mask=False,
         eod_mask_loss=eod_mask_loss,
         create_attention_mask=False,
-        mmap_bin_files=True,
+        mmap_bin_files=mmap_bin_files,
     )
     if mock:
         from megatron.core.datasets.gpt_dataset import MockGPTDataset

@@ -270,6 +270,14 @@ class SchedulerConfig(_Section):
     use_checkpoint: bool = False
     """On resume, the checkpoint's schedule values replace this run's (``--use-checkpoint-opt_param-scheduler``);
     with neither switch they must agree, as in Megatron-LM."""
+    manual_gc: bool = False
+    """Python's automatic garbage collector is off during training and collects only at the points below, so
+    every rank pauses at the same step (``--manual-gc``, Megatron-LM's TrainingConfig)."""
+    manual_gc_interval: int = Field(0, ge=0)
+    """With manual_gc, collect every this many steps (``--manual-gc-interval``; 0: only at the start and around
+    evaluations)."""
+    manual_gc_eval: bool = True
+    """With manual_gc, collect before and after each evaluation (``--no-manual-gc-eval`` turns it off)."""
 
 
 class RecomputeConfig(_Section):
@@ -328,6 +336,9 @@ class DataConfig(_Section):
     """No loss on end-of-document tokens (``--eod-mask-loss``; Megatron-Core's GPTDataset sets the mask)."""
     reset_position_ids: bool = False
     """Position ids restart after each end-of-document token (``--reset-position-ids``)."""
+    mmap_bin_files: bool = True
+    """``.bin`` files are memory-mapped; ``--no-mmap-bin-files`` reads them with file reads instead
+    (Megatron-Core's ``mmap_bin_files``: for filesystems where mmap is slow)."""
     tokenizer_type: Optional[Literal["NullTokenizer", "GPT2BPETokenizer", "HuggingFaceTokenizer",
                                      "SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer",
                                      "TikTokenizer"]] = None
@@ -420,6 +431,8 @@ class LoggingConfig(_Section):
     """Weights & Biases run name (``--wandb-exp-name``; required with wandb_project, as in Megatron-LM)."""
     wandb_save_dir: Optional[str] = None
     """Where wandb writes (``--wandb-save-dir``; None: <checkpoint.save>/wandb, else ./wandb)."""
+    wandb_entity: Optional[str] = None
+    """Weights & Biases entity (team or user) the run goes to (``--wandb-entity``; None: wandb's default)."""
     profile: bool = False
     """Profile steps profile_step_start..profile_step_end with torch.profiler (``--profile``; Megatron-LM's nsys
     mode needs CUDA and an nsys launch, so zeromega always runs torch's profiler, as ``--use-pytorch-profiler``)."""

@@ -186,7 +186,8 @@ def datasets(cfg: RunConfig, source: DataSource, seq_length: int, iters: int, la
                                     blend_per_split=source.blend_per_split, mock=source.mock,
                                     split=cfg.data.split or "969, 30, 1", tokenizer=source.tokenizer,
                                     cache_dir=cfg.data.cache_path, eod_mask_loss=cfg.data.eod_mask_loss,
-                                    reset_position_ids=cfg.data.reset_position_ids)
+                                    reset_position_ids=cfg.data.reset_position_ids,
+                                    mmap_bin_files=cfg.data.mmap_bin_files)
     except data.DataError as err:
         raise ConfigError(err.field, err.value, err.problem, err.fix) from None
     return [ds if n else None for ds, n in zip(built, samples)]

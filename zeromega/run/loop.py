@@ -10,6 +10,7 @@ then one step of the schedule. Rank 0 writes one JSON object per step: loss
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import time
@@ -203,7 +204,8 @@ def train(engine, batches: Iterator[dict], *, iters: int, accumulation: int, glo
           timeout_minutes: Optional[float] = None,
           after_step: Optional[Callable[[StepRecord], list[dict]]] = None, batching=None,
           flops_per_sample: Optional[float] = None, peak_flops: Optional[float] = None,
-          profiler=None, observers: tuple = (), log_throughput: bool = False) -> list[StepRecord]:
+          profiler=None, observers: tuple = (), log_throughput: bool = False,
+          manual_gc_interval: Optional[int] = None) -> list[StepRecord]:
     """Run steps ``start_step + 1 .. iters`` of ``engine`` (:class:`zeromega.run.engines.Engine`).
 
     Returns their records (identical on every rank). ``on_step(record)``
@@ -218,7 +220,9 @@ def train(engine, batches: Iterator[dict], *, iters: int, accumulation: int, glo
     (a ramp-up); ``flops_per_sample`` (Megatron-LM's count) and ``peak_flops`` (per rank) give TFLOP/s and
     MFU (``log_throughput`` puts TFLOP/s in the log line, as Megatron-LM's ``--log-throughput``); ``profiler``
     is stepped before each step, as Megatron-LM steps it; ``observers`` get ``write(record)`` and ``close()``
-    on rank 0 (Weights & Biases).
+    on rank 0 (Weights & Biases). ``manual_gc_interval`` (not None: Megatron-LM's ``--manual-gc``) turns
+    Python's automatic collector off and collects at the start and after every that many steps (0: never in
+    the loop), so the ranks pause together.
     """
     from tqdm import tqdm
 
@@ -232,6 +236,9 @@ def train(engine, batches: Iterator[dict], *, iters: int, accumulation: int, glo
     world = dist.get_world_size() if dist.is_initialized() else 1
     consumed = start_samples
     interval = {"skipped": 0, "nan": 0, "seconds": 0.0, "steps": 0}  # Megatron-LM's counts per log interval
+    if manual_gc_interval is not None:
+        gc.disable()
+        gc.collect()
     try:
         for step in range(start_step + 1, iters + 1):
             heartbeat.post(step)
@@ -292,6 +299,8 @@ def train(engine, batches: Iterator[dict], *, iters: int, accumulation: int, glo
                             shown, iters, global_batch, skipped=interval["skipped"], nan=interval["nan"],
                             elapsed_ms=1000 * interval["seconds"] / interval["steps"]))
                     interval = {"skipped": 0, "nan": 0, "seconds": 0.0, "steps": 0}
+                if manual_gc_interval and step % manual_gc_interval == 0:
+                    gc.collect()
                 if after_step is not None:
                     for extra in after_step(record):
                         writer.write_dict(extra)
@@ -302,6 +311,8 @@ def train(engine, batches: Iterator[dict], *, iters: int, accumulation: int, glo
                     raise heartbeat.explain(err, step, timeout_minutes) from err
                 raise
     finally:
+        if manual_gc_interval is not None:
+            gc.enable()
         bar.close()
         writer.close()
         if profiler is not None:

@@ -15,6 +15,7 @@ and ``loss(model, batch)`` returns the scalar loss.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import time
@@ -181,6 +182,7 @@ class Run:
                 batching=batching if cfg.batch.rampup is not None else None, flops_per_sample=flops_per_sample,
                 peak_flops=peak, profiler=profiler, observers=(wandb_run,) if wandb_run.run is not None else (),
                 log_throughput=cfg.logging.log_throughput,
+                manual_gc_interval=cfg.scheduler.manual_gc_interval if cfg.scheduler.manual_gc else None,
             )
             policy.finish()
             if evaluation is not None and self.records and self.records[-1].step == iters:
@@ -346,7 +348,14 @@ class _Evaluation:
     def periodic(self, record) -> list[dict]:
         if self.valid is None or record.step % self.log.eval_interval:
             return []
-        return [self._run(self.valid, "valid", record.step, f"iteration {record.step}")]
+        scheduler = self.run.cfg.scheduler
+        collect = scheduler.manual_gc and scheduler.manual_gc_eval  # Megatron-LM: around in-training evaluations
+        if collect:
+            gc.collect()
+        out = [self._run(self.valid, "valid", record.step, f"iteration {record.step}")]
+        if collect:
+            gc.collect()
+        return out
 
     def final(self, step: int) -> list[dict]:
         out = []

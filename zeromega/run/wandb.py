@@ -69,8 +69,9 @@ class WandB:
             import wandb as module
         directory = save_dir(cfg)
         os.makedirs(directory, exist_ok=True)
+        entity = {"entity": self._log.wandb_entity} if self._log.wandb_entity else {}  # as Megatron-LM passes it
         self.run = module.init(dir=directory, name=self._log.wandb_exp_name, project=self._log.wandb_project,
-                               config=cfg.model_dump(mode="json"))
+                               config=cfg.model_dump(mode="json"), **entity)
 
     def write(self, record) -> None:
         if self.run is None:
