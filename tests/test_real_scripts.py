@@ -17,6 +17,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -42,7 +43,7 @@ SCRIPTS = {
     "megatron_lm_mixtral_8x7b.sh": dict(
         refused=set(), tp=1, pp=1, ep=2, cp=1, zero=1, micro=1, glob=8, lr=1e-4, precision="bf16",
         arch=dict(LLAMA, layers=2, hidden=64, heads=4, groups=2, ffn=224, experts=4, topk=2, tokenizer="sp"),
-        tensorboard="checkpoints/mixtral/tensorboard"),
+        tensorboard="checkpoints/mixtral/tensorboard", many_documents=True),  # --split 99990,8,2
     "megatron_deepspeed_gpt_345m.sh": dict(
         refused=set(), tp=2, pp=1, ep=1, cp=1, zero=0, micro=4, glob=16, lr=1.5e-4, precision="fp16",
         arch=dict(GPT2, layers=4, hidden=64, heads=4, maxpos=64, tokenizer="gpt2"), tensorboard=None),
@@ -67,6 +68,11 @@ assert set(SCRIPTS) == set(flag_census.SCRIPTS)
 
 def _env_flags(name: str) -> list[str]:
     return [f"--env={k}={v}" for k, v in flag_census.SCRIPT_ENV.get(name, {}).items()]
+
+
+def _launch_flags(name: str) -> list[str]:
+    """The rank count where the script's launcher line leaves it to the machine (`deepspeed` alone: every GPU)."""
+    return ["--nproc-per-node", "2"] if name in flag_census.SCRIPT_ENV else []
 
 
 @pytest.fixture(scope="session")
@@ -95,6 +101,22 @@ def script_root(tmp_path_factory) -> Path:
         assert cli.main(["preprocess", "--input", str(corpus), "--output-prefix", str(root / "data" / prefix),
                          *flags, "--append-eod"]) == 0
     (root / "pretrain_gpt.py").symlink_to(ROOT / "examples" / "pretrain_gpt.py")
+    return root
+
+
+@pytest.fixture(scope="session")
+def many_documents(script_root, tmp_path_factory) -> Path:
+    """data/sp_text_document again as 60,000 short documents: Mixtral's --split 99990,8,2 gives its test split
+    one document from 50,000."""
+    from zeromega.launch import cli
+
+    root = tmp_path_factory.mktemp("many")
+    text = "".join(p.read_text(encoding="utf-8") for p in sorted(Path(os.__file__).parent.glob("*.py"))[:60])
+    corpus = root / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": text[i:i + 20]}) + "\n" for i in range(0, 60_000 * 20, 20)))
+    assert cli.main(["preprocess", "--input", str(corpus), "--output-prefix", str(root / "sp"), "--tokenizer-type",
+                     "GPTSentencePieceTokenizer", "--tokenizer-model", str(script_root / "tok" / "sp.model"),
+                     "--append-eod", "--workers", "2"]) == 0
     return root
 
 
@@ -179,28 +201,39 @@ _LOSS = re.compile(r"lm loss: ([-+0-9.eEnaNif]+)")
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(SCRIPTS))
-def test_published_script_trains_through_zeromega_launch(name, script_root, tmp_path):
+def test_published_script_trains_through_zeromega_launch(name, script_root, tmp_path, request):
     """``zeromega launch --config SCRIPT pretrain_gpt.py`` from a directory laid out as the script expects: the
     model has Megatron's parameter count, every logged loss is finite, the evaluations are printed and
     TensorBoard events are written where the script asks."""
     want = SCRIPTS[name]
     work = tmp_path / "run"
     work.mkdir()
-    for item in ("tok", "data", "pretrain_gpt.py"):
+    for item in ("tok", "pretrain_gpt.py"):
         (work / item).symlink_to(script_root / item)
+    (work / "data").mkdir()
+    big = request.getfixturevalue("many_documents") if want.get("many_documents") else None
+    for item in (script_root / "data").glob("*_document.*"):
+        (work / "data" / item.name).symlink_to(big / item.name if big and item.name.startswith("sp_") else item)
     path, _ = _runnable(name, script_root, tmp_path)
     os.chdir(work)
-    proc = subprocess.run([sys.executable, "-m", "zeromega", "launch", *_env_flags(name), "--config", str(path),
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "zeromega", "launch", *_env_flags(name), *_launch_flags(name), "--config", str(path),
                            "pretrain_gpt.py"], cwd=work, capture_output=True, text=True, timeout=600)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
+    wall = time.perf_counter() - started
     count = int(re.search(r"model parameters: ([\d,]+)", out).group(1).replace(",", ""))
-    assert count == megatron_param_count(want["arch"], _vocab(script_root, want["arch"]["tokenizer"]), want["tp"])
+    formula = megatron_param_count(want["arch"], _vocab(script_root, want["arch"]["tokenizer"]), want["tp"])
+    assert count == formula
     losses = [float(x) for x in _LOSS.findall(out)]
     assert losses and all(math.isfinite(x) for x in losses), out[-3000:]
-    assert "validation loss at iteration" in out
-    if want["tensorboard"]:
-        assert list((work / want["tensorboard"]).rglob("events.out.tfevents.*")), sorted(work.rglob("*"))[:50]
+    evaluations = out.count("validation loss at iteration")
+    assert evaluations
+    events = list((work / want["tensorboard"]).rglob("events.out.tfevents.*")) if want["tensorboard"] else []
+    assert events or not want["tensorboard"], sorted(work.rglob("*"))[:50]
+    print(f"\n{name}: {wall:.0f} s, parameters {count:,} (formula {formula:,}), lm loss {losses[0]:.4f} -> "
+          f"{losses[-1]:.4f} over {len(losses)} log lines, {evaluations} evaluation lines, "
+          f"{len(events)} TensorBoard event file(s)")
 
 
 # ------------------------------------------------------------------ defects the published scripts found

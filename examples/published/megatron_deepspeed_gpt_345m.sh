@@ -3,7 +3,8 @@
 # Runs the "345M" parameter model
 # Megatron-DeepSpeed's examples/pretrain_gpt_distributed_with_mp.sh, shrunk for 2 CPU ranks: only sizes,
 # paths, rank counts and iteration counts differ.
-# zeromega launch --config examples/published/megatron_deepspeed_gpt_345m.sh examples/pretrain_gpt.py
+# zeromega launch --config PATH/megatron_deepspeed_gpt_345m.sh pretrain_gpt.py
+# run from a directory holding pretrain_gpt.py, tok/ and data/ (docs/configs.md, "Published launch scripts")
 
 export CUDA_DEVICE_MAX_CONNECTIONS=1
 

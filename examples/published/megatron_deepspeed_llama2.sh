@@ -1,7 +1,8 @@
 #!/bin/bash
 # Megatron-DeepSpeed's examples_deepspeed/pretrain_llama2_distributed.sh, shrunk for 2 CPU ranks: only sizes,
 # paths, rank counts and iteration counts differ.
-# zeromega launch --config examples/published/megatron_deepspeed_llama2.sh examples/pretrain_gpt.py
+# zeromega launch --config PATH/megatron_deepspeed_llama2.sh pretrain_gpt.py
+# run from a directory holding pretrain_gpt.py, tok/ and data/ (docs/configs.md, "Published launch scripts")
 set -ex
 
 ######################################

@@ -2,8 +2,9 @@
 # Megatron-DeepSpeed's examples_deepspeed/MoE/ds_pretrain_gpt_125M_MoE64.sh, shrunk for 2 CPU ranks: only sizes,
 # paths, rank counts and token/iteration counts differ, and the DeepSpeed JSON template it reads from its
 # directory is written by the script (a quoted heredoc) so the example is one file.
-# zeromega launch --env NUM_GPUS=2 --env NUM_GPUS_PERNODE=2 --env current_time=now --env host=localhost \
-#     --config examples/published/megatron_deepspeed_moe_125m.sh examples/pretrain_gpt.py
+# zeromega launch --nproc-per-node 2 --env NUM_GPUS=2 --env NUM_GPUS_PERNODE=2 --env current_time=now --env host=localhost \
+#     --config PATH/megatron_deepspeed_moe_125m.sh pretrain_gpt.py
+# run from a directory holding pretrain_gpt.py, tok/ and data/ (docs/configs.md, "Published launch scripts")
 DIR=`pwd`
 ###############################################################################
 ### Main configs

@@ -1,7 +1,8 @@
 #!/bin/bash
 # Megatron-DeepSpeed's examples_deepspeed/universal_checkpointing/llama/run_llama_bf16.sh, shrunk for 2 CPU
 # ranks: only sizes, paths, rank counts and iteration counts differ.
-# zeromega launch --config examples/published/megatron_deepspeed_uc_llama.sh examples/pretrain_gpt.py
+# zeromega launch --config PATH/megatron_deepspeed_uc_llama.sh pretrain_gpt.py
+# run from a directory holding pretrain_gpt.py, tok/ and data/ (docs/configs.md, "Published launch scripts")
 set -ex
 
 DIR=`pwd`

@@ -2,8 +2,9 @@
 # Megatron-DeepSpeed's examples_deepspeed/sequence_parallel/ds_pretrain_gpt_1.3B_seq_parallel_32k.sh, shrunk for
 # 2 CPU ranks: only sizes, paths, rank counts and token/iteration counts differ, and the DeepSpeed JSON template it
 # reads from its directory is written by the script (a quoted heredoc) so the example is one file.
-# zeromega launch --env num_gpus=2 --env num_gpus_pernode=2 --env current_time=now --env host=localhost \
-#     --config examples/published/megatron_deepspeed_ulysses_32k.sh examples/pretrain_gpt.py
+# zeromega launch --nproc-per-node 2 --env num_gpus=2 --env num_gpus_pernode=2 --env current_time=now --env host=localhost \
+#     --config PATH/megatron_deepspeed_ulysses_32k.sh pretrain_gpt.py
+# run from a directory holding pretrain_gpt.py, tok/ and data/ (docs/configs.md, "Published launch scripts")
 dir=`pwd`
 ###############################################################################
 ### Main configs

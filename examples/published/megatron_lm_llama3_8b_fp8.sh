@@ -2,7 +2,8 @@
 
 # Megatron-LM's examples/llama/train_llama3_8b_h100_fp8.sh (core_v0.16.1), shrunk for 2 CPU ranks: only sizes,
 # paths (the tokenizer and data defaults), rank counts and sample counts differ.
-# zeromega launch --config examples/published/megatron_lm_llama3_8b_fp8.sh examples/pretrain_gpt.py
+# zeromega launch --config PATH/megatron_lm_llama3_8b_fp8.sh pretrain_gpt.py
+# run from a directory holding pretrain_gpt.py, tok/ and data/ (docs/configs.md, "Published launch scripts")
 
 # Environment variables for performance tuning
 export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}

@@ -2,7 +2,8 @@
 
 # Megatron-LM's examples/mixtral/train_mixtral_8x7b_distributed.sh (core_v0.16.1), shrunk for 2 CPU ranks: only
 # sizes, paths (defaults for the positional arguments), rank counts and iteration counts differ.
-# zeromega launch --config examples/published/megatron_lm_mixtral_8x7b.sh examples/pretrain_gpt.py
+# zeromega launch --config PATH/megatron_lm_mixtral_8x7b.sh pretrain_gpt.py
+# run from a directory holding pretrain_gpt.py, tok/ and data/ (docs/configs.md, "Published launch scripts")
 
 export CUDA_DEVICE_MAX_CONNECTIONS=1
 
