@@ -498,6 +498,8 @@ def _read_optimizer(ds: dict, reader: _Reader) -> None:
         reader.put("optimizer.params.betas[1]", "optimizer.beta2", betas[1])
     if _is_adamw(optimizer) and not params and set(optimizer) <= {"type", "params"}:
         del ds["optimizer"]  # zeromega builds this AdamW itself (no JIT-built fused op)
+        if optimizer.get("type") != "AdamW":  # "Adam" is DeepSpeed's AdamW too; a written file keeps the word
+            reader.put("optimizer.type", "optimizer.deepspeed_type", optimizer.get("type"))
     else:
         ds["optimizer"] = {**optimizer, "params": params}
 

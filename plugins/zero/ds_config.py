@@ -83,7 +83,8 @@ def to_deepspeed(cfg: RunConfig, layout: Optional[Layout] = None, device_type: s
         adam = {key: value for key, value in adam.items() if key == "lr" or value != ADAM_DEFAULTS[key]}
         if "optimizer" not in ds and any(getattr(o, name) != getattr(type(o)(), name)
                                          for name in ("lr", "beta1", "beta2", "eps")):
-            ds["optimizer"] = {"type": "AdamW"}  # an optimizer was stated (an lr, betas): DeepSpeed's own block
+            # an optimizer was stated (an lr, betas): DeepSpeed's own block, in the spelling it was read in
+            ds["optimizer"] = {"type": o.deepspeed_type or "AdamW"}
     if "optimizer" in ds:
         ds["optimizer"]["params"] = {**ds["optimizer"].get("params", {}), **adam}
     if standalone and "scheduler" not in ds:

@@ -229,6 +229,10 @@ class OptimizerConfig(_Section):
     """Peak lr of the input embedding and output layer (``--decoupled-lr``; None: lr)."""
     decoupled_min_lr: Optional[float] = Field(None, ge=0)
     """Floor of their decay (``--decoupled-min-lr``; None: min_lr)."""
+    deepspeed_type: Optional[str] = Field(None, pattern="(?i)^adamw?$")
+    """How a DeepSpeed JSON spelled this optimizer's type when not "AdamW" (``"Adam"``, ``"adamw"``): DeepSpeed 0.19
+    runs "Adam" as AdamW unless ``adam_w_mode`` is false, so the run is the same; a written file keeps the
+    spelling. None: "AdamW"."""
 
 
 class SchedulerConfig(_Section):
