@@ -413,7 +413,8 @@ def train_tokenizer(texts, output_dir: str | Path, vocab_size: int, min_frequenc
     (out / "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": GPT2_EOD, "eos_token": GPT2_EOD,
          "unk_token": GPT2_EOD, "model_max_length": 1 << 30}, indent=1))
-    write_tiktoken(json.loads(tokenizer._tokenizer.to_str())["model"]["merges"], out / "tiktoken.json")
+    write_tiktoken(json.loads((out / "tokenizer.json").read_text(encoding="utf-8"))["model"]["merges"],
+                   out / "tiktoken.json")
     return out
 
 
