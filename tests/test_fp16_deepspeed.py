@@ -150,6 +150,39 @@ def test_zero3_fp16_follows_deepspeeds_dynamic_loss_scale(small_corpus, tmp_path
     assert [(r["skipped"], r["loss_scale"]) for r in results[1]["records"]] == list(zip(skipped, scales))
 
 
+def test_zero0_fp16_loss_is_scaled_once(small_corpus, tmp_path):
+    """ZeRO-0 (DeepSpeed's FP16_UnfusedOptimizer, 1 rank): 2**24 overflows, so the first steps are skipped and
+    halve the scale. DeepSpeed 0.19's engine.backward left the loss unscaled there: no step was ever skipped."""
+    config = tmp_path / "ds.json"
+    config.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 0},
+                                  "fp16": {"enabled": True, "initial_scale_power": 24, "hysteresis": 1}}))
+    (result,) = run_world(1, train, ["--config", str(config), "--data-path", small_corpus, *TINY,
+                                     "--global-batch-size", "2", "--train-iters", "3"])
+    records = result["records"]
+    assert [r["skipped"] for r in records] == [True] * 3
+    assert [r["loss_scale"] for r in records] == [2.0 ** 23, 2.0 ** 22, 2.0 ** 21]
+
+
+def test_zero0_scaling_hook_leaves_a_scaled_loss_alone():
+    """The hook's probe: the gradient reaching the loss is 1 / accumulation when DeepSpeed did not scale it (then
+    it is multiplied by the scale), scale / accumulation when a fixed DeepSpeed did (then it is left alone)."""
+    import types
+
+    import torch
+
+    from zeromega.run.engines import DeepSpeedEngine
+
+    wrapper = DeepSpeedEngine.__new__(DeepSpeedEngine)
+    wrapper.engine = types.SimpleNamespace(fp16_enabled=lambda: True, zero_optimization=lambda: 0,
+                                           _get_optimizer_loss_scale=lambda: 1024.0,
+                                           gradient_accumulation_steps=lambda: 2)
+    for deepspeed_scales in (False, True):
+        x = torch.tensor(1.0, requires_grad=True)
+        loss = wrapper._scaled_for_zero0_fp16(3 * x)
+        ((loss * 1024.0 if deepspeed_scales else loss) / 2).backward()
+        assert float(x.grad) == 3 * 1024 / 2
+
+
 # ------------------------------------------------------------------ a static scale; the same model on both engines
 
 
@@ -193,23 +226,55 @@ def test_static_scale_same_model_on_both_engines(small_corpus):
 # ------------------------------------------------------------------ the other stages and offload (slow)
 
 
+# ZeRO-0 is DeepSpeed's FP16_(Unfused)Optimizer, whose loss DeepSpeed 0.19's engine.backward leaves unscaled
+# (zeromega.run.engines scales it): without that, 2**26 never overflowed, the scale only grew, and every update
+# was divided by it.
 @pytest.mark.slow
-@pytest.mark.parametrize("zero", [
-    {"stage": 0}, {"stage": 1}, {"stage": 2},
-    {"stage": 2, "offload_optimizer": {"device": "cpu"}},
-    {"stage": 3, "offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"}},
+@pytest.mark.parametrize("zero, power", [
+    ({"stage": 0}, 18), ({"stage": 1}, 18), ({"stage": 2}, 18),
+    ({"stage": 2, "offload_optimizer": {"device": "cpu"}}, 18),
+    ({"stage": 3, "offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"}}, 18),
 ], ids=["zero0", "zero1", "zero2", "zero2-offload", "zero3-offload"])
-def test_every_stage_trains_fp16_with_deepspeeds_scaler(small_corpus, tmp_path, zero):
+def test_every_stage_trains_fp16_with_deepspeeds_scaler(small_corpus, tmp_path, zero, power):
     config = tmp_path / "ds.json"
     config.write_text(json.dumps({
         "train_micro_batch_size_per_gpu": 2, "zero_optimization": zero,
-        "fp16": {"enabled": True, "loss_scale": 0, "initial_scale_power": 18, "loss_scale_window": 2,
+        "fp16": {"enabled": True, "loss_scale": 0, "initial_scale_power": power, "loss_scale_window": 2,
                  "hysteresis": 1, "min_loss_scale": 1}}))
     (result, _) = run_world(2, train, ["--config", str(config), "--data-path", small_corpus, *TINY,
                                        "--train-iters", "8"], timeout=400)
     records = result["records"]
-    skipped = [r["skipped"] for r in records]
-    assert skipped[0] and not all(skipped) and result["dtypes"] == ["torch.float16"]
-    assert [r["loss_scale"] for r in records] == deepspeed_scale_rule(skipped, 2.0 ** 18, 2, 1.0)
+    skipped, scales = [r["skipped"] for r in records], [r["loss_scale"] for r in records]
+    assert skipped[0] and not all(skipped) and result["dtypes"] == ["torch.float16"], str((skipped, scales))
+    assert scales == deepspeed_scale_rule(skipped, 2.0 ** power, 2, 1.0)
     trained = [r["loss"] for r, skip in zip(records, skipped) if not skip]
     assert trained[-1] < trained[0]
+
+
+# ------------------------------------------------------------------ the optimizer's spelling in a written DeepSpeed JSON
+
+
+@pytest.mark.parametrize("kind", ["Adam", "adamw"])
+def test_written_deepspeed_json_keeps_the_optimizer_type_as_spelled(kind):
+    """DeepSpeed 0.19 runs "Adam" as AdamW unless adam_w_mode is false (engine._configure_basic_optimizer), so
+    zeromega trains both with its AdamW; ``--to deepspeed`` writes the type back as the user spelled it (it
+    wrote "AdamW"), and DeepSpeed reads the written file as the same decoupled-decay Adam. adam_w_mode false
+    (L2-decay Adam, left to DeepSpeed) keeps its block as written."""
+    from deepspeed.runtime.config import ADAM_W_MODE_DEFAULT, get_optimizer_name, get_optimizer_params
+
+    from zeromega.launch import translate
+
+    def read(ds):
+        return translate.resolve([("DeepSpeed config", translate.from_deepspeed(json.loads(json.dumps(ds))))])
+
+    ds = {"train_micro_batch_size_per_gpu": 2,
+          "optimizer": {"type": kind, "params": {"lr": 3e-4, "betas": [0.9, 0.95]}}}
+    cfg = read(ds)
+    assert "optimizer" not in cfg.deepspeed_extra  # zeromega's own AdamW runs it, whatever the spelling
+    written = translate.to_deepspeed_file(cfg)
+    assert written["optimizer"] == ds["optimizer"]
+    assert get_optimizer_name(written).lower() in ("adam", "adamw") and ADAM_W_MODE_DEFAULT is True
+    assert "adam_w_mode" not in get_optimizer_params(written) and read(written) == cfg
+    classic = {**ds, "optimizer": {"type": kind, "params": {"lr": 3e-4, "adam_w_mode": False}}}
+    if kind.lower() == "adam":
+        assert translate.to_deepspeed_file(read(classic))["optimizer"] == classic["optimizer"]

@@ -77,6 +77,29 @@ class DeepSpeedEngine:
     last_step_skipped = False
     """Whether the last step's update was skipped (an fp16 overflow: DeepSpeed's ``skipped_steps`` grew)."""
 
+    def _scaled_for_zero0_fp16(self, loss: torch.Tensor) -> torch.Tensor:
+        """``loss`` as ZeRO-0 fp16 needs it: DeepSpeed 0.19's ``engine.backward`` scales the loss only for a ZeRO
+        optimizer (``isinstance(self.optimizer, ZeROOptimizer)``), yet ZeRO-0's ``FP16_Optimizer`` /
+        ``FP16_UnfusedOptimizer`` divide the gradients by their loss scale in ``step()`` and look there for the
+        overflow a scaled loss would cause: unscaled, every update is loss-scale times too small and no step is
+        ever skipped (upstream's open PR 8393). A hook on the loss multiplies the gradient reaching it by the
+        scale, unless DeepSpeed already scaled it (a fixed engine: that gradient is then scale / accumulation,
+        not 1 / accumulation): the probe runs at every backward. Other stages and precisions: ``loss``."""
+        engine = self.engine
+        if not engine.fp16_enabled() or engine.zero_optimization() or not loss.requires_grad:
+            return loss
+        scale = float(engine._get_optimizer_loss_scale() or 1.0)
+        unscaled = 1.0 / engine.gradient_accumulation_steps()
+        loss = loss.float()
+
+        def scale_if_deepspeed_did_not(grad: torch.Tensor) -> torch.Tensor:
+            if scale != 1.0 and abs(float(grad) - unscaled) <= 1e-6 * unscaled:
+                return grad * scale
+            return grad
+
+        loss.register_hook(scale_if_deepspeed_did_not)
+        return loss
+
     def train_step(self, micro_batches: list[dict]) -> tuple[float, Optional[float]]:
         total = 0.0
         skipped = getattr(self.engine, "skipped_steps", 0)
@@ -84,7 +107,7 @@ class DeepSpeedEngine:
             if self._ramping:  # the step's last micro-batch is the boundary, whatever micro_steps % gas says
                 self.engine.set_gradient_accumulation_boundary(i == len(micro_batches) - 1)
             loss = self._loss(self.engine, batch)
-            self.engine.backward(loss)
+            self.engine.backward(self._scaled_for_zero0_fp16(loss))
             self.engine.step()
             total += loss.item()
         self.last_step_skipped = getattr(self.engine, "skipped_steps", 0) > skipped
