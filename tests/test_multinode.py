@@ -409,7 +409,8 @@ def test_killed_node_ends_the_job_naming_it(two_nodes, tmp_path, small_corpus):
     print(f"node killed -> node 0 over in {took:.1f} s: {nodes[0].last}")
     assert nodes[0].proc.returncode not in (0, None)
     assert took < TIMEOUT_S + GRACE_S, took
-    lead = f"zeromega launch: lost node 1 ({two_nodes.addr[1]}) with rank 1: the connection to {two_nodes.addr[1]} closed"
+    far = two_nodes.addr[1]
+    lead = f"zeromega launch: lost node 1 ({far}) with rank 1: the connection to {far} closed"
     assert nodes[0].last.startswith(lead), nodes[0].err[-3000:]
     assert "; this node's rank 0 stopped because of it (exit code 1): CollectiveTimeout" in nodes[0].last
     assert survivors(nodes[0].token) == []
