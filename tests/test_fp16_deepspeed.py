@@ -99,12 +99,19 @@ def test_deepspeed_refuses_fp16_on_cpu_without_the_patch(patches):
     assert run_world(1, initialize_fp16, True) == ["ok"]
 
 
-def test_plan_and_preflight_no_longer_refuse_fp16_on_cpu():
+def test_plan_and_preflight_no_longer_refuse_fp16_on_cpu(tmp_path, capsys):
+    """``zeromega plan`` and the launcher's pre-flight refused fp16 on this CPU ("the cpu device does not compute
+    in fp16"); they ask the patch's probe now."""
+    from zeromega.launch import cli
     from zeromega.plugins.zero import preflight
 
     assert preflight.machine_facts("cpu").fp16_supported
-    preflight.check_combinations({"fp16": {"enabled": True}, "zero_optimization": {"stage": 3}}, "cpu",
-                                 preflight.machine_facts("cpu").fp16_supported)
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, "fp16": {"enabled": True},
+                                "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}))
+    code = cli.main(["plan", str(path), "--params", "1e6", "--device", "cpu", "--world-size", "2"])
+    out, err = capsys.readouterr()
+    assert code == 0 and "ZeRO-3 fp16, offload optimizer: cpu" in out, err
 
 
 # ------------------------------------------------------------------ DeepSpeed's dynamic loss scale
