@@ -396,6 +396,13 @@ def parse(argv: list[str]) -> MegatronArgs:
     _sequence(known, put)
     _architecture(known, put, partial)
     _deepspeed_moe(known, put)
+    experts = partial.get("moe", {}).get("num_experts") or 0
+    if experts > 1 and "--disable-bias-linear" not in known:
+        # integrations/megatron/model.py: an expert's fc2 bias is added in place after a tp reduction, which
+        # autograd rejects, so MoE models are built bias-free; said, not silent (Megatron-LM keeps the biases)
+        warnings.warn("--num-experts without --disable-bias-linear: zeromega builds MoE models without linear "
+                      "biases (Megatron-LM keeps them, in attention, MLPs, experts and the router); pass "
+                      "--disable-bias-linear to ask for that model", stacklevel=2)
     _schedule(partial)
     _note([flag for flag in known if flag in NOTED and flag not in TABLE and flag not in SPECIAL
            and flag not in NEGATIONS])

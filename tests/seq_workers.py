@@ -205,12 +205,23 @@ def adapter_checks() -> dict[str, Any]:
 
     found = {
         "dropout": build("ring", attention_dropout=0.1),
+        "ulysses_dropout": build("ulysses", attention_dropout=0.1),
         "heads": build("ulysses", hidden_size=48, num_attention_heads=3),
         "all_gather": build(cp_comm_type="all_gather"),
         "a2a": build(cp_comm_type="a2a"),
         "p2p": build(cp_comm_type="p2p"),
         "usp_without_size": build(cp_comm_type="a2a+p2p"),
     }
+    # Ulysses applies its dropout in training only (DeepSpeed-Ulysses' local attention does)
+    config = TransformerConfig(num_layers=1, hidden_size=64, num_attention_heads=4, context_parallel_size=2,
+                               attention_dropout=0.5, hidden_dropout=0.0, use_cpu_initialization=True)
+    module = ContextParallelAttention(config, 1, AttnMaskType.causal, "self", mode="ulysses")
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(4, 1, 4, 16) for _ in range(3))
+    plain = module.eval()(q, k, v, None)
+    found["ulysses_dropout_changes_training_only"] = (
+        not torch.allclose(module.train()(q, k, v, None), plain)
+        and torch.equal(module.eval()(q, k, v, None), plain))
     rank = parallel_state_rank()
     # rank 0 keeps 3 tokens of loss 1.0, rank 1 one token of loss 5.0: the sequence's mean is 2.0
     per_token = torch.full((1, 4), 1.0 if rank == 0 else 5.0)

@@ -136,23 +136,24 @@ def megatron_param_count(a: dict, vocab: int, tp: int) -> int:
     """Megatron's parameter count written out from a script's flags: the vocabulary padded to a multiple of
     128 x tp; attention with GQA (q: heads x kv, k and v: groups x kv); the MLP (SwiGLU: fc1 twice as wide; its
     ffn default int(8h/3 / 64) x 64, else 4h); LayerNorm weight and bias or RMSNorm weight; biases on linear
-    layers unless --disable-bias-linear; learned positions unless rope; an untied output layer; MoE layers: a
-    router (experts x h) and every expert's MLP."""
+    layers unless --disable-bias-linear (MoE models: none, as zeromega builds them); learned positions unless
+    rope; an untied output layer; MoE layers: a router (experts x h, plus experts with biases) and every
+    expert's MLP."""
     h, heads = a["hidden"], a["heads"]
     kv, groups = a.get("kv", h // heads), a.get("groups", heads)
     ffn = a.get("ffn") or (int(4 * h * 2 / 3 / 64) * 64 if a["swiglu"] else 4 * h)
     padded = -(-vocab // (128 * tp)) * 128 * tp
-    bias = a["bias"]
+    experts = a.get("experts", 0)
+    bias = a["bias"] and not experts  # zeromega builds MoE models bias-free, and says so before launch
     norm = h * (2 if a["norm"] == "LayerNorm" else 1)
     qkv = heads * kv + 2 * groups * kv
     attention = h * qkv + heads * kv * h + (qkv + h if bias else 0)
     fc1 = 2 * ffn if a["swiglu"] else ffn
     mlp = h * fc1 + ffn * h + (fc1 + h if bias else 0)
-    experts = a.get("experts", 0)
     moe_layers = a.get("moe_layers", range(1, a["layers"] + 1) if experts else [])
     total = 0
     for n in range(1, a["layers"] + 1):
-        total += norm + attention + norm + (experts * h + experts * mlp if n in moe_layers else mlp)
+        total += norm + attention + norm + (experts * h + (experts if bias else 0) + experts * mlp if n in moe_layers else mlp)
     total += padded * h + (a["maxpos"] * h if a["learned_pos"] else 0) + norm
     return total + (0 if a["tied"] else padded * h)
 
@@ -305,3 +306,41 @@ def test_megatron_deepspeed_top2_second_expert_sampling():
         assert args.unknown == [], argv
         assert args.partial["moe"]["topk"] == int(argv[argv.index("--topk") + 1])
         assert any("Gumbel" in str(w.message) for w in caught) == noted, argv
+
+
+def test_ulysses_takes_megatrons_default_attention_dropout():
+    """The Ulysses 32k script leaves --attention-dropout at Megatron's 0.1: ContextParallelAttention refused it
+    inside every rank (a traceback) for all modes; Ulysses now applies it, ring and USP still refuse it."""
+    from distributed import run_world
+    from seq_workers import adapter_checks
+
+    found = run_world(2, adapter_checks)[0]
+    assert found["ulysses_dropout"] == "ulysses"
+    assert found["ulysses_dropout_changes_training_only"]
+    assert "attention_dropout=0.1" in found["dropout"] and "fix:" in found["dropout"]
+
+
+def test_ring_attention_dropout_is_refused_before_launch():
+    """Ring / USP attention refuse dropout when the ranks build the model; the launcher now says it first."""
+    from zeromega.config import ConfigError
+    from zeromega.launch import translate
+    from zeromega.run.prelaunch import before_launch
+
+    base = ["--context-parallel-size", "2", "--num-attention-heads", "4", "--lr", "0.1", "--train-iters", "3"]
+    with pytest.raises(ConfigError, match="model.attention_dropout.*ring attention has no dropout"):
+        before_launch(translate.build(megatron_argv=base + ["--cp-comm-type", "p2p"]))
+    before_launch(translate.build(megatron_argv=base + ["--cp-comm-type", "a2a"]))
+    before_launch(translate.build(megatron_argv=base + ["--cp-comm-type", "p2p", "--attention-dropout", "0"]))
+
+
+def test_a_moe_model_with_biases_asked_is_noted():
+    """zeromega builds MoE models without linear biases (integrations/megatron/model.py); a script that asks for
+    biases (no --disable-bias-linear, as Megatron-DeepSpeed's GPT MoE scripts) got another model silently."""
+    from zeromega.launch import megatron_args
+
+    for argv, noted in ((["--num-experts", "4"], True), (["--num-experts", "4", "--disable-bias-linear"], False),
+                        (["--num-layers", "2"], False)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            megatron_args.parse(argv)
+        assert any("without linear biases" in str(w.message) for w in caught) == noted, argv

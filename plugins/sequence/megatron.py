@@ -85,9 +85,13 @@ class ContextParallelAttention(MegatronModule):
         self.attn_mask_type = attn_mask_type
         self.layer_number = max(1, layer_number)
         dropout = config.attention_dropout if attention_dropout is None else attention_dropout
-        if dropout:
-            raise ValueError(f"attention_dropout={dropout}: context-parallel attention has no dropout "
-                             "(each rank would need the same random stream per block); fix: set it to 0")
+        if dropout and self.mode != "ulysses":
+            # Ulysses attends whole sequences of a subset of heads: dropout on their probabilities is local, as
+            # in DeepSpeed-Ulysses. Ring and USP blocks would need one random stream per block across ranks.
+            raise ValueError(f"attention_dropout={dropout}: ring and USP attention have no dropout (each rank "
+                             "would need the same random stream per block); fix: set it to 0, or use Ulysses "
+                             "(a2a), which has it")
+        self.dropout = float(dropout or 0.0)
         if config.apply_query_key_layer_scaling:
             raise ValueError("apply_query_key_layer_scaling=True: not supported by context-parallel "
                              "attention; fix: turn it off (fp32 softmax makes it unnecessary)")
@@ -139,10 +143,11 @@ class ContextParallelAttention(MegatronModule):
             raise NotImplementedError("attention_mask with a non-causal layer: arbitrary masks are not "
                                       "supported by context-parallel attention")
         q, k, v = (t.transpose(0, 1) for t in (query, key, value))  # -> [b, s_l, heads, d]
+        attend = functools.partial(local_attention, dropout_p=self.dropout if self.training else 0.0)
         if self.cp_size == 1:
-            out = local_attention(q, k, v, causal, self.scale)
+            out = attend(q, k, v, causal, self.scale)
         elif self.mode == "ulysses":
-            out = ulysses_attention(q, k, v, self.cp_group, causal, self.scale, layout=self.layout)
+            out = ulysses_attention(q, k, v, self.cp_group, causal, self.scale, layout=self.layout, attention=attend)
         elif self.mode == "ring":
             out = ring_attention(q, k, v, self.cp_group, causal, self.scale, layout=self.layout)
         else:

@@ -39,11 +39,14 @@ from .layout import LAYOUTS, check_bshd, check_layout, gather_plan, missing_layo
 Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool, float], torch.Tensor]
 
 
-def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float) -> torch.Tensor:
-    """Full attention of one rank's heads with torch's fused SDPA; ``[b, s, h, d]`` in and out."""
+def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
+                    dropout_p: float = 0.0) -> torch.Tensor:
+    """Full attention of one rank's heads with torch's fused SDPA; ``[b, s, h, d]`` in and out. ``dropout_p``:
+    dropout on the attention probabilities (each head sees its whole sequence here, as in Ulysses)."""
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     k, v = expand_kv(k, q.size(1)), expand_kv(v, q.size(1))
-    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale).transpose(1, 2)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale,
+                                          dropout_p=dropout_p).transpose(1, 2)
 
 
 def check_heads(heads: int, kv_heads: int, size: int) -> None:

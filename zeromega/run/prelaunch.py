@@ -12,6 +12,11 @@ def before_launch(cfg: RunConfig) -> None:
     if s.train_iters is None and s.train_samples is None:
         raise ConfigError("scheduler.train_iters", None, "the run's length is unstated",
                           "pass --train-iters N or --train-samples N (DeepSpeed: the scheduler's total_num_steps)")
+    if cfg.parallel.cp > 1 and cfg.sequence.mode in ("ring", "usp") and cfg.model.attention_dropout:
+        # the attention module refuses it when the ranks build the model: said here, before any rank starts
+        raise ConfigError("model.attention_dropout", cfg.model.attention_dropout, f"{cfg.sequence.mode} attention "
+                          "has no dropout (each rank would need the same random stream per block)",
+                          "pass --attention-dropout 0, or use Ulysses (--cp-comm-type a2a), which has it")
     if cfg.checkpoint.finetune:
         from .checkpointing import check
 
