@@ -124,10 +124,10 @@ class Evaluator:
         self.condition = ""
         self.output: Optional[list[str]] = None
         self.line = 0
-
-    # ------------------------------------------------------------ values
         if "PWD" not in self.pinned:  # bash sets PWD at start-up, whatever the environment: the directory it runs in
             self.state.vars["PWD"] = os.getcwd()
+
+    # ------------------------------------------------------------ values
 
     def get(self, name: str) -> Union[str, list, None]:
         if name in self.pinned:
@@ -484,9 +484,9 @@ class Evaluator:
         if name == "exit":
             if self.condition:
                 return 0, None
+            self.exited = self.line  # a script that exits before its training command is named, not read as empty
             raise _Exit()
         if name == "return":
-            self.exited = self.line  # a script that exits before its training command is named, not read as empty
             raise _Return(int(args[0]) if args and args[0].isdigit() else 0)
         if name in ("break", "continue") and self.loop_depth:
             if name == "break":
@@ -507,13 +507,13 @@ class Evaluator:
             return 0, None
         if name == "sed":
             return self.sed(args, stdin, node)
+        if name == "pwd":  # the builtin: the directory bash runs in (as $PWD)
+            pwd = self.get("PWD")
+            return 0, (pwd if isinstance(pwd, str) else os.getcwd()) + "\n"
         if name in ("dirname", "basename") and args:
             path = _unmark_keep(args[0])
             out = os.path.dirname(path.rstrip("/")) or "." if name == "dirname" else os.path.basename(path.rstrip("/"))
             if name == "basename" and len(args) > 1 and out.endswith(_unmark(args[1])):
-        if name == "pwd":  # the builtin: the directory bash runs in (as $PWD)
-            pwd = self.get("PWD")
-            return 0, (pwd if isinstance(pwd, str) else os.getcwd()) + "\n"
                 out = out[:-len(_unmark(args[1]))]
             return 0, out + "\n"
         for k in range(len(words) - 2):  # `srun ... bash -c "$LAUNCHER $CMD"`: the launch is the string

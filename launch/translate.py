@@ -275,11 +275,11 @@ def _megatron_turns_off_sequence_parallel_without_tp(merged: dict) -> None:
         parallel["sequence_parallel"] = False
 
 
-def build(config_path: Optional[str] = None, megatron_argv: Optional[list[str]] = None,
 CONFIG_ENV = "ZEROMEGA_CONFIG_ENV"
 """JSON {name: value}: the variables ``zeromega launch --env`` pins in a launch-script config, for the ranks."""
 
 
+def build(config_path: Optional[str] = None, megatron_argv: Optional[list[str]] = None,
           env: Optional[dict[str, str]] = None, run_script: bool = False,
           notes: Optional[list[str]] = None) -> RunConfig:
     """The RunConfig from a config file (any dialect) and/or Megatron arguments (conflicts are errors).
