@@ -308,18 +308,6 @@ def test_megatron_deepspeed_top2_second_expert_sampling():
         assert any("Gumbel" in str(w.message) for w in caught) == noted, argv
 
 
-def test_ulysses_takes_megatrons_default_attention_dropout():
-    """The Ulysses 32k script leaves --attention-dropout at Megatron's 0.1: ContextParallelAttention refused it
-    inside every rank (a traceback) for all modes; Ulysses now applies it, ring and USP still refuse it."""
-    from distributed import run_world
-    from seq_workers import adapter_checks
-
-    found = run_world(2, adapter_checks)[0]
-    assert found["ulysses_dropout"] == "ulysses"
-    assert found["ulysses_dropout_changes_training_only"]
-    assert "attention_dropout=0.1" in found["dropout"] and "fix:" in found["dropout"]
-
-
 def test_ring_attention_dropout_is_refused_before_launch():
     """Ring / USP attention refuse dropout when the ranks build the model; the launcher now says it first."""
     from zeromega.config import ConfigError

@@ -96,6 +96,8 @@ def test_megatron_adapter_rejects_at_build_time_and_weights_loss_by_tokens():
     results = run_world(2, adapter_checks)
     found = results[0]
     assert "attention_dropout=0.1" in found["dropout"] and "fix:" in found["dropout"]
+    # Ulysses has dropout (Megatron's default 0.1 crashed the Ulysses 32k script in every rank), in training only
+    assert found["ulysses_dropout"] == "ulysses" and found["ulysses_dropout_changes_training_only"]
     assert "num_attention_heads=3" in found["heads"] and "fix:" in found["heads"]
     assert "cp_comm_type='all_gather'" in found["all_gather"]
     assert (found["a2a"], found["p2p"]) == ("ulysses", "ring")  # Megatron-LM's --cp-comm-type names
