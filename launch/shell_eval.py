@@ -1320,6 +1320,12 @@ def _unary(op: str, arg: str, ev: Evaluator) -> Optional[bool]:
     text = ev.read_file(path)
     if text is not None:
         return op != "-d" and (op != "-s" or bool(text))
+    if not Path(path).is_absolute() and OPAQUE not in path:  # bash looks in the current directory first
+        try:
+            if Path(path).is_dir() if op == "-d" else Path(path).exists():
+                return True
+        except OSError:
+            pass
     if ev.base is not None:
         target = Path(path) if Path(path).is_absolute() else ev.base / path
         try:
@@ -1335,12 +1341,6 @@ def _test(args: list[str], ev: Evaluator) -> Optional[bool]:
     """``test``/``[``: POSIX's rules by argument count, then ``!``, ``-a``, ``-o`` and parentheses."""
     words = [_unmark(a) if OPAQUE not in a else a for a in args]
 
-    if not Path(path).is_absolute() and OPAQUE not in path:  # bash looks in the current directory first
-        try:
-            if Path(path).is_dir() if op == "-d" else Path(path).exists():
-                return True
-        except OSError:
-            pass
     def simple(ws: list[str], raw: list[str]) -> Optional[bool]:
         if not ws:
             return False
