@@ -367,8 +367,9 @@ def lost_node(facts: dict, answers=None) -> Optional[str]:
     what the rank's heartbeat saw when its collective failed; None when the evidence names no other node.
 
     In order: node 0's store did not answer (this node is cut off from node 0); the connection to a peer's
-    address closed (a node that died); ranks of another node never reached the step; every rank reached it, so
-    the other nodes' addresses are asked whether they answer at all (``answers(addr)``, a partition).
+    address closed (a node that died); ranks of another node never reached the step (that node is asked whether
+    it answers at all, ``answers(addr)``: a partition may cut it off before it posts); every rank reached it, so
+    the other nodes' addresses are asked (a partition).
     Ranks are numbered node by node, ``local_world_size`` per node.
     """
     per, world, step = facts.get("local_world_size") or 0, facts.get("world") or 0, facts.get("step")
@@ -409,9 +410,13 @@ def lost_node(facts: dict, answers=None) -> Optional[str]:
         if facts.get("lost_peer"):  # a connection broke and only that node is behind: it died
             return (f"lost {node_text(nodes[0], behind)}: its connection closed and it never reached step {step} "
                     "(that node died or its ranks did)")
-        return f"{node_text(nodes[0], behind)} held the job up: never reached step {step} (hung, dead or far slower)"
     if answers is None:
         from zeromega.launch.network import answers
+    if behind:  # behind, or cut off before it could post (a partition): ask its address
+        if address(nodes[0]) and not answers(address(nodes[0])):
+            return (f"lost {node_text(nodes[0])}: it does not answer from this node (a network partition, or that "
+                    f"node is down); its {_ranks_text(behind)} never reached step {step}")
+        return f"{node_text(nodes[0], behind)} held the job up: never reached step {step} (hung, dead or far slower)"
     silent = [node for node in range(world // per) if node != mine and address(node) and not answers(address(node))]
     if silent:
         return (f"lost {node_text(silent[0])}: it does not answer from this node (a network partition, or that "

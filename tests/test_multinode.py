@@ -276,6 +276,10 @@ def test_partition_blames_the_node_across_it(monkeypatch, tmp_path):
     assert launcher.lost_node(near) is None  # both nodes up: nothing to blame on node 1
     behind = dict(near, posts=_posts(2, 7, 1, late=(1,)))
     assert launcher.lost_node(behind).startswith("node 1 (10.0.0.2) with rank 1 held the job up: never reached step 7")
+    monkeypatch.setattr(network, "answers", lambda host, timeout_s=3.0: False)  # cut off before it posted step 7
+    assert launcher.lost_node(behind).startswith("lost node 1 (10.0.0.2) with rank 1: it does not answer from this "
+                                                 "node (a network partition, or that node is down); its rank 1 never "
+                                                 "reached step 7"), launcher.lost_node(behind)
 
 
 def test_own_rank_dying_is_not_blamed_on_another_node(monkeypatch, tmp_path):
