@@ -258,6 +258,23 @@ def test_every_stage_trains_fp16_with_deepspeeds_scaler(small_corpus, tmp_path, 
     assert trained[-1] < trained[0]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["0", "1", "3"])
+def test_fp16_resume_keeps_deepspeeds_scaler(small_corpus, tmp_path, stage):
+    """Saved after step 4 and resumed: steps 5-8 (loss, scale, skips) are those of the continuous run."""
+    argv = ["--data-path", small_corpus, *TINY, "--fp16", "--initial-loss-scale", str(2 ** 18),
+            "--loss-scale-window", "2", "--hysteresis", "1", "--zero-stage", stage, "--train-iters", "8"]
+
+    def trace(result):
+        return [(r["step"], r["loss"], r["loss_scale"], r["skipped"]) for r in result["records"]]
+
+    full = trace(run_world(2, train, argv)[0])
+    first = trace(run_world(2, train, argv + ["--save", str(tmp_path), "--save-interval", "4",
+                                              "--exit-interval", "4"])[0])
+    resumed = trace(run_world(2, train, argv + ["--load", str(tmp_path)])[0])
+    assert first + resumed == full and any(skip for *_, skip in resumed), full
+
+
 # ------------------------------------------------------------------ the optimizer's spelling in a written DeepSpeed JSON
 
 
