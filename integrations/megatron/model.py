@@ -92,6 +92,18 @@ def padded_vocab_size(vocab: int, multiple: int, tp: int) -> int:
     return ((vocab + step - 1) // step) * step
 
 
+def padding_note(vocab: int, multiple: int, tp: int) -> Optional[str]:
+    """One line where :func:`padded_vocab_size` differs from Megatron-LM's ``multiple x tp`` (None where they
+    agree, as at tp 1), naming the ``--make-vocab-size-divisible-by`` that builds Megatron-LM's model here."""
+    ours = padded_vocab_size(vocab, multiple, tp)
+    megatron = -(-vocab // (multiple * tp)) * multiple * tp
+    if ours == megatron:
+        return None
+    return (f"note: vocabulary {vocab} padded to {ours} (a multiple of lcm({multiple}, tp {tp}): the same model at "
+            f"every tp); Megatron-LM pads it to {megatron} (multiple x tp). For Megatron-LM's model pass "
+            f"--make-vocab-size-divisible-by {multiple * tp}")
+
+
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 

@@ -100,6 +100,10 @@ class Run:
         shared_fs.check(cfg, [] if own or prefix.mock else _first_prefixes(prefix))
         if not own:
             self.shape = gpt.shape(cfg, gpt.vocab_size(cfg, prefix))
+            padding = gpt_model.padding_note(self.shape.vocab_size, self.shape.make_vocab_size_divisible_by,
+                                             cfg.parallel.tp)
+            if padding:
+                self.say(padding)
         weights = checkpointing.read_weights(cfg)
         if weights is not None:
             self.say(f"weights from {weights.path}: {weights.source}")
