@@ -233,3 +233,17 @@ def test_swiglu_export_merges_the_halves_and_refuses_gpt2_names(tmp_path, small_
     assert abs(loss - full[HALF + 1]) <= 1e-5 * full[HALF + 1], (loss, full[HALF + 1])
     with pytest.raises(CheckpointError, match="gated"):
         export(save / tag_for(HALF), tmp_path / "hf", "hf")
+
+
+def test_vocabulary_padding_states_where_it_differs_from_megatron_lm():
+    """zeromega pads to lcm(multiple, tp) (one model at every tp); Megatron-LM to multiple x tp. Where they
+    differ the run says so, with the flag value that builds Megatron-LM's model (GPT-2's 50257 at tp 8)."""
+    from zeromega.integrations.megatron.model import padded_vocab_size, padding_note
+
+    assert padding_note(257, 128, 1) is None and padding_note(50304, 128, 8) is None  # they agree
+    assert padded_vocab_size(50257, 128, 8) == 50304
+    note = padding_note(50257, 128, 8)
+    assert "padded to 50304" in note and "pads it to 51200" in note, note
+    fix = int(note.rsplit(" ", 1)[1])
+    assert padded_vocab_size(50257, fix, 8) == 51200  # the named value reproduces Megatron-LM's size
+    assert "padded to 384" in padding_note(257, 128, 2) and "512" in padding_note(257, 128, 2)
