@@ -685,7 +685,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         for note in getattr(args, "notes", []):  # what a launch-script reader wants said (which line it read)
             print(f"{args.prog}: note: {note}", file=sys.stderr)
         return code
-    except UsageError as err:
+    except (UsageError, ConfigError) as err:  # a ConfigError here: a writer refusing what it cannot write
+        err = UsageError.from_config(err) if isinstance(err, ConfigError) else err
         prog = err.prog or getattr(args, "prog", PROG)
         print(f"{prog}: error: {err.problem}; fix: {err.fix}", file=sys.stderr)
         return 2

@@ -16,10 +16,18 @@ from .limits import MAX_INT, MAX_WORLD
 from .translate import DIALECTS, detect, resolve, sources
 
 
+def _one_line(text: str) -> str:
+    """``text`` with line breaks and other unprintable characters escaped (a key or value from the input
+    may hold them), so the error stays one line."""
+    return text if text.isprintable() else "".join(
+        c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 class UsageError(Exception):
     """Input the user can fix; printed as one line, exit code 2."""
 
     def __init__(self, problem: str, fix: str, prog: Optional[str] = None):
+        problem, fix = _one_line(problem), _one_line(fix)
         super().__init__(f"{problem}; fix: {fix}")
         self.problem, self.fix, self.prog = problem, fix, prog
 

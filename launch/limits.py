@@ -163,10 +163,21 @@ def load_yaml(text: str, path: str, field: str = "--config") -> Any:
                         continue
             return super().construct_mapping(node, deep=deep)
 
+        def construct_object(self, node, deep=False):
+            try:
+                return super().construct_object(node, deep=deep)
+            except (ConfigError, RecursionError):
+                raise
+            except (ValueError, TypeError, KeyError, AttributeError, IndexError) as err:  # '!!int abc', '!!bool x'
+                raise ConfigError(field, path, f"{node.tag.rsplit(':', 1)[-1]} {_short(str(node.value))!r} at line "
+                                  f"{node.start_mark.line + 1} cannot be read as one ({' '.join(str(err).split())})",
+                                  "give a value of that type, or drop the tag") from None
+
         def construct_yaml_int(self, node):
             text = str(node.value).replace("_", "")
             digits = text.lstrip("+-")
-            if digits.isdigit() and len(digits) > 19:
+            parts = digits.split(":")  # YAML 1.1's base 60, 1:30 = 90: each part multiplies by 60
+            if digits.isdigit() and len(digits) > 19 or len(parts) > 11 or len(parts) > 1 and len(parts[0]) > 19:
                 raise ConfigError(field, path, f"the integer {_short(text)} at line {node.start_mark.line + 1} is "
                                   f"beyond the 64-bit limit of +-{MAX_INT}", "give a number that fits in 64 bits")
             return super().construct_yaml_int(node)

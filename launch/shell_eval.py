@@ -121,6 +121,8 @@ class Evaluator:
         self.steps = 0
         self.depth = 0
         self.loop_depth = 0
+        self.returnable = 0
+        """Functions and sourced files being run (``return`` outside them is an error bash goes past)."""
         self.condition = ""
         self.output: Optional[list[str]] = None
         self.line = 0
@@ -487,6 +489,8 @@ class Evaluator:
             self.exited = self.line  # a script that exits before its training command is named, not read as empty
             raise _Exit()
         if name == "return":
+            if not self.returnable:  # bash: "can only `return' from a function or sourced script", status 1
+                return 1, None
             raise _Return(int(args[0]) if args and args[0].isdigit() else 0)
         if name in ("break", "continue") and self.loop_depth:
             if name == "break":
@@ -595,7 +599,13 @@ class Evaluator:
         if text is None:
             self.missing_sources.append((path, node.line))
             return None
-        return self.nested(lambda: self.run_text(text), f"source {path}")
+        self.returnable += 1
+        try:
+            return self.nested(lambda: self.run_text(text), f"source {path}")
+        except _Return as ret:  # return in a sourced file ends the file
+            return ret.status
+        finally:
+            self.returnable -= 1
 
     def eval(self, text: str, node: Simple) -> Optional[int]:
         def run():
@@ -622,12 +632,14 @@ class Evaluator:
     def call(self, name: str, args: list[str]) -> Optional[int]:
         saved = self.state.positional
         self.state.positional = list(args)
+        self.returnable += 1
         try:
             return self.nested(lambda: self.exec(self.state.funcs[name]), f"the function {name}")
         except _Return as ret:
             return ret.status
         finally:
             self.state.positional = saved
+            self.returnable -= 1
 
     def arith_command(self, expr: str) -> Optional[int]:
         try:
@@ -675,7 +687,10 @@ class Evaluator:
                     out.literal(nxt, True)
                 i += 2
             elif ch == "'" and not quoted:
-                end = raw.index("'", i + 1)
+                end = raw.find("'", i + 1)
+                if end < 0:
+                    raise ConfigError(self.name, f"line {self.line}", "a ' quote is not closed (bash: unexpected EOF "
+                                      "while looking for matching `'')", "close the quote")
                 out.literal(raw[i + 1:end], True)
                 i = end + 1
             elif ch == '"' and not heredoc:

@@ -89,7 +89,8 @@ def read_unified(path: str | Path) -> dict:
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
-            raise ConfigError("--config", str(path), f"not valid YAML ({getattr(err, 'problem', err)}{where})",
+            problem = " ".join(str(getattr(err, "problem", None) or err).split())  # PyYAML's can span lines
+            raise ConfigError("--config", str(path), f"not valid YAML ({problem}{where})",
                               "fix the YAML syntax at that place") from None
     else:
         try:

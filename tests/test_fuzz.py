@@ -1,17 +1,26 @@
 """Every config reader, fuzzed through the command line (issue 18): a result or one clean line, quickly.
 
-Generators build inputs shaped like the real thing (DeepSpeed JSON/Hjson with
-its known keys, unified YAML, ``zeromega`` blocks, Megatron argument files,
-bash launch scripts with the constructs published scripts use, ``plan``
-flags) but with values of random types, random nesting and unknown keys.
-Each input goes through ``zeromega check``, ``translate`` and ``plan`` in
-process, and must end with exit code 0 or 2, no traceback, exactly one line
-on stderr for exit 2, and within ``TIME_BOUND`` seconds.
+tests/fuzz_inputs.py generates the inputs from a fixed seed (input ``i`` of
+a category is ``GENERATORS[kind](Draw(kind, i))``, the same on every run):
+DeepSpeed JSON/Hjson, ``zeromega`` blocks, unified YAML/JSON (dotted keys,
+aliases, merge keys, duplicates, YAML's own number spellings), Megatron
+argument files, bash launch scripts (read statically, never run) and
+``plan`` flags. Each input goes through ``zeromega check`` in process; the
+inputs it accepts also through ``translate`` (to a dialect the seed picks)
+and ``plan``. A refused input is refused by ``_read_input`` or the layout,
+which translate and plan share with check, so only every ``REREAD``-th
+refused input goes through them again (that the three commands agree is
+checked on those). Every call must end with exit code 0 or 2, no
+traceback, exactly one ``error: ...; fix: ...`` line on stderr for exit 2,
+within ``TIME_BOUND`` seconds, with the process's data segment bounded
+(``MEMORY_BOUND`` over what it held before).
 
-Deterministic (``derandomize=True``, no example database) and bounded: about
-two thousand inputs in all, well under a minute on two cores. Below the
-fuzzers, one test per defect the issue lists, each of which failed before
-its fix.
+The parser is built once per module (``build_parser`` reads three packages'
+metadata: two thirds of a call's time, and nothing a fuzzed input can reach).
+Run with ``pytest -s tests/test_fuzz.py`` to see the number of inputs per
+category; each category asserts its own minimum of distinct inputs. Below
+the fuzzers, one test per defect the issue lists, each of which failed
+before its fix.
 """
 
 from __future__ import annotations
@@ -19,37 +28,66 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import resource
 import shlex
+import signal
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from zeromega.config.schema import RunConfig
-from zeromega.launch import cli, limits, megatron_args
-from zeromega.launch.deepspeed_json import BLOCK_KEYS, SCHEDULERS, TOP_LEVEL
+from fuzz_inputs import GENERATORS, Draw, Input
+from zeromega.launch import cli, limits
 
 TIME_BOUND = 5.0
 """Seconds one CLI call may take (the ones here take milliseconds; the unbounded inputs took minutes)."""
+HANG_BOUND = 30
+"""Seconds after which a call is stopped and reported as a hang (so one bad input cannot stall CI)."""
+MEMORY_BOUND = 1 << 30
+"""Bytes of data segment a category may add (RLIMIT_DATA): beyond it an allocation fails, reported."""
+REREAD = 4
+"""Every REREAD-th input check refuses also goes through translate and plan."""
+
+MINIMUM = {"DeepSpeed JSON/Hjson": 600, "zeromega block": 450, "unified YAML/JSON": 650,
+           "Megatron argument file": 550, "launch script": 500, "plan flags": 500}
+"""Distinct inputs each category generates; the test fails when a category runs fewer."""
+COUNTS: dict[str, dict[str, int]] = {}
+CALLS = [0]
 
 FUZZ = settings(derandomize=True, database=None, deadline=None, print_blob=False,
                 suppress_health_check=list(HealthCheck))
-COUNTS: dict[str, int] = {}
+TARGETS = ["deepspeed", "megatron", "megatron-core", "zeromega", "megatron-deepspeed"]
+WORLDS = ["1", "2", "4", "8", "16", "3", "64", "6"]
 
 
 @pytest.fixture(scope="module")
 def workdir():
-    """A scratch folder, after one call of each command: the time bound is for reading an input, not for
-    importing Megatron-Core (translate --to megatron-core) or the ZeRO planner (plan) the first time."""
-    with tempfile.TemporaryDirectory(prefix="zeromega-fuzz-") as path:
-        warm = Path(path) / "warm.json"
-        warm.write_text('{"train_micro_batch_size_per_gpu": 1}')
-        for argv in (["translate", "--to", "megatron-core"], ["plan", "--params", "1e6"], ["check"]):
-            run_cli(argv[0], str(warm), *argv[1:], "--world-size", "1")
-        yield Path(path)
+    """A scratch folder, after one call of each command (the time bound is for reading an input, not for
+    importing Megatron-Core or the ZeRO planner the first time), with the parser built once."""
+    parser = cli.build_parser()
+    original = cli.build_parser
+    cli.build_parser = lambda: parser
+    try:
+        with tempfile.TemporaryDirectory(prefix="zeromega-fuzz-") as path:
+            warm = Path(path) / "warm.json"
+            warm.write_text('{"train_micro_batch_size_per_gpu": 1}')
+            for argv in (["translate", "--to", "megatron-core"], ["plan", "--params", "1e6"], ["check"]):
+                run_cli(argv[0], str(warm), *argv[1:], "--world-size", "1")
+            yield Path(path)
+    finally:
+        cli.build_parser = original
+
+
+class Hang(BaseException):
+    """Raised by the alarm inside a call that runs past HANG_BOUND (a BaseException: no reader catches it)."""
+
+
+def _alarm(signum, frame):
+    raise Hang()
 
 
 def run_cli(*argv: str) -> tuple[int, str, str, float]:
@@ -63,6 +101,7 @@ def run_cli(*argv: str) -> tuple[int, str, str, float]:
 def assert_clean(*argv: str) -> tuple[int, str]:
     """Exit 0 or 2, no traceback, one stderr line with exit 2, within TIME_BOUND; (code, stderr)."""
     code, out, err, elapsed = run_cli(*argv)
+    CALLS[0] += 1
     shown = f"{argv[:2]} -> {code}: {err[-2000:]!r}"
     assert code in (0, 2), shown
     assert "Traceback" not in out + err, shown
@@ -73,136 +112,98 @@ def assert_clean(*argv: str) -> tuple[int, str]:
     return code, err
 
 
-def every_command(path: Path, kind: str, data, dialect: str | None = None) -> None:
-    """check, translate (to a dialect ``data`` picks) and plan on ``path``."""
-    COUNTS[kind] = COUNTS.get(kind, 0) + 1
-    given_dialect = ["--from", dialect] if dialect else []
-    world = ["--world-size", str(data.draw(st.sampled_from([1, 2, 4, 8, 16])))]
-    assert_clean("check", str(path), *given_dialect, *world)
-    target = data.draw(st.sampled_from(["deepspeed", "megatron", "megatron-core", "zeromega"]))
-    assert_clean("translate", str(path), "--to", target, *given_dialect, *world)
-    assert_clean("plan", str(path), *given_dialect, *world, "--params", "1e6")
+def _commands(kind: str, path: Path, inp: Input, d: Draw) -> None:
+    """check, and for an accepted input (or every REREAD-th refused one) translate and plan."""
+    given_ = [*(["--from", inp.dialect] if inp.dialect else []), *inp.argv]
+    if kind == "plan flags":
+        code, _ = assert_clean("plan", str(path), *given_)
+        COUNTS[kind]["refused"] += code == 2
+        return
+    world = ["--world-size", d.pick(WORLDS)]
+    code, err = assert_clean("check", str(path), *given_, *world)
+    reread = COUNTS[kind]["refused"] % REREAD == 0 if code == 2 else True
+    COUNTS[kind]["refused"] += code == 2
+    if not reread:
+        return
+    target = d.pick(TARGETS)
+    out = ["--deepspeed-out", str(path.with_suffix(".out.json"))] if target == "megatron-deepspeed" else []
+    code_t, err_t = assert_clean("translate", str(path), "--to", target, *out, *given_, *world)
+    code_p, err_p = assert_clean("plan", str(path), *given_, *world, *d.pick([["--params", "1e6"], []]))
+    if code == 2:  # the same refusal: the three read IN the same way
+        assert code_t == code_p == 2, f"check refused ({err!r}) but translate gave {code_t}, plan {code_p}"
+    path.with_suffix(".out.json").unlink(missing_ok=True)
 
 
-# ------------------------------------------------------------------ values
-
-# Placeholders replaced in the JSON text by what json.dumps cannot write: a float beyond range, an
-# integer beyond Python's 4,300-digit parsing limit.
-RAW = {"@@1e400@@": "1e400", "@@-1e400@@": "-1e400", "@@digits@@": "9" * 5000, "@@int70@@": str(2**70)}
-
-scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(-3, 9), st.integers(-2**80, 2**80),
-    st.floats(allow_nan=True, allow_infinity=True), st.sampled_from(sorted(RAW)),
-    st.sampled_from(["auto", "cpu", "nvme", "none", "AdamW", "WarmupLR", "WarmupCosineLR", "ring", "usp",
-                     "1", "2.5", "true", "", "inf", "nan", "1e400", "${TP}", "/tmp/x"]),
-    st.text(max_size=6),
-)
-keys = st.one_of(st.sampled_from(["enabled", "stage", "lr", "tp", "device", "params", "type", "a.b", "zeromega",
-                                  "model", "parallel", "deepspeed_extra", "<<", "1"]), st.text(max_size=5))
-values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(keys, inner, max_size=3),
-                      max_leaves=6)
+def _data_limit():
+    """The data-segment limit for one category: what the process holds now plus MEMORY_BOUND."""
+    with open("/proc/self/status") as status:
+        held = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmData:"))
+    return held + MEMORY_BOUND
 
 
-def plausible(*examples):
-    """A key's value: mostly plausible, sometimes anything."""
-    return st.one_of(st.sampled_from(examples), st.sampled_from(examples), values)
+@pytest.mark.parametrize("kind", list(GENERATORS))
+def test_fuzzed_inputs(workdir, kind):
+    """MINIMUM[kind] distinct generated inputs, each through the commands; every failure listed with the
+    index that regenerates it."""
+    COUNTS[kind] = {"generated": 0, "distinct": 0, "refused": 0, "calls": 0}
+    slowest = 0.0
+    calls_before, wall, cpu = CALLS[0], time.perf_counter(), time.process_time()
+    seen: set = set()
+    failures: dict[str, list[str]] = {}  # cause -> the inputs that showed it
+    path = workdir / "input"
+    old_limit = resource.getrlimit(resource.RLIMIT_DATA)
+    old_handler = signal.signal(signal.SIGALRM, _alarm)
+    resource.setrlimit(resource.RLIMIT_DATA, (_data_limit(), old_limit[1]))
+    try:
+        index = 0
+        while len(seen) < MINIMUM[kind] and index < 3 * MINIMUM[kind]:
+            d = Draw(kind, index)
+            inp = GENERATORS[kind](d)
+            index += 1
+            if inp.key() in seen:
+                continue
+            seen.add(inp.key())
+            path = path.with_suffix(inp.suffix)
+            path.write_text(inp.text, encoding="utf-8")
+            signal.setitimer(signal.ITIMER_REAL, HANG_BOUND)
+            start = time.perf_counter()
+            try:
+                _commands(kind, path, inp, d)
+                slowest = max(slowest, time.perf_counter() - start)
+            except (AssertionError, Exception, Hang) as err:  # noqa: B014 (the three kinds, said plainly)
+                if isinstance(err, (AssertionError, Hang)):
+                    what = cause = "hang" if isinstance(err, Hang) else str(err)[:600]
+                else:
+                    frame = traceback.extract_tb(err.__traceback__)[-1]
+                    cause = f"{type(err).__name__} at {frame.filename.rsplit('/', 1)[-1]}:{frame.lineno}"
+                    what = f"{''.join(traceback.format_exception_only(err)).strip()[:400]} ({cause})"
+                failures.setdefault(cause[:80], []).append(
+                    f"{kind} #{index - 1} (argv {inp.argv}, {len(inp.text)} chars {inp.text[:300]!r}): {what}")
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+        COUNTS[kind].update(generated=index, distinct=len(seen), slowest_ms=round(slowest * 1000))
+    finally:
+        resource.setrlimit(resource.RLIMIT_DATA, old_limit)
+        signal.signal(signal.SIGALRM, old_handler)
+    COUNTS[kind].update(calls=CALLS[0] - calls_before, wall_s=round(time.perf_counter() - wall, 1),
+                        cpu_s=round(time.process_time() - cpu, 1))
+    assert not failures, f"{sum(map(len, failures.values()))} of {len(seen)} inputs failed, {len(failures)} " \
+        "causes; the first input of each:\n" + "\n".join(f"[{len(v)}x] {v[0]}" for v in list(failures.values())[:15])
+    assert len(seen) >= MINIMUM[kind], f"only {len(seen)} distinct inputs of {index} generated"
 
 
-def maybe(mapping: dict) -> st.SearchStrategy:
-    """A dict with any subset of ``mapping``'s keys (each drawn from its strategy) and maybe unknown keys."""
-    return st.builds(lambda known, extra: {**extra, **known}, st.fixed_dictionaries({}, optional=mapping),
-                     st.dictionaries(keys, values, max_size=1))
-
-
-def dump_json(data) -> str:
-    text = json.dumps(data, allow_nan=True)
-    for marker, raw in RAW.items():
-        text = text.replace(json.dumps(marker), raw)
-    return text
-
-
-# ------------------------------------------------------------------ DeepSpeed JSON / Hjson and zeromega blocks
-
-sections = {name: info.annotation for name, info in RunConfig.model_fields.items()}
-
-
-def model_strategy(model) -> st.SearchStrategy:
-    """Any subset of a section's fields (nested sections too), each mostly plausible, and unknown keys."""
-    fields = getattr(model, "model_fields", None)
-    if not fields:
-        return values
-
-    def field_values(info):
-        if hasattr(info.annotation, "model_fields"):
-            return st.one_of(model_strategy(info.annotation), values)
-        default = info.default if isinstance(info.default, (int, float, str)) else 1
-        return plausible(default, 1, 2, 4, 0.5, 0, -1, "auto", True)
-
-    return maybe({info.alias or field: field_values(info) for field, info in fields.items()})
-
-
-def section_strategy(name: str) -> st.SearchStrategy:
-    return model_strategy(sections[name])
-
-
-unified = maybe({name: section_strategy(name) for name in sections})
-block = st.one_of(
-    maybe({**{key: plausible(1, 2, 4, 0, True, 10.0) for key in BLOCK_KEYS},
-           **{name: section_strategy(name) for name in sections}}),
-    values,
-)
-offload = maybe({"device": plausible("cpu", "nvme", "none"), "nvme_path": plausible("/tmp", None),
-                 "pin_memory": plausible(True, False)})
-deepspeed = maybe({
-    **{key: plausible(1, 2, 8, 16, "auto", 1.0) for key in TOP_LEVEL},
-    "fp16": maybe({"enabled": plausible(True, False, "auto"), "initial_scale_power": plausible(16, 32, -1),
-                   "loss_scale": plausible(0, 128), "loss_scale_window": plausible(1000),
-                   "hysteresis": plausible(2), "min_loss_scale": plausible(1)}),
-    "bf16": maybe({"enabled": plausible(True, False, "auto")}),
-    "bfloat16": maybe({"enabled": plausible(True)}),
-    "zero_optimization": st.one_of(st.booleans(), maybe({
-        "stage": plausible(0, 1, 2, 3, True, "3"), "offload_optimizer": offload, "offload_param": offload,
-        "reduce_bucket_size": plausible("auto", 500000000), "stage3_prefetch_bucket_size": plausible("auto"),
-        "prefetch_bucket_size": plausible("auto", 1000), "cpu_offload": plausible(True, False),
-        "cpu_offload_param": plausible(True), "allgather_bucket_size": plausible(500000000)})),
-    "optimizer": maybe({"type": plausible("AdamW", "Adam", "Lamb"), "params": maybe({
-        "lr": plausible(1e-4, "auto", 0), "betas": plausible([0.9, 0.999], "auto", [0.9]),
-        "eps": plausible(1e-8, 0.0), "weight_decay": plausible(0.01, "auto"), "adam_w_mode": plausible(False)})}),
-    "scheduler": maybe({"type": plausible(*SCHEDULERS, "OneCycle"), "params": maybe({
-        "warmup_num_steps": plausible(100, "auto"), "warmup_max_lr": plausible(1e-3, "auto"),
-        "warmup_min_lr": plausible(0), "total_num_steps": plausible(1000, "auto"),
-        "warmup_min_ratio": plausible(0.1), "cos_min_ratio": plausible(0.01), "warmup_type": plausible("linear")})}),
-    "aio": maybe({"block_size": plausible(1048576), "queue_depth": plausible(8), "use_gds": plausible(False)}),
-    "sequence_parallel_size": plausible(1, 2, 4),
-    "zeromega": block,
-})
-# Hjson as DeepSpeed reads it: comments, trailing commas, a cut-off file.
-hjson_edits = st.sampled_from([
-    lambda text: text,
-    lambda text: "// a comment\n" + text.replace(", ", ",\n# another\n"),
-    lambda text: text[:-1] + ",}" if text.endswith("}") else text,
-    lambda text: text[: len(text) // 2],
-    lambda text: text.replace('"', "", 4),
-])
-
-
-@settings(FUZZ, max_examples=200)
-@given(data=st.data(), config=deepspeed, edit=hjson_edits)
-def test_fuzzed_deepspeed_json(workdir, data, config, edit):
-    path = workdir / "ds_config.json"
-    path.write_text(edit(dump_json(config)))
-    every_command(path, "DeepSpeed JSON/Hjson", data, data.draw(st.sampled_from([None, "deepspeed"])))
-
-
-@settings(FUZZ, max_examples=120)
-@given(data=st.data(), config=block)
-def test_fuzzed_zeromega_block(workdir, data, config):
-    path = workdir / "block.json"
-    path.write_text(dump_json({"train_micro_batch_size_per_gpu": 1, "zeromega": config}))
-    every_command(path, "zeromega block", data)
-
-
-# ------------------------------------------------------------------ unified YAML / JSON
+def test_fuzz_counts_reported(capsys):
+    """Runs after the fuzzers: how many inputs they generated (visible with ``pytest -s``), and no fewer
+    than MINIMUM (3,000 or more in all)."""
+    assert sum(MINIMUM.values()) >= 3000
+    total = sum(c["distinct"] for c in COUNTS.values())
+    with capsys.disabled():
+        print(f"\nfuzzed inputs: {total} distinct, {sum(c['calls'] for c in COUNTS.values())} CLI calls")
+        for k, c in COUNTS.items():
+            print(f"  {k}: {c['distinct']} distinct of {c['generated']} generated, {c['refused']} refused, "
+                  f"{c['calls']} calls, {c['wall_s']} s ({c['cpu_s']} s CPU), slowest input {c['slowest_ms']} ms")
+    assert total >= sum(MINIMUM[k] for k in COUNTS)
+    assert all(COUNTS[k]["distinct"] >= MINIMUM[k] for k in COUNTS)
 
 
 def alias_chain(levels: int, width: int) -> str:
@@ -212,115 +213,6 @@ def alias_chain(levels: int, width: int) -> str:
     for i in range(1, levels + 1):
         lines.append(f"  l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * width)}]")
     return "\n".join(lines) + "\n"
-
-
-@settings(FUZZ, max_examples=150)
-@given(data=st.data(), config=unified, style=st.sampled_from(["block", "flow", "json", "aliases", "cut"]))
-def test_fuzzed_unified_yaml(workdir, data, config, style):
-    import yaml
-
-    if style == "json":
-        path, text = workdir / "unified.json", dump_json(config)
-    else:
-        text = yaml.safe_dump(config, default_flow_style=style == "flow", allow_unicode=True)
-        if style == "aliases":
-            chain = alias_chain(data.draw(st.integers(1, 40)), data.draw(st.integers(1, 9)))
-            text = text.replace("deepspeed_extra:", "extra_was:") + chain  # one deepspeed_extra key
-        if style == "cut":
-            text = text[: data.draw(st.integers(0, len(text)))]
-        path = workdir / "unified.yaml"
-    path.write_text(text)
-    every_command(path, "unified YAML/JSON", data)
-
-
-# ------------------------------------------------------------------ Megatron argument files and launch scripts
-
-FLAGS = sorted({*megatron_args.TABLE, *megatron_args.SPECIAL, *megatron_args.NEGATIONS})
-flag_values = st.one_of(
-    st.sampled_from(["1", "2", "4", "8", "0", "-1", "0.1", "1e-4", "3e-4", "inf", "-inf", "nan", "1e400",
-                     "9" * 30, "9" * 5000, "true", "", "x", "p2p", "a2a", "a2a+p2p", "selective", "full",
-                     "uniform", "cosine", "rope", "$UNSET", "${TP:-2}", "$((2**63))", "1_000", "0x10",
-                     "ds_config.json", "65536"]),
-    st.text(max_size=6),
-)
-arguments = st.lists(st.tuples(st.one_of(st.sampled_from(FLAGS), st.sampled_from(["--foo", "--use-flash-attn"])),
-                               st.lists(flag_values, max_size=2)), max_size=12)
-
-
-@settings(FUZZ, max_examples=200)
-@given(data=st.data(), argv=arguments)
-def test_fuzzed_megatron_argument_file(workdir, data, argv):
-    path = workdir / "train.args"
-    text = "\n".join(shlex.join([flag, *vals]) for flag, vals in argv)
-    path.write_text(text + data.draw(st.sampled_from(["", "\n", " \\\n", "\n--lr 1e-4\n"])))
-    every_command(path, "Megatron argument file", data)
-
-
-names = st.sampled_from(["TP", "PP", "LR", "N", "GPUS", "ARGS", "A", "DS"])
-arith = st.recursive(st.one_of(st.integers(-3, 99).map(str), names, st.sampled_from(["9**9**9", "2**63", "1/0"])),
-                     lambda inner: st.builds(lambda a, op, b, paren: f"({a}{op}{b})" if paren else f"{a}{op}{b}",
-                                             inner, st.sampled_from(["+", "-", "*", "/", "%", "**"]), inner,
-                                             st.booleans()), max_leaves=8)
-word = st.one_of(flag_values, st.builds("${}".format, names), st.builds("${{{}}}".format, names),
-                 st.builds("${{{}:-{}}}".format, names, flag_values), st.builds("$(({}))".format, arith))
-script_lines = st.one_of(
-    st.builds("{}={}".format, names, word),
-    st.builds("export {}={}".format, names, word),
-    st.builds("{0}=${0}${0}".format, names),
-    st.builds(lambda name, ws: f"{name}=(\n" + "\n".join(f"  {w}" for w in ws) + "\n)", names,
-              st.lists(st.one_of(st.sampled_from(FLAGS), word), max_size=6)),
-    st.builds(lambda body: f"cat <<EOT > ds_config.json\n{body}\nEOT", st.one_of(
-        deepspeed.map(dump_json), st.sampled_from(["{", "[" * 40 + "]" * 40, "{\"train_batch_size\": 1e400}"]))),
-    st.builds(lambda launcher, pairs: f"{launcher} pretrain_gpt.py \\\n" + " \\\n".join(
-        f"    {flag} {' '.join(vals)}" for flag, vals in pairs), st.sampled_from(
-        ["python", "torchrun --nproc_per_node $GPUS --nnodes 1", "deepspeed --num_gpus 2", "python -u"]),
-        st.lists(st.tuples(st.sampled_from(FLAGS + ["${ARGS[@]}", "--deepspeed_config"]),
-                           st.lists(word, max_size=2)), max_size=10)),
-    st.sampled_from(["#!/bin/bash", "set -ex", "# comment", "", "echo 'unterminated", "if [ -z $A ]; then",
-                     "fi", "$(command)"]),
-)
-
-
-@settings(FUZZ, max_examples=200)
-@given(data=st.data(), lines=st.lists(script_lines, max_size=10), env=st.lists(names, max_size=2))
-def test_fuzzed_launch_script(workdir, data, lines, env):
-    path = workdir / "train.sh"
-    path.write_text("\n".join(lines) + "\n")
-    COUNTS["launch script"] = COUNTS.get("launch script", 0) + 1
-    env_args = [arg for name in env for arg in ("--env", f"{name}=2")]
-    world = ["--world-size", str(data.draw(st.sampled_from([1, 2, 8])))]
-    assert_clean("check", str(path), *env_args, *world)
-    assert_clean("translate", str(path), "--to", data.draw(st.sampled_from(["deepspeed", "megatron"])), *env_args,
-                 *world)
-    assert_clean("plan", str(path), *env_args, *world)
-
-
-# ------------------------------------------------------------------ plan flags
-
-number_text = st.one_of(st.integers(-2, 2**70).map(str), st.sampled_from(
-    ["1e400", "nan", "inf", "1.3e9", "0", "9" * 5000, "x", "", "64", "128", "4"]))
-SHAPE = ["--num-layers", "--hidden-size", "--num-attention-heads", "--seq-length", "--vocab-size",
-         "--ffn-hidden-size", "--num-query-groups", "--params", "--micro-batch-size", "--world-size"]
-
-
-@settings(FUZZ, max_examples=200)
-@given(config=st.sampled_from([{"train_micro_batch_size_per_gpu": 1},
-                               {"train_batch_size": 8, "zero_optimization": {"stage": 3}, "zeromega": {"tp": 2}},
-                               {"bf16": {"enabled": True}, "zero_optimization": {"stage": 2, "offload_optimizer": {
-                                   "device": "cpu"}}, "zeromega": {"model": {"num_layers": 4}}}]),
-       flags=st.lists(st.tuples(st.sampled_from(SHAPE), number_text), max_size=8),
-       extra=st.lists(st.sampled_from(["--json", "--device", "cpu", "cuda", "--check"]), max_size=2))
-def test_fuzzed_plan_flags(workdir, config, flags, extra):
-    path = workdir / "plan.json"
-    path.write_text(json.dumps(config))
-    COUNTS["plan flags"] = COUNTS.get("plan flags", 0) + 1
-    assert_clean("plan", str(path), *[word for pair in flags for word in pair], *extra)
-
-
-def test_fuzz_counts_reported(capsys):
-    """Runs last in this file: how many inputs the fuzzers above generated (visible with ``pytest -s``)."""
-    with capsys.disabled():
-        print(f"\nfuzzed inputs: {sum(COUNTS.values())} ({', '.join(f'{k} {v}' for k, v in COUNTS.items())})")
 
 
 # ------------------------------------------------------------------ one test per defect of issue 18
@@ -435,6 +327,62 @@ def test_each_plan_defect_is_one_clean_line(workdir, name):
     path.write_text(json.dumps({"train_batch_size": 8, "zeromega": {"tp": 2, "pp": 2}}))
     code, err = assert_clean("plan", str(path), "--world-size", "4", *flags)
     assert code == 2 and expected in err, err
+
+
+# ------------------------------------------------------------------ what the seeded fuzzers found
+
+OK = (0, None)
+FOUND = {
+    # name: (file name, text, other files, {command: (exit code, what the output must say)}); every one failed
+    # before its fix (a traceback, two lines, or 10 s); "translate" is to deepspeed
+    "Hjson /* comment never closed": ("a.json", '{"train_batch_size": 8}\n/* unterminated', {},
+                                      dict.fromkeys(("check", "translate", "plan"), (2, "ends inside a /* comment"))),
+    "aio.thread_count (not a DeepSpeed 0.19 key) given a mapping": (
+        "b.json", '{"train_micro_batch_size_per_gpu": 1, "aio": {"thread_count": {}}}', {},
+        dict.fromkeys(("check", "translate", "plan"), OK)),
+    "a YAML reader error whose message spans lines": (
+        "c.yaml", "seed: 1\x00\n", {}, dict.fromkeys(("check", "translate", "plan"), (2, "special characters are "
+                                                                                        "not allowed in"))),
+    "a dotted YAML key holding a line break": ('d.yaml', '"model.a\\nb": 1\n', {},
+                                              dict.fromkeys(("check", "translate", "plan"), (2, "model.a\\nb"))),
+    "YAML !!int on a word": ("e.yaml", "seed: !!int abc\n", {},
+                             dict.fromkeys(("check", "translate", "plan"), (2, "int 'abc' at line 1 cannot be read"))),
+    "YAML !!bool on a word": ("e.yaml", "zero: {stage: !!bool maybe}\n", {},
+                              dict.fromkeys(("check", "translate", "plan"), (2, "bool 'maybe' at line 1"))),
+    "YAML !!timestamp on a word": ("e.yaml", "data: {path: !!timestamp x}\n", {},
+                                   dict.fromkeys(("check", "translate", "plan"), (2, "timestamp 'x' at line 1"))),
+    "YAML base-60 integer with a 5,000-digit part": (
+        "f.yaml", "seed: " + "9" * 5000 + ":30\n", {}, dict.fromkeys(("check", "translate", "plan"), (2, "64-bit"))),
+    "YAML base-60 integer of 100,000 parts (quadratic: 30 s)": (
+        "f.yaml", "seed: 1" + ":30" * 100_000 + "\n", {}, dict.fromkeys(("check", "translate", "plan"), (2, "64-bit"))),
+    "return outside a function": ("g.sh", "return\npython pretrain_gpt.py --lr 0.1 --num-layers 2\n", {},
+                                  dict.fromkeys(("check", "translate", "plan"), OK)),
+    "return in a sourced file": (
+        "h.sh", "source ./lib.sh\npython pretrain_gpt.py --lr 0.1 --num-layers $L\n",
+        {"lib.sh": "L=2\nreturn\nL=3\n"}, {"check": OK, "translate --to megatron": (0, "--num-layers 2"), "plan": OK}),
+    "an unclosed ' inside ${X:=...}": ("i.sh", "python pretrain_gpt.py --lr 0.1 --seed ${A:='x}\n", {},
+                                       dict.fromkeys(("check", "translate", "plan"), (2, "quote is not closed"))),
+    "--min-loss-scale 0.0001 written as DeepSpeed JSON": (
+        "j.args", "--lr 0.1 --min-loss-scale 0.0001\n", {},
+        {"check": OK, "translate": (2, "fp16.min_loss_scale=0.0001: DeepSpeed 0.19 refuses it"), "plan": OK}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FOUND))
+def test_each_fuzzer_finding_is_fixed(workdir, name):
+    filename, text, others, expected = FOUND[name]
+    folder = workdir / name.replace(" ", "_").replace("/", "_")[:40]
+    folder.mkdir(exist_ok=True)
+    for other, content in others.items():
+        (folder / other).write_text(content)
+    path = folder / filename
+    path.write_text(text)
+    for command, (code, message) in expected.items():
+        argv = {"translate": ["translate", "--to", "deepspeed"], "plan": ["plan", "--params", "1e6"]}.get(
+            command, command.split())
+        got, err = assert_clean(argv[0], str(path), *argv[1:], "--world-size", "1")
+        out = run_cli(argv[0], str(path), *argv[1:], "--world-size", "1")[1] if message and got == 0 else ""
+        assert got == code and (message is None or message in err + out), f"{command}: {got} {err!r} {out[:300]!r}"
 
 
 def test_bash_arithmetic_wraps_at_64_bits_like_bash():

@@ -347,7 +347,7 @@ class ZeroSetup:
             param_buffer_count=_num(par.get("buffer_count"), 5),
             param_buffer_size=_num(par.get("buffer_size"), 1e8),
             max_in_cpu=_num(par.get("max_in_cpu"), 1e9),
-            aio_intra_op_parallelism=_num(aio.get("intra_op_parallelism", aio.get("thread_count")), 1),
+            aio_intra_op_parallelism=_num(aio.get("intra_op_parallelism"), 1),  # 0.19 reads no "thread_count"
             contiguous_gradients=zero.get("contiguous_gradients", True) not in (False, "false"),
         )
 
