@@ -6,9 +6,11 @@ zeromega's patch (``cpu_patches.DEEPSPEED_FP16``) answers for torch, which
 computes fp16 anyway. DeepSpeed's optimizers and loss scaler are used as
 they are. The tests: the probe and the patch; ZeRO-3 (2 ranks) follows
 DeepSpeed's dynamic-scale rule from a DeepSpeed JSON's fp16 block, with
-skipped steps in Megatron's log line; a static scale on ZeRO-1 (2 ranks)
-and on Megatron-Core's engine (pp 2) gives the same model and follows the
-fp32 single-process curve.
+skipped steps in Megatron's log line; ZeRO-0's loss is scaled (DeepSpeed
+0.19's engine.backward leaves it unscaled there); a static scale on ZeRO-1
+(2 ranks) and on Megatron-Core's engine (pp 2) gives the same model and
+follows the fp32 single-process curve. Slow: ZeRO-0/1/2, CPU offload and
+resume. Last, ``--to deepspeed`` keeps the optimizer type as spelled.
 """
 
 from __future__ import annotations
