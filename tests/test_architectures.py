@@ -240,7 +240,7 @@ def test_vocabulary_padding_states_where_it_differs_from_megatron_lm():
     differ the run says so, with the flag value that builds Megatron-LM's model (GPT-2's 50257 at tp 8)."""
     from zeromega.integrations.megatron.model import padded_vocab_size, padding_note
 
-    assert padding_note(257, 128, 1) is None and padding_note(50304, 128, 8) is None  # they agree
+    assert padding_note(257, 128, 1) is None and padding_note(51200, 128, 8) is None  # they agree
     assert padded_vocab_size(50257, 128, 8) == 50304
     note = padding_note(50257, 128, 8)
     assert "padded to 50304" in note and "pads it to 51200" in note, note
