@@ -29,6 +29,7 @@ import torch
 
 from ckpt_workers import pretrain, pretrain_without_nvme_resume_patch, read_curve
 from distributed import run_world
+from zero_workers import offload
 from zeromega.checkpoint import tag_for
 
 STEPS, HALF = 6, 3
@@ -44,12 +45,7 @@ def _argv(corpus: str, shape: list[str], *extra: str) -> list[str]:
 
 
 def _ds_json(path: Path, stage: int, optimizer: str, param: str, nvme: Path) -> Path:
-    zero: dict = {"stage": stage}
-    for key, device in (("offload_optimizer", optimizer), ("offload_param", param)):
-        if device == "nvme":
-            zero[key] = {"device": "nvme", "nvme_path": str(nvme), "pin_memory": False}
-        elif device == "cpu":
-            zero[key] = {"device": "cpu"}
+    zero = {"stage": stage, **offload(optimizer, param, nvme)}
     path.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, "zero_optimization": zero}))
     return path
 

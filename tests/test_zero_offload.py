@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from distributed import run_world
-from zero_workers import train_offload
+from zero_workers import offload, train_offload
 
 SHAPE = dict(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=64, vocab_size=257,
              hidden_dropout=0.0, attention_dropout=0.0)
@@ -67,12 +67,9 @@ def test_zero3_weight_decay_matches_zero1(small_corpus):
     _close(z3, z1, 1e-6)
 
 
-@pytest.mark.parametrize("stage,offload", [(2, {"offload_optimizer": {"device": "cpu"}}),
-                                           (3, {"offload_optimizer": {"device": "cpu"}}),
-                                           (3, {"offload_optimizer": {"device": "cpu"},
-                                                "offload_param": {"device": "cpu"}})])
-def test_cpu_offload_matches_no_offload(stage, offload, baseline, cpu_adam, small_corpus):
-    result = run_world(2, train_offload, _cfg(stage, **offload), SHAPE, small_corpus, STEPS)[0]
+@pytest.mark.parametrize("stage,targets", [(2, ("cpu",)), (3, ("cpu",)), (3, ("cpu", "cpu"))])
+def test_cpu_offload_matches_no_offload(stage, targets, baseline, cpu_adam, small_corpus):
+    result = run_world(2, train_offload, _cfg(stage, **offload(*targets)), SHAPE, small_corpus, STEPS)[0]
     assert result["optimizer"] == "DeepSpeedCPUAdam"
     assert result["loss"][-1] < result["loss"][0] - 0.5
     _close(result["loss"], baseline[stage]["loss"], 1e-6)
@@ -80,7 +77,7 @@ def test_cpu_offload_matches_no_offload(stage, offload, baseline, cpu_adam, smal
 
 def test_deepspeed_optimizer_block_loses_decay_groups(baseline, cpu_adam, small_corpus):
     """Why build_engine must pass CPU Adam itself: DeepSpeed's own block decays biases and norms too."""
-    block = run_world(2, train_offload, _cfg(2, offload_optimizer={"device": "cpu"}), SHAPE, small_corpus, STEPS,
+    block = run_world(2, train_offload, _cfg(2, **offload("cpu")), SHAPE, small_corpus, STEPS,
                       None, "block")[0]
     assert block["optimizer"] == "DeepSpeedCPUAdam"
     drift = max(abs(g - r) / r for g, r in zip(block["loss"], baseline[2]["loss"]))
@@ -90,10 +87,8 @@ def test_deepspeed_optimizer_block_loses_decay_groups(baseline, cpu_adam, small_
 @pytest.mark.slow
 def test_nvme_offload_optimizer_and_params(cpu_adam, async_io, small_corpus, tmp_path):
     """ZeRO-3 optimizer and parameter offload to nvme: same losses as CPU offload, swap files as planned."""
-    cpu = run_world(2, train_offload, _cfg(3, offload_optimizer={"device": "cpu"}, offload_param={"device": "cpu"}),
-                    NVME_SHAPE, small_corpus, STEPS)[0]
-    nvme = {"offload_optimizer": {"device": "nvme", "nvme_path": str(tmp_path), "pin_memory": False},
-            "offload_param": {"device": "nvme", "nvme_path": str(tmp_path), "pin_memory": False}}
+    cpu = run_world(2, train_offload, _cfg(3, **offload("cpu", "cpu")), NVME_SHAPE, small_corpus, STEPS)[0]
+    nvme = offload("nvme", "nvme", tmp_path)
     results = run_world(2, train_offload, _cfg(3, **nvme), NVME_SHAPE, small_corpus, STEPS)
     r = results[0]
     assert r["loss"] == cpu["loss"]

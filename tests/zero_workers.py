@@ -7,6 +7,21 @@ import time
 from typing import Any, Optional
 
 
+def offload(optimizer: str = "none", param: str = "none", nvme_path=None) -> dict:
+    """The ``offload_optimizer`` / ``offload_param`` blocks for one target each (``"none"``, ``"cpu"`` or
+    ``"nvme"``), as a ZeRO section holds them (DeepSpeed's ``zero_optimization`` and the unified config's
+    ``zero`` spell them alike); nvme swaps under ``nvme_path``, without pinned buffers."""
+    blocks: dict = {}
+    for key, device in (("offload_optimizer", optimizer), ("offload_param", param)):
+        if device not in ("none", "cpu", "nvme"):
+            raise ValueError(f"{key}: {device!r} is not none, cpu or nvme")
+        if device == "nvme":
+            blocks[key] = {"device": "nvme", "nvme_path": str(nvme_path), "pin_memory": False}
+        elif device == "cpu":
+            blocks[key] = {"device": "cpu"}
+    return blocks
+
+
 def ds_config_for(run, layout) -> dict:
     """The DeepSpeed dict build_engine gives DeepSpeed, with zeromega's tuned defaults and corrections."""
     from zeromega.integrations import accelerator as accel
