@@ -150,7 +150,7 @@ def test_zero3_fp16_follows_deepspeeds_dynamic_loss_scale(small_corpus, tmp_path
     skipped, scales = [r["skipped"] for r in records], [r["loss_scale"] for r in records]
     assert skipped[0] and not all(skipped), skipped
     assert scales == deepspeed_scale_rule(skipped, 2.0 ** 19, 2, 1.0)
-    assert any(b > a for a, b in zip(scales, scales[1:])), str((scales, skipped))  # halved, then grew after 2 clean steps
+    assert any(b > a for a, b in zip(scales, scales[1:])), str((scales, skipped))  # grew after 2 clean steps
     trained = [r["loss"] for r, skip in zip(records, skipped) if not skip]
     assert all(loss == loss and loss < 6 for loss in trained)
     for line, record in zip(result["lines"], records):
@@ -277,7 +277,7 @@ def test_fp16_resume_keeps_deepspeeds_scaler(small_corpus, tmp_path, stage):
     assert first + resumed == full and any(skip for *_, skip in resumed), full
 
 
-# ------------------------------------------------------------------ the optimizer's spelling in a written DeepSpeed JSON
+# ------------------------------------------------------------------ the optimizer's spelling in a written JSON
 
 
 @pytest.mark.parametrize("kind", ["Adam", "adamw"])

@@ -229,10 +229,20 @@ class OptimizerConfig(_Section):
     """Peak lr of the input embedding and output layer (``--decoupled-lr``; None: lr)."""
     decoupled_min_lr: Optional[float] = Field(None, ge=0)
     """Floor of their decay (``--decoupled-min-lr``; None: min_lr)."""
-    deepspeed_type: Optional[str] = Field(None, pattern="(?i)^adamw?$")
+    deepspeed_type: Optional[str] = None
     """How a DeepSpeed JSON spelled this optimizer's type when not "AdamW" (``"Adam"``, ``"adamw"``): DeepSpeed 0.19
     runs "Adam" as AdamW unless ``adam_w_mode`` is false, so the run is the same; a written file keeps the
     spelling. None: "AdamW"."""
+
+    @field_validator("deepspeed_type")
+    @classmethod
+    def _an_adam(cls, value: Optional[str]) -> Optional[str]:
+        """zeromega's optimizer is AdamW: only DeepSpeed's spellings of it are a choice of words."""
+        if value is not None and value.lower() not in ("adam", "adamw"):
+            raise ConfigError("optimizer.deepspeed_type", value, "zeromega's optimizer is AdamW; this field only "
+                              "keeps how a DeepSpeed JSON spelled it",
+                              'use "Adam" or "AdamW" (any case), or leave it out')
+        return value
 
 
 class SchedulerConfig(_Section):
