@@ -262,8 +262,9 @@ def deepspeed_config(d: Draw, block: bool = True) -> dict:
             "number_checkpoints": lambda d: d.plausible(4)}),
         "sequence_parallel_size": lambda d: d.plausible(1, 2, 4), "steps_per_print": lambda d: d.plausible(10, 0),
         "wall_clock_breakdown": lambda d: d.plausible(False), "zero_allow_untested_optimizer": lambda d: d.plausible(
-            True), "prescale_gradients": lambda d: d.plausible(False), "gradient_predivide_factor": lambda d: d.plausible(
-            1.0), "communication_data_type": lambda d: d.plausible("fp32", "bf16", "fp16"),
+            True), "prescale_gradients": lambda d: d.plausible(False),
+        "gradient_predivide_factor": lambda d: d.plausible(1.0),
+        "communication_data_type": lambda d: d.plausible("fp32", "bf16", "fp16"),
         "tensorboard": lambda d: d.maybe({"enabled": lambda d: d.plausible(True), "output_path": lambda d: d.plausible(
             "/tmp/tb")}),
     })
@@ -334,7 +335,8 @@ def block_input(d: Draw) -> Input:
 # YAML's own spellings, written into the text raw (safe_dump would quote them).
 YAML_RAW = ["0x1F", "0o17", "017", "0b101", "1_000", "190:20:30", "1:30", "-1:30", "9" * 5000 + ":30",
             "1" + ":30" * 50, "1" + ":59" * 20, "0x" + "f" * 40, "0b" + "1" * 80, "0" + "7" * 30, "9_" * 30 + "9",
-            ".inf", "-.inf", ".NaN", "~", "null", "yes", "No", "on", "OFF", "2001-12-14", "2001-12-14t21:59:43.10-05:00",
+            ".inf", "-.inf", ".NaN", "~", "null", "yes", "No", "on", "OFF", "2001-12-14",
+            "2001-12-14t21:59:43.10-05:00",
             "!!binary aGVsbG8=", "!!set {a, b}", "!!python/object/apply:os.system ['id']", "!!str 3", "!!int '3'",
             "!!float 1e400", "!!int 99999999999999999999", "1e400", "-1e400", "1.5e308", "&a 1", "*undefined",
             "'unterminated", "\"\\u0000\"", "[1, [2, [3]]]", "{a: {b: {c: 1}}}", "!!timestamp 2001-12-14",
@@ -344,8 +346,9 @@ YAML_RAW = ["0x1F", "0o17", "017", "0b101", "1_000", "190:20:30", "1:30", "-1:30
             "!!int 1:2:3:4:5:6:7:8:9:10:11:12:13", "!!map [1]", "!!seq {a: 1}", "!!str [1]", "!<tag:x> 1", "!local 1"]
 
 
-def _alias_chain(levels: int, width: int) -> str:
-    """A "billion laughs" under deepspeed_extra: each level names the one below ``width`` times."""
+def alias_chain(levels: int, width: int) -> str:
+    """A "billion laughs" under deepspeed_extra (passed through whole, so every reader and writer walks it):
+    each level names the one below ``width`` times."""
     lines = ["deepspeed_extra:", "  l0: &l0 [1, 2]"]
     for i in range(1, levels + 1):
         lines.append(f"  l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * width)}]")
@@ -382,7 +385,7 @@ def unified_input(d: Draw) -> Input:
     section, fields = d.pick(SECTION_FIELDS)
     name = d.pick(fields)
     if style == "aliases":  # a billion laughs, small or large
-        text = text.replace("deepspeed_extra:", "extra_was:") + _alias_chain(d.randint(1, 40), d.randint(1, 9))
+        text = text.replace("deepspeed_extra:", "extra_was:") + alias_chain(d.randint(1, 40), d.randint(1, 9))
     elif style == "anchors":  # a section anchored and used elsewhere, maybe recursive
         other, _ = d.pick(SECTION_FIELDS)
         text += f"{section}: &s {{{name}: {_yaml_value(d)}}}\n{other}: {d.pick(['*s', '[*s]', '{x: *s}', '*t'])}\n"
@@ -459,7 +462,8 @@ NAMES = ["TP", "PP", "LR", "N", "GPUS", "ARGS", "A", "DS", "i", "UNSET"]
 def arith(d: Draw, leaves: int = 8) -> str:
     if leaves <= 1 or d.chance(0.4):
         return d.pick([str(d.randint(-3, 99)), d.pick(NAMES), "$" + d.pick(NAMES), d.pick(
-            ["9**9**9", "2**63", "1/0", "2**-1", "0x7fffffffffffffff", "08", "1<<70", "~0", "!0", "-(-9223372036854775808)",
+            ["9**9**9", "2**63", "1/0", "2**-1", "0x7fffffffffffffff", "08", "1<<70", "~0", "!0",
+             "-(-9223372036854775808)",
              "1" * 30, "64#zZ", "3#9", "A++", "--A", "A=5", "A?1:2", "(1,2)", "1 && 0 || 1", "A+=2**62"])])
     a, b = arith(d, leaves // 2), arith(d, leaves // 2)
     op = d.pick(["+", "-", "*", "/", "%", "**", "<<", ">>", "&", "|", "^", "<", "==", "&&", ","])
