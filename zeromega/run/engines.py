@@ -111,6 +111,8 @@ class DeepSpeedEngine:
             self.engine.step()
             total += loss.item()
         self.last_step_skipped = getattr(self.engine, "skipped_steps", 0) > skipped
+        if self.last_step_skipped:  # no norm for a skipped step, as Megatron-Core's optimizer (DeepSpeed says inf)
+            return total / len(micro_batches), None
         norm = self.engine.get_global_grad_norm()
         if norm is None:
             norm, self._clipped_norm = self._clipped_norm, None
