@@ -128,6 +128,11 @@ def sources(path: str | Path, env: Optional[dict[str, str]] = None,
                                base=Path(path).parent, run=run_script)
     if notes is not None:
         notes.extend(script.notes)
+    if not script.argv and not script.launcher and not script.line:  # "echo hi", a comment, YAML read as bash
+        raise ConfigError("--config", str(path), "states no Megatron-LM arguments (no training command "
+                          "'python *.py --...' and no line starting with --), so every value would be a default",
+                          "write the training command's flags into it; for another dialect pass --from deepspeed or "
+                          "--from zeromega")
     launcher: dict = {}
     for field, value in script.launcher.items():
         set_path(launcher, field, coerce(field, value, f"launcher flag for {field}"))

@@ -533,7 +533,24 @@ def script_line(d: Draw) -> str:
     ])()
 
 
+def _tame_script(d: Draw) -> str:
+    """A script as published ones are written: variables, an if, an array of flags, one training command."""
+    tp, layers = d.pick(["1", "2"]), d.pick(["2", "4"])
+    lines = [d.pick(["#!/bin/bash", "set -ex", ""]), f"TP={tp}", f"LAYERS=${{LAYERS:-{layers}}}",
+             f"GPUS={d.pick(['1', '2', '4'])}", 'if [ "$TP" -gt 1 ]; then\n  SP=--sequence-parallel\nfi',
+             "ARGS=(\n  --num-layers $LAYERS\n  --hidden-size 64\n  --num-attention-heads 4\n)"]
+    typed = {int: ["1", "2", "8"], float: ["0.1", "0.01"], megatron_args.SWITCH: [""]}
+    flags = [f"{flag} {d.pick(typed[kind])}" for flag, (_, kind) in d.sample(sorted(megatron_args.TABLE.items()), 3)
+             if kind in typed and flag not in ("--tensor-model-parallel-size", "--lr")]
+    launcher = d.pick(["python", "torchrun --nproc_per_node $GPUS", "deepspeed --num_gpus $GPUS"])
+    lines.append(f"{launcher} pretrain_gpt.py \\\n    --tensor-model-parallel-size $TP $SP \\\n"
+                 f"    \"${{ARGS[@]}}\" \\\n    --lr {d.pick(['1e-4', '$((1+2))e-4'])} " + " ".join(flags))
+    return "\n".join(lines) + "\n"
+
+
 def launch_script_input(d: Draw) -> Input:
+    if not d.wild:
+        return Input(_tame_script(d), ".sh")
     text = "\n".join(script_line(d) for _ in range(d.randint(0, 10))) + "\n"
     env = [arg for name in d.sample(NAMES, d.randint(0, 2)) for arg in ("--env", f"{name}={d.pick(['2', '', 'x'])}")]
     return Input(text, ".sh", env)

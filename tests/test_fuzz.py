@@ -362,6 +362,15 @@ FOUND = {
         {"lib.sh": "L=2\nreturn\nL=3\n"}, {"check": OK, "translate --to megatron": (0, "--num-layers 2"), "plan": OK}),
     "an unclosed ' inside ${X:=...}": ("i.sh", "python pretrain_gpt.py --lr 0.1 --seed ${A:='x}\n", {},
                                        dict.fromkeys(("check", "translate", "plan"), (2, "quote is not closed"))),
+    "an argument file holding only a comment (all defaults)": (
+        "k.args", "# nothing but a comment\n", {},
+        dict.fromkeys(("check", "translate", "plan"), (2, "states no Megatron-LM arguments"))),
+    "a launch script that starts no training command (all defaults)": (
+        "k.sh", "echo hi\n", {}, dict.fromkeys(("check", "translate", "plan"), (2, "states no Megatron-LM arguments"))),
+    "a YAML config read with --from megatron (all defaults)": (
+        "k.yaml", "zero: {stage: 2}\nbatch: {micro: 1}\n", {},
+        dict.fromkeys(("check --from megatron", "translate --to deepspeed --from megatron",
+                       "plan --params 1e6 --from megatron"), (2, "for another dialect pass --from"))),
     "--min-loss-scale 0.0001 written as DeepSpeed JSON": (
         "j.args", "--lr 0.1 --min-loss-scale 0.0001\n", {},
         {"check": OK, "translate": (2, "fp16.min_loss_scale=0.0001: DeepSpeed 0.19 refuses it"), "plan": OK}),
