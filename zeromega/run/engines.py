@@ -76,6 +76,8 @@ class DeepSpeedEngine:
 
     last_step_skipped = False
     """Whether the last step's update was skipped (an fp16 overflow: DeepSpeed's ``skipped_steps`` grew)."""
+    _step_scale = 1.0
+    """The loss scale the last backward ran with (ZeRO-0 fp16)."""
 
     def _scaled_for_zero0_fp16(self, loss: torch.Tensor) -> torch.Tensor:
         """``loss`` as ZeRO-0 fp16 needs it: DeepSpeed 0.19's ``engine.backward`` scales the loss only for a ZeRO
@@ -88,7 +90,7 @@ class DeepSpeedEngine:
         engine = self.engine
         if not engine.fp16_enabled() or engine.zero_optimization() or not loss.requires_grad:
             return loss
-        scale = float(engine._get_optimizer_loss_scale() or 1.0)
+        scale = self._step_scale = float(engine._get_optimizer_loss_scale() or 1.0)
         unscaled = 1.0 / engine.gradient_accumulation_steps()
         loss = loss.float()
 
@@ -114,6 +116,10 @@ class DeepSpeedEngine:
         if self.last_step_skipped:  # no norm for a skipped step, as Megatron-Core's optimizer (DeepSpeed says inf)
             return total / len(micro_batches), None
         norm = self.engine.get_global_grad_norm()
+        if norm is not None and type(self.engine.optimizer).__name__ == "FP16_UnfusedOptimizer":
+            # DeepSpeed 0.19's unfused fp16 optimizer (ZeRO-0 around a torch optimizer) keeps the norm of the scaled
+            # gradients (its fused sibling divides by the scale): the norm of the gradients is that over the scale
+            norm = norm / self._step_scale
         if norm is None:
             norm, self._clipped_norm = self._clipped_norm, None
         return total / len(micro_batches), None if norm is None else float(norm)
