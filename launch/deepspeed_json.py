@@ -109,9 +109,9 @@ def load_file(path: str | Path) -> dict:
     except hjson.HjsonDecodeError as err:
         raise ConfigError("--config", str(path), f"not valid JSON ({err.msg} at line {err.lineno} "
                           f"column {err.colno})", "fix the JSON syntax at that place") from None
-    except IndexError:  # hjson reads past the end of a /* comment that is never closed
-        raise ConfigError("--config", str(path), "not valid JSON (the text ends inside a /* comment)",
-                          "close the comment with */") from None
+    except IndexError:  # hjson reads past the end of a /* comment or ''' string that is never closed
+        raise ConfigError("--config", str(path), "not valid JSON (the text ends inside a /* comment or a ''' "
+                          "string)", "close it with */ or '''") from None
     except _DuplicateKey as err:
         raise ConfigError("--config", str(path), f"duplicate key {err.args[0]!r} (DeepSpeed rejects it)",
                           "keep one of them") from None

@@ -302,6 +302,7 @@ HJSON_EDITS: list[Callable[[Draw, str], str]] = [
     lambda d, t: "\ufeff" + t,
     _duplicate_a_key,
     lambda d, t: t.replace(": ", ": '''\n  multi\n  '''\n", 1),
+    lambda d, t: t.replace(": ", ": '''never closed ", 1),  # hjson's multi-line string, open to the end
     lambda d, t: t.replace("1", d.pick(["1e400", "9" * 30, "0x1F", "NaN", "-Infinity", "+1", ".5", "1."]), 1),
 ]
 

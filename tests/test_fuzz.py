@@ -337,6 +337,8 @@ FOUND = {
     # before its fix (a traceback, two lines, or 10 s); "translate" is to deepspeed
     "Hjson /* comment never closed": ("a.json", '{"train_batch_size": 8}\n/* unterminated', {},
                                       dict.fromkeys(("check", "translate", "plan"), (2, "ends inside a /* comment"))),
+    "Hjson ''' string never closed": ("a.json", '{"train_batch_size": 8, "a": \'\'\'open', {},
+                                      dict.fromkeys(("check", "translate", "plan"), (2, "or a ''' string"))),
     "aio.thread_count (not a DeepSpeed 0.19 key) given a mapping": (
         "b.json", '{"train_micro_batch_size_per_gpu": 1, "aio": {"thread_count": {}}}', {},
         dict.fromkeys(("check", "translate", "plan"), OK)),
