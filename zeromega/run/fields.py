@@ -135,6 +135,7 @@ APPLIED: dict[str, tuple[str, ...]] = {
     "batch.rampup": ("zeromega/run/schedule.py", "zeromega/run/run.py"),
     "optimizer.decoupled_lr": ("plugins/zero/engine.py", "plugins/megatron/pipeline.py"),
     "optimizer.decoupled_min_lr": ("plugins/zero/engine.py", "plugins/megatron/pipeline.py"),
+    "optimizer.deepspeed_type": ("plugins/zero/ds_config.py",),  # the spelling a written DeepSpeed JSON keeps
     "logging.log_throughput": ("zeromega/run/run.py",),
     "logging.wandb_project": ("zeromega/run/wandb.py",),
     "logging.wandb_exp_name": ("zeromega/run/wandb.py",),
