@@ -71,23 +71,6 @@ def full_then_resumed(tmp: Path, corpus: str, stage: int, optimizer: str, param:
     return read_curve(tmp / "full.jsonl"), read_curve(tmp / "resumed.jsonl"), save
 
 
-@pytest.fixture(scope="module")
-def cpu_adam():
-    """DeepSpeed's CPU Adam built (or loaded from the cache) once here, not by two forked ranks at once."""
-    from deepspeed.ops.op_builder import CPUAdamBuilder
-
-    CPUAdamBuilder().load(verbose=False)
-
-
-@pytest.fixture(scope="module")
-def async_io():
-    from deepspeed.ops.op_builder import AsyncIOBuilder
-
-    if not AsyncIOBuilder().is_compatible(False):
-        pytest.fail("async_io cannot be built: apt-get install -y libaio-dev (make nvme-deps)")
-    AsyncIOBuilder().load(verbose=False)
-
-
 def worst_relative(full: dict, resumed: dict) -> float:
     return max(abs(resumed[s] - full[s]) / abs(full[s]) for s in resumed)
 

@@ -39,23 +39,6 @@ def _close(got, ref, rtol):
 
 
 @pytest.fixture(scope="module")
-def cpu_adam():
-    """Build (or load from the cache) DeepSpeed's CPU Adam once, outside any forked rank."""
-    from deepspeed.ops.op_builder import CPUAdamBuilder
-
-    CPUAdamBuilder().load(verbose=False)
-
-
-@pytest.fixture(scope="module")
-def async_io():
-    from deepspeed.ops.op_builder import AsyncIOBuilder
-
-    if not AsyncIOBuilder().is_compatible(False):
-        pytest.fail("async_io cannot be built: apt-get install -y libaio-dev")
-    AsyncIOBuilder().load(verbose=False)
-
-
-@pytest.fixture(scope="module")
 def baseline(small_corpus):
     return {stage: run_world(2, train_offload, _cfg(stage), SHAPE, small_corpus, STEPS)[0] for stage in (2, 3)}
 
