@@ -86,6 +86,8 @@ VIOLATIONS = {
     "etp x ep vs a stage's tp x cp x dp": ({"parallel": {"tp": 2, "ep": 4, "etp": 1}}, 2, "parallel.etp=1"),
     "experts vs ep": ({"parallel": {"ep": 4}, "moe": {"num_experts": 6}}, None, "moe.num_experts=6"),
     "topk above experts": ({"moe": {"num_experts": 2, "topk": 4}}, None, "moe.topk=4"),
+    "moe at tp 2 without sequence parallel": ({"parallel": {"tp": 2}, "moe": {"num_experts": 2}}, None,
+                                              "parallel.sequence_parallel=False"),
     "vpp without pp": ({"parallel": {"vpp": 2}}, None, "parallel.vpp=2"),
     "vpp layers not divisible": ({"parallel": {"pp": 2, "layers_per_virtual_stage": 3},
                                   "model": {"num_layers": 16}}, None, "parallel.layers_per_virtual_stage=3"),

@@ -148,6 +148,15 @@ def _experts_divisible(cfg):
                           f"use a topk <= {experts}")
 
 
+def _moe_tp_needs_sequence_parallel(cfg):
+    """Megatron-Core's MoE layer raises at the first training step when tp > 1 without sequence parallel
+    (moe_layer.py: "performance may degrade ..."); Megatron-LM's argument checks let it through."""
+    p = cfg.parallel
+    if cfg.moe.num_experts and p.tp > 1 and not p.sequence_parallel:
+        raise ConfigError("parallel.sequence_parallel", False, f"MoE with tp {p.tp} needs sequence parallelism "
+                          "(Megatron-Core's MoE layer refuses to train without it)", "add --sequence-parallel")
+
+
 def _uneven_pipeline(cfg):
     """Megatron-LM's --decoder-first/last-pipeline-num-layers: the stages between split the rest evenly."""
     p, layers = cfg.parallel, cfg.model.num_layers
@@ -291,6 +300,7 @@ RULES: list[Callable[["RunConfig"], None]] = [
     _offload_stages,
     _nvme_needs_path,
     _experts_divisible,
+    _moe_tp_needs_sequence_parallel,
     _virtual_pipeline,
     _recompute,
     _recompute_chunks,
