@@ -443,7 +443,7 @@ def _check_layout(job: launcher.Job, kind: str, config, script_text: str = "") -
         if launch_flags.runs_zeromega_run(script_text):
             from zeromega.run.prelaunch import before_launch  # the run's own checks (length, wandb, profiler)
 
-            before_launch(config)
+            before_launch(config, gpt=launch_flags.parses_with_script_args(script_text))  # else an own model
     if summary:
         print(f"zeromega launch: {summary}", file=sys.stderr)
     nodes = job.nnodes if kind == "torchrun" else None

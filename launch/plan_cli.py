@@ -218,7 +218,8 @@ def plan_for_args(args: argparse.Namespace):
                              if args.params is not None else "use a layer count the pipeline stages divide") from None
 
     try:
-        preflight.check_combinations(ds, device, fp16_supported=device == "cuda" or _cpu_fp16())
+        fp16 = (ds.get("fp16") or {}).get("enabled") is True  # the probe computes: only asked for an fp16 run
+        preflight.check_combinations(ds, device, fp16_supported=device == "cuda" or not fp16 or _cpu_fp16())
         ds, corrections = preflight.correct(ds, plan_fn(ds))
         if args.check:
             report = preflight.preflight(ds, plan_fn, device_type=device,

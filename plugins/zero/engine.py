@@ -87,7 +87,8 @@ def zero_config(run, layout, device_type: str, plan_fn=None) -> tuple[dict, list
     it they are sized from a bare parameter count of 0 (buffers kept as given).
     """
     ds, filled = defaults.tuned(to_deepspeed(run, layout, device_type), device_type)
-    preflight.check_combinations(ds, device_type, device_type == "cuda" or _cpu_fp16())
+    fp16 = (ds.get("fp16") or {}).get("enabled") is True  # the probe computes: only asked for an fp16 run
+    preflight.check_combinations(ds, device_type, device_type == "cuda" or not fp16 or _cpu_fp16())
     if plan_fn is None:
         plan_fn = lambda d: plan_memory(d, ModelSize(0, 0, 0, 0), dp=layout.dp)  # noqa: E731
     ds, corrections = preflight.correct(ds, plan_fn(ds))

@@ -7,12 +7,13 @@ from __future__ import annotations
 from zeromega.config import ConfigError, RunConfig
 
 
-def before_launch(cfg: RunConfig) -> None:
+def before_launch(cfg: RunConfig, gpt: bool = True) -> None:
+    """``gpt``: the run trains zeromega's GPT (its model section applies); False for an own model."""
     s, log = cfg.scheduler, cfg.logging
     if s.train_iters is None and s.train_samples is None:
         raise ConfigError("scheduler.train_iters", None, "the run's length is unstated",
                           "pass --train-iters N or --train-samples N (DeepSpeed: the scheduler's total_num_steps)")
-    if cfg.parallel.cp > 1 and cfg.sequence.mode in ("ring", "usp") and cfg.model.attention_dropout:
+    if gpt and cfg.parallel.cp > 1 and cfg.sequence.mode in ("ring", "usp") and cfg.model.attention_dropout:
         # the attention module refuses it when the ranks build the model: said here, before any rank starts
         raise ConfigError("model.attention_dropout", cfg.model.attention_dropout, f"{cfg.sequence.mode} attention "
                           "has no dropout (each rank would need the same random stream per block)",

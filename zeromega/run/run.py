@@ -54,7 +54,7 @@ class Run:
         if model is None and loss is not None:
             raise ConfigError("Run(loss=...)", "GPT", "zeromega's GPT brings its own loss",
                               "drop loss=, or pass your model with model=")
-        before_launch(cfg)
+        before_launch(cfg, gpt=model is None)
         self.cfg, self._model_fn, self._batches_fn, self._loss_fn, self._log = cfg, model, batches, loss, log
         self.layout = self.engine = self.schedule = self.shape = None
         self.records: list[StepRecord] = []
@@ -308,12 +308,12 @@ class Run:
         return lambda model, batch: gpt_loss(model, batch, layout)
 
 
-def before_launch(cfg: RunConfig) -> None:
+def before_launch(cfg: RunConfig, gpt: bool = True) -> None:
     """The checks a run makes before any rank trains (``zeromega launch`` runs them too, through
-    :mod:`zeromega.run.prelaunch`)."""
+    :mod:`zeromega.run.prelaunch`); ``gpt`` False for an own model (the GPT's model section does not apply)."""
     from .prelaunch import before_launch as checks
 
-    checks(cfg)
+    checks(cfg, gpt=gpt)
 
 
 def _refuse_model_parallel_without_megatron_layers(module: torch.nn.Module, layout) -> None:
