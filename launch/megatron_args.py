@@ -398,8 +398,8 @@ def parse(argv: list[str]) -> MegatronArgs:
     _deepspeed_moe(known, put)
     experts = partial.get("moe", {}).get("num_experts") or 0
     if experts > 1 and "--disable-bias-linear" not in known:
-        # integrations/megatron/model.py: an expert's fc2 bias is added in place after a tp reduction, which
-        # autograd rejects, so MoE models are built bias-free; said, not silent (Megatron-LM keeps the biases)
+        # integrations/megatron/model.py builds MoE models bias-free (Megatron-Core allows MoE biases only at
+        # expert tensor parallel 1); said, not silent (Megatron-LM keeps the biases where it allows them)
         warnings.warn("--num-experts without --disable-bias-linear: zeromega builds MoE models without linear "
                       "biases (Megatron-LM keeps them, in attention, MLPs, experts and the router); pass "
                       "--disable-bias-linear to ask for that model", stacklevel=2)

@@ -163,8 +163,9 @@ def _recompute_fields(cfg: RunConfig) -> dict:
 
 def _architecture_fields(shape: GPTShape) -> dict:
     """Llama-class architecture, as Megatron-LM's core_transformer_config_from_args passes it."""
-    # Megatron's MoE models carry no linear biases (--disable-bias-linear): an expert's
-    # fc2 bias is added in place to the output of a tp reduction, which autograd rejects.
+    # MoE models are built bias-free (said before launch): Megatron-Core keeps MoE biases only at expert
+    # tensor parallel 1 (TransformerConfig asserts "Bias in Moe is only supported when ETP==1"), and one rule
+    # for every layout keeps each layout the same model. Megatron-LM's own MoE recipes pass --disable-bias-linear.
     fields = dict(normalization=shape.normalization, add_bias_linear=shape.add_bias_linear and not shape.num_experts,
                   kv_channels=shape.kv_channels)
     if shape.swiglu:
