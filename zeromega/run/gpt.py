@@ -133,9 +133,6 @@ def _corpus(cfg: RunConfig, rank0: bool) -> DataSource:
     return source
 
 
-largest_token_id = data.largest_token_id  # scanned once per file version, then cached
-
-
 def vocab_size(cfg: RunConfig, source: DataSource) -> int:
     """The model's vocabulary before padding, as Megatron-LM sizes it: the tokenizer's (``NullTokenizer``:
     ``--vocab-size`` + 1; the byte tokenizer: ``--vocab-size`` or 257). Every token id of every file read must
@@ -150,7 +147,7 @@ def vocab_size(cfg: RunConfig, source: DataSource) -> int:
                           f"{cfg.data.tokenizer_type}, as in Megatron-LM: the vocabulary is the tokenizer's ({size})",
                           stacklevel=2)
     for prefix in source.prefixes():
-        largest = largest_token_id(Path(prefix))
+        largest = data.largest_token_id(Path(prefix))  # scanned once per file version, then cached
         if largest >= size:
             if cfg.data.tokenizer_type is None:
                 field, value = ("model.vocab_size", cfg.model.vocab_size) if cfg.model.vocab_size else \

@@ -35,12 +35,6 @@ from . import wandb as wandb_log
 from .loop import StepRecord, gpt_loss
 
 
-def _first_prefixes(source) -> list[str]:
-    """The data prefixes a GPT run reads (their directory holds Megatron's index cache by default)."""
-    blends = ([source.blend] if source.blend else []) + [b for b in (source.blend_per_split or []) if b]
-    return [str(p) for blend in blends for p in blend[0]]
-
-
 class Run:
     """One training run of ``cfg`` (see the module docstring for the own-model arguments)."""
 
@@ -97,7 +91,7 @@ class Run:
             # the project's corpus is built by each node's first rank: nodes need not share ZEROMEGA_DATA
             prefix = gpt.corpus(cfg, int(os.environ.get("LOCAL_RANK", dist.get_rank())) == 0)
             dist.barrier()
-        shared_fs.check(cfg, [] if own or prefix.mock else _first_prefixes(prefix))
+        shared_fs.check(cfg, [] if own or prefix.mock else [str(p) for p in prefix.prefixes()])
         if not own:
             self.shape = gpt.shape(cfg, gpt.vocab_size(cfg, prefix))
             padding = gpt_model.padding_note(self.shape.vocab_size, self.shape.make_vocab_size_divisible_by,
