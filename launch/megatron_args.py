@@ -137,6 +137,10 @@ FLAGS: dict[str, tuple[str, Any]] = {
     "--profile": ("logging.profile", SWITCH),
     "--profile-step-start": ("logging.profile_step_start", int),
     "--profile-step-end": ("logging.profile_step_end", int),
+    "--log-params-norm": ("logging.log_params_norm", SWITCH),
+    "--log-num-zeros-in-grad": ("logging.log_num_zeros_in_grad", SWITCH),
+    "--log-optimizer-states-to-tensorboard": ("logging.log_optimizer_states_to_tensorboard", SWITCH),
+    "--empty-unused-memory-level": ("scheduler.empty_unused_memory_level", int),
 }
 # Megatron-LM's second spellings of the same flags.
 ALIASES: dict[str, str] = {"--override-opt-param-scheduler": "--override-opt_param-scheduler",
@@ -173,20 +177,22 @@ NOTED: dict[str, tuple[Any, str]] = {
     "--transformer-impl": (1, "zeromega builds Megatron-Core's local layer specs (no TransformerEngine)"),
     "--num-workers": (1, "batches are read in the training process"),
     "--timing-log-level": (1, "the log line reports the step time; no Megatron timer tree"),
+    "--timing-log-option": (1, "no Megatron timer tree to reduce over ranks (the step time is rank 0's)"),
     "--distributed-backend": (1, "zeromega picks NCCL on CUDA and gloo on CPU"),
-    "--empty-unused-memory-level": (1, "the allocator's cache is not emptied between steps"),
     "--grad-reduce-in-bf16": (0, "gradients are reduced in fp32"),
     "--no-create-attention-mask-in-dataloader": (0, "the causal mask is built in attention, as asked"),
     "--ckpt-format": (1, "checkpoints use zeromega's format (zeromega export converts them)"),
     "--no-async-tensor-model-parallel-allreduce": (0, "tp all-reduces are synchronous, as asked"),
     "--use-pytorch-profiler": (0, "--profile always uses torch.profiler here"),
-    "--log-params-norm": (0, "the parameter norm is not logged"),
-    "--log-num-zeros-in-grad": (0, "zeros in the gradients are not counted"),
-    "--log-batch-size-to-tensorboard": (0, "batch-size is always written to TensorBoard"),
-    "--log-optimizer-states-to-tensorboard": (0, "optimizer states are not written to TensorBoard"),
-    "--checkpoint-activations": (0, "Megatron-DeepSpeed's name: use --recompute-activations for recompute"),
-    "--deepspeed-activation-checkpointing": (0, "recompute runs through Megatron-Core (--recompute-*)"),
-    "--partition-activations": (0, "activations are not partitioned across tp ranks"),
+    "--log-batch-size-to-tensorboard": (0, "batch-size is always written to TensorBoard (Megatron-LM's tag "
+                                           "'batch-size', not 'batch-size/batch-size')"),
+    "--deepspeed-activation-checkpointing": (0, "recompute runs through Megatron-Core's (--checkpoint-activations "
+                                                "or --recompute-*), not DeepSpeed's checkpointing"),
+    "--partition-activations": (0, "recomputed layers' inputs are kept whole on each tp rank, not partitioned"),
+    "--contigious-checkpointing": (0, "recompute runs through Megatron-Core's: no contiguous checkpoint buffer"),
+    "--checkpoint-in-cpu": (0, "recomputed layers' inputs stay on the device, not moved to CPU memory"),
+    "--synchronize-each-layer": (0, "no device synchronize around each recomputed layer (same values)"),
+    "--profile-backward": (0, "DeepSpeed's checkpointing profiler is not run (use --profile)"),
     "--no-pipeline-parallel": (0, "pp 1 runs on DeepSpeed's engine, as asked"),
     "--use-flash-attn-v1": (0, "flash attention needs CUDA kernels: Megatron-Core's unfused attention runs"),
     "--use-flash-attn-triton": (0, "flash attention needs CUDA kernels: Megatron-Core's unfused attention runs"),
@@ -207,6 +213,8 @@ SPECIAL: dict[str, tuple[Any, Any]] = {
     "--fp16": (None, 0),
     "--use-distributed-optimizer": (None, 0),
     "--recompute-activations": (None, 0),
+    "--checkpoint-activations": (None, 0),
+    "--checkpoint-num-layers": (int, 1),
     "--deepspeed": (None, 0),
     "--group-query-attention": (None, 0),
     "--num-query-groups": (int, 1),
@@ -352,6 +360,7 @@ def parse(argv: list[str]) -> MegatronArgs:
             raise ConfigError("--recompute-activations", True, f"means selective recompute, but "
                               f"--recompute-granularity is {granularity}", "pass one of them")
         put("--recompute-activations", "recompute.granularity", "selective")
+    _checkpoint_activations(known, put, partial)
     if "--initial-loss-scale" in known:
         scale = _convert("--initial-loss-scale", float, known["--initial-loss-scale"][0])
         power = math.log2(scale) if scale > 0 else -1
@@ -410,6 +419,28 @@ def parse(argv: list[str]) -> MegatronArgs:
     if config:
         _convert("--deepspeed_config", str, config[0])
     return MegatronArgs(partial, unknown, config[0] if config else None)
+
+
+def _checkpoint_activations(known: dict, put, partial: dict) -> None:
+    """Megatron-DeepSpeed's ``--checkpoint-activations``: whole layers recomputed in chunks of
+    ``--checkpoint-num-layers`` (default 1), its transformer's ``_checkpointed_forward`` and its pipeline's
+    ``activation_checkpoint_interval``: Megatron-Core's full recompute, uniform method. (Megatron-LM 0.16.1
+    exits on the flag: 'no longer valid, use --recompute-activations'.)"""
+    chunk = known.get("--checkpoint-num-layers")
+    if "--checkpoint-activations" not in known:
+        if chunk:
+            warnings.warn(f"--checkpoint-num-layers {chunk[0]} without --checkpoint-activations does nothing, as in "
+                          "Megatron-DeepSpeed", stacklevel=3)
+        return
+    layers = _convert("--checkpoint-num-layers", int, chunk[0]) if chunk else 1
+    wanted = {"granularity": "full", "method": "uniform", "num_layers": layers}
+    stated = partial.get("recompute", {})
+    for key, flag in (("granularity", "--recompute-granularity"), ("method", "--recompute-method"),
+                      ("num_layers", "--recompute-num-layers")):
+        if key in stated and stated[key] != wanted[key]:
+            raise ConfigError(flag, stated[key], f"contradicts --checkpoint-activations (full recompute, uniform "
+                              f"chunks of --checkpoint-num-layers {layers})", "pass one of them")
+        put("--checkpoint-activations", f"recompute.{key}", wanted[key])
 
 
 def _architecture(known: dict, put, partial: dict) -> None:

@@ -292,6 +292,10 @@ class SchedulerConfig(_Section):
     evaluations)."""
     manual_gc_eval: bool = True
     """With manual_gc, collect before and after each evaluation (``--no-manual-gc-eval`` turns it off)."""
+    empty_unused_memory_level: Literal[0, 1, 2] = 0
+    """Return the CUDA allocator's unused cached blocks (``--empty-unused-memory-level``, Megatron-LM's points):
+    1 after each step's forward/backward and each evaluation step, 2 also after the optimizer step. On CPU there
+    is no allocator cache: nothing happens."""
 
 
 class RecomputeConfig(_Section):
@@ -436,6 +440,17 @@ class LoggingConfig(_Section):
     """``iteration-time`` (seconds) in TensorBoard (``--log-timers-to-tensorboard``)."""
     log_world_size_to_tensorboard: bool = False
     """``world-size`` in TensorBoard (``--log-world-size-to-tensorboard``)."""
+    log_params_norm: bool = False
+    """The L2 norm of all parameters after each step (``--log-params-norm``): ``params norm`` in the log line,
+    ``params-norm`` in TensorBoard and wandb, ``params_norm`` in the metrics file. Over the whole model: tp shards
+    and pp stages summed, tp-replicated and shared (tied embedding) parameters once, ZeRO partitions summed."""
+    log_num_zeros_in_grad: bool = False
+    """The number of zero entries in the step's gradients (``--log-num-zeros-in-grad``): ``num zeros`` in the log
+    line, ``num-zeros`` in TensorBoard and wandb, ``num_zeros_in_grad`` in the metrics file."""
+    log_optimizer_states_to_tensorboard: bool = False
+    """Megatron-DeepSpeed's ``--log-optimizer-states-to-tensorboard``: L2 and L1 norms and largest magnitude of
+    Adam's first and second moments (and its square root) and of the optimizer's parameters, as
+    ``optimizer/momentum_l2`` etc., every ``tensorboard_log_interval`` steps."""
     log_throughput: bool = False
     """``throughput per GPU (TFLOP/s/GPU)`` in the log line (``--log-throughput``; the metrics file always has
     tflops_per_gpu and mfu)."""

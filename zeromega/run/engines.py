@@ -18,7 +18,10 @@ so changing pp does not change the model.
 
 An engine offers ``train_step(micro_batches) -> (loss, grad_norm)``,
 ``optimizer`` (whose ``param_groups`` the schedule drives), ``modules``
-(this rank's model chunks) and ``checkpointer(...)``.
+(this rank's model chunks) and ``checkpointer(...)``; after each step
+``last_params_norm`` and ``last_num_zeros`` (``--log-params-norm``,
+``--log-num-zeros-in-grad``; None when not asked for), and both empty the
+CUDA allocator's cache at Megatron-LM's points (``--empty-unused-memory-level``).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from typing import Callable, Optional
 import torch
 
 from zeromega.config import ConfigError, Layout, RunConfig
+from zeromega.run import model_stats
 
 DEEPSPEED, MEGATRON = "deepspeed", "megatron"
 
@@ -59,6 +63,12 @@ class DeepSpeedEngine:
         self._clipped_norm = None
         self._ramping = False
         self._keep_clipping_norm()
+        self.empty_unused_memory_level = cfg.scheduler.empty_unused_memory_level
+        self._log_params_norm = cfg.logging.log_params_norm
+        self._log_num_zeros = cfg.logging.log_num_zeros_in_grad
+
+    last_params_norm: Optional[float] = None
+    last_num_zeros: Optional[float] = None
 
     def _keep_clipping_norm(self) -> None:
         """Without ZeRO or mixed precision DeepSpeed clips through ``clip_fp32_gradients``, which drops the norm
@@ -110,9 +120,20 @@ class DeepSpeedEngine:
                 self.engine.set_gradient_accumulation_boundary(i == len(micro_batches) - 1)
             loss = self._loss(self.engine, batch)
             self.engine.backward(self._scaled_for_zero0_fp16(loss))
+            if i == len(micro_batches) - 1:  # the step's gradients are reduced: the optimizer step is next
+                if self.empty_unused_memory_level >= 1:
+                    model_stats.empty_unused_memory()
+                if self._log_num_zeros:
+                    self.last_num_zeros = model_stats.count_zeros_deepspeed(self.engine.module)
             self.engine.step()
             total += loss.item()
+        if self.empty_unused_memory_level >= 2:
+            model_stats.empty_unused_memory()
+        if self._log_params_norm:
+            self.last_params_norm = model_stats.params_norm(self.modules)
         self.last_step_skipped = getattr(self.engine, "skipped_steps", 0) > skipped
+        if self.last_step_skipped:
+            self.last_num_zeros = None  # as Megatron-Core's optimizer on an overflow
         if self.last_step_skipped:  # no norm for a skipped step, as Megatron-Core's optimizer (DeepSpeed says inf)
             return total / len(micro_batches), None
         norm = self.engine.get_global_grad_norm()
@@ -155,6 +176,36 @@ class MegatronEngine:
         self.optimizer = self.trainer.optimizer
         self.modules = [chunk.module for chunk in self.trainer.chunks]
         self.engine = None
+        self.empty_unused_memory_level = cfg.scheduler.empty_unused_memory_level
+        self._log_params_norm = cfg.logging.log_params_norm
+        self._wrap_optimizer_step(cfg.logging.log_num_zeros_in_grad)
+
+    last_params_norm: Optional[float] = None
+    last_num_zeros: Optional[float] = None
+
+    def _wrap_optimizer_step(self, count_zeros: bool) -> None:
+        """Megatron-Core's optimizer counts the zeros of its main gradients when its OptimizerConfig says
+        ``log_num_zeros_in_grad`` (``count_zeros_fp32``: tp replicas and shared copies once, summed over its
+        grad-stats group) and returns the count from ``step()``; its step is also where Megatron-LM empties the
+        cache (level 1 just before it, level 2 after it). The trainer's step is left as it is: the optimizer's
+        ``step`` is wrapped here."""
+        optimizer = self.trainer.optimizer
+        for sub in [optimizer, *getattr(optimizer, "chained_optimizers", [])]:
+            sub.config.log_num_zeros_in_grad = count_zeros  # read at each step (one config object, shared)
+        step = optimizer.step
+        level = self.empty_unused_memory_level
+
+        def step_and_keep(*args, **kwargs):
+            if level >= 1:
+                model_stats.empty_unused_memory()
+            result = step(*args, **kwargs)
+            self.last_num_zeros = None if not count_zeros or result[2] is None else float(result[2])
+            if level >= 2:
+                model_stats.empty_unused_memory()
+            return result
+
+        if count_zeros or level:
+            optimizer.step = step_and_keep
 
     last_step_skipped = False
     """Whether the last step's update was skipped: under fp16 Megatron-Core's optimizer returns no grad norm
@@ -163,6 +214,8 @@ class MegatronEngine:
     def train_step(self, micro_batches: list[dict]) -> tuple[float, Optional[float]]:
         result = self.trainer.train_step(micro_batches)
         self.last_step_skipped = self.trainer.cfg.precision == "fp16" and result.grad_norm is None
+        if self._log_params_norm:
+            self.last_params_norm = model_stats.params_norm(self.modules)
         return result.loss, result.grad_norm
 
     def checkpointer(self, layout: Layout, cfg: RunConfig, schedule, model_meta: dict):

@@ -73,6 +73,10 @@ class StepRecord:
     """The optimizer skipped this step (fp16 overflow)."""
     nan: bool = False
     """The step's loss is NaN or infinite."""
+    params_norm: Optional[float] = None
+    """L2 norm of all parameters after the step (``--log-params-norm``; :mod:`zeromega.run.model_stats`)."""
+    num_zeros_in_grad: Optional[float] = None
+    """Zero entries in the step's gradients (``--log-num-zeros-in-grad``)."""
 
 
 def _reduce_step_stats(loss_sum: float, peak_mem: int, dp_group) -> tuple[float, int]:
@@ -154,6 +158,10 @@ def log_line(record: StepRecord, iters: int, global_batch: int, skipped: int = 0
         parts.append(f"loss scale: {record.loss_scale:.1f}")
     if record.grad_norm is not None:
         parts.append(f"grad norm: {record.grad_norm:.3f}")
+    if record.num_zeros_in_grad is not None:  # Megatron-LM prints its float count as Python does (1234.0)
+        parts.append(f"num zeros: {float(record.num_zeros_in_grad)}")
+    if record.params_norm is not None:
+        parts.append(f"params norm: {record.params_norm:.3f}")
     parts += [f"number of skipped iterations: {skipped:3d}", f"number of nan iterations: {nan:3d}",
               f"tokens/s: {record.tokens_per_s:,.0f}", f"peak memory (MiB): {record.peak_mem_bytes / 2**20:,.0f}"]
     return " | ".join(parts) + " |"
@@ -180,6 +188,10 @@ def evaluate(engine, batches: Iterator[dict], *, iters: int, accumulation: int, 
     total = 0.0
     for _ in range(iters):
         total += eval_step(engine, [next(batches) for _ in range(accumulation)])
+        if getattr(engine, "empty_unused_memory_level", 0) >= 1:  # Megatron-LM's evaluate, after each forward
+            from .model_stats import empty_unused_memory
+
+            empty_unused_memory()
     loss = torch.tensor([total / iters], dtype=torch.float64)
     if not hasattr(engine, "trainer") and dist.is_initialized() and dist.get_world_size(dp_group) > 1:
         with comm.paused():
@@ -277,7 +289,8 @@ def train(engine, batches: Iterator[dict], *, iters: int, accumulation: int, glo
                     global_batch=step_batch, tflops_per_gpu=tflops,
                     mfu=tflops * 1e12 / peak_flops if tflops is not None and peak_flops else None,
                     loss_scale=_loss_scale(engine), skipped=bool(getattr(engine, "last_step_skipped", False)),
-                    nan=not math.isfinite(loss),
+                    nan=not math.isfinite(loss), params_norm=getattr(engine, "last_params_norm", None),
+                    num_zeros_in_grad=getattr(engine, "last_num_zeros", None),
                 )
                 if schedule is not None and not record.skipped:  # Megatron-LM: no schedule step on a skipped one
                     schedule.step(step_batch)

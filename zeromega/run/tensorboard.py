@@ -2,11 +2,12 @@
 
 Tags are Megatron-LM's: ``lm loss``, ``learning-rate``, ``batch-size``, ``grad-norm`` (each also ``... vs
 samples``), ``loss-scale`` (on unless ``--no-log-loss-scale-to-tensorboard``), ``world-size``,
-``iteration-time`` (and ``throughput`` with ``--log-throughput``) and ``mem-*`` behind their switches,
-``lm loss validation`` (and ``... ppl``) after each evaluation. The test split goes to ``lm loss test``
-(Megatron-LM writes it under the validation tag, at the same iteration as the last validation). Written by
-rank 0 (Megatron-LM: the last rank); the values are reduced over ranks first, so every rank holds the same
-ones.
+``iteration-time`` (and ``throughput`` with ``--log-throughput``), ``mem-*``, ``num-zeros``, ``params-norm``
+behind their switches, Megatron-DeepSpeed's ``optimizer/*`` states (``... vs tokens`` too) behind
+``--log-optimizer-states-to-tensorboard``, ``lm loss validation`` (and ``... ppl``) after each evaluation.
+The test split goes to ``lm loss test`` (Megatron-LM writes it under the validation tag, at the same iteration
+as the last validation). Written by rank 0 (Megatron-LM: the last rank); the values are reduced over ranks
+first, so every rank holds the same ones.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class TensorBoard:
 
     def __init__(self, cfg: RunConfig, global_batch: int):
         self.log, self.global_batch, self.writer = cfg.logging, global_batch, None
+        self.seq_length = cfg.model.seq_length  # the optimizer-state scalars' tokens axis (None: own model)
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         if self.log.tensorboard_dir and (not dist.is_initialized() or dist.get_rank() == 0):
             from torch.utils.tensorboard import SummaryWriter
@@ -53,9 +55,17 @@ class TensorBoard:
             self.writer = SummaryWriter(log_dir=self.log.tensorboard_dir, max_queue=self.log.tensorboard_queue_size)
 
     def step(self, record, engine) -> None:
-        """A training step's scalars, every ``tensorboard_log_interval`` steps."""
+        """A training step's scalars, every ``tensorboard_log_interval`` steps (called on every rank: the
+        optimizer-state scalars are collective)."""
         w, log, it = self.writer, self.log, record.step
-        if w is None or it % log.tensorboard_log_interval:
+        if not log.tensorboard_dir or it % log.tensorboard_log_interval:
+            return
+        states = None
+        if log.log_optimizer_states_to_tensorboard:  # Megatron-DeepSpeed computes them on every rank
+            from .model_stats import optimizer_states
+
+            states = optimizer_states(engine)
+        if w is None:
             return
         samples = record.consumed_samples if record.consumed_samples is not None else it * self.global_batch
 
@@ -65,7 +75,7 @@ class TensorBoard:
 
         if record.lr is not None:
             both("learning-rate", record.lr)
-        both("batch-size", self.global_batch)
+        both("batch-size", record.global_batch or self.global_batch)  # the step's (a ramp-up's) global batch
         both("lm loss", record.loss)
         if log.log_loss_scale_to_tensorboard:
             both("loss-scale", loss_scale(engine))
@@ -73,6 +83,14 @@ class TensorBoard:
             both("world-size", self.world)
         if record.grad_norm is not None:
             both("grad-norm", record.grad_norm)
+        if record.num_zeros_in_grad is not None:
+            both("num-zeros", record.num_zeros_in_grad)
+        if record.params_norm is not None:
+            both("params-norm", record.params_norm)
+        for tag, value in (states or {}).items():  # Megatron-DeepSpeed's x axes: steps, and tokens
+            w.add_scalar(tag, value, it)
+            if record.consumed_samples is not None and self.seq_length:
+                w.add_scalar(f"{tag} vs tokens", value, record.consumed_samples * self.seq_length)
         if log.log_memory_to_tensorboard:
             w.add_scalar("mem-max-allocated-bytes", record.peak_mem_bytes, it)
             if torch.cuda.is_available() and torch.cuda.is_initialized():

@@ -79,7 +79,8 @@ class WandB:
         values = {"lm loss": record.loss, "batch-size": record.global_batch,
                   "samples vs steps": record.consumed_samples, "iteration-time": record.step_time_s}
         optional = {"learning-rate": record.lr, "grad-norm": record.grad_norm, "loss-scale": record.loss_scale,
-                    "throughput": record.tflops_per_gpu, "mfu": record.mfu}  # TFLOP/s per rank, as Megatron-LM
+                    "throughput": record.tflops_per_gpu, "mfu": record.mfu,  # TFLOP/s per rank, as Megatron-LM
+                    "num-zeros": record.num_zeros_in_grad, "params-norm": record.params_norm}
         values.update({k: v for k, v in optional.items() if v is not None})
         if self._log.log_memory_to_tensorboard:
             values["mem-max-allocated-bytes"] = record.peak_mem_bytes

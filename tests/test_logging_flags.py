@@ -1,0 +1,171 @@
+"""Logging and ops flags of the published scripts, honoured (issue 15): ``--log-params-norm``,
+``--log-num-zeros-in-grad``, Megatron-DeepSpeed's ``--log-optimizer-states-to-tensorboard`` and
+``--checkpoint-activations``, ``--empty-unused-memory-level``.
+
+The parameter norm and the zero count are whole-model figures, so they must not change with the layout: a
+1-process run (DeepSpeed's engine) is checked against a direct computation over its one full model, and dp2
+under ZeRO-3 (partitions gathered), tp2 (shards summed, tp-replicated norms and biases once) and pp2
+(Megatron-Core's engine: stages summed, the last stage's copy of the tied embedding not counted, the zeros
+counted by Megatron-Core's optimizer) against it. The vocabulary is 512 so tp2 pads it as tp1 does (to a
+multiple of 256): the same model in every layout. Known zeros: the gradient of an embedding row whose token is
+absent from the step's batch is exactly zero, and every other gradient entry of this model is not, so the
+count is (padded vocabulary - distinct input tokens) x hidden.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import pytest
+
+from distributed import run_world
+
+BASE = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "32",
+        "--hidden-dropout", "0", "--attention-dropout", "0", "--micro-batch-size", "2", "--global-batch-size", "4",
+        "--split", "1,0,0", "--no-progress", "--lr", "1e-3", "--train-iters", "2", "--vocab-size", "512",
+        "--position-embedding-type", "rope", "--untie-embeddings-and-output-weights",
+        "--log-params-norm", "--log-num-zeros-in-grad", "--log-interval", "1"]
+HIDDEN, VOCAB = 32, 512
+
+
+def run_logged(argv: list[str]) -> dict:
+    """A run; its records, log lines, the input tokens each step drew on this rank, the number of cache
+    empties, and (one process) the parameters' norm computed directly from the full model."""
+    import torch
+
+    from zeromega.launch import script_args
+    from zeromega.run import Run, loop, model_stats
+
+    tokens: list = []
+    original = loop.train
+
+    def tapped(engine, batches, **kwargs):
+        def tap():
+            for batch in batches:
+                tokens.append(batch["tokens"].flatten().tolist())
+                yield batch
+        return original(engine, tap(), **kwargs)
+
+    loop.train = tapped
+    empties = []
+    model_stats.empty_unused_memory = lambda: empties.append(1)
+    lines: list[str] = []
+    run = Run(script_args.read(argv, "pretrain_gpt.py"), log=lines.append)
+    records = run.train()
+    direct = None
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        direct = math.sqrt(sum(float(p.detach().double().pow(2).sum()) for m in run.engine.modules
+                               for p in m.parameters()))
+    return {"records": [r.__dict__ for r in records], "lines": lines, "tokens": tokens, "empties": len(empties),
+            "direct": direct, "engine": run.engine.name}
+
+
+def _expected_zeros(tokens_per_rank: list[list], steps: int, micro_per_step: int) -> list[int]:
+    """(padded vocabulary - distinct input tokens of the step, over every rank) x hidden, per step."""
+    out = []
+    for step in range(steps):
+        seen = set()
+        for rank_tokens in tokens_per_rank:
+            for batch in rank_tokens[step * micro_per_step:(step + 1) * micro_per_step]:
+                seen.update(batch)
+        out.append((VOCAB - len(seen)) * HIDDEN)
+    return out
+
+
+@pytest.fixture(scope="module")
+def one_process(small_corpus, tmp_path_factory):
+    board = tmp_path_factory.mktemp("tb")
+    argv = ["--data-path", small_corpus, *BASE, "--tensorboard-dir", str(board),
+            "--log-optimizer-states-to-tensorboard", "--empty-unused-memory-level", "2"]
+    (result,) = run_world(1, run_logged, argv)
+    result["board"] = board
+    return result
+
+
+def test_params_norm_and_zeros_on_one_process(one_process):
+    """Before: --log-params-norm and --log-num-zeros-in-grad were only noted; records had neither field."""
+    records = one_process["records"]
+    assert records[-1]["params_norm"] == pytest.approx(one_process["direct"], rel=1e-9)
+    assert [r["num_zeros_in_grad"] for r in records] == _expected_zeros([one_process["tokens"]], 2, 2)
+    logged = [line for line in one_process["lines"] if line.startswith(" iteration")]
+    assert f"params norm: {records[0]['params_norm']:.3f} |" in logged[0]
+    assert f"num zeros: {float(records[0]['num_zeros_in_grad'])} |" in logged[0]
+    # level 2: before each optimizer step and after it (CPU: the call does nothing)
+    assert one_process["empties"] == 2 * len(records)
+
+
+@pytest.mark.parametrize("layout", [["--zero-stage", "3"], ["--tensor-model-parallel-size", "2"],
+                                    ["--pipeline-model-parallel-size", "2"]], ids=["dp2-zero3", "tp2", "pp2"])
+def test_params_norm_and_zeros_do_not_depend_on_the_layout(one_process, small_corpus, layout):
+    results = run_world(2, run_logged, ["--data-path", small_corpus, *BASE, *layout])
+    want = one_process["records"]
+    for result in results:  # every rank holds the whole-model figures
+        for got, ref in zip(result["records"], want):
+            assert got["params_norm"] == pytest.approx(ref["params_norm"], rel=1e-5), layout
+            assert got["num_zeros_in_grad"] == ref["num_zeros_in_grad"], layout
+    if "--pipeline-model-parallel-size" in layout:
+        assert results[0]["engine"] == "megatron"  # the zeros counted by Megatron-Core's optimizer
+    if "--zero-stage" in layout:  # dp2: each rank drew half the batch; the count is over both halves
+        assert [r["num_zeros_in_grad"] for r in want] == _expected_zeros([r["tokens"] for r in results], 2, 1)
+
+
+def test_tensorboard_scalars(one_process):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(one_process["board"]))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    records = one_process["records"]
+    for tag, key in (("params-norm", "params_norm"), ("num-zeros", "num_zeros_in_grad")):
+        assert [e.value for e in events.Scalars(tag)] == pytest.approx([r[key] for r in records], rel=1e-6)
+        assert f"{tag} vs samples" in tags
+    states = {"optimizer/variance_l2", "optimizer/variance_sqrt_l2", "optimizer/momentum_l2", "optimizer/weight_l2",
+              "optimizer/variance_l1", "optimizer/variance_sqrt_l1", "optimizer/momentum_l1", "optimizer/weight_l1",
+              "optimizer/variance_abs_max", "optimizer/variance_sqrt_abs_max", "optimizer/momentum_abs_max",
+              "optimizer/weight_abs_max"}
+    assert states <= tags and {f"{t} vs tokens" for t in states} <= tags
+    # fp32 without ZeRO: the optimizer's weights are the model's, so their L2 is the params norm
+    assert [e.value for e in events.Scalars("optimizer/weight_l2")] == \
+        pytest.approx([r["params_norm"] for r in records], rel=1e-6)
+    assert all(e.value > 0 for t in states for e in events.Scalars(t))
+    assert [e.value for e in events.Scalars("batch-size")] == [4, 4]
+
+
+def test_checkpoint_activations_is_full_uniform_recompute():
+    """Megatron-DeepSpeed's --checkpoint-activations: whole layers in chunks of --checkpoint-num-layers (1).
+    Before: noted ('use --recompute-activations') and dropped, so nothing was recomputed."""
+    from zeromega.config import ConfigError
+    from zeromega.launch import megatron_args, translate
+
+    cfg = translate.build(None, megatron_argv=["--train-iters", "1", "--checkpoint-activations"])
+    assert (cfg.recompute.granularity, cfg.recompute.method, cfg.recompute.num_layers) == ("full", "uniform", 1)
+    fields = megatron_args.megatron_core_fields(cfg)
+    assert (fields["recompute_granularity"], fields["recompute_method"], fields["recompute_num_layers"]) == \
+        ("full", "uniform", 1)
+    two = translate.build(None, megatron_argv=["--train-iters", "1", "--checkpoint-activations",
+                                               "--checkpoint-num-layers", "2", "--num-layers", "4"])
+    assert two.recompute.num_layers == 2
+    with pytest.raises(ConfigError, match="--checkpoint-activations"):
+        megatron_args.parse(["--checkpoint-activations", "--recompute-activations"])
+    with pytest.raises(ConfigError) as err:
+        megatron_args.parse(["--empty-unused-memory-level", "3"])
+    assert "empty_unused_memory_level" in str(err.value.field) or "--empty-unused-memory-level" in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["megatron_deepspeed_ulysses_32k.sh", "megatron_deepspeed_moe_125m.sh"])
+def test_published_deepspeed_scripts_recompute(name):
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "bench"))
+    import flag_census
+
+    from zeromega.launch import megatron_args, shell_script
+
+    path = flag_census.PUBLISHED / name if hasattr(flag_census, "PUBLISHED") else None
+    if path is None:
+        path = __import__("pathlib").Path(__file__).resolve().parents[1] / "examples" / "published" / name
+    script = shell_script.read(path.read_text(), dict(flag_census.SCRIPT_ENV.get(name, {})), name=str(path),
+                               base=path.parent)
+    argv, _ = shell_script.config_flag(script.argv)
+    assert "--checkpoint-activations" in argv and "--deepspeed-activation-checkpointing" in argv
+    recompute = megatron_args.parse(argv).partial["recompute"]
+    assert recompute == {"granularity": "full", "method": "uniform", "num_layers": 1}
