@@ -35,7 +35,12 @@ def run_logged(argv: list[str]) -> dict:
     import torch
 
     from zeromega.launch import script_args
-    from zeromega.run import Run, loop, model_stats
+    from zeromega.run import Run, loop
+
+    try:
+        from zeromega.run import model_stats
+    except ImportError:  # a tree without the module (this test's run before the change)
+        model_stats = None
 
     tokens: list = []
     original = loop.train
@@ -49,7 +54,8 @@ def run_logged(argv: list[str]) -> dict:
 
     loop.train = tapped
     empties = []
-    model_stats.empty_unused_memory = lambda: empties.append(1)
+    if model_stats is not None:
+        model_stats.empty_unused_memory = lambda: empties.append(1)
     lines: list[str] = []
     run = Run(script_args.read(argv, "pretrain_gpt.py"), log=lines.append)
     records = run.train()
