@@ -101,19 +101,54 @@ def test_params_norm_and_zeros_on_one_process(one_process):
     assert one_process["empties"] == 2 * len(records)
 
 
-@pytest.mark.parametrize("layout", [["--zero-stage", "3"], ["--tensor-model-parallel-size", "2"],
+@pytest.mark.parametrize("layout", [["--zero-stage", "3"], ["--tensor-model-parallel-size", "2",
+                                                              "--make-vocab-size-divisible-by", "64"],
                                     ["--pipeline-model-parallel-size", "2"]], ids=["dp2-zero3", "tp2", "pp2"])
-def test_params_norm_and_zeros_do_not_depend_on_the_layout(one_process, small_corpus, layout):
-    results = run_world(2, run_logged, ["--data-path", small_corpus, *BASE, *layout])
+def test_params_norm_and_zeros_do_not_depend_on_the_layout(one_process, small_corpus, layout, tmp_path):
+    results = run_world(2, run_logged, ["--data-path", small_corpus, *BASE, *layout, "--tensorboard-dir",
+                                        str(tmp_path), "--log-optimizer-states-to-tensorboard"])
     want = one_process["records"]
     for result in results:  # every rank holds the whole-model figures
         for got, ref in zip(result["records"], want):
             assert got["params_norm"] == pytest.approx(ref["params_norm"], rel=1e-5), layout
             assert got["num_zeros_in_grad"] == ref["num_zeros_in_grad"], layout
+    # the optimizer's fp32 weights (ZeRO-3's partitions, tp shards, each stage's) make the same whole model
+    assert _scalars(tmp_path, "optimizer/weight_l2") == pytest.approx([r["params_norm"] for r in want], rel=1e-5)
     if "--pipeline-model-parallel-size" in layout:
         assert results[0]["engine"] == "megatron"  # the zeros counted by Megatron-Core's optimizer
     if "--zero-stage" in layout:  # dp2: each rank drew half the batch; the count is over both halves
         assert [r["num_zeros_in_grad"] for r in want] == _expected_zeros([r["tokens"] for r in results], 2, 1)
+
+
+MOE = ["--num-experts", "4", "--moe-router-topk", "2", "--disable-bias-linear"]
+
+
+def test_moe_figures_do_not_depend_on_expert_parallelism(small_corpus, tmp_path):
+    """Megatron-Core's engine with experts: ep1 on one process against ep2 with the distributed optimizer over
+    dp2 (each rank two experts, its shard of the dense main params and Adam's states)."""
+    one = run_world(1, run_logged, ["--data-path", small_corpus, *BASE, *MOE, "--tensorboard-dir",
+                                    str(tmp_path / "one"), "--log-optimizer-states-to-tensorboard"])[0]
+    two = run_world(2, run_logged, ["--data-path", small_corpus, *BASE, *MOE, "--expert-model-parallel-size", "2",
+                                    "--use-distributed-optimizer", "--tensorboard-dir", str(tmp_path / "two"),
+                                    "--log-optimizer-states-to-tensorboard"])
+    assert one["engine"] == "megatron" and one["records"][-1]["params_norm"] == pytest.approx(one["direct"], rel=1e-9)
+    norms = [r["params_norm"] for r in one["records"]]
+    for result in two:
+        assert [r["params_norm"] for r in result["records"]] == pytest.approx(norms, rel=1e-5)
+        assert [r["num_zeros_in_grad"] for r in result["records"]] == [r["num_zeros_in_grad"]
+                                                                       for r in one["records"]]
+    for board in ("one", "two"):
+        assert _scalars(tmp_path / board, "optimizer/weight_l2") == pytest.approx(norms, rel=1e-5)
+    for tag in ("optimizer/momentum_l2", "optimizer/variance_l1", "optimizer/momentum_abs_max"):
+        assert _scalars(tmp_path / "two", tag) == pytest.approx(_scalars(tmp_path / "one", tag), rel=1e-4)
+
+
+def _scalars(board, tag: str) -> list[float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(board))
+    events.Reload()
+    return [e.value for e in events.Scalars(tag)]
 
 
 def test_tensorboard_scalars(one_process):
