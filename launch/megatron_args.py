@@ -404,6 +404,7 @@ def parse(argv: list[str]) -> MegatronArgs:
             [_convert("--profile-ranks", int, v) for v in known["--profile-ranks"]])
     _sequence(known, put)
     _architecture(known, put, partial)
+    _vocabulary_padding(known, put, partial)
     _deepspeed_moe(known, put)
     experts = partial.get("moe", {}).get("num_experts") or 0
     if experts > 1 and "--disable-bias-linear" not in known:
@@ -502,6 +503,23 @@ DS_MOE_FLAGS = ("--expert-interval", "--topk", "--moe-expert-parallel-size", "--
 # optimizer, shards) expert parameters over the expert-data-parallel group; with ep 1 that group is the
 # data-parallel group. So the switch is accepted with nothing to set.
 DS_MARKERS = ("--deepspeed", "--deepspeed_config", "--deepspeed-config")
+
+
+def _vocabulary_padding(known: dict, put, partial: dict) -> None:
+    """Megatron-LM (and Megatron-DeepSpeed) pad the vocabulary to a multiple of
+    ``--make-vocab-size-divisible-by`` x ``--tensor-model-parallel-size`` (tokenizer.py,
+    ``_vocab_size_with_padding``). The unified field is the multiple itself (zeromega pads to
+    lcm(field, tp), which is the field when tp divides it), so the flag is read as value x tp: the run
+    builds Megatron-LM's padded vocabulary at the tp these arguments state (default 1)."""
+    tp = partial.get("parallel", {}).get("tp", 1)
+    flag = "--make-vocab-size-divisible-by"
+    if flag not in known and tp == 1:
+        return  # Megatron's default 128 at tp 1: the unified default
+    value = partial.get("model", {}).get("make_vocab_size_divisible_by", RunConfig().model.make_vocab_size_divisible_by)
+    if value * tp > limits.MAX_INT:
+        raise ConfigError(flag, value, f"times tp {tp} (the multiple Megatron-LM pads the vocabulary to) is beyond "
+                          f"the 64-bit limit of {limits.MAX_INT}", f"give {flag} a smaller number")
+    put(flag if flag in known else "--tensor-model-parallel-size", "model.make_vocab_size_divisible_by", value * tp)
 
 
 def _deepspeed_moe(known: dict, put) -> None:
@@ -836,7 +854,7 @@ def write_argv(cfg: RunConfig, target: str = "megatron", layout=None,
         except (TypeError, ValueError):
             return True
 
-    handled = {"parallel.cp", "batch.micro", "zero.stage", "batch.global"}
+    handled = {"parallel.cp", "batch.micro", "zero.stage", "batch.global", "model.make_vocab_size_divisible_by"}
     if target == "megatron-deepspeed" and cfg.moe.num_experts:
         handled |= DS_MOE_PATHS  # written in Megatron-DeepSpeed's MoE spellings by _write_deepspeed_moe
     zeromega_default = RunConfig()
@@ -856,6 +874,7 @@ def write_argv(cfg: RunConfig, target: str = "megatron", layout=None,
             emit(flag, value)
     _write_batch(cfg, layout, emit, lost)
     m, moe, default = cfg.model, cfg.moe, RunConfig()
+    _write_vocabulary_padding(cfg, emit, differs, lost)
     if moe.num_experts:
         emit("--num-experts", moe.num_experts)
         if target == "megatron-deepspeed":
@@ -917,6 +936,20 @@ def write_argv(cfg: RunConfig, target: str = "megatron", layout=None,
         lost.append(f"ZeRO stage {stage} (Megatron-LM has no --zero-stage; its --use-distributed-optimizer is "
                     "ZeRO-1: use --to megatron-deepspeed)")
     return argv, lost
+
+
+def _write_vocabulary_padding(cfg: RunConfig, emit, differs, lost: list[str]) -> None:
+    """The unified multiple (zeromega pads to lcm(it, tp)) as the target's flag, which the target multiplies by
+    tp: value / tp, so reading the output back gives the same field. Where tp does not divide it the flag cannot
+    say the field itself, only the same padded vocabulary (lcm(field, tp) / tp); said in one line."""
+    multiple, tp = cfg.model.make_vocab_size_divisible_by, cfg.parallel.tp
+    value = math.lcm(multiple, tp) // tp
+    if multiple % tp:
+        lost.append(f"model.make_vocab_size_divisible_by {multiple} as such (the target pads to a multiple of its "
+                    f"--make-vocab-size-divisible-by x tp {tp}; written as {value}: the same padded vocabulary, a "
+                    f"multiple of lcm({multiple}, {tp}) = {value * tp})")
+    if differs("--make-vocab-size-divisible-by", value):
+        emit("--make-vocab-size-divisible-by", value)
 
 
 def _write_batch(cfg: RunConfig, layout, emit, lost: list[str]) -> None:

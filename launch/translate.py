@@ -356,7 +356,8 @@ def to_megatron(cfg: RunConfig, layout: Optional[Layout] = None, target: str = "
     except ConfigError as err:
         notes.append(f"the output does not read back: {err}")
         unread = {}
-    paths = sorted(path for path in flatten(unread) if not path.startswith("batch."))
+    named = {line.split(" ")[0] for line in lost}  # a field write_argv already named is not named twice
+    paths = sorted(path for path in flatten(unread) if not path.startswith("batch.") and path not in named)
     if paths:
         notes.append(f"not expressible as {name} flags: {', '.join(paths)} (no flag carries them)")
     return argv, ds, notes

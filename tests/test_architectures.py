@@ -74,10 +74,13 @@ def test_parameter_count_is_megatrons_formula(name, small_corpus):
     assert result["loss"][-1] < result["loss"][0] - 0.1, "the 1-process run must learn"
 
 
+# Megatron-LM pads the vocabulary to --make-vocab-size-divisible-by x tp: 64 at tp 2 keeps the reference's 384
+# rows (tests/test_pretrain_layouts.py checks Megatron's default at tp 2 against a 512-row reference)
+TP2 = ["--tensor-model-parallel-size", "2", "--make-vocab-size-divisible-by", "64"]
 LAYOUTS = {  # name: (world, model, layout flags)
-    "llama-tp2-sp": (2, "llama", ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
+    "llama-tp2-sp": (2, "llama", [*TP2, "--sequence-parallel"]),
     "llama-pp2": (2, "llama", ["--pipeline-model-parallel-size", "2"]),
-    "mixtral-tp2-sp": (2, "mixtral", ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
+    "mixtral-tp2-sp": (2, "mixtral", [*TP2, "--sequence-parallel"]),
     "mixtral-pp2": (2, "mixtral", ["--pipeline-model-parallel-size", "2"]),
     "mixtral-ep2": (2, "mixtral", ["--expert-model-parallel-size", "2"]),
 }
@@ -190,9 +193,9 @@ def test_refused_with_the_flag_named(argv, field):
 
 
 SWIGLU_RESHARDS = {  # saved layout -> resumed layout (2 ranks each)
-    "tp2-zero1 -> tp1-dp2-zero1": (["--zero-stage", "1", "--tensor-model-parallel-size", "2"], ["--zero-stage", "1"]),
-    "dp2-zero3 -> tp2-zero1": (["--zero-stage", "3"], ["--zero-stage", "1", "--tensor-model-parallel-size", "2"]),
-    "dp2-zero1 -> tp2-zero3": (["--zero-stage", "1"], ["--zero-stage", "3", "--tensor-model-parallel-size", "2"]),
+    "tp2-zero1 -> tp1-dp2-zero1": (["--zero-stage", "1", *TP2], ["--zero-stage", "1"]),
+    "dp2-zero3 -> tp2-zero1": (["--zero-stage", "3"], ["--zero-stage", "1", *TP2]),
+    "dp2-zero1 -> tp2-zero3": (["--zero-stage", "1"], ["--zero-stage", "3", *TP2]),
 }
 
 
@@ -223,7 +226,7 @@ def test_swiglu_export_merges_the_halves_and_refuses_gpt2_names(tmp_path, small_
 
     arch = ["--swiglu", "--disable-bias-linear"]
     save = tmp_path / "ckpt"
-    run(2, argv(small_corpus, "--zero-stage", "0", "--tensor-model-parallel-size", "2", *arch, "--save", str(save),
+    run(2, argv(small_corpus, "--zero-stage", "0", *TP2, *arch, "--save", str(save),
                 "--save-interval", str(HALF), "--metrics-out", str(tmp_path / "full.jsonl"), dropout=False))
     full = read_curve(tmp_path / "full.jsonl")
     out = export(save / tag_for(HALF), tmp_path / "model.safetensors", "torch")
@@ -235,15 +238,43 @@ def test_swiglu_export_merges_the_halves_and_refuses_gpt2_names(tmp_path, small_
         export(save / tag_for(HALF), tmp_path / "hf", "hf")
 
 
-def test_vocabulary_padding_states_where_it_differs_from_megatron_lm():
-    """zeromega pads to lcm(multiple, tp) (one model at every tp); Megatron-LM to multiple x tp. Where they
-    differ the run says so, with the flag value that builds Megatron-LM's model (GPT-2's 50257 at tp 8)."""
+def test_megatron_flags_pad_the_vocabulary_as_megatron_lm():
+    """Megatron-LM (and Megatron-DeepSpeed) pad to --make-vocab-size-divisible-by x tp; their flags are read as
+    that product (the unified multiple, which zeromega pads to lcm(multiple, tp)), so a Megatron-flag run builds
+    Megatron-LM's vocabulary at every tp and gets no note; the unified dialect keeps one size at every tp;
+    --to megatron writes the user's value back (and the one that keeps the model where tp does not divide)."""
+    from zeromega.config import validate
     from zeromega.integrations.megatron.model import padded_vocab_size, padding_note
+    from zeromega.launch import translate
 
-    assert padding_note(257, 128, 1) is None and padding_note(51200, 128, 8) is None  # they agree
-    assert padded_vocab_size(50257, 128, 8) == 50304
-    note = padding_note(50257, 128, 8)
-    assert "padded to 50304" in note and "pads it to 51200" in note, note
-    fix = int(note.rsplit(" ", 1)[1])
-    assert padded_vocab_size(50257, fix, 8) == 51200  # the named value reproduces Megatron-LM's size
-    assert "padded to 384" in padding_note(257, 128, 2) and "512" in padding_note(257, 128, 2)
+    def megatron(vocab, flags):
+        m = validate(megatron_args.parse(flags).partial)
+        return padded_vocab_size(vocab, m.model.make_vocab_size_divisible_by, m.parallel.tp), m
+
+    tp8 = ["--tensor-model-parallel-size", "8"]
+    assert megatron(50257, tp8)[0] == 51200  # GPT-2's vocabulary at tp 8 (lcm(128, 8) gave 50304)
+    assert megatron(257, ["--tensor-model-parallel-size", "2"])[0] == 512
+    assert megatron(500, ["--tensor-model-parallel-size", "2", "--make-vocab-size-divisible-by", "128"])[0] == 512
+    assert megatron(257, ["--tensor-model-parallel-size", "2", "--make-vocab-size-divisible-by", "64"])[0] == 384
+    assert megatron(257, [])[0] == 384 and megatron(50257, ["--make-vocab-size-divisible-by", "100"])[0] == 50300
+    with pytest.raises(ConfigError, match="--make-vocab-size-divisible-by.*64-bit"):
+        megatron_args.parse([*tp8, "--make-vocab-size-divisible-by", str(2 ** 62)])
+    for flags, written in ((tp8, None), ([*tp8, "--make-vocab-size-divisible-by", "96"], "96"),
+                           (["--make-vocab-size-divisible-by", "7"], "7")):
+        _, m = megatron(50257, flags)
+        assert padding_note(50257, m.model.make_vocab_size_divisible_by, m.parallel.tp) is None, flags
+        cfg = translate.build(None, megatron_argv=[*flags, "--micro-batch-size", "1", "--lr", "1e-3"])
+        argv, _, notes = translate.to_megatron(cfg)
+        flag = "--make-vocab-size-divisible-by"
+        assert notes == [] and (argv[argv.index(flag) + 1] if flag in argv else None) == written, (flags, argv)
+        assert translate.build(None, megatron_argv=argv).model == cfg.model  # the round trip keeps the model
+    unified = validate({"model": {"make_vocab_size_divisible_by": 128}, "parallel": {"tp": 8}})
+    assert padded_vocab_size(50257, 128, 8) == 50304 and padding_note(50257, 128, 8) is None  # tp 8 divides 128
+    argv, _, notes = translate.to_megatron(unified)
+    assert argv[argv.index("--make-vocab-size-divisible-by") + 1] == "16" and notes == []  # 16 x 8: 50304
+    odd = validate({"model": {"make_vocab_size_divisible_by": 100}, "parallel": {"tp": 8}})
+    note = padding_note(50257, 100, 8)
+    assert "padded to 50400" in note and "--make-vocab-size-divisible-by 25 " in note, note
+    argv, _, notes = translate.to_megatron(odd)
+    assert argv[argv.index("--make-vocab-size-divisible-by") + 1] == "25" and len(notes) == 1, notes
+    assert "lcm(100, 8) = 200" in notes[0] and megatron(50257, argv)[0] == 50400

@@ -429,6 +429,24 @@ def test_unsupported_reshards_are_refused_naming_what_works():
         assert "supported: " in str(err.value) and "fix: " in str(err.value)
 
 
+def test_a_tp_change_that_changes_the_padded_vocabulary_is_refused_before_loading(checkpoint_dir, tmp_path,
+                                                                                  small_corpus):
+    """A tp1 checkpoint (257 tokens padded to 384) resumed with Megatron-LM's flags at tp 2 (384 -> 512 rows, as
+    Megatron-LM pads) is refused in one line naming both sizes and the flag value that keeps 384; before, every
+    rank stopped inside DeepSpeed's universal load ("full param numel 24576 != ...")."""
+    load = _copy(checkpoint_dir, tmp_path / "ckpt")
+    tp2 = argv(small_corpus, "--zero-stage", "1", "--train-iters", "4", "--tensor-model-parallel-size", "2",
+               "--load", str(load), dropout=False)
+    error = run_expecting_error(2, tp2)
+    assert "CheckpointError" in error and "padded to 384" in error and "to 512" in error, error
+    assert "--make-vocab-size-divisible-by 192" in error and "numel" not in error, error
+    with pytest.raises(CheckpointError, match=r"padded to 512 .*multiple 256 at tp 2.*to 384 .*multiple 128 at tp 1"):
+        reshard.check_shape({"tp": 2}, {"tp": 1}, {"vocab_size": 257, "make_vocab_size_divisible_by": 256},
+                            {"vocab_size": 257, "make_vocab_size_divisible_by": 128})
+    reshard.check_shape({"tp": 2}, {"tp": 1}, {"vocab_size": 500, "make_vocab_size_divisible_by": 256},
+                        {"vocab_size": 500, "make_vocab_size_divisible_by": 128})  # 512 rows on both sides
+
+
 def test_zero3_universal_states_must_hold_the_whole_parameter(tmp_path):
     """A ZeRO-3 source's per-parameter universal files are checked against the manifest's tp split:
     DeepSpeed's merged tp slices pass (and get the step), a lone tp slice or a flat tensor at tp > 1 is refused."""
@@ -451,15 +469,17 @@ def test_zero3_universal_states_must_hold_the_whole_parameter(tmp_path):
     assert torch.equal(shaped["param"], whole[:, :4]) and shaped["cat_dim"] == 1
 
 
+# Megatron-LM pads the vocabulary to --make-vocab-size-divisible-by x tp: at tp 2 the flag 64 keeps tp 1's
+# 384 rows (257 tokens), the same model on both sides of a tp change (test_a_tp_change_that_changes_the_padded_...)
+TP2 = ["--tensor-model-parallel-size", "2", "--make-vocab-size-divisible-by", "64"]
 RESHARDS = {
     "dp2-zero2 -> dp1-zero1": (2, ["--zero-stage", "2"], 1, ["--zero-stage", "1"]),
-    "tp2-zero1 -> tp1-dp2-zero1": (2, ["--zero-stage", "1", "--tensor-model-parallel-size", "2"],
-                                   2, ["--zero-stage", "1"]),
+    "tp2-zero1 -> tp1-dp2-zero1": (2, ["--zero-stage", "1", *TP2], 2, ["--zero-stage", "1"]),
     # across ZeRO families, with a tp change on each side (ZeRO-3's tp slicing comes from zeromega's hints)
-    "dp2-zero1 -> tp2-zero3": (2, ["--zero-stage", "1"], 2, ["--zero-stage", "3", "--tensor-model-parallel-size", "2"]),
-    "dp2-zero3 -> tp2-zero1": (2, ["--zero-stage", "3"], 2, ["--zero-stage", "1", "--tensor-model-parallel-size", "2"]),
+    "dp2-zero1 -> tp2-zero3": (2, ["--zero-stage", "1"], 2, ["--zero-stage", "3", *TP2]),
+    "dp2-zero3 -> tp2-zero1": (2, ["--zero-stage", "3"], 2, ["--zero-stage", "1", *TP2]),
     # ZeRO-3's tp slices merged into whole tensors (DeepSpeed's converter, checked against Megatron's partition_dim)
-    "tp2-zero3 -> tp1-zero1": (2, ["--zero-stage", "3", "--tensor-model-parallel-size", "2"], 1, ["--zero-stage", "1"]),
+    "tp2-zero3 -> tp1-zero1": (2, ["--zero-stage", "3", *TP2], 1, ["--zero-stage", "1"]),
     # ZeRO-0 keeps the whole optimizer state in each tp rank's file: a dp change loads natively
     "dp2-zero0 -> dp1-zero0": (2, ["--zero-stage", "0"], 1, ["--zero-stage", "0"]),
 }
@@ -536,7 +556,7 @@ def zero1_run(tmp_path_factory, small_corpus):
 WEIGHTS_ONLY = {  # into Megatron-Core's engine, into ZeRO-3's partitions, into tp shards
     "pp2": (2, ["--pipeline-model-parallel-size", "2", "--zero-stage", "1"]),
     "dp2-zero3": (2, ["--zero-stage", "3"]),
-    "tp2-zero2": (2, ["--tensor-model-parallel-size", "2", "--zero-stage", "2"]),
+    "tp2-zero2": (2, [*TP2, "--zero-stage", "2"]),
 }
 
 

@@ -163,8 +163,9 @@ def test_checkpoint_directory_and_interval_may_come_from_the_config_file(tmp_pat
 RESHARDS = {
     "pp2 -> pp1": (2, ["--pipeline-model-parallel-size", "2"], 1, []),
     "ep2 -> ep1": (2, ["--expert-model-parallel-size", "2", *MOE], 1, MOE),
-    "tp2 x pp2 -> tp1 x pp2": (4, ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"],
-                               2, ["--pipeline-model-parallel-size", "2"]),
+    # --make-vocab-size-divisible-by 64 x tp 2 keeps tp 1's 384 vocabulary rows (Megatron-LM pads to flag x tp)
+    "tp2 x pp2 -> tp1 x pp2": (4, ["--tensor-model-parallel-size", "2", "--make-vocab-size-divisible-by", "64",
+                                   "--pipeline-model-parallel-size", "2"], 2, ["--pipeline-model-parallel-size", "2"]),
     # Megatron's plain optimizer (ZeRO-0) keys its state by global names too
     "ZeRO-0 pp2 -> pp1": (2, ["--pipeline-model-parallel-size", "2", "--zero-stage", "0"], 1, ["--zero-stage", "0"]),
     # ... and its masters and moments map onto the distributed optimizer's, both ways

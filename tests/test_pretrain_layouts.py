@@ -9,6 +9,7 @@ this test proves the script wires them: flags -> config -> engine -> model -> lo
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -57,11 +58,23 @@ def _curve(world, flags, tmp_path, corpus, name):
     return [json.loads(line)["loss"] for line in metrics.read_text().splitlines()]
 
 
+def _parameters(out: str) -> list[int]:
+    return [int(n.replace(",", "")) for n in re.findall(r"model parameters: ([\d,]+)", out)]
+
+
 @pytest.mark.parametrize("name", ["tp2-sp", "cp2-ring", "cp2-ulysses"])
-def test_script_layout_matches_one_process(name, tmp_path, small_corpus):
-    """The script's own wiring of the batch split and loss keeps the 1-process curve (rel 1e-5)."""
+def test_script_layout_matches_one_process(name, tmp_path, small_corpus, capfd):
+    """The script's own wiring of the batch split and loss keeps the 1-process curve (rel 1e-5). Megatron-LM's
+    flags pad the vocabulary to --make-vocab-size-divisible-by x tp (257 -> 512 at tp 2), so the reference is
+    the same model: one process with the multiple 256, and the same parameter count, Megatron-LM's."""
     world, flags, _ = LAYOUTS[name]
-    reference = _curve(1, ["--micro-batch-size", "4"], tmp_path, small_corpus, "reference")
+    tp = int(flags[flags.index("--tensor-model-parallel-size") + 1]) if "--tensor-model-parallel-size" in flags else 1
+    reference = _curve(1, ["--micro-batch-size", "4", "--make-vocab-size-divisible-by", str(128 * tp)], tmp_path,
+                       small_corpus, "reference")
     got = _curve(world, flags, tmp_path, small_corpus, name)
     for step, (g, r) in enumerate(zip(got, reference), 1):
         assert abs(g - r) <= 1e-5 * abs(r), f"{name} step {step}: {g} vs {r}"
+    h, layers, seq = 64, 2, 32  # TINY's GPT-2 blocks: 12 h^2 + 13 h per layer, tied embedding, learned positions
+    padded = -(-257 // (128 * tp)) * 128 * tp
+    megatron = layers * (12 * h * h + 13 * h) + padded * h + seq * h + 2 * h
+    assert _parameters(capfd.readouterr().out) == [megatron, megatron], name

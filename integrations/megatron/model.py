@@ -83,25 +83,31 @@ class GPTShape:
 def padded_vocab_size(vocab: int, multiple: int, tp: int) -> int:
     """Pad to a multiple of lcm(``multiple``, tp) so every tp shard is equal.
 
-    Megatron-LM pads to ``multiple x tp``, which changes the model (and its
-    random init) with the tp size; the lcm keeps one padded size for every
-    power-of-two tp up to ``multiple``, so layouts stay comparable and
-    checkpoints move between them.
+    ``multiple`` is the unified ``model.make_vocab_size_divisible_by``: in zeromega's own dialect one
+    padded size for every tp that divides it (layouts stay comparable, checkpoints move between them).
+    Megatron-LM pads to ``--make-vocab-size-divisible-by`` x tp; its flags are read as that product
+    (``launch/megatron_args.py``), so a Megatron-flag run builds Megatron-LM's padded vocabulary.
     """
     step = math.lcm(multiple, tp)
     return ((vocab + step - 1) // step) * step
 
 
+def megatron_divisible_by(multiple: int, tp: int) -> int:
+    """Megatron-LM's ``--make-vocab-size-divisible-by`` at ``tp`` for the unified ``multiple``: the padded
+    vocabulary is the same (its multiple, flag x tp, is lcm(multiple, tp))."""
+    return math.lcm(multiple, tp) // tp
+
+
 def padding_note(vocab: int, multiple: int, tp: int) -> Optional[str]:
-    """One line where :func:`padded_vocab_size` differs from Megatron-LM's ``multiple x tp`` (None where they
-    agree, as at tp 1), naming the ``--make-vocab-size-divisible-by`` that builds Megatron-LM's model here."""
-    ours = padded_vocab_size(vocab, multiple, tp)
-    megatron = -(-vocab // (multiple * tp)) * multiple * tp
-    if ours == megatron:
+    """One line where the padded vocabulary is not a multiple of ``multiple`` alone (tp does not divide it, so
+    lcm(multiple, tp) is larger), naming Megatron-LM's flag for this model; None otherwise. A Megatron-flag run
+    never gets it: its ``multiple`` is Megatron-LM's flag x tp."""
+    step = math.lcm(multiple, tp)
+    if step == multiple:
         return None
-    return (f"note: vocabulary {vocab} padded to {ours} (a multiple of lcm({multiple}, tp {tp}): the same model at "
-            f"every tp); Megatron-LM pads it to {megatron} (multiple x tp). For Megatron-LM's model pass "
-            f"--make-vocab-size-divisible-by {multiple * tp}")
+    return (f"note: vocabulary {vocab} padded to {padded_vocab_size(vocab, multiple, tp)}, a multiple of "
+            f"lcm({multiple}, tp {tp}) = {step} so the tp shards are equal; Megatron-LM builds this model with "
+            f"--make-vocab-size-divisible-by {megatron_divisible_by(multiple, tp)} (x tp {tp} = {step})")
 
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -452,6 +452,7 @@ class Checkpointer:
         reshard.check_engine(manifest, reshard.DEEPSPEED, ckpt)
         saved = manifest["layout"]
         now = self._layout_meta()
+        reshard.check_shape(saved, now, manifest.get("model"), self.model_meta)  # before any file is read
         plan = reshard.plan(saved, now)  # raises CheckpointError for a pair that cannot work
         source = ckpt
         if plan.universal and getattr(self.engine, "zero_nvme_offload_optimizer", lambda: False)():

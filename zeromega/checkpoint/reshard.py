@@ -38,8 +38,7 @@ Megatron-Core's engine (pp > 1 or MoE; ``zeromega.checkpoint.megatron``)
 saves Megatron's dist checkpoint: every tensor under its global name (layers
 and experts numbered as in one process) and the distributed optimizer's
 state in model-parameter space ("fully_reshardable"), so Megatron-Core
-itself re-slices it for another tp / pp / vpp / ep / dp (:func:`plan_megatron`;
-the vocabulary is padded to lcm(128, tp), so the model is the same at every tp).
+itself re-slices it for another tp / pp / vpp / ep / dp (:func:`plan_megatron`).
 Measured (fp32, dropout off, distributed optimizer, the 2 steps after the
 load; relative loss difference to the unchanged run; tests/test_checkpoint_megatron.py
 runs the first two and tp2 pp2 -> tp1 pp2):
@@ -65,6 +64,14 @@ Refused there: the optimizer switched for a MoE model (one optimizer per
 parameter kind), an ep change under ZeRO-0 (measured: "Expected 2 entries in
 state dict, but got 4"), another precision, another model shape. A checkpoint of one engine never loads into
 the other (:func:`check_engine`): their files differ.
+
+The model shape is checked on both engines (:func:`check_shape`) before any file is
+read, the vocabulary by its padded size at each side's tp: zeromega's own dialect pads
+to lcm(multiple, tp), one size at every tp that divides the multiple; Megatron-LM's
+flags pad to --make-vocab-size-divisible-by x tp, which changes with tp (as in
+Megatron-LM, whose check_checkpoint_args compares padded_vocab_size). A tp change that
+changes the padded vocabulary is refused with the flag value that keeps it (before,
+DeepSpeed's universal load stopped in every rank on the embedding's numel).
 """
 
 from __future__ import annotations
@@ -72,6 +79,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import math
 import os
 import shutil
 import uuid
@@ -408,12 +416,47 @@ MEGATRON_SUPPORTED = ("same layout; with the distributed optimizer (ZeRO-1+), an
 # The model-shape fields a checkpoint's tensors depend on (GPTShape names); dropout and the MoE
 # routing knobs (capacity, aux loss, dispatcher) may change between runs.
 SHAPE_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
-                "vocab_size", "make_vocab_size_divisible_by", "position_embedding_type",
+                "vocab_size", "position_embedding_type",
                 "untie_embeddings_and_output_weights", "num_experts", "moe_ffn_hidden_size", "moe_router_topk",
                 "swiglu", "normalization", "add_bias_linear", "kv_channels", "moe_layer_freq")
 # Shape fields added later: a checkpoint written before them has the value they then had.
 SHAPE_DEFAULTS = {"swiglu": False, "normalization": "LayerNorm", "add_bias_linear": True, "kv_channels": None,
                   "moe_layer_freq": 1}
+
+
+def padded_vocabulary(shape: dict, tp: int) -> int:
+    """The embedding's rows: the shape's vocabulary padded to lcm(its multiple, tp) (the model's rule)."""
+    multiple = shape.get("make_vocab_size_divisible_by", 128)
+    step = multiple * tp // math.gcd(multiple, tp)
+    return -(-int(shape["vocab_size"]) // step) * step
+
+
+def check_shape(saved: dict, now: dict, saved_shape: Optional[dict], now_shape: Optional[dict]) -> None:
+    """Refuse a checkpoint of another model shape (``saved`` / ``now``: layout dicts; the shapes: GPTShape
+    fields from the manifest, None or without a vocabulary for an own model): every field of
+    ``SHAPE_FIELDS``, and the padded vocabulary at each side's tp."""
+    if not saved_shape or not now_shape:
+        return
+    for key in SHAPE_FIELDS:
+        was, now_value = (saved_shape.get(key, SHAPE_DEFAULTS.get(key)),
+                          now_shape.get(key, SHAPE_DEFAULTS.get(key)))
+        if was != now_value:
+            raise CheckpointError(f"checkpoint's model has {key} = {was!r}, this run's has "
+                                  f"{now_value!r}: the tensors do not fit",
+                                  f"resume with the saved model shape ({key} = {was!r})")
+    if saved_shape.get("vocab_size") is None:
+        return  # an own model: no vocabulary of zeromega's
+    was, padded = padded_vocabulary(saved_shape, saved["tp"]), padded_vocabulary(now_shape, now["tp"])
+    if was == padded:
+        return
+    tp = now["tp"]
+    keep = (f"keep {was} rows: at tp {tp} pass --make-vocab-size-divisible-by {was // tp} (Megatron-LM's flag, "
+            f"x tp {tp} = {was}) or set model.make_vocab_size_divisible_by {was}" if was % tp == 0 else
+            f"resume at the saved tp {saved['tp']} (tp {tp} does not divide the saved {was} rows)")
+    raise CheckpointError(f"checkpoint's model has its vocabulary of {saved_shape['vocab_size']} padded to {was} "
+                          f"(multiple {saved_shape.get('make_vocab_size_divisible_by', 128)} at tp {saved['tp']}), "
+                          f"this run's to {padded} (multiple {now_shape.get('make_vocab_size_divisible_by', 128)} at "
+                          f"tp {tp}): the embedding and output tensors do not fit", keep)
 
 
 def check_engine(manifest: dict, engine: str, ckpt: Path) -> None:
@@ -456,14 +499,7 @@ def plan_megatron(saved: dict, now: dict, saved_shape: Optional[dict] = None,
     if saved["precision"] != now["precision"]:
         raise refuse("precision", "the optimizer state is kept per precision",
                      f"resume with the saved precision ({saved['precision']})")
-    if saved_shape and now_shape:
-        for key in SHAPE_FIELDS:
-            was, now_value = (saved_shape.get(key, SHAPE_DEFAULTS.get(key)),
-                              now_shape.get(key, SHAPE_DEFAULTS.get(key)))
-            if was != now_value:
-                raise CheckpointError(f"checkpoint's model has {key} = {was!r}, this run's has "
-                                      f"{now_value!r}: the tensors do not fit",
-                                      f"resume with the saved model shape ({key} = {was!r})")
+    check_shape(saved, now, saved_shape, now_shape)
     same = (all(saved[k] == now[k] for k in ("tp", "pp", "ep", "cp", "dp"))
             and (saved.get("vpp") or 1) == (now.get("vpp") or 1))
     if saved["zero_stage"] == 0 and saved["ep"] != now["ep"]:
