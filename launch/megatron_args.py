@@ -153,28 +153,30 @@ ZEROMEGA_FLAGS: dict[str, tuple[str, Any]] = {
 # Flags of real launch scripts that change speed or plumbing, not what is computed: accepted, and one line
 # before launch says what each does here. flag -> (number of values, what happens here).
 NOTED: dict[str, tuple[Any, str]] = {
-    "--use-flash-attn": (0, "flash attention needs CUDA kernels: Megatron-Core's unfused attention runs"),
+    # Flags whose note depends on the device (integrations/megatron/accel.py words it, and drops it where the
+    # device honours the flag); the text here is what a CPU rank runs.
+    "--use-flash-attn": (0, "Megatron-LM 0.16.1 reads it for its legacy models only; Megatron-Core's attention "
+                            "kernel is --attention-backend's choice: Megatron-Core's unfused attention runs here"),
     "--use-flash-attn-v2": (0, "flash attention needs CUDA kernels: Megatron-Core's unfused attention runs"),
-    "--attention-backend": (1, "zeromega builds Megatron-Core's local (unfused) attention, the backend without "
-                               "TransformerEngine"),
+    "--attention-backend": (1, "TransformerEngine's attention backends need CUDA and TransformerEngine: "
+                               "Megatron-Core's local attention runs (same values)"),
     "--overlap-grad-reduce": (0, "gradients are reduced after the backward pass (same values)"),
     "--overlap-param-gather": (0, "parameters are gathered after the step (same values)"),
-    "--moe-grouped-gemm": (0, "grouped GEMM needs CUDA's grouped_gemm: experts run one by one (same values)"),
-    "--cross-entropy-loss-fusion": (0, "the unfused cross entropy runs (same values)"),
-    "--fp8-format": (1, "fp8 needs TransformerEngine on Hopper or newer GPUs: the run keeps its bf16/fp16/fp32"),
+    "--moe-grouped-gemm": (0, "grouped GEMM needs CUDA and TransformerEngine or grouped_gemm: experts run one "
+                              "by one (same values)"),
+    "--cross-entropy-fusion-impl": (1, "te needs TransformerEngine on CUDA: Megatron-Core's native fused cross "
+                                       "entropy runs (same values)"),
+    "--fp8-format": (1, "fp8 needs TransformerEngine on a GPU of compute capability 8.9+: the run keeps its "
+                        "bf16/fp16/fp32"),
     "--fp8-amax-compute-algo": (1, "fp8 is off (see --fp8-format)"),
     "--fp8-amax-history-len": (1, "fp8 is off (see --fp8-format)"),
     "--fp8-param-gather": (0, "fp8 is off (see --fp8-format)"),
-    "--bias-gelu-fusion": (0, "the unfused bias + GeLU runs (same values)"),
-    "--no-bias-gelu-fusion": (0, "the unfused bias + GeLU runs, as asked"),
-    "--no-bias-swiglu-fusion": (0, "the unfused bias + SwiGLU runs, as asked"),
-    "--masked-softmax-fusion": (0, "the unfused softmax runs (same values)"),
-    "--no-masked-softmax-fusion": (0, "the unfused softmax runs, as asked"),
-    "--no-bias-dropout-fusion": (0, "the unfused bias + dropout runs, as asked"),
-    "--no-gradient-accumulation-fusion": (0, "gradients accumulate without the fused CUDA kernel, as asked"),
+    "--masked-softmax-fusion": (0, "the fused softmax needs CUDA and Megatron's softmax extension: the torch "
+                                   "softmax runs (same values)"),
     "--no-persist-layer-norm": (0, "the torch norm runs, as asked"),
     "--use-mcore-models": (0, "Megatron-Core's GPTModel is what zeromega builds"),
-    "--transformer-impl": (1, "zeromega builds Megatron-Core's local layer specs (no TransformerEngine)"),
+    "--transformer-impl": (1, "TransformerEngine's layers need CUDA and TransformerEngine: Megatron-Core's local "
+                              "layers run"),
     "--num-workers": (1, "batches are read in the training process"),
     "--timing-log-level": (1, "the log line reports the step time; no Megatron timer tree"),
     "--timing-log-option": (1, "no Megatron timer tree to reduce over ranks (the step time is rank 0's)"),
@@ -255,6 +257,14 @@ SPECIAL: dict[str, tuple[Any, Any]] = {
     "--optimizer": (str, 1),
     "--tokenizer-special-tokens": (str, "+"),
     "--tiktoken-special-tokens": (str, "+"),
+    # Megatron-LM's fusion switches (read by _kernels; the fusions are Megatron-Core's torch code, every device)
+    "--bias-gelu-fusion": (None, 0),
+    "--no-bias-gelu-fusion": (None, 0),
+    "--no-bias-swiglu-fusion": (None, 0),
+    "--no-bias-dropout-fusion": (None, 0),
+    "--no-masked-softmax-fusion": (None, 0),
+    "--cross-entropy-loss-fusion": (None, 0),
+    "--no-gradient-accumulation-fusion": (None, 0),
 }
 CP_COMM_TYPES = {"p2p": "ring", "a2a": "ulysses", "a2a+p2p": "usp"}
 # --normalization: Megatron-LM's spellings, and Megatron-DeepSpeed's lowercase ones.
@@ -402,6 +412,7 @@ def parse(argv: list[str]) -> MegatronArgs:
     if "--profile-ranks" in known:
         put("--profile-ranks", "logging.profile_ranks",
             [_convert("--profile-ranks", int, v) for v in known["--profile-ranks"]])
+    _kernels(known, put, partial)
     _sequence(known, put)
     _architecture(known, put, partial)
     _vocabulary_padding(known, put, partial)
@@ -414,8 +425,10 @@ def parse(argv: list[str]) -> MegatronArgs:
                       "biases (Megatron-LM keeps them, in attention, MLPs, experts and the router); pass "
                       "--disable-bias-linear to ask for that model", stacklevel=2)
     _schedule(partial)
-    _note([flag for flag in known if flag in NOTED and flag not in TABLE and flag not in SPECIAL
-           and flag not in NEGATIONS])
+    noted = [flag for flag in known if flag in NOTED and flag not in TABLE and flag not in SPECIAL
+             and flag not in NEGATIONS]
+    texts = _device_notes(known, partial, noted)
+    _note([flag for flag in noted if flag not in DEVICE_FLAGS or flag in texts], texts)
     config = known.get("--deepspeed_config", known.get("--deepspeed-config"))
     if config:
         _convert("--deepspeed_config", str, config[0])
@@ -442,6 +455,67 @@ def _checkpoint_activations(known: dict, put, partial: dict) -> None:
             raise ConfigError(flag, stated[key], f"contradicts --checkpoint-activations (full recompute, uniform "
                               f"chunks of --checkpoint-num-layers {layers})", "pass one of them")
         put("--checkpoint-activations", f"recompute.{key}", wanted[key])
+
+
+# Flags whose note the device decides (integrations/megatron/accel.py): no note where the device honours them.
+DEVICE_FLAGS = ("--transformer-impl", "--attention-backend", "--fp8-format", "--fp8-amax-history-len",
+                "--fp8-amax-compute-algo", "--fp8-param-gather", "--moe-grouped-gemm", "--masked-softmax-fusion",
+                "--cross-entropy-fusion-impl")
+KERNEL_CHOICES = {"--transformer-impl": ("local", "transformer_engine"),
+                  "--attention-backend": ("auto", "flash", "fused", "unfused", "local"),
+                  "--fp8-format": ("e4m3", "hybrid"), "--fp8-amax-compute-algo": ("most_recent", "max"),
+                  "--cross-entropy-fusion-impl": ("native", "te")}
+
+
+def _kernels(known: dict, put, partial: dict) -> None:
+    """Megatron-LM's kernel choices with its defaults (core_v0.16.1's arguments.py and
+    core_transformer_config_from_args): bias + activation fusion is ``--bias-swiglu-fusion`` under ``--swiglu``,
+    else ``--bias-gelu-fusion`` (cleared without biases); bias + dropout and masked softmax fusions are on
+    unless cleared. The config keeps the request; integrations/megatron/accel.py decides what the device runs."""
+    if "--bias-gelu-fusion" in known and "--no-bias-gelu-fusion" in known:
+        raise ConfigError("--no-bias-gelu-fusion", True, "contradicts --bias-gelu-fusion", "pass one of them")
+    biases = "--disable-bias-linear" not in known
+    if "--swiglu" in known:
+        put("--no-bias-swiglu-fusion", "model.bias_activation_fusion", "--no-bias-swiglu-fusion" not in known)
+    else:
+        put("--no-bias-gelu-fusion", "model.bias_activation_fusion", "--no-bias-gelu-fusion" not in known and biases)
+    put("--no-bias-dropout-fusion", "model.bias_dropout_fusion", "--no-bias-dropout-fusion" not in known)
+    put("--no-masked-softmax-fusion", "model.masked_softmax_fusion", "--no-masked-softmax-fusion" not in known)
+    if "--cross-entropy-loss-fusion" in known:
+        put("--cross-entropy-loss-fusion", "model.cross_entropy_loss_fusion", True)
+    for flag, name in (("--cross-entropy-fusion-impl", "cross_entropy_fusion_impl"),
+                       ("--transformer-impl", "transformer_impl"), ("--attention-backend", "attention_backend"),
+                       ("--fp8-format", "fp8"), ("--fp8-amax-compute-algo", "fp8_amax_compute_algo")):
+        if flag in known:
+            value = _convert(flag, str, known[flag][0])
+            if value not in KERNEL_CHOICES[flag]:
+                raise ConfigError(flag, value, f"is not one of {', '.join(KERNEL_CHOICES[flag])} (Megatron-LM "
+                                  "0.16.1's choices that zeromega runs)", f"pass one of them")
+            put(flag, f"model.{name}", value)
+    if "--fp8-amax-history-len" in known:
+        put("--fp8-amax-history-len", "model.fp8_amax_history_len",
+            _convert("--fp8-amax-history-len", int, known["--fp8-amax-history-len"][0]))
+    if "--fp8-param-gather" in known:
+        put("--fp8-param-gather", "model.fp8_param", True)
+    if "--moe-grouped-gemm" in known:
+        put("--moe-grouped-gemm", "moe.grouped_gemm", True)
+
+
+def _device_notes(known: dict, partial: dict, noted: list[str]) -> dict[str, str]:
+    """The fallback note of each stated device-dependent flag on this machine (none where it is honoured)."""
+    stated = {flag for flag in noted if flag in DEVICE_FLAGS}
+    if not stated:
+        return {}
+    from types import SimpleNamespace
+
+    from zeromega.config.schema import ModelConfig, MoEConfig
+    from zeromega.integrations.megatron import accel
+
+    request = SimpleNamespace(model=ModelConfig.model_validate(partial.get("model", {})),
+                              moe=MoEConfig.model_validate(partial.get("moe", {})),
+                              parallel=SimpleNamespace(cp=partial.get("parallel", {}).get("cp", 1)),
+                              precision=partial.get("precision", "fp32"))
+    return accel.resolve(request, accel.Device.probe(partial.get("device", "auto")), stated).notes
 
 
 def _architecture(known: dict, put, partial: dict) -> None:
@@ -622,18 +696,21 @@ NOTED_ENV = "ZEROMEGA_NOTED_FLAGS"
 """Set once the note is printed, so the ranks a launch starts (which inherit it) do not print it again."""
 
 
-def noted_line(flags: list[str]) -> Optional[str]:
-    """The one line that says what each accepted-but-not-applied flag does here (None when there is none)."""
+def noted_line(flags: list[str], texts: Optional[dict[str, str]] = None) -> Optional[str]:
+    """The one line that says what each accepted-but-not-applied flag does here (None when there is none);
+    ``texts`` words a flag for this device (:func:`_device_notes`)."""
     if not flags:
         return None
-    return ("accepted, with a fallback: " + "; ".join(f"{flag}: {NOTED[flag][1]}" for flag in flags))
+    texts = texts or {}
+    return ("accepted, with a fallback: " + "; ".join(f"{flag}: {texts.get(flag, NOTED[flag][1])}"
+                                                      for flag in flags))
 
 
-def _note(flags: list[str]) -> None:
+def _note(flags: list[str], texts: Optional[dict[str, str]] = None) -> None:
     import os
     import sys
 
-    line = noted_line(flags)
+    line = noted_line(flags, texts)
     if line is None or os.environ.get(NOTED_ENV) == line:
         return
     if os.environ.get("RANK", "0") == "0":
@@ -881,6 +958,7 @@ def write_argv(cfg: RunConfig, target: str = "megatron", layout=None,
             _write_deepspeed_moe(cfg, emit, lost)
     if not m.add_bias_linear:
         emit("--disable-bias-linear")
+    argv.extend(_write_kernels(cfg, target, emit))
     if not cfg.logging.log_loss_scale_to_tensorboard:
         emit("--no-log-loss-scale-to-tensorboard")
     if not cfg.data.mmap_bin_files:
@@ -952,6 +1030,42 @@ def _write_vocabulary_padding(cfg: RunConfig, emit, differs, lost: list[str]) ->
         emit("--make-vocab-size-divisible-by", value)
 
 
+def _write_kernels(cfg: RunConfig, target: str, emit) -> list[str]:
+    """The kernel choices where they differ from the target's defaults (Megatron-LM: every fusion on and
+    TransformerEngine layers; Megatron-DeepSpeed: fusions on, local layers). Emits them; returns the words
+    emit cannot check (--attention-backend, whose choices Megatron-LM lists as enum members)."""
+    m, deepspeed = cfg.model, target == "megatron-deepspeed"
+    if m.swiglu:
+        if not m.bias_activation_fusion and not deepspeed:  # Megatron-DeepSpeed has no SwiGLU fusion switch
+            emit("--no-bias-swiglu-fusion")
+    elif m.add_bias_linear and not m.bias_activation_fusion:
+        emit("--no-bias-gelu-fusion")  # without biases Megatron-LM clears the fusion itself
+    if not m.bias_dropout_fusion:
+        emit("--no-bias-dropout-fusion")
+    if not m.masked_softmax_fusion:
+        emit("--no-masked-softmax-fusion")
+    if not deepspeed or m.transformer_impl != "local":
+        # stated for Megatron-LM: its default is transformer_engine, the reader's (zeromega's) is local
+        emit("--transformer-impl", m.transformer_impl)
+    if deepspeed:
+        return []  # Megatron-DeepSpeed has none of the flags below
+    if m.cross_entropy_loss_fusion:
+        emit("--cross-entropy-loss-fusion")
+        if m.cross_entropy_fusion_impl != "native":
+            emit("--cross-entropy-fusion-impl", m.cross_entropy_fusion_impl)
+    if m.fp8:
+        emit("--fp8-format", m.fp8)
+        if m.fp8_amax_history_len != 1:
+            emit("--fp8-amax-history-len", m.fp8_amax_history_len)
+        if m.fp8_amax_compute_algo != "most_recent":
+            emit("--fp8-amax-compute-algo", m.fp8_amax_compute_algo)
+        if m.fp8_param:
+            emit("--fp8-param-gather")
+    if cfg.moe.grouped_gemm and cfg.moe.num_experts:
+        emit("--moe-grouped-gemm")
+    return [] if m.attention_backend == "auto" else ["--attention-backend", m.attention_backend]
+
+
 def _write_batch(cfg: RunConfig, layout, emit, lost: list[str]) -> None:
     """--micro-batch-size always (Megatron-LM asserts it), --global-batch-size where it is not micro x dp."""
     b = cfg.batch
@@ -997,6 +1111,12 @@ def transformer_config(cfg: RunConfig, **fields: Any):
             merged[name] = getattr(torch, merged[name])
     if isinstance(merged.get("activation_func"), str):
         merged["activation_func"] = getattr(torch.nn.functional, merged["activation_func"])
+    if isinstance(merged.get("attention_backend"), str):
+        from megatron.core.transformer.enums import AttnBackend
+
+        merged["attention_backend"] = AttnBackend[merged["attention_backend"]]
+    if not merged.get("gated_linear_unit") and not merged.get("add_bias_linear", True):
+        merged["bias_activation_fusion"] = False  # Megatron-LM clears --bias-gelu-fusion without biases
     return TransformerConfig(**merged)
 
 
@@ -1059,4 +1179,6 @@ def megatron_core_fields(cfg: RunConfig) -> dict:
         fields.update(gated_linear_unit=True, activation_func="silu")
         if m.ffn_hidden_size is None and m.hidden_size:
             fields["ffn_hidden_size"] = int((4 * m.hidden_size * 2 / 3) / 64) * 64
+    elif not m.add_bias_linear or moe.num_experts:  # no biases (zeromega's MoE models have none): no bias + GELU
+        fields["bias_activation_fusion"] = False
     return fields

@@ -328,6 +328,51 @@ def probe_fp16_grad_scaler_resume():
     assert float(scaler.scale) == 8.0 and scaler.scale.device.type == "cpu"
 
 
+def _not_compiled(call):
+    """``call()`` with torch.compile made to raise on any compile: a jit_fuser wrapper left on a fused
+    function fails at once (instead of compiling C++ for seconds on this CPU rank)."""
+    with torch.compiler.set_stance("fail_on_recompile"):
+        call()
+
+
+def probe_fused_bias_gelu():
+    from megatron.core.fusions.fused_bias_gelu import bias_gelu_impl
+
+    x = torch.randn(4, 8, requires_grad=True)
+    _not_compiled(lambda: bias_gelu_impl(x, torch.zeros(8, requires_grad=True)).sum().backward())
+
+
+def probe_fused_bias_swiglu():
+    from megatron.core.fusions.fused_bias_swiglu import bias_swiglu_impl
+
+    x = torch.randn(4, 8, requires_grad=True)
+    _not_compiled(lambda: bias_swiglu_impl(x, torch.zeros(8, requires_grad=True)).sum().backward())
+    _not_compiled(lambda: bias_swiglu_impl(x, None).sum().backward())
+
+
+def probe_fused_bias_dropout():
+    from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+
+    x, residual = torch.randn(4, 8), torch.randn(4, 8)
+    for training in (True, False):
+        _not_compiled(lambda: get_bias_dropout_add(training, True)((x, torch.zeros(8)), residual, 0.1))
+
+
+def probe_fused_cross_entropy():
+    """The native fused cross entropy's four functions, in the order its autograd function calls them (one tp
+    rank: the all-reduces between them are identities)."""
+    from megatron.core.fusions import fused_cross_entropy as f
+
+    def loss_and_grad():
+        logits, target = torch.randn(3, 2, 5), torch.tensor([[0, 4], [1, 2], [3, 3]])
+        logits, logits_max = f.calculate_logits_max(logits)
+        mask, masked, predicted_sum_exp, exp = f.calculate_predicted_logits(logits, target, logits_max, 0, 5)
+        softmax, loss = f.calculate_cross_entropy_loss(exp, predicted_sum_exp)
+        f.calculate_gradients(softmax, torch.ones_like(loss), mask, masked)
+
+    _not_compiled(loss_and_grad)
+
+
 PROBES = {
     "megatron.core.utils.torch": probe_memory_buffer,
     "megatron.core.tensor_parallel.random.torch": probe_seed_tracker,
@@ -361,6 +406,15 @@ PROBES = {
     "megatron.core.transformer.moe.moe_utils.te_general_gemm": probe_router_gemm,
     "megatron.core.dist_checkpointing.strategies.filesystem_async.torch": probe_dist_checkpoint_staging,
     "megatron.core.dist_checkpointing.strategies.state_dict_saver.torch": probe_dist_checkpoint_finalize,
+    **{f"megatron.core.fusions.fused_bias_gelu.{name}": probe_fused_bias_gelu
+       for name in ("bias_gelu", "bias_gelu_back")},
+    **{f"megatron.core.fusions.fused_bias_swiglu.{name}": probe_fused_bias_swiglu
+       for name in ("swiglu", "bias_swiglu", "swiglu_back", "bias_swiglu_back")},
+    **{f"megatron.core.fusions.fused_bias_dropout.{name}": probe_fused_bias_dropout
+       for name in ("bias_dropout_add_fused_train", "bias_dropout_add_fused_inference")},
+    **{f"megatron.core.fusions.fused_cross_entropy.{name}": probe_fused_cross_entropy
+       for name in ("calculate_logits_max", "calculate_predicted_logits", "calculate_cross_entropy_loss",
+                    "calculate_gradients")},
 }
 
 

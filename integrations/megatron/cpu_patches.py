@@ -15,7 +15,7 @@ reaches a new one fails loudly ("Torch not compiled with CUDA enabled"), and
 ``docs/cpu-internals.md`` lists the sites other features
 reach (sequence parallel, pipeline p2p, MoE, the distributed optimizer).
 
-Three kinds of swap cover every site reached so far:
+Four kinds of swap cover every site reached so far:
 
 1. ``torch`` in a module's globals becomes :data:`TORCH_ON_CPU`, a view of
    torch whose ``torch.cuda`` answers for the CPU: ``current_device()`` is
@@ -30,6 +30,9 @@ Three kinds of swap cover every site reached so far:
    :func:`cuda_tensor_methods_on_cpu`, which answers those two methods for
    CPU tensors only for the duration of that call. A patch target may name
    a class attribute as ``"module:Class"``.
+4. A fused function that Megatron-Core wrapped in ``torch.compile`` at import
+   (its ``jit_fuser``) becomes the function itself (:data:`EAGER`): the same
+   math, without inductor's compile per shape on every CPU rank.
 
 One DeepSpeed patch lives here too, :data:`DEEPSPEED_FP16` (fp16 on DeepSpeed's
 engine on CPU): installed only for an fp16 run on the CPU accelerator, and only
@@ -273,6 +276,24 @@ def _torch_view(module: str, reason: str) -> Patch:
     return Patch(module, "torch", TORCH_ON_CPU, reason)
 
 
+EAGER = object()
+"""A patch's replacement meaning: the function itself, without the ``torch.compile`` wrapper that
+Megatron-Core's ``jit_fuser`` put on it at import (``megatron.core.jit``)."""
+
+
+def _eager(module: str, names: tuple[str, ...]) -> tuple[Patch, ...]:
+    reason = ("Megatron-Core decorates its fused functions with jit_fuser, torch.compile on torch >= 2.2; on a "
+              "CPU rank inductor compiles C++ for each function and shape (bench: about 12 s for bias + GELU's "
+              "forward and backward, 2 s more per new shape) and draws a compiled dropout's mask from its own "
+              "RNG, not the generator Megatron's RNG tracker forks. The eager function is the same math")
+    return tuple(Patch(module, name, EAGER, reason) for name in names)
+
+
+def _unwrapped(function: Any) -> Any:
+    """The function a ``torch.compile`` wrapper holds (the function itself when it has no wrapper)."""
+    return getattr(function, "_torchdynamo_orig_callable", function)
+
+
 PATCHES: tuple[Patch, ...] = (
     _torch_view("megatron.core.utils",
                 "GlobalMemoryBuffer.get_tensor allocates on torch.cuda.current_device() (core attention's matmul buffer)"),
@@ -365,6 +386,15 @@ PATCHES: tuple[Patch, ...] = (
     Patch("megatron.core.transformer.moe.moe_utils", "te_general_gemm", None,
           "the router's gating GEMM tests `te_general_gemm is not None`, a name bound only when "
           "TransformerEngine imports (NameError without it); None selects the torch matmul"),
+    # Megatron-Core's torch-code fusions (Megatron-LM's default --bias-gelu-fusion / --bias-swiglu-fusion /
+    # --bias-dropout-fusion, and --cross-entropy-loss-fusion): run eagerly.
+    *_eager("megatron.core.fusions.fused_bias_gelu", ("bias_gelu", "bias_gelu_back")),
+    *_eager("megatron.core.fusions.fused_bias_swiglu", ("swiglu", "bias_swiglu", "swiglu_back", "bias_swiglu_back")),
+    *_eager("megatron.core.fusions.fused_bias_dropout",
+            ("bias_dropout_add_fused_train", "bias_dropout_add_fused_inference")),
+    *_eager("megatron.core.fusions.fused_cross_entropy",
+            ("calculate_logits_max", "calculate_predicted_logits", "calculate_cross_entropy_loss",
+             "calculate_gradients")),
 )
 
 _originals: dict[tuple[str, str], Any] = {}
@@ -402,7 +432,8 @@ def apply(skip: tuple[str, ...] = ()) -> None:
         owner = _owner(patch.module)
         if key not in _originals:
             _originals[key] = getattr(owner, patch.attribute, _MISSING)
-        setattr(owner, patch.attribute, patch.replacement)
+        replacement = _unwrapped(_originals[key]) if patch.replacement is EAGER else patch.replacement
+        setattr(owner, patch.attribute, replacement)
 
 
 def revert() -> None:

@@ -127,7 +127,6 @@ def _moe_fields(shape: GPTShape) -> dict:
         moe_router_pre_softmax=shape.moe_router_pre_softmax,
         moe_expert_capacity_factor=shape.moe_expert_capacity_factor,
         moe_token_dispatcher_type=shape.moe_token_dispatcher_type,
-        moe_grouped_gemm=False,  # grouped GEMM needs the grouped_gemm package (CUDA)
     )
 
 
@@ -165,6 +164,23 @@ def _recompute_fields(cfg: RunConfig) -> dict:
     if r.granularity is None:
         return {}
     return dict(recompute_granularity=r.granularity, recompute_method=r.method, recompute_num_layers=r.num_layers)
+
+
+def _kernel_fields(shape: GPTShape, cfg: RunConfig) -> dict:
+    """The kernel and precision fields this device runs of ``cfg.model``'s request (fusions, layer
+    implementation, attention backend, fp8, grouped GEMM): :func:`zeromega.integrations.megatron.accel.resolve`,
+    whose fallbacks the translator has already said before launch."""
+    from megatron.core.transformer.enums import AttnBackend
+
+    from zeromega.integrations.megatron import accel
+
+    fields = accel.resolve(cfg, accel.Device.probe(cfg.device)).fields
+    if not shape.swiglu and not _architecture_fields(shape)["add_bias_linear"]:
+        fields["bias_activation_fusion"] = False  # Megatron-LM clears --bias-gelu-fusion without biases
+    if not shape.num_experts:
+        fields.pop("moe_grouped_gemm")
+    fields["attention_backend"] = AttnBackend[fields["attention_backend"]]
+    return fields
 
 
 def _architecture_fields(shape: GPTShape) -> dict:
@@ -208,11 +224,7 @@ def transformer_config(shape: GPTShape, cfg: RunConfig, virtual_stages: Optional
         params_dtype=_DTYPES[cfg.precision],
         bf16=cfg.precision == "bf16",
         fp16=cfg.precision == "fp16",
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        gradient_accumulation_fusion=False,
-        persist_layer_norm=False,
+        **_kernel_fields(shape, cfg),
         **_architecture_fields(shape),
         **_pipeline_fields(cfg, virtual_stages),
         **_moe_fields(shape),
@@ -221,14 +233,19 @@ def transformer_config(shape: GPTShape, cfg: RunConfig, virtual_stages: Optional
 
 
 def _layer_spec(shape: GPTShape, config, vp_stage: Optional[int] = None):
-    """Megatron-Core's local spec (no TransformerEngine), chosen as Megatron-LM's gpt_builders does: an
-    MoE model gets the decoder block spec (dense and MoE layers per ``moe_layer_freq``, this stage's
-    slice), a dense one the layer spec; both build ``shape.normalization``'s norms."""
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
+    """Megatron-Core's local spec, or TransformerEngine's where ``config.transformer_impl`` says so (decided by
+    :mod:`~zeromega.integrations.megatron.accel`), chosen as Megatron-LM's gpt_builders does: an MoE model gets
+    the decoder block spec (dense and MoE layers per ``moe_layer_freq``, this stage's slice), a dense one the
+    layer spec; both build ``shape.normalization``'s norms."""
+    from megatron.core.models.gpt.gpt_layer_specs import (get_gpt_decoder_block_spec, get_gpt_layer_local_spec,
+                                                          get_gpt_layer_with_transformer_engine_spec)
 
+    te = config.transformer_impl == "transformer_engine"
     if shape.num_experts:
-        return get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization=shape.normalization,
+        return get_gpt_decoder_block_spec(config, use_transformer_engine=te, normalization=shape.normalization,
                                           vp_stage=vp_stage)
+    if te:  # TransformerEngine's norms follow config.normalization
+        return get_gpt_layer_with_transformer_engine_spec()
     return get_gpt_layer_local_spec(normalization=shape.normalization)
 
 

@@ -128,6 +128,9 @@ class MoEConfig(_Section):
     token_drop_policy: Literal["probs", "position"] = "probs"
     """Which tokens an expert over capacity drops (``--moe-token-drop-policy``, only with
     expert_capacity_factor): ``probs`` the lowest-probability ones, ``position`` the last ones."""
+    grouped_gemm: bool = False
+    """All local experts in one grouped GEMM (``--moe-grouped-gemm``; Megatron-Core's ``moe_grouped_gemm``):
+    CUDA with TransformerEngine or the grouped_gemm package only; elsewhere the experts run one by one."""
 
 
 class OffloadConfig(_Section):
@@ -533,6 +536,36 @@ class ModelConfig(_Section):
     """Base of the rotary embeddings' frequencies (``--rotary-base``; Llama-3: 500000)."""
     rotary_percent: float = Field(1.0, gt=0, le=1)
     """Fraction of each head's channels the rotary embeddings rotate (``--rotary-percent``)."""
+    # Kernel and precision choices (Megatron-Core's TransformerConfig fields of the same names). The config
+    # keeps what was asked for; integrations/megatron/accel.py decides what this device runs, and says so.
+    bias_activation_fusion: bool = False
+    """Megatron-Core's fused bias + activation (Megatron-LM's default: on, unless ``--no-bias-gelu-fusion`` /
+    ``--no-bias-swiglu-fusion``, or no biases under GELU). For GELU it computes the tanh approximation of GELU
+    (``bias_gelu_impl``), not erf GELU: another function; for SwiGLU the same values. zeromega's own config
+    default: off (erf GELU)."""
+    bias_dropout_fusion: bool = False
+    """Megatron-Core's fused bias + dropout + residual add (Megatron-LM's default: on, ``--no-bias-dropout-fusion``
+    clears it); the same values as the unfused path."""
+    masked_softmax_fusion: bool = False
+    """Megatron's fused scale + mask + softmax CUDA kernel (Megatron-LM's default: on, ``--no-masked-softmax-fusion``
+    clears it). Needs CUDA and its extension; elsewhere the torch softmax runs (same values)."""
+    cross_entropy_loss_fusion: bool = False
+    """Megatron-Core's fused cross entropy (``--cross-entropy-loss-fusion``); the same loss."""
+    cross_entropy_fusion_impl: Literal["native", "te"] = "native"
+    """Its implementation (``--cross-entropy-fusion-impl``): Megatron-Core's torch code, or TransformerEngine's."""
+    transformer_impl: Literal["local", "transformer_engine"] = "local"
+    """Layer implementation (``--transformer-impl``): Megatron-Core's local spec, or TransformerEngine's layers
+    (CUDA with TransformerEngine only). Megatron-LM's default is transformer_engine; zeromega's is local."""
+    attention_backend: Literal["auto", "flash", "fused", "unfused", "local"] = "auto"
+    """TransformerEngine's attention backend (``--attention-backend``; Megatron-Core's ``AttnBackend``)."""
+    fp8: Optional[Literal["e4m3", "hybrid"]] = None
+    """fp8 GEMMs through TransformerEngine (``--fp8-format``; compute capability 8.9 or newer)."""
+    fp8_amax_history_len: PositiveInt = 1
+    """fp8 scaling's amax history (``--fp8-amax-history-len``)."""
+    fp8_amax_compute_algo: Literal["most_recent", "max"] = "most_recent"
+    """fp8 scaling's amax choice (``--fp8-amax-compute-algo``)."""
+    fp8_param: bool = False
+    """Keep weights in fp8 and gather them in fp8 (``--fp8-param-gather``)."""
 
 
 class Layout(_Section):
