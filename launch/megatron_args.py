@@ -8,7 +8,9 @@ Flags mean what they mean in Megatron-LM (and Megatron-DeepSpeed for
 Flags this table does not know are returned, in order and with their
 values, never dropped. Unstated flags take zeromega's defaults, not
 Megatron-LM's (they differ for ``--lr-decay-style``: constant here, linear
-there; and ``--initial-loss-scale``: 2**16 here, 2**32 there).
+there; ``--initial-loss-scale``: 2**16 here, 2**32 there; and fp16 gradients,
+reduced in fp32 on Megatron-Core's engine unless ``--grad-reduce-in-bf16``
+says otherwise, in fp16 there unless ``--accumulate-allreduce-grads-in-fp32``).
 """
 
 from __future__ import annotations
@@ -137,6 +139,10 @@ FLAGS: dict[str, tuple[str, Any]] = {
     "--profile": ("logging.profile", SWITCH),
     "--profile-step-start": ("logging.profile_step_start", int),
     "--profile-step-end": ("logging.profile_step_end", int),
+    "--overlap-grad-reduce": ("ddp.overlap_grad_reduce", SWITCH),
+    "--overlap-param-gather": ("ddp.overlap_param_gather", SWITCH),
+    "--ddp-bucket-size": ("ddp.bucket_size", int),
+    "--ddp-average-in-collective": ("ddp.average_in_collective", SWITCH),
     "--log-params-norm": ("logging.log_params_norm", SWITCH),
     "--log-num-zeros-in-grad": ("logging.log_num_zeros_in_grad", SWITCH),
     "--log-optimizer-states-to-tensorboard": ("logging.log_optimizer_states_to_tensorboard", SWITCH),
@@ -160,8 +166,6 @@ NOTED: dict[str, tuple[Any, str]] = {
     "--use-flash-attn-v2": (0, "flash attention needs CUDA kernels: Megatron-Core's unfused attention runs"),
     "--attention-backend": (1, "TransformerEngine's attention backends need CUDA and TransformerEngine: "
                                "Megatron-Core's local attention runs (same values)"),
-    "--overlap-grad-reduce": (0, "gradients are reduced after the backward pass (same values)"),
-    "--overlap-param-gather": (0, "parameters are gathered after the step (same values)"),
     "--moe-grouped-gemm": (0, "grouped GEMM needs CUDA and TransformerEngine or grouped_gemm: experts run one "
                               "by one (same values)"),
     "--cross-entropy-fusion-impl": (1, "te needs TransformerEngine on CUDA: Megatron-Core's native fused cross "
@@ -181,7 +185,6 @@ NOTED: dict[str, tuple[Any, str]] = {
     "--timing-log-level": (1, "the log line reports the step time; no Megatron timer tree"),
     "--timing-log-option": (1, "no Megatron timer tree to reduce over ranks (the step time is rank 0's)"),
     "--distributed-backend": (1, "zeromega picks NCCL on CUDA and gloo on CPU"),
-    "--grad-reduce-in-bf16": (0, "gradients are reduced in fp32"),
     "--no-create-attention-mask-in-dataloader": (0, "the causal mask is built in attention, as asked"),
     "--ckpt-format": (1, "checkpoints use zeromega's format (zeromega export converts them)"),
     "--no-async-tensor-model-parallel-allreduce": (0, "tp all-reduces are synchronous, as asked"),
@@ -214,6 +217,8 @@ SPECIAL: dict[str, tuple[Any, Any]] = {
     "--bf16": (None, 0),
     "--fp16": (None, 0),
     "--use-distributed-optimizer": (None, 0),
+    "--grad-reduce-in-bf16": (None, 0),
+    "--accumulate-allreduce-grads-in-fp32": (None, 0),
     "--recompute-activations": (None, 0),
     "--checkpoint-activations": (None, 0),
     "--checkpoint-num-layers": (int, 1),
@@ -364,6 +369,7 @@ def parse(argv: list[str]) -> MegatronArgs:
                               "state is ZeRO-1)", "drop one of them")
         if stage is None:
             put("--use-distributed-optimizer", "zero.stage", 1)
+    _data_parallel(known, put, partial, precision)
     if "--recompute-activations" in known:
         granularity = partial.get("recompute", {}).get("granularity", "selective")
         if granularity != "selective":
@@ -516,6 +522,26 @@ def _device_notes(known: dict, partial: dict, noted: list[str]) -> dict[str, str
                               parallel=SimpleNamespace(cp=partial.get("parallel", {}).get("cp", 1)),
                               precision=partial.get("precision", "fp32"))
     return accel.resolve(request, accel.Device.probe(partial.get("device", "auto")), stated).notes
+
+
+def _data_parallel(known: dict, put, partial: dict, precision: list) -> None:
+    """Megatron-LM core_v0.16.1's validate_args rules of the data-parallel flags."""
+    if "--overlap-param-gather" in known:
+        if partial.get("zero", {}).get("stage", 0) < 1:
+            raise ConfigError("--overlap-param-gather", True, "gathers the distributed optimizer's shards, and there "
+                              "is none (Megatron-LM asserts: '--overlap-param-gather only supported with "
+                              "distributed optimizer')", "add --use-distributed-optimizer")
+        if "--overlap-grad-reduce" not in known:
+            raise ConfigError("--overlap-param-gather", True, "without --overlap-grad-reduce (Megatron-LM asserts: "
+                              "'Must use --overlap-param-gather with --overlap-grad-reduce')",
+                              "add --overlap-grad-reduce")
+    in_bf16, in_fp32 = "--grad-reduce-in-bf16" in known, "--accumulate-allreduce-grads-in-fp32" in known
+    if in_bf16 or in_fp32:
+        # under --bf16, --grad-reduce-in-bf16 clears accumulate_allreduce_grads_in_fp32; otherwise only the latter
+        # acts, and without it fp16 gradients are reduced in fp16 (what --grad-reduce-in-bf16 alone means here)
+        fp32 = not in_bf16 if precision == ["bf16"] else in_fp32
+        put("--grad-reduce-in-bf16" if in_bf16 else "--accumulate-allreduce-grads-in-fp32",
+            "ddp.grad_reduce_in_fp32", fp32)
 
 
 def _architecture(known: dict, put, partial: dict) -> None:
@@ -934,6 +960,8 @@ def write_argv(cfg: RunConfig, target: str = "megatron", layout=None,
     handled = {"parallel.cp", "batch.micro", "zero.stage", "batch.global", "model.make_vocab_size_divisible_by"}
     if target == "megatron-deepspeed" and cfg.moe.num_experts:
         handled |= DS_MOE_PATHS  # written in Megatron-DeepSpeed's MoE spellings by _write_deepspeed_moe
+    if target == "megatron-deepspeed" and cfg.zero.stage >= 1:
+        handled |= {"ddp.overlap_grad_reduce", "ddp.bucket_size"}  # ZeRO's overlap_comm, reduce_bucket_size there
     zeromega_default = RunConfig()
     for flag, (path, kind) in FLAGS.items():
         if path in handled or flag == "--num-layers-per-virtual-pipeline-stage" and cfg.parallel.vpp:
@@ -980,6 +1008,12 @@ def write_argv(cfg: RunConfig, target: str = "megatron", layout=None,
         emit("--moe-layer-freq", str(moe.layer_freq).replace(" ", ""))
     if cfg.precision != "fp32":
         emit(f"--{cfg.precision}")
+    if deepspeed:
+        pass  # the DeepSpeed JSON carries the reduce dtype (communication_data_type)
+    elif cfg.ddp.grad_reduce_in_fp32 is False and cfg.precision == "bf16":
+        emit("--grad-reduce-in-bf16")
+    elif cfg.ddp.grad_reduce_in_fp32 is not False and cfg.precision == "fp16":
+        emit("--accumulate-allreduce-grads-in-fp32")  # Megatron-LM reduces fp16 in fp16 without it; unset is fp32
     if differs("--initial-loss-scale", 2 ** cfg.loss_scaling.initial_scale_power):
         emit("--initial-loss-scale", 2 ** cfg.loss_scaling.initial_scale_power)
     if cfg.data.path is not None:

@@ -139,8 +139,16 @@ class MegatronTrainer:
         if load_weights is not None:
             load_weights(chunks)
         self.config = chunks[0].config
+        d = cfg.ddp
+        overlap = bool(d.overlap_grad_reduce)
+        # Megatron-LM's DDP arguments (training.py get_model): the fields of the run's ddp section; a bucket size
+        # only matters under overlap (DDP puts every gradient in one bucket otherwise)
+        self.overlap_param_gather = d.overlap_param_gather and distributed_optimizer
         ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=distributed_optimizer)
+            grad_reduce_in_fp32=d.grad_reduce_in_fp32 is not False, overlap_grad_reduce=overlap,
+            overlap_param_gather=self.overlap_param_gather, use_distributed_optimizer=distributed_optimizer,
+            bucket_size=d.bucket_size if overlap else None, average_in_collective=d.average_in_collective,
+            align_param_gather=self.overlap_param_gather and self.virtual_stages > 1)
         self.chunks = [DistributedDataParallel(config=self.config, ddp_config=ddp_config, module=chunk,
                                                disable_bucketing=i > 0)
                        for i, chunk in enumerate(chunks)]
@@ -158,15 +166,61 @@ class MegatronTrainer:
                             # --decoupled-lr: the embedding and output weights' own max_lr / min_lr groups
                             decoupled_lr=o.decoupled_lr, decoupled_min_lr=o.decoupled_min_lr),
             self.chunks, use_gloo_process_groups=False)
+        # Megatron-Core gives the expert optimizer the dense tp group, where a parameter that is not tp-split
+        # counts in the grad norm on tp rank 0 only. An expert's fc2 bias (MoE with biases, expert tp 1) is not
+        # split, yet the other tp ranks hold other experts' biases (measured at tp 2 x ep 2: the norm 3.5 % low,
+        # so clipping scaled differently): the expert optimizer judges duplicates within the expert tp group.
+        from megatron.core import parallel_state
+
+        for sub in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            if sub.param_groups and all(g.get("is_expert_parallel") for g in sub.param_groups):
+                sub.tp_group = parallel_state.get_expert_tensor_parallel_group()
         for group in self.optimizer.param_groups:  # Megatron's scheduler would do this each step
             group["weight_decay"] = o.weight_decay * group.get("wd_mult", 1.0)
         self.timers = PhaseTimers()
         self.config.timers = self.timers
         self.config.finalize_model_grads_func = finalize_model_grads
         self.config.grad_scale_func = self.optimizer.scale_loss if cfg.precision == "fp16" else None
-        if len(self.chunks) > 1:
-            self.config.no_sync_func = [c.no_sync for c in self.chunks]
+        if len(self.chunks) > 1 or overlap:
+            self.config.no_sync_func = self._one_or_list([c.no_sync for c in self.chunks])
+        if overlap:  # Megatron-LM's train(): every stage starts its reduce as its last backward ends (align)
+            self.config.grad_sync_func = self._one_or_list([c.start_grad_sync for c in self.chunks])
+        self._param_sync_func = None
+        if ddp_config.align_param_gather:  # interleaved: the schedule starts each chunk's gather in turn
+            self._param_sync_func = self._one_or_list([c.start_param_sync for c in self.chunks])
+        if self.overlap_param_gather:
+            # Megatron-LM's train(): no gather hooks until a step has updated the weights, so that a bad load or
+            # init is not spread by the first all-gather
+            self._set_gather_hooks(False, sync=False)
         self._forward_backward = get_forward_backward_func()
+
+    def _one_or_list(self, funcs: list):
+        return funcs[0] if len(funcs) == 1 else funcs
+
+    _gather_hooks = True
+
+    def _set_gather_hooks(self, on: bool, sync: bool = True) -> None:
+        """Megatron-LM's enable/disable_forward_pre_hook under ``--overlap-param-gather``: the forward pre-hooks
+        that wait for (and start) the all-gather of the updated weights; disabling them gathers at once
+        (``sync``)."""
+        if on == self._gather_hooks:
+            return
+        for chunk in self.chunks:
+            if on:
+                chunk.enable_forward_pre_hook()
+            else:
+                chunk.disable_forward_pre_hook(param_sync=sync)
+        self.config.param_sync_func = self._param_sync_func if on else None
+        self._gather_hooks = on
+
+    def sync_params(self) -> None:
+        """Make every model chunk hold the updated weights now: under ``--overlap-param-gather`` the
+        distributed optimizer's step leaves the all-gather to the next forward pass, so a checkpoint (or
+        anything else that reads the weights between steps) calls this first (Megatron-LM's
+        ``force_param_sync``). A no-op otherwise."""
+        if self.overlap_param_gather:
+            for chunk in self.chunks:
+                chunk.start_param_sync(force_sync=True)
 
     @property
     def module(self) -> torch.nn.Module:
@@ -204,7 +258,9 @@ class MegatronTrainer:
             forward_only=False,
         )
         phases = self.timers.take()
-        _, grad_norm, _ = self.optimizer.step()
+        updated, grad_norm, _ = self.optimizer.step()
+        if updated and self.overlap_param_gather:
+            self._set_gather_hooks(True, sync=False)  # from now on the next forward gathers (Megatron-LM's train)
         loss = torch.tensor([sum(float(x["loss"]) for x in losses) / m if losses else 0.0], dtype=torch.float64)
         idle = torch.zeros(ps.get_pipeline_model_parallel_world_size(), dtype=torch.float64)
         idle[ps.get_pipeline_model_parallel_rank()] = idle_fraction(phases)
@@ -223,6 +279,9 @@ class MegatronTrainer:
         from megatron.core import parallel_state as ps
 
         batches = list(micro_batches)
+        hooks = self._gather_hooks
+        if self.overlap_param_gather:  # Megatron-LM evaluates with the weights gathered first, hooks off
+            self._set_gather_hooks(False)
         for chunk in self.chunks:
             chunk.eval()
         try:
@@ -236,6 +295,8 @@ class MegatronTrainer:
         finally:
             for chunk in self.chunks:
                 chunk.train()
+            if self.overlap_param_gather:
+                self._set_gather_hooks(hooks, sync=False)
         self.timers.take()
         loss = torch.tensor([sum(float(x["loss"]) for x in losses) / len(batches) if losses else 0.0],
                             dtype=torch.float64)

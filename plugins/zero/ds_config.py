@@ -56,6 +56,7 @@ def to_deepspeed(cfg: RunConfig, layout: Optional[Layout] = None, device_type: s
             block.update(device=offload.device, pin_memory=offload.pin_memory)
             if offload.nvme_path:
                 block["nvme_path"] = offload.nvme_path
+    _data_parallel(cfg, ds, zero)
     if device_type == "cpu":
         for key, value in CPU_ZERO_DEFAULTS.items():
             zero.setdefault(key, value)
@@ -94,6 +95,43 @@ def to_deepspeed(cfg: RunConfig, layout: Optional[Layout] = None, device_type: s
     if standalone:
         _leave_defaults_to_deepspeed(ds)
     return ds
+
+
+def _data_parallel(cfg: RunConfig, ds: dict, zero: dict) -> None:
+    """The run's ``ddp`` section in DeepSpeed's keys, where it has them: ZeRO's ``overlap_comm`` (its gradient
+    reduce started from backward hooks, bucket by bucket, as Megatron-Core's ``overlap_grad_reduce``) and
+    ``reduce_bucket_size``; ``communication_data_type`` for the reduce's dtype. Unset fields leave DeepSpeed's
+    defaults (and a DeepSpeed JSON's own keys) alone; :func:`ddp_fallbacks` says what has no counterpart."""
+    d = cfg.ddp
+    if cfg.zero.stage >= 1:
+        if d.overlap_grad_reduce is not None:
+            zero["overlap_comm"] = d.overlap_grad_reduce
+        if d.bucket_size is not None:
+            zero["reduce_bucket_size"] = d.bucket_size
+    if d.grad_reduce_in_fp32 is not None and cfg.precision != "fp32":
+        ds["communication_data_type"] = "fp32" if d.grad_reduce_in_fp32 else cfg.precision
+
+
+def ddp_fallbacks(cfg: RunConfig) -> list[str]:
+    """One line for each ``ddp`` field DeepSpeed's engine (pp 1, dense) cannot honour, saying what runs
+    instead; every one leaves the values as they are."""
+    d, stage, lines = cfg.ddp, cfg.zero.stage, []
+    if d.overlap_grad_reduce and stage == 0:
+        lines.append("ddp.overlap_grad_reduce (--overlap-grad-reduce): DeepSpeed's engine without ZeRO reduces the "
+                     "gradients after the backward pass (its overlap_comm is a ZeRO 1-3 option; zero.stage 1 has it)")
+    if d.bucket_size is not None and stage == 0:
+        lines.append("ddp.bucket_size (--ddp-bucket-size): DeepSpeed's engine without ZeRO reduces in its own "
+                     "fixed-size buckets (ZeRO's reduce_bucket_size takes it)")
+    if d.overlap_param_gather and stage in (1, 2):
+        lines.append("ddp.overlap_param_gather (--overlap-param-gather): DeepSpeed's ZeRO-1/2 all-gather the updated "
+                     "parameters at the end of the step, not in the next forward pass (same values)")
+    if d.average_in_collective:
+        lines.append("ddp.average_in_collective (--ddp-average-in-collective): DeepSpeed divides the gradients by "
+                     "the data-parallel size around a summing collective (same values up to rounding)")
+    if d.grad_reduce_in_fp32 and cfg.precision != "fp32" and stage in (1, 2):
+        lines.append("ddp.grad_reduce_in_fp32 (--accumulate-allreduce-grads-in-fp32): DeepSpeed's ZeRO-1/2 reduce in "
+                     f"fp32 (communication_data_type) but accumulate micro-batches in {cfg.precision}")
+    return lines
 
 
 # DeepSpeed 0.19's Adam/AdamW defaults (FusedAdam, DeepSpeedCPUAdam): a standalone file leaves these unstated.

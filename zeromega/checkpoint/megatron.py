@@ -173,6 +173,7 @@ def _world_tensors_in_buffer_coordinates(optimizer) -> Iterator[None]:
 
 def sharded_state_dict(trainer, loading: bool) -> dict:
     """Megatron-LM's layout: ``model0..model{v-1}`` (one per chunk) and ``optimizer``."""
+    trainer.sync_params()  # under --overlap-param-gather the step left the weights' all-gather to the next forward
     _gather_over_gloo_on_cpu(trainer.optimizer)
     metadata = _sharding_metadata()
     state = {f"model{i}": chunk.module.sharded_state_dict(metadata=dict(metadata))

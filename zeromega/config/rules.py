@@ -276,6 +276,20 @@ def _schedule_runs_on_its_class(cfg: "RunConfig") -> None:
                           "set scheduler.deepspeed_type (WarmupLR, WarmupDecayLR, WarmupCosineLR) or use linear")
 
 
+def _param_gather_overlap(cfg: "RunConfig") -> None:
+    """Megatron-LM's rule: the overlapped all-gather is the distributed optimizer's, and it follows the
+    overlapped reduce (its hooks reset the gather after each step's reduce)."""
+    d = cfg.ddp
+    if not d.overlap_param_gather:
+        return
+    if cfg.zero.stage < 1:
+        raise ConfigError("ddp.overlap_param_gather", True, "gathers the sharded optimizer's parameters, and "
+                          "zero.stage 0 shards nothing", "set zero.stage 1 (--use-distributed-optimizer)")
+    if not d.overlap_grad_reduce:
+        raise ConfigError("ddp.overlap_param_gather", True, f"needs ddp.overlap_grad_reduce (it is "
+                          f"{d.overlap_grad_reduce})", "set ddp.overlap_grad_reduce true (--overlap-grad-reduce)")
+
+
 def _moe_pattern(cfg: "RunConfig") -> None:
     """A per-layer MoE pattern names every layer (Megatron-Core asserts it inside the ranks); sinkhorn
     routing has no aux loss (Megatron-Core asserts the coefficient is 0)."""
@@ -291,6 +305,7 @@ def _moe_pattern(cfg: "RunConfig") -> None:
 
 RULES: list[Callable[["RunConfig"], None]] = [
     _moe_pattern,
+    _param_gather_overlap,
     _hosts_from_launch_flags,
     _schedule_runs_on_its_class,
     _sequence_parallel_needs_tp,

@@ -91,6 +91,32 @@ class ParallelConfig(_Section):
     """Megatron's tp sequence parallelism (norms/dropout sharded along the sequence)."""
 
 
+class DDPConfig(_Section):
+    """How data-parallel ranks exchange gradients and parameters: Megatron-Core's ``DistributedDataParallelConfig``
+    on its engine, DeepSpeed ZeRO's counterparts on DeepSpeed's (docs/parallelism.md, "Data-parallel
+    communication"). None: the engine's own default."""
+
+    overlap_grad_reduce: Optional[bool] = None
+    """Reduce gradients bucket by bucket from backward hooks, while the backward pass goes on
+    (``--overlap-grad-reduce``). Megatron-Core engine: DDP's ``overlap_grad_reduce`` (None: off); DeepSpeed
+    engine: ZeRO's ``overlap_comm`` (None: DeepSpeed's default, on for ZeRO-3 only; ZeRO-0 has no overlap)."""
+    overlap_param_gather: bool = False
+    """All-gather the distributed optimizer's updated parameters bucket by bucket from the next forward pass's
+    pre-hooks instead of at the end of the step (``--overlap-param-gather``); needs zero.stage 1 and
+    overlap_grad_reduce, as in Megatron-LM. DeepSpeed's ZeRO-1/2 gather at the end of the step."""
+    grad_reduce_in_fp32: Optional[bool] = None
+    """Accumulate and reduce bf16/fp16 gradients in fp32 (True) or in the parameters' dtype (False):
+    ``--accumulate-allreduce-grads-in-fp32`` / ``--grad-reduce-in-bf16``. Megatron-Core engine: DDP's
+    ``grad_reduce_in_fp32`` (None: True); DeepSpeed engine: ``communication_data_type`` fp32 or the
+    parameters' dtype (None: DeepSpeed's default, the parameters' dtype)."""
+    bucket_size: Optional[PositiveInt] = None
+    """Gradient elements per bucket under overlap_grad_reduce (``--ddp-bucket-size``; None: Megatron-Core's
+    max(4e7, 1e6 x dp)). DeepSpeed engine: ZeRO's ``reduce_bucket_size``."""
+    average_in_collective: bool = False
+    """Average gradients inside the collective (ReduceOp.AVG) rather than scaling them by 1/dp before a sum
+    (``--ddp-average-in-collective``; Megatron-Core engine only)."""
+
+
 class SequenceConfig(_Section):
     mode: Literal["none", "megatron", "ulysses", "ring", "usp"] = "none"
     """How the sequence is split: megatron = tp-sp only; ulysses/ring/usp split attention over the cp group."""
@@ -606,6 +632,8 @@ class RunConfig(_Section):
     """Sequence parallelism: mode and sizes."""
     moe: MoEConfig = MoEConfig()
     """Mixture of experts."""
+    ddp: DDPConfig = DDPConfig()
+    """Data-parallel gradient and parameter communication (overlap, buckets, reduce dtype)."""
     zero: ZeroConfig = ZeroConfig()
     """ZeRO stage and offload."""
     batch: BatchConfig = BatchConfig()

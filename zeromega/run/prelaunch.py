@@ -4,6 +4,9 @@ owns a check is imported only when its feature is asked for (the launcher should
 
 from __future__ import annotations
 
+import os
+import warnings
+
 from zeromega.config import ConfigError, RunConfig
 
 
@@ -31,3 +34,9 @@ def before_launch(cfg: RunConfig, gpt: bool = True) -> None:
         from . import wandb
 
         wandb.check(cfg)
+    if cfg.parallel.pp == 1 and not cfg.moe.num_experts and os.environ.get("RANK", "0") == "0":
+        # DeepSpeed's engine runs this layout (zeromega.run.engines.select): what it has no counterpart for
+        from zeromega.plugins.zero.ds_config import ddp_fallbacks
+
+        for line in ddp_fallbacks(cfg):
+            warnings.warn(f"accepted, with a fallback: {line}", stacklevel=3)

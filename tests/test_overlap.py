@@ -1,0 +1,251 @@
+"""Megatron-LM's data-parallel overlap flags on Megatron-Core's engine: ``--overlap-grad-reduce`` (bucketed
+reduces started from backward hooks), ``--overlap-param-gather`` (the distributed optimizer's all-gather left
+to the next forward's pre-hooks) give the same training as without them, on 2 gloo ranks.
+
+Each world trains twice in the same processes, off then on, from the same weights (drawn by 1-process name)
+and the same micro-batches (each dp rank its own, so a missing or doubled reduction shows). fp32: overlap
+changes when the reduces run, not what they sum, so losses, grad norms and weights agree to float rounding
+(1e-6 relative; the loss falls by > 1e-2 a step). Buckets are a few thousand elements, so the model's
+gradients span several buckets and the hooks start reduces while the backward pass still runs.
+
+And the rule Megatron-LM asserts (``--overlap-param-gather`` needs ``--use-distributed-optimizer`` and
+``--overlap-grad-reduce``) refuses the flags before any rank starts.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from distributed import run_world
+
+ROOT = Path(__file__).resolve().parent.parent
+STEPS = 4
+SHAPE = dict(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=32, vocab_size=257,
+             hidden_dropout=0.0, attention_dropout=0.0)
+BUCKET = 4000  # elements: ~40 k parameters in ~10 buckets
+
+
+def _cfg(pp: int, overlap: bool, vpp=None) -> dict:
+    cfg = {"parallel": {"pp": pp, **({"vpp": vpp} if vpp else {})}, "zero": {"stage": 1},
+           "batch": {"micro": 2, "global": 8}, "optimizer": {"lr": 1e-2, "weight_decay": 0.01, "clip_grad": 1.0},
+           "model": {"num_layers": SHAPE["num_layers"] * pp}}
+    if overlap:
+        cfg["ddp"] = {"overlap_grad_reduce": True, "overlap_param_gather": True, "bucket_size": BUCKET}
+    return cfg
+
+
+def _train_off_then_on(pp: int, vpp) -> dict:
+    """Both runs in this rank's process: per-step loss and grad norm, final weights, and what the overlapped
+    run's DDP was built with."""
+    import torch
+    from megatron.core import parallel_state as ps
+
+    from zeromega.config.schema import RunConfig
+    from zeromega.integrations import comm
+    from zeromega.integrations.megatron import model, parallel
+    from zeromega.plugins.megatron.pipeline import MegatronTrainer
+
+    comm.install()
+    shape = model.GPTShape(**dict(SHAPE, num_layers=SHAPE["num_layers"] * pp))  # 2 layers per stage
+    out = {}
+    layout = parallel.initialize(RunConfig.model_validate(_cfg(pp, False, vpp)), seed=1)
+    dp_rank = ps.get_data_parallel_rank()
+    generator = torch.Generator().manual_seed(100 + dp_rank)
+    steps = []
+    for _ in range(STEPS):
+        batches = []
+        for _ in range(layout.accumulation):
+            tokens = torch.randint(0, 64, (layout.micro, shape.seq_length), generator=generator)
+            batches.append({"tokens": tokens, "labels": tokens.roll(-1, 1), "loss_mask": torch.ones(tokens.shape),
+                            "position_ids": torch.arange(shape.seq_length).expand_as(tokens)})
+        steps.append(batches)
+    for overlap in (False, True):
+        trainer = MegatronTrainer(shape, RunConfig.model_validate(_cfg(pp, overlap, vpp)), layout, init_seed=7)
+        # per started reduce: whether it started before finalize_model_grads (which waits for the reduces, or
+        # runs them when not overlapped), i.e. from a backward hook or the schedule while backward work remains
+        early, finalizing = [], [False]
+        for chunk in trainer.chunks:
+            for group in chunk.bucket_groups:
+                def probe(*args, _start=group.start_grad_sync, **kwargs):
+                    early.append(not finalizing[0])
+                    return _start(*args, **kwargs)
+
+                group.start_grad_sync = probe
+
+        def finalize(*args, _finalize=trainer.config.finalize_model_grads_func, **kwargs):
+            finalizing[0] = True
+            try:
+                return _finalize(*args, **kwargs)
+            finally:
+                finalizing[0] = False
+
+        trainer.config.finalize_model_grads_func = finalize
+        losses, norms = [], []
+        for batches in steps:
+            result = trainer.train_step(batches)
+            losses.append(result.loss)
+            norms.append(result.grad_norm)
+
+        def weights():
+            return {f"{i}.{name}": p.detach().double().clone()
+                    for i, chunk in enumerate(trainer.chunks) for name, p in chunk.module.named_parameters()}
+
+        after_step = weights()  # under overlapped gathers: the other dp rank's shard is still last step's
+        eval_loss = trainer.eval_step(steps[0])  # gathers first (Megatron-LM turns the gather hooks off)
+        trainer.sync_params()
+        final = weights()
+        ddp = trainer.chunks[0].ddp_config
+        out["on" if overlap else "off"] = {
+            "loss": losses, "grad_norm": norms, "eval": eval_loss,
+            "weights": {k: v.flatten().tolist() for k, v in final.items()},
+            "stale_after_step": any(not torch.equal(after_step[k], final[k]) for k in final),
+            "dp": ps.get_data_parallel_world_size(),
+            "overlap": (ddp.overlap_grad_reduce, ddp.overlap_param_gather),
+            "buckets": len(trainer.chunks[0].bucket_groups), "pp_rank": ps.get_pipeline_model_parallel_rank(),
+            "early_reduces": sum(early), "reduces": len(early)}
+        del trainer
+    parallel.shutdown()
+    return out
+
+
+def _assert_same_training(results):
+    for rank, result in enumerate(results):
+        off, on = result["off"], result["on"]
+        assert on["overlap"] == (True, True) and off["overlap"] == (False, False)
+        if on["pp_rank"] == 0:  # Megatron-Core buckets the first stage only; later stages reduce one bucket
+            assert on["buckets"] > 1, "the gradients must span several buckets"
+        assert off["reduces"] and off["early_reduces"] == 0
+        # the overlapped all-gather waits for the next forward (with dp 1 there is no other shard to wait for)
+        assert on["stale_after_step"] == (on["dp"] > 1) and not off["stale_after_step"]
+        # from the 2nd step on (the 1st teaches Megatron-Core how many grads each bucket waits for) every bucket's
+        # reduce starts before the step's backward work is done
+        assert on["early_reduces"] >= (STEPS - 1) * on["buckets"], (on["early_reduces"], on["buckets"])
+        assert off["loss"][-1] < off["loss"][0] - 1e-2, "the run must learn"
+        for what in ("loss", "grad_norm"):
+            for step, (a, b) in enumerate(zip(on[what], off[what]), 1):
+                assert abs(a - b) <= 1e-6 * abs(b), f"rank {rank} {what} step {step}: {a!r} on vs {b!r} off"
+        assert abs(on["eval"] - off["eval"]) <= 1e-6 * abs(off["eval"])
+        assert on["weights"].keys() == off["weights"].keys()
+        for name, values in off["weights"].items():
+            worst = max(abs(a - b) for a, b in zip(on["weights"][name], values))
+            assert worst <= 1e-6, f"rank {rank} {name}: weights differ by {worst}"
+
+
+def test_overlapped_grad_reduce_and_param_gather_train_as_without_dp2():
+    _assert_same_training(run_world(2, _train_off_then_on, 1, None))
+
+
+def test_overlapped_grad_reduce_and_param_gather_train_as_without_pp2_interleaved():
+    # dp 1 per stage: the schedule's no_sync / grad_sync / param_sync functions (Megatron-LM's wiring for
+    # virtual stages) drive the reduces and gathers
+    _assert_same_training(run_world(2, _train_off_then_on, 2, 2))
+
+
+def test_overlap_param_gather_without_the_distributed_optimizer_is_refused_before_launch(tmp_path):
+    marker = tmp_path / "a-rank-started"  # pretrain_gpt.py never runs: the launcher stops first
+    done = subprocess.run(
+        [sys.executable, "-m", "zeromega", "launch", "--nproc-per-node", "2", str(ROOT / "examples/pretrain_gpt.py"),
+         "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "32",
+         "--micro-batch-size", "1", "--train-iters", "2", "--mock-data", "--save", str(marker),
+         "--overlap-grad-reduce", "--overlap-param-gather"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stdout + done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and "--overlap-param-gather" in lines[0], done.stderr
+    assert "fix: add --use-distributed-optimizer" in lines[0]
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("argv, fix", [
+    (["--use-distributed-optimizer", "--overlap-param-gather"], "add --overlap-grad-reduce"),
+    (["--zero-stage", "0", "--overlap-grad-reduce", "--overlap-param-gather"], "add --use-distributed-optimizer"),
+])
+def test_megatron_lms_rule_for_overlap_param_gather(argv, fix):
+    from zeromega.config import ConfigError
+    from zeromega.launch import megatron_args
+
+    with pytest.raises(ConfigError) as err:
+        megatron_args.parse(argv)
+    assert err.value.field == "--overlap-param-gather" and err.value.fix == fix
+
+
+@pytest.mark.parametrize("ddp, zero, fix", [
+    ({"overlap_param_gather": True, "overlap_grad_reduce": True}, 0, "zero.stage 1"),
+    ({"overlap_param_gather": True}, 1, "overlap_grad_reduce true"),
+])
+def test_the_same_rule_for_a_run_config(ddp, zero, fix):
+    from zeromega.config import ConfigError, validate
+
+    with pytest.raises(ConfigError) as err:
+        validate({"ddp": ddp, "zero": {"stage": zero}})
+    assert err.value.field == "ddp.overlap_param_gather" and fix in err.value.fix
+
+
+# Megatron-LM core_v0.16.1's validate_args: under --bf16, --grad-reduce-in-bf16 clears
+# accumulate_allreduce_grads_in_fp32 (on by default for bf16); under --fp16 only --accumulate-allreduce-grads-in-fp32
+# acts (fp16 gradients are otherwise reduced in fp16). None: unstated (the engine's default: fp32 on Megatron-Core's).
+# Written back, each says to Megatron-LM what zeromega's Megatron-Core engine runs: (argv, read, written, read back).
+REDUCE_DTYPE = [
+    (["--bf16"], None, [], None),
+    (["--bf16", "--grad-reduce-in-bf16"], False, ["--grad-reduce-in-bf16"], False),
+    (["--bf16", "--grad-reduce-in-bf16", "--accumulate-allreduce-grads-in-fp32"], False, ["--grad-reduce-in-bf16"],
+     False),
+    (["--bf16", "--accumulate-allreduce-grads-in-fp32"], True, [], None),  # Megatron-LM's bf16 default
+    (["--fp16"], None, ["--accumulate-allreduce-grads-in-fp32"], True),  # zeromega's fp32, said to Megatron-LM
+    (["--fp16", "--accumulate-allreduce-grads-in-fp32"], True, ["--accumulate-allreduce-grads-in-fp32"], True),
+    (["--fp16", "--accumulate-allreduce-grads-in-fp32", "--grad-reduce-in-bf16"], True,
+     ["--accumulate-allreduce-grads-in-fp32"], True),
+    (["--fp16", "--grad-reduce-in-bf16"], False, [], None),  # Megatron-LM's fp16 default, unstated here
+]
+
+
+@pytest.mark.parametrize("argv, fp32, written, read_back", REDUCE_DTYPE)
+def test_megatron_lms_reduce_dtype_flags(argv, fp32, written, read_back):
+    from zeromega.config import validate
+    from zeromega.launch import megatron_args
+
+    cfg = validate(megatron_args.parse(argv).partial)
+    assert cfg.ddp.grad_reduce_in_fp32 is fp32
+    out = megatron_args.to_argv(cfg)
+    assert [flag for flag in out if "grad" in flag] == written
+    assert validate(megatron_args.parse(out).partial).ddp.grad_reduce_in_fp32 is read_back
+
+
+def test_the_ddp_section_goes_to_megatron_flags_and_back():
+    from zeromega.config import validate
+    from zeromega.launch import megatron_args
+
+    ddp = {"overlap_grad_reduce": True, "overlap_param_gather": True, "grad_reduce_in_fp32": False,
+           "bucket_size": 123456, "average_in_collective": True}
+    cfg = validate({"ddp": ddp, "zero": {"stage": 1}, "precision": "bf16"})
+    argv = megatron_args.to_argv(cfg)
+    for flag in ("--overlap-grad-reduce", "--overlap-param-gather", "--grad-reduce-in-bf16",
+                 "--ddp-average-in-collective", "--use-distributed-optimizer"):
+        assert flag in argv
+    assert argv[argv.index("--ddp-bucket-size") + 1] == "123456"
+    assert validate(megatron_args.parse(argv).partial).ddp.model_dump() == ddp
+
+
+def test_deepspeeds_counterparts_and_what_falls_back():
+    from zeromega.config import validate
+    from zeromega.plugins.zero.ds_config import ddp_fallbacks, to_deepspeed
+
+    ddp = {"overlap_grad_reduce": True, "overlap_param_gather": True, "grad_reduce_in_fp32": False, "bucket_size": 5000}
+    zero1 = validate({"ddp": ddp, "zero": {"stage": 1}, "precision": "bf16"})
+    ds = to_deepspeed(zero1)
+    assert ds["zero_optimization"]["overlap_comm"] is True and ds["zero_optimization"]["reduce_bucket_size"] == 5000
+    assert ds["communication_data_type"] == "bf16"
+    # overlap_comm and the bucket are honoured; ZeRO-1 gathers the parameters in the step: one line says so
+    lines = ddp_fallbacks(zero1)
+    assert len(lines) == 1 and "--overlap-param-gather" in lines[0]
+    # unset: DeepSpeed's own defaults (overlap_comm on for ZeRO-3 only, reduce in the parameters' dtype)
+    plain = to_deepspeed(validate({"zero": {"stage": 3}, "precision": "bf16"}))
+    assert "overlap_comm" not in plain["zero_optimization"] and "communication_data_type" not in plain
+    zero0 = validate({"ddp": {"overlap_grad_reduce": True}, "precision": "bf16"})
+    assert "overlap_comm" not in to_deepspeed(zero0)["zero_optimization"]
+    assert [line.split(":")[0] for line in ddp_fallbacks(zero0)] == ["ddp.overlap_grad_reduce (--overlap-grad-reduce)"]
+    fp32 = validate({"ddp": {"grad_reduce_in_fp32": True}, "zero": {"stage": 2}, "precision": "bf16"})
+    assert to_deepspeed(fp32)["communication_data_type"] == "fp32"
