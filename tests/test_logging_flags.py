@@ -101,9 +101,10 @@ def test_params_norm_and_zeros_on_one_process(one_process):
     assert one_process["empties"] == 2 * len(records)
 
 
-@pytest.mark.parametrize("layout", [["--zero-stage", "3"], ["--tensor-model-parallel-size", "2",
-                                                              "--make-vocab-size-divisible-by", "64"],
-                                    ["--pipeline-model-parallel-size", "2"]], ids=["dp2-zero3", "tp2", "pp2"])
+@pytest.mark.parametrize("layout", [["--zero-stage", "1"], ["--zero-stage", "3"],
+                                    ["--tensor-model-parallel-size", "2", "--make-vocab-size-divisible-by", "64"],
+                                    ["--pipeline-model-parallel-size", "2"]],
+                         ids=["dp2-zero1", "dp2-zero3", "tp2", "pp2"])
 def test_params_norm_and_zeros_do_not_depend_on_the_layout(one_process, small_corpus, layout, tmp_path):
     results = run_world(2, run_logged, ["--data-path", small_corpus, *BASE, *layout, "--tensorboard-dir",
                                         str(tmp_path), "--log-optimizer-states-to-tensorboard"])
@@ -114,6 +115,8 @@ def test_params_norm_and_zeros_do_not_depend_on_the_layout(one_process, small_co
             assert got["num_zeros_in_grad"] == ref["num_zeros_in_grad"], layout
     # the optimizer's fp32 weights (ZeRO-3's partitions, tp shards, each stage's) make the same whole model
     assert _scalars(tmp_path, "optimizer/weight_l2") == pytest.approx([r["params_norm"] for r in want], rel=1e-5)
+    for tag in ("optimizer/momentum_l2", "optimizer/variance_sqrt_l1", "optimizer/variance_abs_max"):
+        assert _scalars(tmp_path, tag) == pytest.approx(_scalars(one_process["board"], tag), rel=1e-4), (layout, tag)
     if "--pipeline-model-parallel-size" in layout:
         assert results[0]["engine"] == "megatron"  # the zeros counted by Megatron-Core's optimizer
     if "--zero-stage" in layout:  # dp2: each rank drew half the batch; the count is over both halves

@@ -20,6 +20,18 @@ import torch.distributed as dist
 from zeromega.integrations import comm
 
 
+def _device() -> torch.device:
+    """Where the figures' reduction tensors live: the rank's GPU under NCCL (which reduces device tensors
+    only), else the CPU."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _zeros(n: int = 1) -> torch.Tensor:
+    return torch.zeros(n, dtype=torch.float64, device=_device())
+
+
 def _is_expert(param: torch.Tensor) -> bool:
     return not getattr(param, "allreduce", True)  # Megatron-Core marks expert parameters allreduce=False
 
@@ -78,14 +90,13 @@ def _full(param: torch.Tensor) -> torch.Tensor:
 def params_norm(modules: Iterable[torch.nn.Module]) -> float:
     """The L2 norm of every parameter of the model that ``modules`` (this rank's chunks) are part of, in fp32
     (Megatron-LM's ``calc_params_l2_norm``; it reads the fp32 main copy under bf16, this the model's copy)."""
-    dense = torch.zeros(1, dtype=torch.float64)
-    expert = torch.zeros(1, dtype=torch.float64)
+    dense, expert = _zeros(), _zeros()
     for module in modules:
         for param in module.parameters():
             values = _full(param)  # every rank gathers a ZeRO-3 parameter, even one it does not count
             if not _counts_here(param):
                 continue
-            square = values.double().pow(2).sum().cpu()
+            square = values.double().pow(2).sum().to(dense.device)
             if _is_expert(param):
                 expert += square
             else:
@@ -98,7 +109,7 @@ def count_zeros_deepspeed(module: torch.nn.Module) -> float:
     (the gradients reduced over dp; DeepSpeed's ``safe_get_full_grad`` gathers a ZeRO-1/2/3 partition's)."""
     from deepspeed.utils import safe_get_full_grad
 
-    dense = torch.zeros(1, dtype=torch.float64)
+    dense = _zeros()
     with comm.paused():
         for param in module.parameters():
             if not param.requires_grad:
@@ -106,8 +117,8 @@ def count_zeros_deepspeed(module: torch.nn.Module) -> float:
             grad = safe_get_full_grad(param)  # collective for partitioned gradients: every rank asks
             if grad is None or not _counts_here(param):
                 continue
-            dense += grad.numel() - torch.count_nonzero(grad).item()
-    return float(_sum_over_model(dense, torch.zeros(1, dtype=torch.float64)).item())
+            dense += grad.numel() - torch.count_nonzero(grad).to(dense.device)
+    return float(_sum_over_model(dense, _zeros()).item())
 
 
 # Megatron-DeepSpeed's --log-optimizer-states-to-tensorboard tags, in its order: (tag, state, transform, kind)
@@ -135,12 +146,58 @@ def _innermost(optimizer):
     return optimizer if isinstance(optimizer, torch.optim.Optimizer) else None
 
 
-def _deepspeed_states(engine) -> Optional[list]:
-    """[(model param, {"exp_avg": t, "exp_avg_sq": t, "param": t}, expert)] with whole fp32 tensors, or None where the
-    states cannot be tied to the model's parameters (fp16 without ZeRO flattens its masters)."""
+def _zero12_fragments(optimizer, inner) -> Optional[list]:
+    """ZeRO-1/2: [(model param, this rank's fragments of its fp32 weight and Adam states, expert)], read from the
+    optimizer's flat fp32 partition at the param's fragment address. (DeepSpeed 0.19's own
+    ``safe_get_full_optimizer_state`` links the states after the first param group's first step, so the
+    second group's, the no-weight-decay group's, are never found.)"""
+    out = []
+    for i, params in enumerate(optimizer.bit16_groups):
+        flat = optimizer.single_partition_of_fp32_groups[i]
+        state = inner.state.get(flat, {})
+        for param in params:
+            mapping = getattr(param, "_hp_mapping", None)
+            if mapping is None:
+                continue  # no part of this parameter in this rank's partition
+            if "exp_avg" not in state or "exp_avg_sq" not in state:
+                return None
+            start, numel = mapping.hp_fragment_address.start, mapping.hp_fragment_address.numel
+            out.append((param, {"exp_avg": state["exp_avg"].narrow(0, start, numel),
+                                "exp_avg_sq": state["exp_avg_sq"].narrow(0, start, numel),
+                                "param": flat.narrow(0, start, numel)}, _is_expert(param)))
+    return out
+
+
+def _unfused_masters(optimizer, inner) -> Optional[list]:
+    out = []
+    for params, masters in zip(optimizer.fp16_groups, optimizer.fp32_groups):
+        if not isinstance(masters, (list, tuple)) or len(params) != len(masters):
+            return None  # the fused sibling's one flat master per group
+        for param, master in zip(params, masters):
+            state = inner.state.get(master, {})
+            if "exp_avg" not in state or "exp_avg_sq" not in state or master.numel() != param.numel():
+                return None
+            out.append((param, {"exp_avg": state["exp_avg"], "exp_avg_sq": state["exp_avg_sq"], "param": master},
+                        _is_expert(param)))
+    return out
+
+
+def _deepspeed_states(engine) -> tuple[Optional[list], object]:
+    """([(model param, {"exp_avg": t, "exp_avg_sq": t, "param": t}, expert)], group): whole fp32 tensors
+    (group None), or under ZeRO-1/2 this rank's fragments, to be summed over the ZeRO group; None where the
+    states cannot be tied to the model's parameters (the fused fp16 optimizer flattens its masters) or Adam has
+    not stepped (every fp16 step so far skipped)."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-    inner = _innermost(engine.engine.optimizer)  # zeromega's DeepSpeedEngine around DeepSpeed's
+    optimizer = engine.engine.optimizer  # zeromega's DeepSpeedEngine around DeepSpeed's
+    inner = _innermost(optimizer)
+    if inner is not None and hasattr(optimizer, "single_partition_of_fp32_groups") and \
+            hasattr(optimizer, "bit16_groups"):
+        return _zero12_fragments(optimizer, inner), optimizer.dp_process_group
+    if inner is not None and isinstance(getattr(optimizer, "fp32_groups", None), list) and \
+            isinstance(getattr(optimizer, "fp16_groups", None), list):
+        # fp16 / bf16 without ZeRO (FP16_UnfusedOptimizer): one fp32 master per model parameter, in order
+        return _unfused_masters(optimizer, inner), None
     out = []
     with comm.paused():
         for param in engine.engine.module.parameters():
@@ -153,11 +210,11 @@ def _deepspeed_states(engine) -> Optional[list]:
                 states = {key: inner.state[param].get(key) for key in ("exp_avg", "exp_avg_sq")}
                 states["param"] = param.data
             else:
-                return None
+                return None, None
             if any(value is None for value in states.values()):
-                return None
+                return None, None
             out.append((param, states, _is_expert(param)))
-    return out
+    return out, None
 
 
 def _megatron_states(optimizer) -> list:
@@ -186,29 +243,35 @@ def optimizer_states(engine) -> Optional[dict[str, float]]:
     from megatron.core import parallel_state as ps
 
     megatron = hasattr(engine, "trainer")
-    pairs = _megatron_states(engine.optimizer) if megatron else _deepspeed_states(engine)
-    flag = torch.tensor([1.0 if pairs is None else 0.0])
+    pairs, zero_group = (_megatron_states(engine.optimizer), None) if megatron else _deepspeed_states(engine)
+    flag = _zeros() + (1.0 if pairs is None else 0.0)
     if dist.is_initialized():
         with comm.paused():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # one rank without states: none writes
     if flag.item():
         return None
     n = len(OPTIMIZER_STATS)
-    sums = {kind: [torch.zeros(n, dtype=torch.float64) for _ in range(2)] for kind in ("sum", "max")}
+    sums = {kind: [_zeros(n) for _ in range(2)] for kind in ("sum", "max")}
     for param, states, expert in pairs:
         if not _counts_here(param, expert):
             continue
         part = 1 if expert else 0
         for i, (_, key, transform, kind) in enumerate(OPTIMIZER_STATS):
-            value = states[key].detach().double()
+            value = states[key].detach().to(sums["sum"][0].device, torch.float64)
             if transform == "sqrt":
                 value = value.sqrt()
             if kind == "l2":
-                sums["sum"][part][i] += value.pow(2).sum().item()
+                sums["sum"][part][i] += value.pow(2).sum()
             elif kind == "l1":
-                sums["sum"][part][i] += value.abs().sum().item()
+                sums["sum"][part][i] += value.abs().sum()
             else:
-                sums["max"][part][i] = max(sums["max"][part][i].item(), value.abs().max().item())
+                if value.numel():
+                    sums["max"][part][i] = torch.maximum(sums["max"][part][i], value.abs().max())
+    if zero_group is not None and dist.is_initialized():  # ZeRO-1/2's fragments are disjoint over its group
+        with comm.paused():
+            for part in (0, 1):
+                dist.all_reduce(sums["sum"][part], group=zero_group)
+                dist.all_reduce(sums["max"][part], op=dist.ReduceOp.MAX, group=zero_group)
     if megatron and engine.trainer.cfg.zero.stage >= 1 and dist.is_initialized():
         # the distributed optimizer: each dp rank holds a shard of the main params and their states
         with comm.paused():
