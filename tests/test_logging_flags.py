@@ -128,11 +128,13 @@ MOE = ["--num-experts", "4", "--moe-router-topk", "2", "--disable-bias-linear"]
 
 def test_moe_figures_do_not_depend_on_expert_parallelism(small_corpus, tmp_path):
     """Megatron-Core's engine with experts: ep1 on one process against ep2 with the distributed optimizer over
-    dp2 (each rank two experts, its shard of the dense main params and Adam's states)."""
+    dp2 (each rank two experts, its shard of the dense main params and Adam's states); with
+    --overlap-param-gather the updated weights are gathered before the norm is taken."""
     one = run_world(1, run_logged, ["--data-path", small_corpus, *BASE, *MOE, "--tensorboard-dir",
                                     str(tmp_path / "one"), "--log-optimizer-states-to-tensorboard"])[0]
     two = run_world(2, run_logged, ["--data-path", small_corpus, *BASE, *MOE, "--expert-model-parallel-size", "2",
-                                    "--use-distributed-optimizer", "--tensorboard-dir", str(tmp_path / "two"),
+                                    "--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather",
+                                    "--tensorboard-dir", str(tmp_path / "two"),
                                     "--log-optimizer-states-to-tensorboard"])
     assert one["engine"] == "megatron" and one["records"][-1]["params_norm"] == pytest.approx(one["direct"], rel=1e-9)
     norms = [r["params_norm"] for r in one["records"]]

@@ -215,6 +215,9 @@ class MegatronEngine:
         result = self.trainer.train_step(micro_batches)
         self.last_step_skipped = self.trainer.cfg.precision == "fp16" and result.grad_norm is None
         if self._log_params_norm:
+            sync = getattr(self.trainer, "sync_params", None)
+            if sync is not None:  # --overlap-param-gather leaves the updated weights' gather to the next forward
+                sync()
             self.last_params_norm = model_stats.params_norm(self.modules)
         return result.loss, result.grad_norm
 
