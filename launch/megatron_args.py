@@ -423,13 +423,6 @@ def parse(argv: list[str]) -> MegatronArgs:
     _architecture(known, put, partial)
     _vocabulary_padding(known, put, partial)
     _deepspeed_moe(known, put)
-    experts = partial.get("moe", {}).get("num_experts") or 0
-    if experts > 1 and "--disable-bias-linear" not in known:
-        # integrations/megatron/model.py builds MoE models bias-free (Megatron-Core allows MoE biases only at
-        # expert tensor parallel 1); said, not silent (Megatron-LM keeps the biases where it allows them)
-        warnings.warn("--num-experts without --disable-bias-linear: zeromega builds MoE models without linear "
-                      "biases (Megatron-LM keeps them, in attention, MLPs, experts and the router); pass "
-                      "--disable-bias-linear to ask for that model", stacklevel=2)
     _schedule(partial)
     noted = [flag for flag in known if flag in NOTED and flag not in TABLE and flag not in SPECIAL
              and flag not in NEGATIONS]
@@ -1213,6 +1206,7 @@ def megatron_core_fields(cfg: RunConfig) -> dict:
         fields.update(gated_linear_unit=True, activation_func="silu")
         if m.ffn_hidden_size is None and m.hidden_size:
             fields["ffn_hidden_size"] = int((4 * m.hidden_size * 2 / 3) / 64) * 64
-    elif not m.add_bias_linear or moe.num_experts:  # no biases (zeromega's MoE models have none): no bias + GELU
+    elif not m.add_bias_linear or moe.num_experts:  # no biases, or experts (Megatron-Core's bias + GELU fusion
+        # refuses the routing probabilities its expert MLP passes, mlp.py): no bias + GELU fusion
         fields["bias_activation_fusion"] = False
     return fields

@@ -30,10 +30,13 @@ STEPS = 6
 GLOBAL_BATCH = 8
 DENSE = dict(num_layers=4, hidden_size=64, num_attention_heads=4, seq_length=64, vocab_size=257,
              hidden_dropout=0.0, attention_dropout=0.0)
+# MoE models keep Megatron's default linear biases (attention, router, every expert) where Megatron-Core allows
+# them, at expert tp 1; with experts tp-sharded (etp = tp 2) they are built without (--disable-bias-linear).
 MOE = dict(DENSE, num_layers=2, num_experts=4, moe_router_topk=2, moe_ffn_hidden_size=128,
            moe_aux_loss_coeff=1e-2, moe_expert_capacity_factor=1.0)
 DROPLESS_MOE = dict(MOE, moe_expert_capacity_factor=None)
-ALLGATHER_MOE = dict(DROPLESS_MOE, moe_token_dispatcher_type="allgather")
+ALLGATHER_MOE = dict(DROPLESS_MOE, moe_token_dispatcher_type="allgather", add_bias_linear=False)
+DROPLESS_MOE_NO_BIAS = dict(DROPLESS_MOE, add_bias_linear=False)
 # MoE under tp-sp runs dropless: each tp rank routes its own sequence shard, so a capacity factor
 # would drop tokens per shard instead of per micro-batch (measured: 1.7e-3 off the reference).
 
@@ -78,11 +81,13 @@ MEGATRON_LAYOUTS = {
     "pp2xdp2-distopt": (4, _cfg(pp=2), DENSE, None, True),
     "ep2-moe": (2, _cfg(ep=2), MOE, None, True),
     "tp2-sp-x-pp2": (4, _cfg(tp=2, pp=2, sp=True), DENSE, None, True),
-    # Experts whole (etp 1) and spread over the tp ranks: the all-to-all dispatcher needs no tp gather.
+    # Experts whole (etp 1) and spread over the tp ranks: the all-to-all dispatcher needs no tp gather. With
+    # biases: each expert's fc2 bias is reduced as its weights are, not summed over tp with other experts' (and
+    # counted once per expert in the grad norm): model.expert_biases_as_megatron_means, pipeline.py.
     "ep2-moe-alltoall-x-tp2-sp-etp1": (2, _cfg(tp=2, ep=2, sp=True, etp=1), DROPLESS_MOE, None, True),
     # Experts tp-sharded (etp = tp): the dispatcher all-gathers uneven token counts over tp
     # (the CPU patch for mappings._gather_along_first_dim).
-    "ep2-moe-alltoall-x-tp2-sp": (4, _cfg(tp=2, ep=2, sp=True), DROPLESS_MOE, None, True),
+    "ep2-moe-alltoall-x-tp2-sp": (4, _cfg(tp=2, ep=2, sp=True), DROPLESS_MOE_NO_BIAS, None, True),
 }
 SLOW_MEGATRON_LAYOUTS = {
     "dp2-distopt": (2, _cfg(), DENSE, None, True),

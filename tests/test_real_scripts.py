@@ -136,15 +136,16 @@ def megatron_param_count(a: dict, vocab: int, tp: int) -> int:
     """Megatron's parameter count written out from a script's flags: the vocabulary padded to a multiple of
     128 x tp; attention with GQA (q: heads x kv, k and v: groups x kv); the MLP (SwiGLU: fc1 twice as wide; its
     ffn default int(8h/3 / 64) x 64, else 4h); LayerNorm weight and bias or RMSNorm weight; biases on linear
-    layers unless --disable-bias-linear (MoE models: none, as zeromega builds them); learned positions unless
-    rope; an untied output layer; MoE layers: a router (experts x h, plus experts with biases) and every
-    expert's MLP."""
+    layers unless --disable-bias-linear (MoE models too); learned positions unless rope; an untied output layer;
+    MoE layers: a router (experts x h, plus experts with biases: Megatron-Core's router has a bias; Megatron-
+    DeepSpeed's gate has none, so its own count of a MoE model with biases is experts fewer per MoE layer) and
+    every expert's MLP."""
     h, heads = a["hidden"], a["heads"]
     kv, groups = a.get("kv", h // heads), a.get("groups", heads)
     ffn = a.get("ffn") or (int(4 * h * 2 / 3 / 64) * 64 if a["swiglu"] else 4 * h)
     padded = -(-vocab // (128 * tp)) * 128 * tp
     experts = a.get("experts", 0)
-    bias = a["bias"] and not experts  # zeromega builds MoE models bias-free, and says so before launch
+    bias = a["bias"]
     norm = h * (2 if a["norm"] == "LayerNorm" else 1)
     qkv = heads * kv + 2 * groups * kv
     attention = h * qkv + heads * kv * h + (qkv + h if bias else 0)
@@ -321,14 +322,18 @@ def test_ring_attention_dropout_is_refused_before_launch():
     before_launch(translate.build(megatron_argv=base + ["--cp-comm-type", "p2p", "--attention-dropout", "0"]))
 
 
-def test_a_moe_model_with_biases_asked_is_noted():
-    """zeromega builds MoE models without linear biases (integrations/megatron/model.py); a script that asks for
-    biases (no --disable-bias-linear, as Megatron-DeepSpeed's GPT MoE scripts) got another model silently."""
+def test_a_moe_model_with_biases_asked_gets_them():
+    """zeromega built MoE models without linear biases (and said so); a script that asks for biases (no
+    --disable-bias-linear, as Megatron-DeepSpeed's GPT MoE scripts) now gets them, as Megatron-LM builds it, with
+    nothing to note; where Megatron-Core cannot keep them (expert tp > 1) the run is refused before launch
+    (tests/test_moe_bias.py)."""
+    from zeromega.config.schema import validate
     from zeromega.launch import megatron_args
 
-    for argv, noted in ((["--num-experts", "4"], True), (["--num-experts", "4", "--disable-bias-linear"], False),
-                        (["--num-layers", "2"], False)):
+    for argv, bias in ((["--num-experts", "4"], True), (["--num-experts", "4", "--disable-bias-linear"], False),
+                       (["--deepspeed", "--num-layers", "4", "--num-experts", "4"], True)):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            megatron_args.parse(argv)
-        assert any("without linear biases" in str(w.message) for w in caught) == noted, argv
+            partial = megatron_args.parse(argv).partial
+        assert not any("bias" in str(w.message) for w in caught), argv
+        assert validate(partial).model.add_bias_linear is bias, argv

@@ -185,10 +185,10 @@ def _kernel_fields(shape: GPTShape, cfg: RunConfig) -> dict:
 
 def _architecture_fields(shape: GPTShape) -> dict:
     """Llama-class architecture, as Megatron-LM's core_transformer_config_from_args passes it."""
-    # MoE models are built bias-free (said before launch): Megatron-Core keeps MoE biases only at expert
-    # tensor parallel 1 (TransformerConfig asserts "Bias in Moe is only supported when ETP==1"), and one rule
-    # for every layout keeps each layout the same model. Megatron-LM's own MoE recipes pass --disable-bias-linear.
-    fields = dict(normalization=shape.normalization, add_bias_linear=shape.add_bias_linear and not shape.num_experts,
+    # Linear biases exactly as asked, MoE models included (attention, dense MLPs, the router, every expert), as
+    # Megatron-LM builds them; an MoE model with biases at expert tensor parallel > 1 is refused before launch
+    # (zeromega.config.rules, as Megatron-Core's TransformerConfig asserts "Bias in Moe ... ETP==1").
+    fields = dict(normalization=shape.normalization, add_bias_linear=shape.add_bias_linear,
                   kv_channels=shape.kv_channels)
     if shape.swiglu:
         import torch.nn.functional as F
@@ -264,6 +264,32 @@ def mark_gated_fc1(model) -> None:
             param.gated_halves = True
 
 
+def expert_biases_as_megatron_means(model) -> None:
+    """Two faults of Megatron-Core 0.16's local expert MLP with linear biases (expert tp 1), mended on the model.
+
+    1. Its fc2 bias is added in place (``output += bias x prob``, mlp.py). At ep 1 and expert tp 1 the fc2
+       output has passed the tp reduction over a one-rank group, an autograd Function that returns its input
+       as a view, and autograd refuses the in-place add ("Output 0 of _ReduceFromModelParallelRegion is a
+       view and is being modified inplace"). ``explicit_expert_comm``, which Megatron-Core itself sets at
+       ep > 1 or expert tp > 1 (and on shared experts), skips those reductions: over one rank they are the
+       identity, so only the view goes.
+    2. Under sequence parallelism the fc2 bias is marked ``sequence_parallel`` like a dense row-parallel bias,
+       so ``finalize_model_grads`` sums its gradient over the tp ranks, which at expert tp 1 hold other experts
+       (measured: the curve leaves the 1-process one at tp 2 x ep 2), or replicas that DDP already reduces
+       over the expert-data-parallel group. The mark is cleared: the bias is then reduced as the weights are.
+
+    The expert optimizer's grad norm is mended where the optimizer is built (plugins/megatron/pipeline.py).
+    """
+    config = model.config
+    if not (config.num_moe_experts and config.add_bias_linear):
+        return
+    for module in model.modules():
+        if getattr(module, "is_expert", False) and hasattr(module, "explicit_expert_comm"):
+            module.explicit_expert_comm = True
+            if getattr(module, "bias", None) is not None:
+                module.bias.sequence_parallel = False
+
+
 def _zero3_ready(config, cfg: RunConfig):
     """Under ZeRO-3 the init methods must see whole parameters (see ``gathered_init``)."""
     if cfg.zero.stage == 3:
@@ -303,6 +329,7 @@ def build_gpt(shape: GPTShape, cfg: RunConfig, layer_spec=None):
         rotary_percent=shape.rotary_percent,
     )
     mark_gated_fc1(model)
+    expert_biases_as_megatron_means(model)
     return model
 
 
@@ -340,6 +367,7 @@ def build_gpt_chunks(shape: GPTShape, cfg: RunConfig, virtual_stages: Optional[i
             vp_stage=vp_stage,
         )
         mark_gated_fc1(chunk)
+        expert_biases_as_megatron_means(chunk)
         chunk.model_type = ModelType.encoder_or_decoder
         if cfg.precision != "fp32":
             # What Megatron-LM's Float16Module does at wrap time: ``params_dtype`` reaches the linear
@@ -408,8 +436,10 @@ def init_by_name(chunks: list, shape: GPTShape, seed: int) -> None:
     each weight is drawn whole (normal, Megatron's std: ``init_method_std``,
     scaled by ``1/sqrt(2 L)`` for the output projections) from its own
     generator and cut to this rank's tp shard, so every layout, one process
-    included, starts from the same model. Vectors (biases 0, norm weights 1)
-    are already layout-independent and are left alone.
+    included, starts from the same model. The MoE router's bias, which
+    Megatron-Core draws as it draws the weights, is re-drawn the same way;
+    the other vectors (biases 0, expert biases included, norm weights 1) are
+    already layout-independent and are left alone.
     """
     import zlib
 
@@ -417,9 +447,9 @@ def init_by_name(chunks: list, shape: GPTShape, seed: int) -> None:
     for chunk in chunks:
         names = global_param_names(chunk)
         for name, param in chunk.named_parameters():
-            if len(getattr(param, "ds_shape", param.shape)) < 2:
-                continue
             global_name = names[name]
+            if len(getattr(param, "ds_shape", param.shape)) < 2 and not global_name.endswith(".router.bias"):
+                continue
             std = scaled_std if global_name.endswith(("linear_proj.weight", "linear_fc2.weight")) else \
                 shape.init_method_std
             with _whole(param):

@@ -214,9 +214,9 @@ def _gpt_count(num_layers: int, hidden_size: int, num_attention_heads: int, seq_
     ((q + 2k) h / t, bias (q + 2k)/t), the projection (q h / t, bias h),
     fc1 (g f h / t with g = 2 for SwiGLU's fused [gate; up], bias g f / t) and
     fc2 (f h / t, bias h); without ``add_bias_linear`` no linear biases. An MoE
-    layer replaces the MLP with a router ([E, h], replicated) and E/ep experts
-    of width ``moe_ffn_hidden_size`` split over etp (no biases: zeromega
-    builds MoE models bias-free, as Megatron-LM requires). Plus the
+    layer replaces the MLP with a router ([E, h], replicated; bias E) and E/ep
+    experts of width ``moe_ffn_hidden_size`` split over etp (fc1 and fc2 as
+    above; biases only at etp 1, Megatron-Core's rule). Plus the
     vocab-parallel embedding (V padded to lcm(make_vocab_size_divisible_by, tp)),
     learned positions (s h, replicated; none under rope), the final norm and,
     untied, the output layer (V h / t, no bias).
@@ -233,7 +233,7 @@ def _gpt_count(num_layers: int, hidden_size: int, num_attention_heads: int, seq_
     g = num_query_groups or a
     d = kv_channels or h // a
     moe_pattern = _moe_pattern(num_layers, num_experts, moe_layer_freq)
-    bias = add_bias_linear and not num_experts
+    bias = add_bias_linear
     etp = etp or tp
     v = padded_vocab(vocab_size, make_vocab_size_divisible_by, tp)
     norm = h * (2 if normalization == "LayerNorm" else 1)
@@ -249,8 +249,9 @@ def _gpt_count(num_layers: int, hidden_size: int, num_attention_heads: int, seq_
     local = (num_experts or 0) // max(ep, 1)
     for is_moe in moe_pattern:
         if is_moe:
-            exp = local * (glu * mf * h // etp + mf * h // etp)
-            mlp, mlp_tensors = num_experts * h + exp, 1 + 2 * local
+            exp = local * (glu * mf * h // etp + mf * h // etp + (glu * mf // etp + h if bias else 0))
+            router = num_experts * h + (num_experts if bias else 0)
+            mlp, mlp_tensors = router + exp, (2 if bias else 1) + (4 if bias else 2) * local
         else:
             exp, mlp, mlp_tensors = 0, dense, dense_tensors
         layers.append(2 * norm + attn + mlp)

@@ -157,6 +157,35 @@ def _moe_tp_needs_sequence_parallel(cfg):
                           "(Megatron-Core's MoE layer refuses to train without it)", "add --sequence-parallel")
 
 
+
+def _moe_biases_need_expert_tp1(cfg):
+    """Megatron-Core keeps linear biases in an MoE model only at expert tensor parallel 1 (TransformerConfig
+    asserts "Bias in Moe is only supported when ETP==1" inside every rank). Megatron-LM's expert tp is tp unless
+    --expert-tensor-parallel-size says otherwise, and its linear biases are on unless --disable-bias-linear."""
+    p = cfg.parallel
+    etp = p.etp or p.tp
+    if cfg.moe.num_experts and cfg.model.add_bias_linear and etp > 1:
+        given = f"expert tensor parallel {etp}" + ("" if p.etp else f" (tp {p.tp}: the expert tp when none is given)")
+        with_ep = " with --expert-model-parallel-size > 1 (parallel.ep)" if p.ep == 1 and p.tp > 1 else ""
+        raise ConfigError("model.add_bias_linear", True, f"MoE with linear biases at {given}: Megatron-Core keeps "
+                          "MoE biases only at expert tensor parallel 1",
+                          "pass --disable-bias-linear (model.add_bias_linear: false), or "
+                          f"--expert-tensor-parallel-size 1 (parallel.etp: 1){with_ep}")
+
+
+def _expert_tp_below_tp_needs_ep(cfg):
+    """Megatron-Core treats expert weights as expert-parallel (reduced over the expert-data-parallel group) only
+    at ep > 1; at ep 1 with expert tp below tp each tp rank holds a whole copy of every expert, trains it on its
+    own tokens and reduces it over the data-parallel group alone, so the copies drift apart (measured)."""
+    p = cfg.parallel
+    if cfg.moe.num_experts and p.ep == 1 and p.etp is not None and p.etp < p.tp:
+        raise ConfigError("parallel.etp", p.etp, f"expert tensor parallel below tp {p.tp} at ep 1: Megatron-Core "
+                          "reduces the experts' gradients over the data-parallel group only, so the tp ranks' "
+                          "copies of each expert drift apart",
+                          f"set --expert-tensor-parallel-size {p.tp} (parallel.etp, the tp), or "
+                          "--expert-model-parallel-size > 1 (parallel.ep)")
+
+
 def _uneven_pipeline(cfg):
     """Megatron-LM's --decoder-first/last-pipeline-num-layers: the stages between split the rest evenly."""
     p, layers = cfg.parallel, cfg.model.num_layers
@@ -316,6 +345,8 @@ RULES: list[Callable[["RunConfig"], None]] = [
     _nvme_needs_path,
     _experts_divisible,
     _moe_tp_needs_sequence_parallel,
+    _expert_tp_below_tp_needs_ep,
+    _moe_biases_need_expert_tp1,
     _virtual_pipeline,
     _recompute,
     _recompute_chunks,

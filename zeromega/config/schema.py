@@ -555,7 +555,8 @@ class ModelConfig(_Section):
     """The norms' kind (``--normalization``; Megatron-Core's ``normalization``). RMSNorm has no bias."""
     add_bias_linear: bool = True
     """Biases in every linear layer (QKV, attention output, both MLP layers); ``--disable-bias-linear``
-    clears it (Megatron-Core's ``add_bias_linear``). MoE models never carry them here."""
+    clears it (Megatron-Core's ``add_bias_linear``). An MoE model keeps them too (the router's and every
+    expert's), at expert tensor parallel 1 only (Megatron-Core's rule, checked before launch)."""
     kv_channels: Optional[PositiveInt] = None
     """Width of each attention head (``--kv-channels``; None: hidden_size / num_attention_heads)."""
     rotary_base: PositiveInt = 10000
