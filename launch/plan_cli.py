@@ -357,8 +357,12 @@ def _timing(args, ctx, ds: dict, plan, capacity: Optional[float]) -> tuple[list[
         return ["time: needs the model shape and --world-size (or the config's launch section)"], {}
     pl = _plan_layout(cfg, layout, ds, args)
     cluster = _cluster(args, cfg, layout.world)
+    # the data-parallel reduce hidden behind backward or not: the run's ddp section (Megatron-Core's DDP), or the
+    # overlap_comm DeepSpeed's ZeRO gets (None: the time model's default for the engine)
+    overlap = cfg.ddp.overlap_grad_reduce if pl.engine == "megatron" else \
+        ds.get("zero_optimization", {}).get("overlap_comm")
     try:
-        st = step_time(shape, pl, cluster, FITTED)
+        st = step_time(shape, pl, cluster, FITTED, dp_overlap=overlap)
     except ValueError as err:
         raise UsageError(str(err), "see docs/planning.md for what the time model covers") from None
     peak = cluster.device.peak(cluster.precision) / 1e12

@@ -249,3 +249,20 @@ def test_deepspeeds_counterparts_and_what_falls_back():
     assert [line.split(":")[0] for line in ddp_fallbacks(zero0)] == ["ddp.overlap_grad_reduce (--overlap-grad-reduce)"]
     fp32 = validate({"ddp": {"grad_reduce_in_fp32": True}, "zero": {"stage": 2}, "precision": "bf16"})
     assert to_deepspeed(fp32)["communication_data_type"] == "fp32"
+
+
+def test_plan_hides_the_overlapped_reduce_behind_backward(tmp_path, capsys):
+    import re
+
+    from zeromega.launch import cli
+
+    steps = {}
+    for overlap in (False, True):
+        path = tmp_path / f"{overlap}.yaml"
+        path.write_text(f"parallel: {{pp: 2}}\nzero: {{stage: 1}}\nprecision: bf16\nbatch: {{micro: 1, global: 64}}\n"
+                        f"ddp: {{overlap_grad_reduce: {str(overlap).lower()}}}\nmodel: {{num_layers: 8, hidden_size: "
+                        "4096, num_attention_heads: 32, seq_length: 2048, vocab_size: 32000}\n")
+        assert cli.main(["plan", str(path), "--world-size", "16", "--gpu", "h100"]) == 0
+        steps[overlap] = re.search(r"^  step ([\d.]+) s \((.*)\)", capsys.readouterr().out, re.M)
+    assert " dp " in steps[False].group(2) and " dp " not in steps[True].group(2)  # all of it behind backward
+    assert float(steps[True].group(1)) < float(steps[False].group(1))

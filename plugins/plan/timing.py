@@ -29,8 +29,9 @@ Per micro-batch on the slowest pipeline stage:
 Step: ``(m + (p-1)/v) x`` the slowest stage's micro-batch time (1F1B with the
 bubble ``(p-1)/(v m)``), plus the data-parallel gradient reduction (Megatron's
 fp32 gradient buffer: reduce-scatter 4 P + all-gather lp P with the
-distributed optimizer, all-reduce 4 P without; zeromega builds Megatron-Core's
-DDP with ``overlap_grad_reduce=False``, so it is not hidden; DeepSpeed's
+distributed optimizer, all-reduce 4 P without; Megatron-Core's DDP hides it
+behind the last micro-batch's backward only under ``ddp.overlap_grad_reduce``
+(``--overlap-grad-reduce``, the ``dp_overlap`` argument); DeepSpeed's
 ``overlap_comm``: ZeRO-0/1 reduce at the accumulation boundary behind the last
 micro-batch's backward, ZeRO-2 reduce-scatters every micro-batch's gradients
 behind its backward, ZeRO-3 also gathers the parameters for every forward and
