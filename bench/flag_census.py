@@ -153,7 +153,7 @@ def census(path: str | Path, world: int = 2, env: dict | None = None) -> dict:
     refused: dict[str, str] = {}
     messages: list[str] = []
     saved = megatron_args._note
-    megatron_args._note = lambda flags: None  # the census says it in its own table
+    megatron_args._note = lambda *args: None  # the census says it in its own table
     try:
         for _ in range(len(flags) + 1):
             try:

@@ -418,11 +418,11 @@ def parse(argv: list[str]) -> MegatronArgs:
     if "--profile-ranks" in known:
         put("--profile-ranks", "logging.profile_ranks",
             [_convert("--profile-ranks", int, v) for v in known["--profile-ranks"]])
-    _kernels(known, put, partial)
     _sequence(known, put)
     _architecture(known, put, partial)
     _vocabulary_padding(known, put, partial)
     _deepspeed_moe(known, put)
+    _kernels(known, put, partial)
     _schedule(partial)
     noted = [flag for flag in known if flag in NOTED and flag not in TABLE and flag not in SPECIAL
              and flag not in NEGATIONS]
@@ -476,6 +476,12 @@ def _kernels(known: dict, put, partial: dict) -> None:
     biases = "--disable-bias-linear" not in known
     if "--swiglu" in known:
         put("--no-bias-swiglu-fusion", "model.bias_activation_fusion", "--no-bias-swiglu-fusion" not in known)
+    elif (partial.get("moe", {}).get("num_experts") or 0) > 1 and biases and "--no-bias-gelu-fusion" not in known:
+        warnings.warn("--num-experts with GELU and linear biases: Megatron-Core 0.16's experts cannot fuse bias + "
+                      "GELU (Megatron-LM 0.16.1 stops at the first step: 'Only support fusion of swiglu and "
+                      "quick_gelu with per_token_scale in MLP'); the unfused (erf) GELU runs, as "
+                      "--no-bias-gelu-fusion asks (pass it to say so without this note)", stacklevel=3)
+        put("--num-experts", "model.bias_activation_fusion", False)
     else:
         put("--no-bias-gelu-fusion", "model.bias_activation_fusion", "--no-bias-gelu-fusion" not in known and biases)
     put("--no-bias-dropout-fusion", "model.bias_dropout_fusion", "--no-bias-dropout-fusion" not in known)

@@ -121,6 +121,16 @@ def test_megatron_flags_compute_megatron_lms_gelu_and_fusions():
     assert gelu["compiled"] == []  # cpu_patches runs Megatron-Core's fused functions eagerly
 
 
+def test_moe_with_gelu_and_biases_runs_unfused_with_a_note():
+    """Megatron-Core 0.16's experts get the routing probabilities (per_token_scale) and fuse bias + SwiGLU only:
+    Megatron-LM stops at the first step; zeromega says so before launch and runs erf GELU."""
+    with pytest.warns(UserWarning, match="Only support fusion of swiglu"):
+        cfg = _request(["--num-experts", "4"])
+    assert cfg.model.bias_activation_fusion is False
+    assert "--no-bias-gelu-fusion" in megatron_args.write_argv(cfg)[0]
+    assert _request(["--num-experts", "4", "--swiglu"]).model.bias_activation_fusion is True
+
+
 def test_zeromega_dialect_keeps_erf_gelu():
     cfg = RunConfig()
     assert not cfg.model.bias_activation_fusion and not cfg.model.bias_dropout_fusion

@@ -177,6 +177,10 @@ def _kernel_fields(shape: GPTShape, cfg: RunConfig) -> dict:
     fields = accel.resolve(cfg, accel.Device.probe(cfg.device)).fields
     if not shape.swiglu and not _architecture_fields(shape)["add_bias_linear"]:
         fields["bias_activation_fusion"] = False  # Megatron-LM clears --bias-gelu-fusion without biases
+    if not shape.swiglu and shape.num_experts:
+        # Megatron-Core's experts fuse bias + SwiGLU only (MLP.forward raises for GELU with the routing probs);
+        # the Megatron-flag reader says so before launch
+        fields["bias_activation_fusion"] = False
     if not shape.num_experts:
         fields.pop("moe_grouped_gemm")
     fields["attention_backend"] = AttnBackend[fields["attention_backend"]]
