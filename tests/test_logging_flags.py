@@ -63,8 +63,10 @@ def run_logged(argv: list[str]) -> dict:
     if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
         direct = math.sqrt(sum(float(p.detach().double().pow(2).sum()) for m in run.engine.modules
                                for p in m.parameters()))
+    config = getattr(run.engine.modules[0], "config", None)  # the built model's Megatron-Core TransformerConfig
+    recompute = tuple(getattr(config, f"recompute_{k}", None) for k in ("granularity", "method", "num_layers"))
     return {"records": [r.__dict__ for r in records], "lines": lines, "tokens": tokens, "empties": len(empties),
-            "direct": direct, "engine": run.engine.name}
+            "direct": direct, "engine": run.engine.name, "recompute": recompute}
 
 
 def _expected_zeros(tokens_per_rank: list[list], steps: int, micro_per_step: int) -> list[int]:
@@ -83,7 +85,7 @@ def _expected_zeros(tokens_per_rank: list[list], steps: int, micro_per_step: int
 def one_process(small_corpus, tmp_path_factory):
     board = tmp_path_factory.mktemp("tb")
     argv = ["--data-path", small_corpus, *BASE, "--tensorboard-dir", str(board),
-            "--log-optimizer-states-to-tensorboard", "--empty-unused-memory-level", "2"]
+            "--log-optimizer-states-to-tensorboard", "--empty-unused-memory-level", "2", "--checkpoint-activations"]
     (result,) = run_world(1, run_logged, argv)
     result["board"] = board
     return result
@@ -99,6 +101,9 @@ def test_params_norm_and_zeros_on_one_process(one_process):
     assert f"num zeros: {float(records[0]['num_zeros_in_grad'])} |" in logged[0]
     # level 2: before each optimizer step and after it (CPU: the call does nothing)
     assert one_process["empties"] == 2 * len(records)
+    # --checkpoint-activations reached the model Megatron-Core built (the layout runs recompute nothing: same
+    # figures either way)
+    assert one_process["recompute"] == ("full", "uniform", 1)
 
 
 @pytest.mark.parametrize("layout", [["--zero-stage", "1"], ["--zero-stage", "3"],
