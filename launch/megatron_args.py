@@ -146,6 +146,7 @@ FLAGS: dict[str, tuple[str, Any]] = {
     "--log-params-norm": ("logging.log_params_norm", SWITCH),
     "--log-num-zeros-in-grad": ("logging.log_num_zeros_in_grad", SWITCH),
     "--log-optimizer-states-to-tensorboard": ("logging.log_optimizer_states_to_tensorboard", SWITCH),
+    "--log-batch-size-to-tensorboard": ("logging.log_batch_size_to_tensorboard", SWITCH),
     "--empty-unused-memory-level": ("scheduler.empty_unused_memory_level", int),
 }
 # Megatron-LM's second spellings of the same flags.
@@ -189,8 +190,6 @@ NOTED: dict[str, tuple[Any, str]] = {
     "--ckpt-format": (1, "checkpoints use zeromega's format (zeromega export converts them)"),
     "--no-async-tensor-model-parallel-allreduce": (0, "tp all-reduces are synchronous, as asked"),
     "--use-pytorch-profiler": (0, "--profile always uses torch.profiler here"),
-    "--log-batch-size-to-tensorboard": (0, "batch-size is always written to TensorBoard (Megatron-LM's tag "
-                                           "'batch-size', not 'batch-size/batch-size')"),
     "--deepspeed-activation-checkpointing": (0, "recompute runs through Megatron-Core's (--checkpoint-activations "
                                                 "or --recompute-*), not DeepSpeed's checkpointing"),
     "--partition-activations": (0, "recomputed layers' inputs are kept whole on each tp rank, not partitioned"),

@@ -85,7 +85,8 @@ def _expected_zeros(tokens_per_rank: list[list], steps: int, micro_per_step: int
 def one_process(small_corpus, tmp_path_factory):
     board = tmp_path_factory.mktemp("tb")
     argv = ["--data-path", small_corpus, *BASE, "--tensorboard-dir", str(board),
-            "--log-optimizer-states-to-tensorboard", "--empty-unused-memory-level", "2", "--checkpoint-activations"]
+            "--log-optimizer-states-to-tensorboard", "--empty-unused-memory-level", "2", "--checkpoint-activations",
+            "--log-batch-size-to-tensorboard"]
     (result,) = run_world(1, run_logged, argv)
     result["board"] = board
     return result
@@ -181,6 +182,9 @@ def test_tensorboard_scalars(one_process):
         pytest.approx([r["params_norm"] for r in records], rel=1e-6)
     assert all(e.value > 0 for t in states for e in events.Scalars(t))
     assert [e.value for e in events.Scalars("batch-size")] == [4, 4]
+    # Megatron-DeepSpeed's --log-batch-size-to-tensorboard tags (before: noted, not written)
+    assert [(e.step, e.value) for e in events.Scalars("batch-size/batch-size vs tokens")] == [(4 * 32, 4), (8 * 32, 4)]
+    assert [e.value for e in events.Scalars("batch-size/batch-size")] == [4, 4]
 
 
 def test_checkpoint_activations_is_full_uniform_recompute():

@@ -476,6 +476,9 @@ class LoggingConfig(_Section):
     log_num_zeros_in_grad: bool = False
     """The number of zero entries in the step's gradients (``--log-num-zeros-in-grad``): ``num zeros`` in the log
     line, ``num-zeros`` in TensorBoard and wandb, ``num_zeros_in_grad`` in the metrics file."""
+    log_batch_size_to_tensorboard: bool = False
+    """Megatron-DeepSpeed's ``--log-batch-size-to-tensorboard``: its ``batch-size/batch-size`` tags (against steps,
+    samples and tokens) besides Megatron-LM's ``batch-size``, which is always written."""
     log_optimizer_states_to_tensorboard: bool = False
     """Megatron-DeepSpeed's ``--log-optimizer-states-to-tensorboard``: L2 and L1 norms and largest magnitude of
     Adam's first and second moments (and its square root) and of the optimizer's parameters, as

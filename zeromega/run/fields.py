@@ -105,6 +105,7 @@ APPLIED: dict[str, tuple[str, ...]] = {
     "logging.log_params_norm": ("zeromega/run/engines.py",),
     "logging.log_num_zeros_in_grad": ("zeromega/run/engines.py",),
     "logging.log_optimizer_states_to_tensorboard": ("zeromega/run/tensorboard.py",),
+    "logging.log_batch_size_to_tensorboard": ("zeromega/run/tensorboard.py",),
     "scheduler.empty_unused_memory_level": ("zeromega/run/engines.py",),
     "launch.nproc_per_node": ("launch/cli.py",),
     "launch.nnodes": ("launch/cli.py",),

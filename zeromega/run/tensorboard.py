@@ -4,7 +4,8 @@ Tags are Megatron-LM's: ``lm loss``, ``learning-rate``, ``batch-size``, ``grad-n
 samples``), ``loss-scale`` (on unless ``--no-log-loss-scale-to-tensorboard``), ``world-size``,
 ``iteration-time`` (and ``throughput`` with ``--log-throughput``), ``mem-*``, ``num-zeros``, ``params-norm``
 behind their switches, Megatron-DeepSpeed's ``optimizer/*`` states (``... vs tokens`` too) behind
-``--log-optimizer-states-to-tensorboard``, ``lm loss validation`` (and ``... ppl``) after each evaluation.
+``--log-optimizer-states-to-tensorboard`` and its ``batch-size/batch-size`` behind
+``--log-batch-size-to-tensorboard``, ``lm loss validation`` (and ``... ppl``) after each evaluation.
 The test split goes to ``lm loss test`` (Megatron-LM writes it under the validation tag, at the same iteration
 as the last validation). Written by rank 0 (Megatron-LM: the last rank); the values are reduced over ranks
 first, so every rank holds the same ones.
@@ -75,7 +76,13 @@ class TensorBoard:
 
         if record.lr is not None:
             both("learning-rate", record.lr)
-        both("batch-size", record.global_batch or self.global_batch)  # the step's (a ramp-up's) global batch
+        batch = record.global_batch or self.global_batch  # the step's (a ramp-up's) global batch
+        both("batch-size", batch)
+        if log.log_batch_size_to_tensorboard:  # Megatron-DeepSpeed's own tags for it
+            w.add_scalar("batch-size/batch-size", batch, it)
+            w.add_scalar("batch-size/batch-size vs samples", batch, samples)
+            if self.seq_length:
+                w.add_scalar("batch-size/batch-size vs tokens", batch, samples * self.seq_length)
         both("lm loss", record.loss)
         if log.log_loss_scale_to_tensorboard:
             both("loss-scale", loss_scale(engine))
