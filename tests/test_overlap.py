@@ -6,10 +6,14 @@ Each world trains twice in the same processes, off then on, from the same weight
 and the same micro-batches (each dp rank its own, so a missing or doubled reduction shows). fp32: overlap
 changes when the reduces run, not what they sum, so losses, grad norms and weights agree to float rounding
 (1e-6 relative; the loss falls by > 1e-2 a step). Buckets are a few thousand elements, so the model's
-gradients span several buckets and the hooks start reduces while the backward pass still runs.
+gradients span several buckets and the hooks start reduces while the backward pass still runs. Between
+steps the overlapped run's weights are stale until the next forward gathers them; a checkpoint's state
+gathers first (its masters then agree with the weights).
 
 And the rule Megatron-LM asserts (``--overlap-param-gather`` needs ``--use-distributed-optimizer`` and
-``--overlap-grad-reduce``) refuses the flags before any rank starts.
+``--overlap-grad-reduce``) refuses the flags before any rank starts; the reduce-dtype flags follow Megatron-LM's
+validate_args and write back; DeepSpeed's engine gets ZeRO's counterparts, or one line saying what runs
+instead; ``zeromega plan`` hides an overlapped reduce behind the backward.
 """
 
 from __future__ import annotations
@@ -95,6 +99,10 @@ def _train_off_then_on(pp: int, vpp) -> dict:
                     for i, chunk in enumerate(trainer.chunks) for name, p in chunk.module.named_parameters()}
 
         after_step = weights()  # under overlapped gathers: the other dp rank's shard is still last step's
+        # what a checkpoint save holds: the weights gathered first, so the optimizer's masters agree with them
+        from zeromega.checkpoint.megatron import _refuse_misplaced_masters, sharded_state_dict
+
+        _refuse_misplaced_masters(sharded_state_dict(trainer, loading=False))
         eval_loss = trainer.eval_step(steps[0])  # gathers first (Megatron-LM turns the gather hooks off)
         trainer.sync_params()
         final = weights()
@@ -266,3 +274,17 @@ def test_plan_hides_the_overlapped_reduce_behind_backward(tmp_path, capsys):
         steps[overlap] = re.search(r"^  step ([\d.]+) s \((.*)\)", capsys.readouterr().out, re.M)
     assert " dp " in steps[False].group(2) and " dp " not in steps[True].group(2)  # all of it behind backward
     assert float(steps[True].group(1)) < float(steps[False].group(1))
+
+
+@pytest.mark.slow
+def test_a_checkpoint_under_overlapped_param_gather_resumes_bit_for_bit(tmp_path, small_corpus):
+    """Between steps the other dp rank's shard of the weights is the last step's until the next forward; the
+    checkpoint gathers first (without it the save refuses: its masters disagree with the weights)."""
+    from test_checkpoint_megatron import HALF, MOE, STEPS, full_then_resumed
+
+    layout = [*MOE, "--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather",
+              "--ddp-bucket-size", "20000"]  # MoE, dp 2: Megatron-Core's engine, the distributed optimizer over 2
+    full, resumed = full_then_resumed(tmp_path, small_corpus, 2, layout)
+    assert sorted(full) == list(range(1, STEPS + 1)) and sorted(resumed) == list(range(HALF + 1, STEPS + 1))
+    for step in resumed:
+        assert resumed[step] == full[step], f"step {step}: resumed {resumed[step]!r} vs {full[step]!r}"
