@@ -655,6 +655,11 @@ def _deepspeed_moe(known: dict, put) -> None:
     if interval < 1:
         raise ConfigError("--expert-interval", interval, "must be at least 1", "pass e.g. --expert-interval 2")
     put("--num-experts", "moe.num_experts", experts)
+    if "--disable-bias-linear" not in known:
+        # the count Megatron-LM gives: Megatron-DeepSpeed's own is num_experts fewer per MoE layer
+        warnings.warn(f"--num-experts {experts} with linear biases: Megatron-Core's router has a bias per expert "
+                      f"({experts} per MoE layer) that DeepSpeed's gate does not; the other biases, the experts' "
+                      "included, are Megatron-DeepSpeed's", stacklevel=3)
     if interval > 1:
         # Megatron-DeepSpeed: layer n (1-based) is MoE when n % interval == 0; Megatron-Core's integer
         # moe_layer_freq puts MoE first in each group instead, so the pattern goes as a 0/1 list.

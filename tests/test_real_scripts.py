@@ -329,10 +329,14 @@ def test_a_moe_model_with_biases_asked_gets_them():
     from zeromega.config.schema import validate
     from zeromega.launch import megatron_args
 
+    ds = ["--deepspeed", "--num-layers", "4", "--num-experts", "4"]
     for argv, bias in ((["--num-experts", "4"], True), (["--num-experts", "4", "--disable-bias-linear"], False),
-                       (["--deepspeed", "--num-layers", "4", "--num-experts", "4"], True)):
+                       (ds, True), (ds + ["--disable-bias-linear"], False)):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             partial = megatron_args.parse(argv).partial
-        assert not any("without linear biases" in str(w.message) for w in caught), argv  # the old note
+        said = [str(w.message) for w in caught]
+        assert not any("without linear biases" in s for s in said), argv  # the old note
         assert validate(partial).model.add_bias_linear is bias, argv
+        # Megatron-DeepSpeed's gate has no bias, Megatron-Core's router has one per expert: said (its count)
+        assert any("router has a bias per expert" in s for s in said) == (bias and argv[0] == "--deepspeed"), argv
