@@ -288,3 +288,26 @@ def test_a_checkpoint_under_overlapped_param_gather_resumes_bit_for_bit(tmp_path
     assert sorted(full) == list(range(1, STEPS + 1)) and sorted(resumed) == list(range(HALF + 1, STEPS + 1))
     for step in resumed:
         assert resumed[step] == full[step], f"step {step}: resumed {resumed[step]!r} vs {full[step]!r}"
+
+
+def _gradient_buffer_dtypes() -> dict:
+    """The Megatron-Core engine's gradient buffer dtype for a bf16 run, per ddp.grad_reduce_in_fp32."""
+    from zeromega.config.schema import RunConfig
+    from zeromega.integrations import comm
+    from zeromega.integrations.megatron import model, parallel
+    from zeromega.plugins.megatron.pipeline import MegatronTrainer
+
+    comm.install()
+    out = {}
+    for fp32 in (None, True, False):
+        cfg = RunConfig.model_validate({**_cfg(1, False), "precision": "bf16", "ddp": {"grad_reduce_in_fp32": fp32}})
+        layout = parallel.initialize(cfg, seed=1)
+        trainer = MegatronTrainer(model.GPTShape(**SHAPE), cfg, layout)
+        out[fp32] = {str(buffer.grad_dtype) for chunk in trainer.chunks for buffer in chunk.buffers}
+        parallel.shutdown()
+    return out
+
+
+def test_grad_reduce_in_bf16_gives_megatron_core_a_bf16_gradient_buffer():
+    assert run_world(1, _gradient_buffer_dtypes)[0] == {None: {"torch.float32"}, True: {"torch.float32"},
+                                                        False: {"torch.bfloat16"}}
