@@ -175,15 +175,6 @@ class MegatronTrainer:
         for sub in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
             if sub.param_groups and all(g.get("is_expert_parallel") for g in sub.param_groups):
                 sub.tp_group = parallel_state.get_expert_tensor_parallel_group()
-        # Megatron-Core gives the expert optimizer the dense tp group, where a parameter that is not tp-split
-        # counts in the grad norm on tp rank 0 only. An expert's fc2 bias (MoE with biases, expert tp 1) is not
-        # split, yet the other tp ranks hold other experts' biases (measured at tp 2 x ep 2: the norm 3.5 % low,
-        # so clipping scaled differently): the expert optimizer judges duplicates within the expert tp group.
-        from megatron.core import parallel_state
-
-        for sub in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
-            if sub.param_groups and all(g.get("is_expert_parallel") for g in sub.param_groups):
-                sub.tp_group = parallel_state.get_expert_tensor_parallel_group()
         for group in self.optimizer.param_groups:  # Megatron's scheduler would do this each step
             group["weight_decay"] = o.weight_decay * group.get("wd_mult", 1.0)
         self.timers = PhaseTimers()
