@@ -475,14 +475,14 @@ def _kernels(known: dict, put, partial: dict) -> None:
     biases = "--disable-bias-linear" not in known
     if "--swiglu" in known:
         put("--no-bias-swiglu-fusion", "model.bias_activation_fusion", "--no-bias-swiglu-fusion" not in known)
-    elif (partial.get("moe", {}).get("num_experts") or 0) > 1 and biases and "--no-bias-gelu-fusion" not in known:
-        warnings.warn("--num-experts with GELU and linear biases: Megatron-Core 0.16's experts cannot fuse bias + "
-                      "GELU (Megatron-LM 0.16.1 stops at the first step: 'Only support fusion of swiglu and "
-                      "quick_gelu with per_token_scale in MLP'); the unfused (erf) GELU runs, as "
-                      "--no-bias-gelu-fusion asks (pass it to say so without this note)", stacklevel=3)
-        put("--num-experts", "model.bias_activation_fusion", False)
     else:
         put("--no-bias-gelu-fusion", "model.bias_activation_fusion", "--no-bias-gelu-fusion" not in known and biases)
+        if (partial.get("moe", {}).get("num_experts") or 0) > 1 and biases and "--no-bias-gelu-fusion" not in known:
+            warnings.warn("--num-experts with GELU and linear biases: Megatron-Core 0.16's experts cannot fuse bias + "
+                          "GELU (MLP.forward raises 'Only support fusion of swiglu and quick_gelu with "
+                          "per_token_scale in MLP' at the first step, where Megatron-LM 0.16.1 stops); zeromega "
+                          "computes the fusion's tanh-approximate GELU unfused, in every layer (Megatron-DeepSpeed's "
+                          "experts compute it too); --no-bias-gelu-fusion gives erf GELU", stacklevel=3)
     put("--no-bias-dropout-fusion", "model.bias_dropout_fusion", "--no-bias-dropout-fusion" not in known)
     put("--no-masked-softmax-fusion", "model.masked_softmax_fusion", "--no-masked-softmax-fusion" not in known)
     if "--cross-entropy-loss-fusion" in known:
@@ -989,7 +989,7 @@ def write_argv(cfg: RunConfig, target: str = "megatron", layout=None,
             _write_deepspeed_moe(cfg, emit, lost)
     if not m.add_bias_linear:
         emit("--disable-bias-linear")
-    argv.extend(_write_kernels(cfg, target, emit))
+    argv.extend(_write_kernels(cfg, target, emit, lost))
     if not cfg.logging.log_loss_scale_to_tensorboard:
         emit("--no-log-loss-scale-to-tensorboard")
     if not cfg.data.mmap_bin_files:
@@ -1067,11 +1067,14 @@ def _write_vocabulary_padding(cfg: RunConfig, emit, differs, lost: list[str]) ->
         emit("--make-vocab-size-divisible-by", value)
 
 
-def _write_kernels(cfg: RunConfig, target: str, emit) -> list[str]:
+def _write_kernels(cfg: RunConfig, target: str, emit, lost: list[str]) -> list[str]:
     """The kernel choices where they differ from the target's defaults (Megatron-LM: every fusion on and
     TransformerEngine layers; Megatron-DeepSpeed: fusions on, local layers). Emits them; returns the words
     emit cannot check (--attention-backend, whose choices Megatron-LM lists as enum members)."""
     m, deepspeed = cfg.model, target == "megatron-deepspeed"
+    if not deepspeed and not m.swiglu and m.add_bias_linear and m.bias_activation_fusion and cfg.moe.num_experts:
+        lost.append("tanh-approximate GELU in MoE experts (Megatron-LM 0.16.1 stops at the first step with the bias "
+                    "+ GELU fusion in experts; --no-bias-gelu-fusion there computes erf GELU)")
     if m.swiglu:
         if not m.bias_activation_fusion and not deepspeed:  # Megatron-DeepSpeed has no SwiGLU fusion switch
             emit("--no-bias-swiglu-fusion")

@@ -121,14 +121,27 @@ def test_megatron_flags_compute_megatron_lms_gelu_and_fusions():
     assert gelu["compiled"] == []  # cpu_patches runs Megatron-Core's fused functions eagerly
 
 
-def test_moe_with_gelu_and_biases_runs_unfused_with_a_note():
-    """Megatron-Core 0.16's experts get the routing probabilities (per_token_scale) and fuse bias + SwiGLU only:
-    Megatron-LM stops at the first step; zeromega says so before launch and runs erf GELU."""
+def test_moe_with_gelu_and_biases_computes_the_fusions_function_unfused():
+    """Megatron-Core 0.16's experts get the routing probabilities (per_token_scale) and fuse bias + SwiGLU only
+    (Megatron-LM stops at the first step): said before launch, and the fusion's tanh-GELU runs unfused."""
+    import torch
+
+    from megatron.core.fusions.fused_bias_gelu import bias_gelu_impl
+    from zeromega.integrations.megatron import model
+    from zeromega.run import gpt
+
     with pytest.warns(UserWarning, match="Only support fusion of swiglu"):
         cfg = _request(["--num-experts", "4"])
-    assert cfg.model.bias_activation_fusion is False
-    assert "--no-bias-gelu-fusion" in megatron_args.write_argv(cfg)[0]
-    assert _request(["--num-experts", "4", "--swiglu"]).model.bias_activation_fusion is True
+    assert cfg.model.bias_activation_fusion is True  # the request, as Megatron-LM's flags state it
+    assert any("MoE experts" in line for line in megatron_args.write_argv(cfg)[1])  # not expressible there
+    fields = model._kernel_fields(gpt.shape(cfg, 257), cfg)
+    assert fields["bias_activation_fusion"] is False and fields["activation_func"] is model.gelu_tanh
+    x = torch.linspace(-6, 6, 1001)
+    assert torch.allclose(model.gelu_tanh(x), bias_gelu_impl(x, torch.zeros(1)), atol=1e-6)
+    assert "activation_func" not in model._kernel_fields(gpt.shape(cfg, 257), _request(["--num-experts", "4",
+                                                                                       "--no-bias-gelu-fusion"]))
+    swiglu = _request(["--num-experts", "4", "--swiglu"])
+    assert model._kernel_fields(gpt.shape(swiglu, 257), swiglu)["bias_activation_fusion"] is True
 
 
 def test_zeromega_dialect_keeps_erf_gelu():

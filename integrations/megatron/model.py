@@ -166,6 +166,11 @@ def _recompute_fields(cfg: RunConfig) -> dict:
     return dict(recompute_granularity=r.granularity, recompute_method=r.method, recompute_num_layers=r.num_layers)
 
 
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU's tanh approximation: what Megatron-Core's fused bias + GELU computes (fused_bias_gelu)."""
+    return torch.nn.functional.gelu(x, approximate="tanh")
+
+
 def _kernel_fields(shape: GPTShape, cfg: RunConfig) -> dict:
     """The kernel and precision fields this device runs of ``cfg.model``'s request (fusions, layer
     implementation, attention backend, fp8, grouped GEMM): :func:`zeromega.integrations.megatron.accel.resolve`,
@@ -177,10 +182,10 @@ def _kernel_fields(shape: GPTShape, cfg: RunConfig) -> dict:
     fields = accel.resolve(cfg, accel.Device.probe(cfg.device)).fields
     if not shape.swiglu and not _architecture_fields(shape)["add_bias_linear"]:
         fields["bias_activation_fusion"] = False  # Megatron-LM clears --bias-gelu-fusion without biases
-    if not shape.swiglu and shape.num_experts:
-        # Megatron-Core's experts fuse bias + SwiGLU only (MLP.forward raises for GELU with the routing probs);
-        # the Megatron-flag reader says so before launch
-        fields["bias_activation_fusion"] = False
+    if not shape.swiglu and shape.num_experts and fields["bias_activation_fusion"]:
+        # Megatron-Core's experts fuse bias + SwiGLU only (MLP.forward raises for GELU with the routing probs):
+        # the fusion's function, unfused, in every layer (the Megatron-flag reader says so before launch)
+        fields.update(bias_activation_fusion=False, activation_func=gelu_tanh)
     if not shape.num_experts:
         fields.pop("moe_grouped_gemm")
     fields["attention_backend"] = AttnBackend[fields["attention_backend"]]
