@@ -153,7 +153,9 @@ def census(path: str | Path, world: int = 2, env: dict | None = None) -> dict:
     refused: dict[str, str] = {}
     messages: list[str] = []
     saved = megatron_args._note
-    megatron_args._note = lambda *args: None  # the census says it in its own table
+    printed: dict[str, str] = {}  # what the translator's one line would say on this machine
+    megatron_args._note = lambda flags, texts=None: printed.update(
+        {f: (texts or {}).get(f, megatron_args.NOTED[f][1]) for f in flags})  # said here in the census's table
     try:
         for _ in range(len(flags) + 1):
             try:
@@ -176,7 +178,9 @@ def census(path: str | Path, world: int = 2, env: dict | None = None) -> dict:
         if flag in refused:
             continue
         if flag in megatron_args.NOTED and flag not in megatron_args.TABLE and flag not in megatron_args.SPECIAL:
-            noted[flag] = megatron_args.NOTED[flag][1]
+            if flag in megatron_args.DEVICE_FLAGS and flag not in printed:
+                continue  # honoured on this device (integrations/megatron/accel.py): no note
+            noted[flag] = printed.get(flag, megatron_args.NOTED[flag][1])
             continue
         said = next((m for m in messages if re.search(re.escape(flag) + r"(?![\w-])", m)), None)
         if said:
