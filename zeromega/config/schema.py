@@ -539,7 +539,8 @@ class ModelConfig(_Section):
     vocab_size: Optional[PositiveInt] = None
     """Vocabulary size before padding (None: the tokenizer's; every token id of the data must be below it)."""
     make_vocab_size_divisible_by: PositiveInt = 128
-    """Pad the vocabulary to a multiple of this (and of tp)."""
+    """Pad the vocabulary to a multiple of lcm(this, tp): one size at every tp that divides it. Megatron-LM pads to
+    ``--make-vocab-size-divisible-by`` x tp, so its flag N at tp T is read as N x T."""
     hidden_dropout: float = Field(0.1, ge=0, lt=1)
     """Dropout after attention and MLP."""
     attention_dropout: float = Field(0.1, ge=0, lt=1)
