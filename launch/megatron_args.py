@@ -8,9 +8,7 @@ Flags mean what they mean in Megatron-LM (and Megatron-DeepSpeed for
 Flags this table does not know are returned, in order and with their
 values, never dropped. Unstated flags take zeromega's defaults, not
 Megatron-LM's (they differ for ``--lr-decay-style``: constant here, linear
-there; ``--initial-loss-scale``: 2**16 here, 2**32 there; and fp16 gradients,
-reduced in fp32 on Megatron-Core's engine unless ``--grad-reduce-in-bf16``
-says otherwise, in fp16 there unless ``--accumulate-allreduce-grads-in-fp32``).
+there; and ``--initial-loss-scale``: 2**16 here, 2**32 there).
 """
 
 from __future__ import annotations
@@ -1015,8 +1013,8 @@ def write_argv(cfg: RunConfig, target: str = "megatron", layout=None,
         pass  # the DeepSpeed JSON carries the reduce dtype (communication_data_type)
     elif cfg.ddp.grad_reduce_in_fp32 is False and cfg.precision == "bf16":
         emit("--grad-reduce-in-bf16")
-    elif cfg.ddp.grad_reduce_in_fp32 is not False and cfg.precision == "fp16":
-        emit("--accumulate-allreduce-grads-in-fp32")  # Megatron-LM reduces fp16 in fp16 without it; unset is fp32
+    elif cfg.ddp.grad_reduce_in_fp32 and cfg.precision == "fp16":  # Megatron-LM reduces fp16 in fp16 without it
+        emit("--accumulate-allreduce-grads-in-fp32")
     if differs("--initial-loss-scale", 2 ** cfg.loss_scaling.initial_scale_power):
         emit("--initial-loss-scale", 2 ** cfg.loss_scaling.initial_scale_power)
     if cfg.data.path is not None:

@@ -194,7 +194,7 @@ def test_the_same_rule_for_a_run_config(ddp, zero, fix):
 
 # Megatron-LM core_v0.16.1's validate_args: under --bf16, --grad-reduce-in-bf16 clears
 # accumulate_allreduce_grads_in_fp32 (on by default for bf16); under --fp16 only --accumulate-allreduce-grads-in-fp32
-# acts (fp16 gradients are otherwise reduced in fp16). None: unstated (the engine's default: fp32 on Megatron-Core's).
+# acts (fp16 gradients are otherwise reduced in fp16). None: unstated, Megatron-LM's rule on Megatron-Core's engine.
 # Written back, each says to Megatron-LM what zeromega's Megatron-Core engine runs: (argv, read, written, read back).
 REDUCE_DTYPE = [
     (["--bf16"], None, [], None),
@@ -202,11 +202,11 @@ REDUCE_DTYPE = [
     (["--bf16", "--grad-reduce-in-bf16", "--accumulate-allreduce-grads-in-fp32"], False, ["--grad-reduce-in-bf16"],
      False),
     (["--bf16", "--accumulate-allreduce-grads-in-fp32"], True, [], None),  # Megatron-LM's bf16 default
-    (["--fp16"], None, ["--accumulate-allreduce-grads-in-fp32"], True),  # zeromega's fp32, said to Megatron-LM
+    (["--fp16"], None, [], None),
     (["--fp16", "--accumulate-allreduce-grads-in-fp32"], True, ["--accumulate-allreduce-grads-in-fp32"], True),
     (["--fp16", "--accumulate-allreduce-grads-in-fp32", "--grad-reduce-in-bf16"], True,
      ["--accumulate-allreduce-grads-in-fp32"], True),
-    (["--fp16", "--grad-reduce-in-bf16"], False, [], None),  # Megatron-LM's fp16 default, unstated here
+    (["--fp16", "--grad-reduce-in-bf16"], False, [], None),  # Megatron-LM's fp16 default: the same meaning
 ]
 
 
@@ -291,7 +291,7 @@ def test_a_checkpoint_under_overlapped_param_gather_resumes_bit_for_bit(tmp_path
 
 
 def _gradient_buffer_dtypes() -> dict:
-    """The Megatron-Core engine's gradient buffer dtype for a bf16 run, per ddp.grad_reduce_in_fp32."""
+    """The Megatron-Core engine's gradient buffer dtype per precision and ddp.grad_reduce_in_fp32."""
     from zeromega.config.schema import RunConfig
     from zeromega.integrations import comm
     from zeromega.integrations.megatron import model, parallel
@@ -299,15 +299,19 @@ def _gradient_buffer_dtypes() -> dict:
 
     comm.install()
     out = {}
-    for fp32 in (None, True, False):
-        cfg = RunConfig.model_validate({**_cfg(1, False), "precision": "bf16", "ddp": {"grad_reduce_in_fp32": fp32}})
-        layout = parallel.initialize(cfg, seed=1)
-        trainer = MegatronTrainer(model.GPTShape(**SHAPE), cfg, layout)
-        out[fp32] = {str(buffer.grad_dtype) for chunk in trainer.chunks for buffer in chunk.buffers}
-        parallel.shutdown()
+    for precision in ("bf16", "fp16"):
+        for fp32 in (None, True, False):
+            cfg = RunConfig.model_validate({**_cfg(1, False), "precision": precision,
+                                            "ddp": {"grad_reduce_in_fp32": fp32}})
+            layout = parallel.initialize(cfg, seed=1)
+            trainer = MegatronTrainer(model.GPTShape(**SHAPE), cfg, layout)
+            out[precision, fp32] = {str(buffer.grad_dtype) for chunk in trainer.chunks for buffer in chunk.buffers}
+            parallel.shutdown()
     return out
 
 
-def test_grad_reduce_in_bf16_gives_megatron_core_a_bf16_gradient_buffer():
-    assert run_world(1, _gradient_buffer_dtypes)[0] == {None: {"torch.float32"}, True: {"torch.float32"},
-                                                        False: {"torch.bfloat16"}}
+def test_megatron_cores_gradient_buffer_dtype_is_megatron_lms():
+    # unset: fp32 for bf16 (accumulate_allreduce_grads_in_fp32's default), the parameters' dtype for fp16
+    assert run_world(1, _gradient_buffer_dtypes)[0] == {
+        ("bf16", None): {"torch.float32"}, ("bf16", True): {"torch.float32"}, ("bf16", False): {"torch.bfloat16"},
+        ("fp16", None): {"torch.float16"}, ("fp16", True): {"torch.float32"}, ("fp16", False): {"torch.float16"}}

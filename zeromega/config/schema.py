@@ -107,8 +107,8 @@ class DDPConfig(_Section):
     grad_reduce_in_fp32: Optional[bool] = None
     """Accumulate and reduce bf16/fp16 gradients in fp32 (True) or in the parameters' dtype (False):
     ``--accumulate-allreduce-grads-in-fp32`` / ``--grad-reduce-in-bf16``. Megatron-Core engine: DDP's
-    ``grad_reduce_in_fp32`` (None: True); DeepSpeed engine: ``communication_data_type`` fp32 or the
-    parameters' dtype (None: DeepSpeed's default, the parameters' dtype)."""
+    ``grad_reduce_in_fp32`` (None: Megatron-LM's rule, fp32 for bf16 and fp16 for fp16); DeepSpeed engine:
+    ``communication_data_type`` fp32 or the parameters' dtype (None: DeepSpeed's default, the parameters')."""
     bucket_size: Optional[PositiveInt] = None
     """Gradient elements per bucket under overlap_grad_reduce (``--ddp-bucket-size``; None: Megatron-Core's
     max(4e7, 1e6 x dp)). DeepSpeed engine: ZeRO's ``reduce_bucket_size``."""
