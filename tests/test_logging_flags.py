@@ -187,6 +187,17 @@ def test_tensorboard_scalars(one_process):
     assert [e.value for e in events.Scalars("batch-size/batch-size")] == [4, 4]
 
 
+def test_tensorboard_batch_size_is_the_steps_under_a_rampup(small_corpus, tmp_path):
+    """Before: ``batch-size`` was the final global batch at every step, also while --rampup-batch-size grew it."""
+    at = BASE.index("--train-iters")
+    argv = ["--data-path", small_corpus, *BASE[:at], *BASE[at + 2:],
+            "--rampup-batch-size", "2", "2", "8", "--train-samples", "16", "--tensorboard-dir", str(tmp_path)]
+    (result,) = run_world(1, run_logged, argv)
+    batches = [r["global_batch"] for r in result["records"]]
+    assert batches[0] == 2 and batches[-1] == 4
+    assert _scalars(tmp_path, "batch-size") == batches
+
+
 def test_checkpoint_activations_is_full_uniform_recompute():
     """Megatron-DeepSpeed's --checkpoint-activations: whole layers in chunks of --checkpoint-num-layers (1).
     Before: noted ('use --recompute-activations') and dropped, so nothing was recomputed."""
