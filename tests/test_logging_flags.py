@@ -1,15 +1,17 @@
 """Logging and ops flags of the published scripts, honoured (issue 15): ``--log-params-norm``,
-``--log-num-zeros-in-grad``, Megatron-DeepSpeed's ``--log-optimizer-states-to-tensorboard`` and
-``--checkpoint-activations``, ``--empty-unused-memory-level``.
+``--log-num-zeros-in-grad``, Megatron-DeepSpeed's ``--log-optimizer-states-to-tensorboard``,
+``--log-batch-size-to-tensorboard`` and ``--checkpoint-activations``, ``--empty-unused-memory-level``.
 
-The parameter norm and the zero count are whole-model figures, so they must not change with the layout: a
-1-process run (DeepSpeed's engine) is checked against a direct computation over its one full model, and dp2
-under ZeRO-3 (partitions gathered), tp2 (shards summed, tp-replicated norms and biases once) and pp2
-(Megatron-Core's engine: stages summed, the last stage's copy of the tied embedding not counted, the zeros
-counted by Megatron-Core's optimizer) against it. The vocabulary is 512 so tp2 pads it as tp1 does (to a
-multiple of 256): the same model in every layout. Known zeros: the gradient of an embedding row whose token is
-absent from the step's batch is exactly zero, and every other gradient entry of this model is not, so the
-count is (padded vocabulary - distinct input tokens) x hidden.
+The parameter norm, the zero count and the optimizer-state scalars are whole-model figures, so they must not
+change with the layout: a 1-process run (DeepSpeed's engine) is checked against a direct computation over its
+one full model, and dp2 under ZeRO-1 (fragments of the flat partitions) and ZeRO-3 (partitions gathered), tp2
+(shards summed, tp-replicated norms and biases once) and pp2 (Megatron-Core's engine: stages summed, the last
+stage's copy of the tied embedding not counted, the zeros counted by Megatron-Core's optimizer) against it;
+an MoE model on Megatron-Core's engine at ep1 against ep2 with the distributed optimizer. The vocabulary is
+512, which tp2 with --make-vocab-size-divisible-by 64 pads as tp1 with the default 128 does: the same model in
+every layout. Known zeros: the gradient of an embedding row whose token is absent from the step's batch is
+exactly zero, and every other gradient entry of this model is not, so the count is (padded vocabulary -
+distinct input tokens) x hidden.
 """
 
 from __future__ import annotations
