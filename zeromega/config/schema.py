@@ -573,7 +573,7 @@ class ModelConfig(_Section):
     """Megatron-Core's fused bias + activation (Megatron-LM's default: on, unless ``--no-bias-gelu-fusion`` /
     ``--no-bias-swiglu-fusion``, or no biases under GELU). For GELU it computes the tanh approximation of GELU
     (``bias_gelu_impl``), not erf GELU: another function; for SwiGLU the same values. zeromega's own config
-    default: off (erf GELU)."""
+    default: off (erf GELU). MoE experts cannot fuse bias + GELU: such a model runs tanh GELU unfused."""
     bias_dropout_fusion: bool = False
     """Megatron-Core's fused bias + dropout + residual add (Megatron-LM's default: on, ``--no-bias-dropout-fusion``
     clears it); the same values as the unfused path."""
@@ -581,7 +581,8 @@ class ModelConfig(_Section):
     """Megatron's fused scale + mask + softmax CUDA kernel (Megatron-LM's default: on, ``--no-masked-softmax-fusion``
     clears it). Needs CUDA and its extension; elsewhere the torch softmax runs (same values)."""
     cross_entropy_loss_fusion: bool = False
-    """Megatron-Core's fused cross entropy (``--cross-entropy-loss-fusion``); the same loss."""
+    """Megatron-Core's fused cross entropy (``--cross-entropy-loss-fusion``): the same loss; the native
+    implementation hands back the logits' gradient rounded to bf16, whatever the precision."""
     cross_entropy_fusion_impl: Literal["native", "te"] = "native"
     """Its implementation (``--cross-entropy-fusion-impl``): Megatron-Core's torch code, or TransformerEngine's."""
     transformer_impl: Literal["local", "transformer_engine"] = "local"
