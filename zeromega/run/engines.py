@@ -132,9 +132,8 @@ class DeepSpeedEngine:
         if self._log_params_norm:
             self.last_params_norm = model_stats.params_norm(self.modules)
         self.last_step_skipped = getattr(self.engine, "skipped_steps", 0) > skipped
-        if self.last_step_skipped:
-            self.last_num_zeros = None  # as Megatron-Core's optimizer on an overflow
         if self.last_step_skipped:  # no norm for a skipped step, as Megatron-Core's optimizer (DeepSpeed says inf)
+            self.last_num_zeros = None  # nor a zero count, as there
             return total / len(micro_batches), None
         norm = self.engine.get_global_grad_norm()
         if norm is not None and type(self.engine.optimizer).__name__ == "FP16_UnfusedOptimizer":
