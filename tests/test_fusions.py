@@ -294,3 +294,24 @@ def test_to_megatron_writes_the_kernel_choices_back(extra):
     assert again.model == cfg.model
     impl = argv.index("--transformer-impl")  # always stated: Megatron-LM's default is transformer_engine
     assert argv[impl + 1] == cfg.model.transformer_impl
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--bias-gelu-fusion", "--no-bias-gelu-fusion"], "--no-bias-gelu-fusion"),
+    (["--transformer-impl", "inference_optimized"], "--transformer-impl"),
+    (["--attention-backend", "sdpa"], "--attention-backend"),
+    (["--fp8-format", "e5m2"], "--fp8-format"),
+])
+def test_bad_kernel_flags_are_refused_by_name(argv, flag):
+    from zeromega.config import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        megatron_args.parse(BASE + argv)
+    assert err.value.field == flag
+
+
+def test_to_megatron_deepspeed_writes_its_own_spellings():
+    cfg = RunConfig()  # zeromega's defaults: no fusions, local layers
+    argv, lost = megatron_args.write_argv(cfg, "megatron-deepspeed")
+    assert {"--no-bias-gelu-fusion", "--no-bias-dropout-fusion", "--no-masked-softmax-fusion"} <= set(argv)
+    assert "--transformer-impl" not in argv and not [line for line in lost if "fusion" in line]
