@@ -237,3 +237,24 @@ def test_published_deepspeed_scripts_recompute(name):
     assert "--checkpoint-activations" in argv and "--deepspeed-activation-checkpointing" in argv
     recompute = megatron_args.parse(argv).partial["recompute"]
     assert recompute == {"granularity": "full", "method": "uniform", "num_layers": 1}
+
+
+def test_flags_written_back_for_each_target():
+    """``zeromega translate --to megatron / megatron-deepspeed``: the new fields as each target spells them (a flag
+    the target lacks is named, not dropped), and read back to the same config."""
+    from zeromega.launch import megatron_args, translate
+
+    argv = ["--train-iters", "1", "--num-layers", "2", "--log-params-norm", "--log-num-zeros-in-grad",
+            "--log-optimizer-states-to-tensorboard", "--log-batch-size-to-tensorboard",
+            "--empty-unused-memory-level", "2", "--checkpoint-activations", "--checkpoint-num-layers", "2"]
+    cfg = translate.build(None, megatron_argv=argv)
+    written, lost = megatron_args.write_argv(cfg, "megatron")
+    assert {"--log-params-norm", "--log-num-zeros-in-grad", "--empty-unused-memory-level"} <= set(written)
+    assert written[written.index("--recompute-granularity") + 1] == "full"
+    assert sorted(n.split()[0] for n in lost) == ["--log-batch-size-to-tensorboard",
+                                                  "--log-optimizer-states-to-tensorboard"]
+    written, lost = megatron_args.write_argv(cfg, "megatron-deepspeed")
+    assert lost == []
+    back = translate.build(None, megatron_argv=written)
+    assert (back.logging, back.recompute, back.scheduler.empty_unused_memory_level) == \
+        (cfg.logging, cfg.recompute, 2)
