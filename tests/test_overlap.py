@@ -315,3 +315,20 @@ def test_megatron_cores_gradient_buffer_dtype_is_megatron_lms():
     assert run_world(1, _gradient_buffer_dtypes)[0] == {
         ("bf16", None): {"torch.float32"}, ("bf16", True): {"torch.float32"}, ("bf16", False): {"torch.bfloat16"},
         ("fp16", None): {"torch.float16"}, ("fp16", True): {"torch.float32"}, ("fp16", False): {"torch.float16"}}
+
+
+@pytest.mark.parametrize("precision, stated, buffer", [
+    ("bf16", None, 4), ("bf16", False, 2), ("fp16", None, 2), ("fp16", True, 4), ("fp32", None, 4)])
+def test_the_memory_plan_counts_the_gradient_buffer_megatron_core_builds(precision, stated, buffer):
+    from types import SimpleNamespace
+
+    from zeromega.config import validate
+    from zeromega.plugins.zero import plan as zplan
+    from zeromega.plugins.zero.ds_config import to_deepspeed
+
+    cfg = validate({"parallel": {"pp": 2}, "zero": {"stage": 1}, "precision": precision,
+                    "ddp": {"grad_reduce_in_fp32": stated}})
+    layout = SimpleNamespace(tp=1, pp=2, dp=1, cp=1, ep=1, etp=1, micro=1, accumulation=4, global_batch=4, vpp=None)
+    stage = zplan.for_run(to_deepspeed(cfg), layout, shape=dict(SHAPE, num_layers=4)).stages[0]
+    grads = [r for r in stage.rows if r.name.startswith("gradient buffer")]
+    assert len(grads) == 1 and grads[0].bytes == buffer * stage.model.params

@@ -144,10 +144,8 @@ class MegatronTrainer:
         # Megatron-LM's DDP arguments (training.py get_model): the fields of the run's ddp section; a bucket size
         # only matters under overlap (DDP puts every gradient in one bucket otherwise)
         self.overlap_param_gather = d.overlap_param_gather and distributed_optimizer
-        # unset: Megatron-LM's validate_args, fp32 for bf16 (accumulate_allreduce_grads_in_fp32), fp16 for fp16
-        fp32_grads = d.grad_reduce_in_fp32 if d.grad_reduce_in_fp32 is not None else cfg.precision != "fp16"
         ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=fp32_grads, overlap_grad_reduce=overlap,
+            grad_reduce_in_fp32=d.grads_in_fp32(cfg.precision), overlap_grad_reduce=overlap,
             overlap_param_gather=self.overlap_param_gather, use_distributed_optimizer=distributed_optimizer,
             bucket_size=d.bucket_size if overlap else None, average_in_collective=d.average_in_collective,
             align_param_gather=self.overlap_param_gather and self.virtual_stages > 1)

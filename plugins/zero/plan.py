@@ -755,14 +755,16 @@ def in_flight_chunks(stage: int, pp: int, micro_batches: int, vpp: Optional[int]
 
 def plan_megatron(precision: str, model: ModelSize, dp: int, tp: int = 1, distributed_optimizer: bool = True,
                   expert_params: int = 0, expert_dp: int = 1, activation_rows: tuple = (),
-                  baseline: int = PROCESS_BASELINE_BYTES, label: str = "") -> MemoryPlan:
+                  baseline: int = PROCESS_BASELINE_BYTES, label: str = "",
+                  grad_reduce_in_fp32: Optional[bool] = None) -> MemoryPlan:
     """One rank under Megatron-Core's DDP and optimizer, as zeromega's MegatronTrainer builds them.
 
     ``model.params`` is what this rank holds (its stage, its tp shard, its
     experts), ``expert_params`` the part of it that is experts (sharded by the
     distributed optimizer over ``expert_dp``, the rest over ``dp`` = dp x cp).
-    Per parameter: the model-precision weights (lp), the fp32 gradient buffer
-    (``grad_reduce_in_fp32=True``: 4), and the optimizer: with the distributed
+    Per parameter: the model-precision weights (lp), the gradient buffer (4
+    bytes when ``grad_reduce_in_fp32``, ``ddp.grads_in_fp32``'s rule when None:
+    fp32 for bf16, lp for fp16), and the optimizer: with the distributed
     optimizer fp32 master (mixed precision only: an fp32 model steps its own
     weights, the shards are views) and Adam m, v (4 + 8, over dp); without it
     the same, whole. torch's AdamW is the optimizer on a machine without
@@ -783,7 +785,12 @@ def plan_megatron(precision: str, model: ModelSize, dp: int, tp: int = 1, distri
     else:
         stepped, text = p, "P"
     rows.append(Row("parameters", "device", lp * p, f"{lp} P"))
-    rows.append(Row("gradient buffer (fp32)", "device", 4 * p, "4 P (grad_reduce_in_fp32)"))
+    from zeromega.config.schema import DDPConfig
+
+    if DDPConfig(grad_reduce_in_fp32=grad_reduce_in_fp32).grads_in_fp32(precision):
+        rows.append(Row("gradient buffer (fp32)", "device", 4 * p, "4 P (grad_reduce_in_fp32)"))
+    else:
+        rows.append(Row(f"gradient buffer ({precision})", "device", lp * p, f"{lp} P (the parameters' dtype)"))
     if mixed:
         rows.append(Row("fp32 master", "device", 4 * stepped, f"4 {text}"))
     rows.append(Row("Adam m, v", "device", 8 * stepped, f"8 {text}"))
@@ -879,7 +886,8 @@ def plan_pipeline(precision: str, layout, shape: dict, distributed_optimizer: bo
                   sequence_parallel: bool = False, recompute: Optional[str] = None,
                   baseline: int = PROCESS_BASELINE_BYTES, flash: Optional[bool] = None,
                   first_stage_layers: Optional[int] = None, last_stage_layers: Optional[int] = None,
-                  embedding_in_split: bool = False, loss_in_split: bool = False) -> PipelinePlan:
+                  embedding_in_split: bool = False, loss_in_split: bool = False,
+                  grad_reduce_in_fp32: Optional[bool] = None) -> PipelinePlan:
     """The Megatron-Core engine's plan per pipeline stage (pp >= 1; MoE models run there at pp 1 too)."""
     pp, tp = layout.pp, layout.tp
     vpp = getattr(layout, "vpp", None)
@@ -911,7 +919,8 @@ def plan_pipeline(precision: str, layout, shape: dict, distributed_optimizer: bo
                                   in_flight_chunks(r, pp, m, vpp), chunks[0][1], last, lp, whole.largest_tensor)
         plans.append(plan_megatron(precision, size, dp=layout.dp * cp, tp=tp,
                                    distributed_optimizer=distributed_optimizer, expert_params=experts,
-                                   expert_dp=edp, activation_rows=rows, baseline=baseline, label=label))
+                                   expert_dp=edp, activation_rows=rows, baseline=baseline, label=label,
+                                   grad_reduce_in_fp32=grad_reduce_in_fp32))
     return PipelinePlan(plans)
 
 
@@ -931,7 +940,10 @@ def for_run(ds: dict, layout, shape: Optional[dict] = None, params: Optional[int
         if shape is None:
             raise ValueError("a pipeline / MoE plan needs the model shape (a parameter count cannot be staged)")
         zero = ZeroSetup.from_deepspeed(ds)
+        # ddp.grad_reduce_in_fp32 as the DeepSpeed dict carries it (plugins/zero/ds_config.py): fp32 or lp
+        comm = ds.get("communication_data_type")
         return plan_pipeline(zero.precision, layout, shape, distributed_optimizer=zero.stage >= 1,
+                             grad_reduce_in_fp32=None if comm is None else str(comm).lower() == "fp32",
                              sequence_parallel=sequence_parallel, recompute=recompute, flash=flash,
                              first_stage_layers=first_stage_layers, last_stage_layers=last_stage_layers,
                              embedding_in_split=embedding_in_split, loss_in_split=loss_in_split)

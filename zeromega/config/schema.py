@@ -116,6 +116,11 @@ class DDPConfig(_Section):
     """Average gradients inside the collective (ReduceOp.AVG) rather than scaling them by 1/dp before a sum
     (``--ddp-average-in-collective``; Megatron-Core engine only)."""
 
+    def grads_in_fp32(self, precision: str) -> bool:
+        """Whether Megatron-Core's engine keeps an fp32 gradient buffer: grad_reduce_in_fp32, or unset
+        Megatron-LM's rule (validate_args): fp32 for bf16 (and fp32) runs, the parameters' fp16 for fp16."""
+        return self.grad_reduce_in_fp32 if self.grad_reduce_in_fp32 is not None else precision != "fp16"
+
 
 class SequenceConfig(_Section):
     mode: Literal["none", "megatron", "ulysses", "ring", "usp"] = "none"
