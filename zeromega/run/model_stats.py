@@ -150,7 +150,9 @@ def _zero12_fragments(optimizer, inner) -> Optional[list]:
     """ZeRO-1/2: [(model param, this rank's fragments of its fp32 weight and Adam states, expert)], read from the
     optimizer's flat fp32 partition at the param's fragment address. (DeepSpeed 0.19's own
     ``safe_get_full_optimizer_state`` links the states after the first param group's first step, so the
-    second group's, the no-weight-decay group's, are never found.)"""
+    second group's, the no-weight-decay group's, are never found: ValueError. A DeepSpeed that links them after
+    every group's step lets ``safe_get_full_optimizer_state`` replace this; the dp2-zero1 case of
+    tests/test_logging_flags.py checks the figures either way.)"""
     out = []
     for i, params in enumerate(optimizer.bit16_groups):
         flat = optimizer.single_partition_of_fp32_groups[i]
