@@ -38,7 +38,8 @@ APPLIED: dict[str, tuple[str, ...]] = {
     "moe.router_pre_softmax": ("zeromega/run/gpt.py",),
     "ddp.overlap_grad_reduce": ("plugins/megatron/pipeline.py", "plugins/zero/ds_config.py"),
     "ddp.overlap_param_gather": ("plugins/megatron/pipeline.py", "zeromega/config/rules.py"),
-    "ddp.grad_reduce_in_fp32": ("plugins/megatron/pipeline.py", "plugins/zero/ds_config.py"),
+    # DDPConfig.grads_in_fp32 (Megatron-LM's rule), called by plugins/megatron/pipeline.py and plugins/zero/plan.py
+    "ddp.grad_reduce_in_fp32": ("zeromega/config/schema.py", "plugins/zero/ds_config.py"),
     "ddp.bucket_size": ("plugins/megatron/pipeline.py", "plugins/zero/ds_config.py"),
     "ddp.average_in_collective": ("plugins/megatron/pipeline.py",),
     "zero.stage": ("plugins/zero/ds_config.py", "zeromega/run/engines.py"),
