@@ -188,6 +188,8 @@ NOTED: dict[str, tuple[Any, str]] = {
     "--ckpt-format": (1, "checkpoints use zeromega's format (zeromega export converts them)"),
     "--no-async-tensor-model-parallel-allreduce": (0, "tp all-reduces are synchronous, as asked"),
     "--use-pytorch-profiler": (0, "--profile always uses torch.profiler here"),
+    "--no-check-for-nan-in-loss-and-grad": (0, "the loss and gradients are not checked for NaN (zeromega never "
+                                               "stops on one; the log line counts NaN iterations), as asked"),
     "--deepspeed-activation-checkpointing": (0, "recompute runs through Megatron-Core's (--checkpoint-activations "
                                                 "or --recompute-*), not DeepSpeed's checkpointing"),
     "--partition-activations": (0, "recomputed layers' inputs are kept whole on each tp rank, not partitioned"),
