@@ -120,7 +120,7 @@ def _train_off_then_on(pp: int, vpp) -> dict:
     return out
 
 
-def _assert_same_training(results):
+def _assert_same_training(results, weights_atol=1e-6):
     for rank, result in enumerate(results):
         off, on = result["off"], result["on"]
         assert on["overlap"] == (True, True) and off["overlap"] == (False, False)
@@ -140,7 +140,7 @@ def _assert_same_training(results):
         assert on["weights"].keys() == off["weights"].keys()
         for name, values in off["weights"].items():
             worst = max(abs(a - b) for a, b in zip(on["weights"][name], values))
-            assert worst <= 1e-6, f"rank {rank} {name}: weights differ by {worst}"
+            assert worst <= weights_atol, f"rank {rank} {name}: weights differ by {worst}"
 
 
 def test_overlapped_grad_reduce_and_param_gather_train_as_without_dp2():
@@ -151,6 +151,15 @@ def test_overlapped_grad_reduce_and_param_gather_train_as_without_pp2_interleave
     # dp 1 per stage: the schedule's no_sync / grad_sync / param_sync functions (Megatron-LM's wiring for
     # virtual stages) drive the reduces and gathers
     _assert_same_training(run_world(2, _train_off_then_on, 2, 2))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("vpp", [None, 2])
+def test_overlapped_grad_reduce_and_param_gather_train_as_without_pp2xdp2(vpp):
+    # 4 ranks. The distributed optimizer's shards follow the buckets, so the grad norm sums its squares in another
+    # order (measured: 8e-8 relative), clipping scales by a factor that far off, and Adam carries it into the
+    # weights (at most 5e-6 after 4 steps at lr 1e-2); losses agree to 5e-8
+    _assert_same_training(run_world(4, _train_off_then_on, 2, vpp), weights_atol=1e-5)
 
 
 def test_overlap_param_gather_without_the_distributed_optimizer_is_refused_before_launch(tmp_path):
