@@ -128,8 +128,8 @@ def ddp_fallbacks(cfg: RunConfig) -> list[str]:
     if d.average_in_collective:
         lines.append("ddp.average_in_collective (--ddp-average-in-collective): DeepSpeed divides the gradients by "
                      "the data-parallel size around a summing collective (same values up to rounding)")
-    if d.grad_reduce_in_fp32 and cfg.precision != "fp32" and stage in (1, 2):
-        lines.append("ddp.grad_reduce_in_fp32 (--accumulate-allreduce-grads-in-fp32): DeepSpeed's ZeRO-1/2 reduce in "
+    if d.grad_reduce_in_fp32 and cfg.precision != "fp32" and stage < 3:
+        lines.append("ddp.grad_reduce_in_fp32 (--accumulate-allreduce-grads-in-fp32): DeepSpeed's ZeRO 0-2 reduce in "
                      f"fp32 (communication_data_type) but accumulate micro-batches in {cfg.precision}")
     return lines
 

@@ -93,7 +93,7 @@ class ParallelConfig(_Section):
 
 class DDPConfig(_Section):
     """How data-parallel ranks exchange gradients and parameters: Megatron-Core's ``DistributedDataParallelConfig``
-    on its engine, DeepSpeed ZeRO's counterparts on DeepSpeed's (docs/parallelism.md, "Data-parallel
+    on its engine, DeepSpeed ZeRO's counterparts on DeepSpeed's (docs/engines.md, "Data-parallel
     communication"). None: the engine's own default."""
 
     overlap_grad_reduce: Optional[bool] = None
