@@ -207,7 +207,7 @@ def test_plot_draws_the_four_curves(tmp_path, capsys):
 
 GPU_FLAGS = ["--use-flash-attn", "--attention-backend", "auto", "--overlap-grad-reduce", "--overlap-param-gather",
              "--moe-grouped-gemm", "--cross-entropy-loss-fusion", "--fp8-format", "hybrid", "--fp8-amax-history-len",
-             "1024", "--bias-gelu-fusion", "--no-bias-gelu-fusion", "--masked-softmax-fusion",
+             "1024", "--bias-gelu-fusion", "--masked-softmax-fusion",
              "--no-gradient-accumulation-fusion", "--use-mcore-models", "--transformer-impl", "local",
              "--num-workers", "2", "--timing-log-level", "2", "--distributed-backend", "nccl",
              "--log-timers-to-tensorboard", "--use-distributed-optimizer", "--calculate-per-token-loss",
