@@ -276,6 +276,17 @@ NORMALIZATIONS = {"LayerNorm": "LayerNorm", "RMSNorm": "RMSNorm", "layernorm": "
 TABLE = {**FLAGS, **ZEROMEGA_FLAGS}
 
 
+class FlagPartial(dict):
+    """The unified fields Megatron flags state (a plain dict to every reader), and how they stated the
+    vocabulary padding, which the unified field holds as Megatron-LM's product (flag x tp):
+    ``divisible_by`` is --make-vocab-size-divisible-by as typed (None where Megatron's default 128 is only
+    implied) and ``tp`` the tp the flags multiplied it by. ``translate.resolve`` compares these, the user's own
+    values, with a unified config that states the field."""
+
+    divisible_by: Optional[int] = None
+    tp: int = 1
+
+
 @dataclass
 class MegatronArgs:
     """What a Megatron argument list says."""
@@ -419,7 +430,7 @@ def parse(argv: list[str]) -> MegatronArgs:
             [_convert("--profile-ranks", int, v) for v in known["--profile-ranks"]])
     _sequence(known, put)
     _architecture(known, put, partial)
-    _vocabulary_padding(known, put, partial)
+    typed_divisible_by = _vocabulary_padding(known, put, partial)
     _deepspeed_moe(known, put)
     _kernels(known, put, partial)
     _schedule(partial)
@@ -430,7 +441,9 @@ def parse(argv: list[str]) -> MegatronArgs:
     config = known.get("--deepspeed_config", known.get("--deepspeed-config"))
     if config:
         _convert("--deepspeed_config", str, config[0])
-    return MegatronArgs(partial, unknown, config[0] if config else None)
+    stated = FlagPartial(partial)
+    stated.divisible_by, stated.tp = typed_divisible_by, partial.get("parallel", {}).get("tp", 1)
+    return MegatronArgs(stated, unknown, config[0] if config else None)
 
 
 def _checkpoint_activations(known: dict, put, partial: dict) -> None:
@@ -603,21 +616,23 @@ DS_MOE_FLAGS = ("--expert-interval", "--topk", "--moe-expert-parallel-size", "--
 DS_MARKERS = ("--deepspeed", "--deepspeed_config", "--deepspeed-config")
 
 
-def _vocabulary_padding(known: dict, put, partial: dict) -> None:
+def _vocabulary_padding(known: dict, put, partial: dict) -> Optional[int]:
     """Megatron-LM (and Megatron-DeepSpeed) pad the vocabulary to a multiple of
     ``--make-vocab-size-divisible-by`` x ``--tensor-model-parallel-size`` (tokenizer.py,
     ``_vocab_size_with_padding``). The unified field is the multiple itself (zeromega pads to
     lcm(field, tp), which is the field when tp divides it), so the flag is read as value x tp: the run
-    builds Megatron-LM's padded vocabulary at the tp these arguments state (default 1)."""
+    builds Megatron-LM's padded vocabulary at the tp these arguments state (default 1). Returns the flag's
+    own value, None where it is not given (Megatron's default implied)."""
     tp = partial.get("parallel", {}).get("tp", 1)
     flag = "--make-vocab-size-divisible-by"
     if flag not in known and tp == 1:
-        return  # Megatron's default 128 at tp 1: the unified default
+        return None  # Megatron's default 128 at tp 1: the unified default
     value = partial.get("model", {}).get("make_vocab_size_divisible_by", RunConfig().model.make_vocab_size_divisible_by)
     if value * tp > limits.MAX_INT:
         raise ConfigError(flag, value, f"times tp {tp} (the multiple Megatron-LM pads the vocabulary to) is beyond "
                           f"the 64-bit limit of {limits.MAX_INT}", f"give {flag} a smaller number")
     put(flag if flag in known else "--tensor-model-parallel-size", "model.make_vocab_size_divisible_by", value * tp)
+    return value if flag in known else None
 
 
 def _deepspeed_moe(known: dict, put) -> None:

@@ -15,7 +15,9 @@ Megatron launch script or argument list.
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 import warnings
 from pathlib import Path
 from typing import Any, Iterable, Optional
@@ -198,7 +200,7 @@ def resolve(partials: Iterable[tuple[str, dict]], megatron: bool = False,
     """The validated RunConfig from (source, partial) pairs: merged, unstated values given their dialect's
     defaults (``megatron``: Megatron-LM flags are among the sources), "auto"s filled (one line each in
     ``filled``: the value and where it came from), rules checked."""
-    partials = list(partials)
+    partials = _vocabulary_padding_across_sources(list(partials))
     origin = {path: source for source, partial in partials for path in flatten(partial)}
     merged = deepspeed_json.finish(merge(partials), megatron=megatron, origin=origin, filled=filled)
     _static_scale_against_a_dynamic_one(merged, origin)
@@ -207,6 +209,45 @@ def resolve(partials: Iterable[tuple[str, dict]], megatron: bool = False,
         _megatron_turns_off_sequence_parallel_without_tp(merged)
         _megatron_checkpoint_flags(merged)
     return validate(merged)
+
+
+PADDING = "model.make_vocab_size_divisible_by"
+
+
+def _vocabulary_padding_across_sources(partials: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
+    """Megatron flags state the unified multiple as Megatron-LM's product, --make-vocab-size-divisible-by x tp
+    (``megatron_args._vocabulary_padding``); another source (a unified config) states the field itself, which
+    zeromega pads to lcm(field, tp). Compared as the user wrote them: the flags' implied default (no
+    --make-vocab-size-divisible-by) yields to a source that states the field; a typed flag agrees when it pads
+    to the same multiple at the run's tp (which a config may state), else one line names both values."""
+    others = [(source, flatten(partial)) for source, partial in partials
+              if not isinstance(partial, megatron_args.FlagPartial)]
+    stated = next(((source, flat[PADDING]) for source, flat in others if PADDING in flat), None)
+    config_tp = next((flat["parallel.tp"] for _, flat in others if "parallel.tp" in flat), None)
+    out = []
+    for source, partial in partials:
+        if not isinstance(partial, megatron_args.FlagPartial) or PADDING not in flatten(partial):
+            out.append((source, partial))
+            continue
+        own, tp = partial.divisible_by, partial.tp
+        if "parallel" not in partial or "tp" not in partial["parallel"]:  # the run's tp is the config's
+            tp = config_tp if isinstance(config_tp, int) and not isinstance(config_tp, bool) and config_tp > 0 else tp
+        value = flatten(partial)[PADDING] if own is None else own * tp  # implied: Megatron's 128 x the flags' tp
+        if stated is not None and isinstance(stated[1], int) and not isinstance(stated[1], bool) and stated[1] > 0:
+            where, theirs = stated
+            if own is None or math.lcm(theirs, tp) == value:
+                value = theirs  # Megatron's default yields, or the same padded vocabulary
+            else:
+                raise ConfigError("--make-vocab-size-divisible-by", own, f"at tp {tp} pads the vocabulary to a "
+                                  f"multiple of {value} (Megatron-LM multiplies it by tp), but {where} sets "
+                                  f"{PADDING} {theirs} (a multiple of lcm({theirs}, tp {tp}) = "
+                                  f"{math.lcm(theirs, tp)})", f"state it in one place only, or make them agree: "
+                                  f"--make-vocab-size-divisible-by {math.lcm(theirs, tp) // tp} or {PADDING} {value}")
+        copied = copy.deepcopy(dict(partial))  # a plain copy: the caller's partial stays as read
+        model = copied.setdefault("model", {})
+        model["make_vocab_size_divisible_by"] = value
+        out.append((source, copied))
+    return out
 
 
 DYNAMIC_SCALE = {"initial_scale_power": "fp16.initial_scale_power", "window": "fp16.loss_scale_window",

@@ -719,3 +719,26 @@ def test_load_of_a_directory_without_a_checkpoint_starts_fresh_with_a_warning(tm
     cfg = validate({"checkpoint": {"load": str(tmp_path / "foreign")}})
     with pytest.raises(CheckpointError, match="no zeromega checkpoint"):  # never started over silently
         CheckpointPolicy(cfg, Checkpointer(), 8).resume()
+
+
+def test_vocabulary_multiple_in_a_config_and_megatron_flags_is_compared_as_the_user_wrote_it(tmp_path):
+    """Megatron flags hold the multiple as Megatron-LM's product (--make-vocab-size-divisible-by x tp); a unified
+    config states the field itself. Its value wins over the flags' implied default at tp 2 (no conflict with a
+    256 nobody typed); a typed flag agrees when it pads to the same multiple; a real conflict is one line naming
+    the user's own values and both fixes; a flag next to a config's tp is multiplied by that tp."""
+    yaml = tmp_path / "run.yaml"
+    yaml.write_text("model:\n  make_vocab_size_divisible_by: 128\n")
+    tp2 = ["--tensor-model-parallel-size", "2"]
+    for argv in (tp2, [*tp2, "--make-vocab-size-divisible-by", "64"], ["--make-vocab-size-divisible-by", "128"]):
+        cfg = translate.build(str(yaml), argv)
+        assert cfg.model.make_vocab_size_divisible_by == 128, argv
+    with pytest.raises(ConfigError) as err:  # Megatron-LM pads to 256 here, the config to 128
+        translate.build(str(yaml), [*tp2, "--make-vocab-size-divisible-by", "128"])
+    text = str(err.value)
+    assert err.value.field == "--make-vocab-size-divisible-by" and err.value.value == 128 and "\n" not in text
+    assert "sets model.make_vocab_size_divisible_by 128" in text and "sets 256" not in text
+    assert "--make-vocab-size-divisible-by 64" in err.value.fix and "make_vocab_size_divisible_by 256" in err.value.fix
+    yaml.write_text("parallel:\n  tp: 2\n")  # the run's tp comes from the config: Megatron-LM's 128 x 2
+    assert translate.build(str(yaml), ["--make-vocab-size-divisible-by", "128"]).model.make_vocab_size_divisible_by \
+        == 256
+    assert translate.build(str(yaml), tp2).model.make_vocab_size_divisible_by == 256  # flags alone, as before
