@@ -62,6 +62,7 @@ FLAGS: dict[str, tuple[str, Any]] = {
     "--recompute-granularity": ("recompute.granularity", str),
     "--recompute-method": ("recompute.method", str),
     "--recompute-num-layers": ("recompute.num_layers", int),
+    "--distribute-saved-activations": ("recompute.distribute_saved_activations", SWITCH),
     "--save": ("checkpoint.save", str),
     "--load": ("checkpoint.load", str),
     "--save-interval": ("checkpoint.interval", int),
@@ -387,6 +388,7 @@ def parse(argv: list[str]) -> MegatronArgs:
                               f"--recompute-granularity is {granularity}", "pass one of them")
         put("--recompute-activations", "recompute.granularity", "selective")
     _checkpoint_activations(known, put, partial)
+    partition_note = _partition_activations(known, put, partial)
     if "--initial-loss-scale" in known:
         scale = _convert("--initial-loss-scale", float, known["--initial-loss-scale"][0])
         power = math.log2(scale) if scale > 0 else -1
@@ -435,8 +437,10 @@ def parse(argv: list[str]) -> MegatronArgs:
     _kernels(known, put, partial)
     _schedule(partial)
     noted = [flag for flag in known if flag in NOTED and flag not in TABLE and flag not in SPECIAL
-             and flag not in NEGATIONS]
+             and flag not in NEGATIONS and (flag != "--partition-activations" or partition_note)]
     texts = _device_notes(known, partial, noted)
+    if partition_note:
+        texts["--partition-activations"] = partition_note
     _note([flag for flag in noted if flag not in DEVICE_FLAGS or flag in texts], texts)
     config = known.get("--deepspeed_config", known.get("--deepspeed-config"))
     if config:
@@ -466,6 +470,29 @@ def _checkpoint_activations(known: dict, put, partial: dict) -> None:
             raise ConfigError(flag, stated[key], f"contradicts --checkpoint-activations (full recompute, uniform "
                               f"chunks of --checkpoint-num-layers {layers})", "pass one of them")
         put("--checkpoint-activations", f"recompute.{key}", wanted[key])
+
+
+def _partition_activations(known: dict, put, partial: dict) -> Optional[str]:
+    """Megatron-DeepSpeed's ``--partition-activations``: read only by DeepSpeed's activation checkpointing
+    (``deepspeed.checkpointing.configure``, set up under ``--deepspeed-activation-checkpointing``), which then
+    keeps each recomputed chunk's inputs as 1/tp slices per tp rank and gathers them before the recompute.
+    Megatron-Core's full recompute does the same with ``distribute_saved_activations`` (the chunk's hidden
+    states; the same values): honoured as that where it can act, else the note that says why (None: honoured)."""
+    if "--partition-activations" not in known:
+        return None
+    tp = partial.get("parallel", {}).get("tp", 1)
+    if "--deepspeed-activation-checkpointing" not in known:
+        return ("Megatron-DeepSpeed reads it only with --deepspeed-activation-checkpointing; without it nothing "
+                "is partitioned, here too")
+    if partial.get("recompute", {}).get("granularity") != "full":
+        return "it partitions the inputs of recomputed layers, and no layer is (add --checkpoint-activations)"
+    if tp == 1:
+        return "tp 1: nothing to partition, each rank keeps the whole input of a recomputed layer (as DeepSpeed does)"
+    if partial.get("parallel", {}).get("sequence_parallel"):
+        return ("under --sequence-parallel the recomputed layers' inputs are already split across the tp ranks "
+                "along the sequence; Megatron-Core does not split them further")
+    put("--partition-activations", "recompute.distribute_saved_activations", True)
+    return None
 
 
 # Flags whose note the device decides (integrations/megatron/accel.py): no note where the device honours them.

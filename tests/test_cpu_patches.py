@@ -119,6 +119,22 @@ def probe_sp_gather_buffer():
     assert gathered.shape == (4, 3)
 
 
+def probe_distributed_saved_activations():
+    from megatron.core.tensor_parallel import utils
+
+    class SecondOfTwo(_TwoRanks):
+        def rank(self):
+            return 1
+
+    real = utils.get_tensor_model_parallel_group_if_none
+    utils.get_tensor_model_parallel_group_if_none = lambda group, **kwargs: group  # no process group here
+    try:
+        kept = utils.split_tensor_into_1d_equal_chunks(torch.arange(6.0), new_buffer=True, tp_group=SecondOfTwo())
+    finally:
+        utils.get_tensor_model_parallel_group_if_none = real
+    assert kept.tolist() == [3.0, 4.0, 5.0]
+
+
 def probe_fp32_optimizer_scale():
     from megatron.core.optimizer import OptimizerConfig
     from megatron.core.optimizer.optimizer import FP32Optimizer
@@ -386,6 +402,7 @@ PROBES = {
     "megatron.core.tensor_parallel.mappings.torch": probe_sp_gather_buffer,
     "megatron.core.tensor_parallel.mappings._gather_along_first_dim": probe_uneven_gather,
     "megatron.core.tensor_parallel.layers.torch": probe_sp_linear_grad_buffer,
+    "megatron.core.tensor_parallel.utils.torch": probe_distributed_saved_activations,
     "megatron.core.distributed.param_and_grad_buffer.torch": probe_grad_buffers,
     "megatron.core.optimizer.optimizer.torch": probe_fp32_optimizer_scale,
     "megatron.core.optimizer.clip_grads.torch": probe_clip_scale_buffer,

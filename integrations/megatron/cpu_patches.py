@@ -319,6 +319,9 @@ PATCHES: tuple[Patch, ...] = (
           "norm from this module's own LNImpl: same assert as the layers' norms"),
     _torch_view("megatron.core.tensor_parallel.mappings",
                 "sequence-parallel all-gather / reduce-scatter outputs are allocated on torch.cuda.current_device()"),
+    _torch_view("megatron.core.tensor_parallel.utils",
+                "recompute.distribute_saved_activations: the 1/tp slice each rank keeps of a recomputed chunk's input, "
+                "and the buffer it is gathered into, are allocated on torch.cuda.current_device()"),
     _torch_view("megatron.core.tensor_parallel.layers",
                 "the linear layers' sequence-parallel input all-gather buffer is allocated on "
                 "torch.cuda.current_device()"),

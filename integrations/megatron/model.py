@@ -157,13 +157,15 @@ def _recompute_fields(cfg: RunConfig) -> dict:
 
     selective: the core attention (scores, softmax, dropout) is recomputed in backward
     (``recompute_modules`` stays Megatron's default, ``["core_attn"]``); full: whole layers,
-    ``uniform`` (chunks of ``num_layers``) or ``block`` (the first ``num_layers`` of each stage).
+    ``uniform`` (chunks of ``num_layers``) or ``block`` (the first ``num_layers`` of each stage);
+    ``distribute_saved_activations`` keeps 1/tp of each chunk's input per tp rank (its CheckpointFunction).
     Bad combinations are refused earlier by ``zeromega.config.rules`` (``_recompute``).
     """
     r = cfg.recompute
     if r.granularity is None:
         return {}
-    return dict(recompute_granularity=r.granularity, recompute_method=r.method, recompute_num_layers=r.num_layers)
+    return dict(recompute_granularity=r.granularity, recompute_method=r.method, recompute_num_layers=r.num_layers,
+                distribute_saved_activations=r.distribute_saved_activations)
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:

@@ -254,6 +254,15 @@ def _recompute(cfg):
         raise ConfigError("recompute.method" if r.method is None else "recompute.num_layers", None,
                           "full recomputation needs a method and a number of layers",
                           "set recompute.method (uniform|block) and recompute.num_layers")
+    if r.distribute_saved_activations:  # Megatron-LM's validate_args asserts and TransformerConfig's check
+        p = cfg.parallel
+        why = ("needs full recomputation (its chunks' inputs are what is split)" if r.granularity != "full" else
+               "needs tp > 1 (it splits across the tp ranks)" if p.tp == 1 else
+               "cannot run with sequence parallel (Megatron-Core refuses it: the inputs are already split)"
+               if p.sequence_parallel else None)
+        if why:
+            raise ConfigError("recompute.distribute_saved_activations", True, why,
+                              "drop it, or set recompute.granularity full at tp > 1 without sequence parallel")
     if r.granularity != "full" and (r.method is not None or r.num_layers is not None):
         field, value = ("recompute.method", r.method) if r.method else ("recompute.num_layers", r.num_layers)
         raise ConfigError(field, value, f"applies to full recomputation only (granularity is {r.granularity})",

@@ -339,6 +339,10 @@ class RecomputeConfig(_Section):
     """Full recompute: uniform (chunks of num_layers) or block (first num_layers per stage)."""
     num_layers: Optional[PositiveInt] = None
     """Layers per chunk (uniform) or per pipeline stage (block) recomputed under full."""
+    distribute_saved_activations: bool = False
+    """Full recompute at tp > 1 without sequence parallel: each tp rank keeps 1/tp of every recomputed chunk's
+    input, gathered again before its recompute (Megatron-Core's ``distribute_saved_activations``;
+    ``--distribute-saved-activations``, Megatron-DeepSpeed's ``--partition-activations``)."""
 
 
 class CheckpointConfig(_Section):

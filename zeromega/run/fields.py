@@ -81,6 +81,7 @@ APPLIED: dict[str, tuple[str, ...]] = {
     "recompute.granularity": ("integrations/megatron/model.py",),
     "recompute.method": ("integrations/megatron/model.py",),
     "recompute.num_layers": ("integrations/megatron/model.py",),
+    "recompute.distribute_saved_activations": ("integrations/megatron/model.py",),
     "checkpoint.save": ("zeromega/run/checkpointing.py", "zeromega/run/run.py"),
     "checkpoint.load": ("zeromega/run/checkpointing.py", "zeromega/run/run.py"),
     "checkpoint.interval": ("zeromega/run/checkpointing.py",),
