@@ -38,7 +38,7 @@ from pydantic import TypeAdapter, ValidationError
 from zeromega.config.schema import AioConfig, RunConfig, coerce
 from zeromega.config.errors import ConfigError
 from zeromega.plugins.zero.ds_config import (  # noqa: F401 (the writer half of this dialect, re-exported)
-    CPU_ZERO_DEFAULTS, FP16_KEYS, SCHEDULERS, _batch_keys, deepspeed_scheduler, to_deepspeed)
+    CPU_ZERO_DEFAULTS, FP16_KEYS, SCHEDULERS, _batch_keys, deepspeed_scheduler, reduce_dtype_keys, to_deepspeed)
 
 from . import limits
 from .partial import check_keys, flatten, merge, set_path
@@ -327,7 +327,10 @@ def from_deepspeed(ds: dict) -> dict:
     for key, path in TOP_LEVEL.items():
         reader.put(key, path, ds.pop(key, None))
     _read_precision(ds, reader)
+    zero = ds.get("zero_optimization")
+    stage = int(zero) if isinstance(zero, bool) else zero.get("stage", 0) if isinstance(zero, dict) else 0
     _read_zero(ds, reader)
+    _read_data_parallel(ds, reader, stage)
     aio = _object(ds.pop("aio", None), "aio")
     for key in AIO_KEYS:
         reader.put(f"aio.{key}", f"zero.aio.{key}", aio.pop(key, None))
@@ -478,6 +481,36 @@ def _read_zero(ds: dict, reader: _Reader) -> None:
         ds["zero_optimization"] = zero
 
 
+def _read_data_parallel(ds: dict, reader: _Reader, stage: Any) -> None:
+    """The ``ddp`` fields DeepSpeed's keys state with the same meaning, read exactly as
+    :func:`~zeromega.plugins.zero.ds_config.to_deepspeed` writes them (so a file reads back to its keys):
+    ZeRO 1-3's ``overlap_comm`` (its default differs by stage, so unstated stays unstated) and
+    ``reduce_bucket_size`` (not zeromega's own CPU default, which the writer adds for an unset field; ZeRO-0
+    uses neither); the reduce dtype when ``communication_data_type`` (and ``data_types``) are exactly
+    what ``ddp.grad_reduce_in_fp32`` writes at this stage and precision. Anything else stays DeepSpeed's."""
+    if not isinstance(stage, int) or isinstance(stage, bool):
+        return  # "auto", or a bad value DeepSpeed's own check reports
+    zero = ds.get("zero_optimization", {})
+    if stage >= 1:
+        if zero.get("overlap_comm", AUTO) != AUTO:
+            reader.put("zero_optimization.overlap_comm", "ddp.overlap_grad_reduce", zero.pop("overlap_comm"))
+        if zero.get("reduce_bucket_size", AUTO) not in (AUTO, CPU_ZERO_DEFAULTS["reduce_bucket_size"]):
+            reader.put("zero_optimization.reduce_bucket_size", "ddp.bucket_size", zero.pop("reduce_bucket_size"))
+        if not zero:
+            ds.pop("zero_optimization", None)
+    precision = reader.sources["DeepSpeed config"].get("precision")
+    types = ds.get("data_types")
+    stated = {key: ds[key] for key in ("communication_data_type", "data_types") if key in ds}
+    if precision not in ("bf16", "fp16") or "communication_data_type" not in stated \
+            or types is not None and (not isinstance(types, dict) or set(types) != {"grad_accum_dtype"}):
+        return
+    for fp32 in (True, False):
+        if stated == reduce_dtype_keys(stage, precision, fp32):
+            for key in stated:
+                del ds[key]
+            reader.put("communication_data_type", "ddp.grad_reduce_in_fp32", fp32)
+
+
 def _is_adamw(optimizer: dict) -> bool:
     """DeepSpeed's "Adam"/"AdamW" types are decoupled-decay Adam unless adam_w_mode is false."""
     kind = str(optimizer.get("type", "")).lower()
@@ -611,6 +644,12 @@ def finish(merged: dict, megatron: bool = False, origin: Optional[dict[str, str]
             current = merged.get(section, {})
             if isinstance(current, dict) and leaf not in current:  # a non-section: validation reports it
                 set_path(merged, path, value)
+    if megatron and defaults[0] is None and merged.get("precision") == "bf16":
+        # Megatron-LM flags without a DeepSpeed JSON (which would own the gradients, as in Megatron-DeepSpeed):
+        # core_v0.16.1's validate_args accumulates and reduces bf16 gradients in fp32 unless --grad-reduce-in-bf16
+        ddp = merged.setdefault("ddp", {})
+        if isinstance(ddp, dict):  # another type: validation reports it
+            ddp.setdefault("grad_reduce_in_fp32", True)
     ratios = merged.pop(RATIOS, None)
     if ratios:
         lr = coerce("optimizer.lr", _section(merged, "optimizer").get("lr", RunConfig().optimizer.lr), "optimizer.lr")

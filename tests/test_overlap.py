@@ -353,3 +353,118 @@ def test_no_check_for_nan_is_accepted_with_its_note(capfd, monkeypatch):
     assert megatron_args.parse(["--no-check-for-nan-in-loss-and-grad"]).unknown == []
     notes = [line for line in capfd.readouterr().err.splitlines() if "note:" in line]
     assert len(notes) == 1 and "--no-check-for-nan-in-loss-and-grad: the loss and gradients are not checked" in notes[0]
+
+
+# ------------------------------------------------------------------ Megatron-LM's fp32 gradients for bf16 on DeepSpeed
+
+MEGATRON_BF16 = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "32",
+                 "--micro-batch-size", "1", "--global-batch-size", "4", "--lr", "1e-4", "--bf16"]
+
+
+def test_megatron_flags_alone_mean_megatron_lms_fp32_gradients_for_bf16(tmp_path):
+    # core_v0.16.1's validate_args: --bf16 sets accumulate_allreduce_grads_in_fp32 unless --grad-reduce-in-bf16.
+    # Before, the unset field left DeepSpeed's engine reducing and accumulating in bf16.
+    import json
+
+    from zeromega.launch import megatron_args, translate
+    from zeromega.plugins.zero.ds_config import ddp_fallbacks, to_deepspeed
+
+    cfg = translate.build(None, MEGATRON_BF16)
+    assert cfg.ddp.grad_reduce_in_fp32 is True
+    assert not [flag for flag in megatron_args.to_argv(cfg) if "grad" in flag]  # Megatron-LM's default: unsaid
+    assert translate.build(None, MEGATRON_BF16 + ["--grad-reduce-in-bf16"]).ddp.grad_reduce_in_fp32 is False
+    by_stage = {stage: to_deepspeed(translate.build(None, MEGATRON_BF16 + ["--zero-stage", str(stage)]))
+                for stage in (0, 1, 2, 3)}
+    for stage, ds in by_stage.items():
+        assert ds["communication_data_type"] == "fp32", stage
+        assert ds.get("data_types") == ({"grad_accum_dtype": "fp32"} if stage >= 2 else None), stage
+    # ZeRO-0/1 accumulate in bf16 (DeepSpeed refuses, or swaps the optimizer for, fp32 accumulation): one line
+    zero1 = translate.build(None, MEGATRON_BF16 + ["--use-distributed-optimizer"])
+    assert len(ddp_fallbacks(zero1)) == 1 and "accumulates a step's micro-batches in bf16" in ddp_fallbacks(zero1)[0]
+    assert ddp_fallbacks(translate.build(None, MEGATRON_BF16 + ["--zero-stage", "2"])) == []
+    # with a DeepSpeed JSON the gradients are DeepSpeed's (Megatron-DeepSpeed), and a JSON alone is DeepSpeed's
+    config = tmp_path / "ds.json"
+    config.write_text(json.dumps({"train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": True}}))
+    assert translate.build(str(config), MEGATRON_BF16).ddp.grad_reduce_in_fp32 is None
+    assert translate.build(str(config)).ddp.grad_reduce_in_fp32 is None
+
+
+def _deepspeed_accumulates_and_reduces(ds: dict) -> dict:
+    """Two bf16 micro-batches through ``deepspeed.initialize(config=ds)``: the optimizer DeepSpeed builds, the
+    dtype its ZeRO-2 gradient partitions accumulate in, and the dtypes of its all-reduces."""
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 4))
+    ds = dict(ds, train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=2, train_batch_size=4)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()), config=ds)
+    reduced, accumulated = set(), set()
+    all_reduce = dist.all_reduce
+
+    def recording(tensor, *args, **kwargs):
+        reduced.add(str(tensor.dtype))
+        return all_reduce(tensor, *args, **kwargs)
+
+    dist.all_reduce = recording
+    try:
+        for micro in range(2):
+            x = torch.randn(1, 16, dtype=torch.bfloat16) * (dist.get_rank() + 1)
+            engine.backward(engine(x).float().pow(2).mean())
+            if micro == 0:
+                accumulated |= {str(g.dtype) for g in getattr(engine.optimizer, "averaged_gradients", {}).get(0, [])}
+            engine.step()
+    finally:
+        dist.all_reduce = all_reduce
+    return {"optimizer": type(engine.optimizer).__name__, "accumulated": accumulated,
+            "reduced": reduced - {"torch.uint8"}}  # uint8: the overflow flag
+
+
+def test_deepspeed_zero2_accumulates_and_reduces_megatron_lms_bf16_gradients_in_fp32():
+    # 2 gloo ranks: the keys the bf16 Megatron-flag run gets make DeepSpeed's ZeRO-2 keep its gradient partition
+    # in fp32 across micro-batches and all-reduce in fp32 (its default: bf16 both)
+    from zeromega.launch import translate
+    from zeromega.plugins.zero.ds_config import to_deepspeed
+
+    ds = to_deepspeed(translate.build(None, MEGATRON_BF16 + ["--zero-stage", "2"]))
+    ds = {key: ds[key] for key in ("zero_optimization", "bf16", "communication_data_type", "data_types")}
+    result = run_world(2, _deepspeed_accumulates_and_reduces, ds)[0]
+    assert result == {"optimizer": "DeepSpeedZeroOptimizer", "accumulated": {"torch.float32"},
+                      "reduced": {"torch.float32"}}
+
+
+def test_a_deepspeed_jsons_own_overlap_bucket_and_reduce_dtype_reach_megatron_flags():
+    # overlap_comm, reduce_bucket_size and communication_data_type were passed through to DeepSpeed only, so
+    # --to megatron lost them; read into the ddp fields, they are written as Megatron-LM's flags, and the JSON
+    # written back holds the same keys
+    from zeromega.launch import megatron_args, translate
+    from zeromega.launch.deepspeed_json import from_deepspeed
+    from zeromega.plugins.zero.ds_config import to_deepspeed
+
+    def read(ds: dict):
+        return translate.resolve([("DeepSpeed", from_deepspeed({"train_micro_batch_size_per_gpu": 1, **ds}))])
+
+    stated = {"bf16": {"enabled": True}, "communication_data_type": "bf16",
+              "zero_optimization": {"stage": 1, "overlap_comm": True, "reduce_bucket_size": 5000}}
+    cfg = read(stated)
+    assert cfg.ddp.model_dump(exclude_defaults=True) == {"overlap_grad_reduce": True, "grad_reduce_in_fp32": False,
+                                                         "bucket_size": 5000}
+    argv = megatron_args.to_argv(cfg)
+    assert {"--overlap-grad-reduce", "--grad-reduce-in-bf16"} <= set(argv)
+    assert argv[argv.index("--ddp-bucket-size") + 1] == "5000"
+    written = to_deepspeed(cfg, standalone=True)
+    assert written["zero_optimization"]["overlap_comm"] is True and written["communication_data_type"] == "bf16"
+    assert written["zero_optimization"]["reduce_bucket_size"] == 5000
+    # ZeRO-2's fp32 pair reads as fp32 gradients (Megatron-LM's bf16 default: no flag); fp32 reduce alone at
+    # ZeRO-2 (bf16 accumulation) has no Megatron-LM meaning and stays DeepSpeed's
+    zero2 = {"bf16": {"enabled": True}, "zero_optimization": {"stage": 2}, "communication_data_type": "fp32"}
+    assert read({**zero2, "data_types": {"grad_accum_dtype": "fp32"}}).ddp.grad_reduce_in_fp32 is True
+    alone = read(zero2)
+    assert alone.ddp.grad_reduce_in_fp32 is None and alone.deepspeed_extra["communication_data_type"] == "fp32"
+    # unstated overlap_comm stays unstated (DeepSpeed's default differs by stage); ZeRO-0 uses neither key, and a
+    # bucket equal to the CPU default the writer adds for an unset field is not a statement
+    assert read({"zero_optimization": {"stage": 3}}).ddp.overlap_grad_reduce is None
+    zero0 = read({"zero_optimization": {"stage": 0, "overlap_comm": True, "reduce_bucket_size": 5000}})
+    assert zero0.ddp.overlap_grad_reduce is None and zero0.deepspeed_extra["zero_optimization"]["overlap_comm"]
+    assert read({"zero_optimization": {"stage": 2, "reduce_bucket_size": int(2e7)}}).ddp.bucket_size is None

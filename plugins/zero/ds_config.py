@@ -109,7 +109,23 @@ def _data_parallel(cfg: RunConfig, ds: dict, zero: dict) -> None:
         if d.bucket_size is not None:
             zero["reduce_bucket_size"] = d.bucket_size
     if d.grad_reduce_in_fp32 is not None and cfg.precision != "fp32":
-        ds["communication_data_type"] = "fp32" if d.grad_reduce_in_fp32 else cfg.precision
+        for key, value in reduce_dtype_keys(cfg.zero.stage, cfg.precision, d.grad_reduce_in_fp32).items():
+            ds[key] = {**ds.get(key, {}), **value} if isinstance(value, dict) else value
+
+
+def reduce_dtype_keys(stage: int, precision: str, fp32: bool) -> dict:
+    """DeepSpeed 0.19's keys for ``ddp.grad_reduce_in_fp32`` on a bf16/fp16 run at a ZeRO stage (the JSON reader
+    reads exactly these back). fp32: ``communication_data_type`` fp32 reduces in fp32 at every stage; ZeRO-2/3
+    also accumulate micro-batches in fp32 with ``data_types.grad_accum_dtype`` fp32 (their gradient
+    partitions, ``averaged_gradients`` at ZeRO-2, become fp32). ZeRO-0 refuses that mix (``deepspeed.initialize``
+    raises NotImplementedError 'unsupported mix of model_dtype=torch.bfloat16 and grad_accum_dtype=torch.float32')
+    and ZeRO-1 swaps its ZeRO optimizer for BF16_Optimizer, so both accumulate in the parameters' dtype
+    (:func:`ddp_fallbacks` says so). False: reduce (and accumulate) in the parameters' dtype."""
+    if not fp32:
+        return {"communication_data_type": precision}
+    if stage >= 2:
+        return {"communication_data_type": "fp32", "data_types": {"grad_accum_dtype": "fp32"}}
+    return {"communication_data_type": "fp32"}
 
 
 def ddp_fallbacks(cfg: RunConfig) -> list[str]:
@@ -128,9 +144,15 @@ def ddp_fallbacks(cfg: RunConfig) -> list[str]:
     if d.average_in_collective:
         lines.append("ddp.average_in_collective (--ddp-average-in-collective): DeepSpeed divides the gradients by "
                      "the data-parallel size around a summing collective (same values up to rounding)")
-    if d.grad_reduce_in_fp32 and cfg.precision != "fp32" and stage < 3:
-        lines.append("ddp.grad_reduce_in_fp32 (--accumulate-allreduce-grads-in-fp32): DeepSpeed's ZeRO 0-2 reduce in "
-                     f"fp32 (communication_data_type) but accumulate micro-batches in {cfg.precision}")
+    b = cfg.batch
+    # more than one micro-batch per step (at some dp size: the world size is not known here)
+    accumulates = b.accumulation > 1 if b.accumulation else b.global_ is not None and b.global_ != b.micro
+    if d.grad_reduce_in_fp32 and cfg.precision != "fp32" and stage < 2 and accumulates:
+        lines.append(f"ddp.grad_reduce_in_fp32 (Megatron-LM's fp32 gradients for --{cfg.precision}): DeepSpeed's "
+                     f"ZeRO-{stage} reduces in fp32 (communication_data_type) but accumulates a step's micro-batches in "
+                     f"{cfg.precision} (DeepSpeed's fp32 accumulation, data_types.grad_accum_dtype, is set at "
+                     "ZeRO-2/3 only: " + ("ZeRO-0 refuses it" if stage == 0 else "at ZeRO-1 it swaps the ZeRO "
+                     "optimizer for another") + "; zero.stage 2 has it)")
     return lines
 
 
