@@ -160,7 +160,7 @@ def _train_counting_splits(argv: list[str]) -> dict:
 
 @pytest.mark.slow
 def test_partitioned_activations_keep_the_loss_curve_at_tp2(small_corpus):
-    """Slow (about 80 s on 2 busy cores): the whole run from the flags. 2 gloo ranks, tp 2, dropout on (the recompute restores the RNG states): the same losses, bit for bit
+    """Slow (37-81 s on 2 shared cores): the whole run from the flags. 2 gloo ranks, tp 2, dropout on (the recompute restores the RNG states): the same losses, bit for bit
     (only where the chunk inputs are stored changes), and the split is taken for every chunk of every
     micro-batch (2 layers in chunks of 1, 1 micro-batch per step, 3 steps: 6); none without the flag."""
     argv = [*COMMON, "--data-path", small_corpus]
