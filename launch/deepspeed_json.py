@@ -484,18 +484,17 @@ def _read_zero(ds: dict, reader: _Reader) -> None:
 def _read_data_parallel(ds: dict, reader: _Reader, stage: Any) -> None:
     """The ``ddp`` fields DeepSpeed's keys state with the same meaning, read exactly as
     :func:`~zeromega.plugins.zero.ds_config.to_deepspeed` writes them (so a file reads back to its keys):
-    ZeRO 1-3's ``overlap_comm`` (its default differs by stage, so unstated stays unstated) and
-    ``reduce_bucket_size`` (not zeromega's own CPU default, which the writer adds for an unset field; ZeRO-0
-    uses neither); the reduce dtype when ``communication_data_type`` (and ``data_types``) are exactly
-    what ``ddp.grad_reduce_in_fp32`` writes at this stage and precision. Anything else stays DeepSpeed's."""
+    ZeRO 1-3's ``overlap_comm`` (its default differs by stage, so unstated stays unstated; ZeRO-0 has none);
+    the reduce dtype when ``communication_data_type`` (and ``data_types``) are exactly what
+    ``ddp.grad_reduce_in_fp32`` writes at this stage and precision. Anything else stays DeepSpeed's, and so
+    does ``reduce_bucket_size``: an "auto" one is filled later (the HF Trainer's h x h) and an unset
+    ``ddp.bucket_size`` is written as zeromega's CPU default, so a stated number does not say which it was."""
     if not isinstance(stage, int) or isinstance(stage, bool):
         return  # "auto", or a bad value DeepSpeed's own check reports
     zero = ds.get("zero_optimization", {})
     if stage >= 1:
         if zero.get("overlap_comm", AUTO) != AUTO:
             reader.put("zero_optimization.overlap_comm", "ddp.overlap_grad_reduce", zero.pop("overlap_comm"))
-        if zero.get("reduce_bucket_size", AUTO) not in (AUTO, CPU_ZERO_DEFAULTS["reduce_bucket_size"]):
-            reader.put("zero_optimization.reduce_bucket_size", "ddp.bucket_size", zero.pop("reduce_bucket_size"))
         if not zero:
             ds.pop("zero_optimization", None)
     precision = reader.sources["DeepSpeed config"].get("precision")

@@ -142,6 +142,8 @@ FLAGS: dict[str, tuple[str, Any]] = {
     "--overlap-param-gather": ("ddp.overlap_param_gather", SWITCH),
     "--ddp-bucket-size": ("ddp.bucket_size", int),
     "--ddp-average-in-collective": ("ddp.average_in_collective", SWITCH),
+    "--ddp-num-buckets": ("ddp.num_buckets", int),
+    "--ddp-pad-buckets-for-high-nccl-busbw": ("ddp.pad_buckets_for_high_nccl_busbw", SWITCH),
     "--log-params-norm": ("logging.log_params_norm", SWITCH),
     "--log-num-zeros-in-grad": ("logging.log_num_zeros_in_grad", SWITCH),
     "--log-optimizer-states-to-tensorboard": ("logging.log_optimizer_states_to_tensorboard", SWITCH),
@@ -189,6 +191,8 @@ NOTED: dict[str, tuple[Any, str]] = {
     "--ckpt-format": (1, "checkpoints use zeromega's format (zeromega export converts them)"),
     "--no-async-tensor-model-parallel-allreduce": (0, "tp all-reduces are synchronous, as asked"),
     "--use-pytorch-profiler": (0, "--profile always uses torch.profiler here"),
+    "--overlap-param-gather-with-optimizer-step": (0, "the first chunk's all-gather runs in its next forward pass, "
+                                                    "not during the optimizer step (same values)"),
     "--no-check-for-nan-in-loss-and-grad": (0, "the loss and gradients are not checked for NaN (zeromega never "
                                                "stops on one; the log line counts NaN iterations), as asked"),
     "--deepspeed-activation-checkpointing": (0, "recompute runs through Megatron-Core's (--checkpoint-activations "
@@ -211,7 +215,9 @@ NEGATIONS: dict[str, str] = {"--no-progress": "logging.progress", "--disable-bia
                              "--no-manual-gc-eval": "scheduler.manual_gc_eval",
                              "--disable-manual-gc-eval": "scheduler.manual_gc_eval",
                              "--no-log-loss-scale-to-tensorboard": "logging.log_loss_scale_to_tensorboard",
-                             "--disable-log-loss-scale-to-tensorboard": "logging.log_loss_scale_to_tensorboard"}
+                             "--disable-log-loss-scale-to-tensorboard": "logging.log_loss_scale_to_tensorboard",
+                             "--no-align-grad-reduce": "ddp.align_grad_reduce",
+                             "--no-align-param-gather": "ddp.align_param_gather"}
 # Flags with a rule of their own: flag -> (value kind, number of values: 0, 1 or "+").
 SPECIAL: dict[str, tuple[Any, Any]] = {
     "--bf16": (None, 0),
@@ -573,6 +579,23 @@ def _data_parallel(known: dict, put, partial: dict, precision: list) -> None:
             raise ConfigError("--overlap-param-gather", True, "without --overlap-grad-reduce (Megatron-LM asserts: "
                               "'Must use --overlap-param-gather with --overlap-grad-reduce')",
                               "add --overlap-grad-reduce")
+    if "--ddp-num-buckets" in known:
+        buckets = _convert("--ddp-num-buckets", int, known["--ddp-num-buckets"][0])
+        if "--ddp-bucket-size" in known:
+            raise ConfigError("--ddp-num-buckets", buckets, "given with --ddp-bucket-size (Megatron-LM asserts: "
+                              "'Cannot specify both --ddp-num-buckets and --ddp-bucket-size')", "pass one of them")
+    if "--overlap-param-gather-with-optimizer-step" in known:  # Megatron-LM's validate_args asserts
+        for needed, why in (("--use-distributed-optimizer", "only supported with distributed optimizer"),
+                            ("--overlap-param-gather", "Must use --overlap-param-gather-with-optimizer-step with "
+                                                       "--overlap-param-gather"),
+                            ("--num-layers-per-virtual-pipeline-stage", "only supported with interleaved pipeline "
+                                                                        "parallelism")):
+            stated = needed in known or needed == "--use-distributed-optimizer" and \
+                partial.get("zero", {}).get("stage", 0) >= 1 or needed.startswith("--num-layers-per-virtual") and \
+                ("--num-virtual-stages-per-pipeline-rank" in known or partial.get("parallel", {}).get("vpp"))
+            if not stated:
+                raise ConfigError("--overlap-param-gather-with-optimizer-step", True, f"without {needed} "
+                                  f"(Megatron-LM asserts: '{why}')", f"add {needed}")
     in_bf16, in_fp32 = "--grad-reduce-in-bf16" in known, "--accumulate-allreduce-grads-in-fp32" in known
     if in_bf16 or in_fp32:
         # under --bf16, --grad-reduce-in-bf16 clears accumulate_allreduce_grads_in_fp32; otherwise only the latter
@@ -1059,6 +1082,11 @@ def write_argv(cfg: RunConfig, target: str = "megatron", layout=None,
         emit("--grad-reduce-in-bf16")
     elif cfg.ddp.grad_reduce_in_fp32 and cfg.precision == "fp16":  # Megatron-LM reduces fp16 in fp16 without it
         emit("--accumulate-allreduce-grads-in-fp32")
+    if not deepspeed:
+        for flag, path in (("--no-align-grad-reduce", "align_grad_reduce"),
+                           ("--no-align-param-gather", "align_param_gather")):
+            if not getattr(cfg.ddp, path):
+                emit(flag)
     if differs("--initial-loss-scale", 2 ** cfg.loss_scaling.initial_scale_power):
         emit("--initial-loss-scale", 2 ** cfg.loss_scaling.initial_scale_power)
     if cfg.data.path is not None:

@@ -236,11 +236,13 @@ def test_the_ddp_section_goes_to_megatron_flags_and_back():
     from zeromega.launch import megatron_args
 
     ddp = {"overlap_grad_reduce": True, "overlap_param_gather": True, "grad_reduce_in_fp32": False,
-           "bucket_size": 123456, "average_in_collective": True}
+           "bucket_size": 123456, "average_in_collective": True, "num_buckets": None,
+           "pad_buckets_for_high_nccl_busbw": True, "align_grad_reduce": False, "align_param_gather": False}
     cfg = validate({"ddp": ddp, "zero": {"stage": 1}, "precision": "bf16"})
     argv = megatron_args.to_argv(cfg)
     for flag in ("--overlap-grad-reduce", "--overlap-param-gather", "--grad-reduce-in-bf16",
-                 "--ddp-average-in-collective", "--use-distributed-optimizer"):
+                 "--ddp-average-in-collective", "--use-distributed-optimizer", "--ddp-pad-buckets-for-high-nccl-busbw",
+                 "--no-align-grad-reduce", "--no-align-param-gather"):
         assert flag in argv
     assert argv[argv.index("--ddp-bucket-size") + 1] == "123456"
     assert validate(megatron_args.parse(argv).partial).ddp.model_dump() == ddp
@@ -435,9 +437,9 @@ def test_deepspeed_zero2_accumulates_and_reduces_megatron_lms_bf16_gradients_in_
 
 
 def test_a_deepspeed_jsons_own_overlap_bucket_and_reduce_dtype_reach_megatron_flags():
-    # overlap_comm, reduce_bucket_size and communication_data_type were passed through to DeepSpeed only, so
-    # --to megatron lost them; read into the ddp fields, they are written as Megatron-LM's flags, and the JSON
-    # written back holds the same keys
+    # overlap_comm and communication_data_type were passed through to DeepSpeed only, so --to megatron lost
+    # them; read into the ddp fields, they are written as Megatron-LM's flags, and the JSON written back holds
+    # the same keys (reduce_bucket_size stays DeepSpeed's: "auto" or zeromega's CPU default look the same)
     from zeromega.launch import megatron_args, translate
     from zeromega.launch.deepspeed_json import from_deepspeed
     from zeromega.plugins.zero.ds_config import to_deepspeed
@@ -448,11 +450,9 @@ def test_a_deepspeed_jsons_own_overlap_bucket_and_reduce_dtype_reach_megatron_fl
     stated = {"bf16": {"enabled": True}, "communication_data_type": "bf16",
               "zero_optimization": {"stage": 1, "overlap_comm": True, "reduce_bucket_size": 5000}}
     cfg = read(stated)
-    assert cfg.ddp.model_dump(exclude_defaults=True) == {"overlap_grad_reduce": True, "grad_reduce_in_fp32": False,
-                                                         "bucket_size": 5000}
+    assert cfg.ddp.model_dump(exclude_defaults=True) == {"overlap_grad_reduce": True, "grad_reduce_in_fp32": False}
     argv = megatron_args.to_argv(cfg)
     assert {"--overlap-grad-reduce", "--grad-reduce-in-bf16"} <= set(argv)
-    assert argv[argv.index("--ddp-bucket-size") + 1] == "5000"
     written = to_deepspeed(cfg, standalone=True)
     assert written["zero_optimization"]["overlap_comm"] is True and written["communication_data_type"] == "bf16"
     assert written["zero_optimization"]["reduce_bucket_size"] == 5000
@@ -462,9 +462,61 @@ def test_a_deepspeed_jsons_own_overlap_bucket_and_reduce_dtype_reach_megatron_fl
     assert read({**zero2, "data_types": {"grad_accum_dtype": "fp32"}}).ddp.grad_reduce_in_fp32 is True
     alone = read(zero2)
     assert alone.ddp.grad_reduce_in_fp32 is None and alone.deepspeed_extra["communication_data_type"] == "fp32"
-    # unstated overlap_comm stays unstated (DeepSpeed's default differs by stage); ZeRO-0 uses neither key, and a
-    # bucket equal to the CPU default the writer adds for an unset field is not a statement
+    # unstated overlap_comm stays unstated (DeepSpeed's default differs by stage); ZeRO-0 has no overlap_comm
     assert read({"zero_optimization": {"stage": 3}}).ddp.overlap_grad_reduce is None
-    zero0 = read({"zero_optimization": {"stage": 0, "overlap_comm": True, "reduce_bucket_size": 5000}})
+    zero0 = read({"zero_optimization": {"stage": 0, "overlap_comm": True}})
     assert zero0.ddp.overlap_grad_reduce is None and zero0.deepspeed_extra["zero_optimization"]["overlap_comm"]
-    assert read({"zero_optimization": {"stage": 2, "reduce_bucket_size": int(2e7)}}).ddp.bucket_size is None
+
+
+# ------------------------------------------------------------------ Megatron-LM 0.16.1's other DDP flags
+
+def _ddp_wiring(ddp: dict) -> dict:
+    """What Megatron-Core's engine builds for a ddp section: DDP's config fields and the schedule's sync hooks."""
+    from zeromega.config.schema import RunConfig
+    from zeromega.integrations import comm
+    from zeromega.integrations.megatron import model, parallel
+    from zeromega.plugins.megatron.pipeline import MegatronTrainer
+
+    comm.install()
+    cfg = RunConfig.model_validate({**_cfg(1, False), "ddp": ddp})
+    layout = parallel.initialize(cfg, seed=1)
+    trainer = MegatronTrainer(model.GPTShape(**SHAPE), cfg, layout)
+    chunk = trainer.chunks[0]
+    params = sum(p.numel() for p in chunk.module.parameters())
+    out = {"bucket_size": chunk.ddp_config.bucket_size, "params": params, "buckets": len(chunk.buffers[0].buckets),
+           "pad": chunk.ddp_config.pad_buckets_for_high_nccl_busbw,
+           "grad_sync": trainer.config.grad_sync_func is not None}
+    parallel.shutdown()
+    return out
+
+
+def test_megatron_lms_ddp_num_buckets_pad_and_align_flags_reach_megatron_cores_ddp():
+    # before, the flags were refused as unknown; now --ddp-num-buckets sizes the buckets as Megatron-LM's
+    # get_model does (the rank's parameters // N), the pad flag is DDP's own field, and --no-align-grad-reduce
+    # leaves each stage's reduces to its buckets (no grad_sync_func for the schedule)
+    from zeromega.launch import megatron_args
+
+    ddp = megatron_args.parse(["--overlap-grad-reduce", "--ddp-num-buckets", "3", "--no-align-grad-reduce",
+                               "--ddp-pad-buckets-for-high-nccl-busbw", "--no-align-param-gather"]).partial["ddp"]
+    assert ddp == {"overlap_grad_reduce": True, "num_buckets": 3, "align_grad_reduce": False,
+                   "pad_buckets_for_high_nccl_busbw": True, "align_param_gather": False}
+    built = run_world(1, _ddp_wiring, ddp)[0]
+    assert built["bucket_size"] == built["params"] // 3 and built["buckets"] >= 3
+    assert built["pad"] is True and built["grad_sync"] is False
+    assert run_world(1, _ddp_wiring, {"overlap_grad_reduce": True})[0]["grad_sync"] is True
+
+
+@pytest.mark.parametrize("argv, fix", [
+    (["--ddp-num-buckets", "2", "--ddp-bucket-size", "1000"], "pass one of them"),
+    (["--overlap-param-gather-with-optimizer-step"], "add --use-distributed-optimizer"),
+    (["--use-distributed-optimizer", "--overlap-param-gather-with-optimizer-step"], "add --overlap-param-gather"),
+    (["--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather",
+      "--overlap-param-gather-with-optimizer-step"], "add --num-layers-per-virtual-pipeline-stage"),
+])
+def test_megatron_lms_asserts_on_the_other_ddp_flags_refuse_before_launch(argv, fix):
+    from zeromega.config import ConfigError
+    from zeromega.launch import megatron_args
+
+    with pytest.raises(ConfigError) as err:
+        megatron_args.parse(argv)
+    assert err.value.fix == fix

@@ -62,8 +62,9 @@ def test_hf_trainer_auto_config_resolves_from_world_size(tmp_path):
     assert cfg.scheduler.decay_style == "linear" and cfg.scheduler.warmup_style == "log"
     layout = cfg.layout(8)
     assert (layout.micro, layout.accumulation, layout.global_batch) == (8, 1, 64)
-    extra = cfg.deepspeed_extra["zero_optimization"]
-    assert extra["overlap_comm"] is True and extra["reduce_bucket_size"] == 2e8  # passed through
+    assert cfg.ddp.overlap_grad_reduce is True  # read into the ddp section
+    zero = translate.to_deepspeed(cfg)["zero_optimization"]
+    assert zero["overlap_comm"] is True and zero["reduce_bucket_size"] == 2e8  # and written back
 
 
 def test_auto_batch_filled_from_megatron_flags():

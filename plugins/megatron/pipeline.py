@@ -144,11 +144,15 @@ class MegatronTrainer:
         # Megatron-LM's DDP arguments (training.py get_model): the fields of the run's ddp section; a bucket size
         # only matters under overlap (DDP puts every gradient in one bucket otherwise)
         self.overlap_param_gather = d.overlap_param_gather and distributed_optimizer
+        bucket_size = d.bucket_size
+        if d.num_buckets is not None:  # --ddp-num-buckets: the rank's parameter count (all chunks) over them
+            bucket_size = sum(p.numel() for chunk in chunks for p in chunk.parameters()) // d.num_buckets
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=d.grads_in_fp32(cfg.precision), overlap_grad_reduce=overlap,
             overlap_param_gather=self.overlap_param_gather, use_distributed_optimizer=distributed_optimizer,
-            bucket_size=d.bucket_size if overlap else None, average_in_collective=d.average_in_collective,
-            align_param_gather=self.overlap_param_gather and self.virtual_stages > 1)
+            bucket_size=bucket_size if overlap else None, average_in_collective=d.average_in_collective,
+            pad_buckets_for_high_nccl_busbw=d.pad_buckets_for_high_nccl_busbw,
+            align_param_gather=self.overlap_param_gather and self.virtual_stages > 1 and d.align_param_gather)
         self.chunks = [DistributedDataParallel(config=self.config, ddp_config=ddp_config, module=chunk,
                                                disable_bucketing=i > 0)
                        for i, chunk in enumerate(chunks)]
@@ -183,7 +187,8 @@ class MegatronTrainer:
         self.config.grad_scale_func = self.optimizer.scale_loss if cfg.precision == "fp16" else None
         if len(self.chunks) > 1 or overlap:
             self.config.no_sync_func = self._one_or_list([c.no_sync for c in self.chunks])
-        if overlap:  # Megatron-LM's train(): every stage starts its reduce as its last backward ends (align)
+        if overlap and cfg.ddp.align_grad_reduce:  # Megatron-LM's train(): every stage starts its reduce as its
+            # last backward ends (--no-align-grad-reduce: each stage's buckets start their own)
             self.config.grad_sync_func = self._one_or_list([c.start_grad_sync for c in self.chunks])
         self._param_sync_func = None
         if ddp_config.align_param_gather:  # interleaved: the schedule starts each chunk's gather in turn

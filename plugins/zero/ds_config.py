@@ -149,8 +149,8 @@ def ddp_fallbacks(cfg: RunConfig) -> list[str]:
     accumulates = b.accumulation > 1 if b.accumulation else b.global_ is not None and b.global_ != b.micro
     if d.grad_reduce_in_fp32 and cfg.precision != "fp32" and stage < 2 and accumulates:
         lines.append(f"ddp.grad_reduce_in_fp32 (Megatron-LM's fp32 gradients for --{cfg.precision}): DeepSpeed's "
-                     f"ZeRO-{stage} reduces in fp32 (communication_data_type) but accumulates a step's micro-batches in "
-                     f"{cfg.precision} (DeepSpeed's fp32 accumulation, data_types.grad_accum_dtype, is set at "
+                     f"ZeRO-{stage} reduces in fp32 (communication_data_type) but accumulates a step's micro-batches "
+                     f"in {cfg.precision} (DeepSpeed's fp32 accumulation, data_types.grad_accum_dtype, is set at "
                      "ZeRO-2/3 only: " + ("ZeRO-0 refuses it" if stage == 0 else "at ZeRO-1 it swaps the ZeRO "
                      "optimizer for another") + "; zero.stage 2 has it)")
     return lines

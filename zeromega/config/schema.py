@@ -108,13 +108,30 @@ class DDPConfig(_Section):
     """Accumulate and reduce bf16/fp16 gradients in fp32 (True) or in the parameters' dtype (False):
     ``--accumulate-allreduce-grads-in-fp32`` / ``--grad-reduce-in-bf16``. Megatron-Core engine: DDP's
     ``grad_reduce_in_fp32`` (None: Megatron-LM's rule, fp32 for bf16 and fp16 for fp16); DeepSpeed engine:
-    ``communication_data_type`` fp32 or the parameters' dtype (None: DeepSpeed's default, the parameters')."""
+    ``communication_data_type`` fp32, with ``data_types.grad_accum_dtype`` fp32 at ZeRO-2/3 (ZeRO-0/1 accumulate
+    in the parameters' dtype), or the parameters' dtype (None: DeepSpeed's default, the parameters'). Megatron
+    flags without a DeepSpeed JSON set it True under ``--bf16``, as Megatron-LM's validate_args does."""
     bucket_size: Optional[PositiveInt] = None
     """Gradient elements per bucket under overlap_grad_reduce (``--ddp-bucket-size``; None: Megatron-Core's
     max(4e7, 1e6 x dp)). DeepSpeed engine: ZeRO's ``reduce_bucket_size``."""
     average_in_collective: bool = False
     """Average gradients inside the collective (ReduceOp.AVG) rather than scaling them by 1/dp before a sum
     (``--ddp-average-in-collective``; Megatron-Core engine only)."""
+    num_buckets: Optional[PositiveInt] = None
+    """Split each rank's parameters into this many buckets under overlap_grad_reduce: bucket_size = the rank's
+    parameter count // num_buckets (``--ddp-num-buckets``, Megatron-LM's get_model); not with bucket_size.
+    Megatron-Core engine only."""
+    pad_buckets_for_high_nccl_busbw: bool = False
+    """Pad the distributed optimizer's buckets to a multiple of lcm(dp, 128, 2**16) elements rather than
+    lcm(dp, 128), for NCCL's bus bandwidth at large dp (``--ddp-pad-buckets-for-high-nccl-busbw``;
+    Megatron-Core engine: DDP's own field, same values)."""
+    align_grad_reduce: bool = True
+    """Under overlap_grad_reduce, every pipeline stage starts its last reduces when its last backward ends, from
+    the schedule (True), or each stage as its buckets fill (``--no-align-grad-reduce``). Megatron-Core engine."""
+    align_param_gather: bool = True
+    """Under overlap_param_gather with virtual stages, the schedule starts each chunk's all-gather in turn
+    (True), or each chunk's forward pre-hook starts its own (``--no-align-param-gather``). Megatron-Core
+    engine; without virtual stages Megatron-LM turns it off."""
 
     def grads_in_fp32(self, precision: str) -> bool:
         """Whether Megatron-Core's engine keeps an fp32 gradient buffer: grad_reduce_in_fp32, or unset
