@@ -203,7 +203,8 @@ def test_the_same_rule_for_a_run_config(ddp, zero, fix):
 
 # Megatron-LM core_v0.16.1's validate_args: under --bf16, --grad-reduce-in-bf16 clears
 # accumulate_allreduce_grads_in_fp32 (on by default for bf16); under --fp16 only --accumulate-allreduce-grads-in-fp32
-# acts (fp16 gradients are otherwise reduced in fp16). None: unstated, Megatron-LM's rule on Megatron-Core's engine.
+# acts (fp16 gradients are otherwise reduced in fp16). None: unstated, Megatron-LM's rule on Megatron-Core's engine
+# (the flags' parse alone; resolved without a DeepSpeed JSON, --bf16's None becomes True: see below).
 # Written back, each says to Megatron-LM what zeromega's Megatron-Core engine runs: (argv, read, written, read back).
 REDUCE_DTYPE = [
     (["--bf16"], None, [], None),
