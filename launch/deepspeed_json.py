@@ -649,6 +649,13 @@ def finish(merged: dict, megatron: bool = False, origin: Optional[dict[str, str]
         ddp = merged.setdefault("ddp", {})
         if isinstance(ddp, dict):  # another type: validation reports it
             ddp.setdefault("grad_reduce_in_fp32", True)
+    if megatron and defaults[0] is None:
+        # and --check-for-nan-in-loss-and-grad, on by default except under fp16's dynamic loss scaling
+        scaling = merged.get("loss_scaling")
+        dynamic = merged.get("precision") == "fp16" and not (isinstance(scaling, dict) and scaling.get("loss_scale"))
+        scheduler = merged.setdefault("scheduler", {})
+        if isinstance(scheduler, dict) and not dynamic:
+            scheduler.setdefault("check_for_nan_in_loss_and_grad", True)
     ratios = merged.pop(RATIOS, None)
     if ratios:
         lr = coerce("optimizer.lr", _section(merged, "optimizer").get("lr", RunConfig().optimizer.lr), "optimizer.lr")

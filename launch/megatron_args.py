@@ -193,8 +193,6 @@ NOTED: dict[str, tuple[Any, str]] = {
     "--use-pytorch-profiler": (0, "--profile always uses torch.profiler here"),
     "--overlap-param-gather-with-optimizer-step": (0, "the first chunk's all-gather runs in its next forward pass, "
                                                     "not during the optimizer step (same values)"),
-    "--no-check-for-nan-in-loss-and-grad": (0, "the loss and gradients are not checked for NaN (zeromega never "
-                                               "stops on one; the log line counts NaN iterations), as asked"),
     "--deepspeed-activation-checkpointing": (0, "recompute runs through Megatron-Core's (--checkpoint-activations "
                                                 "or --recompute-*), not DeepSpeed's checkpointing"),
     "--partition-activations": (0, "recomputed layers' inputs are kept whole on each tp rank, not partitioned"),
@@ -213,6 +211,7 @@ NOTED: dict[str, tuple[Any, str]] = {
 NEGATIONS: dict[str, str] = {"--no-progress": "logging.progress", "--disable-bias-linear": "model.add_bias_linear",
                              "--no-mmap-bin-files": "data.mmap_bin_files",
                              "--no-manual-gc-eval": "scheduler.manual_gc_eval",
+                             "--no-check-for-nan-in-loss-and-grad": "scheduler.check_for_nan_in_loss_and_grad",
                              "--disable-manual-gc-eval": "scheduler.manual_gc_eval",
                              "--no-log-loss-scale-to-tensorboard": "logging.log_loss_scale_to_tensorboard",
                              "--disable-log-loss-scale-to-tensorboard": "logging.log_loss_scale_to_tensorboard",
@@ -1061,6 +1060,11 @@ def write_argv(cfg: RunConfig, target: str = "megatron", layout=None,
         emit("--no-mmap-bin-files")
     if not cfg.scheduler.manual_gc_eval:
         emit("--no-manual-gc-eval")
+    if target == "megatron" and not cfg.scheduler.check_for_nan_in_loss_and_grad and not _dynamic_fp16(cfg):
+        emit("--no-check-for-nan-in-loss-and-grad")  # Megatron-LM checks by default
+    elif cfg.scheduler.check_for_nan_in_loss_and_grad and (target != "megatron" or _dynamic_fp16(cfg)):
+        lost.append("scheduler.check_for_nan_in_loss_and_grad (" + ("Megatron-DeepSpeed has no NaN check)"
+                    if target != "megatron" else "Megatron-LM turns it off under dynamic fp16 loss scaling)"))
     deepspeed = target == "megatron-deepspeed"
     if m.normalization != "LayerNorm":
         emit("--normalization", m.normalization.lower() if deepspeed else m.normalization)
@@ -1121,6 +1125,11 @@ def write_argv(cfg: RunConfig, target: str = "megatron", layout=None,
         lost.append(f"ZeRO stage {stage} (Megatron-LM has no --zero-stage; its --use-distributed-optimizer is "
                     "ZeRO-1: use --to megatron-deepspeed)")
     return argv, lost
+
+
+def _dynamic_fp16(cfg) -> bool:
+    """fp16 with a dynamic loss scale: where Megatron-LM turns its NaN check off (validate_args)."""
+    return cfg.precision == "fp16" and not cfg.loss_scaling.loss_scale
 
 
 def _write_vocabulary_padding(cfg: RunConfig, emit, differs, lost: list[str]) -> None:

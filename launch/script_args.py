@@ -171,17 +171,20 @@ def run(argv: Optional[list[str]] = None, prog: str = "pretrain_gpt.py", descrip
     from zeromega.checkpoint import CheckpointError
     from zeromega.plugins.zero.space_guard import OffloadSpaceError
     from zeromega.run import Run
+    from zeromega.run.loop import NotFinite
 
     cfg = parse(argv, prog, description)
     try:
         return Run(cfg).train()
     except (ConfigError, CheckpointError, OffloadSpaceError) as err:
         _refuse_in_rank(prog, str(err))
+    except NotFinite as err:  # a diverged run (Megatron-LM's NaN check): a failure, not bad input
+        _refuse_in_rank(prog, str(err), code=1)
 
 
-def _refuse_in_rank(prog: str, message: str) -> None:
-    """A refusal inside a rank (bad config, a checkpoint that cannot load or save, a full nvme drive): exit code
-    2 and one line, not a traceback per rank. Under a launcher that reads error files (zeromega launch,
+def _refuse_in_rank(prog: str, message: str, code: int = 2) -> None:
+    """A refusal inside a rank (bad config, a checkpoint that cannot load or save, a full nvme drive; ``code``
+    2), or a run stopped by its NaN check (``code`` 1): one line, not a traceback per rank. Under a launcher that reads error files (zeromega launch,
     torchrun: ``TORCHELASTIC_ERROR_FILE``) the line goes there and the launcher shows it once; alone, it is
     printed."""
     import json
@@ -198,4 +201,4 @@ def _refuse_in_rank(prog: str, message: str) -> None:
             print(line, file=sys.stderr)
     else:
         print(line, file=sys.stderr)
-    raise SystemExit(2)
+    raise SystemExit(code)

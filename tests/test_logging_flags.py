@@ -254,7 +254,7 @@ def test_flags_written_back_for_each_target():
     assert sorted(n.split()[0] for n in lost) == ["--log-batch-size-to-tensorboard",
                                                   "--log-optimizer-states-to-tensorboard"]
     written, lost = megatron_args.write_argv(cfg, "megatron-deepspeed")
-    assert lost == []
+    assert [n.split()[0] for n in lost] == ["scheduler.check_for_nan_in_loss_and_grad"]  # Megatron-LM's alone
     back = translate.build(None, megatron_argv=written)
     assert (back.logging, back.recompute, back.scheduler.empty_unused_memory_level) == \
         (cfg.logging, cfg.recompute, 2)

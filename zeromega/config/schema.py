@@ -343,6 +343,12 @@ class SchedulerConfig(_Section):
     evaluations)."""
     manual_gc_eval: bool = True
     """With manual_gc, collect before and after each evaluation (``--no-manual-gc-eval`` turns it off)."""
+    check_for_nan_in_loss_and_grad: bool = False
+    """Stop the run at the first step whose loss or gradient norm is NaN or infinite, naming it, instead of
+    counting a NaN iteration and going on. Megatron-LM's ``--check-for-nan-in-loss-and-grad`` is on by default
+    (except fp16 with dynamic loss scaling, whose scaler feeds on such steps), so Megatron-LM flags without a
+    DeepSpeed JSON turn it on; ``--no-check-for-nan-in-loss-and-grad`` turns it off. Off here by default, as
+    DeepSpeed has no such check."""
     empty_unused_memory_level: Literal[0, 1, 2] = 0
     """Return the CUDA allocator's unused cached blocks (``--empty-unused-memory-level``, Megatron-LM's points):
     1 after each step's forward/backward and each evaluation step, 2 also after the optimizer step. On CPU there

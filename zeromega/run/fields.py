@@ -161,6 +161,7 @@ APPLIED: dict[str, tuple[str, ...]] = {
     "scheduler.manual_gc": ("zeromega/run/run.py",),
     "scheduler.manual_gc_interval": ("zeromega/run/run.py",),
     "scheduler.manual_gc_eval": ("zeromega/run/run.py",),
+    "scheduler.check_for_nan_in_loss_and_grad": ("zeromega/run/run.py",),
     "batch.rampup": ("zeromega/run/schedule.py", "zeromega/run/run.py"),
     "optimizer.decoupled_lr": ("plugins/zero/engine.py", "plugins/megatron/pipeline.py"),
     "optimizer.decoupled_min_lr": ("plugins/zero/engine.py", "plugins/megatron/pipeline.py"),

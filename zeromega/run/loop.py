@@ -79,6 +79,24 @@ class StepRecord:
     """Zero entries in the step's gradients (``--log-num-zeros-in-grad``)."""
 
 
+class NotFinite(FloatingPointError):
+    """A step's loss or gradient norm is NaN or infinite under ``scheduler.check_for_nan_in_loss_and_grad``
+    (Megatron-LM's check, which stops the run there); ``str()`` is one line with the fix."""
+
+
+def check_finite(step: int, loss: float, grad_norm: Optional[float]) -> None:
+    """Raise :class:`NotFinite` where Megatron-LM's ``--check-for-nan-in-loss-and-grad`` stops a run: a NaN or
+    infinite loss, or gradients whose norm is (every rank sees the same reduced values, so all stop together)."""
+    bad = [f"loss {loss}"] if not math.isfinite(loss) else []
+    if grad_norm is not None and not math.isfinite(grad_norm):
+        bad.append(f"gradient norm {grad_norm}")
+    if bad:
+        raise NotFinite(f"iteration {step}: {' and '.join(bad)} (Megatron-LM's --check-for-nan-in-loss-and-grad, "
+                        "on by default, stops here); fix: lower the learning rate, check the data, or pass "
+                        "--no-check-for-nan-in-loss-and-grad (scheduler.check_for_nan_in_loss_and_grad: false) to "
+                        "count NaN iterations and go on")
+
+
 def _reduce_step_stats(loss_sum: float, peak_mem: int, dp_group) -> tuple[float, int]:
     """(loss averaged over dp ranks, peak memory max over all ranks) without being counted."""
     loss = torch.tensor([loss_sum], dtype=torch.float64)
@@ -217,7 +235,7 @@ def train(engine, batches: Iterator[dict], *, iters: int, accumulation: int, glo
           after_step: Optional[Callable[[StepRecord], list[dict]]] = None, batching=None,
           flops_per_sample: Optional[float] = None, peak_flops: Optional[float] = None,
           profiler=None, observers: tuple = (), log_throughput: bool = False,
-          manual_gc_interval: Optional[int] = None) -> list[StepRecord]:
+          manual_gc_interval: Optional[int] = None, check_for_nan: bool = False) -> list[StepRecord]:
     """Run steps ``start_step + 1 .. iters`` of ``engine`` (:class:`zeromega.run.engines.Engine`).
 
     Returns their records (identical on every rank). ``on_step(record)``
@@ -234,7 +252,8 @@ def train(engine, batches: Iterator[dict], *, iters: int, accumulation: int, glo
     is stepped before each step, as Megatron-LM steps it; ``observers`` get ``write(record)`` and ``close()``
     on rank 0 (Weights & Biases). ``manual_gc_interval`` (not None: Megatron-LM's ``--manual-gc``) turns
     Python's automatic collector off and collects at the start and after every that many steps (0: never in
-    the loop), so the ranks pause together.
+    the loop), so the ranks pause together. ``check_for_nan`` stops at a NaN or infinite loss or gradient norm
+    (:func:`check_finite`) after writing the step's record; a step the fp16 loss scaler skipped is the scaler's.
     """
     from tqdm import tqdm
 
@@ -299,6 +318,8 @@ def train(engine, batches: Iterator[dict], *, iters: int, accumulation: int, glo
                 if rank0:
                     for observer in observers:
                         observer.write(record)
+                if check_for_nan and not record.skipped:
+                    check_finite(step, loss, grad_norm)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record.tokens_per_s:,.0f}")
                 interval["skipped"] += record.skipped

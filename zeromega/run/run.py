@@ -181,6 +181,7 @@ class Run:
                 peak_flops=peak, profiler=profiler, observers=(wandb_run,) if wandb_run.run is not None else (),
                 log_throughput=cfg.logging.log_throughput,
                 manual_gc_interval=cfg.scheduler.manual_gc_interval if cfg.scheduler.manual_gc else None,
+                check_for_nan=cfg.scheduler.check_for_nan_in_loss_and_grad,
             )
             policy.finish()
             if evaluation is not None and self.records and self.records[-1].step == iters:
