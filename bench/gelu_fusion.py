@@ -65,6 +65,33 @@ def compile_cost() -> tuple[float, float]:
     return compiled, plain
 
 
+def cpu_speed(repeats: int = 20) -> tuple[float, float]:
+    """ms per forward + backward on a (1024, 1024) activation: Megatron-Core's fused bias + GELU run eagerly
+    (its jit_fuser taken off, as cpu_patches does) against torch's own tanh GELU after the bias add, which is
+    what zeromega's CPU ranks compute (integrations/megatron/model.py)."""
+    import torch
+    import torch.nn.functional as F
+
+    from megatron.core.fusions import fused_bias_gelu
+
+    for name in ("bias_gelu", "bias_gelu_back"):
+        fn = getattr(fused_bias_gelu, name)
+        setattr(fused_bias_gelu, name, getattr(fn, "_torchdynamo_orig_callable", fn))
+    x = torch.randn(1024, 1024, requires_grad=True)
+    b = torch.randn(1024, requires_grad=True)
+
+    def per_call(fn) -> float:
+        fn()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        return 1000 * (time.perf_counter() - start) / repeats
+
+    times = [(per_call(lambda: fused_bias_gelu.bias_gelu_impl(x, b).sum().backward()),
+              per_call(lambda: F.gelu(x + b, approximate="tanh").sum().backward())) for _ in range(3)]
+    return min(t[0] for t in times), min(t[1] for t in times)
+
+
 def main() -> int:
     from distributed import run_world
 
@@ -88,6 +115,9 @@ def main() -> int:
     compiled, plain = run_world(1, lambda: compile_cost(), timeout=600)[0]
     print(f"first forward+backward of bias_gelu_impl on CPU: torch.compile {compiled:.2f} s, eager {plain:.4f} s "
           f"(ratio {compiled / plain:.0f}x)")
+    megatron, native = run_world(1, lambda: cpu_speed(), timeout=600)[0]
+    print(f"forward+backward on (1024, 1024), same function: Megatron-Core's bias_gelu_impl eager {megatron:.1f} ms, "
+          f"torch gelu(approximate='tanh') {native:.1f} ms (ratio {megatron / native:.1f}x)")
     return 0
 
 

@@ -109,7 +109,8 @@ def test_megatron_flags_compute_megatron_lms_gelu_and_fusions():
         BASE + ["--swiglu", "--disable-bias-linear"], BASE + ["--cross-entropy-loss-fusion"]], timeout=180)[0]
     # Megatron-LM's defaults: bias + GELU fused (tanh approximation), bias + dropout fused; the masked softmax
     # fusion needs a CUDA kernel, so the torch softmax runs on CPU; no fused weight-gradient accumulation.
-    assert gelu["fields"] == {"bias_activation_fusion": True, "bias_dropout_fusion": True,
+    # (on CPU the fusion's function is computed unfused by torch's tanh GELU: same values, 3.3x faster here)
+    assert gelu["fields"] == {"bias_activation_fusion": False, "bias_dropout_fusion": True,
                               "masked_softmax_fusion": False, "cross_entropy_loss_fusion": False,
                               "gradient_accumulation_fusion": False, "transformer_impl": "local"}
     assert gelu["to_tanh"] < 1e-5 and gelu["to_erf"] > 1e-4, gelu  # another function than erf GELU

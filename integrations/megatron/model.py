@@ -181,12 +181,15 @@ def _kernel_fields(shape: GPTShape, cfg: RunConfig) -> dict:
 
     from zeromega.integrations.megatron import accel
 
-    fields = accel.resolve(cfg, accel.Device.probe(cfg.device)).fields
+    device = accel.Device.probe(cfg.device)
+    fields = accel.resolve(cfg, device).fields
     if not shape.swiglu and not _architecture_fields(shape)["add_bias_linear"]:
         fields["bias_activation_fusion"] = False  # Megatron-LM clears --bias-gelu-fusion without biases
-    if not shape.swiglu and shape.num_experts and fields["bias_activation_fusion"]:
-        # Megatron-Core's experts fuse bias + SwiGLU only (MLP.forward raises for GELU with the routing probs):
-        # the fusion's function, unfused, in every layer (the Megatron-flag reader says so before launch)
+    if not shape.swiglu and fields["bias_activation_fusion"] and (shape.num_experts or not device.cuda):
+        # The fusion's function (GELU's tanh approximation), computed unfused by torch: Megatron-Core's experts
+        # fuse bias + SwiGLU only (MLP.forward raises for GELU with the routing probs; the Megatron-flag reader
+        # says so before launch), and on CPU its fused bias + GELU is eager Python (cpu_patches), 3.3x slower
+        # than torch's own tanh GELU for the same values (bench/gelu_fusion.py)
         fields.update(bias_activation_fusion=False, activation_func=gelu_tanh)
     if not shape.num_experts:
         fields.pop("moe_grouped_gemm")
