@@ -163,7 +163,8 @@ def test_each_flag_changes_the_model_as_megatron_says():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         base, *built = run_world(1, build_architectures, [BASE] + [BASE + FLAG_EFFECTS[n][0] for n in names])[0]
-    assert base["norms"] == ["LayerNorm"] and base["activation"] == "gelu" and not base["gated"]
+    # GELU with biases: Megatron-LM's fused bias + GELU (tanh approximation), on CPU computed by torch's gelu_tanh
+    assert base["norms"] == ["LayerNorm"] and base["activation"] == "gelu_tanh" and not base["gated"]
     wrong = [name for name, model in zip(names, built) if not FLAG_EFFECTS[name][1](base, model)]
     assert not wrong, wrong
 
